@@ -1,0 +1,106 @@
+"""ARMT cells and segments: what both schedules share.
+
+A cell is (segment s, layer l): memory read, decoder layer, memory write. `armt_layer_group` runs a
+group of cells at once (group axis first, see layers.py). Segment layout in a buffer of S = T + M
+rows: the segment's t text tokens, then the M memory tokens, then T - t padding rows. With that
+layout the RoPE position of every row is simply its row index (text 0..t-1, memory t..t+M-1) and
+plain causal attention is exact: padding rows come after every real row, so no real query sees them.
+Padding never reaches the memory write, which reads the M rows starting at t.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from armt_jax import memory
+from armt_jax.config import ArmtConfig, LlamaConfig
+from armt_jax.layers import decoder_layer_group, embed
+from armt_jax.memory import MemoryState
+
+OUTPUTS = ("logits", "last_logits", "hidden", "none")
+
+
+class ArmtOutput(NamedTuple):
+    out: jax.Array | None   # logits [B, n, V] / last segment's logits / hidden [B, n, D] / None
+    loss: jax.Array | None  # mean masked next-token cross entropy, when asked
+    state: MemoryState      # final per-layer (A [L, B, d_key, D], z [L, B, d_key])
+
+
+def layer_weights(params: dict) -> tuple[dict, dict]:
+    """Per-layer Llama weights and per-layer memory weights (both stacked [L, ...])."""
+    mp = {k: v for k, v in params["memory"].items() if k != "mem_tokens"}
+    return params["layers"], mp
+
+
+def armt_layer_group(lp: dict, mp: dict, x: jax.Array, state: MemoryState, *, mem_start: jax.Array,
+                     first: jax.Array, cos, sin, cfg: LlamaConfig, armt: ArmtConfig, active=None,
+                     attn_impl=None, gmm_impl="auto") -> tuple[jax.Array, MemoryState]:
+    """G ARMT cells at once: x [G, B, T+M, D], state leaves [G, B, ...], mem_start [G] (= text
+    length t of each group's segment), first [G] (segment is its sequence's first)."""
+    x = memory.read(mp, x, state, armt.nu)
+    x = decoder_layer_group(lp, x, cos, sin, cfg, active=active, attn_impl=attn_impl,
+                            gmm_impl=gmm_impl)
+    take = lambda xg, t: jax.lax.dynamic_slice_in_dim(xg, t, armt.num_mem_tokens, axis=1)
+    mem_out = jax.vmap(take)(x, mem_start)
+    return x, memory.write(mp, mem_out, state, first, armt.nu, armt.correction)
+
+
+def segment_input(params: dict, tokens: jax.Array, length: jax.Array) -> jax.Array:
+    """[B, T] token ids of one segment (first `length` real) -> its input rows [B, T+M, D]."""
+    mem = params["memory"]["mem_tokens"]
+    x = embed(params, tokens)
+    B, T, D = x.shape
+    x = jnp.concatenate([x, jnp.zeros((B, mem.shape[0], D), x.dtype)], axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(
+        x, jnp.broadcast_to(mem.astype(x.dtype), (B,) + mem.shape), length, axis=1)
+
+
+class Segmentation(NamedTuple):
+    tokens: jax.Array       # [N, B, T], padded with 0
+    targets: jax.Array      # [N, B, T] next token of every position
+    target_mask: jax.Array  # [N, B, T] float32, 1 where the target counts in the loss
+    lengths: np.ndarray     # [N] text tokens per segment (static)
+
+
+def segment(tokens: jax.Array, segment_size: int, loss_mask: jax.Array | None = None) -> Segmentation:
+    """Cut [B, n] tokens into left-aligned segments of T; the last one may be shorter."""
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    B, n = tokens.shape
+    if n == 0:
+        raise ValueError("tokens has length 0")
+    T = segment_size
+    N = -(-n // T)
+    pad = N * T - n
+    padded = jnp.pad(tokens, ((0, 0), (0, pad)))
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad + 1)))
+    mask = jnp.ones((B, n), jnp.float32) if loss_mask is None else loss_mask.astype(jnp.float32)
+    if mask.shape != (B, n):
+        raise ValueError(f"loss_mask has shape {mask.shape}, expected {(B, n)}")
+    # position p predicts token p+1; it counts when that target exists and is unmasked
+    target_mask = jnp.pad(mask[:, 1:], ((0, 0), (0, pad + 1)))
+    to_segments = lambda a: a.reshape(B, N, T).swapaxes(0, 1)
+    lengths = np.full(N, T, np.int32)
+    lengths[-1] = n - (N - 1) * T
+    return Segmentation(to_segments(padded), to_segments(targets), to_segments(target_mask), lengths)
+
+
+def cross_entropy_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array):
+    """Summed masked cross entropy and the count of counted targets."""
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum((logz - picked) * mask), jnp.sum(mask)
+
+
+def check_output(output: str) -> None:
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+
+
+def check_tokens(tokens: jax.Array) -> None:
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")

@@ -1,0 +1,124 @@
+"""Diagonal batching (SPEC §2.2): every (segment, layer) cell of one anti-diagonal at once.
+
+Cell (s, l) needs (s, l-1) through activations and (s-1, l) through the memory of layer l, so all
+cells with s + l = k are independent. Step k runs them together: slot l of a buffer [L, B, T+M, D]
+holds segment k - l at layer l, and the step is one call of `armt_layer_group` with the stacked
+weights (slot l uses layer l: grouped matmuls). Layer l's memory state stays in slot l, so the
+recurrence is carried for free. After a step the buffer shifts by one slot: slot L-1 emits a finished
+segment, slot 0 receives the next segment's embeddings.
+
+Slots outside the active range (ramp-up k < L-1, ramp-down k > N-1) are idle: their state is kept by
+a select (so NaN/Inf in idle rows cannot leak), they emit nothing, and the grouped matmul skips them.
+
+Compilation: the input is padded to a bucket of segments (powers of two) and the true length is a
+traced value, so every length within a bucket reuses one program; the step loop is a `while_loop`
+whose trip count is the true number of steps, so padding costs memory for the token buffer only.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from armt_jax.armt import (ArmtOutput, armt_layer_group, check_output, check_tokens, layer_weights,
+                           segment_input)
+from armt_jax.config import ArmtConfig, LlamaConfig
+from armt_jax.layers import head, rope_tables
+from armt_jax.memory import MemoryState, state_dtype, zero_state
+
+
+def bucket_segments(num_segments: int) -> int:
+    """Segments a compiled program is sized for: the next power of two."""
+    return 1 << max(num_segments - 1, 0).bit_length()
+
+
+def diagonal_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, armt: ArmtConfig, *,
+                     output: str = "logits", attn_impl=None, gmm_impl="auto",
+                     bucket: int | None = None) -> ArmtOutput:
+    """Same results as `sequential_forward` (outputs: "logits", "last_logits", "hidden", "none").
+
+    bucket: segments to size the program for (default: next power of two of the segment count).
+    """
+    check_output(output)
+    check_tokens(tokens)
+    B, n = tokens.shape
+    if n == 0:
+        raise ValueError("tokens has length 0")
+    T = armt.segment_size
+    N = -(-n // T)
+    Nb = bucket_segments(N) if bucket is None else bucket
+    if Nb < N:
+        raise ValueError(f"bucket={Nb} segments is smaller than the input's {N} segments")
+    padded = jnp.pad(tokens, ((0, 0), (0, Nb * T - n)))
+    out, state = _diagonal_core(params, padded, jnp.asarray(n, jnp.int32), cfg=cfg, armt=armt,
+                                output=output, attn_impl=attn_impl, gmm_impl=gmm_impl)
+    if output in ("logits", "hidden"):
+        out = out[:, :n]
+    elif output == "last_logits":
+        out = out[:, :n - (N - 1) * T]
+    return ArmtOutput(out, None, state)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "armt", "output", "attn_impl", "gmm_impl",
+                                             "idle_fill"))
+def _diagonal_core(params, tokens, n, *, cfg: LlamaConfig, armt: ArmtConfig, output: str,
+                   attn_impl, gmm_impl, idle_fill: float = 0.0):
+    """tokens [B, Nb*T] (padded), n: true length (traced). Returns (padded output, final state).
+
+    idle_fill: the value idle slots start with (tests use NaN to prove it cannot leak).
+    """
+    L, T, M, D = cfg.num_hidden_layers, armt.segment_size, armt.num_mem_tokens, cfg.hidden_size
+    B, padded_len = tokens.shape
+    dtype = params["embed"].dtype
+    lp, mp = layer_weights(params)
+    cos, sin = rope_tables(cfg, jnp.arange(T + M), dtype)
+    num_segments = (n + T - 1) // T
+    slots = jnp.arange(L)
+
+    if output in ("logits", "hidden"):
+        width = cfg.vocab_size if output == "logits" else D
+        out_dtype = jnp.promote_types(dtype, jnp.float32) if output == "logits" else dtype
+        out0 = jnp.zeros((B, padded_len, width), out_dtype)
+    else:
+        out0 = jnp.zeros((B, T, D), dtype)          # last finished segment's final activations
+
+    def step(carry):
+        k, x_buf, state, out = carry
+        seg = k - slots                                              # segment held by each slot
+        active = (seg >= 0) & (seg < num_segments)
+        lengths = jnp.clip(n - seg * T, 0, T)
+        start = jnp.clip(k, 0, padded_len // T - 1) * T
+        x0 = segment_input(params, jax.lax.dynamic_slice_in_dim(tokens, start, T, axis=1),
+                           lengths[0])
+        x_in = jnp.concatenate([x0[None], x_buf[:-1]], axis=0)
+        lo = jnp.maximum(k - num_segments + 1, 0)
+        hi = jnp.minimum(k + 1, L)
+        x_out, new_state = armt_layer_group(lp, mp, x_in, state, mem_start=lengths, first=seg == 0,
+                                            cos=cos, sin=sin, cfg=cfg, armt=armt, active=(lo, hi),
+                                            attn_impl=attn_impl, gmm_impl=gmm_impl)
+        keep = lambda new, old: jnp.where(active.reshape((L,) + (1,) * (old.ndim - 1)), new, old)
+        state = jax.tree.map(keep, new_state, state)
+
+        done = k - (L - 1)                                           # segment leaving slot L-1
+        finished = x_out[L - 1, :, :T]
+
+        def emit(out):
+            if output in ("logits", "hidden"):
+                return jax.lax.dynamic_update_slice_in_dim(
+                    out, head(params, finished, cfg, output).astype(out.dtype), done * T, axis=1)
+            return finished
+
+        out = jax.lax.cond(done >= 0, emit, lambda o: o, out)
+        return k + 1, x_out, state, out
+
+    x_buf = jnp.full((L, B, T + M, D), idle_fill, dtype)
+    state = zero_state(L, B, armt.d_key, D, state_dtype(dtype))
+    init = (jnp.asarray(0, jnp.int32), x_buf, state, out0)
+    _, _, state, out = jax.lax.while_loop(lambda c: c[0] < num_segments + L - 1, step, init)
+    if output == "last_logits":
+        out = head(params, out, cfg, "logits")
+    elif output == "none":
+        out = None
+    return out, state

@@ -1,0 +1,134 @@
+"""Llama building blocks as pure functions, and the one function both schedules share:
+`decoder_layer_group` applies a group of G decoder layers to a group of G inputs.
+
+Group axis convention: layer weights carry a leading axis [G, ...] and activations [G, B, S, D];
+group g of the activations goes through layer g of the weights. The sequential schedule calls this
+with G = 1, the diagonal schedule with G = L (slot l holds a segment at layer l). Every matmul with
+a per-layer weight goes through `kernels.grouped_matmul`, whose `active` range lets idle groups skip
+work.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kernels
+from armt_jax.config import LlamaConfig
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """Hugging Face LlamaRMSNorm: normalise in float32, cast back, then scale."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * normed.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: LlamaConfig, dtype=np.float32) -> np.ndarray:
+    """Inverse frequencies with llama3 scaling, following transformers' float32 arithmetic (float64
+    only for float64 activations)."""
+    dim = cfg.head_dim
+    f32 = np.dtype(dtype).type
+    inv_freq = f32(1.0) / (f32(cfg.rope_theta) ** (np.arange(0, dim, 2).astype(f32) / f32(dim)))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    low_wavelen = f32(s.original_max_position_embeddings / s.low_freq_factor)
+    high_wavelen = f32(s.original_max_position_embeddings / s.high_freq_factor)
+    wavelen = f32(2 * math.pi) / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / f32(s.factor), inv_freq).astype(f32)
+    smooth = ((f32(s.original_max_position_embeddings) / wavelen - f32(s.low_freq_factor))
+              / f32(s.high_freq_factor - s.low_freq_factor)).astype(f32)
+    smoothed = ((f32(1) - smooth) * scaled / f32(s.factor) + smooth * scaled).astype(f32)
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(f32)
+
+
+def rope_tables(cfg: LlamaConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape positions.shape + [head_dim] (rotate-half layout: frequencies repeated)."""
+    table_dtype = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    freqs = positions.astype(table_dtype)[..., None] * jnp.asarray(rope_inv_freq(cfg, table_dtype))
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [..., S, heads, hd]; cos/sin broadcastable to [..., S, 1, hd]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[..., None, :] + rotated * sin[..., None, :]
+
+
+def _project(x, w, bias, active, gmm_impl):
+    """[G, B, S, in] @ [G, in, out] (+ bias [G, out]) through the grouped matmul."""
+    G, B, S, _ = x.shape
+    y = kernels.grouped_matmul(x.reshape(G, B * S, -1), w, active=active, impl=gmm_impl)
+    if bias is not None:
+        y = y + bias[:, None, :]
+    return y.reshape(G, B, S, -1)
+
+
+def attention(lp: dict, x: jax.Array, cos, sin, cfg: LlamaConfig, *, active=None,
+              attn_impl=None, gmm_impl="auto") -> jax.Array:
+    """Causal grouped-query self-attention of x [G, B, S, D] (already normalised)."""
+    G, B, S, _ = x.shape
+    H, K, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    qkv = _project(x, lp["w_qkv"], lp.get("b_qkv"), active, gmm_impl)
+    q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
+    q = apply_rope(q.reshape(G * B, S, H, hd), cos, sin)
+    k = apply_rope(k.reshape(G * B, S, K, hd), cos, sin)
+    v = v.reshape(G * B, S, K, hd)
+    out = jax.nn.dot_product_attention(q, k, v, scale=hd ** -0.5, is_causal=True,
+                                       implementation=attn_impl)
+    return _project(out.reshape(G, B, S, H * hd), lp["w_o"], lp.get("b_o"), active, gmm_impl)
+
+
+def mlp(lp: dict, x: jax.Array, cfg: LlamaConfig, *, active=None, gmm_impl="auto") -> jax.Array:
+    gate, up = jnp.split(_project(x, lp["w_gate_up"], None, active, gmm_impl), 2, axis=-1)
+    return _project(jax.nn.silu(gate) * up, lp["w_down"], None, active, gmm_impl)
+
+
+def decoder_layer_group(lp: dict, x: jax.Array, cos, sin, cfg: LlamaConfig, *, active=None,
+                        attn_impl=None, gmm_impl="auto") -> jax.Array:
+    """G Llama decoder layers on G inputs: h + Attn(RMSNorm(h)), then h + MLP(RMSNorm(h)).
+
+    lp: layer weights with leading group axis [G, ...]; x: [G, B, S, D]; cos/sin: [S, hd] or
+    broadcastable to [G*B, S, hd]; active: optional (lo, hi) range of groups that do work.
+    """
+    norm = lambda h, w: rms_norm(h, w[:, None, None, :], cfg.rms_norm_eps)
+    x = x + attention(lp, norm(x, lp["attn_norm"]), cos, sin, cfg, active=active,
+                      attn_impl=attn_impl, gmm_impl=gmm_impl)
+    return x + mlp(lp, norm(x, lp["mlp_norm"]), cfg, active=active, gmm_impl=gmm_impl)
+
+
+def embed(params: dict, tokens: jax.Array) -> jax.Array:
+    return jnp.take(params["embed"], tokens, axis=0)
+
+
+def head(params: dict, h: jax.Array, cfg: LlamaConfig, output: str) -> jax.Array:
+    """Final norm, then logits (float32) or the normalised hidden states."""
+    h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
+    if output == "hidden":
+        return h
+    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return jnp.einsum("...d,dv->...v", h, w,
+                      preferred_element_type=jnp.promote_types(h.dtype, jnp.float32))
+
+
+def llama_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, *, output: str = "logits",
+                  attn_impl=None, gmm_impl="auto") -> jax.Array:
+    """Plain Llama over the whole input (full attention): the Hugging Face model's function, and
+    the baseline long-context users would otherwise pick."""
+    x = embed(params, tokens)[None]                                     # [1, B, n, D]
+    cos, sin = rope_tables(cfg, jnp.arange(tokens.shape[1]), x.dtype)
+
+    def one_layer(x, lp):
+        lp = jax.tree.map(lambda a: a[None], lp)
+        return decoder_layer_group(lp, x, cos, sin, cfg, attn_impl=attn_impl,
+                                   gmm_impl=gmm_impl), None
+
+    x, _ = jax.lax.scan(one_layer, x, params["layers"])
+    return head(params, x[0], cfg, output)

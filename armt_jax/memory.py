@@ -1,0 +1,81 @@
+"""The ARMT associative memory (SPEC §1.2) as pure functions on explicit state.
+
+State of one layer for one sequence: A [d_key, D] and z [d_key], float32. Here every function works
+on a group of layers and a batch at once: A [G, B, d_key, D], z [G, B, d_key], memory weights with
+a leading group axis, activations [G, B, S, D].
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+EPS = 1e-5
+f32 = jnp.float32
+
+
+class MemoryState(NamedTuple):
+    A: jax.Array  # [..., d_key, D] float32
+    z: jax.Array  # [..., d_key]   float32
+
+
+def state_dtype(activation_dtype) -> jnp.dtype:
+    """float32 for bf16/float32 activations (float64 only for float64 ones)."""
+    return jnp.promote_types(activation_dtype, f32)
+
+
+def zero_state(num_layers: int, batch: int, d_key: int, hidden: int, dtype=f32) -> MemoryState:
+    return MemoryState(jnp.zeros((num_layers, batch, d_key, hidden), dtype),
+                       jnp.zeros((num_layers, batch, d_key), dtype))
+
+
+def dpfp(u: jax.Array, nu: int) -> jax.Array:
+    """Deterministic parameter-free projection: [..., d] -> [..., 2 * nu * d]."""
+    p = jnp.concatenate([jax.nn.relu(u), jax.nn.relu(-u)], axis=-1)
+    return jnp.concatenate([p * jnp.roll(p, j, axis=-1) for j in range(1, nu + 1)], axis=-1)
+
+
+def _proj(x: jax.Array, w: jax.Array) -> jax.Array:
+    """[G, B, S, D] @ [G, D, n] -> float32. Memory projections are narrow (n = d_mem, 1) or act on
+    only M rows, so they stay plain XLA einsums rather than grouped-matmul kernel calls."""
+    return jnp.einsum("gbsd,gdn->gbsn", x, w, preferred_element_type=state_dtype(x.dtype))
+
+
+def _associate(keys: jax.Array, state: MemoryState) -> tuple[jax.Array, jax.Array]:
+    """(keys @ A) / (keys . z + eps) and the denominator, keys [G, B, S, d_key]."""
+    num = jnp.einsum("gbsk,gbkd->gbsd", keys, state.A)
+    den = jnp.einsum("gbsk,gbk->gbs", keys, state.z) + EPS
+    return num / den[..., None], den
+
+
+def read(mp: dict, x: jax.Array, state: MemoryState, nu: int) -> jax.Array:
+    """h <- h + phi(h W_mq) A / (phi(h W_mq) . z + eps) on every position. Zero state adds exactly 0."""
+    q = dpfp(_proj(x, mp["w_mq"]), nu)
+    retrieved, _ = _associate(q, state)
+    return (x.astype(retrieved.dtype) + retrieved).astype(x.dtype)
+
+
+def write(mp: dict, mem_out: jax.Array, state: MemoryState, first: jax.Array, nu: int,
+          correction: bool) -> MemoryState:
+    """Update (A, z) from a layer's output at the memory positions, mem_out [G, B, M, D].
+
+    first: bool [G], true where the group's segment is the first of its sequence: there vbar = 0
+    and gamma = 1 exactly (the formula would give 1 - tiny).
+    """
+    k = dpfp(_proj(mem_out, mp["w_mk"]), nu)                                 # [G, B, M, dk]
+    v = _proj(mem_out, mp["w_mv"])                                           # [G, B, M, D]
+    beta = jax.nn.sigmoid(_proj(mem_out, mp["w_mb"]) + mp["b_mb"][:, None, None, :])
+    first = first[:, None, None]
+    vbar, kz = _associate(k, state)
+    vbar = jnp.where(first[..., None], 0.0, vbar)
+    if correction:
+        gamma = jax.lax.stop_gradient(
+            jnp.clip(1.0 - kz / (jnp.sum(k * k, axis=-1) + EPS), 0.0, 1.0))
+        gamma = jnp.where(first, 1.0, gamma)
+    else:
+        gamma = jnp.ones_like(kz)
+    A = state.A + jnp.einsum("gbmk,gbmd->gbkd", k, beta * (v - vbar))
+    z = state.z + jnp.einsum("gbm,gbmk->gbk", gamma, k)
+    return MemoryState(A, z)

@@ -1,0 +1,86 @@
+"""The sequential schedule (SPEC §2.1): for each segment, for each layer, read / layer / write.
+
+`lax.scan` over segments, inside it `lax.scan` over layers with groups of one. This is the
+correctness oracle of the diagonal schedule and the training schedule.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from armt_jax.armt import (ArmtOutput, armt_layer_group, check_output, check_tokens,
+                           cross_entropy_sums, layer_weights, segment, segment_input)
+from armt_jax.config import ArmtConfig, LlamaConfig
+from armt_jax.layers import head, rope_tables
+from armt_jax.memory import MemoryState, state_dtype, zero_state
+
+
+def sequential_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, armt: ArmtConfig, *,
+                       output: str = "logits", loss_mask: jax.Array | None = None,
+                       compute_loss: bool = False, remat: bool = False, attn_impl=None,
+                       gmm_impl="auto") -> ArmtOutput:
+    """Run ARMT over tokens [B, n].
+
+    output: "logits" (text positions, [B, n, V] float32), "last_logits" (the last segment's,
+    [B, t_last, V]), "hidden" (after the final norm, [B, n, D]) or "none".
+    compute_loss: mean next-token cross entropy over the whole sequence, counting target token i
+    when loss_mask[:, i] is set (default: all). remat: recompute each segment in the backward pass.
+    """
+    check_output(output)
+    check_tokens(tokens)
+    T, M = armt.segment_size, armt.num_mem_tokens
+    B, n = tokens.shape
+    seg = segment(tokens, T, loss_mask)
+    N = len(seg.lengths)
+    lp, mp = layer_weights(params)
+    dtype = params["embed"].dtype
+    cos, sin = rope_tables(cfg, jnp.arange(T + M), dtype)
+    add_group = lambda tree: jax.tree.map(lambda a: a[None], tree)
+
+    def run_segment(state: MemoryState, tok, length, first):
+        def one_layer(x, per_layer):
+            lp_l, mp_l, A, z = per_layer
+            x, st = armt_layer_group(add_group(lp_l), add_group(mp_l), x,
+                                     MemoryState(A[None], z[None]), mem_start=length[None],
+                                     first=first[None], cos=cos, sin=sin, cfg=cfg, armt=armt,
+                                     attn_impl=attn_impl, gmm_impl=gmm_impl)
+            return x, (st.A[0], st.z[0])
+
+        x = segment_input(params, tok, length)[None]
+        x, (A, z) = jax.lax.scan(one_layer, x, (lp, mp, state.A, state.z))
+        return MemoryState(A, z), x[0, :, :T]
+
+    if remat:
+        run_segment = jax.checkpoint(run_segment)
+
+    def step(carry, xs):
+        state, last_h, loss_sum, count = carry
+        tok, tgt, tmask, length, first = xs
+        state, h = run_segment(state, tok, length, first)
+        emit = None
+        if compute_loss or output == "logits":
+            logits = head(params, h, cfg, "logits")
+            if compute_loss:
+                s, c = cross_entropy_sums(logits, tgt, tmask)
+                loss_sum, count = loss_sum + s, count + c
+            if output == "logits":
+                emit = logits
+        if output == "hidden":
+            emit = head(params, h, cfg, "hidden")
+        return (state, h, loss_sum, count), emit
+
+    D, dk = cfg.hidden_size, armt.d_key
+    init = (zero_state(cfg.num_hidden_layers, B, dk, D, state_dtype(dtype)), jnp.zeros((B, T, D), dtype),
+            jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    xs = (seg.tokens, seg.targets, seg.target_mask, jnp.asarray(seg.lengths),
+          jnp.arange(N) == 0)
+    (state, last_h, loss_sum, count), emitted = jax.lax.scan(step, init, xs)
+
+    out = None
+    if output in ("logits", "hidden"):
+        out = emitted.swapaxes(0, 1).reshape(B, N * T, -1)[:, :n]
+    elif output == "last_logits":
+        out = head(params, last_h[:, :int(seg.lengths[-1])], cfg, "logits")
+    loss = loss_sum / jnp.maximum(count, 1.0) if compute_loss else None
+    return ArmtOutput(out, loss, state)

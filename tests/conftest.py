@@ -1,0 +1,52 @@
+"""Shared test helpers: tiny configs and fully random parameters (W_mv included: it is zero at
+initialisation, which would hide memory bugs)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from armt_jax.config import ArmtConfig, LlamaConfig, RopeScaling
+from armt_jax.params import expected_shapes
+
+jax.config.update("jax_numpy_rank_promotion", "allow")
+
+TINY = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5,
+                   rope_theta=10000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 16),
+                   tie_word_embeddings=False)
+
+
+def random_params(rng: np.random.Generator, cfg: LlamaConfig, armt: ArmtConfig | None = None,
+                  dtype=np.float32) -> dict:
+    """Every parameter random and non-trivial: norm weights near 1, unit-variance embeddings and
+    memory tokens, matrices ~ 0.5/sqrt(fan_in) (memory query/key projections 1/sqrt(fan_in)).
+
+    The scale keeps float32 round-off well under the 1e-6 tolerance: the memory correction divides
+    by k.z + 1e-5, which amplifies round-off when a key is nearly orthogonal to z (common for very
+    sparse DPFP keys, d_mem <= 4), so tests use d_mem >= 8."""
+    def draw(path, shape):
+        name = path[-1]
+        if name.endswith("norm"):
+            return 1.0 + 0.2 * rng.standard_normal(shape)
+        if name in ("embed", "mem_tokens"):
+            return rng.standard_normal(shape)
+        fan_in = shape[-2] if len(shape) >= 2 else 1
+        scale = 1.0 if name in ("w_mq", "w_mk") else 0.5
+        return scale * rng.standard_normal(shape) / np.sqrt(fan_in)
+
+    def build(tree, path=()):
+        if isinstance(tree, dict):
+            return {k: build(v, path + (k,)) for k, v in tree.items()}
+        return jnp.asarray(draw(path, tree), dtype)
+
+    return build(expected_shapes(cfg, armt))
+
+
+@pytest.fixture
+def rng():
+    seed = np.random.SeedSequence().entropy
+    print(f"numpy seed: {seed}")
+    return np.random.default_rng(seed)

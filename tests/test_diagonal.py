@@ -1,0 +1,112 @@
+"""Diagonal batching against the sequential schedule (SPEC §2.2)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import numpy_reference as ref
+from armt_jax import diagonal
+from armt_jax.config import ArmtConfig
+from armt_jax.diagonal import diagonal_forward
+from armt_jax.sequential import sequential_forward
+from conftest import TINY, random_params
+
+L = TINY.num_hidden_layers
+T = 6
+
+
+def check_same(got, want, tol):
+    assert got.out.shape == want.out.shape
+    assert ref.rel_err(got.out, want.out) <= tol
+    for l in range(L):
+        assert ref.rel_err(got.state.A[l], want.state.A[l]) <= tol
+        assert ref.rel_err(got.state.z[l], want.state.z[l]) <= tol
+
+
+@pytest.mark.parametrize("num_segments", [1, 2, L - 1, L, L + 3, 3 * L])
+@pytest.mark.parametrize("ragged", [0, 2])
+def test_diagonal_equals_sequential(rng, num_segments, ragged):
+    acfg = ArmtConfig(segment_size=T, num_mem_tokens=3, d_mem=8)
+    params = random_params(rng, TINY, acfg)
+    n = num_segments * T - ragged
+    tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (2, n)), jnp.int32)
+    want = sequential_forward(params, tokens, TINY, acfg)
+    got = diagonal_forward(params, tokens, TINY, acfg)
+    check_same(got, want, 1e-5)
+    if num_segments > 1:
+        assert float(jnp.abs(got.state.A).max()) > 0
+
+
+def test_correction_off_batch_one(rng):
+    acfg = ArmtConfig(segment_size=T, num_mem_tokens=2, d_mem=8, correction=False)
+    params = random_params(rng, TINY, acfg)
+    tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (1, 5 * T - 1)), jnp.int32)
+    check_same(diagonal_forward(params, tokens, TINY, acfg),
+               sequential_forward(params, tokens, TINY, acfg), 1e-5)
+
+
+@pytest.mark.parametrize("output", ["hidden", "last_logits", "none"])
+def test_output_modes(rng, output):
+    acfg = ArmtConfig(segment_size=T, num_mem_tokens=3, d_mem=8)
+    params = random_params(rng, TINY, acfg)
+    tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (2, 4 * T + 1)), jnp.int32)
+    want = sequential_forward(params, tokens, TINY, acfg, output=output)
+    got = diagonal_forward(params, tokens, TINY, acfg, output=output)
+    if output == "none":
+        assert got.out is None
+        got, want = got._replace(out=jnp.zeros(1)), want._replace(out=jnp.ones(1))
+        for l in range(L):
+            assert ref.rel_err(got.state.A[l], want.state.A[l]) <= 1e-5
+        return
+    if output == "last_logits":
+        assert got.out.shape == (2, 1, TINY.vocab_size)
+    check_same(got, want, 1e-5)
+
+
+def test_bf16_close_to_float32(rng):
+    acfg = ArmtConfig(segment_size=T, num_mem_tokens=3, d_mem=8)
+    params = random_params(rng, TINY, acfg)
+    tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (2, 2 * L * T - 3)), jnp.int32)
+    want = sequential_forward(params, tokens, TINY, acfg)
+    bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    got = diagonal_forward(bf16, tokens, TINY, acfg)
+    assert got.state.A.dtype == jnp.float32
+    assert ref.rel_err(got.out, want.out) <= 2e-2
+    for l in range(L):
+        assert ref.rel_err(got.state.A[l], want.state.A[l]) <= 2e-2
+
+
+def test_idle_slots_cannot_leak_nan(rng):
+    """Start every slot filled with NaN: ramp-up slots are idle and must not touch results."""
+    acfg = ArmtConfig(segment_size=T, num_mem_tokens=3, d_mem=8)
+    params = random_params(rng, TINY, acfg)
+    n = (L + 1) * T - 2
+    tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (2, n)), jnp.int32)
+    padded = jnp.pad(tokens, ((0, 0), (0, diagonal.bucket_segments(L + 1) * T - n)))
+    out, state = diagonal._diagonal_core(params, padded, jnp.int32(n), cfg=TINY, armt=acfg,
+                                         output="logits", attn_impl=None, gmm_impl="auto",
+                                         idle_fill=float("nan"))
+    want = sequential_forward(params, tokens, TINY, acfg)
+    assert bool(jnp.isfinite(out[:, :n]).all()) and bool(jnp.isfinite(state.A).all())
+    assert ref.rel_err(out[:, :n], want.out) <= 1e-5
+    assert ref.rel_err(state.A, want.state.A) <= 1e-5
+
+
+def test_one_compilation_per_bucket(rng):
+    acfg = ArmtConfig(segment_size=T, num_mem_tokens=2, d_mem=8)
+    params = random_params(rng, TINY, acfg)
+    before = diagonal._diagonal_core._cache_size()
+    for n in (5 * T + 1, 6 * T, 7 * T + 4, 8 * T):            # 6..8 segments: bucket of 8
+        tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (1, n)), jnp.int32)
+        got = diagonal_forward(params, tokens, TINY, acfg, output="last_logits")
+        assert got.out.shape[1] == n - (-(-n // T) - 1) * T
+    assert diagonal._diagonal_core._cache_size() - before == 1
+
+
+def test_bucket_too_small_is_an_error(rng):
+    acfg = ArmtConfig(segment_size=T, num_mem_tokens=2, d_mem=8)
+    params = random_params(rng, TINY, acfg)
+    tokens = jnp.zeros((1, 3 * T), jnp.int32)
+    with pytest.raises(ValueError, match="bucket=2"):
+        diagonal_forward(params, tokens, TINY, acfg, bucket=2)
