@@ -101,16 +101,16 @@ def _diagonal_core(params, tokens, n, *, cfg: LlamaConfig, armt: ArmtConfig, out
         keep = lambda new, old: jnp.where(active.reshape((L,) + (1,) * (old.ndim - 1)), new, old)
         state = jax.tree.map(keep, new_state, state)
 
-        done = k - (L - 1)                                           # segment leaving slot L-1
+        # Slot L-1 finishes segment k-L+1. During ramp-up that is negative and the write lands on
+        # segment 0's rows, which segment 0 overwrites later: a plain in-place update, no cond
+        # (a cond around the update would copy the whole output buffer every step).
         finished = x_out[L - 1, :, :T]
-
-        def emit(out):
-            if output in ("logits", "hidden"):
-                return jax.lax.dynamic_update_slice_in_dim(
-                    out, head(params, finished, cfg, output).astype(out.dtype), done * T, axis=1)
-            return finished
-
-        out = jax.lax.cond(done >= 0, emit, lambda o: o, out)
+        if output in ("logits", "hidden"):
+            done = jnp.maximum(k - (L - 1), 0)
+            out = jax.lax.dynamic_update_slice_in_dim(
+                out, head(params, finished, cfg, output).astype(out.dtype), done * T, axis=1)
+        else:
+            out = finished
         return k + 1, x_out, state, out
 
     x_buf = jnp.full((L, B, T + M, D), idle_fill, dtype)

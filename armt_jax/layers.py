@@ -71,19 +71,31 @@ def _project(x, w, bias, active, gmm_impl):
     return y.reshape(G, B, S, -1)
 
 
-def attention(lp: dict, x: jax.Array, cos, sin, cfg: LlamaConfig, *, active=None,
-              attn_impl=None, gmm_impl="auto") -> jax.Array:
-    """Causal grouped-query self-attention of x [G, B, S, D] (already normalised)."""
+def qkv_heads(lp: dict, x: jax.Array, cos, sin, cfg: LlamaConfig, *, active=None, gmm_impl="auto"):
+    """Projections of x [G, B, S, D] to RoPE'd q [G*B, S, H, hd] and k, v [G*B, S, K, hd]."""
     G, B, S, _ = x.shape
     H, K, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     qkv = _project(x, lp["w_qkv"], lp.get("b_qkv"), active, gmm_impl)
     q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
     q = apply_rope(q.reshape(G * B, S, H, hd), cos, sin)
     k = apply_rope(k.reshape(G * B, S, K, hd), cos, sin)
-    v = v.reshape(G * B, S, K, hd)
-    out = jax.nn.dot_product_attention(q, k, v, scale=hd ** -0.5, is_causal=True,
+    return q, k, v.reshape(G * B, S, K, hd)
+
+
+def attention_output(lp: dict, out: jax.Array, groups: int, *, active=None, gmm_impl="auto"):
+    """Attention heads [G*B, S, H, hd] -> output projection [G, B, S, D]."""
+    GB, S, H, hd = out.shape
+    return _project(out.reshape(groups, GB // groups, S, H * hd), lp["w_o"], lp.get("b_o"), active,
+                    gmm_impl)
+
+
+def attention(lp: dict, x: jax.Array, cos, sin, cfg: LlamaConfig, *, active=None,
+              attn_impl=None, gmm_impl="auto") -> jax.Array:
+    """Causal grouped-query self-attention of x [G, B, S, D] (already normalised)."""
+    q, k, v = qkv_heads(lp, x, cos, sin, cfg, active=active, gmm_impl=gmm_impl)
+    out = jax.nn.dot_product_attention(q, k, v, scale=cfg.head_dim ** -0.5, is_causal=True,
                                        implementation=attn_impl)
-    return _project(out.reshape(G, B, S, H * hd), lp["w_o"], lp.get("b_o"), active, gmm_impl)
+    return attention_output(lp, out, x.shape[0], active=active, gmm_impl=gmm_impl)
 
 
 def mlp(lp: dict, x: jax.Array, cfg: LlamaConfig, *, active=None, gmm_impl="auto") -> jax.Array:

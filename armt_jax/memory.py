@@ -51,10 +51,17 @@ def _associate(keys: jax.Array, state: MemoryState) -> tuple[jax.Array, jax.Arra
 
 
 def read(mp: dict, x: jax.Array, state: MemoryState, nu: int) -> jax.Array:
-    """h <- h + phi(h W_mq) A / (phi(h W_mq) . z + eps) on every position. Zero state adds exactly 0."""
+    """h <- h + phi(h W_mq) A / (phi(h W_mq) . z + eps) on every position. Zero state adds exactly 0.
+
+    The big product phi(h W_mq) @ A (every position of every slot) takes its operands in the
+    activation dtype with float32 accumulation: for bf16 models that keeps it on the tensor cores,
+    while the state itself (and the whole write) stays float32.
+    """
     q = dpfp(_proj(x, mp["w_mq"]), nu)
-    retrieved, _ = _associate(q, state)
-    return (x.astype(retrieved.dtype) + retrieved).astype(x.dtype)
+    num = jnp.einsum("gbsk,gbkd->gbsd", q.astype(x.dtype), state.A.astype(x.dtype),
+                     preferred_element_type=q.dtype)
+    den = jnp.einsum("gbsk,gbk->gbs", q, state.z) + EPS
+    return (x.astype(q.dtype) + num / den[..., None]).astype(x.dtype)
 
 
 def write(mp: dict, mem_out: jax.Array, state: MemoryState, first: jax.Array, nu: int,

@@ -1,0 +1,141 @@
+"""`armt`: the console command. Each subcommand is a thin layer over library functions.
+
+    armt demo       a small random ARMT over a long input on this machine: tokens/s per schedule
+    armt convert    weights between Hugging Face Llama, PyTorch ARMT state dicts and Orbax
+    armt generate   continue a text file with a converted checkpoint
+    armt bench      the inference benchmark (eval/bench.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def add_demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="run a small random ARMT over a long input, print tokens/s")
+    p.add_argument("--tokens", type=int, default=32768, help="input length")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--segment-size", type=int, default=512)
+    p.add_argument("--num-mem-tokens", type=int, default=16)
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args) -> int:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from armt_jax import ArmtConfig, LlamaConfig, diagonal_forward, init_params, sequential_forward
+
+    heads = max(args.hidden // 64, 1)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                      num_hidden_layers=args.layers, num_attention_heads=heads,
+                      num_key_value_heads=heads, head_dim=args.hidden // heads,
+                      tie_word_embeddings=True)
+    armt = ArmtConfig(segment_size=args.segment_size, num_mem_tokens=args.num_mem_tokens, d_mem=32)
+    params = init_params(jax.random.key(0), cfg, armt)
+    params["memory"]["w_mv"] = 0.02 * jax.random.normal(jax.random.key(1),
+                                                        params["memory"]["w_mv"].shape)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, args.tokens)),
+                         jnp.int32)
+    print(f"random ARMT: {args.layers} layers, hidden {args.hidden}, segments of "
+          f"{args.segment_size} + {args.num_mem_tokens} memory tokens; input {args.tokens} tokens "
+          f"on {jax.devices()[0].device_kind}")
+    results = {}
+    for name, forward in (("sequential", sequential_forward), ("diagonal", diagonal_forward)):
+        fn = jax.jit(lambda p, t, forward=forward: forward(p, t, cfg, armt, output="last_logits"))
+        t0 = time.perf_counter()
+        out = fn(params, tokens)
+        jax.block_until_ready(out)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = fn(params, tokens)
+        jax.block_until_ready(out)
+        seconds = time.perf_counter() - t0
+        results[name] = out
+        print(f"{name:10s}  {args.tokens / seconds:10.0f} tokens/s  ({seconds:.2f} s; first call "
+              f"with compilation {first:.2f} s)")
+    diff = float(jnp.max(jnp.abs(results["sequential"].out - results["diagonal"].out)))
+    print(f"max |sequential - diagonal| on the last segment's logits: {diff:.2e}")
+    return 0
+
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="continue a text file with an armt-jax checkpoint")
+    p.add_argument("checkpoint", type=Path, help="Orbax checkpoint from `armt convert --to orbax`")
+    p.add_argument("prompt_file", type=Path, help="text file with the context")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="Hugging Face tokenizer.json (default: <checkpoint>/tokenizer.json); "
+                        "without one the prompt file holds whitespace-separated token ids")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--schedule", choices=("diagonal", "sequential"), default="diagonal")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args) -> int:
+    import jax
+    import jax.numpy as jnp
+    from armt_jax.model import ArmtModel
+
+    if not args.prompt_file.exists():
+        raise SystemExit(f"armt generate: no prompt file {args.prompt_file}")
+    model = ArmtModel.from_checkpoint(args.checkpoint)
+    tok_path = args.tokenizer or args.checkpoint / "tokenizer.json"
+    text = args.prompt_file.read_text()
+    tokenizer = None
+    if args.tokenizer is not None or tok_path.exists():
+        if not tok_path.exists():
+            raise SystemExit(f"armt generate: no tokenizer file {tok_path}")
+        from tokenizers import Tokenizer
+        tokenizer = Tokenizer.from_file(str(tok_path))
+        ids = tokenizer.encode(text).ids
+    else:
+        try:
+            ids = [int(t) for t in text.split()]
+        except ValueError:
+            raise SystemExit(f"armt generate: {args.prompt_file} is not a list of token ids and no "
+                             f"tokenizer was found at {tok_path} (pass --tokenizer)") from None
+    if not ids:
+        raise SystemExit(f"armt generate: {args.prompt_file} gives no tokens")
+    t0 = time.perf_counter()
+    out = model.generate(jnp.asarray([ids], jnp.int32), max_new_tokens=args.max_new_tokens,
+                         schedule=args.schedule, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, key=jax.random.key(args.seed))
+    new = [int(t) for t in out.tokens[0, :int(out.lengths[0])]]
+    seconds = time.perf_counter() - t0
+    print(tokenizer.decode(new) if tokenizer else " ".join(map(str, new)))
+    print(f"[{len(ids)} context tokens, {len(new)} generated in {seconds:.2f} s]", file=sys.stderr)
+    return 0
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="inference benchmark (see eval/bench.py)", add_help=False)
+    p.set_defaults(func=None)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:            # eval/bench.py owns its flags
+        from eval.bench import main as bench_main
+        return bench_main(argv[1:])
+    from armt_jax.convert.cli import add_convert_parser
+
+    parser = argparse.ArgumentParser(prog="armt", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_demo_parser(sub)
+    add_convert_parser(sub)
+    add_generate_parser(sub)
+    add_bench_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

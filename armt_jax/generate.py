@@ -1,0 +1,166 @@
+"""Generation (SPEC §3): prefill the context with either schedule, then decode the final segment.
+
+The context's complete segments before the last one go through the memory (reads and writes) with
+the sequential or diagonal schedule; the last segment (1..T tokens, also when the context length is a
+multiple of T) and every generated token are then decoded with a KV cache in read-only-memory mode:
+each token reads the frozen per-layer (A, z), no memory tokens are appended, nothing is written. The
+last segment's logits are therefore exactly those of a forward pass over the context.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from armt_jax import memory
+from armt_jax.armt import check_tokens, layer_weights
+from armt_jax.config import ArmtConfig, LlamaConfig
+from armt_jax.diagonal import diagonal_forward
+from armt_jax.layers import (attention_output, embed, head, mlp, qkv_heads, rms_norm, rope_tables)
+from armt_jax.memory import MemoryState, state_dtype, zero_state
+from armt_jax.sequential import sequential_forward
+
+SCHEDULES = {"sequential": sequential_forward, "diagonal": diagonal_forward}
+
+
+class GenerateOutput(NamedTuple):
+    tokens: jax.Array    # [B, max_new_tokens], pad_id after a sequence's EOS
+    lengths: jax.Array   # [B] generated tokens per sequence, EOS included
+
+
+def prefill(params, tokens, cfg: LlamaConfig, armt: ArmtConfig, *, schedule="diagonal",
+            attn_impl=None, gmm_impl="auto") -> MemoryState:
+    """Memory state after every segment of `tokens` (through reads and writes)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {tuple(SCHEDULES)}, got {schedule!r}")
+    forward = SCHEDULES[schedule]
+    return forward(params, tokens, cfg, armt, output="none", attn_impl=attn_impl,
+                   gmm_impl=gmm_impl).state
+
+
+def generate(params, tokens, cfg: LlamaConfig, armt: ArmtConfig, *, max_new_tokens: int,
+             schedule: str = "diagonal", temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, eos_token_ids=None, pad_id: int = 0,
+             key: jax.Array | None = None, attn_impl=None, gmm_impl="auto") -> GenerateOutput:
+    """Continue `tokens` [B, n]. Greedy when temperature == 0, else sampling with optional top-k /
+    top-p (then `key` is required). Stops a sequence at any of eos_token_ids (default: the
+    config's) or after max_new_tokens."""
+    check_tokens(tokens)
+    B, n = tokens.shape
+    if n == 0:
+        raise ValueError("generate needs a non-empty context")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature > 0 and key is None:
+        raise ValueError("sampling (temperature > 0) needs a PRNG key")
+    if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
+        raise ValueError(f"top_k must be in [1, vocab_size], got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    T = armt.segment_size
+    split = (-(-n // T) - 1) * T                       # start of the last (decoded) segment
+    if split:
+        state = prefill(params, tokens[:, :split], cfg, armt, schedule=schedule,
+                        attn_impl=attn_impl, gmm_impl=gmm_impl)
+    else:
+        state = zero_state(cfg.num_hidden_layers, B, armt.d_key, cfg.hidden_size,
+                           state_dtype(params["embed"].dtype))
+    eos = tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    key = jax.random.key(0) if key is None else key
+    return _decode(params, state, tokens[:, split:], key, cfg=cfg, armt=armt,
+                   max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
+                   top_p=top_p, eos=eos, pad_id=pad_id, attn_impl=attn_impl, gmm_impl=gmm_impl)
+
+
+def sample(logits: jax.Array, key, temperature: float, top_k: int | None, top_p: float | None):
+    """Next token from float32 logits [B, V]."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs      # keep the smallest set reaching top_p
+        sorted_logits = jnp.where(mass_before >= top_p, -jnp.inf, sorted_logits)
+        logits = jnp.full_like(logits, -jnp.inf).at[
+            jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _decode_chunk(params, state: MemoryState, cache, x, pos0, cfg: LlamaConfig, armt: ArmtConfig,
+                  attn_impl, gmm_impl):
+    """Tokens' activations x [B, c, D] at positions pos0.. through every layer, read-only memory,
+    attending to the KV cache (k, v: [L, B, C, K, hd]) which they extend. Returns final hidden."""
+    B, c, _ = x.shape
+    C = cache[0].shape[2]
+    positions = pos0 + jnp.arange(c)
+    cos, sin = rope_tables(cfg, positions, x.dtype)
+    mask = (jnp.arange(C)[None, :] <= positions[:, None])[None, None]          # [1, 1, c, C]
+    lp, mp = layer_weights(params)
+
+    def one_layer(x, per_layer):
+        lp_l, mp_l, A, z, k_cache, v_cache = per_layer
+        g = lambda tree: jax.tree.map(lambda a: a[None], tree)
+        lp_l, mp_l = g(lp_l), g(mp_l)
+        x = memory.read(mp_l, x[None], MemoryState(A[None], z[None]), armt.nu)
+        h = rms_norm(x, lp_l["attn_norm"][:, None, None, :], cfg.rms_norm_eps)
+        q, k, v = qkv_heads(lp_l, h, cos, sin, cfg, gmm_impl=gmm_impl)
+        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), pos0, 1)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), pos0, 1)
+        out = jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask,
+                                           scale=cfg.head_dim ** -0.5, implementation=attn_impl)
+        x = x + attention_output(lp_l, out, 1, gmm_impl=gmm_impl)
+        x = x + mlp(lp_l, rms_norm(x, lp_l["mlp_norm"][:, None, None, :], cfg.rms_norm_eps), cfg,
+                    gmm_impl=gmm_impl)
+        return x[0], (k_cache, v_cache)
+
+    x, cache = jax.lax.scan(one_layer, x, (lp, mp, state.A, state.z) + tuple(cache))
+    return x, cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "armt", "max_new_tokens", "temperature",
+                                             "top_k", "top_p", "eos", "pad_id", "attn_impl",
+                                             "gmm_impl"))
+def _decode(params, state, last_segment, key, *, cfg, armt, max_new_tokens, temperature, top_k,
+            top_p, eos, pad_id, attn_impl, gmm_impl) -> GenerateOutput:
+    B, t = last_segment.shape
+    L, K, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    dtype = params["embed"].dtype
+    C = t + max_new_tokens
+    cache = (jnp.zeros((L, B, C, K, hd), dtype), jnp.zeros((L, B, C, K, hd), dtype))
+    run = functools.partial(_decode_chunk, params, state, cfg=cfg, armt=armt, attn_impl=attn_impl,
+                            gmm_impl=gmm_impl)
+    eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
+
+    h, cache = run(cache, embed(params, last_segment), 0)
+    key, sub = jax.random.split(key)
+    first = sample(head(params, h[:, -1], cfg, "logits"), sub, temperature, top_k, top_p)
+    done = jnp.isin(first, eos_ids)
+    out = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+
+    def cond(carry):
+        i, _, _, done, _, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def step(carry):
+        i, cache, prev, done, out, key = carry
+        h, cache = run(cache, embed(params, prev[:, None]), t + i - 1)
+        key, sub = jax.random.split(key)
+        nxt = sample(head(params, h[:, -1], cfg, "logits"), sub, temperature, top_k, top_p)
+        nxt = jnp.where(done, pad_id, nxt)
+        out = out.at[:, i].set(nxt)
+        return i + 1, cache, nxt, done | jnp.isin(nxt, eos_ids), out, key
+
+    _, _, _, _, out, _ = jax.lax.while_loop(cond, step, (jnp.int32(1), cache, first, done, out, key))
+    is_eos = jnp.isin(out, eos_ids)
+    first_eos = jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1) + 1, max_new_tokens)
+    return GenerateOutput(out, first_eos.astype(jnp.int32))

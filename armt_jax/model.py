@@ -1,0 +1,73 @@
+"""The user-facing Flax NNX module. It holds the parameters (as nnx.Param leaves in the layout of
+params.py) and the configs; every computation is a call into the functional core, so `nnx.jit`,
+`nnx.grad` and `nnx.Optimizer` work on it and the schedules never depend on module state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from armt_jax.armt import ArmtOutput
+from armt_jax.config import ArmtConfig, LlamaConfig
+from armt_jax.diagonal import diagonal_forward
+from armt_jax.generate import GenerateOutput, generate
+from armt_jax.params import check_shapes, init_params
+from armt_jax.sequential import sequential_forward
+
+_is_variable = lambda x: isinstance(x, nnx.Variable)
+
+
+class ArmtModel(nnx.Module):
+    """Llama with a per-layer associative memory.
+
+        model = ArmtModel(LlamaConfig(...), ArmtConfig(...), rngs=nnx.Rngs(0))
+        out = model(tokens)                           # diagonal schedule, text logits
+        loss = model(tokens, schedule="sequential", output="none", compute_loss=True).loss
+    """
+
+    def __init__(self, cfg: LlamaConfig, armt: ArmtConfig, *, rngs: nnx.Rngs | None = None,
+                 params: dict | None = None, dtype=jnp.float32):
+        if params is None:
+            if rngs is None:
+                raise ValueError("ArmtModel needs either rngs (random init) or params")
+            params = init_params(rngs.params(), cfg, armt, dtype)
+        check_shapes(params, cfg, armt)
+        self.cfg, self.armt = cfg, armt
+        self.params = nnx.data(jax.tree.map(nnx.Param, params))
+
+    def param_tree(self) -> dict:
+        """The parameters as a plain pytree of arrays (what the functional core takes)."""
+        return jax.tree.map(lambda v: v[...], self.params, is_leaf=_is_variable)
+
+    def __call__(self, tokens: jax.Array, *, schedule: str = "diagonal", output: str = "logits",
+                 compute_loss: bool = False, loss_mask: jax.Array | None = None,
+                 **kwargs) -> ArmtOutput:
+        params = self.param_tree()
+        if schedule == "sequential":
+            return sequential_forward(params, tokens, self.cfg, self.armt, output=output,
+                                      compute_loss=compute_loss, loss_mask=loss_mask, **kwargs)
+        if schedule != "diagonal":
+            raise ValueError(f"schedule must be 'sequential' or 'diagonal', got {schedule!r}")
+        if compute_loss:
+            raise ValueError("the diagonal schedule is for inference; train with "
+                             "schedule='sequential'")
+        return diagonal_forward(params, tokens, self.cfg, self.armt, output=output, **kwargs)
+
+    def generate(self, tokens: jax.Array, **kwargs) -> GenerateOutput:
+        """See armt_jax.generate.generate."""
+        return generate(self.param_tree(), tokens, self.cfg, self.armt, **kwargs)
+
+    # ---- loading and saving ------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> "ArmtModel":
+        """An Orbax checkpoint written by `save` (configs stored beside the arrays)."""
+        from armt_jax.checkpoint import load_checkpoint
+        params, cfg, armt = load_checkpoint(path)
+        return cls(cfg, armt, params=params)
+
+    def save(self, path: str | Path) -> None:
+        from armt_jax.checkpoint import save_checkpoint
+        save_checkpoint(path, self.param_tree(), self.cfg, self.armt)

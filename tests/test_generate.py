@@ -1,0 +1,73 @@
+"""Generation: prefill + read-only-memory KV-cached decoding (SPEC §3)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import numpy_reference as ref
+from armt_jax.config import ArmtConfig
+from armt_jax.generate import generate, sample
+from armt_jax.sequential import sequential_forward
+from conftest import TINY, random_params
+
+T = 8
+ACFG = ArmtConfig(segment_size=T, num_mem_tokens=3, d_mem=8)
+
+
+@pytest.mark.parametrize("n", [5, 2 * T, 2 * T + 3, 4 * T])
+def test_greedy_matches_forward_argmax(rng, n):
+    """While generation stays inside the last segment, greedy decoding must equal repeated full
+    forward passes (the last segment's text never sees its memory tokens). Includes n = k*T."""
+    params = random_params(rng, TINY, ACFG)
+    tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (2, n)), jnp.int32)
+    steps = T - ((n - 1) % T) - 1 + 1          # tokens that still fit in the last segment, >= 1
+    got = generate(params, tokens, TINY, ACFG, max_new_tokens=steps, eos_token_ids=(),
+                   schedule="sequential")
+    seq = tokens
+    for i in range(steps):
+        logits = sequential_forward(params, seq, TINY, ACFG, output="last_logits").out[:, -1]
+        nxt = jnp.argmax(logits, -1).astype(jnp.int32)
+        np.testing.assert_array_equal(got.tokens[:, i], nxt)
+        seq = jnp.concatenate([seq, nxt[:, None]], axis=1)
+    np.testing.assert_array_equal(got.lengths, [steps, steps])
+
+
+def test_schedules_give_identical_greedy_tokens(rng):
+    params = random_params(rng, TINY, ACFG)
+    tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (2, 5 * T + 2)), jnp.int32)
+    a = generate(params, tokens, TINY, ACFG, max_new_tokens=12, schedule="sequential")
+    b = generate(params, tokens, TINY, ACFG, max_new_tokens=12, schedule="diagonal")
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.lengths, b.lengths)
+
+
+def test_eos_stops_and_pads(rng):
+    params = random_params(rng, TINY, ACFG)
+    tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (1, 11)), jnp.int32)
+    free = generate(params, tokens, TINY, ACFG, max_new_tokens=6, eos_token_ids=())
+    eos = int(free.tokens[0, 2])
+    first_eos = int(np.argmax(np.asarray(free.tokens[0]) == eos))
+    stopped = generate(params, tokens, TINY, ACFG, max_new_tokens=6, eos_token_ids=(eos,),
+                       pad_id=-1)
+    assert int(stopped.lengths[0]) == first_eos + 1
+    np.testing.assert_array_equal(stopped.tokens[0, :first_eos + 1], free.tokens[0, :first_eos + 1])
+    assert (np.asarray(stopped.tokens[0, first_eos + 1:]) == -1).all()
+
+
+def test_sampling_filters(rng):
+    logits = jnp.asarray(rng.standard_normal((4, 50)), jnp.float32)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    draws = jnp.stack([sample(logits, k, 1.0, 3, None) for k in jax.random.split(key, 64)])
+    top3 = np.argsort(-np.asarray(logits), -1)[:, :3]
+    assert all(np.isin(np.asarray(draws)[:, b], top3[b]).all() for b in range(4))
+    draws = jnp.stack([sample(logits, k, 1.0, None, 1e-6) for k in jax.random.split(key, 16)])
+    np.testing.assert_array_equal(draws, np.broadcast_to(np.argmax(logits, -1), draws.shape))
+    np.testing.assert_array_equal(sample(logits, key, 0.0, None, None), np.argmax(logits, -1))
+
+
+def test_sampling_needs_key(rng):
+    params = random_params(rng, TINY, ACFG)
+    with pytest.raises(ValueError, match="PRNG key"):
+        generate(params, jnp.zeros((1, 3), jnp.int32), TINY, ACFG, max_new_tokens=2,
+                 temperature=0.7)

@@ -1,0 +1,75 @@
+"""The NNX module and the `armt` command."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from armt_jax import cli
+from armt_jax.config import ArmtConfig
+from armt_jax.generate import generate
+from armt_jax.model import ArmtModel
+from armt_jax.sequential import sequential_forward
+from conftest import TINY, random_params
+
+ACFG = ArmtConfig(segment_size=8, num_mem_tokens=3, d_mem=8)
+
+
+def test_module_calls_the_functional_core(rng):
+    params = random_params(rng, TINY, ACFG)
+    model = ArmtModel(TINY, ACFG, params=params)
+    tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (2, 21)), jnp.int32)
+    want = sequential_forward(params, tokens, TINY, ACFG).out
+    np.testing.assert_array_equal(model(tokens, schedule="sequential").out, want)
+    np.testing.assert_allclose(model(tokens).out, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="schedule"):
+        model(tokens, schedule="parallel")
+
+
+def test_module_trains_with_nnx_optimizer(rng):
+    import optax
+    model = ArmtModel(TINY, ACFG, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (2, 20)), jnp.int32)
+    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    loss_fn = lambda m: m(tokens, schedule="sequential", output="none", compute_loss=True).loss
+
+    @nnx.jit
+    def step(model, opt):
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        return loss
+
+    losses = [float(step(model, opt)) for _ in range(5)]
+    assert losses[-1] < losses[0]
+
+
+def test_module_rejects_mismatched_params(rng):
+    params = random_params(rng, TINY, ACFG)
+    params["layers"]["w_o"] = params["layers"]["w_o"][:, :-1]
+    with pytest.raises(ValueError, match="layers/w_o"):
+        ArmtModel(TINY, ACFG, params=params)
+
+
+def test_cli_generate_from_checkpoint(rng, tmp_path, capsys):
+    params = random_params(rng, TINY, ACFG)
+    ArmtModel(TINY, ACFG, params=params).save(tmp_path / "ckpt")
+    ids = rng.integers(0, TINY.vocab_size, 13)
+    (tmp_path / "prompt.txt").write_text(" ".join(map(str, ids)))
+    assert cli.main(["generate", str(tmp_path / "ckpt"), str(tmp_path / "prompt.txt"),
+                     "--max-new-tokens", "5", "--schedule", "sequential"]) == 0
+    printed = [int(t) for t in capsys.readouterr().out.split()]
+    want = generate(params, jnp.asarray(ids[None], jnp.int32), TINY, ACFG, max_new_tokens=5)
+    assert printed == [int(t) for t in want.tokens[0, :int(want.lengths[0])]]
+
+
+def test_cli_generate_names_missing_files(tmp_path):
+    with pytest.raises(SystemExit, match="no prompt file"):
+        cli.main(["generate", str(tmp_path), str(tmp_path / "missing.txt")])
+
+
+def test_cli_demo(capsys):
+    assert cli.main(["demo", "--tokens", "300", "--layers", "2", "--hidden", "64",
+                     "--segment-size", "64", "--num-mem-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "diagonal" in out and "tokens/s" in out
