@@ -84,6 +84,23 @@ def _diagonal_core(params, tokens, n, *, cfg: LlamaConfig, armt: ArmtConfig, out
     else:
         out0 = jnp.zeros((B, T, D), dtype)          # last finished segment's final activations
 
+    # Ramp-up and ramp-down steps have fewer active slots than L (and N < L never fills them):
+    # such a step runs on a window of the next size in `windows` that holds its active range,
+    # so idle slots cost nothing but the window's rounding (and a copy of that window's weights).
+    windows = sorted({min(L, 1 << i) for i in range(L.bit_length() + 1)})
+
+    def run_window(w, x_in, state, lengths, first, lo, hi):
+        start = jnp.clip(lo, 0, L - w)                          # [start, start + w) covers [lo, hi)
+        take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, w, axis=0) if w < L else a
+        x_w, new_w = armt_layer_group(
+            jax.tree.map(take, lp), jax.tree.map(take, mp), take(x_in), jax.tree.map(take, state),
+            mem_start=take(lengths), first=take(first), cos=cos, sin=sin, cfg=cfg, armt=armt,
+            active=(lo - start, hi - start), attn_impl=attn_impl, gmm_impl=gmm_impl)
+        if w == L:
+            return x_w, new_w
+        put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, start, axis=0)
+        return put(x_in, x_w), jax.tree.map(put, state, new_w)
+
     def step(carry):
         k, x_buf, state, out = carry
         seg = k - slots                                              # segment held by each slot
@@ -95,9 +112,10 @@ def _diagonal_core(params, tokens, n, *, cfg: LlamaConfig, armt: ArmtConfig, out
         x_in = jnp.concatenate([x0[None], x_buf[:-1]], axis=0)
         lo = jnp.maximum(k - num_segments + 1, 0)
         hi = jnp.minimum(k + 1, L)
-        x_out, new_state = armt_layer_group(lp, mp, x_in, state, mem_start=lengths, first=seg == 0,
-                                            cos=cos, sin=sin, cfg=cfg, armt=armt, active=(lo, hi),
-                                            attn_impl=attn_impl, gmm_impl=gmm_impl)
+        window = jnp.searchsorted(jnp.asarray(windows), hi - lo)   # smallest window >= active
+        x_out, new_state = jax.lax.switch(
+            window, [functools.partial(run_window, w) for w in windows],
+            x_in, state, lengths, seg == 0, lo, hi)
         keep = lambda new, old: jnp.where(active.reshape((L,) + (1,) * (old.ndim - 1)), new, old)
         state = jax.tree.map(keep, new_state, state)
 

@@ -118,11 +118,13 @@ def _make_fn(impl, config=None, transpose=None):
         return kernels.grouped_matmul_reference(
             a, b, lo, hi, transpose_lhs=tl, transpose_rhs=tr)
       dims = mgpu_kernel.problem_dims(a.shape, b.shape, tl, tr)
-      cfg = config or mgpu_kernel.select_config(
+      cfg, small = mgpu_kernel.select_configs(
           *dims, transpose_lhs=tl, transpose_rhs=tr)
+      if config is not None:
+        cfg, small = config, None
       return mgpu_kernel.grouped_matmul_mgpu(
           a, b, jnp.stack([lo, hi]).astype(jnp.int32), transpose_lhs=tl,
-          transpose_rhs=tr, config=cfg)
+          transpose_rhs=tr, config=cfg, small_config=small)
   return jax.jit(f)
 
 
@@ -207,8 +209,8 @@ def markdown_sweep(rows):
   sweep_shapes = {r.shape for r in rows if r.note.startswith("sweep")}
   for r in rows:
     if r.impl != "xla" and r.model == "1b" and r.note == "" and (
-        r.shape in sweep_shapes and r.G == 16 and r.active in (4, 16)):
-      r = dataclasses.replace(r, note="sweep default (select_config)")
+        r.shape in sweep_shapes and r.G == 16):
+      r = dataclasses.replace(r, note="sweep default (select_configs)")
     if r.impl != "xla" and r.note.startswith("sweep"):
       x = xla.get((r.shape, r.G, r.active))
       lines.append(f"| {r.shape} {r.m}x{r.k}x{r.n} | {r.note[6:]} | {r.G} |"
@@ -248,6 +250,11 @@ def main(argv=None):
                  help="time the SWEEP configs on two 1b shapes")
   p.add_argument("--bwd", action="store_true",
                  help="time the backward products (dx, dw) for 1b shapes")
+  p.add_argument("--wide_only", action="store_true",
+                 help="also time the wide-tile kernel alone (no runtime choice"
+                 " of narrow tiles) on the 1b shapes, G=16, all loads")
+  p.add_argument("--big_groups", default="1,4,16",
+                 help="G values timed at full load for 3b/8b")
   p.add_argument("--quick", action="store_true",
                  help="3b/8b: only G=16 full and 4/16 active")
   p.add_argument("--smoke", action="store_true",
@@ -321,6 +328,10 @@ def main(argv=None):
                f" wg{cfg.wg_dimension} gm{cfg.grid_minor_dim}"
                f"{cfg.grid_tile_width}")
         todo.append(("1b", name, m, k, n, [16], [4], cfg, "sweep " + tag, None))
+  if args.wide_only and not args.smoke:
+    for name, m, k, n in MODELS["1b"]:
+      todo.append(("1b", name, m, k, n, [16], actives, SWEEP[0],
+                   "sweep wide only (128x256, 4 stages)", None))
   if args.bwd and not args.smoke:
     # dx[G,m,k] = dy[G,m,n] @ w[G,k,n]^T: product (m, n, k), w read transposed
     # dw[G,k,n] = x[G,m,k]^T @ dy[G,m,n]: product (k, m, n), x read transposed
@@ -329,7 +340,8 @@ def main(argv=None):
       todo.append(("1b", name, k, m, n, [16], [4], None, "dw", (True, False)))
   for mname in [m_ for m_ in models if m_ not in ("1b", "smoke")]:
     for name, m, k, n in models[mname]:
-      gs = [max(groups)] if args.quick else [1, max(groups)]
+      gs = ([max(groups)] if args.quick
+            else [int(v) for v in args.big_groups.split(",")])
       todo.append((mname, name, m, k, n, gs, [4], None, "", None))
 
   for (mname, name, m, k, n, gs, acts, cfg, note, tr) in todo:

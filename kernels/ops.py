@@ -90,10 +90,11 @@ def _dispatch(a, b, bounds, *, transpose_lhs, transpose_rhs, out_dtype, impl,
   dims = mgpu_kernel.problem_dims(a.shape, b.shape, transpose_lhs,
                                   transpose_rhs)
   cfg = _kernel_config(impl, config)
+  small_cfg = None
   if cfg is None:
-    cfg = mgpu_kernel.select_config(*dims, transpose_lhs=transpose_lhs,
-                                    transpose_rhs=transpose_rhs,
-                                    dtype=kernel_dtype)
+    cfg, small_cfg = mgpu_kernel.select_configs(
+        *dims, transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs,
+        dtype=kernel_dtype)
   reason = mgpu_kernel.unsupported_reason(
       a.shape, b.shape, kernel_dtype, out_dtype, transpose_lhs=transpose_lhs,
       transpose_rhs=transpose_rhs, config=cfg, interpret=impl == "interpret")
@@ -122,7 +123,7 @@ def _dispatch(a, b, bounds, *, transpose_lhs, transpose_rhs, out_dtype, impl,
   return mgpu_kernel.grouped_matmul_mgpu(
       a.astype(kernel_dtype), b.astype(kernel_dtype), bounds,
       transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs, config=cfg,
-      num_sms=num_sms, interpret=interpret)
+      small_config=small_cfg, num_sms=num_sms, interpret=interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))

@@ -26,7 +26,7 @@ def random_params(rng: np.random.Generator, cfg: LlamaConfig, armt: ArmtConfig |
 
     The scale keeps float32 round-off well under the 1e-6 tolerance: the memory correction divides
     by k.z + 1e-5, which amplifies round-off when a key is nearly orthogonal to z (common for very
-    sparse DPFP keys, d_mem <= 4), so tests use d_mem >= 8."""
+    sparse DPFP keys, d_mem <= 8), so tests use d_mem >= 16."""
     def draw(path, shape):
         name = path[-1]
         if name.endswith("norm"):

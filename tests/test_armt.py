@@ -26,7 +26,7 @@ def run_both(rng, cfg, acfg, batch, length, output="logits"):
 @pytest.mark.parametrize("correction", [True, False])
 @pytest.mark.parametrize("length,batch", [(5, 1), (8, 2), (29, 2), (24, 1)])
 def test_sequential_matches_numpy(rng, correction, length, batch):
-    acfg = ArmtConfig(segment_size=8, num_mem_tokens=4, d_mem=8, correction=correction)
+    acfg = ArmtConfig(segment_size=8, num_mem_tokens=4, d_mem=16, correction=correction)
     got, want = run_both(rng, TINY, acfg, batch, length)
     assert got.out.shape == (batch, length, TINY.vocab_size)
     for b in range(batch):
@@ -41,7 +41,7 @@ def test_sequential_matches_numpy(rng, correction, length, batch):
 
 def test_memory_changes_outputs(rng):
     """The memory must matter: zeroing W_mv and the read path must change later segments only."""
-    acfg = ArmtConfig(segment_size=6, num_mem_tokens=2, d_mem=8)
+    acfg = ArmtConfig(segment_size=6, num_mem_tokens=2, d_mem=16)
     params = random_params(rng, TINY, acfg)
     tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (1, 18)), jnp.int32)
     out = sequential_forward(params, tokens, TINY, acfg).out
@@ -52,7 +52,7 @@ def test_memory_changes_outputs(rng):
 
 
 def test_hidden_and_last_logits(rng):
-    acfg = ArmtConfig(segment_size=8, num_mem_tokens=2, d_mem=8)
+    acfg = ArmtConfig(segment_size=8, num_mem_tokens=2, d_mem=16)
     got, want = run_both(rng, TINY, acfg, 2, 21, output="hidden")
     assert got.out.shape == (2, 21, TINY.hidden_size)
     for b in range(2):
@@ -66,7 +66,7 @@ def test_hidden_and_last_logits(rng):
 
 
 def test_loss_matches_logits(rng):
-    acfg = ArmtConfig(segment_size=8, num_mem_tokens=2, d_mem=8)
+    acfg = ArmtConfig(segment_size=8, num_mem_tokens=2, d_mem=16)
     params = random_params(rng, TINY, acfg)
     tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (2, 19)), jnp.int32)
     mask = jnp.asarray(rng.random((2, 19)) < 0.5, jnp.float32)
@@ -79,7 +79,7 @@ def test_loss_matches_logits(rng):
 
 def test_gradients_flow_through_memory(rng):
     """BPTT: the loss of the second segment depends on W_mv (only through the memory)."""
-    acfg = ArmtConfig(segment_size=6, num_mem_tokens=2, d_mem=8)
+    acfg = ArmtConfig(segment_size=6, num_mem_tokens=2, d_mem=16)
     params = random_params(rng, TINY, acfg)
     tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (1, 12)), jnp.int32)
     mask = jnp.zeros((1, 12)).at[:, 7:].set(1.0)
@@ -99,7 +99,7 @@ def test_dpfp_definition(rng):
 
 def test_first_segment_gamma_is_exactly_one(rng):
     """With zero state the formula gives gamma = 1 - tiny; the first-segment rule forces 1."""
-    acfg = ArmtConfig(segment_size=4, num_mem_tokens=2, d_mem=8)
+    acfg = ArmtConfig(segment_size=4, num_mem_tokens=2, d_mem=16)
     mp = {k: v[:1] for k, v in random_params(rng, TINY, acfg)["memory"].items() if k != "mem_tokens"}
     mem_out = jnp.asarray(rng.standard_normal((1, 1, 2, TINY.hidden_size)), jnp.float32)
     st = memory.zero_state(1, 1, acfg.d_key, TINY.hidden_size)

@@ -1,5 +1,7 @@
 """Diagonal batching against the sequential schedule (SPEC §2.2)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +29,7 @@ def check_same(got, want, tol):
 @pytest.mark.parametrize("num_segments", [1, 2, L - 1, L, L + 3, 3 * L])
 @pytest.mark.parametrize("ragged", [0, 2])
 def test_diagonal_equals_sequential(rng, num_segments, ragged):
-    acfg = ArmtConfig(segment_size=T, num_mem_tokens=3, d_mem=8)
+    acfg = ArmtConfig(segment_size=T, num_mem_tokens=3, d_mem=16)
     params = random_params(rng, TINY, acfg)
     n = num_segments * T - ragged
     tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (2, n)), jnp.int32)
@@ -39,7 +41,7 @@ def test_diagonal_equals_sequential(rng, num_segments, ragged):
 
 
 def test_correction_off_batch_one(rng):
-    acfg = ArmtConfig(segment_size=T, num_mem_tokens=2, d_mem=8, correction=False)
+    acfg = ArmtConfig(segment_size=T, num_mem_tokens=2, d_mem=16, correction=False)
     params = random_params(rng, TINY, acfg)
     tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (1, 5 * T - 1)), jnp.int32)
     check_same(diagonal_forward(params, tokens, TINY, acfg),
@@ -48,7 +50,7 @@ def test_correction_off_batch_one(rng):
 
 @pytest.mark.parametrize("output", ["hidden", "last_logits", "none"])
 def test_output_modes(rng, output):
-    acfg = ArmtConfig(segment_size=T, num_mem_tokens=3, d_mem=8)
+    acfg = ArmtConfig(segment_size=T, num_mem_tokens=3, d_mem=16)
     params = random_params(rng, TINY, acfg)
     tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (2, 4 * T + 1)), jnp.int32)
     want = sequential_forward(params, tokens, TINY, acfg, output=output)
@@ -65,7 +67,7 @@ def test_output_modes(rng, output):
 
 
 def test_bf16_close_to_float32(rng):
-    acfg = ArmtConfig(segment_size=T, num_mem_tokens=3, d_mem=8)
+    acfg = ArmtConfig(segment_size=T, num_mem_tokens=3, d_mem=16)
     params = random_params(rng, TINY, acfg)
     tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (2, 2 * L * T - 3)), jnp.int32)
     want = sequential_forward(params, tokens, TINY, acfg)
@@ -79,7 +81,7 @@ def test_bf16_close_to_float32(rng):
 
 def test_idle_slots_cannot_leak_nan(rng):
     """Start every slot filled with NaN: ramp-up slots are idle and must not touch results."""
-    acfg = ArmtConfig(segment_size=T, num_mem_tokens=3, d_mem=8)
+    acfg = ArmtConfig(segment_size=T, num_mem_tokens=3, d_mem=16)
     params = random_params(rng, TINY, acfg)
     n = (L + 1) * T - 2
     tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (2, n)), jnp.int32)
@@ -94,7 +96,7 @@ def test_idle_slots_cannot_leak_nan(rng):
 
 
 def test_one_compilation_per_bucket(rng):
-    acfg = ArmtConfig(segment_size=T, num_mem_tokens=2, d_mem=8)
+    acfg = ArmtConfig(segment_size=T, num_mem_tokens=2, d_mem=16)
     params = random_params(rng, TINY, acfg)
     before = diagonal._diagonal_core._cache_size()
     for n in (5 * T + 1, 6 * T, 7 * T + 4, 8 * T):            # 6..8 segments: bucket of 8
@@ -105,8 +107,24 @@ def test_one_compilation_per_bucket(rng):
 
 
 def test_bucket_too_small_is_an_error(rng):
-    acfg = ArmtConfig(segment_size=T, num_mem_tokens=2, d_mem=8)
+    acfg = ArmtConfig(segment_size=T, num_mem_tokens=2, d_mem=16)
     params = random_params(rng, TINY, acfg)
     tokens = jnp.zeros((1, 3 * T), jnp.int32)
     with pytest.raises(ValueError, match="bucket=2"):
         diagonal_forward(params, tokens, TINY, acfg, bucket=2)
+
+
+@pytest.mark.parametrize("num_segments", [2, 3, 7])
+def test_window_rounding_with_five_layers(rng, num_segments):
+    """L = 5 gives step windows {1, 2, 4, 5}: active ranges narrower than their window, and windows
+    clipped at the last slot, must still match the sequential schedule."""
+    cfg = dataclasses.replace(TINY, num_hidden_layers=5)
+    acfg = ArmtConfig(segment_size=4, num_mem_tokens=2, d_mem=16)
+    params = random_params(rng, cfg, acfg)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 4 * num_segments - 1)), jnp.int32)
+    want = sequential_forward(params, tokens, cfg, acfg)
+    got = diagonal_forward(params, tokens, cfg, acfg)
+    assert ref.rel_err(got.out, want.out) <= 1e-5
+    for l in range(5):
+        assert ref.rel_err(got.state.A[l], want.state.A[l]) <= 1e-5
+        assert ref.rel_err(got.state.z[l], want.state.z[l]) <= 1e-5

@@ -12,7 +12,7 @@ from armt_jax.sequential import sequential_forward
 from conftest import TINY, random_params
 
 T = 8
-ACFG = ArmtConfig(segment_size=T, num_mem_tokens=3, d_mem=8)
+ACFG = ArmtConfig(segment_size=T, num_mem_tokens=3, d_mem=16)
 
 
 @pytest.mark.parametrize("n", [5, 2 * T, 2 * T + 3, 4 * T])

@@ -60,7 +60,7 @@ def test_legacy_llama32_config():
 
 def test_armt_checkpoint_gives_same_logits(rng, tmp_path):
     cfg, _ = load_hf(FIXTURES / "gqa_tied_llama3")
-    acfg = ArmtConfig(segment_size=8, num_mem_tokens=3, d_mem=8)
+    acfg = ArmtConfig(segment_size=8, num_mem_tokens=3, d_mem=16)
     params = random_params(rng, cfg, acfg)
     path = save_armt(tmp_path / "armt.safetensors", params, cfg, acfg, layer_prefix="layers")
     loaded = load_armt(path, cfg, acfg)

@@ -13,7 +13,7 @@ from armt_jax.model import ArmtModel
 from armt_jax.sequential import sequential_forward
 from conftest import TINY, random_params
 
-ACFG = ArmtConfig(segment_size=8, num_mem_tokens=3, d_mem=8)
+ACFG = ArmtConfig(segment_size=8, num_mem_tokens=3, d_mem=16)
 
 
 def test_module_calls_the_functional_core(rng):
