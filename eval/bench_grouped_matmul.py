@@ -40,328 +40,428 @@ from kernels import grouped_matmul_mgpu as mgpu_kernel  # noqa: E402
 
 # (name, m, k, n) per model: fused QKV, attention output, fused gate/up, down.
 MODELS = {
-    "1b": [("qkv", 1152, 2048, 3072), ("o", 1152, 2048, 2048),
-           ("gate_up", 1152, 2048, 16384), ("down", 1152, 8192, 2048)],
-    "3b": [("qkv", 2176, 3072, 5120), ("o", 2176, 3072, 3072),
-           ("gate_up", 2176, 3072, 16384), ("down", 2176, 8192, 3072)],
-    "8b": [("qkv", 4224, 4096, 6144), ("o", 4224, 4096, 4096),
-           ("gate_up", 4224, 4096, 28672), ("down", 4224, 14336, 4096)],
+    "1b": [
+        ("qkv", 1152, 2048, 3072),
+        ("o", 1152, 2048, 2048),
+        ("gate_up", 1152, 2048, 16384),
+        ("down", 1152, 8192, 2048),
+    ],
+    "3b": [
+        ("qkv", 2176, 3072, 5120),
+        ("o", 2176, 3072, 3072),
+        ("gate_up", 2176, 3072, 16384),
+        ("down", 2176, 8192, 3072),
+    ],
+    "8b": [
+        ("qkv", 4224, 4096, 6144),
+        ("o", 4224, 4096, 4096),
+        ("gate_up", 4224, 4096, 28672),
+        ("down", 4224, 14336, 4096),
+    ],
 }
 
 
 def _time(fn, *args, min_batch_s=0.02, runs=7):
-  """Median seconds per call: batches of back-to-back calls, synced at end."""
-  out = fn(*args)
-  jax.block_until_ready(out)  # compile + warm-up
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  one = max(time.perf_counter() - t0, 1e-6)
-  n = max(1, min(200, int(min_batch_s / one)))
-  samples = []
-  for _ in range(runs):
+    """Median seconds per call: batches of back-to-back calls, synced at end."""
+    out = fn(*args)
+    jax.block_until_ready(out)  # compile + warm-up
     t0 = time.perf_counter()
-    for _ in range(n):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - t0) / n)
-  return statistics.median(samples)
+    jax.block_until_ready(fn(*args))
+    one = max(time.perf_counter() - t0, 1e-6)
+    n = max(1, min(200, int(min_batch_s / one)))
+    samples = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / n)
+    return statistics.median(samples)
 
 
 def _rel_err(a, b):
-  a = jnp.asarray(a, jnp.float32)
-  b = jnp.asarray(b, jnp.float32)
-  return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
+    a = jnp.asarray(a, jnp.float32)
+    b = jnp.asarray(b, jnp.float32)
+    return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
 
 
 def _operands(key, g, m, k, n, dtype=jnp.bfloat16):
-  kx, kw = jax.random.split(key)
-  x = jax.random.normal(kx, (g, m, k), jnp.float32).astype(dtype)
-  w = (jax.random.normal(kw, (g, k, n), jnp.float32) / np.sqrt(k)).astype(dtype)
-  return x, w
+    kx, kw = jax.random.split(key)
+    x = jax.random.normal(kx, (g, m, k), jnp.float32).astype(dtype)
+    w = (jax.random.normal(kw, (g, k, n), jnp.float32) / np.sqrt(k)).astype(dtype)
+    return x, w
 
 
 def dense_seconds(size=8192, dtype=jnp.bfloat16):
-  a = jax.random.normal(jax.random.key(1), (size, size), jnp.float32).astype(dtype)
-  b = jax.random.normal(jax.random.key(2), (size, size), jnp.float32).astype(dtype)
-  f = jax.jit(jnp.dot)
-  return _time(f, a, b), 2.0 * size**3
+    a = jax.random.normal(jax.random.key(1), (size, size), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.key(2), (size, size), jnp.float32).astype(dtype)
+    f = jax.jit(jnp.dot)
+    return _time(f, a, b), 2.0 * size**3
 
 
 @dataclasses.dataclass
 class Row:
-  model: str
-  shape: str
-  m: int
-  k: int
-  n: int
-  G: int
-  active: int
-  impl: str
-  seconds: float
-  tflops: float
-  frac_of_dense: float
-  config: str = ""
-  rel_err: float | None = None
-  note: str = ""
+    model: str
+    shape: str
+    m: int
+    k: int
+    n: int
+    G: int
+    active: int
+    impl: str
+    seconds: float
+    tflops: float
+    frac_of_dense: float
+    config: str = ""
+    rel_err: float | None = None
+    note: str = ""
 
 
 @functools.lru_cache(maxsize=None)
 def _make_fn(impl, config=None, transpose=None):
-  if transpose is None:
-    def f(x, w, lo, hi):
-      return kernels.grouped_matmul(x, w, (lo, hi), impl=impl, config=config)
-  else:  # backward-style products, straight to the kernel / reference
-    tl, tr = transpose
+    if transpose is None:
 
-    def f(a, b, lo, hi):
-      if impl == "xla":
-        return kernels.grouped_matmul_reference(
-            a, b, lo, hi, transpose_lhs=tl, transpose_rhs=tr)
-      dims = mgpu_kernel.problem_dims(a.shape, b.shape, tl, tr)
-      cfg, small = mgpu_kernel.select_configs(
-          *dims, transpose_lhs=tl, transpose_rhs=tr)
-      if config is not None:
-        cfg, small = config, None
-      return mgpu_kernel.grouped_matmul_mgpu(
-          a, b, jnp.stack([lo, hi]).astype(jnp.int32), transpose_lhs=tl,
-          transpose_rhs=tr, config=cfg, small_config=small)
-  return jax.jit(f)
+        def f(x, w, lo, hi):
+            return kernels.grouped_matmul(x, w, (lo, hi), impl=impl, config=config)
+    else:  # backward-style products, straight to the kernel / reference
+        tl, tr = transpose
+
+        def f(a, b, lo, hi):
+            if impl == "xla":
+                return kernels.grouped_matmul_reference(
+                    a, b, lo, hi, transpose_lhs=tl, transpose_rhs=tr
+                )
+            dims = mgpu_kernel.problem_dims(a.shape, b.shape, tl, tr)
+            cfg, small = mgpu_kernel.select_configs(*dims, transpose_lhs=tl, transpose_rhs=tr)
+            if config is not None:
+                cfg, small = config, None
+            return mgpu_kernel.grouped_matmul_mgpu(
+                a,
+                b,
+                jnp.stack([lo, hi]).astype(jnp.int32),
+                transpose_lhs=tl,
+                transpose_rhs=tr,
+                config=cfg,
+                small_config=small,
+            )
+
+    return jax.jit(f)
 
 
-def bench_shape(model, name, m, k, n, groups, actives_at_max, impls, dense_tflops,
-                key, rows, failures, config=None, note="", transpose=None):
-  """Check, then time, one (m, k, n) for each G in groups (+ partial loads)."""
-  for g in groups:
-    tl, tr = transpose or (False, False)
-    ka, kb = jax.random.split(key)
-    a = jax.random.normal(ka, (g, k, m) if tl else (g, m, k), jnp.float32)
-    b = jax.random.normal(kb, (g, n, k) if tr else (g, k, n), jnp.float32)
-    a = a.astype(jnp.bfloat16)
-    b = (b / np.sqrt(k)).astype(jnp.bfloat16)
-    actives = sorted({g, *(a_ for a_ in actives_at_max if a_ < g)}) if g == max(
-        groups) else [g]
-    fns = {impl: _make_fn(impl, None if impl == "xla" else config, transpose)
-           for impl in impls}
-    shape_s = f"{m}x{k}x{n}"
-    ok = {}
-    for impl in impls:
-      if impl == "xla":
-        ok[impl] = True
-        continue
-      try:
-        for act in (g, max(1, g // 2)):
-          lo = (g - act) // 2
-          got = fns[impl](a, b, jnp.int32(lo), jnp.int32(lo + act))
-          want = fns["xla"](a, b, jnp.int32(lo), jnp.int32(lo + act))
-          err = _rel_err(got, want)
-          got32 = np.asarray(jnp.asarray(got, jnp.float32))
-          idle = np.concatenate([got32[:lo].ravel(), got32[lo + act:].ravel()])
-          if not (err <= 1e-2 and np.all(idle == 0)
-                  and np.all(np.isfinite(got32))):
-            raise AssertionError(
-                f"{impl} wrong: rel_err={err:.3g}, idle max"
-                f" {np.abs(idle).max() if idle.size else 0}")
-        ok[impl] = err
-      except Exception as e:  # keep going: report the failure
-        failures.append(f"{model} {name} {shape_s} G={g} {impl}: {e!r}"[:2000])
-        traceback.print_exc()
-        ok[impl] = None
-    for act in actives:
-      lo = jnp.int32((g - act) // 2)
-      hi = jnp.int32((g - act) // 2 + act)
-      flops = 2.0 * act * m * k * n
-      for impl in impls:
-        if ok[impl] is None:
-          continue
-        try:
-          sec = _time(fns[impl], a, b, lo, hi)
-        except Exception as e:
-          failures.append(f"time {model} {name} G={g} {impl}: {e!r}"[:2000])
-          continue
-        tf = flops / sec / 1e12
-        rows.append(Row(model, name, m, k, n, g, act, impl, sec, tf,
+def bench_shape(
+    model,
+    name,
+    m,
+    k,
+    n,
+    groups,
+    actives_at_max,
+    impls,
+    dense_tflops,
+    key,
+    rows,
+    failures,
+    config=None,
+    note="",
+    transpose=None,
+):
+    """Check, then time, one (m, k, n) for each G in groups (+ partial loads)."""
+    for g in groups:
+        tl, tr = transpose or (False, False)
+        ka, kb = jax.random.split(key)
+        a = jax.random.normal(ka, (g, k, m) if tl else (g, m, k), jnp.float32)
+        b = jax.random.normal(kb, (g, n, k) if tr else (g, k, n), jnp.float32)
+        a = a.astype(jnp.bfloat16)
+        b = (b / np.sqrt(k)).astype(jnp.bfloat16)
+        actives = sorted({g, *(a_ for a_ in actives_at_max if a_ < g)}) if g == max(groups) else [g]
+        fns = {impl: _make_fn(impl, None if impl == "xla" else config, transpose) for impl in impls}
+        shape_s = f"{m}x{k}x{n}"
+        ok = {}
+        for impl in impls:
+            if impl == "xla":
+                ok[impl] = True
+                continue
+            try:
+                for act in (g, max(1, g // 2)):
+                    lo = (g - act) // 2
+                    got = fns[impl](a, b, jnp.int32(lo), jnp.int32(lo + act))
+                    want = fns["xla"](a, b, jnp.int32(lo), jnp.int32(lo + act))
+                    err = _rel_err(got, want)
+                    got32 = np.asarray(jnp.asarray(got, jnp.float32))
+                    idle = np.concatenate([got32[:lo].ravel(), got32[lo + act :].ravel()])
+                    if not (err <= 1e-2 and np.all(idle == 0) and np.all(np.isfinite(got32))):
+                        raise AssertionError(
+                            f"{impl} wrong: rel_err={err:.3g}, idle max"
+                            f" {np.abs(idle).max() if idle.size else 0}"
+                        )
+                ok[impl] = err
+            except Exception as e:  # keep going: report the failure
+                failures.append(f"{model} {name} {shape_s} G={g} {impl}: {e!r}"[:2000])
+                traceback.print_exc()
+                ok[impl] = None
+        for act in actives:
+            lo = jnp.int32((g - act) // 2)
+            hi = jnp.int32((g - act) // 2 + act)
+            flops = 2.0 * act * m * k * n
+            for impl in impls:
+                if ok[impl] is None:
+                    continue
+                try:
+                    sec = _time(fns[impl], a, b, lo, hi)
+                except Exception as e:
+                    failures.append(f"time {model} {name} G={g} {impl}: {e!r}"[:2000])
+                    continue
+                tf = flops / sec / 1e12
+                rows.append(
+                    Row(
+                        model,
+                        name,
+                        m,
+                        k,
+                        n,
+                        g,
+                        act,
+                        impl,
+                        sec,
+                        tf,
                         tf / dense_tflops,
                         config="" if impl == "xla" else str(config or "auto"),
                         rel_err=None if impl == "xla" else ok[impl],
-                        note=note))
-        r = rows[-1]
-        print(f"  {model:3s} {name:8s} {shape_s:>16s} G={g:2d} act={act:2d}"
-              f" {impl:7s} {sec*1e3:8.3f} ms {tf:6.1f} TF/s"
-              f" {r.frac_of_dense:5.2f} dense {note}", flush=True)
-    del a, b
+                        note=note,
+                    )
+                )
+                r = rows[-1]
+                print(
+                    f"  {model:3s} {name:8s} {shape_s:>16s} G={g:2d} act={act:2d}"
+                    f" {impl:7s} {sec * 1e3:8.3f} ms {tf:6.1f} TF/s"
+                    f" {r.frac_of_dense:5.2f} dense {note}",
+                    flush=True,
+                )
+        del a, b
 
 
 SWEEP = [
     mgpu_kernel.TuningConfig(),  # 128x256 CTA, 4 stages
     mgpu_kernel.TuningConfig(max_concurrent_steps=3),
     mgpu_kernel.TuningConfig(tile_n=64, max_concurrent_steps=5),  # 128x128
-    mgpu_kernel.TuningConfig(grid_minor_dim=mgpu_kernel.MatmulDimension.M,
-                             grid_tile_width=4),
+    mgpu_kernel.TuningConfig(grid_minor_dim=mgpu_kernel.MatmulDimension.M, grid_tile_width=4),
     mgpu_kernel.TuningConfig(wg_dimension=mgpu_kernel.MatmulDimension.M),
 ]
 
 
 def markdown_sweep(rows):
-  lines = ["| shape | config | G | active | pallas TF/s | frac | xla TF/s |",
-           "|---|---|---|---|---|---|---|"]
-  xla = {(r.shape, r.G, r.active): r for r in rows
-         if r.impl == "xla" and r.note.startswith("sweep")}
-  sweep_shapes = {r.shape for r in rows if r.note.startswith("sweep")}
-  for r in rows:
-    if r.impl != "xla" and r.model == "1b" and r.note == "" and (
-        r.shape in sweep_shapes and r.G == 16):
-      r = dataclasses.replace(r, note="sweep default (select_configs)")
-    if r.impl != "xla" and r.note.startswith("sweep"):
-      x = xla.get((r.shape, r.G, r.active))
-      lines.append(f"| {r.shape} {r.m}x{r.k}x{r.n} | {r.note[6:]} | {r.G} |"
-                   f" {r.active} | {r.tflops:.0f} | {r.frac_of_dense:.2f} |"
-                   f" {x.tflops:.0f} |" if x else "")
-  return "\n".join(lines)
+    lines = [
+        "| shape | config | G | active | pallas TF/s | frac | xla TF/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    xla = {
+        (r.shape, r.G, r.active): r for r in rows if r.impl == "xla" and r.note.startswith("sweep")
+    }
+    sweep_shapes = {r.shape for r in rows if r.note.startswith("sweep")}
+    for r in rows:
+        if (
+            r.impl != "xla"
+            and r.model == "1b"
+            and r.note == ""
+            and (r.shape in sweep_shapes and r.G == 16)
+        ):
+            r = dataclasses.replace(r, note="sweep default (select_configs)")
+        if r.impl != "xla" and r.note.startswith("sweep"):
+            x = xla.get((r.shape, r.G, r.active))
+            lines.append(
+                f"| {r.shape} {r.m}x{r.k}x{r.n} | {r.note[6:]} | {r.G} |"
+                f" {r.active} | {r.tflops:.0f} | {r.frac_of_dense:.2f} |"
+                f" {x.tflops:.0f} |"
+                if x
+                else ""
+            )
+    return "\n".join(lines)
 
 
 def markdown(rows):
-  lines = ["| model | shape (m x k x n) | G | active | xla TF/s | xla frac |"
-           " pallas TF/s | pallas frac | pallas/xla |",
-           "|---|---|---|---|---|---|---|---|---|"]
-  key = lambda r: (r.model, r.shape, r.G, r.active, r.note)
-  by = {}
-  for r in rows:
-    if r.note.startswith("sweep"):
-      continue
-    by.setdefault(key(r), {})[r.impl] = r
-  for (model, shape, g, act, note), d in by.items():
-    x, p = d.get("xla"), d.get("pallas")
-    r0 = x or p
-    cell = lambda r: (f"{r.tflops:.0f}", f"{r.frac_of_dense:.2f}") if r else ("-", "-")
-    ratio = f"{p.tflops / x.tflops:.2f}" if (x and p) else "-"
-    lines.append(
-        f"| {model} | {shape}{(' ' + note) if note else ''} {r0.m}x{r0.k}x{r0.n}"
-        f" | {g} | {act} | {' | '.join(cell(x))} | {' | '.join(cell(p))} |"
-        f" {ratio} |")
-  return "\n".join(lines)
+    lines = [
+        "| model | shape (m x k x n) | G | active | xla TF/s | xla frac |"
+        " pallas TF/s | pallas frac | pallas/xla |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    key = lambda r: (r.model, r.shape, r.G, r.active, r.note)
+    by = {}
+    for r in rows:
+        if r.note.startswith("sweep"):
+            continue
+        by.setdefault(key(r), {})[r.impl] = r
+    for (model, shape, g, act, note), d in by.items():
+        x, p = d.get("xla"), d.get("pallas")
+        r0 = x or p
+        cell = lambda r: (f"{r.tflops:.0f}", f"{r.frac_of_dense:.2f}") if r else ("-", "-")
+        ratio = f"{p.tflops / x.tflops:.2f}" if (x and p) else "-"
+        lines.append(
+            f"| {model} | {shape}{(' ' + note) if note else ''} {r0.m}x{r0.k}x{r0.n}"
+            f" | {g} | {act} | {' | '.join(cell(x))} | {' | '.join(cell(p))} |"
+            f" {ratio} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--models", default="1b,3b,8b")
-  p.add_argument("--groups", default="1,2,4,8,16",
-                 help="G values timed at full load (1b; others: 1 and max)")
-  p.add_argument("--sweep", action="store_true",
-                 help="time the SWEEP configs on two 1b shapes")
-  p.add_argument("--bwd", action="store_true",
-                 help="time the backward products (dx, dw) for 1b shapes")
-  p.add_argument("--wide_only", action="store_true",
-                 help="also time the wide-tile kernel alone (no runtime choice"
-                 " of narrow tiles) on the 1b shapes, G=16, all loads")
-  p.add_argument("--big_groups", default="1,4,16",
-                 help="G values timed at full load for 3b/8b")
-  p.add_argument("--quick", action="store_true",
-                 help="3b/8b: only G=16 full and 4/16 active")
-  p.add_argument("--smoke", action="store_true",
-                 help="tiny shapes, impl=interpret, CPU: tests this script")
-  p.add_argument("--out", default=os.environ.get("OUT", "eval/results"))
-  p.add_argument("--budget_s", type=float, default=0,
-                 help="skip remaining shapes after this many seconds")
-  args = p.parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="1b,3b,8b")
+    p.add_argument(
+        "--groups", default="1,2,4,8,16", help="G values timed at full load (1b; others: 1 and max)"
+    )
+    p.add_argument("--sweep", action="store_true", help="time the SWEEP configs on two 1b shapes")
+    p.add_argument(
+        "--bwd", action="store_true", help="time the backward products (dx, dw) for 1b shapes"
+    )
+    p.add_argument(
+        "--wide_only",
+        action="store_true",
+        help="also time the wide-tile kernel alone (no runtime choice"
+        " of narrow tiles) on the 1b shapes, G=16, all loads",
+    )
+    p.add_argument("--big_groups", default="1,4,16", help="G values timed at full load for 3b/8b")
+    p.add_argument("--quick", action="store_true", help="3b/8b: only G=16 full and 4/16 active")
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny shapes, impl=interpret, CPU: tests this script"
+    )
+    p.add_argument("--out", default=os.environ.get("OUT", "eval/results"))
+    p.add_argument(
+        "--budget_s", type=float, default=0, help="skip remaining shapes after this many seconds"
+    )
+    args = p.parse_args(argv)
 
-  t_start = time.time()
-  dev = jax.devices()[0]
-  print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}",
-        flush=True)
-  rows: list[Row] = []
-  failures: list[str] = []
-  key = jax.random.key(int(time.time()))
+    t_start = time.time()
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}", flush=True)
+    rows: list[Row] = []
+    failures: list[str] = []
+    key = jax.random.key(int(time.time()))
 
-  if args.smoke:
-    dense_s, dense_flops = dense_seconds(256, jnp.float32)
-    impls = ("xla", "interpret")
-    models = {"smoke": [("a", 72, 128, 128)]}
-    groups = [1, 4]
-    actives = [1, 2]
-  else:
-    dense_s, dense_flops = dense_seconds()
-    impls = ("xla", "pallas")
-    models = {mname: MODELS[mname] for mname in args.models.split(",") if mname}
-    groups = [int(s) for s in args.groups.split(",")]
-    actives = [1, 2, 4, 8]
-  dense_tflops = dense_flops / dense_s / 1e12
-  print(f"dense {dense_flops/2:.3g}-FMA matmul: {dense_s*1e3:.3f} ms ="
-        f" {dense_tflops:.1f} TF/s", flush=True)
+    if args.smoke:
+        dense_s, dense_flops = dense_seconds(256, jnp.float32)
+        impls = ("xla", "interpret")
+        models = {"smoke": [("a", 72, 128, 128)]}
+        groups = [1, 4]
+        actives = [1, 2]
+    else:
+        dense_s, dense_flops = dense_seconds()
+        impls = ("xla", "pallas")
+        models = {mname: MODELS[mname] for mname in args.models.split(",") if mname}
+        groups = [int(s) for s in args.groups.split(",")]
+        actives = [1, 2, 4, 8]
+    dense_tflops = dense_flops / dense_s / 1e12
+    print(
+        f"dense {dense_flops / 2:.3g}-FMA matmul: {dense_s * 1e3:.3f} ms = {dense_tflops:.1f} TF/s",
+        flush=True,
+    )
 
-  def save():
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "grouped_matmul_h200.json")
-    result = {
-        "device": f"{dev.device_kind} ({dev.platform})",
-        "jax_version": jax.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "dense": {"size": 8192 if not args.smoke else 256, "seconds": dense_s,
-                  "tflops": dense_tflops},
-        "note": ("tflops = useful FLOP (2*active*m*k*n) / seconds; seconds ="
-                 " median over 7 batches of back-to-back calls; frac_of_dense"
-                 " = tflops / dense bf16 jnp.dot tflops of the same run;"
-                 " config 'auto' = kernels.grouped_matmul_mgpu.select_config;"
-                 " note dx/dw = backward products (transposed operand views)"),
-        "failures": failures,
-        "wall_seconds": time.time() - t_start,
-        "rows": [dataclasses.asdict(r) for r in rows],
-    }
-    with open(path, "w") as f:
-      json.dump(result, f, indent=1)
-    table = markdown(rows)
-    if any(r.note.startswith("sweep") for r in rows):
-      table += "\n\n" + markdown_sweep(rows)
-    with open(os.path.join(args.out, "grouped_matmul_h200.md"), "w") as f:
-      f.write(f"device {result['device']}, jax {jax.__version__},"
-              f" dense 8192^3 bf16 {dense_tflops:.0f} TF/s\n\n{table}\n")
-    return path, table
+    def save():
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "grouped_matmul_h200.json")
+        result = {
+            "device": f"{dev.device_kind} ({dev.platform})",
+            "jax_version": jax.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+            "dense": {
+                "size": 8192 if not args.smoke else 256,
+                "seconds": dense_s,
+                "tflops": dense_tflops,
+            },
+            "note": (
+                "tflops = useful FLOP (2*active*m*k*n) / seconds; seconds ="
+                " median over 7 batches of back-to-back calls; frac_of_dense"
+                " = tflops / dense bf16 jnp.dot tflops of the same run;"
+                " config 'auto' = kernels.grouped_matmul_mgpu.select_config;"
+                " note dx/dw = backward products (transposed operand views)"
+            ),
+            "failures": failures,
+            "wall_seconds": time.time() - t_start,
+            "rows": [dataclasses.asdict(r) for r in rows],
+        }
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        table = markdown(rows)
+        if any(r.note.startswith("sweep") for r in rows):
+            table += "\n\n" + markdown_sweep(rows)
+        with open(os.path.join(args.out, "grouped_matmul_h200.md"), "w") as f:
+            f.write(
+                f"device {result['device']}, jax {jax.__version__},"
+                f" dense 8192^3 bf16 {dense_tflops:.0f} TF/s\n\n{table}\n"
+            )
+        return path, table
 
-  todo = []  # (model, name, m, k, n, groups, actives, config, note, transpose)
-  for mname in [m_ for m_ in models if m_ in ("1b", "smoke")]:
-    for name, m, k, n in models[mname]:
-      todo.append((mname, name, m, k, n, groups, actives, None, "", None))
-  if args.sweep and not args.smoke:
-    for name, m, k, n in [MODELS["1b"][1], MODELS["1b"][2], MODELS["1b"][3]]:
-      for cfg in SWEEP[1:]:
-        tag = (f"tm{cfg.tile_m} tn{cfg.tile_n} s{cfg.max_concurrent_steps}"
-               f" wg{cfg.wg_dimension} gm{cfg.grid_minor_dim}"
-               f"{cfg.grid_tile_width}")
-        todo.append(("1b", name, m, k, n, [16], [4], cfg, "sweep " + tag, None))
-  if args.wide_only and not args.smoke:
-    for name, m, k, n in MODELS["1b"]:
-      todo.append(("1b", name, m, k, n, [16], actives, SWEEP[0],
-                   "sweep wide only (128x256, 4 stages)", None))
-  if args.bwd and not args.smoke:
-    # dx[G,m,k] = dy[G,m,n] @ w[G,k,n]^T: product (m, n, k), w read transposed
-    # dw[G,k,n] = x[G,m,k]^T @ dy[G,m,n]: product (k, m, n), x read transposed
-    for name, m, k, n in MODELS["1b"]:
-      todo.append(("1b", name, m, n, k, [16], [4], None, "dx", (False, True)))
-      todo.append(("1b", name, k, m, n, [16], [4], None, "dw", (True, False)))
-  for mname in [m_ for m_ in models if m_ not in ("1b", "smoke")]:
-    for name, m, k, n in models[mname]:
-      gs = ([max(groups)] if args.quick
-            else [int(v) for v in args.big_groups.split(",")])
-      todo.append((mname, name, m, k, n, gs, [4], None, "", None))
+    todo = []  # (model, name, m, k, n, groups, actives, config, note, transpose)
+    for mname in [m_ for m_ in models if m_ in ("1b", "smoke")]:
+        for name, m, k, n in models[mname]:
+            todo.append((mname, name, m, k, n, groups, actives, None, "", None))
+    if args.sweep and not args.smoke:
+        for name, m, k, n in [MODELS["1b"][1], MODELS["1b"][2], MODELS["1b"][3]]:
+            for cfg in SWEEP[1:]:
+                tag = (
+                    f"tm{cfg.tile_m} tn{cfg.tile_n} s{cfg.max_concurrent_steps}"
+                    f" wg{cfg.wg_dimension} gm{cfg.grid_minor_dim}"
+                    f"{cfg.grid_tile_width}"
+                )
+                todo.append(("1b", name, m, k, n, [16], [4], cfg, "sweep " + tag, None))
+    if args.wide_only and not args.smoke:
+        for name, m, k, n in MODELS["1b"]:
+            todo.append(
+                (
+                    "1b",
+                    name,
+                    m,
+                    k,
+                    n,
+                    [16],
+                    actives,
+                    SWEEP[0],
+                    "sweep wide only (128x256, 4 stages)",
+                    None,
+                )
+            )
+    if args.bwd and not args.smoke:
+        # dx[G,m,k] = dy[G,m,n] @ w[G,k,n]^T: product (m, n, k), w read transposed
+        # dw[G,k,n] = x[G,m,k]^T @ dy[G,m,n]: product (k, m, n), x read transposed
+        for name, m, k, n in MODELS["1b"]:
+            todo.append(("1b", name, m, n, k, [16], [4], None, "dx", (False, True)))
+            todo.append(("1b", name, k, m, n, [16], [4], None, "dw", (True, False)))
+    for mname in [m_ for m_ in models if m_ not in ("1b", "smoke")]:
+        for name, m, k, n in models[mname]:
+            gs = [max(groups)] if args.quick else [int(v) for v in args.big_groups.split(",")]
+            todo.append((mname, name, m, k, n, gs, [4], None, "", None))
 
-  for (mname, name, m, k, n, gs, acts, cfg, note, tr) in todo:
-    if args.budget_s and time.time() - t_start > args.budget_s:
-      failures.append(f"skipped (time budget): {mname} {name} {note}")
-      continue
-    key, sub = jax.random.split(key)
-    bench_shape(mname, name, m, k, n, gs, acts,
-                impls if not note.startswith("sweep") else ("xla", "pallas"),
-                dense_tflops, sub, rows, failures, config=cfg, note=note,
-                transpose=tr)
-    save()
+    for mname, name, m, k, n, gs, acts, cfg, note, tr in todo:
+        if args.budget_s and time.time() - t_start > args.budget_s:
+            failures.append(f"skipped (time budget): {mname} {name} {note}")
+            continue
+        key, sub = jax.random.split(key)
+        bench_shape(
+            mname,
+            name,
+            m,
+            k,
+            n,
+            gs,
+            acts,
+            impls if not note.startswith("sweep") else ("xla", "pallas"),
+            dense_tflops,
+            sub,
+            rows,
+            failures,
+            config=cfg,
+            note=note,
+            transpose=tr,
+        )
+        save()
 
-  path, table = save()
-  print(table)
-  if failures:
-    print("FAILURES:\n" + "\n".join(failures))
-  print(f"wrote {path} in {time.time() - t_start:.0f} s")
-  return 1 if failures else 0
+    path, table = save()
+    print(table)
+    if failures:
+        print("FAILURES:\n" + "\n".join(failures))
+    print(f"wrote {path} in {time.time() - t_start:.0f} s")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

@@ -50,81 +50,98 @@ _SMEM_BYTES = 227 * 1024  # Hopper's per-block dynamic shared memory limit.
 
 
 class MatmulDimension(enum.IntEnum):
-  M = 0
-  N = 1
+    M = 0
+    N = 1
 
-  def __str__(self):
-    return self.name
+    def __str__(self):
+        return self.name
 
-  __repr__ = __str__
+    __repr__ = __str__
 
 
 @dataclasses.dataclass(frozen=True)
 class TuningConfig:
-  """Block sizes and schedule of the Hopper grouped matmul.
+    """Block sizes and schedule of the Hopper grouped matmul.
 
-  tile_m x tile_n is the tile of ONE compute warpgroup; the CTA tile is twice
-  as large along ``wg_dimension`` (two compute warpgroups).
-  """
+    tile_m x tile_n is the tile of ONE compute warpgroup; the CTA tile is twice
+    as large along ``wg_dimension`` (two compute warpgroups).
+    """
 
-  tile_m: int = 128
-  tile_n: int = 128
-  tile_k: int = 64
-  max_concurrent_steps: int = 4
-  epi_tile_m: int = 64
-  epi_tile_n: int = 64
-  grid_minor_dim: MatmulDimension = MatmulDimension.N
-  grid_tile_width: int = 1
-  wg_dimension: MatmulDimension = MatmulDimension.N
+    tile_m: int = 128
+    tile_n: int = 128
+    tile_k: int = 64
+    max_concurrent_steps: int = 4
+    epi_tile_m: int = 64
+    epi_tile_n: int = 64
+    grid_minor_dim: MatmulDimension = MatmulDimension.N
+    grid_tile_width: int = 1
+    wg_dimension: MatmulDimension = MatmulDimension.N
 
-  @property
-  def cta_tile_m(self) -> int:
-    return self.tile_m * (1 + (self.wg_dimension == MatmulDimension.M))
+    @property
+    def cta_tile_m(self) -> int:
+        return self.tile_m * (1 + (self.wg_dimension == MatmulDimension.M))
 
-  @property
-  def cta_tile_n(self) -> int:
-    return self.tile_n * (1 + (self.wg_dimension == MatmulDimension.N))
+    @property
+    def cta_tile_n(self) -> int:
+        return self.tile_n * (1 + (self.wg_dimension == MatmulDimension.N))
 
-  def smem_bytes(self, in_itemsize: int, out_itemsize: int) -> int:
-    pipe = self.max_concurrent_steps * self.tile_k * (
-        self.cta_tile_m + self.cta_tile_n) * in_itemsize
-    out = 2 * 2 * self.epi_tile_m * self.epi_tile_n * out_itemsize
-    return pipe + out + 1024  # barriers and alignment slack
+    def smem_bytes(self, in_itemsize: int, out_itemsize: int) -> int:
+        pipe = (
+            self.max_concurrent_steps
+            * self.tile_k
+            * (self.cta_tile_m + self.cta_tile_n)
+            * in_itemsize
+        )
+        out = 2 * 2 * self.epi_tile_m * self.epi_tile_n * out_itemsize
+        return pipe + out + 1024  # barriers and alignment slack
 
 
 DEFAULT_CONFIG = TuningConfig()  # CTA tile 128 x 256, 4 stages
 NARROW_CONFIG = TuningConfig(tile_n=64, max_concurrent_steps=5)  # 128 x 128
 
 
-def select_config(num_groups: int, m: int, k: int, n: int, *,
-                  transpose_lhs: bool = False,
-                  transpose_rhs: bool = False,
-                  dtype=jnp.bfloat16) -> TuningConfig:
-  """Block sizes for one problem (G, M, K, N) on an H100/H200."""
-  return select_configs(num_groups, m, k, n, transpose_lhs=transpose_lhs,
-                        transpose_rhs=transpose_rhs, dtype=dtype)[0]
+def select_config(
+    num_groups: int,
+    m: int,
+    k: int,
+    n: int,
+    *,
+    transpose_lhs: bool = False,
+    transpose_rhs: bool = False,
+    dtype=jnp.bfloat16,
+) -> TuningConfig:
+    """Block sizes for one problem (G, M, K, N) on an H100/H200."""
+    return select_configs(
+        num_groups, m, k, n, transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs, dtype=dtype
+    )[0]
 
 
-def select_configs(num_groups: int, m: int, k: int, n: int, *,
-                   transpose_lhs: bool = False,
-                   transpose_rhs: bool = False,
-                   dtype=jnp.bfloat16) -> tuple[TuningConfig, TuningConfig | None]:
-  """(config, optional narrow config for a run-time choice; None here).
+def select_configs(
+    num_groups: int,
+    m: int,
+    k: int,
+    n: int,
+    *,
+    transpose_lhs: bool = False,
+    transpose_rhs: bool = False,
+    dtype=jnp.bfloat16,
+) -> tuple[TuningConfig, TuningConfig | None]:
+    """(config, optional narrow config for a run-time choice; None here).
 
-  Measured on an H200 (eval/results/grouped_matmul_h200*): 128 x 256 CTA
-  tiles with 4 stages are the best single choice for every Llama-1B/3B/8B
-  diagonal shape at full load (0.85-0.96 of a dense 8192^3 matmul); 3 vs 4
-  stages, a 128 x 128 tile, a 256 x 128 tile and other grid orders were within
-  noise or slower. Compiling a narrow 128 x 128 kernel next to it and picking
-  one with ``lax.cond`` on the active count (``small_config``) was measured
-  too and is off: the GPU conditional costs a device-to-host sync per call
-  (1b o-proj, 1 of 16 groups active: 51 TF/s with it, 191 without), more than
-  the better wave quantisation gains.
-  """
-  del num_groups, m, k, transpose_lhs, transpose_rhs, dtype
-  if n % DEFAULT_CONFIG.cta_tile_n and n % NARROW_CONFIG.cta_tile_n == 0:
-    return NARROW_CONFIG, None
-  return DEFAULT_CONFIG, None
+    Measured on an H200 (eval/results/grouped_matmul_h200*): 128 x 256 CTA
+    tiles with 4 stages are the best single choice for every Llama-1B/3B/8B
+    diagonal shape at full load (0.85-0.96 of a dense 8192^3 matmul); 3 vs 4
+    stages, a 128 x 128 tile, a 256 x 128 tile and other grid orders were within
+    noise or slower. Compiling a narrow 128 x 128 kernel next to it and picking
+    one with ``lax.cond`` on the active count (``small_config``) was measured
+    too and is off: the GPU conditional costs a device-to-host sync per call
+    (1b o-proj, 1 of 16 groups active: 51 TF/s with it, 191 without), more than
+    the better wave quantisation gains.
+    """
+    del num_groups, m, k, transpose_lhs, transpose_rhs, dtype
+    if n % DEFAULT_CONFIG.cta_tile_n and n % NARROW_CONFIG.cta_tile_n == 0:
+        return NARROW_CONFIG, None
+    return DEFAULT_CONFIG, None
 
 
 # Relative cost of a unit of work in narrow tiles (128 x 128) vs wide tiles
@@ -132,319 +149,367 @@ def select_configs(num_groups: int, m: int, k: int, n: int, *,
 _NARROW_COST = 1.1
 
 
-def _per_sm_cost(config: TuningConfig, num_active, m: int, n: int,
-                 num_sms: int, unit_cost: float):
-  """Work of the busiest SM in the persistent loop (tile area x tiles)."""
-  tiles = pl.cdiv(m, config.cta_tile_m) * pl.cdiv(n, config.cta_tile_n)
-  per_sm = (num_active * tiles + num_sms - 1) // num_sms
-  return per_sm.astype(jnp.float32) * (
-      config.cta_tile_m * config.cta_tile_n * unit_cost)
+def _per_sm_cost(config: TuningConfig, num_active, m: int, n: int, num_sms: int, unit_cost: float):
+    """Work of the busiest SM in the persistent loop (tile area x tiles)."""
+    tiles = pl.cdiv(m, config.cta_tile_m) * pl.cdiv(n, config.cta_tile_n)
+    per_sm = (num_active * tiles + num_sms - 1) // num_sms
+    return per_sm.astype(jnp.float32) * (config.cta_tile_m * config.cta_tile_n * unit_cost)
 
 
 def problem_dims(a_shape, b_shape, transpose_lhs, transpose_rhs):
-  """(G, M, K, N) of the product described by the stored operand shapes."""
-  g, a0, a1 = a_shape
-  g2, b0, b1 = b_shape
-  m, k = (a1, a0) if transpose_lhs else (a0, a1)
-  k2, n = (b1, b0) if transpose_rhs else (b0, b1)
-  if g != g2 or k != k2:
-    raise ValueError(
-        f"grouped matmul: incompatible operand shapes {tuple(a_shape)} and"
-        f" {tuple(b_shape)} ({transpose_lhs=}, {transpose_rhs=})")
-  return g, m, k, n
+    """(G, M, K, N) of the product described by the stored operand shapes."""
+    g, a0, a1 = a_shape
+    g2, b0, b1 = b_shape
+    m, k = (a1, a0) if transpose_lhs else (a0, a1)
+    k2, n = (b1, b0) if transpose_rhs else (b0, b1)
+    if g != g2 or k != k2:
+        raise ValueError(
+            f"grouped matmul: incompatible operand shapes {tuple(a_shape)} and"
+            f" {tuple(b_shape)} ({transpose_lhs=}, {transpose_rhs=})"
+        )
+    return g, m, k, n
 
 
-def unsupported_reason(a_shape, b_shape, dtype, out_dtype, *,
-                       transpose_lhs=False, transpose_rhs=False,
-                       config: TuningConfig = DEFAULT_CONFIG,
-                       interpret: bool = False) -> str | None:
-  """Why the Mosaic GPU kernel cannot serve this problem well (None: it can).
+def unsupported_reason(
+    a_shape,
+    b_shape,
+    dtype,
+    out_dtype,
+    *,
+    transpose_lhs=False,
+    transpose_rhs=False,
+    config: TuningConfig = DEFAULT_CONFIG,
+    interpret: bool = False,
+) -> str | None:
+    """Why the Mosaic GPU kernel cannot serve this problem well (None: it can).
 
-  float32 is accepted only in interpret mode (tests of the tiling logic).
-  """
-  dtype = jnp.dtype(dtype)
-  out_dtype = jnp.dtype(out_dtype)
-  if dtype == jnp.dtype(jnp.float32) and not interpret:
-    # wgmma reads float32 as TF32 and only K-major: not a float32 matmul.
-    return "float32 inputs (the GPU kernel takes bfloat16/float16)"
-  if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
-                   jnp.dtype(jnp.float32)):
-    return f"input dtype {dtype} (kernel takes bfloat16/float16)"
-  if out_dtype != dtype:
-    return f"output dtype {out_dtype} != input dtype {dtype}"
-  g, m, k, n = problem_dims(a_shape, b_shape, transpose_lhs, transpose_rhs)
-  c = config
-  # Minor (contiguous) dims are tiled by the 128-byte swizzle (64 elements),
-  # major dims by 8 rows; TMA handles the ragged remainder of major dims.
-  minor_a, major_a = (m, k) if transpose_lhs else (k, m)
-  minor_b, major_b = (k, n) if transpose_rhs else (n, k)
-  if minor_a % c.tile_k or minor_b % c.tile_k or minor_a < c.tile_k:
-    return (f"minor dims {minor_a}, {minor_b} not multiples of {c.tile_k}")
-  if major_a % 8 or major_b % 8:
-    return f"major dims {major_a}, {major_b} not multiples of 8"
-  if n % c.cta_tile_n or m % 8:
-    return f"n={n} not a multiple of {c.cta_tile_n} or m={m} not of 8"
-  if m < c.cta_tile_m // 2 or n < c.cta_tile_n:
-    return f"m={m}, n={n} too small for the tile"
-  if c.smem_bytes(dtype.itemsize, out_dtype.itemsize) > _SMEM_BYTES:
-    return "config exceeds shared memory"
-  return None
+    float32 is accepted only in interpret mode (tests of the tiling logic).
+    """
+    dtype = jnp.dtype(dtype)
+    out_dtype = jnp.dtype(out_dtype)
+    if dtype == jnp.dtype(jnp.float32) and not interpret:
+        # wgmma reads float32 as TF32 and only K-major: not a float32 matmul.
+        return "float32 inputs (the GPU kernel takes bfloat16/float16)"
+    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
+        return f"input dtype {dtype} (kernel takes bfloat16/float16)"
+    if out_dtype != dtype:
+        return f"output dtype {out_dtype} != input dtype {dtype}"
+    g, m, k, n = problem_dims(a_shape, b_shape, transpose_lhs, transpose_rhs)
+    c = config
+    # Minor (contiguous) dims are tiled by the 128-byte swizzle (64 elements),
+    # major dims by 8 rows; TMA handles the ragged remainder of major dims.
+    minor_a, major_a = (m, k) if transpose_lhs else (k, m)
+    minor_b, major_b = (k, n) if transpose_rhs else (n, k)
+    if minor_a % c.tile_k or minor_b % c.tile_k or minor_a < c.tile_k:
+        return f"minor dims {minor_a}, {minor_b} not multiples of {c.tile_k}"
+    if major_a % 8 or major_b % 8:
+        return f"major dims {major_a}, {major_b} not multiples of 8"
+    if n % c.cta_tile_n or m % 8:
+        return f"n={n} not a multiple of {c.cta_tile_n} or m={m} not of 8"
+    if m < c.cta_tile_m // 2 or n < c.cta_tile_n:
+        return f"m={m}, n={n} too small for the tile"
+    if c.smem_bytes(dtype.itemsize, out_dtype.itemsize) > _SMEM_BYTES:
+        return "config exceeds shared memory"
+    return None
 
 
-def _kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig,
-            dims, transpose_lhs: bool, transpose_rhs: bool):
-  num_groups, m, k, n = dims
-  dtype = a_gmem.dtype
-  out_dtype = out_gmem.dtype
-  c = config
-  tile_m, tile_n, tile_k = c.tile_m, c.tile_n, c.tile_k
-  cta_tile_m, cta_tile_n = c.cta_tile_m, c.cta_tile_n
-  m_iters = pl.cdiv(m, cta_tile_m)
-  n_iters = pl.cdiv(n, cta_tile_n)
-  k_iters = pl.cdiv(k, tile_k)
-  tiles_per_group = m_iters * n_iters
+def _kernel(
+    bounds_gmem,
+    a_gmem,
+    b_gmem,
+    out_gmem,
+    *,
+    config: TuningConfig,
+    dims,
+    transpose_lhs: bool,
+    transpose_rhs: bool,
+):
+    num_groups, m, k, n = dims
+    dtype = a_gmem.dtype
+    out_dtype = out_gmem.dtype
+    c = config
+    tile_m, tile_n, tile_k = c.tile_m, c.tile_n, c.tile_k
+    cta_tile_m, cta_tile_n = c.cta_tile_m, c.cta_tile_n
+    m_iters = pl.cdiv(m, cta_tile_m)
+    n_iters = pl.cdiv(n, cta_tile_n)
+    k_iters = pl.cdiv(k, tile_k)
+    tiles_per_group = m_iters * n_iters
 
-  def smem_transforms(minor_elems):
-    swizzle = plgpu.find_swizzle(minor_elems * jnp.dtype(dtype).itemsize * 8)
-    swizzle_elems = swizzle // jnp.dtype(dtype).itemsize
-    return (plgpu.TilingTransform((8, swizzle_elems)),
-            plgpu.SwizzleTransform(swizzle))
+    def smem_transforms(minor_elems):
+        swizzle = plgpu.find_swizzle(minor_elems * jnp.dtype(dtype).itemsize * 8)
+        swizzle_elems = swizzle // jnp.dtype(dtype).itemsize
+        return (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(swizzle))
 
-  if transpose_lhs:  # A[g] stored (K, M)
-    a_block, a_map = (tile_k, cta_tile_m), (lambda kk: (kk, 0))
-    a_tr = smem_transforms(cta_tile_m)
-  else:  # A[g] stored (M, K)
-    a_block, a_map = (cta_tile_m, tile_k), (lambda kk: (0, kk))
-    a_tr = smem_transforms(tile_k)
-  if transpose_rhs:  # B[g] stored (N, K)
-    b_block, b_map = (cta_tile_n, tile_k), (lambda kk: (0, kk))
-    b_tr = smem_transforms(tile_k)
-  else:  # B[g] stored (K, N)
-    b_block, b_map = (tile_k, cta_tile_n), (lambda kk: (kk, 0))
-    b_tr = smem_transforms(cta_tile_n)
+    if transpose_lhs:  # A[g] stored (K, M)
+        a_block, a_map = (tile_k, cta_tile_m), (lambda kk: (kk, 0))
+        a_tr = smem_transforms(cta_tile_m)
+    else:  # A[g] stored (M, K)
+        a_block, a_map = (cta_tile_m, tile_k), (lambda kk: (0, kk))
+        a_tr = smem_transforms(tile_k)
+    if transpose_rhs:  # B[g] stored (N, K)
+        b_block, b_map = (cta_tile_n, tile_k), (lambda kk: (0, kk))
+        b_tr = smem_transforms(tile_k)
+    else:  # B[g] stored (K, N)
+        b_block, b_map = (tile_k, cta_tile_n), (lambda kk: (kk, 0))
+        b_tr = smem_transforms(cta_tile_n)
 
-  epi_tile_m, epi_tile_n = c.epi_tile_m, c.epi_tile_n
-  num_out_slots = min(2, (tile_m * tile_n) // (epi_tile_m * epi_tile_n))
-  out_swizzle = plgpu.find_swizzle(epi_tile_n * jnp.dtype(out_dtype).itemsize * 8)
-  out_swizzle_elems = out_swizzle // jnp.dtype(out_dtype).itemsize
-  out_transforms = (plgpu.TilingTransform((8, out_swizzle_elems)),
-                    plgpu.SwizzleTransform(out_swizzle))
-
-  def get_pipeline(pipeline_body, compute_context):
-    return plgpu.emit_pipeline_warp_specialized(
-        pipeline_body,
-        grid=(k_iters,),
-        memory_registers=40,
-        in_specs=[
-            plgpu.BlockSpec(a_block, a_map, transforms=a_tr,
-                            memory_space=plgpu.SMEM),
-            plgpu.BlockSpec(b_block, b_map, transforms=b_tr,
-                            memory_space=plgpu.SMEM),
-        ],
-        wg_axis="wg",
-        num_compute_wgs=2,
-        max_concurrent_steps=c.max_concurrent_steps,
-        compute_context=compute_context,
+    epi_tile_m, epi_tile_n = c.epi_tile_m, c.epi_tile_n
+    num_out_slots = min(2, (tile_m * tile_n) // (epi_tile_m * epi_tile_n))
+    out_swizzle = plgpu.find_swizzle(epi_tile_n * jnp.dtype(out_dtype).itemsize * 8)
+    out_swizzle_elems = out_swizzle // jnp.dtype(out_dtype).itemsize
+    out_transforms = (
+        plgpu.TilingTransform((8, out_swizzle_elems)),
+        plgpu.SwizzleTransform(out_swizzle),
     )
 
-  def a_group(g, m_slice):
-    if transpose_lhs:
-      return a_gmem.at[g, :, m_slice]
-    return a_gmem.at[g, m_slice, :]
+    def get_pipeline(pipeline_body, compute_context):
+        return plgpu.emit_pipeline_warp_specialized(
+            pipeline_body,
+            grid=(k_iters,),
+            memory_registers=40,
+            in_specs=[
+                plgpu.BlockSpec(a_block, a_map, transforms=a_tr, memory_space=plgpu.SMEM),
+                plgpu.BlockSpec(b_block, b_map, transforms=b_tr, memory_space=plgpu.SMEM),
+            ],
+            wg_axis="wg",
+            num_compute_wgs=2,
+            max_concurrent_steps=c.max_concurrent_steps,
+            compute_context=compute_context,
+        )
 
-  def b_group(g, n_slice):
-    if transpose_rhs:
-      return b_gmem.at[g, n_slice, :]
-    return b_gmem.at[g, :, n_slice]
-
-  ignore = lambda *_, **__: None
-  dummy_a = a_group(0, pl.ds(0, cta_tile_m))
-  dummy_b = b_group(0, pl.ds(0, cta_tile_n))
-
-  @functools.partial(
-      pl.run_scoped,
-      pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(
-          dummy_a, dummy_b),
-      out_smem=plgpu.SMEM((2, num_out_slots, epi_tile_m, epi_tile_n),
-                          out_dtype, transforms=out_transforms),
-      collective_axes="wg",
-  )
-  def _scope(pipeline_allocs, out_smem):
-    wg_idx = lax.axis_index("wg")
-    lo = jnp.clip(bounds_gmem[0], 0, num_groups)
-    hi = jnp.clip(bounds_gmem[1], lo, num_groups)
-    num_active = hi - lo
-
-    if c.wg_dimension == MatmulDimension.M:
-      wg_m_slice = pl.ds(wg_idx * tile_m, tile_m)
-      wg_n_slice = slice(None)
-    else:
-      wg_m_slice = slice(None)
-      wg_n_slice = pl.ds(wg_idx * tile_n, tile_n)
-
-    def tile_coords(lin_idx):
-      g_ord = lax.div(lin_idx, jnp.int32(tiles_per_group))
-      rem = lax.rem(lin_idx, jnp.int32(tiles_per_group))
-      m_idx, n_idx = plgpu.planar_snake(
-          rem, (m_iters, n_iters), c.grid_minor_dim, c.grid_tile_width)
-      return g_ord, m_idx, n_idx
-
-    def out_epi_slices(g, m_idx, n_idx, epi_mi, epi_ni):
-      return (out_gmem.at[g]
-              .at[pl.ds(m_idx * cta_tile_m, cta_tile_m),
-                  pl.ds(n_idx * cta_tile_n, cta_tile_n)]
-              .at[wg_m_slice, wg_n_slice]
-              .at[pl.ds(epi_mi * epi_tile_m, epi_tile_m),
-                  pl.ds(epi_ni * epi_tile_n, epi_tile_n)])
-
-    # ---- matmul tiles of the active groups --------------------------------
-    @plgpu.nd_loop((num_active * tiles_per_group,), collective_axes="sm")
-    def _mm_loop(loop_info: plgpu.NDLoopInfo):
-      (lin_idx,) = loop_info.index
-      g_ord, m_idx, n_idx = tile_coords(lin_idx)
-      g = lo + g_ord
-      cta_m_slice = pl.ds(m_idx * cta_tile_m, cta_tile_m)
-      cta_n_slice = pl.ds(n_idx * cta_tile_n, cta_tile_n)
-
-      def compute_context(eval_pipeline):
-        @functools.partial(
-            pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
-        def _acc_scope(acc_ref):
-          eval_pipeline(acc_ref)
-          acc = acc_ref[...].astype(out_dtype)
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          for epi_mi in range(tile_m // epi_tile_m):
-            for epi_ni in range(tile_n // epi_tile_n):
-              epi_m = slice(epi_mi * epi_tile_m, (epi_mi + 1) * epi_tile_m)
-              epi_n = slice(epi_ni * epi_tile_n, (epi_ni + 1) * epi_tile_n)
-              slot = (epi_mi * (tile_n // epi_tile_n) + epi_ni) % num_out_slots
-              plgpu.wait_smem_to_gmem(num_out_slots - 1, wait_read_only=True)
-              out_smem[wg_idx, slot] = acc[epi_m, epi_n]
-              plgpu.commit_smem()
-              plgpu.copy_smem_to_gmem(
-                  out_smem.at[wg_idx, slot],
-                  out_epi_slices(g, m_idx, n_idx, epi_mi, epi_ni))
-
-      def mma_body(_, a_smem, b_smem, acc_ref):
+    def a_group(g, m_slice):
         if transpose_lhs:
-          a_op = a_smem.at[:, wg_m_slice].transpose((1, 0))
-        else:
-          a_op = a_smem.at[wg_m_slice]
+            return a_gmem.at[g, :, m_slice]
+        return a_gmem.at[g, m_slice, :]
+
+    def b_group(g, n_slice):
         if transpose_rhs:
-          b_op = b_smem.at[wg_n_slice, :].transpose((1, 0))
+            return b_gmem.at[g, n_slice, :]
+        return b_gmem.at[g, :, n_slice]
+
+    ignore = lambda *_, **__: None
+    dummy_a = a_group(0, pl.ds(0, cta_tile_m))
+    dummy_b = b_group(0, pl.ds(0, cta_tile_n))
+
+    @functools.partial(
+        pl.run_scoped,
+        pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(dummy_a, dummy_b),
+        out_smem=plgpu.SMEM(
+            (2, num_out_slots, epi_tile_m, epi_tile_n), out_dtype, transforms=out_transforms
+        ),
+        collective_axes="wg",
+    )
+    def _scope(pipeline_allocs, out_smem):
+        wg_idx = lax.axis_index("wg")
+        lo = jnp.clip(bounds_gmem[0], 0, num_groups)
+        hi = jnp.clip(bounds_gmem[1], lo, num_groups)
+        num_active = hi - lo
+
+        if c.wg_dimension == MatmulDimension.M:
+            wg_m_slice = pl.ds(wg_idx * tile_m, tile_m)
+            wg_n_slice = slice(None)
         else:
-          b_op = b_smem.at[:, wg_n_slice]
-        plgpu.wgmma(acc_ref, a_op, b_op)
-        plgpu.wgmma_wait(0)
-        return acc_ref
+            wg_m_slice = slice(None)
+            wg_n_slice = pl.ds(wg_idx * tile_n, tile_n)
 
-      get_pipeline(mma_body, compute_context)(
-          a_group(g, cta_m_slice), b_group(g, cta_n_slice),
-          allocations=pipeline_allocs)
+        def tile_coords(lin_idx):
+            g_ord = lax.div(lin_idx, jnp.int32(tiles_per_group))
+            rem = lax.rem(lin_idx, jnp.int32(tiles_per_group))
+            m_idx, n_idx = plgpu.planar_snake(
+                rem, (m_iters, n_iters), c.grid_minor_dim, c.grid_tile_width
+            )
+            return g_ord, m_idx, n_idx
 
-    # ---- zero tiles of the idle groups ------------------------------------
-    # Continue the round-robin where the matmul tiles stopped, so the SMs that
-    # got one tile fewer take the first zero tiles.
-    num_mm = num_active * tiles_per_group
-    num_zero = (num_groups - num_active) * tiles_per_group
+        def out_epi_slices(g, m_idx, n_idx, epi_mi, epi_ni):
+            return (
+                out_gmem.at[g]
+                .at[pl.ds(m_idx * cta_tile_m, cta_tile_m), pl.ds(n_idx * cta_tile_n, cta_tile_n)]
+                .at[wg_m_slice, wg_n_slice]
+                .at[pl.ds(epi_mi * epi_tile_m, epi_tile_m), pl.ds(epi_ni * epi_tile_n, epi_tile_n)]
+            )
 
-    @pl.when(wg_idx < 2)
-    def _zero_phase():
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      out_smem[wg_idx, 0] = jnp.zeros((epi_tile_m, epi_tile_n), out_dtype)
-      plgpu.commit_smem()
-      sm = lax.axis_index("sm")
-      num_sms = lax.axis_size("sm")
-      first = lax.rem(sm - lax.rem(num_mm, num_sms) + num_sms, num_sms)
-      count = jnp.maximum(num_zero - first + num_sms - 1, 0) // num_sms
+        # ---- matmul tiles of the active groups --------------------------------
+        @plgpu.nd_loop((num_active * tiles_per_group,), collective_axes="sm")
+        def _mm_loop(loop_info: plgpu.NDLoopInfo):
+            (lin_idx,) = loop_info.index
+            g_ord, m_idx, n_idx = tile_coords(lin_idx)
+            g = lo + g_ord
+            cta_m_slice = pl.ds(m_idx * cta_tile_m, cta_tile_m)
+            cta_n_slice = pl.ds(n_idx * cta_tile_n, cta_tile_n)
 
-      @pl.loop(0, count)
-      def _zero_loop(i):
-        z = first + i * num_sms
-        q, m_idx, n_idx = tile_coords(z)
-        g = jnp.where(q < lo, q, q + num_active)
-        for epi_mi in range(tile_m // epi_tile_m):
-          for epi_ni in range(tile_n // epi_tile_n):
-            plgpu.copy_smem_to_gmem(
-                out_smem.at[wg_idx, 0],
-                out_epi_slices(g, m_idx, n_idx, epi_mi, epi_ni))
+            def compute_context(eval_pipeline):
+                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
+                def _acc_scope(acc_ref):
+                    eval_pipeline(acc_ref)
+                    acc = acc_ref[...].astype(out_dtype)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    for epi_mi in range(tile_m // epi_tile_m):
+                        for epi_ni in range(tile_n // epi_tile_n):
+                            epi_m = slice(epi_mi * epi_tile_m, (epi_mi + 1) * epi_tile_m)
+                            epi_n = slice(epi_ni * epi_tile_n, (epi_ni + 1) * epi_tile_n)
+                            slot = (epi_mi * (tile_n // epi_tile_n) + epi_ni) % num_out_slots
+                            plgpu.wait_smem_to_gmem(num_out_slots - 1, wait_read_only=True)
+                            out_smem[wg_idx, slot] = acc[epi_m, epi_n]
+                            plgpu.commit_smem()
+                            plgpu.copy_smem_to_gmem(
+                                out_smem.at[wg_idx, slot],
+                                out_epi_slices(g, m_idx, n_idx, epi_mi, epi_ni),
+                            )
 
-  # Await all transfers before we exit.
-  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            def mma_body(_, a_smem, b_smem, acc_ref):
+                if transpose_lhs:
+                    a_op = a_smem.at[:, wg_m_slice].transpose((1, 0))
+                else:
+                    a_op = a_smem.at[wg_m_slice]
+                if transpose_rhs:
+                    b_op = b_smem.at[wg_n_slice, :].transpose((1, 0))
+                else:
+                    b_op = b_smem.at[:, wg_n_slice]
+                plgpu.wgmma(acc_ref, a_op, b_op)
+                plgpu.wgmma_wait(0)
+                return acc_ref
+
+            get_pipeline(mma_body, compute_context)(
+                a_group(g, cta_m_slice), b_group(g, cta_n_slice), allocations=pipeline_allocs
+            )
+
+        # ---- zero tiles of the idle groups ------------------------------------
+        # Continue the round-robin where the matmul tiles stopped, so the SMs that
+        # got one tile fewer take the first zero tiles.
+        num_mm = num_active * tiles_per_group
+        num_zero = (num_groups - num_active) * tiles_per_group
+
+        @pl.when(wg_idx < 2)
+        def _zero_phase():
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            out_smem[wg_idx, 0] = jnp.zeros((epi_tile_m, epi_tile_n), out_dtype)
+            plgpu.commit_smem()
+            sm = lax.axis_index("sm")
+            num_sms = lax.axis_size("sm")
+            first = lax.rem(sm - lax.rem(num_mm, num_sms) + num_sms, num_sms)
+            count = jnp.maximum(num_zero - first + num_sms - 1, 0) // num_sms
+
+            @pl.loop(0, count)
+            def _zero_loop(i):
+                z = first + i * num_sms
+                q, m_idx, n_idx = tile_coords(z)
+                g = jnp.where(q < lo, q, q + num_active)
+                for epi_mi in range(tile_m // epi_tile_m):
+                    for epi_ni in range(tile_n // epi_tile_n):
+                        plgpu.copy_smem_to_gmem(
+                            out_smem.at[wg_idx, 0], out_epi_slices(g, m_idx, n_idx, epi_mi, epi_ni)
+                        )
+
+    # Await all transfers before we exit.
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def grouped_matmul_mgpu(a, b, bounds, *, transpose_lhs: bool = False,
-                        transpose_rhs: bool = False,
-                        config: TuningConfig = DEFAULT_CONFIG,
-                        small_config: TuningConfig | None = None,
-                        num_sms: int | None = None, interpret=None):
-  """``out[g] = op(a[g]) @ op(b[g])`` for g in ``[bounds[0], bounds[1])``.
+def grouped_matmul_mgpu(
+    a,
+    b,
+    bounds,
+    *,
+    transpose_lhs: bool = False,
+    transpose_rhs: bool = False,
+    config: TuningConfig = DEFAULT_CONFIG,
+    small_config: TuningConfig | None = None,
+    num_sms: int | None = None,
+    interpret=None,
+):
+    """``out[g] = op(a[g]) @ op(b[g])`` for g in ``[bounds[0], bounds[1])``.
 
-  a: [G, M, K] (or [G, K, M] with ``transpose_lhs``); b: [G, K, N] (or
-  [G, N, K] with ``transpose_rhs``); bounds: int32[2] = (lo, hi), traced.
-  Returns [G, M, N] in a's dtype with zeros outside ``[lo, hi)``.
+    a: [G, M, K] (or [G, K, M] with ``transpose_lhs``); b: [G, K, N] (or
+    [G, N, K] with ``transpose_rhs``); bounds: int32[2] = (lo, hi), traced.
+    Returns [G, M, N] in a's dtype with zeros outside ``[lo, hi)``.
 
-  With ``small_config``, a second kernel with those (smaller) tiles is
-  compiled too, and a ``lax.cond`` on the number of active groups runs the
-  one whose busiest SM has less work (wave quantisation of the persistent
-  loop): lightly loaded calls get more, smaller tiles.
-  """
-  if small_config is not None:
-    g, m, _, n = problem_dims(a.shape, b.shape, transpose_lhs, transpose_rhs)
-    if unsupported_reason(a.shape, b.shape, a.dtype, a.dtype,
-                          transpose_lhs=transpose_lhs,
-                          transpose_rhs=transpose_rhs, config=small_config,
-                          interpret=interpret is not None) is None:
-      if num_sms is None:
+    With ``small_config``, a second kernel with those (smaller) tiles is
+    compiled too, and a ``lax.cond`` on the number of active groups runs the
+    one whose busiest SM has less work (wave quantisation of the persistent
+    loop): lightly loaded calls get more, smaller tiles.
+    """
+    if small_config is not None:
+        g, m, _, n = problem_dims(a.shape, b.shape, transpose_lhs, transpose_rhs)
+        if (
+            unsupported_reason(
+                a.shape,
+                b.shape,
+                a.dtype,
+                a.dtype,
+                transpose_lhs=transpose_lhs,
+                transpose_rhs=transpose_rhs,
+                config=small_config,
+                interpret=interpret is not None,
+            )
+            is None
+        ):
+            if num_sms is None:
+                num_sms = _num_sms()
+            call = functools.partial(
+                grouped_matmul_mgpu,
+                transpose_lhs=transpose_lhs,
+                transpose_rhs=transpose_rhs,
+                num_sms=num_sms,
+                interpret=interpret,
+            )
+            bounds = bounds.astype(jnp.int32)
+            lo = jnp.clip(bounds[0], 0, g)
+            num_active = jnp.clip(bounds[1], lo, g) - lo
+            use_small = _per_sm_cost(
+                small_config, num_active, m, n, num_sms, _NARROW_COST
+            ) < _per_sm_cost(config, num_active, m, n, num_sms, 1.0)
+            return lax.cond(
+                use_small,
+                lambda a, b, bd: call(a, b, bd, config=small_config),
+                lambda a, b, bd: call(a, b, bd, config=config),
+                a,
+                b,
+                bounds,
+            )
+    dims = problem_dims(a.shape, b.shape, transpose_lhs, transpose_rhs)
+    g, m, k, n = dims
+    if a.dtype != b.dtype:
+        raise ValueError(f"grouped matmul: dtypes differ: {a.dtype} vs {b.dtype}")
+    reason = unsupported_reason(
+        a.shape,
+        b.shape,
+        a.dtype,
+        a.dtype,
+        transpose_lhs=transpose_lhs,
+        transpose_rhs=transpose_rhs,
+        config=config,
+        interpret=interpret is not None,
+    )
+    if reason is not None:
+        raise ValueError(
+            f"grouped matmul: Mosaic GPU kernel cannot serve a{tuple(a.shape)} @"
+            f" b{tuple(b.shape)} {a.dtype}: {reason}"
+        )
+    if num_sms is None:
         num_sms = _num_sms()
-      call = functools.partial(
-          grouped_matmul_mgpu, transpose_lhs=transpose_lhs,
-          transpose_rhs=transpose_rhs, num_sms=num_sms, interpret=interpret)
-      bounds = bounds.astype(jnp.int32)
-      lo = jnp.clip(bounds[0], 0, g)
-      num_active = jnp.clip(bounds[1], lo, g) - lo
-      use_small = (_per_sm_cost(small_config, num_active, m, n, num_sms,
-                                _NARROW_COST)
-                   < _per_sm_cost(config, num_active, m, n, num_sms, 1.0))
-      return lax.cond(use_small,
-                      lambda a, b, bd: call(a, b, bd, config=small_config),
-                      lambda a, b, bd: call(a, b, bd, config=config),
-                      a, b, bounds)
-  dims = problem_dims(a.shape, b.shape, transpose_lhs, transpose_rhs)
-  g, m, k, n = dims
-  if a.dtype != b.dtype:
-    raise ValueError(f"grouped matmul: dtypes differ: {a.dtype} vs {b.dtype}")
-  reason = unsupported_reason(a.shape, b.shape, a.dtype, a.dtype,
-                              transpose_lhs=transpose_lhs,
-                              transpose_rhs=transpose_rhs, config=config,
-                              interpret=interpret is not None)
-  if reason is not None:
-    raise ValueError(
-        f"grouped matmul: Mosaic GPU kernel cannot serve a{tuple(a.shape)} @"
-        f" b{tuple(b.shape)} {a.dtype}: {reason}")
-  if num_sms is None:
-    num_sms = _num_sms()
-  f = plgpu.kernel(
-      functools.partial(_kernel, config=config, dims=dims,
-                        transpose_lhs=transpose_lhs,
-                        transpose_rhs=transpose_rhs),
-      out_type=jax.ShapeDtypeStruct((g, m, n), a.dtype),
-      grid=(num_sms,),
-      grid_names=("sm",),
-      num_threads=3,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=interpret,
-  )
-  return f(bounds.astype(jnp.int32), a, b)
+    f = plgpu.kernel(
+        functools.partial(
+            _kernel,
+            config=config,
+            dims=dims,
+            transpose_lhs=transpose_lhs,
+            transpose_rhs=transpose_rhs,
+        ),
+        out_type=jax.ShapeDtypeStruct((g, m, n), a.dtype),
+        grid=(num_sms,),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interpret,
+    )
+    return f(bounds.astype(jnp.int32), a, b)
 
 
 def _num_sms() -> int:
-  try:
-    dev = jax.devices()[0]
-    if dev.platform == "gpu":
-      return int(dev.core_count)
-  except Exception:  # pragma: no cover - exotic backends
-    pass
-  return H100_NUM_SMS
+    try:
+        dev = jax.devices()[0]
+        if dev.platform == "gpu":
+            return int(dev.core_count)
+    except Exception:  # pragma: no cover - exotic backends
+        pass
+    return H100_NUM_SMS

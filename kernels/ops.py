@@ -38,162 +38,220 @@ IMPLS = ("auto", "pallas", "xla", "interpret")
 # Small tiles keep GPU interpret mode (which simulates every TMA copy and
 # wgmma on the CPU) fast; the code path is the same as with the GPU tiles.
 INTERPRET_CONFIG = mgpu_kernel.TuningConfig(
-    tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=2,
-    epi_tile_m=64, epi_tile_n=64)
+    tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=2, epi_tile_m=64, epi_tile_n=64
+)
 INTERPRET_NUM_SMS = 4
 
 
 def on_hopper() -> bool:
-  """True when the default device is a Hopper (sm_90) GPU."""
-  try:
-    dev = jax.devices()[0]
-  except RuntimeError:  # pragma: no cover
-    return False
-  return (dev.platform == "gpu"
-          and str(getattr(dev, "compute_capability", "")).startswith("9."))
+    """True when the default device is a Hopper (sm_90) GPU."""
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:  # pragma: no cover
+        return False
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
 
 
 def _check_impl(impl: str) -> None:
-  if impl not in IMPLS:
-    raise ValueError(
-        f"grouped_matmul: unknown impl {impl!r}; expected one of {IMPLS}")
+    if impl not in IMPLS:
+        raise ValueError(f"grouped_matmul: unknown impl {impl!r}; expected one of {IMPLS}")
 
 
 def _check_operands(x, w) -> None:
-  if x.ndim != 3 or w.ndim != 3 or x.shape[0] != w.shape[0] or (
-      x.shape[2] != w.shape[1]):
-    raise ValueError(
-        "grouped_matmul: expected x [G, m, k] and w [G, k, n], got x"
-        f" {tuple(x.shape)} and w {tuple(w.shape)}")
-  for name, arr in (("x", x), ("w", w)):
-    if not jnp.issubdtype(arr.dtype, jnp.floating):
-      raise ValueError(
-          f"grouped_matmul: {name} must be floating point, got {arr.dtype}"
-          f" (x {tuple(x.shape)}, w {tuple(w.shape)})")
+    if x.ndim != 3 or w.ndim != 3 or x.shape[0] != w.shape[0] or (x.shape[2] != w.shape[1]):
+        raise ValueError(
+            "grouped_matmul: expected x [G, m, k] and w [G, k, n], got x"
+            f" {tuple(x.shape)} and w {tuple(w.shape)}"
+        )
+    for name, arr in (("x", x), ("w", w)):
+        if not jnp.issubdtype(arr.dtype, jnp.floating):
+            raise ValueError(
+                f"grouped_matmul: {name} must be floating point, got {arr.dtype}"
+                f" (x {tuple(x.shape)}, w {tuple(w.shape)})"
+            )
 
 
 def _kernel_config(impl, config):
-  if config is not None:
-    return config
-  return INTERPRET_CONFIG if impl == "interpret" else None
+    if config is not None:
+        return config
+    return INTERPRET_CONFIG if impl == "interpret" else None
 
 
-def _dispatch(a, b, bounds, *, transpose_lhs, transpose_rhs, out_dtype, impl,
-              config, strict):
-  """One grouped product ``op(a) @ op(b)`` on the path ``impl`` asks for."""
-  lo, hi = bounds[0], bounds[1]
-  if impl == "xla":
-    return grouped_matmul_reference(
-        a, b, lo, hi, transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs,
-        out_dtype=out_dtype)
-  kernel_dtype = jnp.promote_types(a.dtype, b.dtype)
-  dims = mgpu_kernel.problem_dims(a.shape, b.shape, transpose_lhs,
-                                  transpose_rhs)
-  cfg = _kernel_config(impl, config)
-  small_cfg = None
-  if cfg is None:
-    cfg, small_cfg = mgpu_kernel.select_configs(
-        *dims, transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs,
-        dtype=kernel_dtype)
-  reason = mgpu_kernel.unsupported_reason(
-      a.shape, b.shape, kernel_dtype, out_dtype, transpose_lhs=transpose_lhs,
-      transpose_rhs=transpose_rhs, config=cfg, interpret=impl == "interpret")
-  if impl == "auto":
-    use_kernel = reason is None and on_hopper()
-  elif reason is None:
-    use_kernel = True
-  elif strict:
-    raise ValueError(
-        f"grouped_matmul(impl={impl!r}): the Mosaic GPU kernel cannot serve"
-        f" a {tuple(a.shape)} {a.dtype} @ b {tuple(b.shape)} {b.dtype}"
-        f" -> {jnp.dtype(out_dtype)} (transpose_lhs={transpose_lhs},"
-        f" transpose_rhs={transpose_rhs}): {reason}")
-  else:
-    use_kernel = False
-  if not use_kernel:
-    return grouped_matmul_reference(
-        a, b, lo, hi, transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs,
-        out_dtype=out_dtype)
-  interpret = None
-  num_sms = None
-  if impl == "interpret":
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-    interpret = plgpu.InterpretGPUParams()
-    num_sms = INTERPRET_NUM_SMS
-  return mgpu_kernel.grouped_matmul_mgpu(
-      a.astype(kernel_dtype), b.astype(kernel_dtype), bounds,
-      transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs, config=cfg,
-      small_config=small_cfg, num_sms=num_sms, interpret=interpret)
+def _dispatch(a, b, bounds, *, transpose_lhs, transpose_rhs, out_dtype, impl, config, strict):
+    """One grouped product ``op(a) @ op(b)`` on the path ``impl`` asks for."""
+    lo, hi = bounds[0], bounds[1]
+    if impl == "xla":
+        return grouped_matmul_reference(
+            a,
+            b,
+            lo,
+            hi,
+            transpose_lhs=transpose_lhs,
+            transpose_rhs=transpose_rhs,
+            out_dtype=out_dtype,
+        )
+    kernel_dtype = jnp.promote_types(a.dtype, b.dtype)
+    dims = mgpu_kernel.problem_dims(a.shape, b.shape, transpose_lhs, transpose_rhs)
+    cfg = _kernel_config(impl, config)
+    small_cfg = None
+    if cfg is None:
+        cfg, small_cfg = mgpu_kernel.select_configs(
+            *dims, transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs, dtype=kernel_dtype
+        )
+    reason = mgpu_kernel.unsupported_reason(
+        a.shape,
+        b.shape,
+        kernel_dtype,
+        out_dtype,
+        transpose_lhs=transpose_lhs,
+        transpose_rhs=transpose_rhs,
+        config=cfg,
+        interpret=impl == "interpret",
+    )
+    if impl == "auto":
+        use_kernel = reason is None and on_hopper()
+    elif reason is None:
+        use_kernel = True
+    elif strict:
+        raise ValueError(
+            f"grouped_matmul(impl={impl!r}): the Mosaic GPU kernel cannot serve"
+            f" a {tuple(a.shape)} {a.dtype} @ b {tuple(b.shape)} {b.dtype}"
+            f" -> {jnp.dtype(out_dtype)} (transpose_lhs={transpose_lhs},"
+            f" transpose_rhs={transpose_rhs}): {reason}"
+        )
+    else:
+        use_kernel = False
+    if not use_kernel:
+        return grouped_matmul_reference(
+            a,
+            b,
+            lo,
+            hi,
+            transpose_lhs=transpose_lhs,
+            transpose_rhs=transpose_rhs,
+            out_dtype=out_dtype,
+        )
+    interpret = None
+    num_sms = None
+    if impl == "interpret":
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+
+        interpret = plgpu.InterpretGPUParams()
+        num_sms = INTERPRET_NUM_SMS
+    return mgpu_kernel.grouped_matmul_mgpu(
+        a.astype(kernel_dtype),
+        b.astype(kernel_dtype),
+        bounds,
+        transpose_lhs=transpose_lhs,
+        transpose_rhs=transpose_rhs,
+        config=cfg,
+        small_config=small_cfg,
+        num_sms=num_sms,
+        interpret=interpret,
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _gmm(impl, out_dtype, config, x, w, bounds):
-  return _dispatch(x, w, bounds, transpose_lhs=False, transpose_rhs=False,
-                   out_dtype=out_dtype, impl=impl, config=config, strict=True)
+    return _dispatch(
+        x,
+        w,
+        bounds,
+        transpose_lhs=False,
+        transpose_rhs=False,
+        out_dtype=out_dtype,
+        impl=impl,
+        config=config,
+        strict=True,
+    )
 
 
 def _gmm_fwd(impl, out_dtype, config, x, w, bounds):
-  return _gmm(impl, out_dtype, config, x, w, bounds), (x, w, bounds)
+    return _gmm(impl, out_dtype, config, x, w, bounds), (x, w, bounds)
 
 
 def _gmm_bwd(impl, out_dtype, config, res, dy):
-  del out_dtype
-  x, w, bounds = res
-  if impl != "xla":
-    # The kernels take one input dtype: run the backward in the inputs'
-    # precision (float32 accumulation inside), as mixed-precision training does.
-    dy = dy.astype(jnp.promote_types(x.dtype, w.dtype))
-  # dx[g] = dy[g] @ w[g]^T: B = w read as [G, N=k, K=n].
-  dx = _dispatch(dy, w, bounds, transpose_lhs=False, transpose_rhs=True,
-                 out_dtype=x.dtype, impl=impl, config=config, strict=False)
-  # dw[g] = x[g]^T @ dy[g]: A = x read as [G, K=m, M=k]; ragged m is the
-  # contraction dim here (TMA zero-fills past the end).
-  dw = _dispatch(x, dy, bounds, transpose_lhs=True, transpose_rhs=False,
-                 out_dtype=w.dtype, impl=impl, config=config, strict=False)
-  return dx, dw, np.zeros(bounds.shape, dtype=jax.dtypes.float0)
+    del out_dtype
+    x, w, bounds = res
+    if impl != "xla":
+        # The kernels take one input dtype: run the backward in the inputs'
+        # precision (float32 accumulation inside), as mixed-precision training does.
+        dy = dy.astype(jnp.promote_types(x.dtype, w.dtype))
+    # dx[g] = dy[g] @ w[g]^T: B = w read as [G, N=k, K=n].
+    dx = _dispatch(
+        dy,
+        w,
+        bounds,
+        transpose_lhs=False,
+        transpose_rhs=True,
+        out_dtype=x.dtype,
+        impl=impl,
+        config=config,
+        strict=False,
+    )
+    # dw[g] = x[g]^T @ dy[g]: A = x read as [G, K=m, M=k]; ragged m is the
+    # contraction dim here (TMA zero-fills past the end).
+    dw = _dispatch(
+        x,
+        dy,
+        bounds,
+        transpose_lhs=True,
+        transpose_rhs=False,
+        out_dtype=w.dtype,
+        impl=impl,
+        config=config,
+        strict=False,
+    )
+    return dx, dw, np.zeros(bounds.shape, dtype=jax.dtypes.float0)
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
-def grouped_matmul(x, w, active=None, *, impl: str = "auto",
-                   preferred_element_type=None,
-                   config: mgpu_kernel.TuningConfig | None = None):
-  """Grouped matmul ``out[g] = x[g] @ w[g]`` over an active group range.
+def grouped_matmul(
+    x,
+    w,
+    active=None,
+    *,
+    impl: str = "auto",
+    preferred_element_type=None,
+    config: mgpu_kernel.TuningConfig | None = None,
+):
+    """Grouped matmul ``out[g] = x[g] @ w[g]`` over an active group range.
 
-  Args:
-    x: [G, m, k], bfloat16 (float16/float32 accepted).
-    w: [G, k, n], same dtype as x for the kernels.
-    active: ``(lo, hi)`` int32 scalars, possibly traced: groups
-      ``lo <= g < hi`` are computed, all others produce zeros (and get zero
-      gradient). ``None`` means all groups. Values are clipped to [0, G].
-    impl: "auto" | "pallas" | "xla" | "interpret" (module docstring).
-    preferred_element_type: output dtype (default x.dtype). The kernels only
-      produce x.dtype; anything else goes to XLA under "auto".
-    config: a grouped_matmul_mgpu.TuningConfig overriding the per-shape choice.
+    Args:
+      x: [G, m, k], bfloat16 (float16/float32 accepted).
+      w: [G, k, n], same dtype as x for the kernels.
+      active: ``(lo, hi)`` int32 scalars, possibly traced: groups
+        ``lo <= g < hi`` are computed, all others produce zeros (and get zero
+        gradient). ``None`` means all groups. Values are clipped to [0, G].
+      impl: "auto" | "pallas" | "xla" | "interpret" (module docstring).
+      preferred_element_type: output dtype (default x.dtype). The kernels only
+        produce x.dtype; anything else goes to XLA under "auto".
+      config: a grouped_matmul_mgpu.TuningConfig overriding the per-shape choice.
 
-  Returns:
-    [G, m, n] in ``preferred_element_type`` (default x.dtype); float32
-    accumulation throughout.
-  """
-  _check_impl(impl)
-  _check_operands(x, w)
-  num_groups = x.shape[0]
-  if active is None:
-    lo, hi = 0, num_groups
-  else:
-    try:
-      lo, hi = active
-    except (TypeError, ValueError):
-      raise ValueError(
-          f"grouped_matmul: active must be None or a pair (lo, hi), got"
-          f" {active!r}") from None
-  lo = jnp.clip(jnp.asarray(lo, jnp.int32), 0, num_groups)
-  hi = jnp.clip(jnp.asarray(hi, jnp.int32), lo, num_groups)
-  if lo.ndim or hi.ndim:
-    raise ValueError(
-        f"grouped_matmul: lo and hi must be scalars, got shapes {lo.shape},"
-        f" {hi.shape}")
-  bounds = jnp.stack([lo, hi])
-  out_dtype = jnp.dtype(preferred_element_type or x.dtype)
-  return _gmm(impl, out_dtype, config, x, w, bounds)
+    Returns:
+      [G, m, n] in ``preferred_element_type`` (default x.dtype); float32
+      accumulation throughout.
+    """
+    _check_impl(impl)
+    _check_operands(x, w)
+    num_groups = x.shape[0]
+    if active is None:
+        lo, hi = 0, num_groups
+    else:
+        try:
+            lo, hi = active
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"grouped_matmul: active must be None or a pair (lo, hi), got {active!r}"
+            ) from None
+    lo = jnp.clip(jnp.asarray(lo, jnp.int32), 0, num_groups)
+    hi = jnp.clip(jnp.asarray(hi, jnp.int32), lo, num_groups)
+    if lo.ndim or hi.ndim:
+        raise ValueError(
+            f"grouped_matmul: lo and hi must be scalars, got shapes {lo.shape}, {hi.shape}"
+        )
+    bounds = jnp.stack([lo, hi])
+    out_dtype = jnp.dtype(preferred_element_type or x.dtype)
+    return _gmm(impl, out_dtype, config, x, w, bounds)

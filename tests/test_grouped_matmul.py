@@ -26,232 +26,242 @@ TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
 
 def _rng():
-  seed = int(np.random.SeedSequence().entropy % (2**63))
-  return np.random.default_rng(seed), f"seed={seed}"
+    seed = int(np.random.SeedSequence().entropy % (2**63))
+    return np.random.default_rng(seed), f"seed={seed}"
 
 
 def _rel_err(got, want) -> float:
-  got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
-  want = np.asarray(jnp.asarray(want, jnp.float32), np.float64)
-  assert np.all(np.isfinite(got)), "non-finite values (unwritten output?)"
-  denom = np.linalg.norm(want)
-  return float(np.linalg.norm(got - want) / (denom if denom > 0 else 1.0))
+    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+    want = np.asarray(jnp.asarray(want, jnp.float32), np.float64)
+    assert np.all(np.isfinite(got)), "non-finite values (unwritten output?)"
+    denom = np.linalg.norm(want)
+    return float(np.linalg.norm(got - want) / (denom if denom > 0 else 1.0))
 
 
 def _operands(rng, g, m, k, n, dtype):
-  x = jnp.asarray(rng.standard_normal((g, m, k)), jnp.float32).astype(dtype)
-  w = jnp.asarray(rng.standard_normal((g, k, n)) / np.sqrt(k),
-                  jnp.float32).astype(dtype)
-  return x, w
+    x = jnp.asarray(rng.standard_normal((g, m, k)), jnp.float32).astype(dtype)
+    w = jnp.asarray(rng.standard_normal((g, k, n)) / np.sqrt(k), jnp.float32).astype(dtype)
+    return x, w
 
 
 def _random_range(rng, g):
-  lo = int(rng.integers(0, g))
-  hi = int(rng.integers(lo + 1, g + 1))
-  return lo, hi
+    lo = int(rng.integers(0, g))
+    hi = int(rng.integers(lo + 1, g + 1))
+    return lo, hi
 
 
 def _loss(x, w, lo, hi, cot, impl):
-  y = kernels.grouped_matmul(x, w, (lo, hi), impl=impl)
-  return jnp.sum(y.astype(jnp.float32) * cot)
+    y = kernels.grouped_matmul(x, w, (lo, hi), impl=impl)
+    return jnp.sum(y.astype(jnp.float32) * cot)
 
 
 # lo and hi are traced: one compilation per (impl, shape) serves every range.
 _grad_fn = jax.jit(jax.value_and_grad(_loss, argnums=(0, 1)), static_argnums=5)
 _fwd_fn = jax.jit(
-    lambda x, w, lo, hi, impl: kernels.grouped_matmul(x, w, (lo, hi), impl=impl),
-    static_argnums=4)
+    lambda x, w, lo, hi, impl: kernels.grouped_matmul(x, w, (lo, hi), impl=impl), static_argnums=4
+)
 
 
 def _loss_and_grads(impl, x, w, lo, hi, cot):
-  return _grad_fn(x, w, jnp.int32(lo), jnp.int32(hi), cot, impl)
+    return _grad_fn(x, w, jnp.int32(lo), jnp.int32(hi), cot, impl)
 
 
 def _check_idle_zero(arr, lo, hi, what, info):
-  arr = np.asarray(jnp.asarray(arr, jnp.float32))
-  for g in [*range(0, lo), *range(hi, arr.shape[0])]:
-    assert np.all(arr[g] == 0), f"{what}: idle group {g} not zero ({info})"
+    arr = np.asarray(jnp.asarray(arr, jnp.float32))
+    for g in [*range(0, lo), *range(hi, arr.shape[0])]:
+        assert np.all(arr[g] == 0), f"{what}: idle group {g} not zero ({info})"
 
 
 # --------------------------------------------------------------------------
 # CPU: interpret mode against the einsum path.
 # --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_forward_and_grads_match_einsum(dtype):
-  rng, info = _rng()
-  g, m, k, n = 4, 72, 128, 128  # m = 72: ragged last row tile (tile 64)
-  x, w = _operands(rng, g, m, k, n, dtype)
-  lo, hi = _random_range(rng, g)
-  info = f"{info} lo={lo} hi={hi} {jnp.dtype(dtype).name}"
-  cot = jnp.asarray(rng.standard_normal((g, m, n)), jnp.float32)
+    rng, info = _rng()
+    g, m, k, n = 4, 72, 128, 128  # m = 72: ragged last row tile (tile 64)
+    x, w = _operands(rng, g, m, k, n, dtype)
+    lo, hi = _random_range(rng, g)
+    info = f"{info} lo={lo} hi={hi} {jnp.dtype(dtype).name}"
+    cot = jnp.asarray(rng.standard_normal((g, m, n)), jnp.float32)
 
-  y = kernels.grouped_matmul(x, w, (lo, hi), impl="interpret")
-  y_ref = kernels.grouped_matmul(x, w, (lo, hi), impl="xla")
-  assert y.dtype == x.dtype and y.shape == (g, m, n)
-  assert _rel_err(y, y_ref) <= TOL[dtype], info
-  _check_idle_zero(y, lo, hi, "output", info)
+    y = kernels.grouped_matmul(x, w, (lo, hi), impl="interpret")
+    y_ref = kernels.grouped_matmul(x, w, (lo, hi), impl="xla")
+    assert y.dtype == x.dtype and y.shape == (g, m, n)
+    assert _rel_err(y, y_ref) <= TOL[dtype], info
+    _check_idle_zero(y, lo, hi, "output", info)
 
-  (v, (dx, dw)) = _loss_and_grads("interpret", x, w, lo, hi, cot)
-  (v_ref, (dx_ref, dw_ref)) = _loss_and_grads("xla", x, w, lo, hi, cot)
-  assert dx.dtype == x.dtype and dw.dtype == w.dtype
-  assert _rel_err(dx, dx_ref) <= TOL[dtype], f"dx {info}"
-  assert _rel_err(dw, dw_ref) <= TOL[dtype], f"dw {info}"
-  _check_idle_zero(dx, lo, hi, "dx", info)
-  _check_idle_zero(dw, lo, hi, "dw", info)
+    (v, (dx, dw)) = _loss_and_grads("interpret", x, w, lo, hi, cot)
+    (v_ref, (dx_ref, dw_ref)) = _loss_and_grads("xla", x, w, lo, hi, cot)
+    assert dx.dtype == x.dtype and dw.dtype == w.dtype
+    assert _rel_err(dx, dx_ref) <= TOL[dtype], f"dx {info}"
+    assert _rel_err(dw, dw_ref) <= TOL[dtype], f"dw {info}"
+    _check_idle_zero(dx, lo, hi, "dx", info)
+    _check_idle_zero(dw, lo, hi, "dw", info)
 
 
 def test_ragged_contraction_in_dw_and_full_range():
-  """m = 40 < one row tile: dw contracts over a ragged m (TMA zero fill)."""
-  rng, info = _rng()
-  g, m, k, n = 3, 40, 64, 128
-  x, w = _operands(rng, g, m, k, n, jnp.float32)
-  cot = jnp.asarray(rng.standard_normal((g, m, n)), jnp.float32)
-  got = _loss_and_grads("interpret", x, w, 0, g, cot)
-  want = _loss_and_grads("xla", x, w, 0, g, cot)
-  assert _rel_err(got[0], want[0]) <= 1e-5, info
-  for a, b, name in zip(got[1], want[1], ("dx", "dw")):
-    assert _rel_err(a, b) <= 1e-5, f"{name} {info}"
+    """m = 40 < one row tile: dw contracts over a ragged m (TMA zero fill)."""
+    rng, info = _rng()
+    g, m, k, n = 3, 40, 64, 128
+    x, w = _operands(rng, g, m, k, n, jnp.float32)
+    cot = jnp.asarray(rng.standard_normal((g, m, n)), jnp.float32)
+    got = _loss_and_grads("interpret", x, w, 0, g, cot)
+    want = _loss_and_grads("xla", x, w, 0, g, cot)
+    assert _rel_err(got[0], want[0]) <= 1e-5, info
+    for a, b, name in zip(got[1], want[1], ("dx", "dw")):
+        assert _rel_err(a, b) <= 1e-5, f"{name} {info}"
 
 
 def test_nothing_active():
-  rng, info = _rng()
-  g, m, k, n = 3, 64, 64, 128
-  x, w = _operands(rng, g, m, k, n, jnp.bfloat16)
-  cot = jnp.asarray(rng.standard_normal((g, m, n)), jnp.float32)
-  for lo in (0, 3):
-    y = _fwd_fn(x, w, jnp.int32(lo), jnp.int32(lo), "interpret")
-    assert np.all(np.asarray(y, np.float32) == 0), f"lo=hi={lo} {info}"
-  _, (dx, dw) = _loss_and_grads("interpret", x, w, 1, 1, cot)
-  assert np.all(np.asarray(dx, np.float32) == 0), info
-  assert np.all(np.asarray(dw, np.float32) == 0), info
+    rng, info = _rng()
+    g, m, k, n = 3, 64, 64, 128
+    x, w = _operands(rng, g, m, k, n, jnp.bfloat16)
+    cot = jnp.asarray(rng.standard_normal((g, m, n)), jnp.float32)
+    for lo in (0, 3):
+        y = _fwd_fn(x, w, jnp.int32(lo), jnp.int32(lo), "interpret")
+        assert np.all(np.asarray(y, np.float32) == 0), f"lo=hi={lo} {info}"
+    _, (dx, dw) = _loss_and_grads("interpret", x, w, 1, 1, cot)
+    assert np.all(np.asarray(dx, np.float32) == 0), info
+    assert np.all(np.asarray(dw, np.float32) == 0), info
 
 
 def test_default_hopper_tiles_in_interpret_mode():
-  """The GPU block sizes (128 x 256 CTA tiles, 4 stages), ragged m."""
-  rng, info = _rng()
-  g, m, k, n = 3, 136, 256, 256
-  x, w = _operands(rng, g, m, k, n, jnp.bfloat16)
-  lo, hi = 1, 3
-  y = kernels.grouped_matmul(x, w, (lo, hi), impl="interpret",
-                             config=mgpu_kernel.DEFAULT_CONFIG)
-  y_ref = kernels.grouped_matmul(x, w, (lo, hi), impl="xla")
-  assert _rel_err(y, y_ref) <= 1e-2, info
-  _check_idle_zero(y, lo, hi, "output", info)
+    """The GPU block sizes (128 x 256 CTA tiles, 4 stages), ragged m."""
+    rng, info = _rng()
+    g, m, k, n = 3, 136, 256, 256
+    x, w = _operands(rng, g, m, k, n, jnp.bfloat16)
+    lo, hi = 1, 3
+    y = kernels.grouped_matmul(x, w, (lo, hi), impl="interpret", config=mgpu_kernel.DEFAULT_CONFIG)
+    y_ref = kernels.grouped_matmul(x, w, (lo, hi), impl="xla")
+    assert _rel_err(y, y_ref) <= 1e-2, info
+    _check_idle_zero(y, lo, hi, "output", info)
 
 
 def test_runtime_choice_between_wide_and_narrow_tiles():
-  """Two kernels in one program, picked by lax.cond on the active count."""
-  from jax.experimental.pallas import mosaic_gpu as plgpu
-  rng, info = _rng()
-  g, m, k, n = 4, 128, 64, 128
-  wide = ops.INTERPRET_CONFIG  # CTA 64 x 128: 2 tiles per group
-  narrow = mgpu_kernel.TuningConfig(tile_m=64, tile_n=32, tile_k=64,
-                                    max_concurrent_steps=2, epi_tile_m=64,
-                                    epi_tile_n=32)  # CTA 64 x 64: 4 tiles
-  cost = lambda cfg, act, unit: float(mgpu_kernel._per_sm_cost(
-      cfg, jnp.int32(act), m, n, 4, unit))
-  assert cost(narrow, 1, 1.1) < cost(wide, 1, 1.0)  # 1 active: narrow
-  assert cost(narrow, 4, 1.1) > cost(wide, 4, 1.0)  # 4 active: wide
-  x, w = _operands(rng, g, m, k, n, jnp.float32)
-  f = jax.jit(lambda x, w, bounds: mgpu_kernel.grouped_matmul_mgpu(
-      x, w, bounds, config=wide, small_config=narrow, num_sms=4,
-      interpret=plgpu.InterpretGPUParams()))
-  for lo, hi in [(2, 3), (0, 4)]:
-    y = f(x, w, jnp.array([lo, hi], jnp.int32))
-    y_ref = kernels.grouped_matmul(x, w, (lo, hi), impl="xla")
-    assert _rel_err(y, y_ref) <= 1e-5, f"{info} lo={lo} hi={hi}"
-    _check_idle_zero(y, lo, hi, "output", info)
+    """Two kernels in one program, picked by lax.cond on the active count."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    rng, info = _rng()
+    g, m, k, n = 4, 128, 64, 128
+    wide = ops.INTERPRET_CONFIG  # CTA 64 x 128: 2 tiles per group
+    narrow = mgpu_kernel.TuningConfig(
+        tile_m=64, tile_n=32, tile_k=64, max_concurrent_steps=2, epi_tile_m=64, epi_tile_n=32
+    )  # CTA 64 x 64: 4 tiles
+    cost = lambda cfg, act, unit: float(
+        mgpu_kernel._per_sm_cost(cfg, jnp.int32(act), m, n, 4, unit)
+    )
+    assert cost(narrow, 1, 1.1) < cost(wide, 1, 1.0)  # 1 active: narrow
+    assert cost(narrow, 4, 1.1) > cost(wide, 4, 1.0)  # 4 active: wide
+    x, w = _operands(rng, g, m, k, n, jnp.float32)
+    f = jax.jit(
+        lambda x, w, bounds: mgpu_kernel.grouped_matmul_mgpu(
+            x,
+            w,
+            bounds,
+            config=wide,
+            small_config=narrow,
+            num_sms=4,
+            interpret=plgpu.InterpretGPUParams(),
+        )
+    )
+    for lo, hi in [(2, 3), (0, 4)]:
+        y = f(x, w, jnp.array([lo, hi], jnp.int32))
+        y_ref = kernels.grouped_matmul(x, w, (lo, hi), impl="xla")
+        assert _rel_err(y, y_ref) <= 1e-5, f"{info} lo={lo} hi={hi}"
+        _check_idle_zero(y, lo, hi, "output", info)
 
 
 def test_traced_range_one_compilation():
-  rng, info = _rng()
-  g, m, k, n = 4, 64, 64, 128
-  x, w = _operands(rng, g, m, k, n, jnp.float32)
-  # Interpret mode registers global state on its first run, which changes the
-  # tracing context once: warm it up before counting traces.
-  kernels.grouped_matmul(x, w, (0, 1), impl="interpret").block_until_ready()
-  traces = []
+    rng, info = _rng()
+    g, m, k, n = 4, 64, 64, 128
+    x, w = _operands(rng, g, m, k, n, jnp.float32)
+    # Interpret mode registers global state on its first run, which changes the
+    # tracing context once: warm it up before counting traces.
+    kernels.grouped_matmul(x, w, (0, 1), impl="interpret").block_until_ready()
+    traces = []
 
-  @jax.jit
-  def step(x, w, lo, hi):
-    traces.append(None)
-    return kernels.grouped_matmul(x, w, (lo, hi), impl="interpret")
+    @jax.jit
+    def step(x, w, lo, hi):
+        traces.append(None)
+        return kernels.grouped_matmul(x, w, (lo, hi), impl="interpret")
 
-  for lo, hi in [(0, 4), (1, 3), (3, 4), (2, 2)]:
-    y = step(x, w, jnp.int32(lo), jnp.int32(hi))
-    y_ref = kernels.grouped_matmul(x, w, (lo, hi), impl="xla")
-    assert _rel_err(y, y_ref) <= 1e-5, f"{info} lo={lo} hi={hi}"
-    _check_idle_zero(y, lo, hi, "output", info)
-  assert len(traces) == 1, f"traced {len(traces)} times"
+    for lo, hi in [(0, 4), (1, 3), (3, 4), (2, 2)]:
+        y = step(x, w, jnp.int32(lo), jnp.int32(hi))
+        y_ref = kernels.grouped_matmul(x, w, (lo, hi), impl="xla")
+        assert _rel_err(y, y_ref) <= 1e-5, f"{info} lo={lo} hi={hi}"
+        _check_idle_zero(y, lo, hi, "output", info)
+    assert len(traces) == 1, f"traced {len(traces)} times"
 
 
 def test_idle_nan_does_not_leak():
-  rng, info = _rng()
-  g, m, k, n = 3, 64, 64, 128
-  x, w = _operands(rng, g, m, k, n, jnp.float32)
-  x = x.at[0].set(jnp.nan)
-  w = w.at[2].set(jnp.inf)
-  for impl in ("interpret", "xla"):
-    y = kernels.grouped_matmul(x, w, (1, 2), impl=impl)
-    y = np.asarray(y)
-    assert np.all(np.isfinite(y)), f"{impl} {info}"
-    assert np.all(y[0] == 0) and np.all(y[2] == 0), f"{impl} {info}"
+    rng, info = _rng()
+    g, m, k, n = 3, 64, 64, 128
+    x, w = _operands(rng, g, m, k, n, jnp.float32)
+    x = x.at[0].set(jnp.nan)
+    w = w.at[2].set(jnp.inf)
+    for impl in ("interpret", "xla"):
+        y = kernels.grouped_matmul(x, w, (1, 2), impl=impl)
+        y = np.asarray(y)
+        assert np.all(np.isfinite(y)), f"{impl} {info}"
+        assert np.all(y[0] == 0) and np.all(y[2] == 0), f"{impl} {info}"
 
 
 def test_active_none_means_all_groups():
-  rng, info = _rng()
-  x, w = _operands(rng, 2, 64, 64, 128, jnp.float32)
-  y = kernels.grouped_matmul(x, w, impl="interpret")
-  want = jnp.einsum("gmk,gkn->gmn", x, w, precision="highest")
-  assert _rel_err(y, want) <= 1e-5, info
+    rng, info = _rng()
+    x, w = _operands(rng, 2, 64, 64, 128, jnp.float32)
+    y = kernels.grouped_matmul(x, w, impl="interpret")
+    want = jnp.einsum("gmk,gkn->gmn", x, w, precision="highest")
+    assert _rel_err(y, want) <= 1e-5, info
 
 
 def test_auto_off_gpu_is_xla_and_small_n_routes_to_xla():
-  rng, info = _rng()
-  x, w = _operands(rng, 3, 24, 64, 64, jnp.bfloat16)  # n = 64: not a kernel shape
-  for active in [(0, 3), (1, 2)]:
-    y = kernels.grouped_matmul(x, w, active, impl="auto")
-    y_ref = kernels.grouped_matmul(x, w, active, impl="xla")
-    np.testing.assert_array_equal(np.asarray(y, np.float32),
-                                  np.asarray(y_ref, np.float32), err_msg=info)
-  x1, w1 = _operands(rng, 3, 24, 64, 1, jnp.bfloat16)  # n = 1 (memory proj.)
-  y = kernels.grouped_matmul(x1, w1, (0, 2), impl="auto")
-  assert y.shape == (3, 24, 1)
-  _check_idle_zero(y, 0, 2, "output", info)
-  # The backward of a kernel-served forward may route to XLA (here dx with
-  # N = k = 64 is no kernel shape under the GPU tiles): grads still work.
-  xs, ws = _operands(rng, 2, 64, 64, 256, jnp.bfloat16)
-  dx, dw = jax.grad(lambda a, b: jnp.sum(kernels.grouped_matmul(
-      a, b, impl="auto").astype(jnp.float32)), argnums=(0, 1))(xs, ws)
-  assert dx.shape == xs.shape and dw.shape == ws.shape
+    rng, info = _rng()
+    x, w = _operands(rng, 3, 24, 64, 64, jnp.bfloat16)  # n = 64: not a kernel shape
+    for active in [(0, 3), (1, 2)]:
+        y = kernels.grouped_matmul(x, w, active, impl="auto")
+        y_ref = kernels.grouped_matmul(x, w, active, impl="xla")
+        np.testing.assert_array_equal(
+            np.asarray(y, np.float32), np.asarray(y_ref, np.float32), err_msg=info
+        )
+    x1, w1 = _operands(rng, 3, 24, 64, 1, jnp.bfloat16)  # n = 1 (memory proj.)
+    y = kernels.grouped_matmul(x1, w1, (0, 2), impl="auto")
+    assert y.shape == (3, 24, 1)
+    _check_idle_zero(y, 0, 2, "output", info)
+    # The backward of a kernel-served forward may route to XLA (here dx with
+    # N = k = 64 is no kernel shape under the GPU tiles): grads still work.
+    xs, ws = _operands(rng, 2, 64, 64, 256, jnp.bfloat16)
+    dx, dw = jax.grad(
+        lambda a, b: jnp.sum(kernels.grouped_matmul(a, b, impl="auto").astype(jnp.float32)),
+        argnums=(0, 1),
+    )(xs, ws)
+    assert dx.shape == xs.shape and dw.shape == ws.shape
 
 
 def test_errors():
-  x = jnp.zeros((2, 64, 64), jnp.bfloat16)
-  w = jnp.zeros((2, 64, 128), jnp.bfloat16)
-  with pytest.raises(ValueError, match="cuda_fast"):
-    kernels.grouped_matmul(x, w, impl="cuda_fast")
-  with pytest.raises(ValueError, match=r"\(2, 64, 64\).*\(3, 64, 128\)"):
-    kernels.grouped_matmul(x, jnp.zeros((3, 64, 128), jnp.bfloat16))
-  with pytest.raises(ValueError, match=r"\(2, 32, 128\)"):
-    kernels.grouped_matmul(x, jnp.zeros((2, 32, 128), jnp.bfloat16), impl="xla")
-  with pytest.raises(ValueError, match=r"\(64, 64\)"):
-    kernels.grouped_matmul(x[0], w, impl="xla")
-  # Explicit kernel impls refuse problems the kernel cannot serve.
-  with pytest.raises(ValueError, match=r"\(2, 64, 1\)"):
-    kernels.grouped_matmul(x, jnp.zeros((2, 64, 1), jnp.bfloat16),
-                           impl="interpret")
-  with pytest.raises(ValueError, match="float32"):
-    kernels.grouped_matmul(x.astype(jnp.float32), w.astype(jnp.float32),
-                           impl="pallas")
-  with pytest.raises(ValueError, match="active"):
-    kernels.grouped_matmul(x, w, active=3)
+    x = jnp.zeros((2, 64, 64), jnp.bfloat16)
+    w = jnp.zeros((2, 64, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="cuda_fast"):
+        kernels.grouped_matmul(x, w, impl="cuda_fast")
+    with pytest.raises(ValueError, match=r"\(2, 64, 64\).*\(3, 64, 128\)"):
+        kernels.grouped_matmul(x, jnp.zeros((3, 64, 128), jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"\(2, 32, 128\)"):
+        kernels.grouped_matmul(x, jnp.zeros((2, 32, 128), jnp.bfloat16), impl="xla")
+    with pytest.raises(ValueError, match=r"\(64, 64\)"):
+        kernels.grouped_matmul(x[0], w, impl="xla")
+    # Explicit kernel impls refuse problems the kernel cannot serve.
+    with pytest.raises(ValueError, match=r"\(2, 64, 1\)"):
+        kernels.grouped_matmul(x, jnp.zeros((2, 64, 1), jnp.bfloat16), impl="interpret")
+    with pytest.raises(ValueError, match="float32"):
+        kernels.grouped_matmul(x.astype(jnp.float32), w.astype(jnp.float32), impl="pallas")
+    with pytest.raises(ValueError, match="active"):
+        kernels.grouped_matmul(x, w, active=3)
 
 
 def test_impl_names():
-  assert kernels.IMPLS == ("auto", "pallas", "xla", "interpret")
-  assert ops.INTERPRET_CONFIG.tile_k == 64
+    assert kernels.IMPLS == ("auto", "pallas", "xla", "interpret")
+    assert ops.INTERPRET_CONFIG.tile_k == 64
 
 
 # --------------------------------------------------------------------------
@@ -259,53 +269,53 @@ def test_impl_names():
 # --------------------------------------------------------------------------
 
 on_gpu = pytest.mark.skipif(
-    jax.devices()[0].platform != "gpu" or not kernels.on_hopper(),
-    reason="needs a Hopper GPU")
+    jax.devices()[0].platform != "gpu" or not kernels.on_hopper(), reason="needs a Hopper GPU"
+)
 
 GPU_SHAPES = [
     # (G, m, k, n): diagonal-step shapes of Llama-3.2-1B and ragged edges.
     (4, 1152, 2048, 3072),
     (3, 1152, 8192, 2048),
-    (3, 1000, 2048, 512),   # ragged m, small n
-    (2, 264, 1024, 1024),   # m < 2 row tiles, ragged
+    (3, 1000, 2048, 512),  # ragged m, small n
+    (2, 264, 1024, 1024),  # m < 2 row tiles, ragged
 ]
 
 
 @on_gpu
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_gpu_pallas_matches_xla(shape):
-  rng, info = _rng()
-  g, m, k, n = shape
-  x, w = _operands(rng, g, m, k, n, jnp.bfloat16)
-  cot = jnp.asarray(rng.standard_normal((g, m, n)), jnp.float32)
-  for lo, hi in [(0, g), _random_range(rng, g), (1, 1)]:
-    tag = f"{info} shape={shape} lo={lo} hi={hi}"
-    y = _fwd_fn(x, w, jnp.int32(lo), jnp.int32(hi), "pallas")
-    y_ref = _fwd_fn(x, w, jnp.int32(lo), jnp.int32(hi), "xla")
-    assert _rel_err(y, y_ref) <= 1e-2, tag
-    _check_idle_zero(y, lo, hi, "output", tag)
-    _, (dx, dw) = _loss_and_grads("pallas", x, w, lo, hi, cot)
-    _, (dx_ref, dw_ref) = _loss_and_grads("xla", x, w, lo, hi, cot)
-    assert _rel_err(dx, dx_ref) <= 1e-2, f"dx {tag}"
-    assert _rel_err(dw, dw_ref) <= 1e-2, f"dw {tag}"
-    _check_idle_zero(dx, lo, hi, "dx", tag)
-    _check_idle_zero(dw, lo, hi, "dw", tag)
+    rng, info = _rng()
+    g, m, k, n = shape
+    x, w = _operands(rng, g, m, k, n, jnp.bfloat16)
+    cot = jnp.asarray(rng.standard_normal((g, m, n)), jnp.float32)
+    for lo, hi in [(0, g), _random_range(rng, g), (1, 1)]:
+        tag = f"{info} shape={shape} lo={lo} hi={hi}"
+        y = _fwd_fn(x, w, jnp.int32(lo), jnp.int32(hi), "pallas")
+        y_ref = _fwd_fn(x, w, jnp.int32(lo), jnp.int32(hi), "xla")
+        assert _rel_err(y, y_ref) <= 1e-2, tag
+        _check_idle_zero(y, lo, hi, "output", tag)
+        _, (dx, dw) = _loss_and_grads("pallas", x, w, lo, hi, cot)
+        _, (dx_ref, dw_ref) = _loss_and_grads("xla", x, w, lo, hi, cot)
+        assert _rel_err(dx, dx_ref) <= 1e-2, f"dx {tag}"
+        assert _rel_err(dw, dw_ref) <= 1e-2, f"dw {tag}"
+        _check_idle_zero(dx, lo, hi, "dx", tag)
+        _check_idle_zero(dw, lo, hi, "dw", tag)
 
 
 @on_gpu
 def test_gpu_traced_range_one_compilation():
-  rng, info = _rng()
-  x, w = _operands(rng, 4, 1152, 2048, 2048, jnp.bfloat16)
-  traces = []
+    rng, info = _rng()
+    x, w = _operands(rng, 4, 1152, 2048, 2048, jnp.bfloat16)
+    traces = []
 
-  @jax.jit
-  def step(x, w, lo, hi):
-    traces.append(None)
-    return kernels.grouped_matmul(x, w, (lo, hi), impl="pallas")
+    @jax.jit
+    def step(x, w, lo, hi):
+        traces.append(None)
+        return kernels.grouped_matmul(x, w, (lo, hi), impl="pallas")
 
-  for lo, hi in [(0, 4), (1, 3), (3, 4), (2, 2)]:
-    y = step(x, w, jnp.int32(lo), jnp.int32(hi))
-    y_ref = _fwd_fn(x, w, jnp.int32(lo), jnp.int32(hi), "xla")
-    assert _rel_err(y, y_ref) <= 1e-2, f"{info} lo={lo} hi={hi}"
-    _check_idle_zero(y, lo, hi, "output", info)
-  assert len(traces) == 1
+    for lo, hi in [(0, 4), (1, 3), (3, 4), (2, 2)]:
+        y = step(x, w, jnp.int32(lo), jnp.int32(hi))
+        y_ref = _fwd_fn(x, w, jnp.int32(lo), jnp.int32(hi), "xla")
+        assert _rel_err(y, y_ref) <= 1e-2, f"{info} lo={lo} hi={hi}"
+        _check_idle_zero(y, lo, hi, "output", info)
+    assert len(traces) == 1
