@@ -8,11 +8,14 @@ recurrence is carried for free. After a step the buffer shifts by one slot: slot
 segment, slot 0 receives the next segment's embeddings.
 
 Slots outside the active range (ramp-up k < L-1, ramp-down k > N-1) are idle: their state is kept by
-a select (so NaN/Inf in idle rows cannot leak), they emit nothing, and the grouped matmul skips them.
+a select (so NaN/Inf in idle rows cannot leak) and they emit nothing. A step whose active range is
+narrower than L runs on a window of 1, 2, 4, ... slots that covers it, and inside the window the
+grouped matmul skips idle slots, so ramps (and inputs with N < L) do not pay for idle slots.
 
 Compilation: the input is padded to a bucket of segments (powers of two) and the true length is a
 traced value, so every length within a bucket reuses one program; the step loop is a `while_loop`
-whose trip count is the true number of steps, so padding costs memory for the token buffer only.
+whose trip count is the true number of steps, so padding costs memory (token and output buffers)
+but no compute.
 """
 
 from __future__ import annotations
