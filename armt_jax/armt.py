@@ -14,7 +14,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from armt_jax import memory
 from armt_jax.config import ArmtConfig, LlamaConfig
@@ -39,35 +38,56 @@ def layer_weights(params: dict) -> tuple[dict, dict]:
 def armt_layer_group(lp: dict, mp: dict, x: jax.Array, state: MemoryState, *, mem_start: jax.Array,
                      first: jax.Array, cos, sin, cfg: LlamaConfig, armt: ArmtConfig, active=None,
                      attn_impl=None, gmm_impl="auto") -> tuple[jax.Array, MemoryState]:
-    """G ARMT cells at once: x [G, B, T+M, D], state leaves [G, B, ...], mem_start [G] (= text
-    length t of each group's segment), first [G] (segment is its sequence's first)."""
+    """G ARMT cells at once: x [G, B, T+M, D], state leaves [G, B, ...], mem_start [G, B] (= text
+    length t of each group's segment of each sequence), first [G] (segment is its sequence's
+    first). The caller keeps the old state where a cell is idle."""
     x = memory.read(mp, x, state, armt.nu)
     x = decoder_layer_group(lp, x, cos, sin, cfg, active=active, attn_impl=attn_impl,
                             gmm_impl=gmm_impl)
-    take = lambda xg, t: jax.lax.dynamic_slice_in_dim(xg, t, armt.num_mem_tokens, axis=1)
-    mem_out = jax.vmap(take)(x, mem_start)
+    take = lambda xs, t: jax.lax.dynamic_slice_in_dim(xs, t, armt.num_mem_tokens, axis=0)
+    mem_out = jax.vmap(jax.vmap(take))(x, mem_start)
     return x, memory.write(mp, mem_out, state, first, armt.nu, armt.correction)
 
 
 def segment_input(params: dict, tokens: jax.Array, length: jax.Array) -> jax.Array:
-    """[B, T] token ids of one segment (first `length` real) -> its input rows [B, T+M, D]."""
+    """[B, T] token ids of one segment (the first length[b] real) -> its input rows [B, T+M, D]."""
     mem = params["memory"]["mem_tokens"]
     x = embed(params, tokens)
     B, T, D = x.shape
     x = jnp.concatenate([x, jnp.zeros((B, mem.shape[0], D), x.dtype)], axis=1)
-    return jax.lax.dynamic_update_slice_in_dim(
-        x, jnp.broadcast_to(mem.astype(x.dtype), (B,) + mem.shape), length, axis=1)
+    put = lambda xb, t: jax.lax.dynamic_update_slice_in_dim(xb, mem.astype(x.dtype), t, axis=0)
+    return jax.vmap(put)(x, length)
+
+
+def sequence_lengths(tokens: jax.Array, lengths: jax.Array | None) -> jax.Array:
+    """Per-sequence lengths [B] (int32); default: every sequence fills the whole array."""
+    B, n = tokens.shape
+    if lengths is None:
+        return jnp.full((B,), n, jnp.int32)
+    lengths = jnp.asarray(lengths)
+    if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths must be integers of shape {(B,)}, got {lengths.dtype} "
+                         f"{lengths.shape}")
+    return lengths.astype(jnp.int32)
+
+
+def segment_lengths(seq_len: jax.Array, num_segments: int, segment_size: int) -> jax.Array:
+    """Text tokens of each sequence in each segment, [N, B]; 0 once a sequence has ended."""
+    starts = jnp.arange(num_segments)[:, None] * segment_size
+    return jnp.clip(seq_len[None, :] - starts, 0, segment_size)
 
 
 class Segmentation(NamedTuple):
     tokens: jax.Array       # [N, B, T], padded with 0
     targets: jax.Array      # [N, B, T] next token of every position
     target_mask: jax.Array  # [N, B, T] float32, 1 where the target counts in the loss
-    lengths: np.ndarray     # [N] text tokens per segment (static)
+    lengths: jax.Array      # [N, B] text tokens of each sequence in each segment
 
 
-def segment(tokens: jax.Array, segment_size: int, loss_mask: jax.Array | None = None) -> Segmentation:
-    """Cut [B, n] tokens into left-aligned segments of T; the last one may be shorter."""
+def segment(tokens: jax.Array, segment_size: int, loss_mask: jax.Array | None = None,
+            lengths: jax.Array | None = None) -> Segmentation:
+    """Cut [B, n] tokens into left-aligned segments of T; a sequence's last one may be shorter.
+    lengths [B]: real tokens of each sequence (default n); later positions are padding."""
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
     B, n = tokens.shape
@@ -76,17 +96,18 @@ def segment(tokens: jax.Array, segment_size: int, loss_mask: jax.Array | None = 
     T = segment_size
     N = -(-n // T)
     pad = N * T - n
+    seq_len = sequence_lengths(tokens, lengths)
     padded = jnp.pad(tokens, ((0, 0), (0, pad)))
     targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad + 1)))
     mask = jnp.ones((B, n), jnp.float32) if loss_mask is None else loss_mask.astype(jnp.float32)
     if mask.shape != (B, n):
         raise ValueError(f"loss_mask has shape {mask.shape}, expected {(B, n)}")
+    mask = mask * (jnp.arange(n)[None, :] < seq_len[:, None])
     # position p predicts token p+1; it counts when that target exists and is unmasked
     target_mask = jnp.pad(mask[:, 1:], ((0, 0), (0, pad + 1)))
     to_segments = lambda a: a.reshape(B, N, T).swapaxes(0, 1)
-    lengths = np.full(N, T, np.int32)
-    lengths[-1] = n - (N - 1) * T
-    return Segmentation(to_segments(padded), to_segments(targets), to_segments(target_mask), lengths)
+    return Segmentation(to_segments(padded), to_segments(targets), to_segments(target_mask),
+                        segment_lengths(seq_len, N, T))
 
 
 def cross_entropy_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array):

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from armt_jax.armt import (ArmtOutput, armt_layer_group, check_output, check_tokens, layer_weights,
-                           segment_input)
+                           segment_input, sequence_lengths)
 from armt_jax.config import ArmtConfig, LlamaConfig
 from armt_jax.layers import head, rope_tables
 from armt_jax.memory import MemoryState, state_dtype, zero_state
@@ -38,9 +38,10 @@ def bucket_segments(num_segments: int) -> int:
 
 
 def diagonal_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, armt: ArmtConfig, *,
-                     output: str = "logits", attn_impl=None, gmm_impl="auto",
-                     bucket: int | None = None) -> ArmtOutput:
-    """Same results as `sequential_forward` (outputs: "logits", "last_logits", "hidden", "none").
+                     output: str = "logits", lengths: jax.Array | None = None, attn_impl=None,
+                     gmm_impl="auto", bucket: int | None = None) -> ArmtOutput:
+    """Same results as `sequential_forward` (outputs: "logits", "last_logits", "hidden", "none";
+    per-sequence `lengths` as there).
 
     bucket: segments to size the program for (default: next power of two of the segment count).
     """
@@ -55,20 +56,21 @@ def diagonal_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, armt: Ar
     if Nb < N:
         raise ValueError(f"bucket={Nb} segments is smaller than the input's {N} segments")
     padded = jnp.pad(tokens, ((0, 0), (0, Nb * T - n)))
-    out, state = _diagonal_core(params, padded, jnp.asarray(n, jnp.int32), cfg=cfg, armt=armt,
-                                output=output, attn_impl=attn_impl, gmm_impl=gmm_impl)
+    out, state = _diagonal_core(params, padded, sequence_lengths(tokens, lengths), cfg=cfg,
+                                armt=armt, output=output, attn_impl=attn_impl, gmm_impl=gmm_impl)
     if output in ("logits", "hidden"):
         out = out[:, :n]
-    elif output == "last_logits":
+    elif output == "last_logits" and lengths is None:
         out = out[:, :n - (N - 1) * T]
     return ArmtOutput(out, None, state)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "armt", "output", "attn_impl", "gmm_impl",
                                              "idle_fill"))
-def _diagonal_core(params, tokens, n, *, cfg: LlamaConfig, armt: ArmtConfig, output: str,
+def _diagonal_core(params, tokens, seq_len, *, cfg: LlamaConfig, armt: ArmtConfig, output: str,
                    attn_impl, gmm_impl, idle_fill: float = 0.0):
-    """tokens [B, Nb*T] (padded), n: true length (traced). Returns (padded output, final state).
+    """tokens [B, Nb*T] (padded), seq_len [B]: true lengths (traced). Returns (padded output, final
+    state).
 
     idle_fill: the value idle slots start with (tests use NaN to prove it cannot leak).
     """
@@ -77,7 +79,8 @@ def _diagonal_core(params, tokens, n, *, cfg: LlamaConfig, armt: ArmtConfig, out
     dtype = params["embed"].dtype
     lp, mp = layer_weights(params)
     cos, sin = rope_tables(cfg, jnp.arange(T + M), dtype)
-    num_segments = (n + T - 1) // T
+    seq_segments = (seq_len + T - 1) // T                     # [B]
+    num_segments = jnp.max(seq_segments)
     slots = jnp.arange(L)
 
     if output in ("logits", "hidden"):
@@ -107,8 +110,8 @@ def _diagonal_core(params, tokens, n, *, cfg: LlamaConfig, armt: ArmtConfig, out
     def step(carry):
         k, x_buf, state, out = carry
         seg = k - slots                                              # segment held by each slot
-        active = (seg >= 0) & (seg < num_segments)
-        lengths = jnp.clip(n - seg * T, 0, T)
+        active = (seg >= 0)[:, None] & (seg[:, None] < seq_segments[None, :])   # [L, B]
+        lengths = jnp.clip(seq_len[None, :] - seg[:, None] * T, 0, T)          # [L, B]
         start = jnp.clip(k, 0, padded_len // T - 1) * T
         x0 = segment_input(params, jax.lax.dynamic_slice_in_dim(tokens, start, T, axis=1),
                            lengths[0])
@@ -119,7 +122,8 @@ def _diagonal_core(params, tokens, n, *, cfg: LlamaConfig, armt: ArmtConfig, out
         x_out, new_state = jax.lax.switch(
             window, [functools.partial(run_window, w) for w in windows],
             x_in, state, lengths, seg == 0, lo, hi)
-        keep = lambda new, old: jnp.where(active.reshape((L,) + (1,) * (old.ndim - 1)), new, old)
+        keep = lambda new, old: jnp.where(active.reshape(active.shape + (1,) * (old.ndim - 2)),
+                                          new, old)
         state = jax.tree.map(keep, new_state, state)
 
         # Slot L-1 finishes segment k-L+1. During ramp-up that is negative and the write lands on
@@ -130,8 +134,9 @@ def _diagonal_core(params, tokens, n, *, cfg: LlamaConfig, armt: ArmtConfig, out
             done = jnp.maximum(k - (L - 1), 0)
             out = jax.lax.dynamic_update_slice_in_dim(
                 out, head(params, finished, cfg, output).astype(out.dtype), done * T, axis=1)
-        else:
-            out = finished
+        else:   # keep each sequence's own last segment
+            is_last = seg[L - 1] == seq_segments - 1                           # [B]
+            out = jnp.where(is_last[:, None, None], finished, out)
         return k + 1, x_out, state, out
 
     x_buf = jnp.full((L, B, T + M, D), idle_fill, dtype)

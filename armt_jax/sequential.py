@@ -17,22 +17,27 @@ from armt_jax.memory import MemoryState, state_dtype, zero_state
 
 
 def sequential_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, armt: ArmtConfig, *,
-                       output: str = "logits", loss_mask: jax.Array | None = None,
-                       compute_loss: bool = False, remat: bool = False, attn_impl=None,
-                       gmm_impl="auto") -> ArmtOutput:
+                       output: str = "logits", lengths: jax.Array | None = None,
+                       loss_mask: jax.Array | None = None, compute_loss: bool = False,
+                       remat: bool = False, attn_impl=None, gmm_impl="auto") -> ArmtOutput:
     """Run ARMT over tokens [B, n].
 
     output: "logits" (text positions, [B, n, V] float32), "last_logits" (the last segment's,
     [B, t_last, V]), "hidden" (after the final norm, [B, n, D]) or "none".
+    lengths: real tokens of each sequence [B] (default: n). Sequences of different lengths are
+    right-padded to n; each one's memory stops after its own last segment, its outputs past its
+    length are padding, and "last_logits" then gives [B, T, V], each sequence's own last segment
+    (rows past its length in that segment are padding).
     compute_loss: mean next-token cross entropy over the whole sequence, counting target token i
-    when loss_mask[:, i] is set (default: all). remat: recompute each segment in the backward pass.
+    when loss_mask[:, i] is set (default: all) and i < lengths[b]. remat: recompute each segment in
+    the backward pass.
     """
     check_output(output)
     check_tokens(tokens)
     T, M = armt.segment_size, armt.num_mem_tokens
     B, n = tokens.shape
-    seg = segment(tokens, T, loss_mask)
-    N = len(seg.lengths)
+    seg = segment(tokens, T, loss_mask, lengths)
+    N = seg.lengths.shape[0]
     lp, mp = layer_weights(params)
     dtype = params["embed"].dtype
     cos, sin = rope_tables(cfg, jnp.arange(T + M), dtype)
@@ -56,8 +61,12 @@ def sequential_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, armt: 
 
     def step(carry, xs):
         state, last_h, loss_sum, count = carry
-        tok, tgt, tmask, length, first = xs
-        state, h = run_segment(state, tok, length, first)
+        tok, tgt, tmask, length, first, is_last = xs
+        new_state, h = run_segment(state, tok, length, first)
+        running = (length > 0)[None, :]                    # sequences not yet past their end
+        state = MemoryState(jnp.where(running[..., None, None], new_state.A, state.A),
+                            jnp.where(running[..., None], new_state.z, state.z))
+        last_h = jnp.where(is_last[:, None, None], h, last_h)
         emit = None
         if compute_loss or output == "logits":
             logits = head(params, h, cfg, "logits")
@@ -68,19 +77,21 @@ def sequential_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, armt: 
                 emit = logits
         if output == "hidden":
             emit = head(params, h, cfg, "hidden")
-        return (state, h, loss_sum, count), emit
+        return (state, last_h, loss_sum, count), emit
 
     D, dk = cfg.hidden_size, armt.d_key
-    init = (zero_state(cfg.num_hidden_layers, B, dk, D, state_dtype(dtype)), jnp.zeros((B, T, D), dtype),
-            jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    xs = (seg.tokens, seg.targets, seg.target_mask, jnp.asarray(seg.lengths),
-          jnp.arange(N) == 0)
+    init = (zero_state(cfg.num_hidden_layers, B, dk, D, state_dtype(dtype)),
+            jnp.zeros((B, T, D), dtype), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    next_length = jnp.concatenate([seg.lengths[1:], jnp.zeros_like(seg.lengths[:1])])
+    is_last = (seg.lengths > 0) & (next_length == 0)
+    xs = (seg.tokens, seg.targets, seg.target_mask, seg.lengths, jnp.arange(N) == 0, is_last)
     (state, last_h, loss_sum, count), emitted = jax.lax.scan(step, init, xs)
 
     out = None
     if output in ("logits", "hidden"):
         out = emitted.swapaxes(0, 1).reshape(B, N * T, -1)[:, :n]
     elif output == "last_logits":
-        out = head(params, last_h[:, :int(seg.lengths[-1])], cfg, "logits")
+        last_rows = T if lengths is not None else n - (N - 1) * T
+        out = head(params, last_h[:, :last_rows], cfg, "logits")
     loss = loss_sum / jnp.maximum(count, 1.0) if compute_loss else None
     return ArmtOutput(out, loss, state)

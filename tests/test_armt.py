@@ -106,3 +106,24 @@ def test_first_segment_gamma_is_exactly_one(rng):
     z_first = memory.write(mp, mem_out, st, jnp.array([True]), 3, True).z
     k = memory.dpfp(jnp.einsum("gbmd,gdk->gbmk", mem_out, mp["w_mk"]), 3)
     np.testing.assert_allclose(z_first, k.sum(2), rtol=1e-7)
+
+
+def test_loss_counts_only_real_tokens(rng):
+    acfg = ArmtConfig(segment_size=8, num_mem_tokens=2, d_mem=16)
+    params = random_params(rng, TINY, acfg)
+    tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (2, 19)), jnp.int32)
+    lengths = np.array([19, 11])
+    res = sequential_forward(params, tokens, TINY, acfg, compute_loss=True,
+                             lengths=jnp.asarray(lengths))
+    logp = jax.nn.log_softmax(np.asarray(res.out, np.float64), -1)
+    nll = -np.take_along_axis(logp[:, :-1], np.asarray(tokens)[:, 1:, None], -1)[..., 0]
+    counted = np.arange(1, 19)[None, :] < lengths[:, None]
+    np.testing.assert_allclose(res.loss, nll[counted].mean(), rtol=1e-5)
+
+
+def test_lengths_are_validated(rng):
+    acfg = ArmtConfig(segment_size=8, num_mem_tokens=2, d_mem=16)
+    params = random_params(rng, TINY, acfg)
+    with pytest.raises(ValueError, match="lengths must be integers of shape"):
+        sequential_forward(params, jnp.zeros((2, 9), jnp.int32), TINY, acfg,
+                           lengths=jnp.array([3.0, 4.0]))
