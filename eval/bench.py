@@ -181,24 +181,34 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _kernel_benchmark_args(argv: list[str]) -> list[str] | None:
+    """argv without `--op grouped_matmul` when it asks for the kernel benchmark, else None."""
+    for i, arg in enumerate(argv):
+        if arg == "--op=grouped_matmul":
+            return argv[:i] + argv[i + 1:]
+        if arg == "--op" and argv[i + 1:i + 2] == ["grouped_matmul"]:
+            return argv[:i] + argv[i + 2:]
+    return None
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    kernel_args = _kernel_benchmark_args(argv)
+    if kernel_args is not None:                   # the kernel benchmark owns its flags
+        from eval import bench_grouped_matmul
+        return bench_grouped_matmul.main(kernel_args) or 0
     ap = argparse.ArgumentParser(prog="armt bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=list(SCHEDULES))
     ap.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS))
     ap.add_argument("--reps", type=int, default=3, help="timed runs after the warm-up (>= 3)")
     ap.add_argument("--out", type=Path, default=Path("eval/results/inference_h200.json"))
-    ap.add_argument("--size", choices=("1b", "tiny"), default="1b",
-                    help="tiny: a toy model for a CPU smoke test of this script")
+    ap.add_argument("--size", choices=("1b", "mid", "tiny"), default="1b",
+                    help="mid / tiny: smaller models for CPU checks of this script")
     ap.add_argument("--op", choices=("model", "grouped_matmul"), default="model",
                     help="grouped_matmul: the kernel benchmark (eval/bench_grouped_matmul.py)")
     ap.add_argument("--worker", choices=SCHEDULES, help=argparse.SUPPRESS)
     ap.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
-    args, rest = ap.parse_known_args(argv)
-    if args.op == "grouped_matmul":
-        from eval import bench_grouped_matmul
-        return bench_grouped_matmul.main(rest) or 0
-    if rest:
-        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = ap.parse_args(argv)
     if args.reps < 3:
         ap.error("--reps must be >= 3")
     if args.worker:
@@ -215,7 +225,7 @@ def main(argv=None) -> int:
             print(f"schedule {schedule} failed; its remaining lengths are missing", flush=True)
     rows = [json.loads(l) for l in rows_file.read_text().splitlines()] if rows_file.exists() else []
     add_agreement(rows)
-    command = "python -m eval.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m eval.bench " + " ".join(argv)
     cfg, armt = bench_config(args.size)
     report = {"command": command.strip(), "rows": rows,
               "setting": f"{'Llama-3.2-1B' if args.size == '1b' else 'tiny'} shapes, bf16 random "
