@@ -29,7 +29,7 @@ from armt_jax.armt import (ArmtOutput, armt_layer_group, check_output, check_tok
                            segment_input, sequence_lengths)
 from armt_jax.config import ArmtConfig, LlamaConfig
 from armt_jax.layers import head, rope_tables
-from armt_jax.memory import MemoryState, state_dtype, zero_state
+from armt_jax.memory import state_dtype, zero_state
 
 
 def bucket_segments(num_segments: int) -> int:

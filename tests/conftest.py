@@ -3,15 +3,12 @@ initialisation, which would hide memory bugs)."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from armt_jax.config import ArmtConfig, LlamaConfig, RopeScaling
 from armt_jax.params import expected_shapes
-
-jax.config.update("jax_numpy_rank_promotion", "allow")
 
 TINY = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5,

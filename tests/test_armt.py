@@ -1,6 +1,5 @@
 """ARMT sequential schedule against the float64 NumPy implementation of SPEC §1.2-1.3."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

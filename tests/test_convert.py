@@ -393,7 +393,7 @@ def test_armt_tied_head_and_errors(rng):
         params_from_armt_tensors(bad, cfg, ARMT, progress=False)
     bad = dict(sd)
     bad["memory_cell.memory"] = np.zeros((ARMT.num_mem_tokens + 1, cfg.hidden_size), np.float32)
-    with pytest.raises(ConversionError, match=re.escape(f"memory_cell.memory has shape (6, 24), expected (5, 24)")):
+    with pytest.raises(ConversionError, match=re.escape("memory_cell.memory has shape (6, 24), expected (5, 24)")):
         params_from_armt_tensors(bad, cfg, ARMT, progress=False)
     bad = dict(sd)
     bad["memory_cell.layers.0.W_mb.bias"] = np.zeros((), np.float32)

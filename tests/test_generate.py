@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import numpy_reference as ref
 from armt_jax.config import ArmtConfig
 from armt_jax.generate import generate, sample
 from armt_jax.sequential import sequential_forward

@@ -1,6 +1,5 @@
 """The NNX module and the `armt` command."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
