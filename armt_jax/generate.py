@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from armt_jax import memory
-from armt_jax.armt import check_tokens, layer_weights
+from armt_jax.armt import check_tokens, layer_weights, sequence_lengths
 from armt_jax.config import ArmtConfig, LlamaConfig
 from armt_jax.diagonal import diagonal_forward
 from armt_jax.layers import (attention_output, embed, head, mlp, qkv_heads, rms_norm, rope_tables)
@@ -32,22 +32,24 @@ class GenerateOutput(NamedTuple):
 
 
 def prefill(params, tokens, cfg: LlamaConfig, armt: ArmtConfig, *, schedule="diagonal",
-            attn_impl=None, gmm_impl="auto") -> MemoryState:
+            lengths=None, attn_impl=None, gmm_impl="auto") -> MemoryState:
     """Memory state after every segment of `tokens` (through reads and writes)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {tuple(SCHEDULES)}, got {schedule!r}")
     forward = SCHEDULES[schedule]
-    return forward(params, tokens, cfg, armt, output="none", attn_impl=attn_impl,
+    return forward(params, tokens, cfg, armt, output="none", lengths=lengths, attn_impl=attn_impl,
                    gmm_impl=gmm_impl).state
 
 
 def generate(params, tokens, cfg: LlamaConfig, armt: ArmtConfig, *, max_new_tokens: int,
-             schedule: str = "diagonal", temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, eos_token_ids=None, pad_id: int = 0,
-             key: jax.Array | None = None, attn_impl=None, gmm_impl="auto") -> GenerateOutput:
-    """Continue `tokens` [B, n]. Greedy when temperature == 0, else sampling with optional top-k /
-    top-p (then `key` is required). Stops a sequence at any of eos_token_ids (default: the
-    config's) or after max_new_tokens."""
+             schedule: str = "diagonal", lengths: jax.Array | None = None,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             eos_token_ids=None, pad_id: int = 0, key: jax.Array | None = None, attn_impl=None,
+             gmm_impl="auto") -> GenerateOutput:
+    """Continue `tokens` [B, n] (contexts of different lengths: right-padded, with `lengths` [B]).
+    Greedy when temperature == 0, else sampling with optional top-k / top-p (then `key` is
+    required). Stops a sequence at any of eos_token_ids (default: the config's) or after
+    max_new_tokens."""
     check_tokens(tokens)
     B, n = tokens.shape
     if n == 0:
@@ -63,16 +65,26 @@ def generate(params, tokens, cfg: LlamaConfig, armt: ArmtConfig, *, max_new_toke
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     T = armt.segment_size
-    split = (-(-n // T) - 1) * T                       # start of the last (decoded) segment
-    if split:
-        state = prefill(params, tokens[:, :split], cfg, armt, schedule=schedule,
+    if lengths is None:
+        split = (-(-n // T) - 1) * T                   # start of the last (decoded) segment
+        last, last_len = tokens[:, split:], jnp.full((B,), n - split, jnp.int32)
+        prefix = (tokens[:, :split], None) if split else None
+    else:                                              # each sequence's own last segment
+        seq_len = sequence_lengths(tokens, lengths)
+        split = (seq_len + T - 1) // T * T - T                                       # [B]
+        padded = jnp.pad(tokens, ((0, 0), (0, T)))
+        last = jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, T))(padded, split)
+        last_len = seq_len - split
+        prefix = (tokens, split) if n > T else None
+    if prefix is not None:
+        state = prefill(params, prefix[0], cfg, armt, schedule=schedule, lengths=prefix[1],
                         attn_impl=attn_impl, gmm_impl=gmm_impl)
     else:
         state = zero_state(cfg.num_hidden_layers, B, armt.d_key, cfg.hidden_size,
                            state_dtype(params["embed"].dtype))
     eos = tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
     key = jax.random.key(0) if key is None else key
-    return _decode(params, state, tokens[:, split:], key, cfg=cfg, armt=armt,
+    return _decode(params, state, last, last_len, key, cfg=cfg, armt=armt,
                    max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
                    top_p=top_p, eos=eos, pad_id=pad_id, attn_impl=attn_impl, gmm_impl=gmm_impl)
 
@@ -98,13 +110,18 @@ def sample(logits: jax.Array, key, temperature: float, top_k: int | None, top_p:
 
 def _decode_chunk(params, state: MemoryState, cache, x, pos0, cfg: LlamaConfig, armt: ArmtConfig,
                   attn_impl, gmm_impl):
-    """Tokens' activations x [B, c, D] at positions pos0.. through every layer, read-only memory,
-    attending to the KV cache (k, v: [L, B, C, K, hd]) which they extend. Returns final hidden."""
+    """Tokens' activations x [B, c, D] at positions pos0[b].. through every layer, read-only memory,
+    attending to the KV cache (k, v: [L, B, C, K, hd]) which they extend. Returns final hidden.
+
+    Cache slot = position. Rows a chunk writes past a sequence's real tokens are overwritten by
+    its later tokens before any query can see them (a query at p attends to slots <= p)."""
     B, c, _ = x.shape
     C = cache[0].shape[2]
-    positions = pos0 + jnp.arange(c)
+    positions = pos0[:, None] + jnp.arange(c)                                    # [B, c]
     cos, sin = rope_tables(cfg, positions, x.dtype)
-    mask = (jnp.arange(C)[None, :] <= positions[:, None])[None, None]          # [1, 1, c, C]
+    mask = (jnp.arange(C)[None, None, :] <= positions[:, :, None])[:, None]      # [B, 1, c, C]
+    write = jax.vmap(lambda cache_b, new_b, p: jax.lax.dynamic_update_slice_in_dim(
+        cache_b, new_b.astype(cache_b.dtype), p, 0))
     lp, mp = layer_weights(params)
 
     def one_layer(x, per_layer):
@@ -114,8 +131,7 @@ def _decode_chunk(params, state: MemoryState, cache, x, pos0, cfg: LlamaConfig, 
         x = memory.read(mp_l, x[None], MemoryState(A[None], z[None]), armt.nu)
         h = rms_norm(x, lp_l["attn_norm"][:, None, None, :], cfg.rms_norm_eps)
         q, k, v = qkv_heads(lp_l, h, cos, sin, cfg, gmm_impl=gmm_impl)
-        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), pos0, 1)
-        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), pos0, 1)
+        k_cache, v_cache = write(k_cache, k, pos0), write(v_cache, v, pos0)
         out = jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask,
                                            scale=cfg.head_dim ** -0.5, implementation=attn_impl)
         x = x + attention_output(lp_l, out, 1, gmm_impl=gmm_impl)
@@ -130,8 +146,9 @@ def _decode_chunk(params, state: MemoryState, cache, x, pos0, cfg: LlamaConfig, 
 @functools.partial(jax.jit, static_argnames=("cfg", "armt", "max_new_tokens", "temperature",
                                              "top_k", "top_p", "eos", "pad_id", "attn_impl",
                                              "gmm_impl"))
-def _decode(params, state, last_segment, key, *, cfg, armt, max_new_tokens, temperature, top_k,
-            top_p, eos, pad_id, attn_impl, gmm_impl) -> GenerateOutput:
+def _decode(params, state, last_segment, last_len, key, *, cfg, armt, max_new_tokens, temperature,
+            top_k, top_p, eos, pad_id, attn_impl, gmm_impl) -> GenerateOutput:
+    """last_segment [B, t]: each sequence's last segment, its first last_len[b] tokens real."""
     B, t = last_segment.shape
     L, K, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     dtype = params["embed"].dtype
@@ -141,9 +158,10 @@ def _decode(params, state, last_segment, key, *, cfg, armt, max_new_tokens, temp
                             gmm_impl=gmm_impl)
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
 
-    h, cache = run(cache, embed(params, last_segment), 0)
+    h, cache = run(cache, embed(params, last_segment), jnp.zeros((B,), jnp.int32))
+    h_last = jnp.take_along_axis(h, (last_len - 1)[:, None, None], axis=1)[:, 0]
     key, sub = jax.random.split(key)
-    first = sample(head(params, h[:, -1], cfg, "logits"), sub, temperature, top_k, top_p)
+    first = sample(head(params, h_last, cfg, "logits"), sub, temperature, top_k, top_p)
     done = jnp.isin(first, eos_ids)
     out = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
 
@@ -153,7 +171,7 @@ def _decode(params, state, last_segment, key, *, cfg, armt, max_new_tokens, temp
 
     def step(carry):
         i, cache, prev, done, out, key = carry
-        h, cache = run(cache, embed(params, prev[:, None]), t + i - 1)
+        h, cache = run(cache, embed(params, prev[:, None]), last_len + i - 1)
         key, sub = jax.random.split(key)
         nxt = sample(head(params, h[:, -1], cfg, "logits"), sub, temperature, top_k, top_p)
         nxt = jnp.where(done, pad_id, nxt)

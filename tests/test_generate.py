@@ -70,3 +70,18 @@ def test_sampling_needs_key(rng):
     with pytest.raises(ValueError, match="PRNG key"):
         generate(params, jnp.zeros((1, 3), jnp.int32), TINY, ACFG, max_new_tokens=2,
                  temperature=0.7)
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "diagonal"])
+def test_batch_of_different_lengths_equals_one_by_one(rng, schedule):
+    """Right-padded contexts of different lengths (one a multiple of T, one shorter than T):
+    every row generates what that context generates alone; the padding content is irrelevant."""
+    params = random_params(rng, TINY, ACFG)
+    lengths = np.array([3 * T + 2, 2 * T, 5])
+    tokens = rng.integers(0, TINY.vocab_size, (3, lengths.max())).astype(np.int32)
+    got = generate(params, jnp.asarray(tokens), TINY, ACFG, max_new_tokens=7, schedule=schedule,
+                   lengths=jnp.asarray(lengths), eos_token_ids=())
+    for b, n in enumerate(lengths):
+        alone = generate(params, jnp.asarray(tokens[b:b + 1, :n]), TINY, ACFG, max_new_tokens=7,
+                         schedule=schedule, eos_token_ids=())
+        np.testing.assert_array_equal(got.tokens[b], alone.tokens[0])
