@@ -3,6 +3,7 @@
     armt demo       a small random ARMT over a long input on this machine: tokens/s per schedule
     armt convert    weights between Hugging Face Llama, PyTorch ARMT state dicts and Orbax
     armt generate   continue a text file with a converted checkpoint
+    armt train      finetune on BABILong (train/)
     armt bench      the inference benchmark (eval/bench.py)
 """
 
@@ -115,6 +116,72 @@ def run_generate(args) -> int:
     return 0
 
 
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="finetune a checkpoint on BABILong (bAbI facts in book text)")
+    p.add_argument("checkpoint", type=Path, help="Orbax checkpoint from `armt convert --to orbax`")
+    p.add_argument("--babi", type=Path, required=True, help="bAbI v1.2 archive or folder")
+    p.add_argument("--books", type=Path, required=True, help="Gutenberg books archive or folder")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="Hugging Face tokenizer.json (default: <checkpoint>/tokenizer.json); "
+                        "context lengths are counted in its tokens")
+    p.add_argument("--tasks", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    p.add_argument("--context-tokens", type=int, default=1024, help="BABILong context length")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--accum-steps", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="metrics.jsonl and checkpoints go here")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_train)
+
+
+def run_train(args) -> int:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from tokenizers import Tokenizer
+
+    from armt_jax.checkpoint import load_checkpoint
+    from eval.babilong import build_sample, read_babi, read_books
+    from train.data import batches, qa_example
+    from train.loop import fit
+
+    params, cfg, armt = load_checkpoint(args.checkpoint)
+    if armt is None:
+        raise SystemExit(f"armt train: {args.checkpoint} has no ARMT memory (convert with "
+                         "--with-memory)")
+    tok_path = args.tokenizer or args.checkpoint / "tokenizer.json"
+    if not tok_path.exists():
+        raise SystemExit(f"armt train: no tokenizer file {tok_path} (pass --tokenizer)")
+    tokenizer = Tokenizer.from_file(str(tok_path))
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids
+    count = lambda text: len(encode(text))
+    samples = {t: read_babi(args.babi, t, "train") for t in args.tasks}
+    books = read_books(args.books)
+    eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
+
+    def make_example(rng):
+        task = args.tasks[int(rng.integers(len(args.tasks)))]
+        sample = samples[task][int(rng.integers(len(samples[task])))]
+        return qa_example(build_sample(sample, books, args.context_tokens, count, rng), encode, eos)
+
+    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(args.warmup, 1),
+                                                  max(args.steps, args.warmup + 1))
+    optimizer = optax.adamw(schedule, weight_decay=args.weight_decay)
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)   # float32 master weights
+    stream = batches(make_example, args.batch_size, armt.segment_size,
+                     np.random.default_rng(args.seed))
+    _, history = fit(params, cfg, armt, stream, steps=args.steps, optimizer=optimizer,
+                     accum_steps=args.accum_steps, out_dir=args.out,
+                     checkpoint_every=args.checkpoint_every)
+    print(f"final loss {history[-1]['loss']:.4f}; metrics and checkpoints in {args.out}")
+    return 0
+
+
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="inference benchmark (see eval/bench.py)", add_help=False)
     p.set_defaults(func=None)
@@ -132,6 +199,7 @@ def main(argv=None) -> int:
     add_demo_parser(sub)
     add_convert_parser(sub)
     add_generate_parser(sub)
+    add_train_parser(sub)
     add_bench_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)

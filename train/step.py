@@ -1,0 +1,62 @@
+"""The training step: masked next-token loss through the sequential schedule (full backpropagation
+through time across segments, each segment rematerialised), gradient accumulation as a `lax.scan`
+over micro-batches, one Optax update."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from armt_jax.config import ArmtConfig, LlamaConfig
+from armt_jax.sequential import sequential_forward
+
+
+def counted_targets(batch: dict) -> jax.Array:
+    """Targets that count in the loss: masked-in tokens after the first, within each length."""
+    n = batch["tokens"].shape[1]
+    inside = jnp.arange(n)[None, 1:] < batch["lengths"][:, None]
+    return jnp.sum(batch["loss_mask"][:, 1:] * inside)
+
+
+def make_train_step(cfg: LlamaConfig, armt: ArmtConfig, optimizer: optax.GradientTransformation,
+                    *, accum_steps: int = 1, remat: bool = True, attn_impl=None, gmm_impl="auto"):
+    """A jitted `step(params, opt_state, batch) -> (params, opt_state, metrics)`.
+
+    batch: tokens [B, n], loss_mask [B, n], lengths [B]; B must divide by accum_steps. The loss is
+    the mean over all counted targets of the batch, however it is split into micro-batches.
+    """
+
+    def loss_sum(params, micro):
+        out = sequential_forward(params, micro["tokens"], cfg, armt, output="none",
+                                 compute_loss=True, loss_mask=micro["loss_mask"],
+                                 lengths=micro["lengths"], remat=remat, attn_impl=attn_impl,
+                                 gmm_impl=gmm_impl)
+        count = counted_targets(micro)
+        return out.loss * count, count
+
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        B = batch["tokens"].shape[0]
+        if B % accum_steps:
+            raise ValueError(f"batch size {B} is not a multiple of accum_steps={accum_steps}")
+        micro = jax.tree.map(lambda a: a.reshape((accum_steps, B // accum_steps) + a.shape[1:]),
+                             batch)
+
+        def accumulate(carry, mb):
+            grads, total, count = carry
+            (loss, c), g = grad_fn(params, mb)
+            return (jax.tree.map(jnp.add, grads, g), total + loss, count + c), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, total, count), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(()), jnp.zeros(())), micro)
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": total / count, "targets": count,
+                                   "grad_norm": optax.tree.norm(grads)}
+
+    return step
