@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from eval.babilong import (BabiSample, build_sample, parse_babi, read_babi, read_books, score,
