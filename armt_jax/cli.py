@@ -4,6 +4,7 @@
     armt convert    weights between Hugging Face Llama, PyTorch ARMT state dicts and Orbax
     armt generate   continue a text file with a converted checkpoint
     armt train      finetune on BABILong (train/)
+    armt eval       BABILong accuracy per task and length, with a heatmap (eval/run_babilong.py)
     armt bench      the inference benchmark (eval/bench.py)
 """
 
@@ -143,21 +144,12 @@ def run_train(args) -> int:
     import jax.numpy as jnp
     import numpy as np
     import optax
-    from tokenizers import Tokenizer
 
-    from armt_jax.checkpoint import load_checkpoint
     from eval.babilong import build_sample, read_babi, read_books
     from train.data import batches, qa_example
     from train.loop import fit
 
-    params, cfg, armt = load_checkpoint(args.checkpoint)
-    if armt is None:
-        raise SystemExit(f"armt train: {args.checkpoint} has no ARMT memory (convert with "
-                         "--with-memory)")
-    tok_path = args.tokenizer or args.checkpoint / "tokenizer.json"
-    if not tok_path.exists():
-        raise SystemExit(f"armt train: no tokenizer file {tok_path} (pass --tokenizer)")
-    tokenizer = Tokenizer.from_file(str(tok_path))
+    params, cfg, armt, tokenizer = _load_for_text(args, "train")
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids
     count = lambda text: len(encode(text))
     samples = {t: read_babi(args.babi, t, "train") for t in args.tasks}
@@ -182,6 +174,56 @@ def run_train(args) -> int:
     return 0
 
 
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="BABILong accuracy per task and context length")
+    p.add_argument("checkpoint", type=Path, help="Orbax checkpoint with ARMT memory")
+    p.add_argument("--babi", type=Path, required=True, help="bAbI v1.2 archive or folder")
+    p.add_argument("--books", type=Path, required=True, help="Gutenberg books archive or folder")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="tokenizer.json (default: <checkpoint>/tokenizer.json); lengths are "
+                        "counted in its tokens")
+    p.add_argument("--tasks", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    p.add_argument("--lengths", type=int, nargs="+", default=[0, 1024, 4096, 16384])
+    p.add_argument("--samples", type=int, default=50, help="questions per task and length")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--schedule", choices=("diagonal", "sequential"), default="diagonal")
+    p.add_argument("--out", type=Path, required=True, help="babilong.{json,md,png} go here")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_eval)
+
+
+def _load_for_text(args, command: str):
+    """(params, cfg, armt, tokenizer) from a checkpoint with memory and a tokenizer file."""
+    from tokenizers import Tokenizer
+
+    from armt_jax.checkpoint import load_checkpoint
+    params, cfg, armt = load_checkpoint(args.checkpoint)
+    if armt is None:
+        raise SystemExit(f"armt {command}: {args.checkpoint} has no ARMT memory (convert with "
+                         "--with-memory)")
+    tok_path = args.tokenizer or args.checkpoint / "tokenizer.json"
+    if not tok_path.exists():
+        raise SystemExit(f"armt {command}: no tokenizer file {tok_path} (pass --tokenizer)")
+    return params, cfg, armt, Tokenizer.from_file(str(tok_path))
+
+
+def run_eval(args) -> int:
+    from eval.babilong import read_books
+    from eval.run_babilong import evaluate, model_answer_fn, write_report
+
+    params, cfg, armt, tokenizer = _load_for_text(args, "eval")
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids
+    answer = model_answer_fn(params, cfg, armt, encode, tokenizer.decode,
+                             max_new_tokens=args.max_new_tokens, schedule=args.schedule)
+    rows = evaluate(answer, args.babi, read_books(args.books), args.tasks, args.lengths,
+                    lambda text: len(encode(text)), samples=args.samples,
+                    batch_size=args.batch_size, seed=args.seed)
+    write_report(rows, args.out, f"BABILong accuracy, {args.checkpoint.name}, "
+                                 f"{args.samples} questions per cell")
+    return 0
+
+
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="inference benchmark (see eval/bench.py)", add_help=False)
     p.set_defaults(func=None)
@@ -200,6 +242,7 @@ def main(argv=None) -> int:
     add_convert_parser(sub)
     add_generate_parser(sub)
     add_train_parser(sub)
+    add_eval_parser(sub)
     add_bench_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
