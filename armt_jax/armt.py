@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from armt_jax import memory
 from armt_jax.config import ArmtConfig, LlamaConfig
@@ -68,6 +69,10 @@ def sequence_lengths(tokens: jax.Array, lengths: jax.Array | None) -> jax.Array:
     if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise ValueError(f"lengths must be integers of shape {(B,)}, got {lengths.dtype} "
                          f"{lengths.shape}")
+    if not isinstance(lengths, jax.core.Tracer):          # concrete: check the values too
+        bad = [int(v) for v in np.asarray(lengths) if not 1 <= v <= n]
+        if bad:
+            raise ValueError(f"lengths must lie in [1, {n}] (the padded length), got {bad}")
     return lengths.astype(jnp.int32)
 
 
