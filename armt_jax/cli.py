@@ -117,15 +117,21 @@ def run_generate(args) -> int:
     return 0
 
 
-def add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="finetune a checkpoint on BABILong (bAbI facts in book text)")
-    p.add_argument("checkpoint", type=Path, help="Orbax checkpoint from `armt convert --to orbax`")
+def _add_babilong_arguments(p) -> None:
+    """What `armt train` and `armt eval` share: the model, its tokenizer and the BABILong data."""
+    p.add_argument("checkpoint", type=Path, help="Orbax checkpoint with ARMT memory "
+                                                 "(`armt convert --to orbax --with-memory`)")
     p.add_argument("--babi", type=Path, required=True, help="bAbI v1.2 archive or folder")
     p.add_argument("--books", type=Path, required=True, help="Gutenberg books archive or folder")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="Hugging Face tokenizer.json (default: <checkpoint>/tokenizer.json); "
                         "context lengths are counted in its tokens")
     p.add_argument("--tasks", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="finetune a checkpoint on BABILong (bAbI facts in book text)")
+    _add_babilong_arguments(p)
     p.add_argument("--context-tokens", type=int, default=1024, help="BABILong context length")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=8)
@@ -176,13 +182,7 @@ def run_train(args) -> int:
 
 def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="BABILong accuracy per task and context length")
-    p.add_argument("checkpoint", type=Path, help="Orbax checkpoint with ARMT memory")
-    p.add_argument("--babi", type=Path, required=True, help="bAbI v1.2 archive or folder")
-    p.add_argument("--books", type=Path, required=True, help="Gutenberg books archive or folder")
-    p.add_argument("--tokenizer", type=Path, default=None,
-                   help="tokenizer.json (default: <checkpoint>/tokenizer.json); lengths are "
-                        "counted in its tokens")
-    p.add_argument("--tasks", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    _add_babilong_arguments(p)
     p.add_argument("--lengths", type=int, nargs="+", default=[0, 1024, 4096, 16384])
     p.add_argument("--samples", type=int, default=50, help="questions per task and length")
     p.add_argument("--batch-size", type=int, default=8)
