@@ -70,9 +70,9 @@ def sequence_lengths(tokens: jax.Array, lengths: jax.Array | None) -> jax.Array:
         raise ValueError(f"lengths must be integers of shape {(B,)}, got {lengths.dtype} "
                          f"{lengths.shape}")
     if not isinstance(lengths, jax.core.Tracer):          # concrete: check the values too
-        bad = [int(v) for v in np.asarray(lengths) if not 1 <= v <= n]
-        if bad:
-            raise ValueError(f"lengths must lie in [1, {n}] (the padded length), got {bad}")
+        bad = [int(v) for v in np.asarray(lengths) if not 0 <= v <= n]
+        if bad:   # 0 is allowed: that sequence keeps its zero state (generate's empty prefixes)
+            raise ValueError(f"lengths must lie in [0, {n}] (the padded length), got {bad}")
     return lengths.astype(jnp.int32)
 
 

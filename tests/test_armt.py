@@ -126,6 +126,6 @@ def test_lengths_are_validated(rng):
     with pytest.raises(ValueError, match="lengths must be integers of shape"):
         sequential_forward(params, jnp.zeros((2, 9), jnp.int32), TINY, acfg,
                            lengths=jnp.array([3.0, 4.0]))
-    with pytest.raises(ValueError, match=r"lengths must lie in \[1, 9\].*\[0, 10\]"):
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, 9\].*\[-1, 10\]"):
         sequential_forward(params, jnp.zeros((2, 9), jnp.int32), TINY, acfg,
-                           lengths=jnp.array([0, 10]))
+                           lengths=jnp.array([-1, 10]))
