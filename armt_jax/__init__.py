@@ -13,10 +13,10 @@ from armt_jax.diagonal import diagonal_forward
 from armt_jax.generate import generate
 from armt_jax.layers import llama_forward
 from armt_jax.memory import MemoryState
-from armt_jax.model import ArmtModel
+from armt_jax.model import ArmtModel, LlamaModel
 from armt_jax.params import init_params
 from armt_jax.sequential import sequential_forward
 
 __all__ = ["LLAMA_3_2_1B", "ArmtConfig", "ArmtModel", "ArmtOutput", "ConfigError", "LlamaConfig",
-           "MemoryState", "RopeScaling", "diagonal_forward", "generate", "init_params",
+           "LlamaModel", "MemoryState", "RopeScaling", "diagonal_forward", "generate", "init_params",
            "llama_forward", "sequential_forward"]

@@ -14,13 +14,49 @@ from armt_jax.armt import ArmtOutput
 from armt_jax.config import ArmtConfig, LlamaConfig
 from armt_jax.diagonal import diagonal_forward
 from armt_jax.generate import GenerateOutput, generate
+from armt_jax.layers import llama_forward
 from armt_jax.params import check_shapes, init_params
 from armt_jax.sequential import sequential_forward
 
 _is_variable = lambda x: isinstance(x, nnx.Variable)
 
 
-class ArmtModel(nnx.Module):
+class _ParamsModule(nnx.Module):
+    """Holds a parameter pytree as nnx.Param leaves; `param_tree()` gives the plain arrays back."""
+
+    def _hold(self, params: dict) -> None:
+        self.params = nnx.data(jax.tree.map(nnx.Param, params))
+
+    def param_tree(self) -> dict:
+        """The parameters as a plain pytree of arrays (what the functional core takes)."""
+        return jax.tree.map(lambda v: v[...], self.params, is_leaf=_is_variable)
+
+
+def _initial_params(name, cfg, armt, rngs, params, dtype) -> dict:
+    if params is None:
+        if rngs is None:
+            raise ValueError(f"{name} needs either rngs (random init) or params")
+        params = init_params(rngs.params(), cfg, armt, dtype)
+    return params
+
+
+class LlamaModel(_ParamsModule):
+    """The plain Llama (full attention over the whole input), same parameter layout without
+    `memory`: the Hugging Face model's function, and the baseline to compare ARMT with."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs | None = None,
+                 params: dict | None = None, dtype=jnp.float32):
+        params = _initial_params("LlamaModel", cfg, None, rngs, params, dtype)
+        params = {k: v for k, v in params.items() if k != "memory"}
+        check_shapes(params, cfg)
+        self.cfg = cfg
+        self._hold(params)
+
+    def __call__(self, tokens: jax.Array, *, output: str = "logits", **kwargs) -> jax.Array:
+        return llama_forward(self.param_tree(), tokens, self.cfg, output=output, **kwargs)
+
+
+class ArmtModel(_ParamsModule):
     """Llama with a per-layer associative memory.
 
         model = ArmtModel(LlamaConfig(...), ArmtConfig(...), rngs=nnx.Rngs(0))
@@ -30,17 +66,10 @@ class ArmtModel(nnx.Module):
 
     def __init__(self, cfg: LlamaConfig, armt: ArmtConfig, *, rngs: nnx.Rngs | None = None,
                  params: dict | None = None, dtype=jnp.float32):
-        if params is None:
-            if rngs is None:
-                raise ValueError("ArmtModel needs either rngs (random init) or params")
-            params = init_params(rngs.params(), cfg, armt, dtype)
+        params = _initial_params("ArmtModel", cfg, armt, rngs, params, dtype)
         check_shapes(params, cfg, armt)
         self.cfg, self.armt = cfg, armt
-        self.params = nnx.data(jax.tree.map(nnx.Param, params))
-
-    def param_tree(self) -> dict:
-        """The parameters as a plain pytree of arrays (what the functional core takes)."""
-        return jax.tree.map(lambda v: v[...], self.params, is_leaf=_is_variable)
+        self._hold(params)
 
     def __call__(self, tokens: jax.Array, *, schedule: str = "diagonal", output: str = "logits",
                  compute_loss: bool = False, loss_mask: jax.Array | None = None,
