@@ -201,7 +201,10 @@ def main(argv=None) -> int:
     ap.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=list(SCHEDULES))
     ap.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS))
     ap.add_argument("--reps", type=int, default=3, help="timed runs after the warm-up (>= 3)")
-    ap.add_argument("--out", type=Path, default=Path("eval/results/inference_h200.json"))
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results JSON (default: eval/results/inference_h200.json for --size 1b, "
+                         "out/inference_<size>.json otherwise, so smaller runs never overwrite "
+                         "the committed results)")
     ap.add_argument("--size", choices=("1b", "mid", "tiny"), default="1b",
                     help="mid / tiny: smaller models for CPU checks of this script")
     ap.add_argument("--op", choices=("model", "grouped_matmul"), default="model",
@@ -209,6 +212,9 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", choices=SCHEDULES, help=argparse.SUPPRESS)
     ap.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = Path("eval/results/inference_h200.json" if args.size == "1b"
+                        else f"out/inference_{args.size}.json")
     if args.reps < 3:
         ap.error("--reps must be >= 3")
     if args.worker:

@@ -132,9 +132,7 @@ def _make_fn(impl, config=None, transpose=None):
                     a, b, lo, hi, transpose_lhs=tl, transpose_rhs=tr
                 )
             dims = mgpu_kernel.problem_dims(a.shape, b.shape, tl, tr)
-            cfg, small = mgpu_kernel.select_configs(*dims, transpose_lhs=tl, transpose_rhs=tr)
-            if config is not None:
-                cfg, small = config, None
+            cfg = config or mgpu_kernel.select_config(*dims, transpose_lhs=tl, transpose_rhs=tr)
             return mgpu_kernel.grouped_matmul_mgpu(
                 a,
                 b,
@@ -142,7 +140,6 @@ def _make_fn(impl, config=None, transpose=None):
                 transpose_lhs=tl,
                 transpose_rhs=tr,
                 config=cfg,
-                small_config=small,
             )
 
     return jax.jit(f)
@@ -265,7 +262,7 @@ def markdown_sweep(rows):
             and r.note == ""
             and (r.shape in sweep_shapes and r.G == 16)
         ):
-            r = dataclasses.replace(r, note="sweep default (select_configs)")
+            r = dataclasses.replace(r, note="sweep default (select_config)")
         if r.impl != "xla" and r.note.startswith("sweep"):
             x = xla.get((r.shape, r.G, r.active))
             lines.append(
@@ -324,7 +321,9 @@ def main(argv=None):
     p.add_argument(
         "--smoke", action="store_true", help="tiny shapes, impl=interpret, CPU: tests this script"
     )
-    p.add_argument("--out", default=os.environ.get("OUT", "eval/results"))
+    p.add_argument("--out", default=None,
+                   help="results folder (default: $OUT, else eval/results; --smoke: out/smoke, so "
+                        "a CPU smoke run never overwrites the committed H200 results)")
     p.add_argument(
         "--budget_s", type=float, default=0, help="skip remaining shapes after this many seconds"
     )
@@ -337,6 +336,8 @@ def main(argv=None):
     failures: list[str] = []
     key = jax.random.key(int(time.time()))
 
+    if args.out is None:
+        args.out = "out/smoke" if args.smoke else os.environ.get("OUT", "eval/results")
     if args.smoke:
         dense_s, dense_flops = dense_seconds(256, jnp.float32)
         impls = ("xla", "interpret")

@@ -22,9 +22,8 @@ Structure (after jax's ``pallas/ops/gpu/hopper_matmul_mgpu.py``):
 * ragged edges: rows (and columns) past the end of a group are handled by TMA,
   which fills out-of-bounds loads with zeros and clips out-of-bounds stores;
 * block sizes: 128 x 256 CTA tiles (two 128 x 128 wgmma warpgroups), k-step
-  64, 4 stages (``select_configs``; 128 x 128 tiles where n is no multiple of
-  256). ``small_config`` can add a second, narrower kernel chosen at run time
-  by ``lax.cond``; measured slower on the GPU (see ``select_configs``).
+  64, 4 stages (``select_config``; 128 x 128 tiles where n is no multiple of
+  256).
 
 Operand layouts: ``A`` is ``[G, M, K]`` or, with ``transpose_lhs``,
 ``[G, K, M]``; ``B`` is ``[G, K, N]`` or, with ``transpose_rhs``,
@@ -110,50 +109,20 @@ def select_config(
     transpose_rhs: bool = False,
     dtype=jnp.bfloat16,
 ) -> TuningConfig:
-    """Block sizes for one problem (G, M, K, N) on an H100/H200."""
-    return select_configs(
-        num_groups, m, k, n, transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs, dtype=dtype
-    )[0]
-
-
-def select_configs(
-    num_groups: int,
-    m: int,
-    k: int,
-    n: int,
-    *,
-    transpose_lhs: bool = False,
-    transpose_rhs: bool = False,
-    dtype=jnp.bfloat16,
-) -> tuple[TuningConfig, TuningConfig | None]:
-    """(config, optional narrow config for a run-time choice; None here).
+    """Block sizes for one problem (G, M, K, N) on an H100/H200.
 
     Measured on an H200 (eval/results/grouped_matmul_h200*): 128 x 256 CTA
     tiles with 4 stages are the best single choice for every Llama-1B/3B/8B
     diagonal shape at full load (0.85-0.96 of a dense 8192^3 matmul); 3 vs 4
     stages, a 128 x 128 tile, a 256 x 128 tile and other grid orders were within
-    noise or slower. Compiling a narrow 128 x 128 kernel next to it and picking
-    one with ``lax.cond`` on the active count (``small_config``) was measured
-    too and is off: the GPU conditional costs a device-to-host sync per call
-    (1b o-proj, 1 of 16 groups active: 51 TF/s with it, 191 without), more than
-    the better wave quantisation gains.
+    noise or slower. A second, narrow kernel picked per call by ``lax.cond`` on
+    the active count was slower too (1b o-proj, 1 of 16 groups active: 51 TF/s
+    with it, 191 without) and was removed.
     """
     del num_groups, m, k, transpose_lhs, transpose_rhs, dtype
     if n % DEFAULT_CONFIG.cta_tile_n and n % NARROW_CONFIG.cta_tile_n == 0:
-        return NARROW_CONFIG, None
-    return DEFAULT_CONFIG, None
-
-
-# Relative cost of a unit of work in narrow tiles (128 x 128) vs wide tiles
-# (128 x 256) at full load on an H200: 0.87-0.96 of the wide rate measured.
-_NARROW_COST = 1.1
-
-
-def _per_sm_cost(config: TuningConfig, num_active, m: int, n: int, num_sms: int, unit_cost: float):
-    """Work of the busiest SM in the persistent loop (tile area x tiles)."""
-    tiles = pl.cdiv(m, config.cta_tile_m) * pl.cdiv(n, config.cta_tile_n)
-    per_sm = (num_active * tiles + num_sms - 1) // num_sms
-    return per_sm.astype(jnp.float32) * (config.cta_tile_m * config.cta_tile_n * unit_cost)
+        return NARROW_CONFIG
+    return DEFAULT_CONFIG
 
 
 def problem_dims(a_shape, b_shape, transpose_lhs, transpose_rhs):
@@ -412,7 +381,6 @@ def grouped_matmul_mgpu(
     transpose_lhs: bool = False,
     transpose_rhs: bool = False,
     config: TuningConfig = DEFAULT_CONFIG,
-    small_config: TuningConfig | None = None,
     num_sms: int | None = None,
     interpret=None,
 ):
@@ -421,50 +389,7 @@ def grouped_matmul_mgpu(
     a: [G, M, K] (or [G, K, M] with ``transpose_lhs``); b: [G, K, N] (or
     [G, N, K] with ``transpose_rhs``); bounds: int32[2] = (lo, hi), traced.
     Returns [G, M, N] in a's dtype with zeros outside ``[lo, hi)``.
-
-    With ``small_config``, a second kernel with those (smaller) tiles is
-    compiled too, and a ``lax.cond`` on the number of active groups runs the
-    one whose busiest SM has less work (wave quantisation of the persistent
-    loop): lightly loaded calls get more, smaller tiles.
     """
-    if small_config is not None:
-        g, m, _, n = problem_dims(a.shape, b.shape, transpose_lhs, transpose_rhs)
-        if (
-            unsupported_reason(
-                a.shape,
-                b.shape,
-                a.dtype,
-                a.dtype,
-                transpose_lhs=transpose_lhs,
-                transpose_rhs=transpose_rhs,
-                config=small_config,
-                interpret=interpret is not None,
-            )
-            is None
-        ):
-            if num_sms is None:
-                num_sms = _num_sms()
-            call = functools.partial(
-                grouped_matmul_mgpu,
-                transpose_lhs=transpose_lhs,
-                transpose_rhs=transpose_rhs,
-                num_sms=num_sms,
-                interpret=interpret,
-            )
-            bounds = bounds.astype(jnp.int32)
-            lo = jnp.clip(bounds[0], 0, g)
-            num_active = jnp.clip(bounds[1], lo, g) - lo
-            use_small = _per_sm_cost(
-                small_config, num_active, m, n, num_sms, _NARROW_COST
-            ) < _per_sm_cost(config, num_active, m, n, num_sms, 1.0)
-            return lax.cond(
-                use_small,
-                lambda a, b, bd: call(a, b, bd, config=small_config),
-                lambda a, b, bd: call(a, b, bd, config=config),
-                a,
-                b,
-                bounds,
-            )
     dims = problem_dims(a.shape, b.shape, transpose_lhs, transpose_rhs)
     g, m, k, n = dims
     if a.dtype != b.dtype:

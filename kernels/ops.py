@@ -79,58 +79,41 @@ def _kernel_config(impl, config):
 
 def _dispatch(a, b, bounds, *, transpose_lhs, transpose_rhs, out_dtype, impl, config, strict):
     """One grouped product ``op(a) @ op(b)`` on the path ``impl`` asks for."""
-    lo, hi = bounds[0], bounds[1]
-    if impl == "xla":
-        return grouped_matmul_reference(
-            a,
-            b,
-            lo,
-            hi,
-            transpose_lhs=transpose_lhs,
-            transpose_rhs=transpose_rhs,
-            out_dtype=out_dtype,
-        )
-    kernel_dtype = jnp.promote_types(a.dtype, b.dtype)
-    dims = mgpu_kernel.problem_dims(a.shape, b.shape, transpose_lhs, transpose_rhs)
-    cfg = _kernel_config(impl, config)
-    small_cfg = None
-    if cfg is None:
-        cfg, small_cfg = mgpu_kernel.select_configs(
-            *dims, transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs, dtype=kernel_dtype
-        )
+    if impl != "xla":
+        cfg = _kernel_config(impl, config)
+        if cfg is None:
+            dims = mgpu_kernel.problem_dims(a.shape, b.shape, transpose_lhs, transpose_rhs)
+            cfg = mgpu_kernel.select_config(
+                *dims, transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs,
+                dtype=jnp.promote_types(a.dtype, b.dtype))
+        if _kernel_serves(a, b, out_dtype, transpose_lhs, transpose_rhs, impl, cfg, strict):
+            return _run_kernel(a, b, bounds, transpose_lhs, transpose_rhs, impl, cfg)
+    return grouped_matmul_reference(
+        a, b, bounds[0], bounds[1], transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs,
+        out_dtype=out_dtype)
+
+
+def _kernel_serves(a, b, out_dtype, transpose_lhs, transpose_rhs, impl, cfg, strict) -> bool:
+    """Whether the Mosaic GPU kernel runs this product ("auto": only on Hopper; "pallas" /
+    "interpret" with `strict`: a product it cannot serve is an error)."""
     reason = mgpu_kernel.unsupported_reason(
-        a.shape,
-        b.shape,
-        kernel_dtype,
-        out_dtype,
-        transpose_lhs=transpose_lhs,
-        transpose_rhs=transpose_rhs,
-        config=cfg,
-        interpret=impl == "interpret",
-    )
+        a.shape, b.shape, jnp.promote_types(a.dtype, b.dtype), out_dtype,
+        transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs,
+        config=cfg, interpret=impl == "interpret")
     if impl == "auto":
-        use_kernel = reason is None and on_hopper()
-    elif reason is None:
-        use_kernel = True
-    elif strict:
+        return reason is None and on_hopper()
+    if reason is not None and strict:
         raise ValueError(
             f"grouped_matmul(impl={impl!r}): the Mosaic GPU kernel cannot serve"
             f" a {tuple(a.shape)} {a.dtype} @ b {tuple(b.shape)} {b.dtype}"
             f" -> {jnp.dtype(out_dtype)} (transpose_lhs={transpose_lhs},"
             f" transpose_rhs={transpose_rhs}): {reason}"
         )
-    else:
-        use_kernel = False
-    if not use_kernel:
-        return grouped_matmul_reference(
-            a,
-            b,
-            lo,
-            hi,
-            transpose_lhs=transpose_lhs,
-            transpose_rhs=transpose_rhs,
-            out_dtype=out_dtype,
-        )
+    return reason is None
+
+
+def _run_kernel(a, b, bounds, transpose_lhs, transpose_rhs, impl, cfg):
+    kernel_dtype = jnp.promote_types(a.dtype, b.dtype)
     interpret = None
     num_sms = None
     if impl == "interpret":
@@ -145,7 +128,6 @@ def _dispatch(a, b, bounds, *, transpose_lhs, transpose_rhs, out_dtype, impl, co
         transpose_lhs=transpose_lhs,
         transpose_rhs=transpose_rhs,
         config=cfg,
-        small_config=small_cfg,
         num_sms=num_sms,
         interpret=interpret,
     )

@@ -139,40 +139,6 @@ def test_default_hopper_tiles_in_interpret_mode():
     _check_idle_zero(y, lo, hi, "output", info)
 
 
-def test_runtime_choice_between_wide_and_narrow_tiles():
-    """Two kernels in one program, picked by lax.cond on the active count."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    rng, info = _rng()
-    g, m, k, n = 4, 128, 64, 128
-    wide = ops.INTERPRET_CONFIG  # CTA 64 x 128: 2 tiles per group
-    narrow = mgpu_kernel.TuningConfig(
-        tile_m=64, tile_n=32, tile_k=64, max_concurrent_steps=2, epi_tile_m=64, epi_tile_n=32
-    )  # CTA 64 x 64: 4 tiles
-    cost = lambda cfg, act, unit: float(
-        mgpu_kernel._per_sm_cost(cfg, jnp.int32(act), m, n, 4, unit)
-    )
-    assert cost(narrow, 1, 1.1) < cost(wide, 1, 1.0)  # 1 active: narrow
-    assert cost(narrow, 4, 1.1) > cost(wide, 4, 1.0)  # 4 active: wide
-    x, w = _operands(rng, g, m, k, n, jnp.float32)
-    f = jax.jit(
-        lambda x, w, bounds: mgpu_kernel.grouped_matmul_mgpu(
-            x,
-            w,
-            bounds,
-            config=wide,
-            small_config=narrow,
-            num_sms=4,
-            interpret=plgpu.InterpretGPUParams(),
-        )
-    )
-    for lo, hi in [(2, 3), (0, 4)]:
-        y = f(x, w, jnp.array([lo, hi], jnp.int32))
-        y_ref = kernels.grouped_matmul(x, w, (lo, hi), impl="xla")
-        assert _rel_err(y, y_ref) <= 1e-5, f"{info} lo={lo} hi={hi}"
-        _check_idle_zero(y, lo, hi, "output", info)
-
-
 def test_traced_range_one_compilation():
     rng, info = _rng()
     g, m, k, n = 4, 64, 64, 128
