@@ -18,7 +18,7 @@ import numpy as np
 
 from armt_jax import memory
 from armt_jax.config import ArmtConfig, LlamaConfig
-from armt_jax.layers import decoder_layer_group, embed
+from armt_jax.layers import decoder_layer_group, embed, layer_window
 from armt_jax.memory import MemoryState
 
 OUTPUTS = ("logits", "last_logits", "hidden", "none")
@@ -38,13 +38,16 @@ def layer_weights(params: dict) -> tuple[dict, dict]:
 
 def armt_layer_group(lp: dict, mp: dict, x: jax.Array, state: MemoryState, *, mem_start: jax.Array,
                      first: jax.Array, cos, sin, cfg: LlamaConfig, armt: ArmtConfig, active=None,
-                     attn_impl=None, gmm_impl="auto") -> tuple[jax.Array, MemoryState]:
+                     attn_impl=None, gmm_impl="auto",
+                     layer_offset=None) -> tuple[jax.Array, MemoryState]:
     """G ARMT cells at once: x [G, B, T+M, D], state leaves [G, B, ...], mem_start [G, B] (= text
     length t of each group's segment of each sequence), first [G] (segment is its sequence's
-    first). The caller keeps the old state where a cell is idle."""
+    first). The caller keeps the old state where a cell is idle. layer_offset (traced): the weights
+    hold more layers than G and group g uses layer g + layer_offset."""
+    mp = jax.tree.map(lambda a: layer_window(a, layer_offset, x.shape[0]), mp)
     x = memory.read(mp, x, state, armt.nu)
     x = decoder_layer_group(lp, x, cos, sin, cfg, active=active, attn_impl=attn_impl,
-                            gmm_impl=gmm_impl)
+                            gmm_impl=gmm_impl, layer_offset=layer_offset)
     take = lambda xs, t: jax.lax.dynamic_slice_in_dim(xs, t, armt.num_mem_tokens, axis=0)
     mem_out = jax.vmap(jax.vmap(take))(x, mem_start)
     return x, memory.write(mp, mem_out, state, first, armt.nu, armt.correction)

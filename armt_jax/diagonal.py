@@ -1,11 +1,12 @@
 """Diagonal batching (SPEC §2.2): every (segment, layer) cell of one anti-diagonal at once.
 
 Cell (s, l) needs (s, l-1) through activations and (s-1, l) through the memory of layer l, so all
-cells with s + l = k are independent. Step k runs them together: slot l of a buffer [L, B, T+M, D]
-holds segment k - l at layer l, and the step is one call of `armt_layer_group` with the stacked
-weights (slot l uses layer l: grouped matmuls). Layer l's memory state stays in slot l, so the
-recurrence is carried for free. After a step the buffer shifts by one slot: slot L-1 emits a finished
-segment, slot 0 receives the next segment's embeddings.
+cells with s + l = k are independent. Step k runs them together: slot l of a buffer
+[L+1, B, T+M, D] holds the input of segment k - l to layer l, and the step is one call of
+`armt_layer_group` with the stacked weights (slot l uses layer l: grouped matmuls). Layer l's memory
+state stays in slot l, so the recurrence is carried for free. Each slot's output is written one slot
+up, where it is the next step's input of the next layer (slot L receives finished segments); slot 0
+receives the next segment's embeddings. The buffer itself never shifts.
 
 Slots outside the active range (ramp-up k < L-1, ramp-down k > N-1) are idle: their state is kept by
 a select (so NaN/Inf in idle rows cannot leak) and they emit nothing. A step whose active range is
@@ -92,20 +93,25 @@ def _diagonal_core(params, tokens, seq_len, *, cfg: LlamaConfig, armt: ArmtConfi
 
     # Ramp-up and ramp-down steps have fewer active slots than L (and N < L never fills them):
     # such a step runs on a window of the next size in `windows` that holds its active range,
-    # so idle slots cost nothing but the window's rounding (and a copy of that window's weights).
+    # so idle slots cost nothing but the window's rounding. The window's slots read their layers
+    # from the full stacked weights at an offset (no copy of the big matrices on the kernel path;
+    # the XLA path slices them).
     windows = sorted({min(L, 1 << i) for i in range(L.bit_length() + 1)})
 
-    def run_window(w, x_in, state, lengths, first, lo, hi):
+    def run_window(w, x_buf, state, lengths, first, lo, hi):
         start = jnp.clip(lo, 0, L - w)                          # [start, start + w) covers [lo, hi)
         take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, w, axis=0) if w < L else a
         x_w, new_w = armt_layer_group(
-            jax.tree.map(take, lp), jax.tree.map(take, mp), take(x_in), jax.tree.map(take, state),
-            mem_start=take(lengths), first=take(first), cos=cos, sin=sin, cfg=cfg, armt=armt,
-            active=(lo - start, hi - start), attn_impl=attn_impl, gmm_impl=gmm_impl)
+            lp, mp, jax.lax.dynamic_slice_in_dim(x_buf, start, w, axis=0),
+            jax.tree.map(take, state), mem_start=take(lengths), first=take(first), cos=cos,
+            sin=sin, cfg=cfg, armt=armt, active=(lo - start, hi - start), attn_impl=attn_impl,
+            gmm_impl=gmm_impl, layer_offset=start if w < L else None)
+        # Slot l's output is slot l+1's next input: written one slot up, in place.
+        x_buf = jax.lax.dynamic_update_slice_in_dim(x_buf, x_w, start + 1, axis=0)
         if w == L:
-            return x_w, new_w
+            return x_buf, new_w
         put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, start, axis=0)
-        return put(x_in, x_w), jax.tree.map(put, state, new_w)
+        return x_buf, jax.tree.map(put, state, new_w)
 
     def step(carry):
         k, x_buf, state, out = carry
@@ -115,13 +121,13 @@ def _diagonal_core(params, tokens, seq_len, *, cfg: LlamaConfig, armt: ArmtConfi
         start = jnp.clip(k, 0, padded_len // T - 1) * T
         x0 = segment_input(params, jax.lax.dynamic_slice_in_dim(tokens, start, T, axis=1),
                            lengths[0])
-        x_in = jnp.concatenate([x0[None], x_buf[:-1]], axis=0)
+        x_buf = jax.lax.dynamic_update_slice_in_dim(x_buf, x0[None], 0, axis=0)
         lo = jnp.maximum(k - num_segments + 1, 0)
         hi = jnp.minimum(k + 1, L)
         window = jnp.searchsorted(jnp.asarray(windows), hi - lo)   # smallest window >= active
-        x_out, new_state = jax.lax.switch(
+        x_buf, new_state = jax.lax.switch(
             window, [functools.partial(run_window, w) for w in windows],
-            x_in, state, lengths, seg == 0, lo, hi)
+            x_buf, state, lengths, seg == 0, lo, hi)
         keep = lambda new, old: jnp.where(active.reshape(active.shape + (1,) * (old.ndim - 2)),
                                           new, old)
         state = jax.tree.map(keep, new_state, state)
@@ -129,7 +135,7 @@ def _diagonal_core(params, tokens, seq_len, *, cfg: LlamaConfig, armt: ArmtConfi
         # Slot L-1 finishes segment k-L+1. During ramp-up that is negative and the write lands on
         # segment 0's rows, which segment 0 overwrites later: a plain in-place update, no cond
         # (a cond around the update would copy the whole output buffer every step).
-        finished = x_out[L - 1, :, :T]
+        finished = x_buf[L, :, :T]
         if output in ("logits", "hidden"):
             done = jnp.maximum(k - (L - 1), 0)
             out = jax.lax.dynamic_update_slice_in_dim(
@@ -137,9 +143,11 @@ def _diagonal_core(params, tokens, seq_len, *, cfg: LlamaConfig, armt: ArmtConfi
         else:   # keep each sequence's own last segment
             is_last = seg[L - 1] == seq_segments - 1                           # [B]
             out = jnp.where(is_last[:, None, None], finished, out)
-        return k + 1, x_out, state, out
+        return k + 1, x_buf, state, out
 
-    x_buf = jnp.full((L, B, T + M, D), idle_fill, dtype)
+    # x_buf[l] is slot l's input for the coming step, x_buf[L] the last slot's latest output.
+    # Outputs are written one slot up in place, so the buffer never shifts (no copy per step).
+    x_buf = jnp.full((L + 1, B, T + M, D), idle_fill, dtype)
     state = zero_state(L, B, armt.d_key, D, state_dtype(dtype))
     init = (jnp.asarray(0, jnp.int32), x_buf, state, out0)
     _, _, state, out = jax.lax.while_loop(lambda c: c[0] < num_segments + L - 1, step, init)

@@ -5,7 +5,9 @@ Group axis convention: layer weights carry a leading axis [G, ...] and activatio
 group g of the activations goes through layer g of the weights. The sequential schedule calls this
 with G = 1, the diagonal schedule with G = L (slot l holds a segment at layer l). Every matmul with
 a per-layer weight goes through `kernels.grouped_matmul`, whose `active` range lets idle groups skip
-work.
+work. With `layer_offset` the weights may hold more layers than there are groups: group g uses
+layer g + layer_offset (the diagonal schedule's windows of slots read the full stacked weights, and
+on the kernel path the big matrices are never copied).
 """
 
 from __future__ import annotations
@@ -62,58 +64,77 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[..., None, :] + rotated * sin[..., None, :]
 
 
-def _project(x, w, bias, active, gmm_impl):
-    """[G, B, S, in] @ [G, in, out] (+ bias [G, out]) through the grouped matmul."""
+def layer_window(a: jax.Array, layer_offset, groups: int) -> jax.Array:
+    """Layers [layer_offset, layer_offset + groups) of a stacked per-layer array (a copy: for the
+    small ones, norms, biases and memory weights); all of it when layer_offset is None."""
+    if layer_offset is None:
+        return a
+    return jax.lax.dynamic_slice_in_dim(a, layer_offset, groups, axis=0)
+
+
+def _project(x, w, bias, active, gmm_impl, layer_offset=None):
+    """[G, B, S, in] @ [G(+), in, out] (+ bias [G(+), out]) through the grouped matmul."""
     G, B, S, _ = x.shape
-    y = kernels.grouped_matmul(x.reshape(G, B * S, -1), w, active=active, impl=gmm_impl)
+    y = kernels.grouped_matmul(x.reshape(G, B * S, -1), w, active=active,
+                               weight_offset=layer_offset, impl=gmm_impl)
     if bias is not None:
-        y = y + bias[:, None, :]
+        y = y + layer_window(bias, layer_offset, G)[:, None, :]
     return y.reshape(G, B, S, -1)
 
 
-def qkv_heads(lp: dict, x: jax.Array, cos, sin, cfg: LlamaConfig, *, active=None, gmm_impl="auto"):
+def qkv_heads(lp: dict, x: jax.Array, cos, sin, cfg: LlamaConfig, *, active=None, gmm_impl="auto",
+              layer_offset=None):
     """Projections of x [G, B, S, D] to RoPE'd q [G*B, S, H, hd] and k, v [G*B, S, K, hd]."""
     G, B, S, _ = x.shape
     H, K, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    qkv = _project(x, lp["w_qkv"], lp.get("b_qkv"), active, gmm_impl)
+    qkv = _project(x, lp["w_qkv"], lp.get("b_qkv"), active, gmm_impl, layer_offset)
     q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
     q = apply_rope(q.reshape(G * B, S, H, hd), cos, sin)
     k = apply_rope(k.reshape(G * B, S, K, hd), cos, sin)
     return q, k, v.reshape(G * B, S, K, hd)
 
 
-def attention_output(lp: dict, out: jax.Array, groups: int, *, active=None, gmm_impl="auto"):
+def attention_output(lp: dict, out: jax.Array, groups: int, *, active=None, gmm_impl="auto",
+                     layer_offset=None):
     """Attention heads [G*B, S, H, hd] -> output projection [G, B, S, D]."""
     GB, S, H, hd = out.shape
     return _project(out.reshape(groups, GB // groups, S, H * hd), lp["w_o"], lp.get("b_o"), active,
-                    gmm_impl)
+                    gmm_impl, layer_offset)
 
 
 def attention(lp: dict, x: jax.Array, cos, sin, cfg: LlamaConfig, *, active=None,
-              attn_impl=None, gmm_impl="auto") -> jax.Array:
+              attn_impl=None, gmm_impl="auto", layer_offset=None) -> jax.Array:
     """Causal grouped-query self-attention of x [G, B, S, D] (already normalised)."""
-    q, k, v = qkv_heads(lp, x, cos, sin, cfg, active=active, gmm_impl=gmm_impl)
+    q, k, v = qkv_heads(lp, x, cos, sin, cfg, active=active, gmm_impl=gmm_impl,
+                        layer_offset=layer_offset)
     out = jax.nn.dot_product_attention(q, k, v, scale=cfg.head_dim ** -0.5, is_causal=True,
                                        implementation=attn_impl)
-    return attention_output(lp, out, x.shape[0], active=active, gmm_impl=gmm_impl)
+    return attention_output(lp, out, x.shape[0], active=active, gmm_impl=gmm_impl,
+                            layer_offset=layer_offset)
 
 
-def mlp(lp: dict, x: jax.Array, cfg: LlamaConfig, *, active=None, gmm_impl="auto") -> jax.Array:
-    gate, up = jnp.split(_project(x, lp["w_gate_up"], None, active, gmm_impl), 2, axis=-1)
-    return _project(jax.nn.silu(gate) * up, lp["w_down"], None, active, gmm_impl)
+def mlp(lp: dict, x: jax.Array, cfg: LlamaConfig, *, active=None, gmm_impl="auto",
+        layer_offset=None) -> jax.Array:
+    gate, up = jnp.split(_project(x, lp["w_gate_up"], None, active, gmm_impl, layer_offset), 2,
+                         axis=-1)
+    return _project(jax.nn.silu(gate) * up, lp["w_down"], None, active, gmm_impl, layer_offset)
 
 
 def decoder_layer_group(lp: dict, x: jax.Array, cos, sin, cfg: LlamaConfig, *, active=None,
-                        attn_impl=None, gmm_impl="auto") -> jax.Array:
+                        attn_impl=None, gmm_impl="auto", layer_offset=None) -> jax.Array:
     """G Llama decoder layers on G inputs: h + Attn(RMSNorm(h)), then h + MLP(RMSNorm(h)).
 
-    lp: layer weights with leading group axis [G, ...]; x: [G, B, S, D]; cos/sin: [S, hd] or
-    broadcastable to [G*B, S, hd]; active: optional (lo, hi) range of groups that do work.
+    lp: layer weights with leading layer axis [G, ...] (or [L >= G, ...] with layer_offset: group
+    g uses layer g + layer_offset, traced); x: [G, B, S, D]; cos/sin: [S, hd] or broadcastable to
+    [G*B, S, hd]; active: optional (lo, hi) range of groups that do work.
     """
-    norm = lambda h, w: rms_norm(h, w[:, None, None, :], cfg.rms_norm_eps)
+    G = x.shape[0]
+    norm = lambda h, w: rms_norm(h, layer_window(w, layer_offset, G)[:, None, None, :],
+                                 cfg.rms_norm_eps)
     x = x + attention(lp, norm(x, lp["attn_norm"]), cos, sin, cfg, active=active,
-                      attn_impl=attn_impl, gmm_impl=gmm_impl)
-    return x + mlp(lp, norm(x, lp["mlp_norm"]), cfg, active=active, gmm_impl=gmm_impl)
+                      attn_impl=attn_impl, gmm_impl=gmm_impl, layer_offset=layer_offset)
+    return x + mlp(lp, norm(x, lp["mlp_norm"]), cfg, active=active, gmm_impl=gmm_impl,
+                   layer_offset=layer_offset)
 
 
 def embed(params: dict, tokens: jax.Array) -> jax.Array:

@@ -104,21 +104,29 @@ def forward_fn(schedule: str, cfg, armt):
                                          gmm_impl=impl).out
 
 
+def bench_params(schedule: str, cfg, armt) -> dict:
+    """Random bf16 weights; W_mv (zero at init) random too, so the memory path does real work."""
+    import jax
+    import jax.numpy as jnp
+    from armt_jax.params import init_params
+    params = init_params(jax.random.key(0), cfg, armt, jnp.bfloat16)
+    if schedule == "full_attention":
+        params.pop("memory")
+    else:
+        w_mv = params["memory"]["w_mv"]
+        params["memory"]["w_mv"] = (W_MV_STD * jax.random.normal(jax.random.key(2), w_mv.shape)
+                                    ).astype(w_mv.dtype)
+    return params
+
+
 def worker(schedule: str, lengths: list[int], reps: int, out_file: Path, size: str) -> None:
     """Runs in its own process: one schedule, lengths ascending; appends JSON rows."""
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from armt_jax.params import init_params
 
     cfg, armt = bench_config(size)
-    params = init_params(jax.random.key(0), cfg, armt, jnp.bfloat16)
-    if schedule == "full_attention":
-        params.pop("memory")
-    else:   # W_mv is zero at init; make the memory path do real work
-        w_mv = params["memory"]["w_mv"]
-        params["memory"]["w_mv"] = (W_MV_STD * jax.random.normal(jax.random.key(2), w_mv.shape)
-                                    ).astype(w_mv.dtype)
+    params = bench_params(schedule, cfg, armt)
     dense = time_dense_matmul(8192 if size == "1b" else 512)
     device = jax.devices()[0]
     fn = jax.jit(forward_fn(schedule, cfg, armt))

@@ -6,7 +6,7 @@ USEFUL work (2 * active * m * k * n / seconds) and as a fraction of a dense
 8192^3 bf16 ``jnp.dot`` timed in the same run. Before timing, every (shape,
 G) is checked: pallas vs xla relative error <= 1e-2 and idle groups exactly 0.
 
-    python3 eval/bench_grouped_matmul.py [--models 1b,3b,8b] [--sweep]
+    python3 eval/bench_grouped_matmul.py [--models 1b,3b,8b] [--sweep NAMES]
         [--bwd] [--out DIR] [--quick]
 
 Writes DIR/grouped_matmul_h200.json (rows: model, shape, G, active, impl,
@@ -129,7 +129,7 @@ def _make_fn(impl, config=None, transpose=None):
         def f(a, b, lo, hi):
             if impl == "xla":
                 return kernels.grouped_matmul_reference(
-                    a, b, lo, hi, transpose_lhs=tl, transpose_rhs=tr
+                    a, b, jnp.stack([lo, hi]), transpose_lhs=tl, transpose_rhs=tr
                 )
             dims = mgpu_kernel.problem_dims(a.shape, b.shape, tl, tr)
             cfg = config or mgpu_kernel.select_config(*dims, transpose_lhs=tl, transpose_rhs=tr)
@@ -237,13 +237,24 @@ def bench_shape(
         del a, b
 
 
-SWEEP = [
-    mgpu_kernel.TuningConfig(),  # 128x256 CTA, 4 stages
-    mgpu_kernel.TuningConfig(max_concurrent_steps=3),
-    mgpu_kernel.TuningConfig(tile_n=64, max_concurrent_steps=5),  # 128x128
-    mgpu_kernel.TuningConfig(grid_minor_dim=mgpu_kernel.MatmulDimension.M, grid_tile_width=4),
-    mgpu_kernel.TuningConfig(wg_dimension=mgpu_kernel.MatmulDimension.M),
-]
+M_ = mgpu_kernel.MatmulDimension
+SWEEP = {  # named configs for --sweep (the default is select_config's choice)
+    "default": mgpu_kernel.TuningConfig(),  # 128x256 CTA, 4 stages, chained tiles
+    "unchained": mgpu_kernel.TuningConfig(chain_tiles=False),
+    "stages3": mgpu_kernel.TuningConfig(max_concurrent_steps=3),
+    "narrow": mgpu_kernel.TuningConfig(tile_n=64, max_concurrent_steps=5),  # 128x128
+    "grid_m4": mgpu_kernel.TuningConfig(grid_minor_dim=M_.M, grid_tile_width=4),
+    "wg_m": mgpu_kernel.TuningConfig(wg_dimension=M_.M),
+    "chain": mgpu_kernel.TuningConfig(chain_tiles=True),
+    "chain_narrow": mgpu_kernel.TuningConfig(tile_n=64, chain_tiles=True),  # 128x128, 4 stages
+    # 128 x 192 CTA tiles, split by rows between the two warpgroups (64 x 192 wgmma each):
+    # n = 3072 gives 144 tiles per group instead of 108, fewer idle SMs in the last wave.
+    "chain_m64_n192": mgpu_kernel.TuningConfig(tile_m=64, tile_n=192, wg_dimension=M_.M),
+    "chain_grid_m4": mgpu_kernel.TuningConfig(chain_tiles=True, grid_minor_dim=M_.M,
+                                              grid_tile_width=4),
+    "chain_grid_n4": mgpu_kernel.TuningConfig(chain_tiles=True, grid_tile_width=4),
+    "chain_wg_m": mgpu_kernel.TuningConfig(chain_tiles=True, wg_dimension=M_.M),
+}
 
 
 def markdown_sweep(rows):
@@ -306,7 +317,10 @@ def main(argv=None):
     p.add_argument(
         "--groups", default="1,2,4,8,16", help="G values timed at full load (1b; others: 1 and max)"
     )
-    p.add_argument("--sweep", action="store_true", help="time the SWEEP configs on two 1b shapes")
+    p.add_argument("--sweep", nargs="?", const="stages3,narrow,grid_m4,wg_m", default=None,
+                   help="comma-separated SWEEP config names, timed on the --sweep_shapes")
+    p.add_argument("--sweep_shapes", default="o,gate_up,down", help="1b shapes for --sweep")
+    p.add_argument("--sweep_actives", default="4", help="active groups of 16 for --sweep")
     p.add_argument(
         "--bwd", action="store_true", help="time the backward products (dx, dw) for 1b shapes"
     )
@@ -397,14 +411,12 @@ def main(argv=None):
         for name, m, k, n in models[mname]:
             todo.append((mname, name, m, k, n, groups, actives, None, "", None))
     if args.sweep and not args.smoke:
-        for name, m, k, n in [MODELS["1b"][1], MODELS["1b"][2], MODELS["1b"][3]]:
-            for cfg in SWEEP[1:]:
-                tag = (
-                    f"tm{cfg.tile_m} tn{cfg.tile_n} s{cfg.max_concurrent_steps}"
-                    f" wg{cfg.wg_dimension} gm{cfg.grid_minor_dim}"
-                    f"{cfg.grid_tile_width}"
-                )
-                todo.append(("1b", name, m, k, n, [16], [4], cfg, "sweep " + tag, None))
+        shapes = [s_ for s_ in MODELS["1b"] if s_[0] in args.sweep_shapes.split(",")]
+        sweep_actives = [int(v) for v in args.sweep_actives.split(",")]
+        for name, m, k, n in shapes:
+            for cfg_name in args.sweep.split(","):
+                todo.append(("1b", name, m, k, n, [16], sweep_actives, SWEEP[cfg_name],
+                             "sweep " + cfg_name, None))
     if args.wide_only and not args.smoke:
         for name, m, k, n in MODELS["1b"]:
             todo.append(
@@ -416,7 +428,7 @@ def main(argv=None):
                     n,
                     [16],
                     actives,
-                    SWEEP[0],
+                    SWEEP["default"],
                     "sweep wide only (128x256, 4 stages)",
                     None,
                 )

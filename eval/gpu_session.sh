@@ -1,15 +1,32 @@
 #!/usr/bin/env bash
-# One device call that re-checks and re-measures everything GPU-specific (about 8 minutes on an
-# H200): the GPU tests (kernel compiled, diagonal through it), the model-scale agreement check,
-# then the inference benchmark with every schedule. Results land in $OUT (or ./out).
-#   run: bash eval/gpu_session.sh
+# Re-checks and re-measures everything GPU-specific on an H200, in stages (one device command may
+# run 10 minutes, so the stages are split over two calls):
+#   tests      the GPU tests (kernel compiled: offsets, tile schedules; diagonal through it)
+#   bench      the inference benchmark, every schedule and length        (~6 min)
+#   agreement  model-scale agreement of the schedules                    (~1 min)
+#   kernel     the grouped-matmul benchmark (1b all loads, 3b/8b quick, backward products)
+#   run: bash eval/gpu_session.sh tests bench; bash eval/gpu_session.sh agreement kernel
+# Results land in $OUT (or ./out).
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv,noheader | tee "$OUT/device.txt"
+quiet() { grep -v "^[WI]0000\|^WARNING: All log"; }
+nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv,noheader | tee -a "$OUT/device.txt"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/device.txt"
-python3 -m pytest -q -p no:cacheprovider tests/test_grouped_matmul.py tests/test_diagonal.py \
-    -k "gpu or pallas" 2>&1 | tail -5 | tee "$OUT/gpu_tests.txt"
-python3 -m eval.agreement --tokens 16384 2>&1 | grep -v "^[WI]0000" | tee "$OUT/agreement.txt"
-python3 -m eval.bench --out "$OUT/inference_h200.json" 2>&1 | grep -v "^[WI]0000" | tee "$OUT/bench.txt"
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(tests bench agreement kernel)
+for stage in "${stages[@]}"; do
+  echo "== $stage $(date -u +%FT%TZ)"
+  case $stage in
+    tests) python3 -m pytest -q -p no:cacheprovider tests/test_grouped_matmul.py \
+             tests/test_diagonal.py -k "gpu or pallas" 2>&1 | quiet | tail -8 \
+             | tee "$OUT/gpu_tests.txt" ;;
+    bench) python3 -m eval.bench --out "$OUT/inference_h200.json" 2>&1 | quiet \
+             | tee "$OUT/bench.txt" ;;
+    agreement) python3 -m eval.agreement --tokens 16384 2>&1 | quiet | tee "$OUT/agreement.txt" ;;
+    kernel) python3 eval/bench_grouped_matmul.py --models 1b,3b,8b --quick --bwd \
+              --out "$OUT/kernel" 2>&1 | quiet | grep -v "^  " | tail -80 ;;
+    *) echo "unknown stage $stage (tests, bench, agreement, kernel)"; exit 2 ;;
+  esac
+done

@@ -2,7 +2,11 @@
 
 ``grouped_matmul(x, w, active=(lo, hi))`` computes ``out[g] = x[g] @ w[g]`` for
 the groups ``lo <= g < hi`` and zeros for every other group; ``lo`` and ``hi``
-may be traced, so one compiled program serves every active range.
+may be traced, so one compiled program serves every active range. With
+``weight_offset=o`` the weights may hold more groups than x and group g uses
+``w[g + o]`` (o traced too): a window of slots of the diagonal schedule reads
+its layers straight from the full stacked weights, with no copy on the kernel
+path.
 
 Implementations (``impl``):
 
@@ -15,11 +19,12 @@ Implementations (``impl``):
 * ``"auto"``: ``"pallas"`` on a Hopper GPU when the kernel serves the problem
   (bf16/f16, tile-aligned k and n, ...), ``"xla"`` otherwise.
 
-Gradients (``jax.custom_vjp``): ``dx = dy @ w^T`` and ``dw[g] = x[g]^T @ dy[g]``
-are two more grouped matmuls over the same active range (idle groups get zero
-gradient), run by the kernel with transposed operand views (no transposed
-copies). Under ``"pallas"``/``"interpret"`` a backward product the kernel
-cannot serve falls back to XLA; ``lo``/``hi`` get no gradient.
+Gradients (``jax.custom_vjp``): ``dx = dy @ w^T`` and ``dw[g + o] = x[g]^T @
+dy[g]`` are two more grouped matmuls over the same active range (idle groups,
+and weight groups outside the window, get zero gradient), run by the kernel with
+transposed operand views (no transposed copies). Under ``"pallas"`` /
+``"interpret"`` a backward product the kernel cannot serve falls back to XLA;
+the range and offset get no gradient.
 """
 
 from __future__ import annotations
@@ -57,10 +62,12 @@ def _check_impl(impl: str) -> None:
         raise ValueError(f"grouped_matmul: unknown impl {impl!r}; expected one of {IMPLS}")
 
 
-def _check_operands(x, w) -> None:
-    if x.ndim != 3 or w.ndim != 3 or x.shape[0] != w.shape[0] or (x.shape[2] != w.shape[1]):
+def _check_operands(x, w, offset: bool) -> None:
+    groups_ok = w.shape[0] >= x.shape[0] if offset else w.shape[0] == x.shape[0]
+    if x.ndim != 3 or w.ndim != 3 or not groups_ok or (x.shape[2] != w.shape[1]):
+        expected = "[Gw >= G, k, n] (weight_offset given)" if offset else "[G, k, n]"
         raise ValueError(
-            "grouped_matmul: expected x [G, m, k] and w [G, k, n], got x"
+            f"grouped_matmul: expected x [G, m, k] and w {expected}, got x"
             f" {tuple(x.shape)} and w {tuple(w.shape)}"
         )
     for name, arr in (("x", x), ("w", w)):
@@ -77,8 +84,10 @@ def _kernel_config(impl, config):
     return INTERPRET_CONFIG if impl == "interpret" else None
 
 
-def _dispatch(a, b, bounds, *, transpose_lhs, transpose_rhs, out_dtype, impl, config, strict):
-    """One grouped product ``op(a) @ op(b)`` on the path ``impl`` asks for."""
+def _dispatch(a, b, bounds, *, transpose_lhs, transpose_rhs, out_dtype, out_groups, impl,
+              config, strict):
+    """One grouped product ``out[g + out_off] = op(a[g]) @ op(b[g + b_off])`` on the path
+    ``impl`` asks for; bounds = (lo, hi, b_off, out_off)."""
     if impl != "xla":
         cfg = _kernel_config(impl, config)
         if cfg is None:
@@ -87,10 +96,10 @@ def _dispatch(a, b, bounds, *, transpose_lhs, transpose_rhs, out_dtype, impl, co
                 *dims, transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs,
                 dtype=jnp.promote_types(a.dtype, b.dtype))
         if _kernel_serves(a, b, out_dtype, transpose_lhs, transpose_rhs, impl, cfg, strict):
-            return _run_kernel(a, b, bounds, transpose_lhs, transpose_rhs, impl, cfg)
+            return _run_kernel(a, b, bounds, transpose_lhs, transpose_rhs, out_groups, impl, cfg)
     return grouped_matmul_reference(
-        a, b, bounds[0], bounds[1], transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs,
-        out_dtype=out_dtype)
+        a, b, bounds, transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs,
+        out_dtype=out_dtype, out_groups=out_groups)
 
 
 def _kernel_serves(a, b, out_dtype, transpose_lhs, transpose_rhs, impl, cfg, strict) -> bool:
@@ -112,7 +121,7 @@ def _kernel_serves(a, b, out_dtype, transpose_lhs, transpose_rhs, impl, cfg, str
     return reason is None
 
 
-def _run_kernel(a, b, bounds, transpose_lhs, transpose_rhs, impl, cfg):
+def _run_kernel(a, b, bounds, transpose_lhs, transpose_rhs, out_groups, impl, cfg):
     kernel_dtype = jnp.promote_types(a.dtype, b.dtype)
     interpret = None
     num_sms = None
@@ -128,24 +137,23 @@ def _run_kernel(a, b, bounds, transpose_lhs, transpose_rhs, impl, cfg):
         transpose_lhs=transpose_lhs,
         transpose_rhs=transpose_rhs,
         config=cfg,
+        out_groups=out_groups,
         num_sms=num_sms,
         interpret=interpret,
     )
 
 
+def _bounds(lo, hi, b_off, out_off):
+    return jnp.stack([lo, hi, b_off, out_off]).astype(jnp.int32)
+
+
+# bounds = (lo, hi, weight_offset): int32[3], traced.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _gmm(impl, out_dtype, config, x, w, bounds):
-    return _dispatch(
-        x,
-        w,
-        bounds,
-        transpose_lhs=False,
-        transpose_rhs=False,
-        out_dtype=out_dtype,
-        impl=impl,
-        config=config,
-        strict=True,
-    )
+    lo, hi, off = bounds
+    return _dispatch(x, w, _bounds(lo, hi, off, 0), transpose_lhs=False, transpose_rhs=False,
+                     out_dtype=out_dtype, out_groups=x.shape[0], impl=impl, config=config,
+                     strict=True)
 
 
 def _gmm_fwd(impl, out_dtype, config, x, w, bounds):
@@ -155,35 +163,21 @@ def _gmm_fwd(impl, out_dtype, config, x, w, bounds):
 def _gmm_bwd(impl, out_dtype, config, res, dy):
     del out_dtype
     x, w, bounds = res
+    lo, hi, off = bounds
     if impl != "xla":
         # The kernels take one input dtype: run the backward in the inputs'
         # precision (float32 accumulation inside), as mixed-precision training does.
         dy = dy.astype(jnp.promote_types(x.dtype, w.dtype))
-    # dx[g] = dy[g] @ w[g]^T: B = w read as [G, N=k, K=n].
-    dx = _dispatch(
-        dy,
-        w,
-        bounds,
-        transpose_lhs=False,
-        transpose_rhs=True,
-        out_dtype=x.dtype,
-        impl=impl,
-        config=config,
-        strict=False,
-    )
-    # dw[g] = x[g]^T @ dy[g]: A = x read as [G, K=m, M=k]; ragged m is the
-    # contraction dim here (TMA zero-fills past the end).
-    dw = _dispatch(
-        x,
-        dy,
-        bounds,
-        transpose_lhs=True,
-        transpose_rhs=False,
-        out_dtype=w.dtype,
-        impl=impl,
-        config=config,
-        strict=False,
-    )
+    # dx[g] = dy[g] @ w[g + off]^T: B = w read as [Gw, N=k, K=n].
+    dx = _dispatch(dy, w, _bounds(lo, hi, off, 0), transpose_lhs=False, transpose_rhs=True,
+                   out_dtype=x.dtype, out_groups=x.shape[0], impl=impl, config=config,
+                   strict=False)
+    # dw[g + off] = x[g]^T @ dy[g]: A = x read as [G, K=m, M=k]; ragged m is the
+    # contraction dim here (TMA zero-fills past the end). Weight groups outside
+    # the window get zeros.
+    dw = _dispatch(x, dy, _bounds(lo, hi, 0, off), transpose_lhs=True, transpose_rhs=False,
+                   out_dtype=w.dtype, out_groups=w.shape[0], impl=impl, config=config,
+                   strict=False)
     return dx, dw, np.zeros(bounds.shape, dtype=jax.dtypes.float0)
 
 
@@ -195,6 +189,7 @@ def grouped_matmul(
     w,
     active=None,
     *,
+    weight_offset=None,
     impl: str = "auto",
     preferred_element_type=None,
     config: mgpu_kernel.TuningConfig | None = None,
@@ -203,10 +198,13 @@ def grouped_matmul(
 
     Args:
       x: [G, m, k], bfloat16 (float16/float32 accepted).
-      w: [G, k, n], same dtype as x for the kernels.
+      w: [G, k, n], same dtype as x for the kernels; with ``weight_offset``
+        [Gw, k, n] with Gw >= G.
       active: ``(lo, hi)`` int32 scalars, possibly traced: groups
         ``lo <= g < hi`` are computed, all others produce zeros (and get zero
         gradient). ``None`` means all groups. Values are clipped to [0, G].
+      weight_offset: int32 scalar, possibly traced: group g uses
+        ``w[g + weight_offset]``; clipped to [0, Gw - G]. Default 0.
       impl: "auto" | "pallas" | "xla" | "interpret" (module docstring).
       preferred_element_type: output dtype (default x.dtype). The kernels only
         produce x.dtype; anything else goes to XLA under "auto".
@@ -217,7 +215,7 @@ def grouped_matmul(
       accumulation throughout.
     """
     _check_impl(impl)
-    _check_operands(x, w)
+    _check_operands(x, w, weight_offset is not None)
     num_groups = x.shape[0]
     if active is None:
         lo, hi = 0, num_groups
@@ -234,6 +232,10 @@ def grouped_matmul(
         raise ValueError(
             f"grouped_matmul: lo and hi must be scalars, got shapes {lo.shape}, {hi.shape}"
         )
-    bounds = jnp.stack([lo, hi])
+    offset = jnp.asarray(0 if weight_offset is None else weight_offset, jnp.int32)
+    if offset.ndim:
+        raise ValueError(f"grouped_matmul: weight_offset must be a scalar, got shape {offset.shape}")
+    offset = jnp.clip(offset, 0, w.shape[0] - num_groups)
+    bounds = jnp.stack([lo, hi, offset])
     out_dtype = jnp.dtype(preferred_element_type or x.dtype)
     return _gmm(impl, out_dtype, config, x, w, bounds)

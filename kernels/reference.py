@@ -14,17 +14,26 @@ def active_mask(num_groups: int, lo, hi) -> jax.Array:
 
 
 def grouped_matmul_reference(
-    a, b, lo, hi, *, transpose_lhs: bool = False, transpose_rhs: bool = False, out_dtype=None
+    a, b, bounds, *, transpose_lhs: bool = False, transpose_rhs: bool = False, out_dtype=None,
+    out_groups: int | None = None,
 ):
-    """``out[g] = op(a[g]) @ op(b[g])`` for lo <= g < hi, zeros elsewhere.
+    """``out[g + out_off] = op(a[g]) @ op(b[g + b_off])`` for lo <= g < hi, zeros elsewhere.
 
-    a: [G, M, K] ([G, K, M] if transpose_lhs); b: [G, K, N] ([G, N, K] if
-    transpose_rhs). float32 accumulation; float32 inputs use full float32
-    precision (no TF32). Idle groups are selected away after the einsum, so
-    NaN/Inf in idle inputs cannot leak into the result. All G groups are
-    computed: idle groups cost full price on this path.
+    a: [G, M, K] ([G, K, M] if transpose_lhs); b: [Gb, K, N] ([Gb, N, K] if
+    transpose_rhs), Gb >= G; bounds: (lo, hi) or (lo, hi, b_off, out_off);
+    output [out_groups (default G), M, N]. float32 accumulation; float32 inputs
+    use full float32 precision (no TF32). Idle groups are selected away after
+    the einsum, so NaN/Inf in idle inputs cannot leak into the result. All G
+    groups are computed (idle groups cost full price on this path), and an
+    offset into b is a copy of those G groups of b.
     """
+    bounds = jnp.asarray(bounds, jnp.int32)
+    lo, hi = bounds[0], bounds[1]
+    b_off, out_off = (bounds[2], bounds[3]) if bounds.shape[0] == 4 else (0, 0)
+    num_groups = a.shape[0]
     out_dtype = jnp.dtype(out_dtype or a.dtype)
+    if b.shape[0] != num_groups:
+        b = lax.dynamic_slice_in_dim(b, b_off, num_groups, axis=0)
     lhs = "gkm" if transpose_lhs else "gmk"
     rhs = "gnk" if transpose_rhs else "gkn"
     precision = (
@@ -33,5 +42,8 @@ def grouped_matmul_reference(
     out = jnp.einsum(
         f"{lhs},{rhs}->gmn", a, b, preferred_element_type=jnp.float32, precision=precision
     )
-    mask = active_mask(a.shape[0], lo, hi)[:, None, None]
-    return jnp.where(mask, out, 0).astype(out_dtype)
+    out = jnp.where(active_mask(num_groups, lo, hi)[:, None, None], out, 0).astype(out_dtype)
+    if out_groups is not None and out_groups != num_groups:
+        full = jnp.zeros((out_groups, *out.shape[1:]), out_dtype)
+        out = lax.dynamic_update_slice_in_dim(full, out, out_off, axis=0)
+    return out

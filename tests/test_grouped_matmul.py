@@ -12,6 +12,8 @@ GPU tests (impl="pallas") skip unless the default device is a Hopper GPU.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -139,6 +141,68 @@ def test_default_hopper_tiles_in_interpret_mode():
     _check_idle_zero(y, lo, hi, "output", info)
 
 
+def _weight_window_oracle(x, w, lo, hi, off, cot):
+    """float64 NumPy: y[g] = x[g] @ w[g + off] on [lo, hi); the loss sum(y * cot) and its
+    gradients (dw zero outside the window's active groups)."""
+    x64, w64, c64 = (np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (x, w, cot))
+    g = x64.shape[0]
+    y = np.zeros((g, x64.shape[1], w64.shape[2]))
+    dx, dw = np.zeros_like(x64), np.zeros_like(w64)
+    for i in range(lo, hi):
+        y[i] = x64[i] @ w64[i + off]
+        dx[i] = c64[i] @ w64[i + off].T
+        dw[i + off] = x64[i].T @ c64[i]
+    return y, dx, dw
+
+
+@pytest.mark.parametrize("impl", ["interpret", "xla"])
+def test_weight_offset_reads_a_window_of_stacked_weights(impl):
+    """x holds 3 groups, w 5: group g uses w[g + off]; dw has w's shape, zero outside."""
+    rng, info = _rng()
+    g, gw, m, k, n = 3, 5, 72, 128, 128
+    x, _ = _operands(rng, g, m, k, n, jnp.float32)
+    _, w = _operands(rng, gw, m, k, n, jnp.float32)
+    off = int(rng.integers(0, gw - g + 1))
+    lo, hi = _random_range(rng, g)
+    info = f"{info} off={off} lo={lo} hi={hi} {impl}"
+    cot = jnp.asarray(rng.standard_normal((g, m, n)), jnp.float32)
+
+    def loss(x, w, lo, hi, off):
+        y = kernels.grouped_matmul(x, w, (lo, hi), weight_offset=off, impl=impl)
+        return jnp.sum(y * cot), y
+
+    (_, y), (dx, dw) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+        x, w, jnp.int32(lo), jnp.int32(hi), jnp.int32(off))
+    y_want, dx_want, dw_want = _weight_window_oracle(x, w, lo, hi, off, cot)
+    assert y.shape == (g, m, n) and dw.shape == w.shape, info
+    assert _rel_err(y, y_want) <= 1e-5, info
+    assert _rel_err(dx, dx_want) <= 1e-5, f"dx {info}"
+    assert _rel_err(dw, dw_want) <= 1e-5, f"dw {info}"
+    _check_idle_zero(y, lo, hi, "output", info)
+    _check_idle_zero(dw, lo + off, hi + off, "dw", info)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dataclasses.replace(ops.INTERPRET_CONFIG, chain_tiles=False),
+     dataclasses.replace(ops.INTERPRET_CONFIG, chain_tiles=True),
+     mgpu_kernel.TuningConfig(tile_m=64, tile_n=192, wg_dimension=mgpu_kernel.MatmulDimension.M,
+                              max_concurrent_steps=2)],
+    ids=["unchained", "chained", "rows_split_64x192"])
+def test_tile_schedules(config):
+    """Plain and chained (START/STEADY/STOP) tile pipelines and the row-split 128 x 192 tiles:
+    several tiles per group over 4 simulated SMs, so CTAs run 1 to 6 tiles (a CTA with a single
+    tile runs unchained)."""
+    rng, info = _rng()
+    g, m, k, n = 4, 136, 256, 384
+    x, w = _operands(rng, g, m, k, n, jnp.float32)
+    for lo, hi in [(0, g), (1, 2), _random_range(rng, g)]:
+        y = kernels.grouped_matmul(x, w, (lo, hi), impl="interpret", config=config)
+        y_ref = kernels.grouped_matmul(x, w, (lo, hi), impl="xla")
+        assert _rel_err(y, y_ref) <= 1e-5, f"{info} lo={lo} hi={hi}"
+        _check_idle_zero(y, lo, hi, "output", info)
+
+
 def test_traced_range_one_compilation():
     rng, info = _rng()
     g, m, k, n = 4, 64, 64, 128
@@ -223,6 +287,8 @@ def test_errors():
         kernels.grouped_matmul(x.astype(jnp.float32), w.astype(jnp.float32), impl="pallas")
     with pytest.raises(ValueError, match="active"):
         kernels.grouped_matmul(x, w, active=3)
+    with pytest.raises(ValueError, match=r"Gw >= G.*\(1, 64, 128\)"):
+        kernels.grouped_matmul(x, w[:1], weight_offset=0)
 
 
 def test_impl_names():
@@ -285,3 +351,40 @@ def test_gpu_traced_range_one_compilation():
         assert _rel_err(y, y_ref) <= 1e-2, f"{info} lo={lo} hi={hi}"
         _check_idle_zero(y, lo, hi, "output", info)
     assert len(traces) == 1
+
+
+GPU_CONFIGS = {
+    "unchained": mgpu_kernel.TuningConfig(chain_tiles=False),
+    "chained": mgpu_kernel.TuningConfig(chain_tiles=True),
+    "rows_split_64x192": mgpu_kernel.TuningConfig(
+        tile_m=64, tile_n=192, wg_dimension=mgpu_kernel.MatmulDimension.M),
+}
+
+
+@on_gpu
+@pytest.mark.parametrize("name", list(GPU_CONFIGS))
+def test_gpu_weight_offset(name):
+    """A window of 4 slots reading layers [off, off + 4) of 8 stacked weights, forward and
+    both gradients, with plain and chained tile pipelines (1b qkv shape: 32 k-steps)."""
+    rng, info = _rng()
+    g, gw, m, k, n = 4, 8, 1152, 2048, 3072
+    x, _ = _operands(rng, g, m, k, n, jnp.bfloat16)
+    _, w = _operands(rng, gw, m, k, n, jnp.bfloat16)
+    cot = jnp.asarray(rng.standard_normal((g, m, n)), jnp.float32)
+    cfg = GPU_CONFIGS[name]
+    chain = cfg.chain_tiles
+
+    def loss(x, w, lo, hi, off):
+        y = kernels.grouped_matmul(x, w, (lo, hi), weight_offset=off, impl="pallas", config=cfg)
+        return jnp.sum(y.astype(jnp.float32) * cot), y
+
+    grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    for lo, hi, off in [(0, g, 4), (1, 3, 2), (3, 4, 0), (2, 2, 1)]:
+        tag = f"{info} lo={lo} hi={hi} off={off} config={name} chain={chain}"
+        (_, y), (dx, dw) = grad_fn(x, w, jnp.int32(lo), jnp.int32(hi), jnp.int32(off))
+        y_want, dx_want, dw_want = _weight_window_oracle(x, w, lo, hi, off, cot)
+        assert _rel_err(y, y_want) <= 1e-2, tag
+        assert _rel_err(dx, dx_want) <= 1e-2, f"dx {tag}"
+        assert _rel_err(dw, dw_want) <= 1e-2, f"dw {tag}"
+        _check_idle_zero(y, lo, hi, "output", tag)
+        _check_idle_zero(dw, lo + off, hi + off, "dw", tag)

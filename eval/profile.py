@@ -1,0 +1,145 @@
+"""Where the device time of one forward goes: a per-kernel breakdown from the JAX profiler.
+
+Runs each schedule of eval/bench.py (same model and weights) at one length, traces a few
+synchronised runs with `jax.profiler`, and sums the device kernels' time by kernel name and by
+kind (matmul, our grouped-matmul kernel, attention, copies and slices, other fusions). Printed as
+a table; the full per-kernel sums go to <out>/profile_<schedule>_<tokens>.json.
+
+    python -m eval.profile --schedules sequential diagonal diagonal_pallas --tokens 8192
+    python -m eval.profile --schedules diagonal --tokens 8192 \\
+        --compiler-option xla_gpu_enable_dynamic_slice_fusion=true
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from eval.bench import SCHEDULES, bench_config, bench_params, forward_fn
+
+KINDS = (   # first match wins; applied to lower-cased kernel names
+    ("grouped_matmul_kernel", re.compile(r"mosaic|_kernel$|grouped_matmul")),
+    ("attention", re.compile(r"sdpa|flash|fmha|attention|cudnn")),
+    ("matmul", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|gmma|triton_dot|dot")),
+    ("copy_slice", re.compile(r"copy|slice|memcpy|memset|concatenate|transpose")),
+)
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, pattern in KINDS if pattern.search(low)), "other")
+
+
+def device_kernel_times(xspace_path: str) -> tuple[dict[str, list[float]], list[str]]:
+    """{kernel name: [durations in s]} over the GPU planes' stream lines, and the line names."""
+    from jax.profiler import ProfileData
+    data = ProfileData.from_file(xspace_path)
+    times: dict[str, list[float]] = collections.defaultdict(list)
+    gpu_lines = [(plane.name, line) for plane in data.planes
+                 if plane.name.startswith("/device:GPU") for line in plane.lines]
+    lines_seen = [f"{plane} | {line.name}" for plane, line in gpu_lines]
+    # Kernels sit on the 'Stream #..' lines; 'XLA Ops' / 'XLA Modules' are summaries of them.
+    streams = [line for _, line in gpu_lines if "stream" in line.name.lower()]
+    for line in streams or [line for _, line in gpu_lines if "xla" not in line.name.lower()]:
+        for event in line.events:
+            times[event.name].append(event.duration_ns * 1e-9)
+    return times, lines_seen
+
+
+def profile(schedule: str, n: int, runs: int, compiler_options: dict, out_dir: Path, top: int,
+            dump_hlo: bool = False):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    cfg, armt = bench_config(os.environ.get("ARMT_PROFILE_SIZE", "1b"))
+    params = bench_params(schedule, cfg, armt)
+    tokens = jnp.asarray(np.random.default_rng(n).integers(0, cfg.vocab_size, (1, n)), jnp.int32)
+    compiled = jax.jit(forward_fn(schedule, cfg, armt)).lower(params, tokens).compile(
+        compiler_options=compiler_options or None)
+    compiled(params, tokens).block_until_ready()                 # warm-up
+    walls = []
+    trace_dir = tempfile.mkdtemp(prefix="armt_profile_")
+    jax.profiler.start_trace(trace_dir)
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        compiled(params, tokens).block_until_ready()
+        walls.append(time.perf_counter() - t0)
+    jax.profiler.stop_trace()
+    paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+        raise RuntimeError(f"the profiler wrote no .xplane.pb under {trace_dir}")
+    times, lines_seen = device_kernel_times(paths[0])
+    per_run = {name: sum(ts) / runs for name, ts in times.items()}
+    counts = {name: len(ts) / runs for name, ts in times.items()}
+    by_kind = collections.Counter()
+    for name, t in per_run.items():
+        by_kind[kind_of(name)] += t
+    busy = sum(per_run.values())
+    wall = float(np.median(walls))
+    tag = f"{schedule}{'+' + ','.join(compiler_options) if compiler_options else ''}"
+    print(f"\n## {tag}, {n} tokens: wall {wall * 1e3:.2f} ms (traced runs), device busy "
+          f"{busy * 1e3:.2f} ms, {sum(counts.values()):.0f} kernels per run", flush=True)
+    print("| kind | ms per run | share of busy |\n|---|---:|---:|")
+    for kind, t in by_kind.most_common():
+        print(f"| {kind} | {t * 1e3:.2f} | {t / busy:.1%} |")
+    print("\n| kernel | kind | ms per run | calls per run | us per call |\n|---|---|---:|---:|---:|")
+    for name, t in sorted(per_run.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"| {name[:70]} | {kind_of(name)} | {t * 1e3:.2f} | {counts[name]:.0f} | "
+              f"{t / counts[name] * 1e6:.1f} |")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", tag)
+    if dump_hlo:
+        with gzip.open(out_dir / f"hlo_{safe}_{n}.txt.gz", "wt") as f:
+            f.write(compiled.as_text())
+    (out_dir / f"profile_{safe}_{n}.json").write_text(json.dumps({
+        "schedule": schedule, "tokens": n, "compiler_options": compiler_options,
+        "wall_s_median": wall, "busy_s_per_run": busy, "by_kind_s": dict(by_kind),
+        "kernels": {k: {"s_per_run": per_run[k], "calls_per_run": counts[k]} for k in per_run},
+        "trace_lines": lines_seen, "device": jax.devices()[0].device_kind,
+        "jax": jax.__version__}, indent=1))
+
+
+def _option_value(text: str):
+    """XLA wants typed option values: true/false -> bool, integers -> int, else the string."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m eval.profile", description=__doc__.split("\n")[0])
+    ap.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=["sequential", "diagonal"])
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--runs", type=int, default=2, help="traced runs (after one warm-up)")
+    ap.add_argument("--top", type=int, default=15, help="kernels listed per schedule")
+    ap.add_argument("--compiler-option", action="append", default=[], metavar="NAME=VALUE",
+                    help="XLA compiler option for these compilations only (repeatable)")
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
+    ap.add_argument("--dump-hlo", action="store_true",
+                    help="also write the optimised HLO of each program (gzip) to --out")
+    args = ap.parse_args(argv)
+    options = {}
+    for item in args.compiler_option:
+        name, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--compiler-option expects NAME=VALUE, got {item!r}")
+        options[name] = _option_value(value)
+    for schedule in args.schedules:
+        profile(schedule, args.tokens, args.runs, options, args.out, args.top, args.dump_hlo)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
