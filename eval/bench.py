@@ -241,7 +241,9 @@ def main(argv=None) -> int:
     add_agreement(rows)
     command = "python -m eval.bench " + " ".join(argv)
     cfg, armt = bench_config(args.size)
-    report = {"command": command.strip(), "rows": rows,
+    # the output samples served the agreement column; the report keeps rows small
+    report = {"command": command.strip(),
+              "rows": [{k: v for k, v in r.items() if k != "sample"} for r in rows],
               "setting": f"{'Llama-3.2-1B' if args.size == '1b' else 'tiny'} shapes, bf16 random "
                          f"weights, T={armt.segment_size}, M={armt.num_mem_tokens}, "
                          f"d_mem={armt.d_mem}, batch 1, lm_head=identity"}
