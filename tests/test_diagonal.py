@@ -185,3 +185,35 @@ def test_diagonal_through_the_kernel_in_interpret_mode(rng):
 @pytest.mark.skipif(not kernels.on_hopper(), reason="needs a Hopper GPU")
 def test_diagonal_through_the_kernel_on_gpu(rng):
     _check_kernel_path(*_kernel_case(rng, hidden=256, segment_size=120), impl="pallas")
+
+
+def _eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in it (jit, while, switch branches...)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    yield from _eqns(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from _eqns(sub)
+
+
+@pytest.mark.parametrize("impl", ["interpret", "xla"])
+def test_steps_copy_no_stacked_weights_and_never_shift_the_buffer(rng, impl):
+    """What makes ramp steps cheap on the GPU: on the kernel path a window of slots reads its
+    layers' matrices at an offset into the stacked weights (the XLA path slices them, which shows
+    this check can see a slice), and no step rebuilds the slot buffer with a concatenate."""
+    params, tokens, cfg, acfg = _kernel_case(rng, hidden=128, segment_size=56)
+    jaxpr = jax.make_jaxpr(lambda p, t: diagonal_forward(p, t, cfg, acfg, gmm_impl=impl).out)(
+        params, tokens)
+    # (w_o is left out: [L, D, D] like the memory's W_mv, which windows do slice: it is small)
+    big = {tuple(params["layers"][k].shape) for k in ("w_qkv", "w_gate_up", "w_down")}
+    sliced = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name in ("dynamic_slice", "slice")
+              and tuple(e.invars[0].aval.shape) in big]
+    S = acfg.segment_size + acfg.num_mem_tokens
+    shifted = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "concatenate"
+               and e.outvars[0].aval.shape[0] >= L
+               and e.outvars[0].aval.shape[-2:] == (S, cfg.hidden_size)]
+    assert not shifted, shifted
+    assert bool(sliced) == (impl == "xla"), [str(e) for e in sliced][:3]
