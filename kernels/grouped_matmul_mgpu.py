@@ -126,9 +126,10 @@ def select_config(
     diagonal shape at full load (0.85-0.96 of a dense 8192^3 matmul); 3 vs 4
     stages, a 128 x 128 tile, a 256 x 128 tile and other grid orders were within
     noise or slower. Chained tile pipelines (``chain_tiles``, on by default)
-    gained 2-13 % at full load on the 1b shapes (gate_up 587 -> 662 TF/s, o 604
-    -> 636); row-split 128 x 192 tiles (fewer idle SMs in the last wave of the
-    qkv shape) and chained 128 x 128 tiles were within noise of it. A second,
+    measured +2 to +13 % at full load on the 1b shapes in one sweep but within
+    noise in an A/B/A/B repetition (grouped_matmul_h200.md); row-split 128 x 192
+    tiles (fewer idle SMs in the last wave of the qkv shape) and chained
+    128 x 128 tiles were within noise of the default. A second,
     narrow kernel picked per call by ``lax.cond`` on the active count was slower
     (1b o-proj, 1 of 16 groups active: 51 TF/s with it, 191 without).
     """
