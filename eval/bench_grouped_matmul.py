@@ -250,6 +250,9 @@ SWEEP = {  # named configs for --sweep (the default is select_config's choice)
     # 128 x 192 CTA tiles, split by rows between the two warpgroups (64 x 192 wgmma each):
     # n = 3072 gives 144 tiles per group instead of 108, fewer idle SMs in the last wave.
     "chain_m64_n192": mgpu_kernel.TuningConfig(tile_m=64, tile_n=192, wg_dimension=M_.M),
+    # clusters of 2 CTAs on neighbouring column tiles, the A tile multicast to both
+    "cluster_n": mgpu_kernel.TuningConfig(cluster_dimension=M_.N),
+    "cluster_n_unchained": mgpu_kernel.TuningConfig(cluster_dimension=M_.N, chain_tiles=False),
     "chain_grid_m4": mgpu_kernel.TuningConfig(chain_tiles=True, grid_minor_dim=M_.M,
                                               grid_tile_width=4),
     "chain_grid_n4": mgpu_kernel.TuningConfig(chain_tiles=True, grid_tile_width=4),

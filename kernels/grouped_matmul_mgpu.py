@@ -19,6 +19,9 @@ Structure (after jax's ``pallas/ops/gpu/hopper_matmul_mgpu.py``):
   (``max_concurrent_steps`` stages), two compute warpgroups issue wgmma into
   float32 accumulators (each owns half of the CTA tile), and a tiled epilogue
   casts, stages the tile through shared memory and TMA-stores it;
+* with ``cluster_dimension`` the CTAs run in clusters of two that compute
+  neighbouring tiles along that dimension and share the common operand tile
+  through a TMA multicast (half the L2 traffic for it);
 * with ``chain_tiles`` the tile pipelines of one CTA form a pipeline of
   pipelines (``plgpu.PipelinePipeline``): the memory warpgroup starts loading
   the next tile while the compute warpgroups still finish and store the
@@ -85,6 +88,9 @@ class TuningConfig:
     # Chain the tile pipelines of a CTA (no fill bubble between tiles). Used
     # only where the k-steps are a multiple of max_concurrent_steps.
     chain_tiles: bool = True
+    # Clusters of 2 CTAs on neighbouring tiles along this dimension, sharing the
+    # other operand's tile by TMA multicast (N: the A tile, M: the B tile).
+    cluster_dimension: MatmulDimension | None = None
 
     @property
     def cta_tile_m(self) -> int:
@@ -129,7 +135,9 @@ def select_config(
     measured +2 to +13 % at full load on the 1b shapes in one sweep but within
     noise in an A/B/A/B repetition (grouped_matmul_h200.md); row-split 128 x 192
     tiles (fewer idle SMs in the last wave of the qkv shape) and chained
-    128 x 128 tiles were within noise of the default. A second,
+    128 x 128 tiles were within noise of the default. Clusters with multicast
+    (``cluster_dimension``) pass the interpret-mode tests but have not been
+    compiled or timed on a GPU yet, so they are not chosen here. A second,
     narrow kernel picked per call by ``lax.cond`` on the active count was slower
     (1b o-proj, 1 of 16 groups active: 51 TF/s with it, 191 without).
     """
@@ -194,6 +202,10 @@ def unsupported_reason(
         return f"m={m}, n={n} too small for the tile"
     if c.smem_bytes(dtype.itemsize, out_dtype.itemsize) > _SMEM_BYTES:
         return "config exceeds shared memory"
+    if c.cluster_dimension == MatmulDimension.N and pl.cdiv(n, c.cta_tile_n) % 2:
+        return f"cluster along n needs an even number of {c.cta_tile_n}-column tiles, n={n}"
+    if c.cluster_dimension == MatmulDimension.M and pl.cdiv(m, c.cta_tile_m) % 2:
+        return f"cluster along m needs an even number of {c.cta_tile_m}-row tiles, m={m}"
     return None
 
 
@@ -219,6 +231,12 @@ def _kernel(
     n_iters = pl.cdiv(n, cta_tile_n)
     k_iters = pl.cdiv(k, tile_k)
     tiles_per_group = m_iters * n_iters
+    # Matmul work items: one tile per CTA, or one pair of neighbouring tiles per cluster.
+    cluster_m = 1 + (c.cluster_dimension == MatmulDimension.M)
+    cluster_n = 1 + (c.cluster_dimension == MatmulDimension.N)
+    item_m_iters, item_n_iters = m_iters // cluster_m, n_iters // cluster_n
+    items_per_group = item_m_iters * item_n_iters
+    work_axis = "sm" if c.cluster_dimension is None else "cluster_grid"
     # A pipeline of pipelines needs whole rounds of stages per tile.
     chain = c.chain_tiles and k_iters % c.max_concurrent_steps == 0
 
@@ -255,8 +273,10 @@ def _kernel(
             grid=(k_iters,),
             memory_registers=40,
             in_specs=[
-                plgpu.BlockSpec(a_block, a_map, transforms=a_tr, memory_space=plgpu.SMEM),
-                plgpu.BlockSpec(b_block, b_map, transforms=b_tr, memory_space=plgpu.SMEM),
+                plgpu.BlockSpec(a_block, a_map, transforms=a_tr, memory_space=plgpu.SMEM,
+                                collective_axes=("cluster",) if cluster_n > 1 else ()),
+                plgpu.BlockSpec(b_block, b_map, transforms=b_tr, memory_space=plgpu.SMEM,
+                                collective_axes=("cluster",) if cluster_m > 1 else ()),
             ],
             wg_axis="wg",
             num_compute_wgs=2,
@@ -302,13 +322,18 @@ def _kernel(
             wg_m_slice = slice(None)
             wg_n_slice = pl.ds(wg_idx * tile_n, tile_n)
 
-        def tile_coords(lin_idx):
-            g_ord = lax.div(lin_idx, jnp.int32(tiles_per_group))
-            rem = lax.rem(lin_idx, jnp.int32(tiles_per_group))
-            m_idx, n_idx = plgpu.planar_snake(
-                rem, (m_iters, n_iters), c.grid_minor_dim, c.grid_tile_width
-            )
+        def tile_coords(lin_idx, per_group=tiles_per_group, iters=(m_iters, n_iters)):
+            g_ord = lax.div(lin_idx, jnp.int32(per_group))
+            rem = lax.rem(lin_idx, jnp.int32(per_group))
+            m_idx, n_idx = plgpu.planar_snake(rem, iters, c.grid_minor_dim, c.grid_tile_width)
             return g_ord, m_idx, n_idx
+
+        def cta_index():
+            """(this CTA's linear index, the number of CTAs)."""
+            if c.cluster_dimension is None:
+                return lax.axis_index("sm"), lax.axis_size("sm")
+            return (lax.axis_index("cluster_grid") * 2 + lax.axis_index("cluster"),
+                    lax.axis_size("cluster_grid") * 2)
 
         def out_epi_slices(g_out, m_idx, n_idx, epi_mi, epi_ni):
             return (
@@ -319,10 +344,15 @@ def _kernel(
             )
 
         # ---- matmul tiles of the active groups --------------------------------
-        @plgpu.nd_loop((num_active * tiles_per_group,), collective_axes="sm")
+        @plgpu.nd_loop((num_active * items_per_group,), collective_axes=work_axis)
         def _mm_loop(loop_info: plgpu.NDLoopInfo):
             (lin_idx,) = loop_info.index
-            g_ord, m_idx, n_idx = tile_coords(lin_idx)
+            g_ord, m_idx, n_idx = tile_coords(lin_idx, items_per_group,
+                                              (item_m_iters, item_n_iters))
+            if c.cluster_dimension is not None:   # this CTA's tile of the cluster's pair
+                cta = lax.axis_index("cluster")
+                m_idx = m_idx * cluster_m + (cta if cluster_m > 1 else 0)
+                n_idx = n_idx * cluster_n + (cta if cluster_n > 1 else 0)
             g = lo + g_ord
             cta_m_slice = pl.ds(m_idx * cta_tile_m, cta_tile_m)
             cta_n_slice = pl.ds(n_idx * cta_tile_n, cta_tile_n)
@@ -398,8 +428,7 @@ def _kernel(
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             out_smem[wg_idx, 0] = jnp.zeros((epi_tile_m, epi_tile_n), out_dtype)
             plgpu.commit_smem()
-            sm = lax.axis_index("sm")
-            num_sms = lax.axis_size("sm")
+            sm, num_sms = cta_index()
             first = lax.rem(sm - lax.rem(num_mm, num_sms) + num_sms, num_sms)
             count = jnp.maximum(num_zero - first + num_sms - 1, 0) // num_sms
 
@@ -466,6 +495,11 @@ def grouped_matmul_mgpu(
         )
     if num_sms is None:
         num_sms = _num_sms()
+    if config.cluster_dimension is None:
+        grid = dict(grid=(num_sms,), grid_names=("sm",))
+    else:
+        grid = dict(grid=(num_sms // 2,), grid_names=("cluster_grid",), cluster=(2,),
+                    cluster_names=("cluster",))
     f = plgpu.kernel(
         functools.partial(
             _kernel,
@@ -475,8 +509,7 @@ def grouped_matmul_mgpu(
             transpose_rhs=transpose_rhs,
         ),
         out_type=jax.ShapeDtypeStruct((out_groups, m, n), a.dtype),
-        grid=(num_sms,),
-        grid_names=("sm",),
+        **grid,
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),

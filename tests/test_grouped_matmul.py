@@ -203,6 +203,26 @@ def test_tile_schedules(config):
         _check_idle_zero(y, lo, hi, "output", info)
 
 
+@pytest.mark.parametrize("dim", ["N", "M"])
+def test_two_cta_clusters_with_multicast(dim):
+    """Clusters of 2 CTAs on neighbouring tiles sharing one operand tile by TMA multicast:
+    along n (A shared; 4 column tiles) and along m (B shared; 4 row tiles, the last ragged)."""
+    rng, info = _rng()
+    dimension = mgpu_kernel.MatmulDimension[dim]
+    g, m, k, n = (3, 136, 256, 512) if dim == "N" else (3, 232, 256, 256)
+    x, w = _operands(rng, g, m, k, n, jnp.float32)
+    config = dataclasses.replace(ops.INTERPRET_CONFIG, cluster_dimension=dimension)
+    for lo, hi in [(0, g), (1, 2), _random_range(rng, g)]:
+        y = kernels.grouped_matmul(x, w, (lo, hi), impl="interpret", config=config)
+        y_ref = kernels.grouped_matmul(x, w, (lo, hi), impl="xla")
+        assert _rel_err(y, y_ref) <= 1e-5, f"{info} {dim} lo={lo} hi={hi}"
+        _check_idle_zero(y, lo, hi, "output", info)
+    # an odd number of tiles along the cluster dimension is refused, naming it
+    with pytest.raises(ValueError, match="cluster along"):
+        kernels.grouped_matmul(x[:, :64] if dim == "M" else x, w[..., :384], impl="interpret",
+                               config=config)
+
+
 def test_traced_range_one_compilation():
     rng, info = _rng()
     g, m, k, n = 4, 64, 64, 128
@@ -358,6 +378,7 @@ GPU_CONFIGS = {
     "chained": mgpu_kernel.TuningConfig(chain_tiles=True),
     "rows_split_64x192": mgpu_kernel.TuningConfig(
         tile_m=64, tile_n=192, wg_dimension=mgpu_kernel.MatmulDimension.M),
+    "cluster_n": mgpu_kernel.TuningConfig(cluster_dimension=mgpu_kernel.MatmulDimension.N),
 }
 
 
@@ -365,7 +386,7 @@ GPU_CONFIGS = {
 @pytest.mark.parametrize("name", list(GPU_CONFIGS))
 def test_gpu_weight_offset(name):
     """A window of 4 slots reading layers [off, off + 4) of 8 stacked weights, forward and
-    both gradients, with plain and chained tile pipelines (1b qkv shape: 32 k-steps)."""
+    both gradients, under several tile schedules (1b qkv shape: 32 k-steps)."""
     rng, info = _rng()
     g, gw, m, k, n = 4, 8, 1152, 2048, 3072
     x, _ = _operands(rng, g, m, k, n, jnp.bfloat16)
