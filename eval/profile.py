@@ -3,7 +3,8 @@
 Runs each schedule of eval/bench.py (same model and weights) at one length, traces a few
 synchronised runs with `jax.profiler`, and sums the device kernels' time by kernel name and by
 kind (matmul, our grouped-matmul kernel, attention, copies and slices, other fusions). Printed as
-a table; the full per-kernel sums go to <out>/profile_<schedule>_<tokens>.json.
+a table; the full per-kernel sums go to <out>/profile_<schedule>_<tokens>.json. Only GPU traces
+carry device kernels: on a CPU the tables stay empty (the wall time is still measured).
 
     python -m eval.profile --schedules sequential diagonal diagonal_pallas --tokens 8192
     python -m eval.profile --schedules diagonal --tokens 8192 \\
@@ -56,11 +57,12 @@ def device_kernel_times(xspace_path: str) -> tuple[dict[str, list[float]], list[
 
 
 def profile(schedule: str, n: int, runs: int, compiler_options: dict, out_dir: Path, top: int,
-            dump_hlo: bool = False):
+            dump_hlo: bool = False, size: str = "1b") -> dict:
+    """Profiles one schedule; prints the tables, writes and returns the summary."""
     import jax
     import jax.numpy as jnp
     import numpy as np
-    cfg, armt = bench_config(os.environ.get("ARMT_PROFILE_SIZE", "1b"))
+    cfg, armt = bench_config(size)
     params = bench_params(schedule, cfg, armt)
     tokens = jnp.asarray(np.random.default_rng(n).integers(0, cfg.vocab_size, (1, n)), jnp.int32)
     compiled = jax.jit(forward_fn(schedule, cfg, armt)).lower(params, tokens).compile(
@@ -100,12 +102,14 @@ def profile(schedule: str, n: int, runs: int, compiler_options: dict, out_dir: P
     if dump_hlo:
         with gzip.open(out_dir / f"hlo_{safe}_{n}.txt.gz", "wt") as f:
             f.write(compiled.as_text())
-    (out_dir / f"profile_{safe}_{n}.json").write_text(json.dumps({
+    summary = {
         "schedule": schedule, "tokens": n, "compiler_options": compiler_options,
         "wall_s_median": wall, "busy_s_per_run": busy, "by_kind_s": dict(by_kind),
         "kernels": {k: {"s_per_run": per_run[k], "calls_per_run": counts[k]} for k in per_run},
         "trace_lines": lines_seen, "device": jax.devices()[0].device_kind,
-        "jax": jax.__version__}, indent=1))
+        "jax": jax.__version__}
+    (out_dir / f"profile_{safe}_{n}.json").write_text(json.dumps(summary, indent=1))
+    return summary
 
 
 def _option_value(text: str):
@@ -127,6 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compiler-option", action="append", default=[], metavar="NAME=VALUE",
                     help="XLA compiler option for these compilations only (repeatable)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
+    ap.add_argument("--size", choices=("1b", "mid", "tiny"), default="1b",
+                    help="model size (mid / tiny: smaller models for CPU checks of this script)")
     ap.add_argument("--dump-hlo", action="store_true",
                     help="also write the optimised HLO of each program (gzip) to --out")
     args = ap.parse_args(argv)
@@ -137,7 +143,8 @@ def main(argv=None) -> int:
             ap.error(f"--compiler-option expects NAME=VALUE, got {item!r}")
         options[name] = _option_value(value)
     for schedule in args.schedules:
-        profile(schedule, args.tokens, args.runs, options, args.out, args.top, args.dump_hlo)
+        profile(schedule, args.tokens, args.runs, options, args.out, args.top, args.dump_hlo,
+                args.size)
     return 0
 
 
