@@ -241,22 +241,24 @@ M_ = mgpu_kernel.MatmulDimension
 SWEEP = {  # named configs for --sweep (the default is select_config's choice)
     "default": mgpu_kernel.TuningConfig(),  # 128x256 CTA, 4 stages, chained tiles
     "unchained": mgpu_kernel.TuningConfig(chain_tiles=False),
+    # measured unchained before chained tiles became the default (3 or 5 stages never chain:
+    # the 32 k-steps of k = 2048 are no multiple of them)
     "stages3": mgpu_kernel.TuningConfig(max_concurrent_steps=3),
     "narrow": mgpu_kernel.TuningConfig(tile_n=64, max_concurrent_steps=5),  # 128x128
-    "grid_m4": mgpu_kernel.TuningConfig(grid_minor_dim=M_.M, grid_tile_width=4),
-    "wg_m": mgpu_kernel.TuningConfig(wg_dimension=M_.M),
-    "chain": mgpu_kernel.TuningConfig(chain_tiles=True),
-    "chain_narrow": mgpu_kernel.TuningConfig(tile_n=64, chain_tiles=True),  # 128x128, 4 stages
+    "grid_m4": mgpu_kernel.TuningConfig(grid_minor_dim=M_.M, grid_tile_width=4,
+                                        chain_tiles=False),
+    "wg_m": mgpu_kernel.TuningConfig(wg_dimension=M_.M, chain_tiles=False),
+    # chained variants (sweep call 1 of grouped_matmul_h200.md named the default "chain")
+    "chain_narrow": mgpu_kernel.TuningConfig(tile_n=64),  # 128x128, 4 stages
+    "chain_grid_m4": mgpu_kernel.TuningConfig(grid_minor_dim=M_.M, grid_tile_width=4),
+    "chain_grid_n4": mgpu_kernel.TuningConfig(grid_tile_width=4),
+    "chain_wg_m": mgpu_kernel.TuningConfig(wg_dimension=M_.M),
     # 128 x 192 CTA tiles, split by rows between the two warpgroups (64 x 192 wgmma each):
     # n = 3072 gives 144 tiles per group instead of 108, fewer idle SMs in the last wave.
     "chain_m64_n192": mgpu_kernel.TuningConfig(tile_m=64, tile_n=192, wg_dimension=M_.M),
     # clusters of 2 CTAs on neighbouring column tiles, the A tile multicast to both
     "cluster_n": mgpu_kernel.TuningConfig(cluster_dimension=M_.N),
     "cluster_n_unchained": mgpu_kernel.TuningConfig(cluster_dimension=M_.N, chain_tiles=False),
-    "chain_grid_m4": mgpu_kernel.TuningConfig(chain_tiles=True, grid_minor_dim=M_.M,
-                                              grid_tile_width=4),
-    "chain_grid_n4": mgpu_kernel.TuningConfig(chain_tiles=True, grid_tile_width=4),
-    "chain_wg_m": mgpu_kernel.TuningConfig(chain_tiles=True, wg_dimension=M_.M),
 }
 
 

@@ -69,17 +69,17 @@ def profile(schedule: str, n: int, runs: int, compiler_options: dict, out_dir: P
         compiler_options=compiler_options or None)
     compiled(params, tokens).block_until_ready()                 # warm-up
     walls = []
-    trace_dir = tempfile.mkdtemp(prefix="armt_profile_")
-    jax.profiler.start_trace(trace_dir)
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        compiled(params, tokens).block_until_ready()
-        walls.append(time.perf_counter() - t0)
-    jax.profiler.stop_trace()
-    paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-    if not paths:
-        raise RuntimeError(f"the profiler wrote no .xplane.pb under {trace_dir}")
-    times, lines_seen = device_kernel_times(paths[0])
+    with tempfile.TemporaryDirectory(prefix="armt_profile_") as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            compiled(params, tokens).block_until_ready()
+            walls.append(time.perf_counter() - t0)
+        jax.profiler.stop_trace()
+        paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+        if not paths:
+            raise RuntimeError(f"the profiler wrote no .xplane.pb under {trace_dir}")
+        times, lines_seen = device_kernel_times(paths[0])
     per_run = {name: sum(ts) / runs for name, ts in times.items()}
     counts = {name: len(ts) / runs for name, ts in times.items()}
     by_kind = collections.Counter()

@@ -190,11 +190,11 @@ def test_weight_offset_reads_a_window_of_stacked_weights(impl):
                               max_concurrent_steps=2)],
     ids=["unchained", "chained", "rows_split_64x192"])
 def test_tile_schedules(config):
-    """Plain and chained (START/STEADY/STOP) tile pipelines and the row-split 128 x 192 tiles:
-    several tiles per group over 4 simulated SMs, so CTAs run 1 to 6 tiles (a CTA with a single
-    tile runs unchained)."""
+    """Plain and chained (START/STEADY/STOP) tile pipelines and the row-split 128 x 192 tiles,
+    over 4 simulated SMs: all 4 groups give every CTA several tiles, one group leaves some CTAs
+    a single tile (which runs unchained), ragged m."""
     rng, info = _rng()
-    g, m, k, n = 4, 136, 256, 384
+    g, m, k, n = 4, 72, 256, 384            # 2 x 3 tiles of 64 x 128 (1 x 2 of 128 x 192)
     x, w = _operands(rng, g, m, k, n, jnp.float32)
     for lo, hi in [(0, g), (1, 2), _random_range(rng, g)]:
         y = kernels.grouped_matmul(x, w, (lo, hi), impl="interpret", config=config)
@@ -223,6 +223,23 @@ def test_two_cta_clusters_with_multicast(dim):
                                config=config)
 
 
+def _assert_one_compilation(x, w, impl, tol, info):
+    """One jitted step over traced (lo, hi) serves every range, each equal to the XLA path."""
+    traces = []
+
+    @jax.jit
+    def step(x, w, lo, hi):
+        traces.append(None)
+        return kernels.grouped_matmul(x, w, (lo, hi), impl=impl)
+
+    for lo, hi in [(0, 4), (1, 3), (3, 4), (2, 2)]:
+        y = step(x, w, jnp.int32(lo), jnp.int32(hi))
+        y_ref = _fwd_fn(x, w, jnp.int32(lo), jnp.int32(hi), "xla")
+        assert _rel_err(y, y_ref) <= tol, f"{info} lo={lo} hi={hi}"
+        _check_idle_zero(y, lo, hi, "output", info)
+    assert len(traces) == 1, f"traced {len(traces)} times"
+
+
 def test_traced_range_one_compilation():
     rng, info = _rng()
     g, m, k, n = 4, 64, 64, 128
@@ -230,19 +247,7 @@ def test_traced_range_one_compilation():
     # Interpret mode registers global state on its first run, which changes the
     # tracing context once: warm it up before counting traces.
     kernels.grouped_matmul(x, w, (0, 1), impl="interpret").block_until_ready()
-    traces = []
-
-    @jax.jit
-    def step(x, w, lo, hi):
-        traces.append(None)
-        return kernels.grouped_matmul(x, w, (lo, hi), impl="interpret")
-
-    for lo, hi in [(0, 4), (1, 3), (3, 4), (2, 2)]:
-        y = step(x, w, jnp.int32(lo), jnp.int32(hi))
-        y_ref = kernels.grouped_matmul(x, w, (lo, hi), impl="xla")
-        assert _rel_err(y, y_ref) <= 1e-5, f"{info} lo={lo} hi={hi}"
-        _check_idle_zero(y, lo, hi, "output", info)
-    assert len(traces) == 1, f"traced {len(traces)} times"
+    _assert_one_compilation(x, w, "interpret", 1e-5, info)
 
 
 def test_idle_nan_does_not_leak():
@@ -358,19 +363,7 @@ def test_gpu_pallas_matches_xla(shape):
 def test_gpu_traced_range_one_compilation():
     rng, info = _rng()
     x, w = _operands(rng, 4, 1152, 2048, 2048, jnp.bfloat16)
-    traces = []
-
-    @jax.jit
-    def step(x, w, lo, hi):
-        traces.append(None)
-        return kernels.grouped_matmul(x, w, (lo, hi), impl="pallas")
-
-    for lo, hi in [(0, 4), (1, 3), (3, 4), (2, 2)]:
-        y = step(x, w, jnp.int32(lo), jnp.int32(hi))
-        y_ref = _fwd_fn(x, w, jnp.int32(lo), jnp.int32(hi), "xla")
-        assert _rel_err(y, y_ref) <= 1e-2, f"{info} lo={lo} hi={hi}"
-        _check_idle_zero(y, lo, hi, "output", info)
-    assert len(traces) == 1
+    _assert_one_compilation(x, w, "pallas", 1e-2, info)
 
 
 GPU_CONFIGS = {
