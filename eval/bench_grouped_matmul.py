@@ -5,9 +5,14 @@ k, n], m = B * (T + M) rows per slot), every figure is given in TFLOP/s of
 USEFUL work (2 * active * m * k * n / seconds) and as a fraction of a dense
 8192^3 bf16 ``jnp.dot`` timed in the same run. Before timing, every (shape,
 G) is checked: pallas vs xla relative error <= 1e-2 and idle groups exactly 0.
+Baselines: "xla" is the library's XLA path (einsum + the select that zeroes
+idle groups); "xla_einsum" is XLA's plain batched matmul of all groups (timed
+at full load only), the figure to beat.
 
     python3 eval/bench_grouped_matmul.py [--models 1b,3b,8b] [--sweep NAMES]
         [--bwd] [--out DIR] [--quick]
+    python3 eval/bench_grouped_matmul.py --models "" --ab default,xla_einsum \
+        --ab_profile --ab_shapes 1b:qkv,1b:o    # interleaved A/B + device times
 
 Writes DIR/grouped_matmul_h200.json (rows: model, shape, G, active, impl,
 seconds, tflops, frac_of_dense; device, jax version, date, command) and prints
@@ -115,10 +120,15 @@ class Row:
     config: str = ""
     rel_err: float | None = None
     note: str = ""
+    tflops_range: list[float] | None = None  # (min, max) over --ab rounds
 
 
 @functools.lru_cache(maxsize=None)
 def _make_fn(impl, config=None, transpose=None):
+    if impl == "xla_einsum":
+        tl, tr = transpose or (False, False)
+        spec = f"{'gkm' if tl else 'gmk'},{'gnk' if tr else 'gkn'}->gmn"
+        return jax.jit(lambda a, b, lo, hi: jnp.einsum(spec, a, b))
     if transpose is None:
 
         def f(x, w, lo, hi):
@@ -175,7 +185,7 @@ def bench_shape(
         shape_s = f"{m}x{k}x{n}"
         ok = {}
         for impl in impls:
-            if impl == "xla":
+            if impl.startswith("xla"):
                 ok[impl] = True
                 continue
             try:
@@ -201,7 +211,7 @@ def bench_shape(
             hi = jnp.int32((g - act) // 2 + act)
             flops = 2.0 * act * m * k * n
             for impl in impls:
-                if ok[impl] is None:
+                if ok[impl] is None or (impl == "xla_einsum" and act != g):
                     continue
                 try:
                     sec = _time(fns[impl], a, b, lo, hi)
@@ -222,8 +232,8 @@ def bench_shape(
                         sec,
                         tf,
                         tf / dense_tflops,
-                        config="" if impl == "xla" else str(config or "auto"),
-                        rel_err=None if impl == "xla" else ok[impl],
+                        config="" if impl.startswith("xla") else str(config or "auto"),
+                        rel_err=None if impl.startswith("xla") else ok[impl],
                         note=note,
                     )
                 )
@@ -259,6 +269,23 @@ SWEEP = {  # named configs for --sweep (the default is select_config's choice)
     # clusters of 2 CTAs on neighbouring column tiles, the A tile multicast to both
     "cluster_n": mgpu_kernel.TuningConfig(cluster_dimension=M_.N),
     "cluster_n_unchained": mgpu_kernel.TuningConfig(cluster_dimension=M_.N, chain_tiles=False),
+    # one wgmma group in flight per compute warpgroup (stage released a step later; unchained)
+    "delay1": mgpu_kernel.TuningConfig(delay_release=1),
+    "cluster_n_delay1": mgpu_kernel.TuningConfig(cluster_dimension=M_.N, delay_release=1),
+    # the whole 128 x 128 warpgroup tile staged for the epilogue (no waits on earlier TMA
+    # stores inside it), paid for with a stage less
+    "stages3_slots4": mgpu_kernel.TuningConfig(max_concurrent_steps=3, epi_slots=4),
+    "delay1_stages3_slots4": mgpu_kernel.TuningConfig(max_concurrent_steps=3, epi_slots=4,
+                                                      delay_release=1),
+    # cuBLAS's choice for the 1b attention shapes (nvjet ..._128x128_64x6_2x1): 128 x 128 CTA
+    # tiles (two 64 x 128 warpgroups), 6 stages, optionally 2-CTA clusters
+    "m64n128_s6": mgpu_kernel.TuningConfig(tile_m=64, tile_n=128, wg_dimension=M_.M,
+                                           max_concurrent_steps=6),
+    "m64n128_s6_cn": mgpu_kernel.TuningConfig(tile_m=64, tile_n=128, wg_dimension=M_.M,
+                                              max_concurrent_steps=6, cluster_dimension=M_.N),
+    "m64n128_s4": mgpu_kernel.TuningConfig(tile_m=64, tile_n=128, wg_dimension=M_.M),
+    "m64n128_s4_cn": mgpu_kernel.TuningConfig(tile_m=64, tile_n=128, wg_dimension=M_.M,
+                                              cluster_dimension=M_.N),
 }
 
 
@@ -291,27 +318,118 @@ def markdown_sweep(rows):
     return "\n".join(lines)
 
 
+def _device_times(fn, args, calls=10):
+    """{kernel name: device seconds per call} from a jax.profiler trace of `calls` calls."""
+    import glob
+    import tempfile
+
+    from eval.profile import device_kernel_times
+
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory(prefix="gmm_trace_") as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        jax.profiler.stop_trace()
+        paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+        times, _ = device_kernel_times(paths[0]) if paths else ({}, [])
+    return {name: sum(ts) / calls for name, ts in times.items()}
+
+
+def ab_compare(shapes, cfg_names, active, reps, dense_tflops, key, rows, failures, g=16,
+               profile=False, configs=None, impl="pallas"):
+    """Interleaved A/B: every config (and XLA) of one shape is compiled and checked first,
+    then timed once per round, ``reps`` rounds in rotated order, so slow drifts of the GPU's
+    clock hit every config alike. Rows carry the median and the (min, max) over rounds. With
+    ``profile``, each is also traced once: device time per call by kernel (in the note).
+    ``configs`` maps names to TuningConfigs (default SWEEP); "xla_einsum" names XLA's plain
+    batched matmul (full load only)."""
+    configs = SWEEP if configs is None else configs
+    for model, name, m, k, n in shapes:
+        key, sub = jax.random.split(key)
+        a, b = _operands(sub, g, m, k, n)
+        lo, hi = jnp.int32((g - active) // 2), jnp.int32((g - active) // 2 + active)
+        want = _make_fn("xla")(a, b, lo, hi)
+        fns = {"xla": _make_fn("xla")}
+        for cfg_name in cfg_names:
+            if cfg_name == "xla_einsum":
+                if active == g:
+                    fns[cfg_name] = _make_fn("xla_einsum")
+                continue
+            fn = _make_fn(impl, configs[cfg_name])
+            try:
+                err = _rel_err(fn(a, b, lo, hi), want)
+                if not err <= 1e-2:
+                    raise AssertionError(f"rel_err={err:.3g}")
+                fns[cfg_name] = fn
+            except Exception as e:  # report and go on with the other configs
+                failures.append(f"ab {model} {name} {cfg_name}: {e!r}"[:2000])
+        samples = {c: [] for c in fns}
+        order = list(fns)
+        for r in range(reps):
+            for c in order[r % len(order):] + order[: r % len(order)]:
+                samples[c].append(_time(fns[c], a, b, lo, hi, runs=3))
+        flops = 2.0 * active * m * k * n
+        for c, secs in samples.items():
+            tfs = [flops / s_ / 1e12 for s_ in secs]
+            sec = statistics.median(secs)
+            note = "ab " + c
+            if profile and jax.devices()[0].platform == "gpu":   # a CPU trace has no kernels
+                kernels_s = _device_times(fns[c], (a, b, lo, hi))
+                busy = sum(kernels_s.values())
+                top = sorted(kernels_s.items(), key=lambda kv: -kv[1])[:3]
+                note += (f" | device {busy * 1e6:.0f} us/call = {flops / busy / 1e12:.0f} TF/s: "
+                         + "; ".join(f"{nm[:90]} {t * 1e6:.0f} us" for nm, t in top))
+            rows.append(Row(model, name, m, k, n, g, active, impl if c in configs else "xla",
+                            sec, flops / sec / 1e12, flops / sec / 1e12 / dense_tflops,
+                            config=str(configs[c]) if c in configs else "", note=note,
+                            tflops_range=[min(tfs), max(tfs)]))
+            print(f"  ab {model} {name:8s} {m}x{k}x{n} act={active:2d} {c:22s}"
+                  f" {flops / sec / 1e12:6.1f} TF/s ({min(tfs):.0f}-{max(tfs):.0f}) {note[3:]}",
+                  flush=True)
+        del a, b
+
+
+def markdown_ab(rows):
+    lines = [("| model | shape (m x k x n) | active of G | config | median TF/s | min-max |"
+              " frac of dense | / XLA path | / plain einsum |"),
+             "|---|---|---|---|---|---|---|---|---|"]
+    ab = [r for r in rows if r.note.startswith("ab ")]
+    cfg = lambda r: r.note[3:].split(" | ")[0]
+    base = {(cfg(r), r.model, r.shape, r.active): r for r in ab}
+    ratio = lambda r, c: (f"{r.tflops / base[c, *k].tflops:.2f}"
+                          if (c, *(k := (r.model, r.shape, r.active))) in base else "-")
+    for r in ab:
+        lo, hi = r.tflops_range
+        lines.append(f"| {r.model} | {r.shape} {r.m}x{r.k}x{r.n} | {r.active} of {r.G} |"
+                     f" {cfg(r)} | {r.tflops:.0f} | {lo:.0f}-{hi:.0f} | {r.frac_of_dense:.2f} |"
+                     f" {ratio(r, 'xla')} | {ratio(r, 'xla_einsum')} |")
+    return "\n".join(lines)
+
+
 def markdown(rows):
     lines = [
-        "| model | shape (m x k x n) | G | active | xla TF/s | xla frac |"
-        " pallas TF/s | pallas frac | pallas/xla |",
-        "|---|---|---|---|---|---|---|---|---|",
+        ("| model | shape (m x k x n) | G | active | xla path TF/s | frac | pallas TF/s | frac |"
+         " pallas/xla path | plain einsum TF/s | frac | pallas/einsum |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     key = lambda r: (r.model, r.shape, r.G, r.active, r.note)
     by = {}
     for r in rows:
-        if r.note.startswith("sweep"):
+        if r.note.startswith(("sweep", "ab ")):
             continue
         by.setdefault(key(r), {})[r.impl] = r
     for (model, shape, g, act, note), d in by.items():
-        x, p = d.get("xla"), d.get("pallas")
-        r0 = x or p
+        x, e = d.get("xla"), d.get("xla_einsum")
+        p = d.get("pallas") or d.get("interpret")
+        r0 = x or p or e
         cell = lambda r: (f"{r.tflops:.0f}", f"{r.frac_of_dense:.2f}") if r else ("-", "-")
-        ratio = f"{p.tflops / x.tflops:.2f}" if (x and p) else "-"
+        ratio = lambda a, b: f"{a.tflops / b.tflops:.2f}" if (a and b) else "-"
         lines.append(
             f"| {model} | {shape}{(' ' + note) if note else ''} {r0.m}x{r0.k}x{r0.n}"
             f" | {g} | {act} | {' | '.join(cell(x))} | {' | '.join(cell(p))} |"
-            f" {ratio} |"
+            f" {ratio(p, x)} | {' | '.join(cell(e))} | {ratio(p, e)} |"
         )
     return "\n".join(lines)
 
@@ -326,6 +444,14 @@ def main(argv=None):
                    help="comma-separated SWEEP config names, timed on the --sweep_shapes")
     p.add_argument("--sweep_shapes", default="o,gate_up,down", help="1b shapes for --sweep")
     p.add_argument("--sweep_actives", default="4", help="active groups of 16 for --sweep")
+    p.add_argument("--ab", default=None,
+                   help="comma-separated SWEEP config names for an interleaved A/B (with XLA)")
+    p.add_argument("--ab_shapes", default="1b:qkv,1b:o,1b:gate_up,1b:down",
+                   help="model:shape pairs for --ab")
+    p.add_argument("--ab_active", type=int, default=16, help="active groups of 16 for --ab")
+    p.add_argument("--ab_reps", type=int, default=5, help="rounds of --ab")
+    p.add_argument("--ab_profile", action="store_true",
+                   help="--ab: also trace each config once (device time per kernel)")
     p.add_argument(
         "--bwd", action="store_true", help="time the backward products (dx, dw) for 1b shapes"
     )
@@ -359,13 +485,15 @@ def main(argv=None):
         args.out = "out/smoke" if args.smoke else os.environ.get("OUT", "eval/results")
     if args.smoke:
         dense_s, dense_flops = dense_seconds(256, jnp.float32)
-        impls = ("xla", "interpret")
+        impls = ("xla", "interpret", "xla_einsum")
         models = {"smoke": [("a", 72, 128, 128)]}
         groups = [1, 4]
         actives = [1, 2]
     else:
         dense_s, dense_flops = dense_seconds()
-        impls = ("xla", "pallas")
+        # xla: the library's XLA path (einsum + the active-group select); xla_einsum: XLA's
+        # plain batched matmul of all groups (timed at full load only)
+        impls = ("xla", "pallas", "xla_einsum")
         models = {mname: MODELS[mname] for mname in args.models.split(",") if mname}
         groups = [int(s) for s in args.groups.split(",")]
         actives = [1, 2, 4, 8]
@@ -404,6 +532,8 @@ def main(argv=None):
         table = markdown(rows)
         if any(r.note.startswith("sweep") for r in rows):
             table += "\n\n" + markdown_sweep(rows)
+        if any(r.note.startswith("ab ") for r in rows):
+            table += "\n\n" + markdown_ab(rows)
         with open(os.path.join(args.out, "grouped_matmul_h200.md"), "w") as f:
             f.write(
                 f"device {result['device']}, jax {jax.__version__},"
@@ -473,6 +603,11 @@ def main(argv=None):
         )
         save()
 
+    if args.ab and not args.smoke:
+        pairs = [p_.split(":") for p_ in args.ab_shapes.split(",")]
+        shapes = [(mo, *next(s_ for s_ in MODELS[mo] if s_[0] == sh)) for mo, sh in pairs]
+        ab_compare(shapes, args.ab.split(","), args.ab_active, args.ab_reps, dense_tflops, key,
+                   rows, failures, profile=args.ab_profile)
     path, table = save()
     print(table)
     if failures:

@@ -91,6 +91,13 @@ class TuningConfig:
     # Clusters of 2 CTAs on neighbouring tiles along this dimension, sharing the
     # other operand's tile by TMA multicast (N: the A tile, M: the B tile).
     cluster_dimension: MatmulDimension | None = None
+    # Keep this many wgmma groups in flight before releasing a stage to the
+    # memory warpgroup (0: wait for each k-step's wgmma). Pipelines of pipelines
+    # do not support it, so delay_release > 0 runs the tiles unchained.
+    delay_release: int = 0
+    # Shared-memory slots per compute warpgroup for the epilogue's TMA stores:
+    # with fewer slots than epilogue tiles the epilogue waits for earlier stores.
+    epi_slots: int = 2
 
     @property
     def cta_tile_m(self) -> int:
@@ -100,6 +107,11 @@ class TuningConfig:
     def cta_tile_n(self) -> int:
         return self.tile_n * (1 + (self.wg_dimension == MatmulDimension.N))
 
+    @property
+    def num_out_slots(self) -> int:
+        epi_tiles = (self.tile_m * self.tile_n) // (self.epi_tile_m * self.epi_tile_n)
+        return max(1, min(self.epi_slots, epi_tiles))
+
     def smem_bytes(self, in_itemsize: int, out_itemsize: int) -> int:
         pipe = (
             self.max_concurrent_steps
@@ -107,7 +119,7 @@ class TuningConfig:
             * (self.cta_tile_m + self.cta_tile_n)
             * in_itemsize
         )
-        out = 2 * 2 * self.epi_tile_m * self.epi_tile_n * out_itemsize
+        out = 2 * self.num_out_slots * self.epi_tile_m * self.epi_tile_n * out_itemsize
         return pipe + out + 1024  # barriers and alignment slack
 
 
@@ -127,19 +139,18 @@ def select_config(
 ) -> TuningConfig:
     """Block sizes for one problem (G, M, K, N) on an H100/H200.
 
-    Measured on an H200 (eval/results/grouped_matmul_h200*): 128 x 256 CTA
-    tiles with 4 stages are the best single choice for every Llama-1B/3B/8B
-    diagonal shape at full load (0.85-0.96 of a dense 8192^3 matmul); 3 vs 4
-    stages, a 128 x 128 tile, a 256 x 128 tile and other grid orders were within
-    noise or slower. Chained tile pipelines (``chain_tiles``, on by default)
-    measured +2 to +13 % at full load on the 1b shapes in one sweep but within
-    noise in an A/B/A/B repetition (grouped_matmul_h200.md); row-split 128 x 192
-    tiles (fewer idle SMs in the last wave of the qkv shape) and chained
-    128 x 128 tiles were within noise of the default. Clusters with multicast
-    (``cluster_dimension``) pass the interpret-mode tests but have not been
-    compiled or timed on a GPU yet, so they are not chosen here. A second,
-    narrow kernel picked per call by ``lax.cond`` on the active count was slower
-    (1b o-proj, 1 of 16 groups active: 51 TF/s with it, 191 without).
+    Measured on an H200 (eval/results/grouped_matmul_h200*; device times from
+    profiled, interleaved A/B runs): 128 x 256 CTA tiles with 4 stages and
+    chained tiles are the best of the variants tried on every Llama-1B/3B/8B
+    diagonal shape at full load, at 0.94-1.02x the speed of cuBLAS's batched
+    matmul (732-799 TF/s of device time vs 771-813). Within noise or slower:
+    3 stages, unchained tiles, 128 x 128 tiles (4 or 6 stages, cuBLAS's choice
+    for the 1b attention shapes), 256 x 128 and row-split 128 x 192 tiles,
+    other grid orders, 2-CTA clusters with multicast (``cluster_dimension``),
+    one wgmma group in flight (``delay_release``, which rules out chaining) and
+    a whole staged epilogue tile (``epi_slots=4`` with 3 stages). A second,
+    narrow kernel picked per call by ``lax.cond`` on the active count was
+    slower (1b o-proj, 1 of 16 groups active: 51 TF/s with it, 191 without).
     """
     del num_groups, m, k, transpose_lhs, transpose_rhs, dtype
     if n % DEFAULT_CONFIG.cta_tile_n and n % NARROW_CONFIG.cta_tile_n == 0:
@@ -200,6 +211,8 @@ def unsupported_reason(
         return f"n={n} not a multiple of {c.cta_tile_n} or m={m} not of 8"
     if m < c.cta_tile_m // 2 or n < c.cta_tile_n:
         return f"m={m}, n={n} too small for the tile"
+    if not 0 <= c.delay_release < c.max_concurrent_steps:
+        return f"delay_release={c.delay_release} not in [0, {c.max_concurrent_steps})"
     if c.smem_bytes(dtype.itemsize, out_dtype.itemsize) > _SMEM_BYTES:
         return "config exceeds shared memory"
     if c.cluster_dimension == MatmulDimension.N and pl.cdiv(n, c.cta_tile_n) % 2:
@@ -238,7 +251,8 @@ def _kernel(
     items_per_group = item_m_iters * item_n_iters
     work_axis = "sm" if c.cluster_dimension is None else "cluster_grid"
     # A pipeline of pipelines needs whole rounds of stages per tile.
-    chain = c.chain_tiles and k_iters % c.max_concurrent_steps == 0
+    chain = (c.chain_tiles and c.delay_release == 0
+             and k_iters % c.max_concurrent_steps == 0)
 
     def smem_transforms(minor_elems):
         swizzle = plgpu.find_swizzle(minor_elems * jnp.dtype(dtype).itemsize * 8)
@@ -259,7 +273,7 @@ def _kernel(
         b_tr = smem_transforms(cta_tile_n)
 
     epi_tile_m, epi_tile_n = c.epi_tile_m, c.epi_tile_n
-    num_out_slots = min(2, (tile_m * tile_n) // (epi_tile_m * epi_tile_n))
+    num_out_slots = c.num_out_slots
     out_swizzle = plgpu.find_swizzle(epi_tile_n * jnp.dtype(out_dtype).itemsize * 8)
     out_swizzle_elems = out_swizzle // jnp.dtype(out_dtype).itemsize
     out_transforms = (
@@ -274,8 +288,10 @@ def _kernel(
             memory_registers=40,
             in_specs=[
                 plgpu.BlockSpec(a_block, a_map, transforms=a_tr, memory_space=plgpu.SMEM,
+                                delay_release=c.delay_release,
                                 collective_axes=("cluster",) if cluster_n > 1 else ()),
                 plgpu.BlockSpec(b_block, b_map, transforms=b_tr, memory_space=plgpu.SMEM,
+                                delay_release=c.delay_release,
                                 collective_axes=("cluster",) if cluster_m > 1 else ()),
             ],
             wg_axis="wg",
@@ -386,7 +402,7 @@ def _kernel(
                 else:
                     b_op = b_smem.at[:, wg_n_slice]
                 plgpu.wgmma(acc_ref, a_op, b_op)
-                plgpu.wgmma_wait(0)
+                plgpu.wgmma_wait(c.delay_release)
                 return acc_ref
 
             def run_pipeline(state):

@@ -187,11 +187,13 @@ def test_weight_offset_reads_a_window_of_stacked_weights(impl):
     [dataclasses.replace(ops.INTERPRET_CONFIG, chain_tiles=False),
      dataclasses.replace(ops.INTERPRET_CONFIG, chain_tiles=True),
      mgpu_kernel.TuningConfig(tile_m=64, tile_n=192, wg_dimension=mgpu_kernel.MatmulDimension.M,
-                              max_concurrent_steps=2)],
-    ids=["unchained", "chained", "rows_split_64x192"])
+                              max_concurrent_steps=2),
+     dataclasses.replace(ops.INTERPRET_CONFIG, delay_release=1, epi_tile_m=32, epi_tile_n=32,
+                         epi_slots=4)],
+    ids=["unchained", "chained", "rows_split_64x192", "delayed_release_4_epi_slots"])
 def test_tile_schedules(config):
-    """Plain and chained (START/STEADY/STOP) tile pipelines and the row-split 128 x 192 tiles,
-    over 4 simulated SMs: all 4 groups give every CTA several tiles, one group leaves some CTAs
+    """Plain and chained (START/STEADY/STOP) tile pipelines, the row-split 128 x 192 tiles and
+    a delayed stage release (one wgmma in flight) with 4 epilogue slots, over 4 simulated SMs: all 4 groups give every CTA several tiles, one group leaves some CTAs
     a single tile (which runs unchained), ragged m."""
     rng, info = _rng()
     g, m, k, n = 4, 72, 256, 384            # 2 x 3 tiles of 64 x 128 (1 x 2 of 128 x 192)
@@ -248,6 +250,19 @@ def test_traced_range_one_compilation():
     # tracing context once: warm it up before counting traces.
     kernels.grouped_matmul(x, w, (0, 1), impl="interpret").block_until_ready()
     _assert_one_compilation(x, w, "interpret", 1e-5, info)
+
+
+def test_xla_path_accumulates_in_float32():
+    """The XLA path emits bf16 straight from the einsum; its error against a float64 oracle must
+    stay at one bf16 rounding of the output (~1e-3), far below what bf16 accumulation over
+    k = 4096 would give. On the H200 too (the GPU stage selects it)."""
+    rng, info = _rng()
+    g, m, k, n = 2, 128, 4096, 128
+    x, w = _operands(rng, g, m, k, n, jnp.bfloat16)
+    y = _fwd_fn(x, w, jnp.int32(0), jnp.int32(g), "xla")
+    assert y.dtype == jnp.bfloat16
+    want = np.einsum("gmk,gkn->gmn", np.asarray(x, np.float64), np.asarray(w, np.float64))
+    assert _rel_err(y, want) <= 3e-3, f"{info} on {jax.devices()[0].platform}"
 
 
 def test_idle_nan_does_not_leak():
@@ -372,6 +387,8 @@ GPU_CONFIGS = {
     "rows_split_64x192": mgpu_kernel.TuningConfig(
         tile_m=64, tile_n=192, wg_dimension=mgpu_kernel.MatmulDimension.M),
     "cluster_n": mgpu_kernel.TuningConfig(cluster_dimension=mgpu_kernel.MatmulDimension.N),
+    "delay1": mgpu_kernel.TuningConfig(delay_release=1),
+    "stages3_slots4": mgpu_kernel.TuningConfig(max_concurrent_steps=3, epi_slots=4),
 }
 
 
@@ -386,7 +403,8 @@ def test_gpu_weight_offset(name):
     _, w = _operands(rng, gw, m, k, n, jnp.bfloat16)
     cot = jnp.asarray(rng.standard_normal((g, m, n)), jnp.float32)
     cfg = GPU_CONFIGS[name]
-    chain = cfg.chain_tiles
+    chain = (cfg.chain_tiles and cfg.delay_release == 0
+             and (k // cfg.tile_k) % cfg.max_concurrent_steps == 0)
 
     def loss(x, w, lo, hi, off):
         y = kernels.grouped_matmul(x, w, (lo, hi), weight_offset=off, impl="pallas", config=cfg)
