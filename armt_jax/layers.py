@@ -115,9 +115,11 @@ def attention(lp: dict, x: jax.Array, cos, sin, cfg: LlamaConfig, *, active=None
 
 def mlp(lp: dict, x: jax.Array, cfg: LlamaConfig, *, active=None, gmm_impl="auto",
         layer_offset=None) -> jax.Array:
-    gate, up = jnp.split(_project(x, lp["w_gate_up"], None, active, gmm_impl, layer_offset), 2,
-                         axis=-1)
-    return _project(jax.nn.silu(gate) * up, lp["w_down"], None, active, gmm_impl, layer_offset)
+    """down(silu(gate(x)) * up(x)); gate/up and the activation are one fused grouped product."""
+    G, B, S, _ = x.shape
+    h = kernels.grouped_matmul_swiglu(x.reshape(G, B * S, -1), lp["w_gate_up"], active=active,
+                                      weight_offset=layer_offset, impl=gmm_impl)
+    return _project(h.reshape(G, B, S, -1), lp["w_down"], None, active, gmm_impl, layer_offset)
 
 
 def decoder_layer_group(lp: dict, x: jax.Array, cos, sin, cfg: LlamaConfig, *, active=None,

@@ -318,6 +318,16 @@ def markdown_sweep(rows):
     return "\n".join(lines)
 
 
+# --ab names for the fused gate/up + SwiGLU product (kernels.grouped_matmul_swiglu) and its
+# unfused composition (the kernel's gate_up matmul, then XLA's activation pass): gate_up shapes.
+SWIGLU_VARIANTS = {"swiglu": "fused", "swiglu_unfused": "unfused"}
+
+
+@functools.cache
+def _make_swiglu_fn(impl):
+    return jax.jit(lambda a, b, lo, hi: kernels.grouped_matmul_swiglu(a, b, (lo, hi), impl=impl))
+
+
 def _device_times(fn, args, calls=10):
     """{kernel name: device seconds per call} from a jax.profiler trace of `calls` calls."""
     import glob
@@ -350,14 +360,18 @@ def ab_compare(shapes, cfg_names, active, reps, dense_tflops, key, rows, failure
         key, sub = jax.random.split(key)
         a, b = _operands(sub, g, m, k, n)
         lo, hi = jnp.int32((g - active) // 2), jnp.int32((g - active) // 2 + active)
-        want = _make_fn("xla")(a, b, lo, hi)
         fns = {"xla": _make_fn("xla")}
         for cfg_name in cfg_names:
             if cfg_name == "xla_einsum":
                 if active == g:
                     fns[cfg_name] = _make_fn("xla_einsum")
                 continue
-            fn = _make_fn(impl, configs[cfg_name])
+            if cfg_name in SWIGLU_VARIANTS:   # gate/up + activation (n = 2F, output F wide)
+                fn = _make_swiglu_fn(impl if SWIGLU_VARIANTS[cfg_name] == "fused" else "auto")
+                want = _make_swiglu_fn("xla")(a, b, lo, hi)
+            else:
+                fn = _make_fn(impl, configs[cfg_name])
+                want = _make_fn("xla")(a, b, lo, hi)
             try:
                 err = _rel_err(fn(a, b, lo, hi), want)
                 if not err <= 1e-2:
@@ -381,7 +395,8 @@ def ab_compare(shapes, cfg_names, active, reps, dense_tflops, key, rows, failure
                 top = sorted(kernels_s.items(), key=lambda kv: -kv[1])[:3]
                 note += (f" | device {busy * 1e6:.0f} us/call = {flops / busy / 1e12:.0f} TF/s: "
                          + "; ".join(f"{nm[:90]} {t * 1e6:.0f} us" for nm, t in top))
-            rows.append(Row(model, name, m, k, n, g, active, impl if c in configs else "xla",
+            kind = impl if (c in configs or c in SWIGLU_VARIANTS) else "xla"
+            rows.append(Row(model, name, m, k, n, g, active, kind,
                             sec, flops / sec / 1e12, flops / sec / 1e12 / dense_tflops,
                             config=str(configs[c]) if c in configs else "", note=note,
                             tflops_range=[min(tfs), max(tfs)]))
@@ -445,7 +460,8 @@ def main(argv=None):
     p.add_argument("--sweep_shapes", default="o,gate_up,down", help="1b shapes for --sweep")
     p.add_argument("--sweep_actives", default="4", help="active groups of 16 for --sweep")
     p.add_argument("--ab", default=None,
-                   help="comma-separated SWEEP config names for an interleaved A/B (with XLA)")
+                   help="comma-separated SWEEP config names for an interleaved A/B (with XLA);"
+                        " also xla_einsum, and swiglu / swiglu_unfused for gate_up shapes")
     p.add_argument("--ab_shapes", default="1b:qkv,1b:o,1b:gate_up,1b:down",
                    help="model:shape pairs for --ab")
     p.add_argument("--ab_active", type=int, default=16, help="active groups of 16 for --ab")

@@ -5,6 +5,7 @@
 #   bench      the inference benchmark, every schedule and length        (~6 min)
 #   agreement  model-scale agreement of the schedules                    (~1 min)
 #   kernel     the grouped-matmul benchmark (1b all loads, 3b/8b quick, backward products)
+#   fused      fused gate/up + SwiGLU kernel vs unfused: profiled A/B, and end to end (~4 min)
 #   run: bash eval/gpu_session.sh tests bench; bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
 set -uo pipefail
@@ -20,13 +21,19 @@ for stage in "${stages[@]}"; do
   echo "== $stage $(date -u +%FT%TZ)"
   case $stage in
     tests) python3 -m pytest -q -p no:cacheprovider tests/test_grouped_matmul.py \
-             tests/test_diagonal.py -k "gpu or pallas or accumulates_in_float32" 2>&1 | quiet | tail -8 \
+             tests/test_swiglu.py tests/test_diagonal.py \
+             -k "gpu or pallas or accumulates_in_float32" 2>&1 | quiet | tail -8 \
              | tee "$OUT/gpu_tests.txt" ;;
     bench) python3 -m eval.bench --out "$OUT/inference_h200.json" 2>&1 | quiet \
              | tee "$OUT/bench.txt" ;;
     agreement) python3 -m eval.agreement --tokens 16384 2>&1 | quiet | tee "$OUT/agreement.txt" ;;
     kernel) python3 eval/bench_grouped_matmul.py --models 1b,3b,8b --quick --bwd \
               --out "$OUT/kernel" 2>&1 | quiet | grep -v "^  " | tail -80 ;;
-    *) echo "unknown stage $stage (tests, bench, agreement, kernel)"; exit 2 ;;
+    fused) python3 eval/bench_grouped_matmul.py --models "" --ab default,swiglu,swiglu_unfused \
+             --ab_profile --ab_shapes 1b:gate_up,3b:gate_up,8b:gate_up --out "$OUT/fused" 2>&1 \
+             | quiet | grep -v "^  " | tail -20
+           python3 -m eval.bench --schedules diagonal_pallas diagonal_pallas_fused \
+             --lengths 8192 131072 --out "$OUT/fused/inference.json" 2>&1 | quiet | tail -8 ;;
+    *) echo "unknown stage $stage (tests, bench, agreement, kernel, fused)"; exit 2 ;;
   esac
 done

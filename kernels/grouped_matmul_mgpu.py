@@ -29,6 +29,10 @@ Structure (after jax's ``pallas/ops/gpu/hopper_matmul_mgpu.py``):
 * after the matmul tiles, the CTAs walk ``(G - (hi - lo)) * tiles_per_group``
   zero items and TMA-store a zero tile into the idle groups' output (cost: the
   idle output bytes, no loads and no math);
+* with ``swiglu`` the B operand holds [gate | up] columns: each k-step loads the
+  gate and the up tile of the same output columns, each compute warpgroup keeps
+  a gate and an up accumulator, and the epilogue stores ``silu(gate) * up``
+  (a Llama MLP's first half without its 2F-wide intermediate in memory);
 * ragged edges: rows (and columns) past the end of a group are handled by TMA,
   which fills out-of-bounds loads with zeros and clips out-of-bounds stores;
 * block sizes: 128 x 256 CTA tiles (two 128 x 128 wgmma warpgroups), k-step
@@ -112,11 +116,11 @@ class TuningConfig:
         epi_tiles = (self.tile_m * self.tile_n) // (self.epi_tile_m * self.epi_tile_n)
         return max(1, min(self.epi_slots, epi_tiles))
 
-    def smem_bytes(self, in_itemsize: int, out_itemsize: int) -> int:
+    def smem_bytes(self, in_itemsize: int, out_itemsize: int, b_tiles: int = 1) -> int:
         pipe = (
             self.max_concurrent_steps
             * self.tile_k
-            * (self.cta_tile_m + self.cta_tile_n)
+            * (self.cta_tile_m + b_tiles * self.cta_tile_n)
             * in_itemsize
         )
         out = 2 * self.num_out_slots * self.epi_tile_m * self.epi_tile_n * out_itemsize
@@ -125,6 +129,9 @@ class TuningConfig:
 
 DEFAULT_CONFIG = TuningConfig()  # CTA tile 128 x 256, 4 stages
 NARROW_CONFIG = TuningConfig(tile_n=64, max_concurrent_steps=5)  # 128 x 128
+# Fused SwiGLU (gate and up tiles per k-step): 128 x 128 output tiles, each warpgroup
+# 64 rows with a gate and an up accumulator (64 x 128 each), 4 stages of 48 KiB.
+SWIGLU_CONFIG = TuningConfig(tile_m=64, tile_n=128, wg_dimension=MatmulDimension.M)
 
 
 def select_config(
@@ -158,19 +165,21 @@ def select_config(
     return DEFAULT_CONFIG
 
 
-def problem_dims(a_shape, b_shape, transpose_lhs, transpose_rhs):
+def problem_dims(a_shape, b_shape, transpose_lhs, transpose_rhs, swiglu=False):
     """(G, M, K, N) of the product described by the stored operand shapes (G: the
-    groups of A; B may hold more groups, addressed with an offset)."""
+    groups of A; B may hold more groups, addressed with an offset). With swiglu, B's
+    columns are [gate | up] and N is the output width, half of them."""
     g, a0, a1 = a_shape
     g2, b0, b1 = b_shape
     m, k = (a1, a0) if transpose_lhs else (a0, a1)
     k2, n = (b1, b0) if transpose_rhs else (b0, b1)
-    if g2 < g or k != k2:
+    if g2 < g or k != k2 or (swiglu and n % 2):
         raise ValueError(
             f"grouped matmul: incompatible operand shapes {tuple(a_shape)} and"
-            f" {tuple(b_shape)} ({transpose_lhs=}, {transpose_rhs=})"
+            f" {tuple(b_shape)} ({transpose_lhs=}, {transpose_rhs=}"
+            f"{', swiglu: b needs an even number of [gate | up] columns' if swiglu else ''})"
         )
-    return g, m, k, n
+    return g, m, k, n // 2 if swiglu else n
 
 
 def unsupported_reason(
@@ -183,6 +192,7 @@ def unsupported_reason(
     transpose_rhs=False,
     config: TuningConfig = DEFAULT_CONFIG,
     interpret: bool = False,
+    swiglu: bool = False,
 ) -> str | None:
     """Why the Mosaic GPU kernel cannot serve this problem well (None: it can).
 
@@ -197,8 +207,11 @@ def unsupported_reason(
         return f"input dtype {dtype} (kernel takes bfloat16/float16)"
     if out_dtype != dtype:
         return f"output dtype {out_dtype} != input dtype {dtype}"
-    g, m, k, n = problem_dims(a_shape, b_shape, transpose_lhs, transpose_rhs)
+    _, m, k, n = problem_dims(a_shape, b_shape, transpose_lhs, transpose_rhs, swiglu)
     c = config
+    if swiglu and (transpose_lhs or transpose_rhs or c.cluster_dimension is not None
+                   or c.delay_release):
+        return "fused SwiGLU: no transposed operands, clusters or delayed release"
     # Minor (contiguous) dims are tiled by the 128-byte swizzle (64 elements),
     # major dims by 8 rows; TMA handles the ragged remainder of major dims.
     minor_a, major_a = (m, k) if transpose_lhs else (k, m)
@@ -213,7 +226,7 @@ def unsupported_reason(
         return f"m={m}, n={n} too small for the tile"
     if not 0 <= c.delay_release < c.max_concurrent_steps:
         return f"delay_release={c.delay_release} not in [0, {c.max_concurrent_steps})"
-    if c.smem_bytes(dtype.itemsize, out_dtype.itemsize) > _SMEM_BYTES:
+    if c.smem_bytes(dtype.itemsize, out_dtype.itemsize, 1 + swiglu) > _SMEM_BYTES:
         return "config exceeds shared memory"
     if c.cluster_dimension == MatmulDimension.N and pl.cdiv(n, c.cta_tile_n) % 2:
         return f"cluster along n needs an even number of {c.cta_tile_n}-column tiles, n={n}"
@@ -232,9 +245,13 @@ def _kernel(
     dims,
     transpose_lhs: bool,
     transpose_rhs: bool,
+    swiglu: bool = False,
 ):
+    # n: output columns. With swiglu, b holds 2 n columns [gate | up] and the
+    # output is silu(a @ gate) * (a @ up), computed from the float32 accumulators.
     num_groups, m, k, n = dims
     num_out_groups = out_gmem.shape[0]
+    num_b = 2 if swiglu else 1
     dtype = a_gmem.dtype
     out_dtype = out_gmem.dtype
     c = config
@@ -282,18 +299,17 @@ def _kernel(
     )
 
     def get_pipeline(pipeline_body, compute_context, pipeline_state=None):
+        a_spec = plgpu.BlockSpec(a_block, a_map, transforms=a_tr, memory_space=plgpu.SMEM,
+                                 delay_release=c.delay_release,
+                                 collective_axes=("cluster",) if cluster_n > 1 else ())
+        b_spec = plgpu.BlockSpec(b_block, b_map, transforms=b_tr, memory_space=plgpu.SMEM,
+                                 delay_release=c.delay_release,
+                                 collective_axes=("cluster",) if cluster_m > 1 else ())
         return plgpu.emit_pipeline_warp_specialized(
             pipeline_body,
             grid=(k_iters,),
             memory_registers=40,
-            in_specs=[
-                plgpu.BlockSpec(a_block, a_map, transforms=a_tr, memory_space=plgpu.SMEM,
-                                delay_release=c.delay_release,
-                                collective_axes=("cluster",) if cluster_n > 1 else ()),
-                plgpu.BlockSpec(b_block, b_map, transforms=b_tr, memory_space=plgpu.SMEM,
-                                delay_release=c.delay_release,
-                                collective_axes=("cluster",) if cluster_m > 1 else ()),
-            ],
+            in_specs=[a_spec] + [b_spec] * num_b,
             wg_axis="wg",
             num_compute_wgs=2,
             max_concurrent_steps=c.max_concurrent_steps,
@@ -311,13 +327,20 @@ def _kernel(
             return b_gmem.at[g, n_slice, :]
         return b_gmem.at[g, :, n_slice]
 
+    def b_tiles(g, n_idx):
+        """The B column tiles of output column tile n_idx: (w,) or (gate, up)."""
+        cols = [pl.ds(n_idx * cta_tile_n, cta_tile_n)]
+        if swiglu:
+            cols.append(pl.ds(n + n_idx * cta_tile_n, cta_tile_n))
+        return [b_group(g, col) for col in cols]
+
     ignore = lambda *_, **__: None
     dummy_a = a_group(0, pl.ds(0, cta_tile_m))
-    dummy_b = b_group(0, pl.ds(0, cta_tile_n))
+    dummy_b = b_tiles(0, 0)
 
     @functools.partial(
         pl.run_scoped,
-        pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(dummy_a, dummy_b),
+        pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(dummy_a, *dummy_b),
         out_smem=plgpu.SMEM(
             (2, num_out_slots, epi_tile_m, epi_tile_n), out_dtype, transforms=out_transforms
         ),
@@ -371,44 +394,59 @@ def _kernel(
                 n_idx = n_idx * cluster_n + (cta if cluster_n > 1 else 0)
             g = lo + g_ord
             cta_m_slice = pl.ds(m_idx * cta_tile_m, cta_tile_m)
-            cta_n_slice = pl.ds(n_idx * cta_tile_n, cta_tile_n)
+
+            def store_tile(acc):
+                """Casts and TMA-stores this warpgroup's tile through shared memory."""
+                acc = acc.astype(out_dtype)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                for epi_mi in range(tile_m // epi_tile_m):
+                    for epi_ni in range(tile_n // epi_tile_n):
+                        epi_m = slice(epi_mi * epi_tile_m, (epi_mi + 1) * epi_tile_m)
+                        epi_n = slice(epi_ni * epi_tile_n, (epi_ni + 1) * epi_tile_n)
+                        slot = (epi_mi * (tile_n // epi_tile_n) + epi_ni) % num_out_slots
+                        plgpu.wait_smem_to_gmem(num_out_slots - 1, wait_read_only=True)
+                        out_smem[wg_idx, slot] = acc[epi_m, epi_n]
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(
+                            out_smem.at[wg_idx, slot],
+                            out_epi_slices(g + out_offset, m_idx, n_idx, epi_mi, epi_ni),
+                        )
+
+            acc_type = plgpu.ACC((tile_m, tile_n), jnp.float32)
 
             def compute_context(eval_pipeline):
-                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.float32))
-                def _acc_scope(acc_ref):
-                    eval_pipeline(acc_ref)
-                    acc = acc_ref[...].astype(out_dtype)
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    for epi_mi in range(tile_m // epi_tile_m):
-                        for epi_ni in range(tile_n // epi_tile_n):
-                            epi_m = slice(epi_mi * epi_tile_m, (epi_mi + 1) * epi_tile_m)
-                            epi_n = slice(epi_ni * epi_tile_n, (epi_ni + 1) * epi_tile_n)
-                            slot = (epi_mi * (tile_n // epi_tile_n) + epi_ni) % num_out_slots
-                            plgpu.wait_smem_to_gmem(num_out_slots - 1, wait_read_only=True)
-                            out_smem[wg_idx, slot] = acc[epi_m, epi_n]
-                            plgpu.commit_smem()
-                            plgpu.copy_smem_to_gmem(
-                                out_smem.at[wg_idx, slot],
-                                out_epi_slices(g + out_offset, m_idx, n_idx, epi_mi, epi_ni),
-                            )
+                if not swiglu:
+                    @functools.partial(pl.run_scoped, acc_ref=acc_type)
+                    def _acc_scope(acc_ref):
+                        eval_pipeline(acc_ref)
+                        store_tile(acc_ref[...])
+                    return
 
-            def mma_body(_, a_smem, b_smem, acc_ref):
+                @functools.partial(pl.run_scoped, gate_ref=acc_type, up_ref=acc_type)
+                def _swiglu_scope(gate_ref, up_ref):
+                    eval_pipeline((gate_ref, up_ref))
+                    gate, up = gate_ref[...], up_ref[...]
+                    store_tile(gate / (1.0 + jnp.exp(-gate)) * up)   # silu(gate) * up
+
+            def mma_body(_, a_smem, *b_smems_and_accs):
+                *b_smems, accs = b_smems_and_accs
                 if transpose_lhs:
                     a_op = a_smem.at[:, wg_m_slice].transpose((1, 0))
                 else:
                     a_op = a_smem.at[wg_m_slice]
-                if transpose_rhs:
-                    b_op = b_smem.at[wg_n_slice, :].transpose((1, 0))
-                else:
-                    b_op = b_smem.at[:, wg_n_slice]
-                plgpu.wgmma(acc_ref, a_op, b_op)
+                for b_smem, acc_ref in zip(b_smems, accs if swiglu else (accs,), strict=True):
+                    if transpose_rhs:
+                        b_op = b_smem.at[wg_n_slice, :].transpose((1, 0))
+                    else:
+                        b_op = b_smem.at[:, wg_n_slice]
+                    plgpu.wgmma(acc_ref, a_op, b_op)
                 plgpu.wgmma_wait(c.delay_release)
-                return acc_ref
+                return accs
 
             def run_pipeline(state):
                 get_pipeline(mma_body, compute_context, state)(
                     a_group(g, cta_m_slice),
-                    b_group(g + b_offset, cta_n_slice),
+                    *b_tiles(g + b_offset, n_idx),
                     allocations=pipeline_allocs,
                 )
 
@@ -474,6 +512,7 @@ def grouped_matmul_mgpu(
     out_groups: int | None = None,
     num_sms: int | None = None,
     interpret=None,
+    swiglu: bool = False,
 ):
     """``out[g + out_off] = op(a[g]) @ op(b[g + b_off])`` for g in ``[lo, hi)``.
 
@@ -482,8 +521,12 @@ def grouped_matmul_mgpu(
     int32[4] = (lo, hi, b_off, out_off), traced; the caller keeps the offset
     groups in range. Returns [out_groups (default G), M, N] in a's dtype with
     zeros in every output group not written.
+
+    With ``swiglu`` (no transposes), b is [Gb, K, 2 N] holding [gate | up] columns and
+    the result is ``silu(a[g] @ gate) * (a[g] @ up)``, [out_groups, M, N]: a Llama
+    MLP's gate/up projection and activation in one pass, from float32 accumulators.
     """
-    dims = problem_dims(a.shape, b.shape, transpose_lhs, transpose_rhs)
+    dims = problem_dims(a.shape, b.shape, transpose_lhs, transpose_rhs, swiglu)
     g, m, k, n = dims
     out_groups = g if out_groups is None else out_groups
     if out_groups < g:
@@ -503,6 +546,7 @@ def grouped_matmul_mgpu(
         transpose_rhs=transpose_rhs,
         config=config,
         interpret=interpret is not None,
+        swiglu=swiglu,
     )
     if reason is not None:
         raise ValueError(
@@ -523,6 +567,7 @@ def grouped_matmul_mgpu(
             dims=dims,
             transpose_lhs=transpose_lhs,
             transpose_rhs=transpose_rhs,
+            swiglu=swiglu,
         ),
         out_type=jax.ShapeDtypeStruct((out_groups, m, n), a.dtype),
         **grid,

@@ -184,6 +184,31 @@ def _gmm_bwd(impl, out_dtype, config, res, dy):
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
+def active_range_and_offset(x, w, active, weight_offset):
+    """(lo, hi, offset) as int32 scalars: ``active`` (None = all groups) clipped to
+    [0, G], the weight offset (None = 0) to [0, Gw - G]."""
+    num_groups = x.shape[0]
+    if active is None:
+        lo, hi = 0, num_groups
+    else:
+        try:
+            lo, hi = active
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"grouped_matmul: active must be None or a pair (lo, hi), got {active!r}"
+            ) from None
+    lo = jnp.clip(jnp.asarray(lo, jnp.int32), 0, num_groups)
+    hi = jnp.clip(jnp.asarray(hi, jnp.int32), lo, num_groups)
+    if lo.ndim or hi.ndim:
+        raise ValueError(
+            f"grouped_matmul: lo and hi must be scalars, got shapes {lo.shape}, {hi.shape}"
+        )
+    offset = jnp.asarray(0 if weight_offset is None else weight_offset, jnp.int32)
+    if offset.ndim:
+        raise ValueError(f"grouped_matmul: weight_offset must be a scalar, got shape {offset.shape}")
+    return lo, hi, jnp.clip(offset, 0, w.shape[0] - num_groups)
+
+
 def grouped_matmul(
     x,
     w,
@@ -216,26 +241,7 @@ def grouped_matmul(
     """
     _check_impl(impl)
     _check_operands(x, w, weight_offset is not None)
-    num_groups = x.shape[0]
-    if active is None:
-        lo, hi = 0, num_groups
-    else:
-        try:
-            lo, hi = active
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"grouped_matmul: active must be None or a pair (lo, hi), got {active!r}"
-            ) from None
-    lo = jnp.clip(jnp.asarray(lo, jnp.int32), 0, num_groups)
-    hi = jnp.clip(jnp.asarray(hi, jnp.int32), lo, num_groups)
-    if lo.ndim or hi.ndim:
-        raise ValueError(
-            f"grouped_matmul: lo and hi must be scalars, got shapes {lo.shape}, {hi.shape}"
-        )
-    offset = jnp.asarray(0 if weight_offset is None else weight_offset, jnp.int32)
-    if offset.ndim:
-        raise ValueError(f"grouped_matmul: weight_offset must be a scalar, got shape {offset.shape}")
-    offset = jnp.clip(offset, 0, w.shape[0] - num_groups)
+    lo, hi, offset = active_range_and_offset(x, w, active, weight_offset)
     bounds = jnp.stack([lo, hi, offset])
     out_dtype = jnp.dtype(preferred_element_type or x.dtype)
     return _gmm(impl, out_dtype, config, x, w, bounds)

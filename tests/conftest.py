@@ -47,3 +47,19 @@ def rng():
     seed = np.random.SeedSequence().entropy
     print(f"numpy seed: {seed}")
     return np.random.default_rng(seed)
+
+
+def fresh_rng() -> tuple[np.random.Generator, str]:
+    """A generator on a fresh seed, and "seed=..." for assertion messages."""
+    seed = int(np.random.SeedSequence().entropy % (2**63))
+    return np.random.default_rng(seed), f"seed={seed}"
+
+
+def rel_err_finite(got, want) -> float:
+    """Relative L2 error in float64; fails on any non-finite value in `got` (an output element
+    the kernel never wrote shows up as the NaN that interpret mode poisons buffers with)."""
+    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+    want = np.asarray(jnp.asarray(want, jnp.float32), np.float64)
+    assert np.all(np.isfinite(got)), "non-finite values (unwritten output?)"
+    denom = np.linalg.norm(want)
+    return float(np.linalg.norm(got - want) / (denom if denom > 0 else 1.0))

@@ -48,24 +48,27 @@ def test_profile_kinds_and_cpu_run(tmp_path):
 
 
 def test_grouped_matmul_ab_compare_on_cpu():
-    """eval/bench_grouped_matmul.py --ab: an interpret-mode kernel config, the XLA path and XLA's
-    plain einsum are checked, timed in rounds and tabulated; a config that cannot serve the shape
-    is reported as a failure instead of stopping the comparison."""
+    """eval/bench_grouped_matmul.py --ab: an interpret-mode kernel config, the XLA path, XLA's
+    plain einsum and the fused / unfused SwiGLU product are checked, timed in rounds and
+    tabulated; a config that cannot serve the shape is reported as a failure instead of stopping
+    the comparison."""
     import jax
 
     import eval.bench_grouped_matmul as gmm
     from kernels import grouped_matmul_mgpu, ops
 
-    configs = {"interp": ops.INTERPRET_CONFIG, "too_wide": grouped_matmul_mgpu.TuningConfig()}
+    configs = {"interp": ops.INTERPRET_CONFIG,
+               "too_wide": grouped_matmul_mgpu.TuningConfig(tile_n=256)}  # 512 > n = 256
     rows, failures = [], []
-    gmm.ab_compare([("smoke", "a", 72, 128, 128)], ["interp", "too_wide", "xla_einsum"], 4, 2,
+    gmm.ab_compare([("smoke", "a", 72, 128, 256)],
+                   ["interp", "too_wide", "xla_einsum", "swiglu", "swiglu_unfused"], 4, 2,
                    1.0, jax.random.key(0), rows, failures, g=4, configs=configs, impl="interpret")
     by_config = {r.note[3:]: r for r in rows}
-    assert set(by_config) == {"xla", "interp", "xla_einsum"}
+    assert set(by_config) == {"xla", "interp", "xla_einsum", "swiglu", "swiglu_unfused"}
     assert by_config["interp"].impl == "interpret" and by_config["xla_einsum"].impl == "xla"
     assert all(r.seconds > 0 and r.tflops_range[0] <= r.tflops <= r.tflops_range[1]
                for r in rows)
     assert len(failures) == 1 and "too_wide" in failures[0]
     table = gmm.markdown_ab(rows)
-    assert "| smoke | a 72x128x128 | 4 of 4 | interp |" in table
-    assert table.count("\n") == 4   # header, rule, three rows
+    assert "| smoke | a 72x128x256 | 4 of 4 | interp |" in table
+    assert table.count("\n") == 6   # header, rule, five rows

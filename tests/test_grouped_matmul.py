@@ -21,23 +21,15 @@ import jax
 import jax.numpy as jnp
 
 import kernels
+from conftest import fresh_rng, rel_err_finite
 from kernels import grouped_matmul_mgpu as mgpu_kernel
 from kernels import ops
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
 
-def _rng():
-    seed = int(np.random.SeedSequence().entropy % (2**63))
-    return np.random.default_rng(seed), f"seed={seed}"
-
-
-def _rel_err(got, want) -> float:
-    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
-    want = np.asarray(jnp.asarray(want, jnp.float32), np.float64)
-    assert np.all(np.isfinite(got)), "non-finite values (unwritten output?)"
-    denom = np.linalg.norm(want)
-    return float(np.linalg.norm(got - want) / (denom if denom > 0 else 1.0))
+_rng = fresh_rng
+_rel_err = rel_err_finite
 
 
 def _operands(rng, g, m, k, n, dtype):

@@ -1,0 +1,105 @@
+"""Fused gate/up projection and SwiGLU: ``silu(x[g] @ w_gate) * (x[g] @ w_up)`` per group.
+
+The first half of a Llama MLP as one grouped product: ``w`` holds [gate | up]
+columns (``[G(+), k, 2F]``, the layout of the stacked ``w_gate_up`` weights) and
+the result is ``[G, m, F]``. On the kernel path the activation is applied to the
+float32 accumulators in the epilogue, so the 2F-wide intermediate never reaches
+memory; the unfused path writes it and reads it back (on the 1B model at 131072
+tokens that elementwise pass alone took ~30 ms of a ~0.6 s forward on an H200,
+eval/results/profile_h200/diagonal_pallas_131072.json).
+
+Implementations (``impl``, as for ``grouped_matmul``):
+
+* ``"xla"``: the XLA grouped matmul, then ``silu(gate) * up`` (the oracle);
+* ``"pallas"`` / ``"interpret"``: the fused Mosaic GPU kernel
+  (``grouped_matmul_mgpu(..., swiglu=True)``); ValueError if it cannot serve the
+  problem;
+* ``"auto"``: for now the unfused composition of ``grouped_matmul(impl="auto")``
+  and the activation. The fused kernel passes the interpret-mode tests but has
+  not been compiled or timed on an H200 yet; "auto" switches to it once it has.
+
+Active range and weight offset work as in ``grouped_matmul``: idle groups give
+zeros and no gradient. The backward recomputes the unfused forward under the
+same ``impl`` and differentiates it (dx, dw through ``grouped_matmul``'s VJP).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels import grouped_matmul_mgpu as mgpu_kernel
+from kernels import ops
+
+
+def grouped_matmul_swiglu(x, w, active=None, *, weight_offset=None, impl: str = "auto",
+                          config: mgpu_kernel.TuningConfig | None = None):
+    """``silu(x[g] @ w[g + o][:, :F]) * (x[g] @ w[g + o][:, F:])`` for lo <= g < hi, else 0.
+
+    Args:
+      x: [G, m, k]; w: [G, k, 2F] (or [Gw >= G, k, 2F] with ``weight_offset``).
+      active, weight_offset: as for ``grouped_matmul`` (traced values allowed).
+      impl: "auto" | "pallas" | "xla" | "interpret" (module docstring).
+      config: a TuningConfig for the fused kernel (default SWIGLU_CONFIG, or the small
+        interpret-mode tiles under "interpret").
+
+    Returns:
+      [G, m, F] in x.dtype.
+    """
+    ops._check_impl(impl)
+    ops._check_operands(x, w, weight_offset is not None)
+    if w.shape[2] % 2:
+        raise ValueError(f"grouped_matmul_swiglu: w needs [gate | up] columns (an even number),"
+                         f" got w {tuple(w.shape)}")
+    bounds = jnp.stack(ops.active_range_and_offset(x, w, active, weight_offset))
+    if impl in ("pallas", "interpret"):
+        return _fused(impl, config, x, w, bounds)
+    return _unfused(x, w, bounds, impl)
+
+
+def _unfused(x, w, bounds, impl):
+    lo, hi, offset = bounds
+    gate_up = ops.grouped_matmul(x, w, (lo, hi), weight_offset=offset, impl=impl)
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    return jax.nn.silu(gate) * up
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused(impl, config, x, w, bounds):
+    lo, hi, offset = bounds
+    interpret = impl == "interpret"
+    cfg = config or (ops.INTERPRET_CONFIG if interpret else mgpu_kernel.SWIGLU_CONFIG)
+    dtype = jnp.promote_types(x.dtype, w.dtype)
+    reason = mgpu_kernel.unsupported_reason(x.shape, w.shape, dtype, dtype, config=cfg,
+                                            interpret=interpret, swiglu=True)
+    if reason is not None:
+        raise ValueError(
+            f"grouped_matmul_swiglu(impl={impl!r}): the Mosaic GPU kernel cannot serve x"
+            f" {tuple(x.shape)} {x.dtype} @ w {tuple(w.shape)} {w.dtype}: {reason}")
+    if interpret:
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+        extra = {"interpret": plgpu.InterpretGPUParams(), "num_sms": ops.INTERPRET_NUM_SMS}
+    else:
+        extra = {}
+    out = mgpu_kernel.grouped_matmul_mgpu(
+        x.astype(dtype), w.astype(dtype), ops._bounds(lo, hi, offset, 0), config=cfg,
+        out_groups=x.shape[0], swiglu=True, **extra)
+    return out.astype(x.dtype)
+
+
+def _fused_fwd(impl, config, x, w, bounds):
+    return _fused(impl, config, x, w, bounds), (x, w, bounds)
+
+
+def _fused_bwd(impl, config, res, dh):
+    del config
+    x, w, bounds = res
+    _, vjp = jax.vjp(lambda x, w: _unfused(x, w, bounds, impl), x, w)
+    dx, dw = vjp(dh.astype(x.dtype))
+    return dx, dw, np.zeros(bounds.shape, dtype=jax.dtypes.float0)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
