@@ -478,7 +478,9 @@ def main(argv=None):
         " of narrow tiles) on the 1b shapes, G=16, all loads",
     )
     p.add_argument("--big_groups", default="1,4,16", help="G values timed at full load for 3b/8b")
-    p.add_argument("--quick", action="store_true", help="3b/8b: only G=16 full and 4/16 active")
+    p.add_argument("--quick", action="store_true",
+                   help="3b/8b: only G=16 full and 4/16 active (else every --big_groups G at full"
+                        " load and 1, 2, 4, 8 of the largest G active)")
     p.add_argument(
         "--smoke", action="store_true", help="tiny shapes, impl=interpret, CPU: tests this script"
     )
@@ -593,7 +595,8 @@ def main(argv=None):
     for mname in [m_ for m_ in models if m_ not in ("1b", "smoke")]:
         for name, m, k, n in models[mname]:
             gs = [max(groups)] if args.quick else [int(v) for v in args.big_groups.split(",")]
-            todo.append((mname, name, m, k, n, gs, [4], None, "", None))
+            todo.append((mname, name, m, k, n, gs, [4] if args.quick else actives, None, "",
+                         None))
 
     for mname, name, m, k, n, gs, acts, cfg, note, tr in todo:
         if args.budget_s and time.time() - t_start > args.budget_s:

@@ -5,6 +5,7 @@
 #   bench      the inference benchmark, every schedule and length        (~6 min)
 #   agreement  model-scale agreement of the schedules                    (~1 min)
 #   kernel     the grouped-matmul benchmark (1b all loads, 3b/8b quick, backward products)
+#   kernel_big the 3b/8b shapes at every G in {1,2,4,8,16} and 1..8 of 16 active
 #   fused      fused gate/up + SwiGLU kernel vs unfused: profiled A/B, and end to end (~4 min)
 #   run: bash eval/gpu_session.sh tests bench; bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
@@ -29,11 +30,13 @@ for stage in "${stages[@]}"; do
     agreement) python3 -m eval.agreement --tokens 16384 2>&1 | quiet | tee "$OUT/agreement.txt" ;;
     kernel) python3 eval/bench_grouped_matmul.py --models 1b,3b,8b --quick --bwd \
               --out "$OUT/kernel" 2>&1 | quiet | grep -v "^  " | tail -80 ;;
+    kernel_big) python3 eval/bench_grouped_matmul.py --models 3b,8b --big_groups 1,2,4,8,16 \
+              --out "$OUT/kernel_big" 2>&1 | quiet | grep -v "^  " | tail -80 ;;
     fused) python3 eval/bench_grouped_matmul.py --models "" --ab default,swiglu,swiglu_unfused \
              --ab_profile --ab_shapes 1b:gate_up,3b:gate_up,8b:gate_up --out "$OUT/fused" 2>&1 \
              | quiet | grep -v "^  " | tail -20
            python3 -m eval.bench --schedules diagonal_pallas diagonal_pallas_fused \
              --lengths 8192 131072 --out "$OUT/fused/inference.json" 2>&1 | quiet | tail -8 ;;
-    *) echo "unknown stage $stage (tests, bench, agreement, kernel, fused)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, bench, agreement, kernel, kernel_big, fused)"; exit 2 ;;
   esac
 done
