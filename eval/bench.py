@@ -40,7 +40,7 @@ W_MV_STD = 1e-3
 SCHEDULES = ("full_attention", "sequential", "diagonal", "diagonal_pallas", "diagonal_pallas_fused")
 # diagonal_pallas_fused: gmm_impl="pallas", i.e. also the fused gate/up + SwiGLU kernel, which
 # "auto" does not use until it has been timed on an H200; run it with --schedules.
-DEFAULT_SCHEDULES = SCHEDULES[:4]
+DEFAULT_SCHEDULES = ("full_attention", "sequential", "diagonal", "diagonal_pallas")
 LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 
 

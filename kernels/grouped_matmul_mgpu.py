@@ -111,6 +111,12 @@ class TuningConfig:
     def cta_tile_n(self) -> int:
         return self.tile_n * (1 + (self.wg_dimension == MatmulDimension.N))
 
+    def chains(self, k_iters: int) -> bool:
+        """Whether tiles with k_iters k-steps run as a pipeline of pipelines: it needs
+        whole rounds of stages per tile and no delayed release."""
+        return (self.chain_tiles and self.delay_release == 0
+                and k_iters % self.max_concurrent_steps == 0)
+
     @property
     def num_out_slots(self) -> int:
         epi_tiles = (self.tile_m * self.tile_n) // (self.epi_tile_m * self.epi_tile_n)
@@ -267,9 +273,7 @@ def _kernel(
     item_m_iters, item_n_iters = m_iters // cluster_m, n_iters // cluster_n
     items_per_group = item_m_iters * item_n_iters
     work_axis = "sm" if c.cluster_dimension is None else "cluster_grid"
-    # A pipeline of pipelines needs whole rounds of stages per tile.
-    chain = (c.chain_tiles and c.delay_release == 0
-             and k_iters % c.max_concurrent_steps == 0)
+    chain = c.chains(k_iters)
 
     def smem_transforms(minor_elems):
         swizzle = plgpu.find_swizzle(minor_elems * jnp.dtype(dtype).itemsize * 8)

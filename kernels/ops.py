@@ -102,18 +102,20 @@ def _dispatch(a, b, bounds, *, transpose_lhs, transpose_rhs, out_dtype, out_grou
         out_dtype=out_dtype, out_groups=out_groups)
 
 
-def _kernel_serves(a, b, out_dtype, transpose_lhs, transpose_rhs, impl, cfg, strict) -> bool:
+def _kernel_serves(a, b, out_dtype, transpose_lhs, transpose_rhs, impl, cfg, strict,
+                   swiglu=False) -> bool:
     """Whether the Mosaic GPU kernel runs this product ("auto": only on Hopper; "pallas" /
     "interpret" with `strict`: a product it cannot serve is an error)."""
     reason = mgpu_kernel.unsupported_reason(
         a.shape, b.shape, jnp.promote_types(a.dtype, b.dtype), out_dtype,
         transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs,
-        config=cfg, interpret=impl == "interpret")
+        config=cfg, interpret=impl == "interpret", swiglu=swiglu)
     if impl == "auto":
         return reason is None and on_hopper()
     if reason is not None and strict:
+        op = "grouped_matmul_swiglu" if swiglu else "grouped_matmul"
         raise ValueError(
-            f"grouped_matmul(impl={impl!r}): the Mosaic GPU kernel cannot serve"
+            f"{op}(impl={impl!r}): the Mosaic GPU kernel cannot serve"
             f" a {tuple(a.shape)} {a.dtype} @ b {tuple(b.shape)} {b.dtype}"
             f" -> {jnp.dtype(out_dtype)} (transpose_lhs={transpose_lhs},"
             f" transpose_rhs={transpose_rhs}): {reason}"
@@ -121,7 +123,8 @@ def _kernel_serves(a, b, out_dtype, transpose_lhs, transpose_rhs, impl, cfg, str
     return reason is None
 
 
-def _run_kernel(a, b, bounds, transpose_lhs, transpose_rhs, out_groups, impl, cfg):
+def _run_kernel(a, b, bounds, transpose_lhs, transpose_rhs, out_groups, impl, cfg,
+                swiglu=False):
     kernel_dtype = jnp.promote_types(a.dtype, b.dtype)
     interpret = None
     num_sms = None
@@ -140,6 +143,7 @@ def _run_kernel(a, b, bounds, transpose_lhs, transpose_rhs, out_groups, impl, cf
         out_groups=out_groups,
         num_sms=num_sms,
         interpret=interpret,
+        swiglu=swiglu,
     )
 
 

@@ -70,23 +70,11 @@ def _unfused(x, w, bounds, impl):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _fused(impl, config, x, w, bounds):
     lo, hi, offset = bounds
-    interpret = impl == "interpret"
-    cfg = config or (ops.INTERPRET_CONFIG if interpret else mgpu_kernel.SWIGLU_CONFIG)
-    dtype = jnp.promote_types(x.dtype, w.dtype)
-    reason = mgpu_kernel.unsupported_reason(x.shape, w.shape, dtype, dtype, config=cfg,
-                                            interpret=interpret, swiglu=True)
-    if reason is not None:
-        raise ValueError(
-            f"grouped_matmul_swiglu(impl={impl!r}): the Mosaic GPU kernel cannot serve x"
-            f" {tuple(x.shape)} {x.dtype} @ w {tuple(w.shape)} {w.dtype}: {reason}")
-    if interpret:
-        from jax.experimental.pallas import mosaic_gpu as plgpu
-        extra = {"interpret": plgpu.InterpretGPUParams(), "num_sms": ops.INTERPRET_NUM_SMS}
-    else:
-        extra = {}
-    out = mgpu_kernel.grouped_matmul_mgpu(
-        x.astype(dtype), w.astype(dtype), ops._bounds(lo, hi, offset, 0), config=cfg,
-        out_groups=x.shape[0], swiglu=True, **extra)
+    cfg = config or (ops.INTERPRET_CONFIG if impl == "interpret" else mgpu_kernel.SWIGLU_CONFIG)
+    ops._kernel_serves(x, w, jnp.promote_types(x.dtype, w.dtype), False, False, impl, cfg,
+                       strict=True, swiglu=True)   # raises, naming the shapes, if it cannot
+    out = ops._run_kernel(x, w, ops._bounds(lo, hi, offset, 0), False, False, x.shape[0], impl,
+                          cfg, swiglu=True)
     return out.astype(x.dtype)
 
 

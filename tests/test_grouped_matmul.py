@@ -28,10 +28,6 @@ from kernels import ops
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
 
-_rng = fresh_rng
-_rel_err = rel_err_finite
-
-
 def _operands(rng, g, m, k, n, dtype):
     x = jnp.asarray(rng.standard_normal((g, m, k)), jnp.float32).astype(dtype)
     w = jnp.asarray(rng.standard_normal((g, k, n)) / np.sqrt(k), jnp.float32).astype(dtype)
@@ -73,7 +69,7 @@ def _check_idle_zero(arr, lo, hi, what, info):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_forward_and_grads_match_einsum(dtype):
-    rng, info = _rng()
+    rng, info = fresh_rng()
     g, m, k, n = 4, 72, 128, 128  # m = 72: ragged last row tile (tile 64)
     x, w = _operands(rng, g, m, k, n, dtype)
     lo, hi = _random_range(rng, g)
@@ -83,33 +79,33 @@ def test_forward_and_grads_match_einsum(dtype):
     y = kernels.grouped_matmul(x, w, (lo, hi), impl="interpret")
     y_ref = kernels.grouped_matmul(x, w, (lo, hi), impl="xla")
     assert y.dtype == x.dtype and y.shape == (g, m, n)
-    assert _rel_err(y, y_ref) <= TOL[dtype], info
+    assert rel_err_finite(y, y_ref) <= TOL[dtype], info
     _check_idle_zero(y, lo, hi, "output", info)
 
     (v, (dx, dw)) = _loss_and_grads("interpret", x, w, lo, hi, cot)
     (v_ref, (dx_ref, dw_ref)) = _loss_and_grads("xla", x, w, lo, hi, cot)
     assert dx.dtype == x.dtype and dw.dtype == w.dtype
-    assert _rel_err(dx, dx_ref) <= TOL[dtype], f"dx {info}"
-    assert _rel_err(dw, dw_ref) <= TOL[dtype], f"dw {info}"
+    assert rel_err_finite(dx, dx_ref) <= TOL[dtype], f"dx {info}"
+    assert rel_err_finite(dw, dw_ref) <= TOL[dtype], f"dw {info}"
     _check_idle_zero(dx, lo, hi, "dx", info)
     _check_idle_zero(dw, lo, hi, "dw", info)
 
 
 def test_ragged_contraction_in_dw_and_full_range():
     """m = 40 < one row tile: dw contracts over a ragged m (TMA zero fill)."""
-    rng, info = _rng()
+    rng, info = fresh_rng()
     g, m, k, n = 3, 40, 64, 128
     x, w = _operands(rng, g, m, k, n, jnp.float32)
     cot = jnp.asarray(rng.standard_normal((g, m, n)), jnp.float32)
     got = _loss_and_grads("interpret", x, w, 0, g, cot)
     want = _loss_and_grads("xla", x, w, 0, g, cot)
-    assert _rel_err(got[0], want[0]) <= 1e-5, info
+    assert rel_err_finite(got[0], want[0]) <= 1e-5, info
     for a, b, name in zip(got[1], want[1], ("dx", "dw")):
-        assert _rel_err(a, b) <= 1e-5, f"{name} {info}"
+        assert rel_err_finite(a, b) <= 1e-5, f"{name} {info}"
 
 
 def test_nothing_active():
-    rng, info = _rng()
+    rng, info = fresh_rng()
     g, m, k, n = 3, 64, 64, 128
     x, w = _operands(rng, g, m, k, n, jnp.bfloat16)
     cot = jnp.asarray(rng.standard_normal((g, m, n)), jnp.float32)
@@ -123,13 +119,13 @@ def test_nothing_active():
 
 def test_default_hopper_tiles_in_interpret_mode():
     """The GPU block sizes (128 x 256 CTA tiles, 4 stages), ragged m."""
-    rng, info = _rng()
+    rng, info = fresh_rng()
     g, m, k, n = 3, 136, 256, 256
     x, w = _operands(rng, g, m, k, n, jnp.bfloat16)
     lo, hi = 1, 3
     y = kernels.grouped_matmul(x, w, (lo, hi), impl="interpret", config=mgpu_kernel.DEFAULT_CONFIG)
     y_ref = kernels.grouped_matmul(x, w, (lo, hi), impl="xla")
-    assert _rel_err(y, y_ref) <= 1e-2, info
+    assert rel_err_finite(y, y_ref) <= 1e-2, info
     _check_idle_zero(y, lo, hi, "output", info)
 
 
@@ -150,7 +146,7 @@ def _weight_window_oracle(x, w, lo, hi, off, cot):
 @pytest.mark.parametrize("impl", ["interpret", "xla"])
 def test_weight_offset_reads_a_window_of_stacked_weights(impl):
     """x holds 3 groups, w 5: group g uses w[g + off]; dw has w's shape, zero outside."""
-    rng, info = _rng()
+    rng, info = fresh_rng()
     g, gw, m, k, n = 3, 5, 72, 128, 128
     x, _ = _operands(rng, g, m, k, n, jnp.float32)
     _, w = _operands(rng, gw, m, k, n, jnp.float32)
@@ -167,9 +163,9 @@ def test_weight_offset_reads_a_window_of_stacked_weights(impl):
         x, w, jnp.int32(lo), jnp.int32(hi), jnp.int32(off))
     y_want, dx_want, dw_want = _weight_window_oracle(x, w, lo, hi, off, cot)
     assert y.shape == (g, m, n) and dw.shape == w.shape, info
-    assert _rel_err(y, y_want) <= 1e-5, info
-    assert _rel_err(dx, dx_want) <= 1e-5, f"dx {info}"
-    assert _rel_err(dw, dw_want) <= 1e-5, f"dw {info}"
+    assert rel_err_finite(y, y_want) <= 1e-5, info
+    assert rel_err_finite(dx, dx_want) <= 1e-5, f"dx {info}"
+    assert rel_err_finite(dw, dw_want) <= 1e-5, f"dw {info}"
     _check_idle_zero(y, lo, hi, "output", info)
     _check_idle_zero(dw, lo + off, hi + off, "dw", info)
 
@@ -185,15 +181,16 @@ def test_weight_offset_reads_a_window_of_stacked_weights(impl):
     ids=["unchained", "chained", "rows_split_64x192", "delayed_release_4_epi_slots"])
 def test_tile_schedules(config):
     """Plain and chained (START/STEADY/STOP) tile pipelines, the row-split 128 x 192 tiles and
-    a delayed stage release (one wgmma in flight) with 4 epilogue slots, over 4 simulated SMs: all 4 groups give every CTA several tiles, one group leaves some CTAs
-    a single tile (which runs unchained), ragged m."""
-    rng, info = _rng()
+    a delayed stage release (one wgmma in flight) with 4 epilogue slots, over 4 simulated SMs:
+    all 4 groups give every CTA several tiles, one group leaves some CTAs a single tile (which
+    runs unchained), ragged m."""
+    rng, info = fresh_rng()
     g, m, k, n = 4, 72, 256, 384            # 2 x 3 tiles of 64 x 128 (1 x 2 of 128 x 192)
     x, w = _operands(rng, g, m, k, n, jnp.float32)
     for lo, hi in [(0, g), (1, 2), _random_range(rng, g)]:
         y = kernels.grouped_matmul(x, w, (lo, hi), impl="interpret", config=config)
         y_ref = kernels.grouped_matmul(x, w, (lo, hi), impl="xla")
-        assert _rel_err(y, y_ref) <= 1e-5, f"{info} lo={lo} hi={hi}"
+        assert rel_err_finite(y, y_ref) <= 1e-5, f"{info} lo={lo} hi={hi}"
         _check_idle_zero(y, lo, hi, "output", info)
 
 
@@ -201,7 +198,7 @@ def test_tile_schedules(config):
 def test_two_cta_clusters_with_multicast(dim):
     """Clusters of 2 CTAs on neighbouring tiles sharing one operand tile by TMA multicast:
     along n (A shared; 4 column tiles) and along m (B shared; 4 row tiles, the last ragged)."""
-    rng, info = _rng()
+    rng, info = fresh_rng()
     dimension = mgpu_kernel.MatmulDimension[dim]
     g, m, k, n = (3, 136, 256, 512) if dim == "N" else (3, 232, 256, 256)
     x, w = _operands(rng, g, m, k, n, jnp.float32)
@@ -209,7 +206,7 @@ def test_two_cta_clusters_with_multicast(dim):
     for lo, hi in [(0, g), (1, 2), _random_range(rng, g)]:
         y = kernels.grouped_matmul(x, w, (lo, hi), impl="interpret", config=config)
         y_ref = kernels.grouped_matmul(x, w, (lo, hi), impl="xla")
-        assert _rel_err(y, y_ref) <= 1e-5, f"{info} {dim} lo={lo} hi={hi}"
+        assert rel_err_finite(y, y_ref) <= 1e-5, f"{info} {dim} lo={lo} hi={hi}"
         _check_idle_zero(y, lo, hi, "output", info)
     # an odd number of tiles along the cluster dimension is refused, naming it
     with pytest.raises(ValueError, match="cluster along"):
@@ -229,13 +226,13 @@ def _assert_one_compilation(x, w, impl, tol, info):
     for lo, hi in [(0, 4), (1, 3), (3, 4), (2, 2)]:
         y = step(x, w, jnp.int32(lo), jnp.int32(hi))
         y_ref = _fwd_fn(x, w, jnp.int32(lo), jnp.int32(hi), "xla")
-        assert _rel_err(y, y_ref) <= tol, f"{info} lo={lo} hi={hi}"
+        assert rel_err_finite(y, y_ref) <= tol, f"{info} lo={lo} hi={hi}"
         _check_idle_zero(y, lo, hi, "output", info)
     assert len(traces) == 1, f"traced {len(traces)} times"
 
 
 def test_traced_range_one_compilation():
-    rng, info = _rng()
+    rng, info = fresh_rng()
     g, m, k, n = 4, 64, 64, 128
     x, w = _operands(rng, g, m, k, n, jnp.float32)
     # Interpret mode registers global state on its first run, which changes the
@@ -248,17 +245,17 @@ def test_xla_path_accumulates_in_float32():
     """The XLA path emits bf16 straight from the einsum; its error against a float64 oracle must
     stay at one bf16 rounding of the output (~1e-3), far below what bf16 accumulation over
     k = 4096 would give. On the H200 too (the GPU stage selects it)."""
-    rng, info = _rng()
+    rng, info = fresh_rng()
     g, m, k, n = 2, 128, 4096, 128
     x, w = _operands(rng, g, m, k, n, jnp.bfloat16)
     y = _fwd_fn(x, w, jnp.int32(0), jnp.int32(g), "xla")
     assert y.dtype == jnp.bfloat16
     want = np.einsum("gmk,gkn->gmn", np.asarray(x, np.float64), np.asarray(w, np.float64))
-    assert _rel_err(y, want) <= 3e-3, f"{info} on {jax.devices()[0].platform}"
+    assert rel_err_finite(y, want) <= 3e-3, f"{info} on {jax.devices()[0].platform}"
 
 
 def test_idle_nan_does_not_leak():
-    rng, info = _rng()
+    rng, info = fresh_rng()
     g, m, k, n = 3, 64, 64, 128
     x, w = _operands(rng, g, m, k, n, jnp.float32)
     x = x.at[0].set(jnp.nan)
@@ -271,15 +268,15 @@ def test_idle_nan_does_not_leak():
 
 
 def test_active_none_means_all_groups():
-    rng, info = _rng()
+    rng, info = fresh_rng()
     x, w = _operands(rng, 2, 64, 64, 128, jnp.float32)
     y = kernels.grouped_matmul(x, w, impl="interpret")
     want = jnp.einsum("gmk,gkn->gmn", x, w, precision="highest")
-    assert _rel_err(y, want) <= 1e-5, info
+    assert rel_err_finite(y, want) <= 1e-5, info
 
 
 def test_auto_off_gpu_is_xla_and_small_n_routes_to_xla():
-    rng, info = _rng()
+    rng, info = fresh_rng()
     x, w = _operands(rng, 3, 24, 64, 64, jnp.bfloat16)  # n = 64: not a kernel shape
     for active in [(0, 3), (1, 2)]:
         y = kernels.grouped_matmul(x, w, active, impl="auto")
@@ -348,7 +345,7 @@ GPU_SHAPES = [
 @on_gpu
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_gpu_pallas_matches_xla(shape):
-    rng, info = _rng()
+    rng, info = fresh_rng()
     g, m, k, n = shape
     x, w = _operands(rng, g, m, k, n, jnp.bfloat16)
     cot = jnp.asarray(rng.standard_normal((g, m, n)), jnp.float32)
@@ -356,19 +353,19 @@ def test_gpu_pallas_matches_xla(shape):
         tag = f"{info} shape={shape} lo={lo} hi={hi}"
         y = _fwd_fn(x, w, jnp.int32(lo), jnp.int32(hi), "pallas")
         y_ref = _fwd_fn(x, w, jnp.int32(lo), jnp.int32(hi), "xla")
-        assert _rel_err(y, y_ref) <= 1e-2, tag
+        assert rel_err_finite(y, y_ref) <= 1e-2, tag
         _check_idle_zero(y, lo, hi, "output", tag)
         _, (dx, dw) = _loss_and_grads("pallas", x, w, lo, hi, cot)
         _, (dx_ref, dw_ref) = _loss_and_grads("xla", x, w, lo, hi, cot)
-        assert _rel_err(dx, dx_ref) <= 1e-2, f"dx {tag}"
-        assert _rel_err(dw, dw_ref) <= 1e-2, f"dw {tag}"
+        assert rel_err_finite(dx, dx_ref) <= 1e-2, f"dx {tag}"
+        assert rel_err_finite(dw, dw_ref) <= 1e-2, f"dw {tag}"
         _check_idle_zero(dx, lo, hi, "dx", tag)
         _check_idle_zero(dw, lo, hi, "dw", tag)
 
 
 @on_gpu
 def test_gpu_traced_range_one_compilation():
-    rng, info = _rng()
+    rng, info = fresh_rng()
     x, w = _operands(rng, 4, 1152, 2048, 2048, jnp.bfloat16)
     _assert_one_compilation(x, w, "pallas", 1e-2, info)
 
@@ -389,14 +386,13 @@ GPU_CONFIGS = {
 def test_gpu_weight_offset(name):
     """A window of 4 slots reading layers [off, off + 4) of 8 stacked weights, forward and
     both gradients, under several tile schedules (1b qkv shape: 32 k-steps)."""
-    rng, info = _rng()
+    rng, info = fresh_rng()
     g, gw, m, k, n = 4, 8, 1152, 2048, 3072
     x, _ = _operands(rng, g, m, k, n, jnp.bfloat16)
     _, w = _operands(rng, gw, m, k, n, jnp.bfloat16)
     cot = jnp.asarray(rng.standard_normal((g, m, n)), jnp.float32)
     cfg = GPU_CONFIGS[name]
-    chain = (cfg.chain_tiles and cfg.delay_release == 0
-             and (k // cfg.tile_k) % cfg.max_concurrent_steps == 0)
+    chain = cfg.chains(k // cfg.tile_k)
 
     def loss(x, w, lo, hi, off):
         y = kernels.grouped_matmul(x, w, (lo, hi), weight_offset=off, impl="pallas", config=cfg)
@@ -407,8 +403,8 @@ def test_gpu_weight_offset(name):
         tag = f"{info} lo={lo} hi={hi} off={off} config={name} chain={chain}"
         (_, y), (dx, dw) = grad_fn(x, w, jnp.int32(lo), jnp.int32(hi), jnp.int32(off))
         y_want, dx_want, dw_want = _weight_window_oracle(x, w, lo, hi, off, cot)
-        assert _rel_err(y, y_want) <= 1e-2, tag
-        assert _rel_err(dx, dx_want) <= 1e-2, f"dx {tag}"
-        assert _rel_err(dw, dw_want) <= 1e-2, f"dw {tag}"
+        assert rel_err_finite(y, y_want) <= 1e-2, tag
+        assert rel_err_finite(dx, dx_want) <= 1e-2, f"dx {tag}"
+        assert rel_err_finite(dw, dw_want) <= 1e-2, f"dw {tag}"
         _check_idle_zero(y, lo, hi, "output", tag)
         _check_idle_zero(dw, lo + off, hi + off, "dw", tag)
