@@ -116,7 +116,7 @@ def attention(lp: dict, x: jax.Array, cos, sin, cfg: LlamaConfig, *, active=None
 def mlp(lp: dict, x: jax.Array, cfg: LlamaConfig, *, active=None, gmm_impl="auto",
         layer_offset=None) -> jax.Array:
     """down(silu(gate(x)) * up(x)); gate/up and the activation in one grouped product
-    (`kernels.grouped_matmul_swiglu`: fused in the kernel under gmm_impl="pallas")."""
+    (`kernels.grouped_matmul_swiglu`, fused in the kernel on a Hopper GPU unless gmm_impl="xla")."""
     G, B, S, _ = x.shape
     h = kernels.grouped_matmul_swiglu(x.reshape(G, B * S, -1), lp["w_gate_up"], active=active,
                                       weight_offset=layer_offset, impl=gmm_impl)

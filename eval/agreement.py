@@ -8,7 +8,12 @@ For scale it also prints the model's own sensitivity: how much the sequential re
 every weight is perturbed by a relative 1e-7 (float32 rounding size). Schedules that agree to
 rounding differ by about that much; a bug would differ by far more.
 
+With ``--gmm-impl auto`` both schedules run the kernels of `kernels/` (bf16 only; on a Hopper GPU
+the grouped matmul and the fused gate/up + SwiGLU), and the row adds how far the sequential result
+with the kernels is from the sequential result with XLA matmuls.
+
     python -m eval.agreement --tokens 16384
+    python -m eval.agreement --tokens 8192 --gmm-impl auto
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ def main(argv=None) -> int:
     ap.add_argument("--size", choices=("1b", "mid", "tiny"), default="1b")
     ap.add_argument("--w-mv-std", type=float, default=W_MV_STD)
     ap.add_argument("--float32-only", action="store_true")
+    ap.add_argument("--bf16-only", action="store_true")
+    ap.add_argument("--gmm-impl", default="xla", choices=("xla", "auto"),
+                    help="grouped matmuls of both schedules: 'auto' = the kernels on a Hopper GPU"
+                         " (bf16 only), fused gate/up + SwiGLU included")
     args = ap.parse_args(argv)
 
     cfg, armt = bench_config(args.size)
@@ -44,7 +53,11 @@ def main(argv=None) -> int:
                          jnp.int32)
     results = {}
     dtypes = ((jnp.float32, "highest"), (jnp.bfloat16, "default"))
-    for dtype, precision in dtypes[:1] if args.float32_only else dtypes:
+    if args.float32_only:
+        dtypes = dtypes[:1]
+    if args.bf16_only or args.gmm_impl != "xla":
+        dtypes = dtypes[1:]
+    for dtype, precision in dtypes:
         params = init_params(jax.random.key(0), cfg, armt, dtype)
         w_mv = params["memory"]["w_mv"]
         params["memory"]["w_mv"] = (args.w_mv_std * jax.random.normal(jax.random.key(2), w_mv.shape)
@@ -54,13 +67,17 @@ def main(argv=None) -> int:
         with jax.default_matmul_precision(precision):
             for name, fwd in (("sequential", sequential_forward), ("diagonal", diagonal_forward)):
                 fn = jax.jit(lambda p, t, fwd=fwd: fwd(p, t, cfg, armt, output="hidden",
-                                                       attn_impl=f32_attn, gmm_impl="xla"))
+                                                       attn_impl=f32_attn, gmm_impl=args.gmm_impl))
                 outs[name] = jax.block_until_ready(fn(params, tokens))
                 if name == "sequential":
                     fn_seq = fn
             noisy = jax.tree.map(lambda a: a * (1 + 1e-7 * jax.random.normal(
                 jax.random.key(5), a.shape, jnp.float32)).astype(a.dtype), params)
             moved = fn_seq(noisy, tokens)
+            if args.gmm_impl != "xla":   # the kernels' rounding vs XLA's, same schedule
+                outs["sequential_xla"] = jax.jit(lambda p, t: sequential_forward(
+                    p, t, cfg, armt, output="hidden", attn_impl=f32_attn, gmm_impl="xla"))(
+                    params, tokens)
         s, d = outs["sequential"], outs["diagonal"]
         row = {"A": rel(d.state.A, s.state.A), "hidden": rel(d.out, s.out),
                "sensitivity_hidden": rel(moved.out, s.out),
@@ -68,11 +85,14 @@ def main(argv=None) -> int:
                "A_max_over_layers": max(rel(d.state.A[l], s.state.A[l]) for l in range(len(s.state.A))),
                "z_max_over_layers": max(rel(d.state.z[l], s.state.z[l]) for l in range(len(s.state.z))),
                "finite": bool(jnp.isfinite(s.out.astype(jnp.float32)).all())}
+        if "sequential_xla" in outs:
+            row["hidden_sequential_vs_xla"] = rel(s.out, outs["sequential_xla"].out)
         results[jnp.dtype(dtype).name] = row
         print(f"{jnp.dtype(dtype).name:9s} " + "  ".join(f"{k} {v:.2e}" if isinstance(v, float)
                                                           else f"{k} {v}" for k, v in row.items()),
               flush=True)
-    print(json.dumps({"tokens": args.tokens, "device": jax.devices()[0].device_kind, **results}))
+    print(json.dumps({"tokens": args.tokens, "gmm_impl": args.gmm_impl,
+                      "device": jax.devices()[0].device_kind, **results}))
     return 0
 
 

@@ -37,10 +37,7 @@ from pathlib import Path
 # to NaN after ~60 segments (seen on the H200, in both schedules alike). 1e-3 keeps a random model
 # finite at 131072 tokens, so the schedules' outputs can be compared.
 W_MV_STD = 1e-3
-SCHEDULES = ("full_attention", "sequential", "diagonal", "diagonal_pallas", "diagonal_pallas_fused")
-# diagonal_pallas_fused: gmm_impl="pallas", i.e. also the fused gate/up + SwiGLU kernel, which
-# "auto" does not use until it has been timed on an H200; run it with --schedules.
-DEFAULT_SCHEDULES = ("full_attention", "sequential", "diagonal", "diagonal_pallas")
+SCHEDULES = ("full_attention", "sequential", "diagonal", "diagonal_pallas")
 LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 
 
@@ -102,8 +99,8 @@ def forward_fn(schedule: str, cfg, armt):
     if schedule == "sequential":
         return lambda p, t: sequential_forward(p, t, cfg, armt, output="hidden", attn_impl=attn,
                                                gmm_impl="xla").out
-    # auto: the kernel where it serves; pallas: the kernel everywhere, fused SwiGLU included
-    impl = {"diagonal_pallas": "auto", "diagonal_pallas_fused": "pallas"}.get(schedule, "xla")
+    # auto: the kernels (grouped matmul, fused gate/up + SwiGLU) where they serve the shape
+    impl = "auto" if schedule == "diagonal_pallas" else "xla"
     return lambda p, t: diagonal_forward(p, t, cfg, armt, output="hidden", attn_impl=attn,
                                          gmm_impl=impl).out
 
@@ -210,7 +207,7 @@ def main(argv=None) -> int:
         from eval import bench_grouped_matmul
         return bench_grouped_matmul.main(kernel_args) or 0
     ap = argparse.ArgumentParser(prog="armt bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=list(DEFAULT_SCHEDULES))
+    ap.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=list(SCHEDULES))
     ap.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS))
     ap.add_argument("--reps", type=int, default=3, help="timed runs after the warm-up (>= 3)")
     ap.add_argument("--out", type=Path, default=None,

@@ -6,7 +6,8 @@
 #   agreement  model-scale agreement of the schedules                    (~1 min)
 #   kernel     the grouped-matmul benchmark (1b all loads, 3b/8b quick, backward products)
 #   kernel_big the 3b/8b shapes at every G in {1,2,4,8,16} and 1..8 of 16 active
-#   fused      fused gate/up + SwiGLU kernel vs unfused: profiled A/B, and end to end (~4 min)
+#   fused      fused gate/up + SwiGLU kernel vs unfused: profiled A/B                (~1 min)
+#   diagonal   the inference benchmark of sequential and the diagonal schedules (~6 min)
 #   run: bash eval/gpu_session.sh tests bench; bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
 set -uo pipefail
@@ -34,9 +35,10 @@ for stage in "${stages[@]}"; do
               --out "$OUT/kernel_big" 2>&1 | quiet | grep -v "^  " | tail -80 ;;
     fused) python3 eval/bench_grouped_matmul.py --models "" --ab default,swiglu,swiglu_unfused \
              --ab_profile --ab_shapes 1b:gate_up,3b:gate_up,8b:gate_up --out "$OUT/fused" 2>&1 \
-             | quiet | grep -v "^  " | tail -20
-           python3 -m eval.bench --schedules diagonal_pallas diagonal_pallas_fused \
-             --lengths 8192 131072 --out "$OUT/fused/inference.json" 2>&1 | quiet | tail -8 ;;
-    *) echo "unknown stage $stage (tests, bench, agreement, kernel, kernel_big, fused)"; exit 2 ;;
+             | quiet | grep -v "^  " | tail -20 ;;
+    diagonal) python3 -m eval.bench --schedules sequential diagonal diagonal_pallas \
+             --out "$OUT/diagonal/inference_h200.json" 2>&1 | quiet | tee "$OUT/diagonal.txt" ;;
+    *) echo "unknown stage $stage (tests, bench, agreement, kernel, kernel_big, fused, diagonal)"
+       exit 2 ;;
   esac
 done

@@ -27,6 +27,19 @@ def test_bench_smoke(tmp_path, capsys):
     assert "| diagonal | 70 |" in out.with_suffix(".md").read_text()
 
 
+def test_agreement_tiny_on_cpu(capsys):
+    """eval.agreement: float32 schedules agree to rounding; --gmm-impl auto adds the distance
+    from the XLA-matmul sequential result (zero on CPU, where auto means XLA)."""
+    from eval import agreement
+    assert agreement.main(["--size", "tiny", "--tokens", "40", "--float32-only"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["gmm_impl"] == "xla" and row["float32"]["hidden"] < 1e-5
+    assert agreement.main(["--size", "tiny", "--tokens", "40", "--gmm-impl", "auto"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(row) == {"tokens", "gmm_impl", "device", "bfloat16"}
+    assert row["bfloat16"]["hidden_sequential_vs_xla"] == 0.0
+
+
 def test_profile_kinds_and_cpu_run(tmp_path):
     """eval.profile: kernel names from H200 traces land in the right kind; a CPU run writes its
     summary (CPU traces carry no device kernels, so only the wall time is filled)."""

@@ -122,6 +122,21 @@ def test_gpu_swiglu_compiled():
            [(0, 4, 4), (1, 3, 2), (3, 4, 0), (2, 2, 1)], rng, info)
 
 
+@pytest.mark.skipif(jax.devices()[0].platform != "gpu" or not kernels.on_hopper(),
+                    reason="needs a Hopper GPU")
+def test_gpu_swiglu_auto_is_the_fused_kernel():
+    """On Hopper "auto" runs the fused kernel where it serves (bitwise the "pallas" result) and
+    the unfused composition where it does not (F = 96: no 128-wide tile)."""
+    rng, info = fresh_rng()
+    x, w = _operands(rng, 2, 2, 1152, 256, 256, jnp.bfloat16)
+    got = kernels.grouped_matmul_swiglu(x, w, (0, 2))
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(
+        kernels.grouped_matmul_swiglu(x, w, (0, 2), impl="pallas"), np.float32), err_msg=info)
+    narrow = kernels.grouped_matmul_swiglu(x, w[..., :192], (0, 2))
+    want = kernels.grouped_matmul_swiglu(x, w[..., :192], (0, 2), impl="xla")
+    assert rel_err_finite(narrow, want) <= 1e-2, info
+
+
 @pytest.mark.parametrize("name", ["rows_split", "unchained"])
 def test_swiglu_tile_schedules(name):
     """The fused kernel under the default's row split (two warpgroups of 64 rows, as in
