@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Re-checks and re-measures everything GPU-specific on an H200, in stages (one device command may
 # run 10 minutes, so the stages are split over two calls):
-#   tests      the GPU tests (kernel compiled: offsets, tile schedules; diagonal through it)
-#   bench      the inference benchmark, every schedule and length        (~6 min)
-#   agreement  model-scale agreement of the schedules                    (~1 min)
+#   tests      the GPU tests (kernels compiled: offsets, tile schedules; diagonal through them) (~4 min)
+#   bench      the inference benchmark, every schedule and length                 (~9 min)
+#   agreement  model-scale agreement of the schedules, XLA and kernel paths        (> 3 min)
 #   kernel     the grouped-matmul benchmark (1b all loads, 3b/8b quick, backward products)
 #   kernel_big the 3b/8b shapes at every G in {1,2,4,8,16} and 1..8 of 16 active
-#   fused      fused gate/up + SwiGLU kernel vs unfused: profiled A/B                (~1 min)
-#   diagonal   the inference benchmark of sequential and the diagonal schedules (~6 min)
-#   run: bash eval/gpu_session.sh tests bench; bash eval/gpu_session.sh agreement kernel
+#   fused      fused gate/up + SwiGLU kernel vs unfused: profiled A/B             (~1 min)
+#   diagonal   the inference benchmark of sequential and the diagonal schedules  (~8 min)
+#   run: bash eval/gpu_session.sh tests fused; bash eval/gpu_session.sh bench;
+#        bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
 set -uo pipefail
 OUT=${OUT:-out}
@@ -28,7 +29,9 @@ for stage in "${stages[@]}"; do
              | tee "$OUT/gpu_tests.txt" ;;
     bench) python3 -m eval.bench --out "$OUT/inference_h200.json" 2>&1 | quiet \
              | tee "$OUT/bench.txt" ;;
-    agreement) python3 -m eval.agreement --tokens 16384 2>&1 | quiet | tee "$OUT/agreement.txt" ;;
+    agreement) python3 -m eval.agreement --tokens 16384 2>&1 | quiet | tee "$OUT/agreement.txt"
+             for n in 8192 16384; do python3 -m eval.agreement --tokens $n --gmm-impl auto 2>&1 \
+               | quiet | tee -a "$OUT/agreement.txt"; done ;;
     kernel) python3 eval/bench_grouped_matmul.py --models 1b,3b,8b --quick --bwd \
               --out "$OUT/kernel" 2>&1 | quiet | grep -v "^  " | tail -80 ;;
     kernel_big) python3 eval/bench_grouped_matmul.py --models 3b,8b --big_groups 1,2,4,8,16 \

@@ -156,14 +156,14 @@ def test_per_sequence_lengths(rng, output):
                 assert ref.rel_err(got.state.z[l, b], z[l]) <= 1e-5
 
 
-def _kernel_case(rng, hidden, segment_size):
-    """A bf16 model whose every grouped matmul the Mosaic GPU kernel serves (k % 64 == 0,
-    n % 128 == 0, m = T + M a multiple of the tile)."""
+def _kernel_case(rng, hidden, segment_size, dtype=jnp.bfloat16):
+    """A model whose every grouped matmul the Mosaic GPU kernel serves (k % 64 == 0,
+    n % 128 == 0, m = T + M a multiple of the tile); random W_mv."""
     cfg = dataclasses.replace(TINY, vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
                               rope_scaling=None)
     acfg = ArmtConfig(segment_size=segment_size, num_mem_tokens=8, d_mem=16)
-    params = random_params(rng, cfg, acfg, dtype=jnp.bfloat16)
+    params = random_params(rng, cfg, acfg, dtype=dtype)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, 4 * segment_size - 5)), jnp.int32)
     return params, tokens, cfg, acfg
 
@@ -180,6 +180,17 @@ def test_diagonal_through_the_kernel_in_interpret_mode(rng):
     """The Mosaic GPU kernel (Pallas GPU interpret mode on the CPU) inside the diagonal schedule:
     window-relative active ranges, ramp-up and ramp-down, 4 segments over 3 layers."""
     _check_kernel_path(*_kernel_case(rng, hidden=128, segment_size=56), impl="interpret")
+
+
+def test_diagonal_through_the_kernel_float32_equals_sequential(rng):
+    """float32 through the kernels (interpret mode: grouped matmul and fused gate/up + SwiGLU,
+    float32 accumulation) against the sequential schedule on XLA matmuls, to float32 rounding:
+    a slip in a window's active range or weight offset, or in one tile, shows far above 1e-5
+    (bf16 tests cannot see it under their 1e-2)."""
+    params, tokens, cfg, acfg = _kernel_case(rng, hidden=128, segment_size=56, dtype=jnp.float32)
+    got = diagonal_forward(params, tokens, cfg, acfg, gmm_impl="interpret")
+    want = sequential_forward(params, tokens, cfg, acfg, gmm_impl="xla")
+    check_same(got, want, 1e-5)
 
 
 @pytest.mark.skipif(not kernels.on_hopper(), reason="needs a Hopper GPU")
