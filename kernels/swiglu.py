@@ -21,8 +21,10 @@ Implementations (``impl``, as for ``grouped_matmul``):
   8B gate/up shapes, and the 131072-token diagonal forward 0.97.
 
 Active range and weight offset work as in ``grouped_matmul``: idle groups give
-zeros and no gradient. The backward recomputes the unfused forward under the
-same ``impl`` and differentiates it (dx, dw through ``grouped_matmul``'s VJP).
+zeros and no gradient. Under differentiation the forward runs unfused and keeps
+the [gate | up] product for the backward (the fused kernel serves inference: a
+training step would otherwise pay a second gate/up matmul to recompute it); dx
+and dw are ``grouped_matmul``'s backward products.
 """
 
 from __future__ import annotations
@@ -72,11 +74,18 @@ def _fused_serves(x, w, config):
                               _fused_config("auto", config), strict=False, swiglu=True)
 
 
-def _unfused(x, w, bounds, impl):
-    lo, hi, offset = bounds
-    gate_up = ops.grouped_matmul(x, w, (lo, hi), weight_offset=offset, impl=impl)
+def _swiglu(gate_up):
     gate, up = jnp.split(gate_up, 2, axis=-1)
     return jax.nn.silu(gate) * up
+
+
+def _gate_up(x, w, bounds, impl):
+    lo, hi, offset = bounds
+    return ops.grouped_matmul(x, w, (lo, hi), weight_offset=offset, impl=impl)
+
+
+def _unfused(x, w, bounds, impl):
+    return _swiglu(_gate_up(x, w, bounds, impl))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -91,15 +100,22 @@ def _fused(impl, config, x, w, bounds):
 
 
 def _fused_fwd(impl, config, x, w, bounds):
-    return _fused(impl, config, x, w, bounds), (x, w, bounds)
+    # Differentiated, the forward runs unfused and keeps [gate | up] for the backward: one
+    # grouped matmul, where the fused kernel would need a second one (a recompute) there. So
+    # training costs what the unfused path costs; the forward value under differentiation is the
+    # unfused one (it differs from the fused result by bf16 rounding).
+    del config
+    gate_up = _gate_up(x, w, bounds, impl)
+    return _swiglu(gate_up), (x, w, bounds, gate_up)
 
 
 def _fused_bwd(impl, config, res, dh):
     del config
-    x, w, bounds = res
-    _, vjp = jax.vjp(lambda x, w: _unfused(x, w, bounds, impl), x, w)
-    dx, dw = vjp(dh.astype(x.dtype))
-    return dx, dw, np.zeros(bounds.shape, dtype=jax.dtypes.float0)
+    x, w, bounds, gate_up = res
+    _, activation_vjp = jax.vjp(_swiglu, gate_up)
+    (d_gate_up,) = activation_vjp(dh.astype(gate_up.dtype))
+    # dx, dw of the gate/up product: grouped_matmul's own backward (active groups only)
+    return ops._gmm_bwd(impl, gate_up.dtype, None, (x, w, bounds), d_gate_up)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)

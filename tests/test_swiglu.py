@@ -92,6 +92,36 @@ def test_swiglu_idle_nan_does_not_leak():
         assert np.all(np.asarray(h[0]) == 0) and np.all(np.isfinite(np.asarray(h))), info
 
 
+def _kernel_calls(jaxpr) -> int:
+    """Kernel launches in a jaxpr and every jaxpr nested in it: pallas_call, or in GPU
+    interpret mode the mpmd_map it traces to (one per launch)."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name in ("pallas_call", "mpmd_map")
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    count += _kernel_calls(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    count += _kernel_calls(sub)
+    return count
+
+
+def test_swiglu_training_costs_what_unfused_costs():
+    """Inference runs the fused kernel alone; a gradient runs three kernel products (gate/up kept
+    for the backward, dx, dw), not the fused kernel plus a recompute of gate/up. The forward value
+    under differentiation (unfused) matches the fused one to rounding."""
+    rng, info = fresh_rng()
+    x, w = _operands(rng, 2, 2, 72, 128, 128, jnp.float32)
+    def loss(x, w):
+        return jnp.sum(kernels.grouped_matmul_swiglu(x, w, (0, 2), impl="interpret") ** 2)
+    assert _kernel_calls(jax.make_jaxpr(loss)(x, w).jaxpr) == 1, info
+    grad_fn = jax.value_and_grad(loss, argnums=(0, 1))
+    assert _kernel_calls(jax.make_jaxpr(grad_fn)(x, w).jaxpr) == 3, info
+    value, _ = grad_fn(x, w)
+    assert abs(float(value) / float(loss(x, w)) - 1) <= 1e-5, info
+
+
 @pytest.mark.skipif(jax.devices()[0].platform != "cpu", reason="auto means xla only on CPU")
 def test_swiglu_auto_off_gpu_equals_xla():
     rng, _ = fresh_rng()
