@@ -328,6 +328,14 @@ def _make_swiglu_fn(impl):
     return jax.jit(lambda a, b, lo, hi: kernels.grouped_matmul_swiglu(a, b, (lo, hi), impl=impl))
 
 
+@functools.cache
+def _make_unfused_swiglu_fn(impl):
+    def unfused(a, b, lo, hi):
+        gate, up = jnp.split(kernels.grouped_matmul(a, b, (lo, hi), impl=impl), 2, axis=-1)
+        return jax.nn.silu(gate) * up
+    return jax.jit(unfused)
+
+
 def _device_times(fn, args, calls=10):
     """{kernel name: device seconds per call} from a jax.profiler trace of `calls` calls."""
     import glob
@@ -369,7 +377,8 @@ def ab_compare(shapes, cfg_names, active, reps, dense_tflops, key, rows, failure
                 continue
             swiglu = cfg_name in SWIGLU_VARIANTS   # gate/up + activation (output n/2 wide)
             if swiglu:
-                fn = _make_swiglu_fn(impl if SWIGLU_VARIANTS[cfg_name] == "fused" else "auto")
+                fn = (_make_swiglu_fn if SWIGLU_VARIANTS[cfg_name] == "fused"
+                      else _make_unfused_swiglu_fn)(impl)
             else:
                 fn = _make_fn(impl, configs[cfg_name])
             if swiglu not in want:

@@ -33,7 +33,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kernels import grouped_matmul_mgpu as mgpu_kernel
 from kernels import ops
