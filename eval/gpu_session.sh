@@ -8,6 +8,7 @@
 #   kernel_big the 3b/8b shapes at every G in {1,2,4,8,16} and 1..8 of 16 active
 #   fused      fused gate/up + SwiGLU kernel vs unfused: profiled A/B             (~1 min)
 #   diagonal   the inference benchmark of sequential and the diagonal schedules  (~8 min)
+#   train      training steps (1b, 4096 and 16384 tokens) with XLA vs kernel grouped matmuls
 #   run: bash eval/gpu_session.sh tests fused; bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
@@ -41,7 +42,10 @@ for stage in "${stages[@]}"; do
              | quiet | grep -v "^  " | tail -20 ;;
     diagonal) python3 -m eval.bench --schedules sequential diagonal diagonal_pallas \
              --out "$OUT/diagonal/inference_h200.json" 2>&1 | quiet | tee "$OUT/diagonal.txt" ;;
-    *) echo "unknown stage $stage (tests, bench, agreement, kernel, kernel_big, fused, diagonal)"
+    train) python3 -m eval.bench_train --tokens 4096 16384 --out "$OUT/train/train_bench.json" \
+             2>&1 | quiet | tee "$OUT/train.txt" ;;
+    *) echo "unknown stage $stage (tests, bench, agreement, kernel, kernel_big, fused, diagonal," \
+            "train)"
        exit 2 ;;
   esac
 done

@@ -40,6 +40,20 @@ def test_agreement_tiny_on_cpu(capsys):
     assert row["bfloat16"]["hidden_sequential_vs_xla"] == 0.0
 
 
+def test_bench_train_tiny_on_cpu(tmp_path):
+    """eval.bench_train: both impls compiled, checked against each other and timed; on CPU "auto"
+    is XLA, so the first step's loss and gradient norm agree exactly."""
+    from eval import bench_train
+    out = tmp_path / "train.json"
+    assert bench_train.main(["--size", "tiny", "--tokens", "70", "--batch", "2", "--reps", "2",
+                             "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["gmm_impl"] for r in rows] == ["xla", "auto"]
+    assert all(len(r["runs"]) == 2 and r["seconds"] > 0 and r["tflops"] > 0 for r in rows)
+    assert 0 < rows[0]["loss"] < 10 and rows[1]["loss_rel_diff"] == 0.0
+    assert "| auto | 70 x 2 |" in out.with_suffix(".md").read_text()
+
+
 def test_profile_kinds_and_cpu_run(tmp_path):
     """eval.profile: kernel names from H200 traces land in the right kind; a CPU run writes its
     summary (CPU traces carry no device kernels, so only the wall time is filled)."""

@@ -1,0 +1,145 @@
+"""Training-step benchmark: one Optax step of `train.step` with the grouped matmuls on XLA
+(`gmm_impl="xla"`) and on the kernels of `kernels/` (`"auto"`: on a Hopper GPU the grouped matmul
+and the fused gate/up + SwiGLU, with their custom VJPs).
+
+Setting: the sizes of `eval.bench` (1b = Llama-3.2-1B shapes, T = 1024, M = 128, d_mem = 64),
+random bf16 weights with random W_mv, AdamW, a batch of B sequences of n tokens with the loss on
+every token, full backpropagation through time with each segment rematerialised (as
+`train.step` does). All variants are compiled and run once first (loss and gradient norm of the
+same first step are compared), then timed in rotated rounds in one process, so a slow drift of
+the GPU's clock hits them alike; each row gives the median and the range over rounds.
+
+Training FLOP = 3 x the forward FLOP (the forward, and two backward products per matmul), the
+forward being `eval.bench`'s model FLOP plus the LM head over the text tokens (2 n D vocab); the
+rematerialised forward runs once more and is not counted.
+
+    python -m eval.bench_train --tokens 4096 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+from eval.bench import bench_config, bench_params, model_flops, time_dense_matmul
+
+IMPLS = ("xla", "auto")
+
+
+def make_batch(cfg, batch: int, n: int, seed: int = 0) -> dict:
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    return {"tokens": rng.integers(0, cfg.vocab_size, (batch, n)).astype(np.int32),
+            "loss_mask": np.ones((batch, n), np.float32),
+            "lengths": np.full((batch,), n, np.int32)}
+
+
+def bench_length(cfg, armt, params, n: int, batch: int, impls, reps: int, dense: float,
+                 attn_impl) -> list[dict]:
+    """Rows for one length: every impl compiled and checked, then timed in rotated rounds."""
+    import jax
+    import optax
+
+    from train.step import make_train_step
+
+    optimizer = optax.adamw(1e-5)
+    opt_state = optimizer.init(params)
+    data = jax.device_put(make_batch(cfg, batch, n))
+    steps, compile_s, first = {}, {}, {}
+    for impl in impls:
+        step = make_train_step(cfg, armt, optimizer, attn_impl=attn_impl, gmm_impl=impl)
+        t0 = time.perf_counter()
+        steps[impl] = step.lower(params, opt_state, data).compile()
+        compile_s[impl] = time.perf_counter() - t0
+        _, _, metrics = steps[impl](params, opt_state, data)
+        first[impl] = {k: float(v) for k, v in metrics.items()}
+    samples = {impl: [] for impl in impls}
+    for r in range(reps):
+        for impl in impls[r % len(impls):] + impls[:r % len(impls)]:
+            t0 = time.perf_counter()
+            jax.block_until_ready(steps[impl](params, opt_state, data))
+            samples[impl].append(time.perf_counter() - t0)
+    lm_head = 2 * n * cfg.hidden_size * cfg.vocab_size
+    flops = 3 * batch * (model_flops("sequential", n, cfg, armt) + lm_head)
+    device = jax.devices()[0]
+    rows = []
+    for impl in impls:
+        seconds = statistics.median(samples[impl])
+        ref = first[impls[0]]
+        rows.append({
+            "gmm_impl": impl, "tokens": n, "batch": batch, "seconds": seconds,
+            "runs": samples[impl], "tokens_per_s": batch * n / seconds,
+            "train_tflop": flops / 1e12, "tflops": flops / seconds / 1e12,
+            "dense_tflops": dense, "frac_of_dense": flops / seconds / 1e12 / dense,
+            "compile_s": compile_s[impl], **first[impl],
+            "loss_rel_diff": abs(first[impl]["loss"] / ref["loss"] - 1),
+            "grad_norm_rel_diff": abs(first[impl]["grad_norm"] / ref["grad_norm"] - 1),
+            "device": device.device_kind, "jax": jax.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        })
+        print(f"{impl:5s} {n:6d} tok x {batch}  {seconds:8.4f} s"
+              f" ({min(samples[impl]):.4f}-{max(samples[impl]):.4f})"
+              f"  {rows[-1]['frac_of_dense']:6.1%} of dense  loss {first[impl]['loss']:.4f}"
+              f"  compile {compile_s[impl]:5.1f} s", flush=True)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| gmm_impl | tokens x batch | seconds (median) | min-max | tokens/s | TFLOP/s | of dense"
+             " | speed vs xla | loss | rel. diff. loss / grad norm vs xla | compile s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base = {(r["tokens"], r["batch"]): r for r in rows if r["gmm_impl"] == "xla"}
+    for r in rows:
+        b = base.get((r["tokens"], r["batch"]))
+        speed = f"{b['seconds'] / r['seconds']:.2f}x" if b else "-"
+        lines.append(
+            f"| {r['gmm_impl']} | {r['tokens']} x {r['batch']} | {r['seconds']:.4f} |"
+            f" {min(r['runs']):.4f}-{max(r['runs']):.4f} | {r['tokens_per_s']:.0f} |"
+            f" {r['tflops']:.3g} | {r['frac_of_dense']:.1%} | {speed} | {r['loss']:.4f} |"
+            f" {r['loss_rel_diff']:.1e} / {r['grad_norm_rel_diff']:.1e} | {r['compile_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import jax
+
+    ap = argparse.ArgumentParser(prog="python -m eval.bench_train",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=("1b", "mid", "tiny"), default="1b")
+    ap.add_argument("--tokens", nargs="+", type=int, default=[4096, 16384])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    ap.add_argument("--reps", type=int, default=5, help="timed rounds (each impl once per round)")
+    ap.add_argument("--out", type=Path, default=Path("out/train_bench.json"))
+    args = ap.parse_args(argv)
+    if args.reps < 1:
+        ap.error("--reps must be >= 1")
+
+    cfg, armt = bench_config(args.size)
+    for n in args.tokens:
+        if n < 2:
+            ap.error(f"--tokens {n}: a training sequence needs at least 2 tokens")
+    params = bench_params("sequential", cfg, armt)
+    dense = time_dense_matmul(8192 if args.size == "1b" else 512)
+    attn = "cudnn" if jax.devices()[0].platform == "gpu" else None
+    rows = []
+    for n in sorted(args.tokens):
+        rows += bench_length(cfg, armt, params, n, args.batch, list(args.impls), args.reps,
+                             dense, attn)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"setting": f"{args.size} shapes, bf16 random weights (random W_mv), AdamW, loss on"
+                         " every token, remat per segment",
+              "command": "python -m eval.bench_train " + " ".join(argv or []), "rows": rows}
+    args.out.write_text(json.dumps(report, indent=1))
+    table = markdown_table(rows)
+    args.out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
