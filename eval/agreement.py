@@ -46,6 +46,8 @@ def main(argv=None) -> int:
                     help="grouped matmuls of both schedules: 'auto' = the kernels on a Hopper GPU"
                          " (bf16 only), fused gate/up + SwiGLU included")
     args = ap.parse_args(argv)
+    if args.float32_only and (args.bf16_only or args.gmm_impl != "xla"):
+        ap.error("--float32-only excludes --bf16-only and --gmm-impl auto (the kernels take bf16)")
 
     cfg, armt = bench_config(args.size)
     attn = "cudnn" if jax.devices()[0].platform == "gpu" else None

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from eval import bench
 
 
@@ -29,7 +31,8 @@ def test_bench_smoke(tmp_path, capsys):
 
 def test_agreement_tiny_on_cpu(capsys):
     """eval.agreement: float32 schedules agree to rounding; --gmm-impl auto adds the distance
-    from the XLA-matmul sequential result (zero on CPU, where auto means XLA)."""
+    from the XLA-matmul sequential result (plumbing only here: zero on CPU, where auto means
+    XLA); contradictory flags are refused."""
     from eval import agreement
     assert agreement.main(["--size", "tiny", "--tokens", "40", "--float32-only"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -38,11 +41,14 @@ def test_agreement_tiny_on_cpu(capsys):
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(row) == {"tokens", "gmm_impl", "device", "bfloat16"}
     assert row["bfloat16"]["hidden_sequential_vs_xla"] == 0.0
+    with pytest.raises(SystemExit):
+        agreement.main(["--size", "tiny", "--float32-only", "--gmm-impl", "auto"])
 
 
 def test_bench_train_tiny_on_cpu(tmp_path):
-    """eval.bench_train: both impls compiled, checked against each other and timed; on CPU "auto"
-    is XLA, so the first step's loss and gradient norm agree exactly."""
+    """eval.bench_train: both impls compiled, checked against each other and timed (plumbing:
+    on CPU "auto" is XLA, so the first step's loss and gradient norm agree exactly); bad
+    arguments are refused."""
     from eval import bench_train
     out = tmp_path / "train.json"
     assert bench_train.main(["--size", "tiny", "--tokens", "70", "--batch", "2", "--reps", "2",
@@ -52,6 +58,9 @@ def test_bench_train_tiny_on_cpu(tmp_path):
     assert all(len(r["runs"]) == 2 and r["seconds"] > 0 and r["tflops"] > 0 for r in rows)
     assert 0 < rows[0]["loss"] < 10 and rows[1]["loss_rel_diff"] == 0.0
     assert "| auto | 70 x 2 |" in out.with_suffix(".md").read_text()
+    for bad in (["--batch", "0"], ["--reps", "0"], ["--tokens", "1"]):
+        with pytest.raises(SystemExit):
+            bench_train.main(["--size", "tiny", *bad, "--out", str(out)])
 
 
 def test_profile_kinds_and_cpu_run(tmp_path):

@@ -84,12 +84,33 @@ def test_swiglu_matches_float64_oracle(impl, dtype):
 
 
 def test_swiglu_idle_nan_does_not_leak():
+    """NaN in an idle group's input reaches neither the output nor either gradient."""
     rng, info = fresh_rng()
     x, w = _operands(rng, 3, 3, 72, 128, 128, jnp.float32)
     x = x.at[0].set(jnp.nan)
     for impl in ("interpret", "xla"):
         h = kernels.grouped_matmul_swiglu(x, w, (1, 3), impl=impl)
         assert np.all(np.asarray(h[0]) == 0) and np.all(np.isfinite(np.asarray(h))), info
+        dx, dw = jax.grad(lambda x, w, impl=impl: jnp.sum(
+            kernels.grouped_matmul_swiglu(x, w, (1, 3), impl=impl)), argnums=(0, 1))(x, w)
+        assert np.all(np.asarray(dx[0]) == 0) and np.all(np.isfinite(np.asarray(dx))), info
+        assert np.all(np.asarray(dw[0]) == 0) and np.all(np.isfinite(np.asarray(dw))), info
+
+
+def test_swiglu_mixed_dtypes():
+    """bf16 activations with float32 weights: the product runs in float32 (forward and
+    gradients, fused or not), the output comes back in bf16, gradients in each input's dtype."""
+    rng, info = fresh_rng()
+    x, w = _operands(rng, 2, 3, 72, 128, 128, jnp.float32)
+    x = x.astype(jnp.bfloat16)
+    cot = rng.standard_normal((2, 72, 128))
+    h_want, dx_want, dw_want = _oracle(x, w, 0, 2, 1, cot)
+    for impl in ("interpret", "xla"):
+        (_, h), (dx, dw) = _loss_and_grads(impl)(x, w, jnp.int32(0), jnp.int32(2), jnp.int32(1),
+                                                  jnp.asarray(cot, jnp.float32))
+        assert h.dtype == jnp.bfloat16 and dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+        for got, want, what in ((h, h_want, "h"), (dx, dx_want, "dx"), (dw, dw_want, "dw")):
+            assert rel_err_finite(got, want) <= 1e-2, f"{what} {impl} {info}"
 
 
 def _kernel_calls(jaxpr) -> int:
