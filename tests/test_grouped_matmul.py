@@ -370,6 +370,26 @@ def test_gpu_traced_range_one_compilation():
     _assert_one_compilation(x, w, "pallas", 1e-2, info)
 
 
+@pytest.mark.parametrize("impl", ["interpret", pytest.param("pallas", marks=on_gpu)])
+def test_batch_invariant(impl):
+    """A group's result does not depend on how many groups run with it or where its window
+    starts: every output tile is one CTA's k-loop in a fixed order. So the sequential schedule
+    (one layer at a time) and the diagonal one (all slots at once) get bitwise the same products
+    from the kernel; what differs between them comes from other operations."""
+    rng, info = fresh_rng()
+    g, m, k, n, dtype = (4, 1152, 2048, 3072, jnp.bfloat16) if impl == "pallas" else (
+        3, 72, 128, 128, jnp.float32)
+    x, w = _operands(rng, g, m, k, n, dtype)
+    run = jax.jit(lambda x, w, lo, hi, off: kernels.grouped_matmul(
+        x, w, (lo, hi), weight_offset=off, impl=impl))
+    i32 = jnp.int32
+    everything = np.asarray(run(x, w, i32(0), i32(g), i32(0)), np.float32)
+    for lo, hi in [(1, 2), (0, g - 1), (g - 1, g)]:
+        part = run(x[lo:hi], w, i32(0), i32(hi - lo), i32(lo))    # a window at an offset
+        np.testing.assert_array_equal(np.asarray(part, np.float32), everything[lo:hi],
+                                      err_msg=f"{info} window [{lo}, {hi})")
+
+
 GPU_CONFIGS = {
     "unchained": mgpu_kernel.TuningConfig(chain_tiles=False),
     "chained": mgpu_kernel.TuningConfig(chain_tiles=True),

@@ -173,6 +173,25 @@ def test_gpu_swiglu_compiled():
            [(0, 4, 4), (1, 3, 2), (3, 4, 0), (2, 2, 1)], rng, info)
 
 
+@pytest.mark.parametrize("impl", ["interpret", pytest.param("pallas", marks=pytest.mark.skipif(
+    jax.devices()[0].platform != "gpu" or not kernels.on_hopper(), reason="needs a Hopper GPU"))])
+def test_swiglu_batch_invariant(impl):
+    """As the grouped matmul: a group's fused result is bitwise the same whatever groups run
+    with it and wherever its window starts (tests/test_grouped_matmul.py::test_batch_invariant)."""
+    rng, info = fresh_rng()
+    g, gw, m, k, F, dtype = (4, 4, 1152, 2048, 1024, jnp.bfloat16) if impl == "pallas" else (
+        3, 3, 72, 128, 128, jnp.float32)
+    x, w = _operands(rng, g, gw, m, k, F, dtype)
+    run = jax.jit(lambda x, w, lo, hi, off: kernels.grouped_matmul_swiglu(
+        x, w, (lo, hi), weight_offset=off, impl=impl))
+    i32 = jnp.int32
+    everything = np.asarray(run(x, w, i32(0), i32(g), i32(0)), np.float32)
+    for lo, hi in [(1, 2), (0, g - 1), (g - 1, g)]:
+        part = run(x[lo:hi], w, i32(0), i32(hi - lo), i32(lo))
+        np.testing.assert_array_equal(np.asarray(part, np.float32), everything[lo:hi],
+                                      err_msg=f"{info} window [{lo}, {hi})")
+
+
 @pytest.mark.skipif(jax.devices()[0].platform != "gpu" or not kernels.on_hopper(),
                     reason="needs a Hopper GPU")
 def test_gpu_swiglu_auto_is_the_fused_kernel():
