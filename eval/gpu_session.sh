@@ -6,6 +6,7 @@
 #   agreement  model-scale agreement of the schedules, XLA and kernel paths        (> 3 min)
 #   kernel     the grouped-matmul benchmark (1b all loads, 3b/8b quick, backward products)
 #   kernel_big the 3b/8b shapes at every G in {1,2,4,8,16} and 1..8 of 16 active
+#              (kernel_big_3b, kernel_big_8b: one model each, if the pair overruns a call)
 #   fused      fused gate/up + SwiGLU kernel vs unfused: profiled A/B             (~1 min)
 #   diagonal   the inference benchmark of sequential and the diagonal schedules  (~8 min)
 #   train      training steps (1b, 4096 and 16384 tokens) with XLA vs kernel grouped matmuls
@@ -35,8 +36,10 @@ for stage in "${stages[@]}"; do
                | quiet | tee -a "$OUT/agreement.txt"; done ;;
     kernel) python3 eval/bench_grouped_matmul.py --models 1b,3b,8b --quick --bwd \
               --out "$OUT/kernel" 2>&1 | quiet | grep -v "^  " | tail -80 ;;
-    kernel_big) python3 eval/bench_grouped_matmul.py --models 3b,8b --big_groups 1,2,4,8,16 \
-              --out "$OUT/kernel_big" 2>&1 | quiet | grep -v "^  " | tail -80 ;;
+    kernel_big|kernel_big_3b|kernel_big_8b)
+           models=${stage#kernel_big_}; [ "$models" = kernel_big ] && models=3b,8b
+           python3 eval/bench_grouped_matmul.py --models "$models" --big_groups 1,2,4,8,16 \
+              --out "$OUT/$stage" 2>&1 | quiet | grep -v "^  " | tail -80 ;;
     fused) python3 eval/bench_grouped_matmul.py --models "" --ab default,swiglu,swiglu_unfused \
              --ab_profile --ab_shapes 1b:gate_up,3b:gate_up,8b:gate_up --out "$OUT/fused" 2>&1 \
              | quiet | grep -v "^  " | tail -20 ;;
