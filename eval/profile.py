@@ -56,6 +56,75 @@ def device_kernel_times(xspace_path: str) -> tuple[dict[str, list[float]], list[
     return times, lines_seen
 
 
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = .*?\b([a-z][a-z0-9-]*)\((.*)$")
+_CALLS = re.compile(r"calls=%([\w.-]+)")
+_FRAME = re.compile(r"stack_frame_id=(\d+)")
+_TABLE_ROW = re.compile(r"^(\d+) (?:\{(.*)\}|\"(.*)\")$")
+
+
+def _stack_tables(hlo_text: str) -> dict[str, dict[int, str | dict[str, str]]]:
+    """The module's FileNames / FunctionNames / FileLocations / StackFrames tables, by id."""
+    tables, current = {}, None
+    for line in hlo_text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            current = tables.setdefault(line, {})
+        elif current is not None and (row := _TABLE_ROW.match(line)):
+            key, fields, text = row.groups()
+            current[int(key)] = text if text is not None else dict(
+                item.split("=", 1) for item in fields.split())
+        elif not line.strip() or line.startswith(("%", "ENTRY", "HloModule")):
+            current = None
+    return tables
+
+
+def kernel_sources(hlo_text: str, user_files: tuple[str, ...] = ("armt_jax/", "kernels/")
+                   ) -> dict[str, str]:
+    """{kernel name: source lines} from an optimised HLO module's text.
+
+    Kernels in a GPU trace are named after their HLO instruction with "." -> "_"
+    ("loop_add_fusion.2" runs as "loop_add_fusion_2"). For a fusion the lines are those of the
+    operations inside it (its fused computation), innermost frame in the library's own files where
+    there is one, e.g. "layers.py:140 mlp; layers.py:31 rms_norm"."""
+    t = _stack_tables(hlo_text)
+    files, funcs = t.get("FileNames", {}), t.get("FunctionNames", {})
+    locations, frames = t.get("FileLocations", {}), t.get("StackFrames", {})
+
+    def where(frame_id: int) -> str | None:
+        """The innermost frame of the chain in the library's files (else the innermost one)."""
+        chain, seen = [], set()
+        while frame_id in frames and frame_id not in seen:
+            seen.add(frame_id)
+            loc = locations.get(int(frames[frame_id]["file_location_id"]), {})
+            file = files.get(int(loc.get("file_name_id", 0)), "?")
+            func = funcs.get(int(loc.get("function_name_id", 0)), "?")
+            chain.append((file, f"{os.path.basename(file)}:{loc.get('line', '?')} {func}"))
+            frame_id = int(frames[frame_id]["parent_frame_id"])
+        mine = [text for file, text in chain if any(u in file for u in user_files)]
+        return (mine or [text for _, text in chain] or [None])[0]
+
+    computation_frames: dict[str, list[int]] = collections.defaultdict(list)
+    instructions: dict[str, tuple[list[int], str | None]] = {}
+    computation = None
+    for line in hlo_text.splitlines():
+        if line.startswith(("%", "ENTRY")) and line.rstrip().endswith("{"):
+            computation = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+            continue
+        if not (m := _INSTRUCTION.match(line)):
+            continue
+        frame = [int(f) for f in _FRAME.findall(line)]
+        computation_frames[computation].extend(frame)
+        calls = _CALLS.search(line) if m.group(2) == "fusion" else None
+        instructions[m.group(1)] = (frame, calls.group(1) if calls else None)
+    sources = {}
+    for name, (frame, called) in instructions.items():
+        ids = computation_frames.get(called, []) if called else []
+        texts = list(dict.fromkeys(w for i in ids or frame if (w := where(i))))
+        if texts:
+            sources[name.replace(".", "_")] = "; ".join(texts[:4]) + (" ..." if len(texts) > 4
+                                                                       else "")
+    return sources
+
+
 def profile(schedule: str, n: int, runs: int, compiler_options: dict, out_dir: Path, top: int,
             dump_hlo: bool = False, size: str = "1b") -> dict:
     """Profiles one schedule; prints the tables, writes and returns the summary."""
@@ -93,10 +162,12 @@ def profile(schedule: str, n: int, runs: int, compiler_options: dict, out_dir: P
     print("| kind | ms per run | share of busy |\n|---|---:|---:|")
     for kind, t in by_kind.most_common():
         print(f"| {kind} | {t * 1e3:.2f} | {t / busy:.1%} |")
-    print("\n| kernel | kind | ms per run | calls per run | us per call |\n|---|---|---:|---:|---:|")
+    sources = kernel_sources(compiled.as_text())
+    print("\n| kernel | kind | ms per run | calls per run | us per call | source |"
+          "\n|---|---|---:|---:|---:|---|")
     for name, t in sorted(per_run.items(), key=lambda kv: -kv[1])[:top]:
         print(f"| {name[:70]} | {kind_of(name)} | {t * 1e3:.2f} | {counts[name]:.0f} | "
-              f"{t / counts[name] * 1e6:.1f} |")
+              f"{t / counts[name] * 1e6:.1f} | {sources.get(name, '')} |")
     out_dir.mkdir(parents=True, exist_ok=True)
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", tag)
     if dump_hlo:
@@ -105,7 +176,8 @@ def profile(schedule: str, n: int, runs: int, compiler_options: dict, out_dir: P
     summary = {
         "schedule": schedule, "tokens": n, "compiler_options": compiler_options,
         "wall_s_median": wall, "busy_s_per_run": busy, "by_kind_s": dict(by_kind),
-        "kernels": {k: {"s_per_run": per_run[k], "calls_per_run": counts[k]} for k in per_run},
+        "kernels": {k: {"s_per_run": per_run[k], "calls_per_run": counts[k],
+                        "source": sources.get(k, "")} for k in per_run},
         "trace_lines": lines_seen, "device": jax.devices()[0].device_kind,
         "jax": jax.__version__}
     (out_dir / f"profile_{safe}_{n}.json").write_text(json.dumps(summary, indent=1))

@@ -83,6 +83,29 @@ def test_profile_kinds_and_cpu_run(tmp_path):
     assert summary["compiler_options"] == {"xla_gpu_enable_dynamic_slice_fusion": False}
 
 
+def test_profile_names_the_source_of_each_kernel():
+    """eval.profile.kernel_sources: a fusion of the compiled HLO is labelled with the library's
+    source lines of the operations inside it (via the module's stack-frame tables)."""
+    import inspect
+
+    import jax
+    import jax.numpy as jnp
+
+    from armt_jax.layers import rms_norm
+    from eval.profile import kernel_sources
+
+    def f(x, w):
+        return jnp.cos(rms_norm(x, w, 1e-5))
+
+    compiled = jax.jit(f).lower(jnp.ones((8, 64)), jnp.ones((64,))).compile()
+    sources = kernel_sources(compiled.as_text())
+    norm_line = inspect.getsourcelines(rms_norm)[1]
+    assert any("rms_norm" in text and "layers.py:" in text for text in sources.values()), sources
+    lines = {int(part.split(":")[1].split()[0]) for text in sources.values()
+             for part in text.split("; ") if part.startswith("layers.py:")}
+    assert lines and all(norm_line <= line < norm_line + 10 for line in lines), (lines, norm_line)
+
+
 def test_grouped_matmul_ab_compare_on_cpu():
     """eval/bench_grouped_matmul.py --ab: an interpret-mode kernel config, the XLA path, XLA's
     plain einsum and the fused / unfused SwiGLU product are checked, timed in rounds and
