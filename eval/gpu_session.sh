@@ -10,6 +10,8 @@
 #   fused      fused gate/up + SwiGLU kernel vs unfused: profiled A/B             (~1 min)
 #   diagonal   the inference benchmark of sequential and the diagonal schedules  (~8 min)
 #   train      training steps (1b, 4096 and 16384 tokens) with XLA vs kernel grouped matmuls
+#   profile    per-kernel device time of both diagonal schedules at 131072 tokens, with each
+#              kernel's source lines
 #   run: bash eval/gpu_session.sh tests fused; bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
@@ -47,8 +49,10 @@ for stage in "${stages[@]}"; do
              --out "$OUT/diagonal/inference_h200.json" 2>&1 | quiet | tee "$OUT/diagonal.txt" ;;
     train) python3 -m eval.bench_train --tokens 4096 16384 --out "$OUT/train/train_bench.json" \
              2>&1 | quiet | tee "$OUT/train.txt" ;;
+    profile) python3 -m eval.profile --schedules diagonal diagonal_pallas --tokens 131072 \
+             --runs 1 --top 30 --out "$OUT/profile" 2>&1 | quiet | tee "$OUT/profile.txt" ;;
     *) echo "unknown stage $stage (tests, bench, agreement, kernel, kernel_big, fused, diagonal," \
-            "train)"
+            "train, profile)"
        exit 2 ;;
   esac
 done
