@@ -1,0 +1,130 @@
+"""Plots of the committed H200 results (needs matplotlib: `pip install -e ".[plot]"`).
+
+* inference_h200.png: seconds per forward and model TFLOP/s against input length, every schedule
+  (eval/results/inference_h200.json);
+* grouped_matmul_h200.png: time per call against active groups (of G = 16), kernel vs the XLA
+  path, one panel per Llama-1B diagonal shape, with XLA's plain batched matmul at full load
+  (eval/results/grouped_matmul_h200.json).
+
+    python -m eval.plot_results                 # reads and writes eval/results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SCHEDULE_STYLE = {  # schedule: (label, colour, marker)
+    "full_attention": ("full attention (cuDNN)", "tab:gray", "s"),
+    "sequential": ("ARMT sequential", "tab:blue", "o"),
+    "diagonal": ("ARMT diagonal, XLA matmuls", "tab:orange", "^"),
+    "diagonal_pallas": ("ARMT diagonal, Pallas kernels", "tab:red", "v"),
+}
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _log2_ticks(ax, values, labels):
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(values, labels)
+    ax.minorticks_off()
+
+
+def plot_inference(report: dict, path: Path) -> None:
+    plt = _pyplot()
+    rows = report["rows"]
+    fig, (ax_time, ax_rate) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for schedule, (label, colour, marker) in SCHEDULE_STYLE.items():
+        mine = sorted((r for r in rows if r["schedule"] == schedule), key=lambda r: r["tokens"])
+        if not mine:
+            continue
+        tokens = [r["tokens"] for r in mine]
+        ax_time.plot(tokens, [r["seconds"] for r in mine], marker=marker, color=colour, label=label)
+        ax_rate.plot(tokens, [r["tflops"] for r in mine], marker=marker, color=colour, label=label)
+    lengths = sorted({r["tokens"] for r in rows})
+    for ax in (ax_time, ax_rate):
+        _log2_ticks(ax, lengths, [f"{n // 1024}k" for n in lengths])
+        ax.set_xlabel("input tokens")
+        ax.grid(True, which="both", alpha=0.3)
+    ax_time.set_yscale("log")
+    ax_time.set_ylabel("seconds per forward")
+    ax_time.set_title("Forward time (Llama-3.2-1B shapes, batch 1)")
+    ax_rate.set_ylabel("model TFLOP/s")
+    ax_rate.set_title("Model FLOP rate")
+    ax_time.legend(fontsize=8)
+    device = rows[0].get("device", "GPU") if rows else "GPU"
+    fig.suptitle(f"{device}, jax {rows[0].get('jax', '?') if rows else '?'}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_grouped_matmul(report: dict, path: Path, model: str = "1b", groups: int = 16) -> None:
+    plt = _pyplot()
+    rows = [r for r in report["rows"]
+            if r["model"] == model and r["G"] == groups and not r["note"]]
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    if not shapes:
+        raise ValueError(f"no main-run rows for model {model!r} with G = {groups}")
+    fig, axes = plt.subplots(1, len(shapes), figsize=(3.2 * len(shapes), 3.6), squeeze=False)
+    styles = {"pallas": ("Pallas kernel", "tab:red", "v"),
+              "xla": ("XLA path (einsum + select)", "tab:orange", "^")}
+    for ax, shape in zip(axes[0], shapes, strict=True):
+        mine = [r for r in rows if r["shape"] == shape]
+        for impl, (label, colour, marker) in styles.items():
+            pts = sorted((r["active"], r["seconds"] * 1e3) for r in mine if r["impl"] == impl)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker=marker, color=colour, label=label)
+        einsum = [r["seconds"] * 1e3 for r in mine if r["impl"] == "xla_einsum"]
+        if einsum:
+            ax.axhline(min(einsum), color="tab:gray", ls="--", lw=1,
+                       label="XLA batched matmul, all groups")
+        r0 = mine[0]
+        ax.set_title(f"{shape}: {r0['m']}x{r0['k']}x{r0['n']}", fontsize=9)
+        actives = sorted({r["active"] for r in mine})
+        _log2_ticks(ax, actives, [str(a) for a in actives])
+        ax.set_xlabel(f"active groups of {groups}")
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("ms per call (wall clock)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    fig.suptitle(f"Grouped matmul, Llama-{model.upper()} diagonal shapes, G = {groups}"
+                 f" ({report.get('device', '')}, jax {report.get('jax_version', '?')},"
+                 f" {str(report.get('date', ''))[:10]})", fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m eval.plot_results",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder with the JSON results")
+    ap.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default --results)")
+    args = ap.parse_args(argv)
+    out = args.out or args.results
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = (("inference_h200.json", plot_inference), ("grouped_matmul_h200.json",
+                                                       plot_grouped_matmul))
+    for name, plot in jobs:
+        source = args.results / name
+        if not source.exists():
+            print(f"skipped {name}: not found in {args.results}")
+            continue
+        target = out / source.with_suffix(".png").name
+        plot(json.loads(source.read_text()), target)
+        print(f"wrote {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
