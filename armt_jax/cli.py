@@ -140,6 +140,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16: mixed precision (float32 master weights and optimizer state,"
+                        " bf16 matmuls: the Pallas kernels on a Hopper GPU)")
     p.add_argument("--out", type=Path, required=True, help="metrics.jsonl and checkpoints go here")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_train)
@@ -175,7 +178,8 @@ def run_train(args) -> int:
                      np.random.default_rng(args.seed))
     _, history = fit(params, cfg, armt, stream, steps=args.steps, optimizer=optimizer,
                      accum_steps=args.accum_steps, out_dir=args.out,
-                     checkpoint_every=args.checkpoint_every)
+                     checkpoint_every=args.checkpoint_every,
+                     compute_dtype=None if args.compute_dtype == "float32" else jnp.bfloat16)
     print(f"final loss {history[-1]['loss']:.4f}; metrics and checkpoints in {args.out}")
     return 0
 

@@ -3,8 +3,10 @@
 and the fused gate/up + SwiGLU, with their custom VJPs).
 
 Setting: the sizes of `eval.bench` (1b = Llama-3.2-1B shapes, T = 1024, M = 128, d_mem = 64),
-random bf16 weights with random W_mv, AdamW, a batch of B sequences of n tokens with the loss on
-every token, full backpropagation through time with each segment rematerialised (as
+random weights with random W_mv held in float32 (master weights and AdamW state), computed in
+bf16 (`compute_dtype`, as `armt train --compute-dtype bfloat16`; the kernels take 16-bit
+operands, so with float32 compute "auto" means XLA), a batch of B sequences of n tokens with the
+loss on every token, full backpropagation through time with each segment rematerialised (as
 `train.step` does). All variants are compiled and run once first (loss and gradient norm of the
 same first step are compared), then timed in rotated rounds in one process, so a slow drift of
 the GPU's clock hits them alike; each row gives the median and the range over rounds.
@@ -40,9 +42,10 @@ def make_batch(cfg, batch: int, n: int, seed: int = 0) -> dict:
 
 
 def bench_length(cfg, armt, params, n: int, batch: int, impls, reps: int, dense: float,
-                 attn_impl) -> list[dict]:
+                 attn_impl, compute_dtype) -> list[dict]:
     """Rows for one length: every impl compiled and checked, then timed in rotated rounds."""
     import jax
+    import jax.numpy as jnp
     import optax
 
     from train.step import make_train_step
@@ -52,7 +55,8 @@ def bench_length(cfg, armt, params, n: int, batch: int, impls, reps: int, dense:
     data = jax.device_put(make_batch(cfg, batch, n))
     steps, compile_s, first = {}, {}, {}
     for impl in impls:
-        step = make_train_step(cfg, armt, optimizer, attn_impl=attn_impl, gmm_impl=impl)
+        step = make_train_step(cfg, armt, optimizer, attn_impl=attn_impl, gmm_impl=impl,
+                               compute_dtype=compute_dtype)
         t0 = time.perf_counter()
         steps[impl] = step.lower(params, opt_state, data).compile()
         compile_s[impl] = time.perf_counter() - t0
@@ -72,7 +76,8 @@ def bench_length(cfg, armt, params, n: int, batch: int, impls, reps: int, dense:
         seconds = statistics.median(samples[impl])
         ref = first.get("xla", first[impls[0]])
         rows.append({
-            "gmm_impl": impl, "tokens": n, "batch": batch, "seconds": seconds,
+            "gmm_impl": impl, "compute_dtype": jnp.dtype(compute_dtype).name, "tokens": n,
+            "batch": batch, "seconds": seconds,
             "runs": samples[impl], "tokens_per_s": batch * n / seconds,
             "train_tflop": flops / 1e12, "tflops": flops / seconds / 1e12,
             "dense_tflops": dense, "frac_of_dense": flops / seconds / 1e12 / dense,
@@ -90,15 +95,15 @@ def bench_length(cfg, armt, params, n: int, batch: int, impls, reps: int, dense:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| gmm_impl | tokens x batch | seconds (median) | min-max | tokens/s | TFLOP/s | of dense"
+    lines = ["| gmm_impl | compute | tokens x batch | seconds (median) | min-max | tokens/s | TFLOP/s | of dense"
              " | speed vs xla | loss | rel. diff. loss / grad norm vs xla (first step) | compile s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     base = {(r["tokens"], r["batch"]): r for r in rows if r["gmm_impl"] == "xla"}
     for r in rows:
         b = base.get((r["tokens"], r["batch"]))
         speed = f"{b['seconds'] / r['seconds']:.2f}x" if b else "-"
         lines.append(
-            f"| {r['gmm_impl']} | {r['tokens']} x {r['batch']} | {r['seconds']:.4f} |"
+            f"| {r['gmm_impl']} | {r['compute_dtype']} | {r['tokens']} x {r['batch']} | {r['seconds']:.4f} |"
             f" {min(r['runs']):.4f}-{max(r['runs']):.4f} | {r['tokens_per_s']:.0f} |"
             f" {r['tflops']:.3g} | {r['frac_of_dense']:.1%} | {speed} | {r['loss']:.4f} |"
             f" {r['loss_rel_diff']:.1e} / {r['grad_norm_rel_diff']:.1e} | {r['compile_s']:.1f} |")
@@ -107,6 +112,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     import jax
+    import jax.numpy as jnp
 
     ap = argparse.ArgumentParser(prog="python -m eval.bench_train",
                                  description=__doc__.split("\n\n")[0])
@@ -115,6 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     ap.add_argument("--reps", type=int, default=5, help="timed rounds (each impl once per round)")
+    ap.add_argument("--compute-dtype", choices=("bfloat16", "float32"), default="bfloat16")
     ap.add_argument("--out", type=Path, default=Path("out/train_bench.json"))
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
@@ -126,15 +133,16 @@ def main(argv=None) -> int:
     for n in args.tokens:
         if n < 2:
             ap.error(f"--tokens {n}: a training sequence needs at least 2 tokens")
-    params = bench_params("sequential", cfg, armt)
+    params = jax.tree.map(lambda a: a.astype(jnp.float32), bench_params("sequential", cfg, armt))
     dense = time_dense_matmul(8192 if args.size == "1b" else 512)
     attn = "cudnn" if jax.devices()[0].platform == "gpu" else None
     rows = []
     for n in sorted(args.tokens):
-        rows += bench_length(cfg, armt, params, n, args.batch, impls, args.reps, dense, attn)
+        rows += bench_length(cfg, armt, params, n, args.batch, impls, args.reps, dense, attn,
+                             jnp.dtype(args.compute_dtype))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"setting": f"{args.size} shapes, bf16 random weights (random W_mv), AdamW, loss on"
-                         " every token, remat per segment",
+    report = {"setting": f"{args.size} shapes, random float32 master weights (random W_mv) computed"
+                         f" in {args.compute_dtype}, AdamW, loss on every token, remat per segment",
               "command": "python -m eval.bench_train " + " ".join(argv), "rows": rows}
     args.out.write_text(json.dumps(report, indent=1))
     table = markdown_table(rows)

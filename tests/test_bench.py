@@ -57,7 +57,7 @@ def test_bench_train_tiny_on_cpu(tmp_path):
     assert [r["gmm_impl"] for r in rows] == ["xla", "auto"]
     assert all(len(r["runs"]) == 2 and r["seconds"] > 0 and r["tflops"] > 0 for r in rows)
     assert 0 < rows[0]["loss"] < 10 and rows[1]["loss_rel_diff"] == 0.0
-    assert "| auto | 70 x 2 |" in out.with_suffix(".md").read_text()
+    assert "| auto | bfloat16 | 70 x 2 |" in out.with_suffix(".md").read_text()
     for bad in (["--batch", "0"], ["--reps", "0"], ["--tokens", "1"]):
         with pytest.raises(SystemExit):
             bench_train.main(["--size", "tiny", *bad, "--out", str(out)])

@@ -15,7 +15,7 @@ from armt_jax.model import ArmtModel
 from armt_jax.sequential import sequential_forward
 from conftest import TINY, random_params
 from train.data import Example, pad_batch, qa_example
-from train.step import make_train_step
+from train.step import counted_targets, make_train_step
 
 ACFG = ArmtConfig(segment_size=8, num_mem_tokens=2, d_mem=16)
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -63,6 +63,41 @@ def test_accumulation_equals_one_big_batch(rng):
     assert float(jnp.abs(p1["memory"]["w_mv"] - params["memory"]["w_mv"]).max()) > 0
 
 
+def test_mixed_precision_step(rng):
+    """compute_dtype=bf16: the loss and gradient are the bf16 model's (its gradient taken directly
+    with respect to bf16-cast weights, then widened), the weights stay float32, and the update
+    points where the float32 step's does (bf16 rounding moves it; the memory read's division by
+    q.z amplifies that in W_mq, so only the direction is compared)."""
+    params = random_params(rng, TINY, ACFG)
+    batch = random_batch(rng)
+    lr = 0.5
+    sgd = optax.sgd(lr)
+    p_mixed, _, m_mixed = make_train_step(TINY, ACFG, sgd, compute_dtype=jnp.bfloat16)(
+        params, sgd.init(params), batch)
+    p_full, _, _ = make_train_step(TINY, ACFG, sgd)(params, sgd.init(params), batch)
+
+    count = counted_targets(batch)
+
+    def bf16_loss_sum(p):   # the step differentiates loss * count, then divides by count
+        return count * sequential_forward(
+            p, batch["tokens"], TINY, ACFG, output="none", compute_loss=True,
+            loss_mask=batch["loss_mask"], lengths=batch["lengths"], remat=True).loss
+
+    bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    loss_sum, grads = jax.value_and_grad(bf16_loss_sum)(bf16)
+    np.testing.assert_allclose(m_mixed["loss"], loss_sum / count, rtol=1e-5)
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(p_mixed))
+    flat = lambda tree: jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(tree)])
+    step_mixed = flat(jax.tree.map(jnp.subtract, p_mixed, params))
+    want = -lr * flat(grads).astype(jnp.float32) / count
+    assert float(jnp.linalg.norm(step_mixed - want) / jnp.linalg.norm(want)) <= 1e-5
+    step_full = flat(jax.tree.map(jnp.subtract, p_full, params))
+    cosine = float(step_mixed @ step_full / jnp.linalg.norm(step_mixed) / jnp.linalg.norm(step_full))
+    assert cosine >= 0.95, cosine
+    with pytest.raises(ValueError, match="compute_dtype"):
+        make_train_step(TINY, ACFG, sgd, compute_dtype=jnp.int32)
+
+
 def test_loss_goes_down(rng):
     params = random_params(rng, TINY, ACFG)
     batch = random_batch(rng)
@@ -95,7 +130,9 @@ def test_cli_train_end_to_end(rng, tmp_path, capsys):
     assert cli.main(["train", str(tmp_path / "ckpt"), "--babi", str(DATA / "tasks_1-20_v1-2.tar.gz"),
                      "--books", str(books), "--tasks", "1", "--context-tokens", "40",
                      "--steps", "3", "--batch-size", "2", "--warmup", "1",
-                     "--out", str(out)]) == 0
+                     "--compute-dtype", "bfloat16", "--out", str(out)]) == 0
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [1, 2, 3] and all(np.isfinite(l["loss"]) for l in lines)
-    assert ArmtModel.from_checkpoint(out / "step_3").cfg == cfg
+    trained = ArmtModel.from_checkpoint(out / "step_3")
+    assert trained.cfg == cfg     # float32 master weights saved, whatever the compute dtype
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(trained.param_tree()))

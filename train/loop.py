@@ -19,10 +19,12 @@ from train.step import make_train_step
 def fit(params: dict, cfg: LlamaConfig, armt: ArmtConfig, batches: Iterator[dict], *,
         steps: int, optimizer: optax.GradientTransformation, accum_steps: int = 1,
         out_dir: str | Path | None = None, checkpoint_every: int = 0,
-        progress: bool = True) -> tuple[dict, list[dict]]:
+        progress: bool = True, compute_dtype=None) -> tuple[dict, list[dict]]:
     """Train for `steps` steps. Writes `out_dir/metrics.jsonl` (one line per step) and Orbax
-    checkpoints `out_dir/step_{k}` every `checkpoint_every` steps and at the end."""
-    step_fn = make_train_step(cfg, armt, optimizer, accum_steps=accum_steps)
+    checkpoints `out_dir/step_{k}` every `checkpoint_every` steps and at the end.
+    compute_dtype: see `train.step.make_train_step` (bf16: mixed precision)."""
+    step_fn = make_train_step(cfg, armt, optimizer, accum_steps=accum_steps,
+                              compute_dtype=compute_dtype)
     opt_state = optimizer.init(params)
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None:

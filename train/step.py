@@ -1,6 +1,11 @@
 """The training step: masked next-token loss through the sequential schedule (full backpropagation
 through time across segments, each segment rematerialised), gradient accumulation as a `lax.scan`
-over micro-batches, one Optax update."""
+over micro-batches, one Optax update.
+
+Mixed precision: with `compute_dtype=jnp.bfloat16` the forward and backward run on a bf16 copy of
+the (float32 master) weights, cast inside the differentiated function, so gradients, optimizer state
+and updates stay float32 while the matmuls run in bf16 (on a Hopper GPU through the Pallas kernels,
+which take 16-bit operands). The memory state stays float32 either way (SPEC §1.2)."""
 
 from __future__ import annotations
 
@@ -20,15 +25,26 @@ def counted_targets(batch: dict) -> jax.Array:
 
 
 def make_train_step(cfg: LlamaConfig, armt: ArmtConfig, optimizer: optax.GradientTransformation,
-                    *, accum_steps: int = 1, remat: bool = True, attn_impl=None, gmm_impl="auto"):
+                    *, accum_steps: int = 1, remat: bool = True, attn_impl=None, gmm_impl="auto",
+                    compute_dtype=None):
     """A jitted `step(params, opt_state, batch) -> (params, opt_state, metrics)`.
 
     batch: tokens [B, n], loss_mask [B, n], lengths [B]; B must divide by accum_steps. The loss is
     the mean over all counted targets of the batch, however it is split into micro-batches.
+    compute_dtype: None computes in the weights' own dtype; a floating dtype (e.g. bf16) computes
+    on a copy of the weights in it (module docstring).
     """
+    if compute_dtype is not None and not jnp.issubdtype(compute_dtype, jnp.floating):
+        raise ValueError(f"compute_dtype must be a floating dtype or None, got {compute_dtype!r}")
+
+    def cast(params):
+        if compute_dtype is None:
+            return params
+        return jax.tree.map(lambda a: a.astype(compute_dtype)
+                            if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
 
     def loss_sum(params, micro):
-        out = sequential_forward(params, micro["tokens"], cfg, armt, output="none",
+        out = sequential_forward(cast(params), micro["tokens"], cfg, armt, output="none",
                                  compute_loss=True, loss_mask=micro["loss_mask"],
                                  lengths=micro["lengths"], remat=remat, attn_impl=attn_impl,
                                  gmm_impl=gmm_impl)
