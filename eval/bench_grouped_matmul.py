@@ -338,20 +338,10 @@ def _make_unfused_swiglu_fn(impl):
 
 def _device_times(fn, args, calls=10):
     """{kernel name: device seconds per call} from a jax.profiler trace of `calls` calls."""
-    import glob
-    import tempfile
-
-    from eval.profile import device_kernel_times
+    from eval.profile import traced_kernel_times
 
     jax.block_until_ready(fn(*args))
-    with tempfile.TemporaryDirectory(prefix="gmm_trace_") as trace_dir:
-        jax.profiler.start_trace(trace_dir)
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        jax.profiler.stop_trace()
-        paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-        times, _ = device_kernel_times(paths[0]) if paths else ({}, [])
+    times, _ = traced_kernel_times(lambda: jax.block_until_ready(fn(*args)), calls)
     return {name: sum(ts) / calls for name, ts in times.items()}
 
 

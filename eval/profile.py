@@ -125,6 +125,21 @@ def kernel_sources(hlo_text: str, user_files: tuple[str, ...] = ("armt_jax/", "k
     return sources
 
 
+def traced_kernel_times(run_once, calls: int) -> tuple[dict[str, list[float]], list[str]]:
+    """Calls `run_once()` `calls` times under `jax.profiler` and returns `device_kernel_times`
+    of the trace."""
+    import jax
+    with tempfile.TemporaryDirectory(prefix="armt_profile_") as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        for _ in range(calls):
+            run_once()
+        jax.profiler.stop_trace()
+        paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+        if not paths:
+            raise RuntimeError(f"the profiler wrote no .xplane.pb under {trace_dir}")
+        return device_kernel_times(paths[0])
+
+
 def profile(schedule: str, n: int, runs: int, compiler_options: dict, out_dir: Path, top: int,
             dump_hlo: bool = False, size: str = "1b") -> dict:
     """Profiles one schedule; prints the tables, writes and returns the summary."""
@@ -138,17 +153,13 @@ def profile(schedule: str, n: int, runs: int, compiler_options: dict, out_dir: P
         compiler_options=compiler_options or None)
     compiled(params, tokens).block_until_ready()                 # warm-up
     walls = []
-    with tempfile.TemporaryDirectory(prefix="armt_profile_") as trace_dir:
-        jax.profiler.start_trace(trace_dir)
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            compiled(params, tokens).block_until_ready()
-            walls.append(time.perf_counter() - t0)
-        jax.profiler.stop_trace()
-        paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-        if not paths:
-            raise RuntimeError(f"the profiler wrote no .xplane.pb under {trace_dir}")
-        times, lines_seen = device_kernel_times(paths[0])
+
+    def run_once():
+        t0 = time.perf_counter()
+        compiled(params, tokens).block_until_ready()
+        walls.append(time.perf_counter() - t0)
+
+    times, lines_seen = traced_kernel_times(run_once, runs)
     per_run = {name: sum(ts) / runs for name, ts in times.items()}
     counts = {name: len(ts) / runs for name, ts in times.items()}
     by_kind = collections.Counter()
@@ -162,7 +173,8 @@ def profile(schedule: str, n: int, runs: int, compiler_options: dict, out_dir: P
     print("| kind | ms per run | share of busy |\n|---|---:|---:|")
     for kind, t in by_kind.most_common():
         print(f"| {kind} | {t * 1e3:.2f} | {t / busy:.1%} |")
-    sources = kernel_sources(compiled.as_text())
+    hlo = compiled.as_text()
+    sources = kernel_sources(hlo)
     print("\n| kernel | kind | ms per run | calls per run | us per call | source |"
           "\n|---|---|---:|---:|---:|---|")
     for name, t in sorted(per_run.items(), key=lambda kv: -kv[1])[:top]:
@@ -172,7 +184,7 @@ def profile(schedule: str, n: int, runs: int, compiler_options: dict, out_dir: P
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", tag)
     if dump_hlo:
         with gzip.open(out_dir / f"hlo_{safe}_{n}.txt.gz", "wt") as f:
-            f.write(compiled.as_text())
+            f.write(hlo)
     summary = {
         "schedule": schedule, "tokens": n, "compiler_options": compiler_options,
         "wall_s_median": wall, "busy_s_per_run": busy, "by_kind_s": dict(by_kind),

@@ -153,7 +153,7 @@ def select_config(
     """Block sizes for one problem (G, M, K, N) on an H100/H200.
 
     Measured on an H200 (eval/results/grouped_matmul_h200*; device times from
-    profiled, interleaved A/B runs): 128 x 256 CTA tiles with 4 stages and
+    profiled, interleaved A/B runs of the kernel code of 687293b): 128 x 256 CTA tiles with 4 stages and
     chained tiles are the best of the variants tried on every Llama-1B/3B/8B
     diagonal shape at full load, at 0.94-1.02x the speed of cuBLAS's batched
     matmul (732-799 TF/s of device time vs 771-813). Within noise or slower:

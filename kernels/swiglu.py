@@ -78,9 +78,10 @@ def _swiglu(gate_up):
     return jax.nn.silu(gate) * up
 
 
-def _gate_up(x, w, bounds, impl):
+def _gate_up(x, w, bounds, impl, out_dtype=None):
     lo, hi, offset = bounds
-    return ops.grouped_matmul(x, w, (lo, hi), weight_offset=offset, impl=impl)
+    return ops.grouped_matmul(x, w, (lo, hi), weight_offset=offset, impl=impl,
+                              preferred_element_type=out_dtype)
 
 
 def _unfused(x, w, bounds, impl):
@@ -104,11 +105,9 @@ def _fused_fwd(impl, config, x, w, bounds):
     # training costs what the unfused path costs; the forward value under differentiation is the
     # unfused one (it differs from the fused result by bf16 rounding).
     del config
-    lo, hi, offset = bounds
     # in the kernel's (promoted) dtype, as the fused kernel computes it: bf16 x with float32 w
     # runs a float32 product
-    gate_up = ops.grouped_matmul(x, w, (lo, hi), weight_offset=offset, impl=impl,
-                                 preferred_element_type=jnp.promote_types(x.dtype, w.dtype))
+    gate_up = _gate_up(x, w, bounds, impl, jnp.promote_types(x.dtype, w.dtype))
     return _swiglu(gate_up).astype(x.dtype), (x, w, bounds, gate_up)
 
 

@@ -3,6 +3,8 @@ initialisation, which would hide memory bugs)."""
 
 from __future__ import annotations
 
+import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -63,3 +65,28 @@ def rel_err_finite(got, want) -> float:
     assert np.all(np.isfinite(got)), "non-finite values (unwritten output?)"
     denom = np.linalg.norm(want)
     return float(np.linalg.norm(got - want) / (denom if denom > 0 else 1.0))
+
+
+def all_eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in it (jit, while, switch branches...)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    yield from all_eqns(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from all_eqns(sub)
+
+
+def assert_batch_invariant(op, x, w, info):
+    """`op(x, w, lo, hi, offset)` run on a window of groups at a weight offset gives bitwise the
+    rows of the run over all groups (a kernel tile's k-loop does not depend on the group count)."""
+    run = jax.jit(op)
+    i32 = jnp.int32
+    g = x.shape[0]
+    everything = np.asarray(run(x, w, i32(0), i32(g), i32(0)), np.float32)
+    for lo, hi in [(1, 2), (0, g - 1), (g - 1, g)]:
+        part = run(x[lo:hi], w, i32(0), i32(hi - lo), i32(lo))
+        np.testing.assert_array_equal(np.asarray(part, np.float32), everything[lo:hi],
+                                      err_msg=f"{info} window [{lo}, {hi})")

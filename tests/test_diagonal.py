@@ -13,7 +13,7 @@ from armt_jax import diagonal
 from armt_jax.config import ArmtConfig
 from armt_jax.diagonal import diagonal_forward
 from armt_jax.sequential import sequential_forward
-from conftest import TINY, random_params
+from conftest import TINY, all_eqns, random_params
 
 L = TINY.num_hidden_layers
 T = 6
@@ -198,18 +198,6 @@ def test_diagonal_through_the_kernel_on_gpu(rng):
     _check_kernel_path(*_kernel_case(rng, hidden=256, segment_size=120), impl="pallas")
 
 
-def _eqns(jaxpr):
-    """Every equation of a jaxpr and of the jaxprs nested in it (jit, while, switch branches...)."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (list, tuple)) else [value]:
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    yield from _eqns(sub.jaxpr)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    yield from _eqns(sub)
-
-
 @pytest.mark.parametrize("impl", ["interpret", "xla"])
 def test_steps_copy_no_stacked_weights_and_never_shift_the_buffer(rng, impl):
     """What makes ramp steps cheap on the GPU: on the kernel path a window of slots reads its
@@ -220,10 +208,10 @@ def test_steps_copy_no_stacked_weights_and_never_shift_the_buffer(rng, impl):
         params, tokens)
     # (w_o is left out: [L, D, D] like the memory's W_mv, which windows do slice: it is small)
     big = {tuple(params["layers"][k].shape) for k in ("w_qkv", "w_gate_up", "w_down")}
-    sliced = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name in ("dynamic_slice", "slice")
+    sliced = [e for e in all_eqns(jaxpr.jaxpr) if e.primitive.name in ("dynamic_slice", "slice")
               and tuple(e.invars[0].aval.shape) in big]
     S = acfg.segment_size + acfg.num_mem_tokens
-    shifted = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "concatenate"
+    shifted = [e for e in all_eqns(jaxpr.jaxpr) if e.primitive.name == "concatenate"
                and e.outvars[0].aval.shape[0] >= L
                and e.outvars[0].aval.shape[-2:] == (S, cfg.hidden_size)]
     assert not shifted, shifted

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from conftest import fresh_rng, rel_err_finite
+from conftest import assert_batch_invariant, fresh_rng, rel_err_finite
 from kernels import grouped_matmul_mgpu as mgpu_kernel
 from kernels import ops
 
@@ -380,14 +380,8 @@ def test_batch_invariant(impl):
     g, m, k, n, dtype = (4, 1152, 2048, 3072, jnp.bfloat16) if impl == "pallas" else (
         3, 72, 128, 128, jnp.float32)
     x, w = _operands(rng, g, m, k, n, dtype)
-    run = jax.jit(lambda x, w, lo, hi, off: kernels.grouped_matmul(
-        x, w, (lo, hi), weight_offset=off, impl=impl))
-    i32 = jnp.int32
-    everything = np.asarray(run(x, w, i32(0), i32(g), i32(0)), np.float32)
-    for lo, hi in [(1, 2), (0, g - 1), (g - 1, g)]:
-        part = run(x[lo:hi], w, i32(0), i32(hi - lo), i32(lo))    # a window at an offset
-        np.testing.assert_array_equal(np.asarray(part, np.float32), everything[lo:hi],
-                                      err_msg=f"{info} window [{lo}, {hi})")
+    assert_batch_invariant(lambda x, w, lo, hi, off: kernels.grouped_matmul(
+        x, w, (lo, hi), weight_offset=off, impl=impl), x, w, info)
 
 
 GPU_CONFIGS = {

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import fresh_rng, rel_err_finite
+from conftest import all_eqns, assert_batch_invariant, fresh_rng, rel_err_finite
 
 import kernels
 
@@ -116,16 +116,7 @@ def test_swiglu_mixed_dtypes():
 def _kernel_calls(jaxpr) -> int:
     """Kernel launches in a jaxpr and every jaxpr nested in it: pallas_call, or in GPU
     interpret mode the mpmd_map it traces to (one per launch)."""
-    count = 0
-    for eqn in jaxpr.eqns:
-        count += eqn.primitive.name in ("pallas_call", "mpmd_map")
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (list, tuple)) else [value]:
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    count += _kernel_calls(sub.jaxpr)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    count += _kernel_calls(sub)
-    return count
+    return sum(eqn.primitive.name in ("pallas_call", "mpmd_map") for eqn in all_eqns(jaxpr))
 
 
 def test_swiglu_training_costs_what_unfused_costs():
@@ -182,14 +173,8 @@ def test_swiglu_batch_invariant(impl):
     g, gw, m, k, F, dtype = (4, 4, 1152, 2048, 1024, jnp.bfloat16) if impl == "pallas" else (
         3, 3, 72, 128, 128, jnp.float32)
     x, w = _operands(rng, g, gw, m, k, F, dtype)
-    run = jax.jit(lambda x, w, lo, hi, off: kernels.grouped_matmul_swiglu(
-        x, w, (lo, hi), weight_offset=off, impl=impl))
-    i32 = jnp.int32
-    everything = np.asarray(run(x, w, i32(0), i32(g), i32(0)), np.float32)
-    for lo, hi in [(1, 2), (0, g - 1), (g - 1, g)]:
-        part = run(x[lo:hi], w, i32(0), i32(hi - lo), i32(lo))
-        np.testing.assert_array_equal(np.asarray(part, np.float32), everything[lo:hi],
-                                      err_msg=f"{info} window [{lo}, {hi})")
+    assert_batch_invariant(lambda x, w, lo, hi, off: kernels.grouped_matmul_swiglu(
+        x, w, (lo, hi), weight_offset=off, impl=impl), x, w, info)
 
 
 @pytest.mark.skipif(jax.devices()[0].platform != "gpu" or not kernels.on_hopper(),
