@@ -5,7 +5,7 @@
 #   bench      the inference benchmark, every schedule and length                 (~9 min)
 #   agreement  model-scale agreement of the schedules, XLA and kernel paths        (> 3 min)
 #   kernel     the grouped-matmul benchmark (1b all loads, 3b/8b quick, backward products)
-#   kernel_big the 3b/8b shapes at every G in {1,2,4,8,16} and 1..8 of 16 active
+#   kernel_big the 3b/8b shapes at every G in {1,2,4,8,16} and 1..8 of 16 active (~4 min)
 #              (kernel_big_3b, kernel_big_8b: one model each, if the pair overruns a call)
 #   fused      fused gate/up + SwiGLU kernel vs unfused: profiled A/B             (~1 min)
 #   diagonal   the inference benchmark of sequential and the diagonal schedules  (~8 min)
@@ -41,7 +41,7 @@ for stage in "${stages[@]}"; do
     kernel_big|kernel_big_3b|kernel_big_8b)
            models=${stage#kernel_big_}; [ "$models" = kernel_big ] && models=3b,8b
            python3 eval/bench_grouped_matmul.py --models "$models" --big_groups 1,2,4,8,16 \
-              --out "$OUT/$stage" 2>&1 | quiet | grep -v "^  " | tail -80 ;;
+              --budget_s 480 --out "$OUT/$stage" 2>&1 | quiet | grep -v "^  " | tail -80 ;;
     fused) python3 eval/bench_grouped_matmul.py --models "" --ab default,swiglu,swiglu_unfused \
              --ab_profile --ab_shapes 1b:gate_up,3b:gate_up,8b:gate_up --out "$OUT/fused" 2>&1 \
              | quiet | grep -v "^  " | tail -20 ;;
