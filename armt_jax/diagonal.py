@@ -1,12 +1,12 @@
 """Diagonal batching (SPEC §2.2): every (segment, layer) cell of one anti-diagonal at once.
 
 Cell (s, l) needs (s, l-1) through activations and (s-1, l) through the memory of layer l, so all
-cells with s + l = k are independent. Step k runs them together: slot l of a buffer
-[L+1, B, T+M, D] holds the input of segment k - l to layer l, and the step is one call of
-`armt_layer_group` with the stacked weights (slot l uses layer l: grouped matmuls). Layer l's memory
-state stays in slot l, so the recurrence is carried for free. Each slot's output is written one slot
-up, where it is the next step's input of the next layer (slot L receives finished segments); slot 0
-receives the next segment's embeddings. The buffer itself never shifts.
+cells with s + l = k are independent. Step k runs them together: slot l of a buffer [L, B, T+M, D]
+holds the input of segment k - l to layer l, and the step is one call of `armt_layer_group` with
+the stacked weights (slot l uses layer l: grouped matmuls). Layer l's memory state stays in slot l,
+so the recurrence is carried for free. Each slot's output is written one slot up, in place, where it
+is the next step's input of the next layer; slot L-1's output is the finished segment; slot 0
+receives the next segment's embeddings. A full step reads the buffer whole (no slice, no shift).
 
 Slots outside the active range (ramp-up k < L-1, ramp-down k > N-1) are idle: their state is kept by
 a select (so NaN/Inf in idle rows cannot leak) and they emit nothing. A step whose active range is
@@ -98,20 +98,34 @@ def _diagonal_core(params, tokens, seq_len, *, cfg: LlamaConfig, armt: ArmtConfi
     # the XLA path slices them).
     windows = sorted({min(L, 1 << i) for i in range(L.bit_length() + 1)})
 
-    def run_window(w, x_buf, state, lengths, first, lo, hi):
+    def run_window(w, x_buf, state, lengths, first, active, lo, hi):
+        """Slots [start, start + w) of the step; returns the buffer with their outputs written one
+        slot up, slot L-1's output (the finished segment when the window ends at L-1) and the
+        state, kept where a slot is idle."""
         start = jnp.clip(lo, 0, L - w)                          # [start, start + w) covers [lo, hi)
         take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, w, axis=0) if w < L else a
+        state_w = jax.tree.map(take, state)
         x_w, new_w = armt_layer_group(
-            lp, mp, jax.lax.dynamic_slice_in_dim(x_buf, start, w, axis=0),
-            jax.tree.map(take, state), mem_start=take(lengths), first=take(first), cos=cos,
+            lp, mp, take(x_buf), state_w, mem_start=take(lengths), first=take(first), cos=cos,
             sin=sin, cfg=cfg, armt=armt, active=(lo - start, hi - start), attn_impl=attn_impl,
             gmm_impl=gmm_impl, layer_offset=start if w < L else None)
-        # Slot l's output is slot l+1's next input: written one slot up, in place.
-        x_buf = jax.lax.dynamic_update_slice_in_dim(x_buf, x_w, start + 1, axis=0)
+        # Idle slots keep their state (inside the branch, so the select fuses with the update).
+        active_w = take(active)
+        keep = lambda new, old: jnp.where(active_w.reshape(active_w.shape + (1,) * (old.ndim - 2)),
+                                          new, old)
+        new_w = jax.tree.map(keep, new_w, state_w)
+        # Slot l's output is slot l+1's next input, written in place. The window's last output goes
+        # to slot start + w; when that is L it is the finished segment, and the write (clamped to
+        # L-1) is overwritten by the next one.
+        if w < L:
+            x_buf = jax.lax.dynamic_update_slice_in_dim(x_buf, x_w[w - 1:],
+                                                        jnp.minimum(start + w, L - 1), axis=0)
+        if w > 1:
+            x_buf = jax.lax.dynamic_update_slice_in_dim(x_buf, x_w[:w - 1], start + 1, axis=0)
         if w == L:
-            return x_buf, new_w
+            return x_buf, x_w[L - 1], new_w
         put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, start, axis=0)
-        return x_buf, jax.tree.map(put, state, new_w)
+        return x_buf, x_w[w - 1], jax.tree.map(put, state, new_w)
 
     def step(carry):
         k, x_buf, state, out = carry
@@ -125,17 +139,14 @@ def _diagonal_core(params, tokens, seq_len, *, cfg: LlamaConfig, armt: ArmtConfi
         lo = jnp.maximum(k - num_segments + 1, 0)
         hi = jnp.minimum(k + 1, L)
         window = jnp.searchsorted(jnp.asarray(windows), hi - lo)   # smallest window >= active
-        x_buf, new_state = jax.lax.switch(
+        x_buf, last_out, state = jax.lax.switch(
             window, [functools.partial(run_window, w) for w in windows],
-            x_buf, state, lengths, seg == 0, lo, hi)
-        keep = lambda new, old: jnp.where(active.reshape(active.shape + (1,) * (old.ndim - 2)),
-                                          new, old)
-        state = jax.tree.map(keep, new_state, state)
+            x_buf, state, lengths, seg == 0, active, lo, hi)
 
         # Slot L-1 finishes segment k-L+1. During ramp-up that is negative and the write lands on
         # segment 0's rows, which segment 0 overwrites later: a plain in-place update, no cond
         # (a cond around the update would copy the whole output buffer every step).
-        finished = x_buf[L, :, :T]
+        finished = last_out[:, :T]
         if output in ("logits", "hidden"):
             done = jnp.maximum(k - (L - 1), 0)
             out = jax.lax.dynamic_update_slice_in_dim(
@@ -145,9 +156,9 @@ def _diagonal_core(params, tokens, seq_len, *, cfg: LlamaConfig, armt: ArmtConfi
             out = jnp.where(is_last[:, None, None], finished, out)
         return k + 1, x_buf, state, out
 
-    # x_buf[l] is slot l's input for the coming step, x_buf[L] the last slot's latest output.
-    # Outputs are written one slot up in place, so the buffer never shifts (no copy per step).
-    x_buf = jnp.full((L + 1, B, T + M, D), idle_fill, dtype)
+    # x_buf[l] is slot l's input for the coming step. Outputs are written one slot up in place, so
+    # the buffer never shifts, and a full step reads it whole (no copy per step).
+    x_buf = jnp.full((L, B, T + M, D), idle_fill, dtype)
     state = zero_state(L, B, armt.d_key, D, state_dtype(dtype))
     init = (jnp.asarray(0, jnp.int32), x_buf, state, out0)
     _, _, state, out = jax.lax.while_loop(lambda c: c[0] < num_segments + L - 1, step, init)

@@ -54,14 +54,16 @@ def read(mp: dict, x: jax.Array, state: MemoryState, nu: int) -> jax.Array:
     """h <- h + phi(h W_mq) A / (phi(h W_mq) . z + eps) on every position. Zero state adds exactly 0.
 
     The big product phi(h W_mq) @ A (every position of every slot) takes its operands in the
-    activation dtype with float32 accumulation: for bf16 models that keeps it on the tensor cores,
-    while the state itself (and the whole write) stays float32.
+    activation dtype with float32 accumulation and emits the activation dtype: for bf16 models that
+    keeps it on the tensor cores and halves the traffic of its [G, B, S, D] result, while the state
+    itself (and the whole write) stays float32. The division by the denominator is folded into the
+    rows of phi(.) before the product, so the product's result is the memory term itself.
     """
     q = dpfp(_proj(x, mp["w_mq"]), nu)
-    num = jnp.einsum("gbsk,gbkd->gbsd", q.astype(x.dtype), state.A.astype(x.dtype),
-                     preferred_element_type=q.dtype)
     den = jnp.einsum("gbsk,gbk->gbs", q, state.z) + EPS
-    return (x.astype(q.dtype) + num / den[..., None]).astype(x.dtype)
+    term = jnp.einsum("gbsk,gbkd->gbsd", (q / den[..., None]).astype(x.dtype),
+                      state.A.astype(x.dtype), preferred_element_type=x.dtype)
+    return (x.astype(q.dtype) + term.astype(q.dtype)).astype(x.dtype)
 
 
 def write(mp: dict, mem_out: jax.Array, state: MemoryState, first: jax.Array, nu: int,
