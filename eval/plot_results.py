@@ -4,7 +4,9 @@
   (eval/results/inference_h200.json);
 * grouped_matmul_h200.png: time per call against active groups (of G = 16), kernel vs the XLA
   path, one panel per Llama-1B diagonal shape, with XLA's plain batched matmul at full load
-  (eval/results/grouped_matmul_h200.json).
+  (eval/results/grouped_matmul_h200.json);
+* grouped_matmul_h200.3b.png, .8b.png: the same for the Llama-3B and 8B shapes
+  (eval/results/grouped_matmul_h200.big.json).
 
     python -m eval.plot_results                 # reads and writes eval/results/
 """
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -113,16 +116,19 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = args.out or args.results
     out.mkdir(parents=True, exist_ok=True)
-    jobs = (("inference_h200.json", plot_inference), ("grouped_matmul_h200.json",
-                                                       plot_grouped_matmul))
-    for name, plot in jobs:
+    jobs = (("inference_h200.json", "inference_h200.png", plot_inference),
+            ("grouped_matmul_h200.json", "grouped_matmul_h200.png", plot_grouped_matmul),
+            ("grouped_matmul_h200.big.json", "grouped_matmul_h200.3b.png",
+             functools.partial(plot_grouped_matmul, model="3b")),
+            ("grouped_matmul_h200.big.json", "grouped_matmul_h200.8b.png",
+             functools.partial(plot_grouped_matmul, model="8b")))
+    for name, figure, plot in jobs:
         source = args.results / name
         if not source.exists():
             print(f"skipped {name}: not found in {args.results}")
             continue
-        target = out / source.with_suffix(".png").name
-        plot(json.loads(source.read_text()), target)
-        print(f"wrote {target}")
+        plot(json.loads(source.read_text()), out / figure)
+        print(f"wrote {out / figure}")
     return 0
 
 

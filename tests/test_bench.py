@@ -84,11 +84,12 @@ def test_profile_kinds_and_cpu_run(tmp_path):
 
 
 def test_plot_results_from_the_committed_json(tmp_path):
-    """eval.plot_results draws both figures from the committed H200 results."""
+    """eval.plot_results draws every figure from the committed H200 results."""
     pytest.importorskip("matplotlib")
     from eval import plot_results
     assert plot_results.main(["--out", str(tmp_path)]) == 0
-    for name in ("inference_h200.png", "grouped_matmul_h200.png"):
+    for name in ("inference_h200.png", "grouped_matmul_h200.png", "grouped_matmul_h200.3b.png",
+                 "grouped_matmul_h200.8b.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     with pytest.raises(ValueError, match="no main-run rows for model '70b'"):
         plot_results.plot_grouped_matmul({"rows": []}, tmp_path / "x.png", model="70b")
