@@ -54,15 +54,21 @@ def read(mp: dict, x: jax.Array, state: MemoryState, nu: int) -> jax.Array:
     """h <- h + phi(h W_mq) A / (phi(h W_mq) . z + eps) on every position. Zero state adds exactly 0.
 
     The big product phi(h W_mq) @ A (every position of every slot) takes its operands in the
-    activation dtype with float32 accumulation and emits the activation dtype: for bf16 models that
-    keeps it on the tensor cores and halves the traffic of its [G, B, S, D] result, while the state
-    itself (and the whole write) stays float32. The division by the denominator is folded into the
-    rows of phi(.) before the product, so the product's result is the memory term itself.
+    activation dtype with float32 accumulation: for bf16 models that keeps it on the tensor cores,
+    while the state itself (and the whole write) stays float32. Where the activation dtype has
+    float32's exponent range (bf16, float32) the division by the denominator is folded into the
+    rows of phi(.) first, so the product emits the memory term itself in the activation dtype (half
+    the traffic of a float32 [G, B, S, D] result). float16 cannot hold phi(.) / eps (zero state),
+    so there the product emits float32 and is divided afterwards.
     """
     q = dpfp(_proj(x, mp["w_mq"]), nu)
     den = jnp.einsum("gbsk,gbk->gbs", q, state.z) + EPS
-    term = jnp.einsum("gbsk,gbkd->gbsd", (q / den[..., None]).astype(x.dtype),
-                      state.A.astype(x.dtype), preferred_element_type=x.dtype)
+    if jnp.finfo(x.dtype).maxexp >= jnp.finfo(f32).maxexp:
+        term = jnp.einsum("gbsk,gbkd->gbsd", (q / den[..., None]).astype(x.dtype),
+                          state.A.astype(x.dtype), preferred_element_type=x.dtype)
+    else:
+        term = jnp.einsum("gbsk,gbkd->gbsd", q.astype(x.dtype), state.A.astype(x.dtype),
+                          preferred_element_type=q.dtype) / den[..., None]
     return (x.astype(q.dtype) + term.astype(q.dtype)).astype(x.dtype)
 
 

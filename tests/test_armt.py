@@ -96,6 +96,31 @@ def test_dpfp_definition(rng):
 
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_memory_read_matches_float64(rng, dtype):
+    """memory.read in each activation dtype against SPEC's formula in float64 on a random state
+    (small activations, so the memory term is as large as h), and zero state adds exactly 0 to
+    large activations (float16 cannot hold phi(q) / eps, the first segment's scale: a read that
+    folded it into its operands would give NaN there)."""
+    acfg = ArmtConfig(segment_size=4, num_mem_tokens=2, d_mem=16)
+    mp = {k: v[:1] for k, v in random_params(rng, TINY, acfg)["memory"].items() if k != "mem_tokens"}
+    D, dk = TINY.hidden_size, acfg.d_key
+    x = jnp.asarray(0.25 * rng.standard_normal((1, 2, 5, D)), dtype)
+    st = memory.MemoryState(jnp.asarray(rng.standard_normal((1, 2, dk, D)), jnp.float32),
+                            jnp.asarray(rng.uniform(0, 2, (1, 2, dk)), jnp.float32))
+    x64, A, z = (np.asarray(a, np.float64) for a in (x, *st))
+    q = ref.phi(x64 @ np.asarray(mp["w_mq"][0], np.float64), 3)
+    term = np.einsum("gbsk,gbkd->gbsd", q, A) / (np.einsum("gbsk,gbk->gbs", q, z) + 1e-5)[..., None]
+    assert np.linalg.norm(term) >= 0.5 * np.linalg.norm(x64)
+    got = memory.read(mp, x, st, 3)
+    assert got.dtype == dtype
+    tol = {jnp.float32: 1e-6, jnp.bfloat16: 5e-3, jnp.float16: 1e-3}[dtype]
+    assert ref.rel_err(np.asarray(got, np.float64), x64 + term) <= tol
+    x = jnp.asarray(4 * rng.standard_normal((1, 2, 5, D)), dtype)
+    zero = memory.zero_state(1, 2, dk, D)
+    np.testing.assert_array_equal(np.asarray(memory.read(mp, x, zero, 3)), np.asarray(x))
+
+
 def test_first_segment_gamma_is_exactly_one(rng):
     """With zero state the formula gives gamma = 1 - tiny; the first-segment rule forces 1."""
     acfg = ArmtConfig(segment_size=4, num_mem_tokens=2, d_mem=16)
