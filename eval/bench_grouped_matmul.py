@@ -292,6 +292,13 @@ SWEEP = {  # named configs for --sweep (the default is select_config's choice)
     "side_by_side_slots1": dataclasses.replace(mgpu_kernel.SIDE_BY_SIDE_CONFIG, epi_slots=1),
     "side_by_side_s2": dataclasses.replace(mgpu_kernel.SIDE_BY_SIDE_CONFIG,
                                            max_concurrent_steps=2),
+    # ping-pong: the two compute warpgroups on different 128 x 128 tiles, taking turns on the
+    # tensor cores (one's epilogue under the other's main loop), one ring of 6 (or 4) stages
+    "pingpong": mgpu_kernel.PINGPONG_CONFIG,
+    "pingpong_delay1": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, delay_release=1),
+    "pingpong_s4": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, max_concurrent_steps=4),
+    "pingpong_n256": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, tile_m=64, tile_n=256,
+                                         max_concurrent_steps=4),
 }
 
 

@@ -12,6 +12,9 @@
 #   train      training steps (1b, 4096 and 16384 tokens) with XLA vs kernel grouped matmuls
 #   profile    per-kernel device time of both diagonal schedules at 131072 tokens, with each
 #              kernel's source lines
+#   pingpong   the ping-pong kernel schedule (never compiled on a GPU before): its GPU tests
+#              under a timeout (a barrier slip would hang), then a profiled A/B against the
+#              default kernel and cuBLAS on all twelve shapes                     (~3 min)
 #   run: bash eval/gpu_session.sh tests fused; bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
@@ -29,7 +32,7 @@ for stage in "${stages[@]}"; do
   case $stage in
     tests) python3 -m pytest -q -p no:cacheprovider tests/test_grouped_matmul.py \
              tests/test_swiglu.py tests/test_diagonal.py \
-             -k "gpu or pallas or accumulates_in_float32" 2>&1 | quiet | tail -8 \
+             -k "(gpu or pallas or accumulates_in_float32) and not pingpong" 2>&1 | quiet | tail -8 \
              | tee "$OUT/gpu_tests.txt" ;;
     bench) python3 -m eval.bench --out "$OUT/inference_h200.json" 2>&1 | quiet \
              | tee "$OUT/bench.txt" ;;
@@ -51,8 +54,15 @@ for stage in "${stages[@]}"; do
              2>&1 | quiet | tee "$OUT/train.txt" ;;
     profile) python3 -m eval.profile --schedules diagonal diagonal_pallas --tokens 131072 \
              --runs 1 --top 30 --out "$OUT/profile" 2>&1 | quiet | tee "$OUT/profile.txt" ;;
+    pingpong) timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_grouped_matmul.py \
+             -k "gpu_weight_offset and pingpong" 2>&1 | quiet | tail -8 | tee "$OUT/pingpong_tests.txt"
+           S=$(for m in 1b 3b 8b; do for s in qkv o gate_up down; do printf "%s:%s," $m $s; done; done)
+           timeout 300 python3 eval/bench_grouped_matmul.py --models "" --ab \
+             default,pingpong,pingpong_delay1,pingpong_s4,pingpong_n256,xla_einsum --ab_profile \
+             --ab_reps 3 --ab_shapes "${S%,}" --out "$OUT/pingpong" 2>&1 | quiet \
+             | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
     *) echo "unknown stage $stage (tests, bench, agreement, kernel, kernel_big, fused, diagonal," \
-            "train, profile)"
+            "train, profile, pingpong)"
        exit 2 ;;
   esac
 done

@@ -37,7 +37,11 @@ Structure (after jax's ``pallas/ops/gpu/hopper_matmul_mgpu.py``):
   which fills out-of-bounds loads with zeros and clips out-of-bounds stores;
 * block sizes: 128 x 256 CTA tiles (two 128 x 128 wgmma warpgroups), k-step
   64, 4 stages, chained tiles (``select_config``; 128 x 128 tiles where n is no
-  multiple of 256).
+  multiple of 256);
+* alternatives kept as tuning options: with ``pingpong`` (``_pingpong_kernel``)
+  the two compute warpgroups work on different tiles and take turns on the
+  tensor cores, each one's epilogue under the other's main loop; with
+  ``compute_wgs=1, ctas_per_sm=2`` two one-warpgroup CTAs share an SM.
 
 Operand layouts: ``A`` is ``[G, M, K]`` or, with ``transpose_lhs``,
 ``[G, K, M]``; ``B`` is ``[G, K, N]`` or, with ``transpose_rhs``,
@@ -111,10 +115,14 @@ class TuningConfig:
     # non-cooperative kernels do within one CTA.
     compute_wgs: int = 2
     ctas_per_sm: int = 1
+    # Ping-pong schedule (``_pingpong_kernel``): the two compute warpgroups work on different
+    # (tile_m x tile_n) tiles and take turns on the tensor cores, each one's epilogue
+    # overlapping the other's main loop.
+    pingpong: bool = False
 
     @property
     def _split(self) -> int:
-        return 2 if self.compute_wgs == 2 else 1
+        return 2 if self.compute_wgs == 2 and not self.pingpong else 1
 
     @property
     def cta_tile_m(self) -> int:
@@ -153,6 +161,8 @@ NARROW_CONFIG = TuningConfig(tile_n=64, max_concurrent_steps=5)  # 128 x 128
 SWIGLU_CONFIG = TuningConfig(tile_m=64, tile_n=128, wg_dimension=MatmulDimension.M)
 # One compute warpgroup per CTA on 128 x 128 tiles, two CTAs per SM (3 stages each).
 SIDE_BY_SIDE_CONFIG = TuningConfig(compute_wgs=1, ctas_per_sm=2, max_concurrent_steps=3)
+# Ping-pong: 128 x 128 tiles per warpgroup, 6 stages (cuBLAS's nvjet ..._128x128_64x6 shape).
+PINGPONG_CONFIG = TuningConfig(pingpong=True, max_concurrent_steps=6)
 
 
 def select_config(
@@ -252,6 +262,10 @@ def unsupported_reason(
         return f"delay_release={c.delay_release} not in [0, {c.max_concurrent_steps})"
     if c.compute_wgs not in (1, 2) or c.ctas_per_sm not in (1, 2):
         return f"compute_wgs={c.compute_wgs}, ctas_per_sm={c.ctas_per_sm} not in (1, 2)"
+    if c.pingpong and (swiglu or c.compute_wgs != 2 or c.ctas_per_sm != 1
+                       or c.delay_release > 1 or c.cluster_dimension is not None):
+        return ("ping-pong: two compute warpgroups, one CTA per SM, delay_release 0 or 1; no"
+                " fused SwiGLU or clusters")
     # Co-resident CTAs share the SM's shared memory (each also reserves 1 KiB).
     smem_limit = min(_SMEM_BYTES, _SMEM_BYTES_PER_SM // c.ctas_per_sm - 1024)
     if c.smem_bytes(dtype.itemsize, out_dtype.itemsize, 1 + swiglu) > smem_limit:
@@ -297,10 +311,7 @@ def _kernel(
     work_axis = "sm" if c.cluster_dimension is None else "cluster_grid"
     chain = c.chains(k_iters)
 
-    def smem_transforms(minor_elems):
-        swizzle = plgpu.find_swizzle(minor_elems * jnp.dtype(dtype).itemsize * 8)
-        swizzle_elems = swizzle // jnp.dtype(dtype).itemsize
-        return (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(swizzle))
+    smem_transforms = functools.partial(_smem_transforms, dtype)
 
     if transpose_lhs:  # A[g] stored (K, M)
         a_block, a_map = (tile_k, cta_tile_m), (lambda kk: (kk, 0))
@@ -425,21 +436,8 @@ def _kernel(
             cta_m_slice = pl.ds(m_idx * cta_tile_m, cta_tile_m)
 
             def store_tile(acc):
-                """Casts and TMA-stores this warpgroup's tile through shared memory."""
-                acc = acc.astype(out_dtype)
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                for epi_mi in range(tile_m // epi_tile_m):
-                    for epi_ni in range(tile_n // epi_tile_n):
-                        epi_m = slice(epi_mi * epi_tile_m, (epi_mi + 1) * epi_tile_m)
-                        epi_n = slice(epi_ni * epi_tile_n, (epi_ni + 1) * epi_tile_n)
-                        slot = (epi_mi * (tile_n // epi_tile_n) + epi_ni) % num_out_slots
-                        plgpu.wait_smem_to_gmem(num_out_slots - 1, wait_read_only=True)
-                        out_smem[wg_idx, slot] = acc[epi_m, epi_n]
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(
-                            out_smem.at[wg_idx, slot],
-                            out_epi_slices(g + out_offset, m_idx, n_idx, epi_mi, epi_ni),
-                        )
+                _store_tile(acc.astype(out_dtype), out_smem.at[wg_idx], c, lambda mi, ni:
+                            out_epi_slices(g + out_offset, m_idx, n_idx, mi, ni))
 
             acc_type = plgpu.ACC((tile_m, tile_n), jnp.float32)
 
@@ -530,6 +528,207 @@ def _kernel(
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
+def _smem_transforms(dtype, minor_elems):
+    """Tiling and 128-byte (or narrower) swizzle of a shared-memory tile."""
+    swizzle = plgpu.find_swizzle(minor_elems * jnp.dtype(dtype).itemsize * 8)
+    swizzle_elems = swizzle // jnp.dtype(dtype).itemsize
+    return (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(swizzle))
+
+
+def _store_tile(acc, out_smem_wg, c: TuningConfig, dst):
+    """TMA-stores a warpgroup's (tile_m, tile_n) tile (already cast) through its shared-memory
+    slots, epilogue tile by epilogue tile; dst(epi_mi, epi_ni) is the destination in GMEM."""
+    slots = c.num_out_slots
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    for epi_mi in range(c.tile_m // c.epi_tile_m):
+        for epi_ni in range(c.tile_n // c.epi_tile_n):
+            epi_m = slice(epi_mi * c.epi_tile_m, (epi_mi + 1) * c.epi_tile_m)
+            epi_n = slice(epi_ni * c.epi_tile_n, (epi_ni + 1) * c.epi_tile_n)
+            slot = (epi_mi * (c.tile_n // c.epi_tile_n) + epi_ni) % slots
+            plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
+            out_smem_wg[slot] = acc[epi_m, epi_n]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem_wg.at[slot], dst(epi_mi, epi_ni))
+
+
+def _pingpong_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, dims,
+                     transpose_lhs: bool, transpose_rhs: bool):
+    """The ping-pong schedule (``TuningConfig.pingpong``): the two compute warpgroups of a CTA
+    work on different (tile_m, tile_n) output tiles (the even and odd tiles of the CTA's share
+    of the work list) and take turns on the tensor cores: while one runs the main loop of its
+    tile, the other stores its previous one, so the epilogue overlaps the math (the schedule of
+    cuBLAS's and CUTLASS's non-cooperative Hopper kernels). The turns make the order in which
+    stages are consumed strict (tile 0's k-steps, then tile 1's, ...), so one memory warpgroup
+    fills one ring of stages in that order.
+
+    With ``delay_release = 1`` a warpgroup keeps one wgmma in flight and releases each stage
+    a k-step later.
+
+    Barriers: ``loaded[w * S + slot]`` (A and B of a stage, one set per compute warpgroup, since
+    a barrier's phase is tracked by each waiting thread and must see every phase),
+    ``consumed[slot]`` (waited on by the memory warpgroup only) and ``turn``, a rendezvous of
+    the two compute warpgroups: each passes it after its main loop and after its epilogue, and
+    warpgroup 1 once more at the start, so their main loops alternate.
+    """
+    num_groups, m, k, n = dims
+    num_out_groups = out_gmem.shape[0]
+    dtype, out_dtype = a_gmem.dtype, out_gmem.dtype
+    c = config
+    tm, tn, tk, stages = c.tile_m, c.tile_n, c.tile_k, c.max_concurrent_steps
+    delay = c.delay_release   # 1: one wgmma in flight, its stage released a step later
+    m_iters, n_iters, k_iters = pl.cdiv(m, tm), pl.cdiv(n, tn), pl.cdiv(k, tk)
+    tiles_per_group = m_iters * n_iters
+    a_block = (tk, tm) if transpose_lhs else (tm, tk)
+    b_block = (tn, tk) if transpose_rhs else (tk, tn)
+    out_swizzle = plgpu.find_swizzle(c.epi_tile_n * jnp.dtype(out_dtype).itemsize * 8)
+    out_transforms = (
+        plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_dtype).itemsize)),
+        plgpu.SwizzleTransform(out_swizzle),
+    )
+
+    def a_tile(g, m_idx, kk):
+        rows, cols = pl.ds(m_idx * tm, tm), pl.ds(kk * tk, tk)
+        return a_gmem.at[g, cols, rows] if transpose_lhs else a_gmem.at[g, rows, cols]
+
+    def b_tile(g, n_idx, kk):
+        rows, cols = pl.ds(kk * tk, tk), pl.ds(n_idx * tn, tn)
+        return b_gmem.at[g, cols, rows] if transpose_rhs else b_gmem.at[g, rows, cols]
+
+    def out_epi(g, m_idx, n_idx, epi_mi, epi_ni):
+        return out_gmem.at[g, pl.ds(m_idx * tm + epi_mi * c.epi_tile_m, c.epi_tile_m),
+                           pl.ds(n_idx * tn + epi_ni * c.epi_tile_n, c.epi_tile_n)]
+
+    @functools.partial(
+        pl.run_scoped,
+        a_smem=plgpu.SMEM((stages, *a_block), dtype,
+                          transforms=_smem_transforms(dtype, a_block[1])),
+        b_smem=plgpu.SMEM((stages, *b_block), dtype,
+                          transforms=_smem_transforms(dtype, b_block[1])),
+        out_smem=plgpu.SMEM((2, c.num_out_slots, c.epi_tile_m, c.epi_tile_n), out_dtype,
+                            transforms=out_transforms),
+        loaded=plgpu.Barrier(num_arrivals=2, num_barriers=2 * stages),
+        consumed=plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+        turn=plgpu.Barrier(num_arrivals=2, num_barriers=1),
+        collective_axes="wg",
+    )
+    def _scope(a_smem, b_smem, out_smem, loaded, consumed, turn):
+        wg_idx = lax.axis_index("wg")
+        lo = jnp.clip(bounds_gmem[0], 0, num_groups)
+        hi = jnp.clip(bounds_gmem[1], lo, num_groups)
+        b_offset, out_offset = bounds_gmem[2], bounds_gmem[3]
+        num_active = hi - lo
+        sm, num_sms = lax.axis_index("sm"), lax.axis_size("sm")
+        num_mm = num_active * tiles_per_group
+        my_tiles = jnp.maximum(num_mm - sm + num_sms - 1, 0) // num_sms   # sm, sm + num_sms, ...
+
+        def tile_coords(lin_idx):
+            g_ord = lax.div(lin_idx, jnp.int32(tiles_per_group))
+            rem = lax.rem(lin_idx, jnp.int32(tiles_per_group))
+            m_idx, n_idx = plgpu.planar_snake(rem, (m_iters, n_iters), c.grid_minor_dim,
+                                              c.grid_tile_width)
+            return g_ord, m_idx, n_idx
+
+        @pl.when(wg_idx == 2)
+        def _memory_wg():
+            plgpu.set_max_registers(40, action="decrease")
+            total = my_tiles * k_iters
+
+            @pl.loop(0, total)
+            def _load(step):
+                i, kk = lax.div(step, k_iters), lax.rem(step, k_iters)
+                g_ord, m_idx, n_idx = tile_coords(sm + i * num_sms)
+                slot = lax.rem(step, stages)
+
+                @pl.when(step >= stages)
+                def _wait_free():
+                    plgpu.barrier_wait(consumed.at[slot])
+
+                barrier = loaded.at[lax.rem(i, 2) * stages + slot]
+                plgpu.copy_gmem_to_smem(a_tile(lo + g_ord, m_idx, kk), a_smem.at[slot], barrier)
+                plgpu.copy_gmem_to_smem(b_tile(lo + g_ord + b_offset, n_idx, kk),
+                                        b_smem.at[slot], barrier)
+
+            # Await the last consumptions, so that no barrier is left mid-phase.
+            @pl.loop(jnp.maximum(total - stages, 0), total)
+            def _quiesce(step):
+                plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
+
+        @pl.when(wg_idx < 2)
+        def _compute_wg():
+            plgpu.set_max_registers(232, action="increase")
+
+            def rendezvous():
+                plgpu.barrier_arrive(turn.at[0])
+                plgpu.barrier_wait(turn.at[0])
+
+            pl.when(wg_idx == 1)(rendezvous)   # warpgroup 0 has the first turn
+
+            @pl.loop(0, lax.div(my_tiles - wg_idx + 1, 2))
+            def _tile(j):
+                i = wg_idx + 2 * j
+                g_ord, m_idx, n_idx = tile_coords(sm + i * num_sms)
+
+                def main_loop(acc_ref):
+                    @pl.loop(0, k_iters)
+                    def _k_step(kk):
+                        step = i * k_iters + kk
+                        slot = lax.rem(step, stages)
+                        plgpu.barrier_wait(loaded.at[wg_idx * stages + slot])
+                        a_op = a_smem.at[slot]
+                        b_op = b_smem.at[slot]
+                        if transpose_lhs:
+                            a_op = a_op.transpose((1, 0))
+                        if transpose_rhs:
+                            b_op = b_op.transpose((1, 0))
+                        plgpu.wgmma(acc_ref, a_op, b_op)
+                        plgpu.wgmma_wait(delay)
+                        if not delay:
+                            plgpu.barrier_arrive(consumed.at[slot])
+                        else:   # the previous step's wgmma is done: release its stage
+                            @pl.when(kk > 0)
+                            def _release_previous():
+                                plgpu.barrier_arrive(consumed.at[lax.rem(step - 1, stages)])
+
+                    if delay:
+                        plgpu.wgmma_wait(0)
+                        last = i * k_iters + k_iters - 1
+                        plgpu.barrier_arrive(consumed.at[lax.rem(last, stages)])
+                    return acc_ref[...]
+
+                acc = pl.run_scoped(main_loop, plgpu.ACC((tm, tn), jnp.float32))
+                rendezvous()   # the other warpgroup's main loop starts
+                _store_tile(acc.astype(out_dtype), out_smem.at[wg_idx], c, lambda mi, ni:
+                            out_epi(lo + g_ord + out_offset, m_idx, n_idx, mi, ni))
+                rendezvous()   # and ends before this one's next main loop
+
+            # Both pass the rendezvous equally often: 2 per tile, and 1 more for warpgroup 1 at
+            # the start; the warpgroup with fewer passes makes it up.
+            pl.when(lax.rem(my_tiles, 2) == wg_idx)(rendezvous)
+
+            # Zero tiles of the idle output groups, continuing the round-robin of the matmul
+            # tiles; the two warpgroups split each tile's epilogue tiles.
+            num_zero = (num_out_groups - num_active) * tiles_per_group
+            out_lo = lo + out_offset
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            out_smem[wg_idx, 0] = jnp.zeros((c.epi_tile_m, c.epi_tile_n), out_dtype)
+            plgpu.commit_smem()
+            first = lax.rem(sm - lax.rem(num_mm, num_sms) + num_sms, num_sms)
+
+            @pl.loop(0, jnp.maximum(num_zero - first + num_sms - 1, 0) // num_sms)
+            def _zero_loop(z):
+                q, m_idx, n_idx = tile_coords(first + z * num_sms)
+                g = jnp.where(q < out_lo, q, q + num_active)
+                epi_n_tiles = tn // c.epi_tile_n
+                for e in range((tm // c.epi_tile_m) * epi_n_tiles):
+                    @pl.when(wg_idx == e % 2)
+                    def _store_zero():
+                        plgpu.copy_smem_to_gmem(
+                            out_smem.at[wg_idx, 0],
+                            out_epi(g, m_idx, n_idx, e // epi_n_tiles, e % epi_n_tiles))
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
 def grouped_matmul_mgpu(
     a,
     b,
@@ -590,15 +789,14 @@ def grouped_matmul_mgpu(
     else:
         grid = dict(grid=(num_ctas // 2,), grid_names=("cluster_grid",), cluster=(2,),
                     cluster_names=("cluster",))
+    if config.pingpong:
+        body = functools.partial(_pingpong_kernel, config=config, dims=dims,
+                                 transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs)
+    else:
+        body = functools.partial(_kernel, config=config, dims=dims, transpose_lhs=transpose_lhs,
+                                 transpose_rhs=transpose_rhs, swiglu=swiglu)
     f = plgpu.kernel(
-        functools.partial(
-            _kernel,
-            config=config,
-            dims=dims,
-            transpose_lhs=transpose_lhs,
-            transpose_rhs=transpose_rhs,
-            swiglu=swiglu,
-        ),
+        body,
         out_type=jax.ShapeDtypeStruct((out_groups, m, n), a.dtype),
         **grid,
         num_threads=config.compute_wgs + 1,

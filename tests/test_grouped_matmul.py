@@ -178,13 +178,15 @@ def test_weight_offset_reads_a_window_of_stacked_weights(impl):
                               max_concurrent_steps=2),
      dataclasses.replace(ops.INTERPRET_CONFIG, delay_release=1, epi_tile_m=32, epi_tile_n=32,
                          epi_slots=4),
-     dataclasses.replace(ops.INTERPRET_CONFIG, compute_wgs=1, ctas_per_sm=2)],
+     dataclasses.replace(ops.INTERPRET_CONFIG, compute_wgs=1, ctas_per_sm=2),
+     dataclasses.replace(ops.INTERPRET_CONFIG, pingpong=True, max_concurrent_steps=3)],
     ids=["unchained", "chained", "rows_split_64x192", "delayed_release_4_epi_slots",
-         "one_warpgroup_two_ctas_per_sm"])
+         "one_warpgroup_two_ctas_per_sm", "pingpong"])
 def test_tile_schedules(config):
     """Plain and chained (START/STEADY/STOP) tile pipelines, the row-split 128 x 192 tiles,
-    a delayed stage release (one wgmma in flight) with 4 epilogue slots, and CTAs of one compute
-    warpgroup (64 x 64 tiles) two per simulated SM, over 4 simulated SMs:
+    a delayed stage release (one wgmma in flight) with 4 epilogue slots, CTAs of one compute
+    warpgroup (64 x 64 tiles) two per simulated SM, and the ping-pong schedule (the warpgroups
+    of a CTA on alternate 64 x 64 tiles, one ring of 3 stages), over 4 simulated SMs:
     all 4 groups give every CTA several tiles, one group leaves some CTAs a single tile (which
     runs unchained), ragged m."""
     rng, info = fresh_rng()
@@ -195,6 +197,41 @@ def test_tile_schedules(config):
         y_ref = kernels.grouped_matmul(x, w, (lo, hi), impl="xla")
         assert rel_err_finite(y, y_ref) <= 1e-5, f"{info} lo={lo} hi={hi}"
         _check_idle_zero(y, lo, hi, "output", info)
+
+
+@pytest.mark.parametrize("delay", [0, 1], ids=["wait_each_step", "one_wgmma_in_flight"])
+def test_pingpong_gradients_with_weight_offset(delay):
+    """The ping-pong schedule runs all three products of a training step (the forward, dx with
+    w read transposed, dw with x read transposed, landing at the weight offset) against float64,
+    over ranges that leave each of the 4 simulated SMs an odd, an even and no tile count (the
+    warpgroups' turns must balance in each case), ragged m."""
+    rng, info = fresh_rng()
+    cfg = dataclasses.replace(ops.INTERPRET_CONFIG, pingpong=True, max_concurrent_steps=3,
+                              delay_release=delay)
+    g, gw, m, k, n = 3, 5, 136, 192, 256
+    x, _ = _operands(rng, g, m, k, n, jnp.float32)
+    _, w = _operands(rng, gw, m, k, n, jnp.float32)
+    cot = jnp.asarray(rng.standard_normal((g, m, n)), jnp.float32)
+
+    def loss(x, w, lo, hi, off):
+        y = kernels.grouped_matmul(x, w, (lo, hi), weight_offset=off, impl="interpret",
+                                   config=cfg)
+        return jnp.sum(y * cot), y
+
+    grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    # 12 tiles per group: 9, 6, 3 and 0 tiles per SM; then a random window
+    for lo, hi, off in [(0, g, 2), (0, 2, 1), (1, 2, 0), (2, 2, 1),
+                        _random_range(rng, g) + (int(rng.integers(0, 3)),)]:
+        tag = f"{info} lo={lo} hi={hi} off={off}"
+        (_, y), (dx, dw) = grad_fn(x, w, jnp.int32(lo), jnp.int32(hi), jnp.int32(off))
+        y_want, dx_want, dw_want = _weight_window_oracle(x, w, lo, hi, off, cot)
+        for got, want, what in ((y, y_want, "y"), (dx, dx_want, "dx"), (dw, dw_want, "dw")):
+            if np.any(want):
+                assert rel_err_finite(got, want) <= 1e-5, f"{what} {tag}"
+            else:
+                assert not np.any(np.asarray(got)), f"{what} {tag}"
+        _check_idle_zero(y, lo, hi, "output", tag)
+        _check_idle_zero(dw, lo + off, hi + off, "dw", tag)
 
 
 @pytest.mark.parametrize("dim", ["N", "M"])
@@ -396,6 +433,8 @@ GPU_CONFIGS = {
     "delay1": mgpu_kernel.TuningConfig(delay_release=1),
     "stages3_slots4": mgpu_kernel.TuningConfig(max_concurrent_steps=3, epi_slots=4),
     "side_by_side": mgpu_kernel.SIDE_BY_SIDE_CONFIG,
+    "pingpong": mgpu_kernel.PINGPONG_CONFIG,
+    "pingpong_delay1": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, delay_release=1),
 }
 
 
