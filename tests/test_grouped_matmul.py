@@ -438,6 +438,38 @@ GPU_CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("name", [*GPU_CONFIGS, "swiglu"])
+def test_every_config_lowers_for_the_gpu(name):
+    """Every GPU tile schedule lowers to Mosaic GPU for CUDA, on any machine (cross-platform
+    lowering): the forward and both backward products (transposed operand views) at the 1b qkv
+    shape, bf16, 132 SMs, and the fused SwiGLU. Lowering errors of a new schedule show up here
+    in CPU CI, before any GPU time; compiling to PTX and running stay the GPU tests' job."""
+    S = jax.ShapeDtypeStruct
+    g, m, k, n = 4, 1152, 2048, 3072
+    bounds = S((4,), jnp.int32)
+    if name == "swiglu":
+        cfg, cases = mgpu_kernel.SWIGLU_CONFIG, {"fwd": (S((g, m, k), jnp.bfloat16),
+                                                         S((g, k, 2 * n), jnp.bfloat16), False,
+                                                         False)}
+    else:
+        cfg = GPU_CONFIGS[name]
+        cases = {"fwd": (S((g, m, k), jnp.bfloat16), S((g, k, n), jnp.bfloat16), False, False),
+                 "dx": (S((g, m, n), jnp.bfloat16), S((g, k, n), jnp.bfloat16), False, True),
+                 "dw": (S((g, m, k), jnp.bfloat16), S((g, m, n), jnp.bfloat16), True, False)}
+    lowered = 0
+    for case, (a, b, tl, tr) in cases.items():
+        if mgpu_kernel.unsupported_reason(a.shape, b.shape, a.dtype, a.dtype, transpose_lhs=tl,
+                                          transpose_rhs=tr, config=cfg, swiglu=name == "swiglu"):
+            continue   # e.g. the 192-column tiles and dx's n = 2048
+        f = jax.jit(lambda a, b, bd, tl=tl, tr=tr: mgpu_kernel.grouped_matmul_mgpu(
+            a, b, bd, transpose_lhs=tl, transpose_rhs=tr, config=cfg, num_sms=132,
+            swiglu=name == "swiglu"))
+        text = f.trace(a, b, bounds).lower(lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in text, f"{name} {case}: no Mosaic GPU kernel in the lowering"
+        lowered += 1
+    assert lowered >= 1
+
+
 @on_gpu
 @pytest.mark.parametrize("name", list(GPU_CONFIGS))
 def test_gpu_weight_offset(name):
