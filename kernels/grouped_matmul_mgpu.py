@@ -328,12 +328,7 @@ def _kernel(
 
     epi_tile_m, epi_tile_n = c.epi_tile_m, c.epi_tile_n
     num_out_slots = c.num_out_slots
-    out_swizzle = plgpu.find_swizzle(epi_tile_n * jnp.dtype(out_dtype).itemsize * 8)
-    out_swizzle_elems = out_swizzle // jnp.dtype(out_dtype).itemsize
-    out_transforms = (
-        plgpu.TilingTransform((8, out_swizzle_elems)),
-        plgpu.SwizzleTransform(out_swizzle),
-    )
+    out_transforms = _smem_transforms(out_dtype, epi_tile_n)
 
     def get_pipeline(pipeline_body, compute_context, pipeline_state=None):
         a_spec = plgpu.BlockSpec(a_block, a_map, transforms=a_tr, memory_space=plgpu.SMEM,
@@ -556,8 +551,8 @@ def _pingpong_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningCon
     """The ping-pong schedule (``TuningConfig.pingpong``): the two compute warpgroups of a CTA
     work on different (tile_m, tile_n) output tiles (the even and odd tiles of the CTA's share
     of the work list) and take turns on the tensor cores: while one runs the main loop of its
-    tile, the other stores its previous one, so the epilogue overlaps the math (the schedule of
-    cuBLAS's and CUTLASS's non-cooperative Hopper kernels). The turns make the order in which
+    tile, the other stores its previous one, so the epilogue overlaps the math (CUTLASS's
+    ping-pong schedule; cuBLAS's non-cooperative Hopper kernels, by their names). The turns make the order in which
     stages are consumed strict (tile 0's k-steps, then tile 1's, ...), so one memory warpgroup
     fills one ring of stages in that order.
 
@@ -580,11 +575,7 @@ def _pingpong_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningCon
     tiles_per_group = m_iters * n_iters
     a_block = (tk, tm) if transpose_lhs else (tm, tk)
     b_block = (tn, tk) if transpose_rhs else (tk, tn)
-    out_swizzle = plgpu.find_swizzle(c.epi_tile_n * jnp.dtype(out_dtype).itemsize * 8)
-    out_transforms = (
-        plgpu.TilingTransform((8, out_swizzle // jnp.dtype(out_dtype).itemsize)),
-        plgpu.SwizzleTransform(out_swizzle),
-    )
+    out_transforms = _smem_transforms(out_dtype, c.epi_tile_n)
 
     def a_tile(g, m_idx, kk):
         rows, cols = pl.ds(m_idx * tm, tm), pl.ds(kk * tk, tk)
