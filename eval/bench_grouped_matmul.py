@@ -286,12 +286,6 @@ SWEEP = {  # named configs for --sweep (the default is select_config's choice)
     "m64n128_s4": mgpu_kernel.TuningConfig(tile_m=64, tile_n=128, wg_dimension=M_.M),
     "m64n128_s4_cn": mgpu_kernel.TuningConfig(tile_m=64, tile_n=128, wg_dimension=M_.M,
                                               cluster_dimension=M_.N),
-    # one compute warpgroup per CTA (128 x 128 tiles, 3 stages), two CTAs per SM: one CTA's
-    # epilogue overlaps the other's main loop (cuBLAS's ping-pong kernels do this in one CTA)
-    "side_by_side": mgpu_kernel.SIDE_BY_SIDE_CONFIG,
-    "side_by_side_slots1": dataclasses.replace(mgpu_kernel.SIDE_BY_SIDE_CONFIG, epi_slots=1),
-    "side_by_side_s2": dataclasses.replace(mgpu_kernel.SIDE_BY_SIDE_CONFIG,
-                                           max_concurrent_steps=2),
     # ping-pong: the two compute warpgroups on different 128 x 128 tiles, taking turns on the
     # tensor cores (one's epilogue under the other's main loop), one ring of 6 (or 4) stages
     "pingpong": mgpu_kernel.PINGPONG_CONFIG,

@@ -38,10 +38,9 @@ Structure (after jax's ``pallas/ops/gpu/hopper_matmul_mgpu.py``):
 * block sizes: 128 x 256 CTA tiles (two 128 x 128 wgmma warpgroups), k-step
   64, 4 stages, chained tiles (``select_config``; 128 x 128 tiles where n is no
   multiple of 256);
-* alternatives kept as tuning options: with ``pingpong`` (``_pingpong_kernel``)
-  the two compute warpgroups work on different tiles and take turns on the
-  tensor cores, each one's epilogue under the other's main loop; with
-  ``compute_wgs=1, ctas_per_sm=2`` two one-warpgroup CTAs share an SM.
+* with ``pingpong`` (``_pingpong_kernel``) the two compute warpgroups work on
+  different tiles instead and take turns on the tensor cores, each one's
+  epilogue under the other's main loop.
 
 Operand layouts: ``A`` is ``[G, M, K]`` or, with ``transpose_lhs``,
 ``[G, K, M]``; ``B`` is ``[G, K, N]`` or, with ``transpose_rhs``,
@@ -64,7 +63,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 H100_NUM_SMS = 132  # H100 SXM and H200 SXM.
 _SMEM_BYTES = 227 * 1024  # Hopper's per-block dynamic shared memory limit.
-_SMEM_BYTES_PER_SM = 228 * 1024
 
 
 class MatmulDimension(enum.IntEnum):
@@ -107,14 +105,6 @@ class TuningConfig:
     # Shared-memory slots per compute warpgroup for the epilogue's TMA stores:
     # with fewer slots than epilogue tiles the epilogue waits for earlier stores.
     epi_slots: int = 2
-    # Compute warpgroups per CTA: 2 split the CTA tile along wg_dimension and share
-    # every stage; 1 computes the whole (tile_m x tile_n) tile alone. With
-    # ctas_per_sm = 2 (persistent grid of 2 CTAs per SM, each within half the SM's
-    # shared memory), two such CTAs run side by side on an SM, so one's epilogue
-    # overlaps the other's main loop, as the ping-pong warpgroups of cuBLAS's
-    # non-cooperative kernels do within one CTA.
-    compute_wgs: int = 2
-    ctas_per_sm: int = 1
     # Ping-pong schedule (``_pingpong_kernel``): the two compute warpgroups work on different
     # (tile_m x tile_n) tiles and take turns on the tensor cores, each one's epilogue
     # overlapping the other's main loop.
@@ -122,7 +112,8 @@ class TuningConfig:
 
     @property
     def _split(self) -> int:
-        return 2 if self.compute_wgs == 2 and not self.pingpong else 1
+        """Warpgroups sharing a CTA tile: 2 (cooperative), 1 with ping-pong."""
+        return 1 if self.pingpong else 2
 
     @property
     def cta_tile_m(self) -> int:
@@ -150,7 +141,7 @@ class TuningConfig:
             * (self.cta_tile_m + b_tiles * self.cta_tile_n)
             * in_itemsize
         )
-        out = self.compute_wgs * self.num_out_slots * self.epi_tile_m * self.epi_tile_n * out_itemsize
+        out = 2 * self.num_out_slots * self.epi_tile_m * self.epi_tile_n * out_itemsize
         return pipe + out + 1024  # barriers and alignment slack
 
 
@@ -159,8 +150,6 @@ NARROW_CONFIG = TuningConfig(tile_n=64, max_concurrent_steps=5)  # 128 x 128
 # Fused SwiGLU (gate and up tiles per k-step): 128 x 128 output tiles, each warpgroup
 # 64 rows with a gate and an up accumulator (64 x 128 each), 4 stages of 48 KiB.
 SWIGLU_CONFIG = TuningConfig(tile_m=64, tile_n=128, wg_dimension=MatmulDimension.M)
-# One compute warpgroup per CTA on 128 x 128 tiles, two CTAs per SM (3 stages each).
-SIDE_BY_SIDE_CONFIG = TuningConfig(compute_wgs=1, ctas_per_sm=2, max_concurrent_steps=3)
 # Ping-pong: 128 x 128 tiles per warpgroup, 6 stages (cuBLAS's nvjet ..._128x128_64x6 shape).
 PINGPONG_CONFIG = TuningConfig(pingpong=True, max_concurrent_steps=6)
 
@@ -187,9 +176,10 @@ def select_config(
     for the 1b attention shapes), 256 x 128 and row-split 128 x 192 tiles,
     other grid orders, 2-CTA clusters with multicast (``cluster_dimension``),
     one wgmma group in flight (``delay_release``, which rules out chaining) and
-    a whole staged epilogue tile (``epi_slots=4`` with 3 stages), and one compute
-    warpgroup per CTA with two CTAs per SM (``SIDE_BY_SIDE_CONFIG``: 0.71-0.79x
-    of the default, at c09fce3's kernel code). A second,
+    a whole staged epilogue tile (``epi_slots=4`` with 3 stages), and CTAs of one
+    compute warpgroup on 128 x 128 tiles (0.71-0.79x of the default; meant to run
+    two per SM, but the warp-specialized pipeline asks 256 registers per thread for
+    a lone compute warpgroup, likely room for one CTA only; removed). A second,
     narrow kernel picked per call by ``lax.cond`` on the active count was
     slower (1b o-proj, 1 of 16 groups active: 51 TF/s with it, 191 without).
     """
@@ -260,15 +250,9 @@ def unsupported_reason(
         return f"m={m}, n={n} too small for the tile"
     if not 0 <= c.delay_release < c.max_concurrent_steps:
         return f"delay_release={c.delay_release} not in [0, {c.max_concurrent_steps})"
-    if c.compute_wgs not in (1, 2) or c.ctas_per_sm not in (1, 2):
-        return f"compute_wgs={c.compute_wgs}, ctas_per_sm={c.ctas_per_sm} not in (1, 2)"
-    if c.pingpong and (swiglu or c.compute_wgs != 2 or c.ctas_per_sm != 1
-                       or c.delay_release > 1 or c.cluster_dimension is not None):
-        return ("ping-pong: two compute warpgroups, one CTA per SM, delay_release 0 or 1; no"
-                " fused SwiGLU or clusters")
-    # Co-resident CTAs share the SM's shared memory (each also reserves 1 KiB).
-    smem_limit = min(_SMEM_BYTES, _SMEM_BYTES_PER_SM // c.ctas_per_sm - 1024)
-    if c.smem_bytes(dtype.itemsize, out_dtype.itemsize, 1 + swiglu) > smem_limit:
+    if c.pingpong and (swiglu or c.delay_release > 1 or c.cluster_dimension is not None):
+        return "ping-pong: delay_release 0 or 1; no fused SwiGLU or clusters"
+    if c.smem_bytes(dtype.itemsize, out_dtype.itemsize, 1 + swiglu) > _SMEM_BYTES:
         return "config exceeds shared memory"
     if c.cluster_dimension == MatmulDimension.N and pl.cdiv(n, c.cta_tile_n) % 2:
         return f"cluster along n needs an even number of {c.cta_tile_n}-column tiles, n={n}"
@@ -343,7 +327,7 @@ def _kernel(
             memory_registers=40,
             in_specs=[a_spec] + [b_spec] * num_b,
             wg_axis="wg",
-            num_compute_wgs=c.compute_wgs,
+            num_compute_wgs=2,
             max_concurrent_steps=c.max_concurrent_steps,
             compute_context=compute_context,
             pipeline_state=pipeline_state,
@@ -374,7 +358,7 @@ def _kernel(
         pl.run_scoped,
         pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(dummy_a, *dummy_b),
         out_smem=plgpu.SMEM(
-            (c.compute_wgs, num_out_slots, epi_tile_m, epi_tile_n), out_dtype,
+            (2, num_out_slots, epi_tile_m, epi_tile_n), out_dtype,
             transforms=out_transforms,
         ),
         collective_axes="wg",
@@ -387,9 +371,7 @@ def _kernel(
         out_offset = bounds_gmem[3]
         num_active = hi - lo
 
-        if c.compute_wgs == 1:   # the warpgroup's tile is the CTA tile
-            wg_m_slice = wg_n_slice = slice(None)
-        elif c.wg_dimension == MatmulDimension.M:
+        if c.wg_dimension == MatmulDimension.M:
             wg_m_slice = pl.ds(wg_idx * tile_m, tile_m)
             wg_n_slice = slice(None)
         else:
@@ -499,7 +481,7 @@ def _kernel(
         num_zero = (num_out_groups - num_active) * tiles_per_group
         out_lo = lo + out_offset
 
-        @pl.when(wg_idx < c.compute_wgs)
+        @pl.when(wg_idx < 2)
         def _zero_phase():
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             out_smem[wg_idx, 0] = jnp.zeros((epi_tile_m, epi_tile_n), out_dtype)
@@ -774,11 +756,10 @@ def grouped_matmul_mgpu(
         )
     if num_sms is None:
         num_sms = _num_sms()
-    num_ctas = num_sms * config.ctas_per_sm
     if config.cluster_dimension is None:
-        grid = dict(grid=(num_ctas,), grid_names=("sm",))
+        grid = dict(grid=(num_sms,), grid_names=("sm",))
     else:
-        grid = dict(grid=(num_ctas // 2,), grid_names=("cluster_grid",), cluster=(2,),
+        grid = dict(grid=(num_sms // 2,), grid_names=("cluster_grid",), cluster=(2,),
                     cluster_names=("cluster",))
     if config.pingpong:
         body = functools.partial(_pingpong_kernel, config=config, dims=dims,
@@ -790,7 +771,7 @@ def grouped_matmul_mgpu(
         body,
         out_type=jax.ShapeDtypeStruct((out_groups, m, n), a.dtype),
         **grid,
-        num_threads=config.compute_wgs + 1,
+        num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret,

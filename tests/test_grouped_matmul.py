@@ -178,15 +178,14 @@ def test_weight_offset_reads_a_window_of_stacked_weights(impl):
                               max_concurrent_steps=2),
      dataclasses.replace(ops.INTERPRET_CONFIG, delay_release=1, epi_tile_m=32, epi_tile_n=32,
                          epi_slots=4),
-     dataclasses.replace(ops.INTERPRET_CONFIG, compute_wgs=1, ctas_per_sm=2),
      dataclasses.replace(ops.INTERPRET_CONFIG, pingpong=True, max_concurrent_steps=3)],
     ids=["unchained", "chained", "rows_split_64x192", "delayed_release_4_epi_slots",
-         "one_warpgroup_two_ctas_per_sm", "pingpong"])
+         "pingpong"])
 def test_tile_schedules(config):
     """Plain and chained (START/STEADY/STOP) tile pipelines, the row-split 128 x 192 tiles,
-    a delayed stage release (one wgmma in flight) with 4 epilogue slots, CTAs of one compute
-    warpgroup (64 x 64 tiles) two per simulated SM, and the ping-pong schedule (the warpgroups
-    of a CTA on alternate 64 x 64 tiles, one ring of 3 stages), over 4 simulated SMs:
+    a delayed stage release (one wgmma in flight) with 4 epilogue slots, and the ping-pong
+    schedule (the warpgroups of a CTA on alternate 64 x 64 tiles, one ring of 3 stages), over
+    4 simulated SMs:
     all 4 groups give every CTA several tiles, one group leaves some CTAs a single tile (which
     runs unchained), ragged m."""
     rng, info = fresh_rng()
@@ -432,7 +431,6 @@ GPU_CONFIGS = {
     "cluster_n": mgpu_kernel.TuningConfig(cluster_dimension=mgpu_kernel.MatmulDimension.N),
     "delay1": mgpu_kernel.TuningConfig(delay_release=1),
     "stages3_slots4": mgpu_kernel.TuningConfig(max_concurrent_steps=3, epi_slots=4),
-    "side_by_side": mgpu_kernel.SIDE_BY_SIDE_CONFIG,
     "pingpong": mgpu_kernel.PINGPONG_CONFIG,
     "pingpong_delay1": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, delay_release=1),
 }
