@@ -129,6 +129,20 @@ def test_default_hopper_tiles_in_interpret_mode():
     _check_idle_zero(y, lo, hi, "output", info)
 
 
+def test_pingpong_hopper_tiles_in_interpret_mode():
+    """The ping-pong schedule with its GPU block sizes (128 x 128 tiles per warpgroup, a ring
+    of 6 stages that 8 k-steps wrap around), ragged m, bf16."""
+    rng, info = fresh_rng()
+    g, m, k, n = 3, 136, 512, 256
+    x, w = _operands(rng, g, m, k, n, jnp.bfloat16)
+    lo, hi = 1, 3
+    y = kernels.grouped_matmul(x, w, (lo, hi), impl="interpret",
+                               config=mgpu_kernel.PINGPONG_CONFIG)
+    y_ref = kernels.grouped_matmul(x, w, (lo, hi), impl="xla")
+    assert rel_err_finite(y, y_ref) <= 1e-2, info
+    _check_idle_zero(y, lo, hi, "output", info)
+
+
 def _weight_window_oracle(x, w, lo, hi, off, cot):
     """float64 NumPy: y[g] = x[g] @ w[g + off] on [lo, hi); the loss sum(y * cot) and its
     gradients (dw zero outside the window's active groups)."""
