@@ -56,6 +56,8 @@ for stage in "${stages[@]}"; do
              --runs 1 --top 30 --out "$OUT/profile" 2>&1 | quiet | tee "$OUT/profile.txt" ;;
     pingpong) timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_grouped_matmul.py \
              -k "gpu_weight_offset and pingpong" 2>&1 | quiet | tail -8 | tee "$OUT/pingpong_tests.txt"
+           # time it only if both GPU tests passed (a hang or a wrong result stops here)
+           grep -q "2 passed" "$OUT/pingpong_tests.txt" || { echo "pingpong: tests did not pass"; continue; }
            S=$(for m in 1b 3b 8b; do for s in qkv o gate_up down; do printf "%s:%s," $m $s; done; done)
            timeout 300 python3 eval/bench_grouped_matmul.py --models "" --ab \
              default,pingpong,pingpong_delay1,pingpong_s4,pingpong_n256,xla_einsum --ab_profile \
