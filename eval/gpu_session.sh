@@ -14,7 +14,7 @@
 #              kernel's source lines
 #   pingpong   the ping-pong kernel schedule (never compiled on a GPU before): its GPU tests
 #              under a timeout (a barrier slip would hang), then a profiled A/B against the
-#              default kernel and cuBLAS on all twelve shapes                     (~3 min)
+#              default kernel and cuBLAS on all twelve shapes   (not run yet; <= 9 min by timeouts)
 #   run: bash eval/gpu_session.sh tests fused; bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).

@@ -379,10 +379,7 @@ def _kernel(
             wg_n_slice = pl.ds(wg_idx * tile_n, tile_n)
 
         def tile_coords(lin_idx, per_group=tiles_per_group, iters=(m_iters, n_iters)):
-            g_ord = lax.div(lin_idx, jnp.int32(per_group))
-            rem = lax.rem(lin_idx, jnp.int32(per_group))
-            m_idx, n_idx = plgpu.planar_snake(rem, iters, c.grid_minor_dim, c.grid_tile_width)
-            return g_ord, m_idx, n_idx
+            return _tile_coords(lin_idx, per_group, iters, c)
 
         def cta_index():
             """(this CTA's linear index, the number of CTAs)."""
@@ -475,8 +472,6 @@ def _kernel(
                 run_pipeline(state)
 
         # ---- zero tiles of the idle output groups -----------------------------
-        # Continue the round-robin where the matmul tiles stopped, so the SMs that
-        # got one tile fewer take the first zero tiles.
         num_mm = num_active * tiles_per_group
         num_zero = (num_out_groups - num_active) * tiles_per_group
         out_lo = lo + out_offset
@@ -487,8 +482,7 @@ def _kernel(
             out_smem[wg_idx, 0] = jnp.zeros((epi_tile_m, epi_tile_n), out_dtype)
             plgpu.commit_smem()
             sm, num_sms = cta_index()
-            first = lax.rem(sm - lax.rem(num_mm, num_sms) + num_sms, num_sms)
-            count = jnp.maximum(num_zero - first + num_sms - 1, 0) // num_sms
+            first, count = _zero_work(sm, num_sms, num_mm, num_zero)
 
             @pl.loop(0, count)
             def _zero_loop(i):
@@ -510,6 +504,23 @@ def _smem_transforms(dtype, minor_elems):
     swizzle = plgpu.find_swizzle(minor_elems * jnp.dtype(dtype).itemsize * 8)
     swizzle_elems = swizzle // jnp.dtype(dtype).itemsize
     return (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(swizzle))
+
+
+def _tile_coords(lin_idx, per_group: int, iters: tuple[int, int], c: TuningConfig):
+    """(group ordinal, m tile, n tile) of work item lin_idx: group major, a planar snake over
+    the (m, n) tiles inside a group."""
+    g_ord = lax.div(lin_idx, jnp.int32(per_group))
+    rem = lax.rem(lin_idx, jnp.int32(per_group))
+    m_idx, n_idx = plgpu.planar_snake(rem, iters, c.grid_minor_dim, c.grid_tile_width)
+    return g_ord, m_idx, n_idx
+
+
+def _zero_work(cta, num_ctas, num_mm, num_zero):
+    """(first zero tile, number of zero tiles) of this CTA: the zero tiles continue the
+    round-robin where the num_mm matmul tiles stopped, so the CTAs that got one matmul tile
+    fewer take the first zero tiles."""
+    first = lax.rem(cta - lax.rem(num_mm, num_ctas) + num_ctas, num_ctas)
+    return first, jnp.maximum(num_zero - first + num_ctas - 1, 0) // num_ctas
 
 
 def _store_tile(acc, out_smem_wg, c: TuningConfig, dst):
@@ -595,11 +606,7 @@ def _pingpong_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningCon
         my_tiles = jnp.maximum(num_mm - sm + num_sms - 1, 0) // num_sms   # sm, sm + num_sms, ...
 
         def tile_coords(lin_idx):
-            g_ord = lax.div(lin_idx, jnp.int32(tiles_per_group))
-            rem = lax.rem(lin_idx, jnp.int32(tiles_per_group))
-            m_idx, n_idx = plgpu.planar_snake(rem, (m_iters, n_iters), c.grid_minor_dim,
-                                              c.grid_tile_width)
-            return g_ord, m_idx, n_idx
+            return _tile_coords(lin_idx, tiles_per_group, (m_iters, n_iters), c)
 
         @pl.when(wg_idx == 2)
         def _memory_wg():
@@ -685,9 +692,9 @@ def _pingpong_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningCon
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             out_smem[wg_idx, 0] = jnp.zeros((c.epi_tile_m, c.epi_tile_n), out_dtype)
             plgpu.commit_smem()
-            first = lax.rem(sm - lax.rem(num_mm, num_sms) + num_sms, num_sms)
+            first, count = _zero_work(sm, num_sms, num_mm, num_zero)
 
-            @pl.loop(0, jnp.maximum(num_zero - first + num_sms - 1, 0) // num_sms)
+            @pl.loop(0, count)
             def _zero_loop(z):
                 q, m_idx, n_idx = tile_coords(first + z * num_sms)
                 g = jnp.where(q < out_lo, q, q + num_active)
