@@ -288,12 +288,21 @@ SWEEP = {  # named configs for --sweep (the default is select_config's choice)
     "m64n128_s4_cn": mgpu_kernel.TuningConfig(tile_m=64, tile_n=128, wg_dimension=M_.M,
                                               cluster_dimension=M_.N),
     # ping-pong: the two compute warpgroups on different 128 x 128 tiles, taking turns on the
-    # tensor cores (one's epilogue under the other's main loop), one ring of 6 (or 4) stages
-    "pingpong": mgpu_kernel.PINGPONG_CONFIG,
-    "pingpong_delay1": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, delay_release=1),
-    "pingpong_s4": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, max_concurrent_steps=4),
-    "pingpong_n256": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, tile_m=64, tile_n=256,
-                                         max_concurrent_steps=4),
+    # tensor cores (one's epilogue under the other's main loop), one ring of 6 (or 4) stages;
+    # "pingpong" and its _s4 / _n256 variants wait for each k-step's wgmma (delay_release=0, as
+    # PINGPONG_CONFIG did when they were first measured); PINGPONG_CONFIG is "pingpong_delay1"
+    "pingpong": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, delay_release=0),
+    "pingpong_delay1": mgpu_kernel.PINGPONG_CONFIG,
+    "pingpong_s4": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, delay_release=0,
+                                       max_concurrent_steps=4),
+    "pingpong_n256": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, delay_release=0, tile_m=64,
+                                         tile_n=256, max_concurrent_steps=4),
+    # ping-pong with one wgmma in flight (the only ping-pong variant near the default kernel in
+    # the first A/B), with fewer stages or another tile order (L2 reuse)
+    **{f"pingpong_delay1_{name}": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, **kw)
+       for name, kw in {"s4": dict(max_concurrent_steps=4), "s5": dict(max_concurrent_steps=5),
+                        "gm4": dict(grid_minor_dim=M_.M, grid_tile_width=4),
+                        "gn4": dict(grid_tile_width=4)}.items()},
 }
 
 
@@ -358,13 +367,15 @@ def ab_compare(shapes, cfg_names, active, reps, dense_tflops, key, rows, failure
     then timed once per round, ``reps`` rounds in rotated order, so slow drifts of the GPU's
     clock hit every config alike. Rows carry the median and the (min, max) over rounds. With
     ``profile``, each is also traced once: device time per call by kernel (in the note).
-    ``configs`` maps names to TuningConfigs (default SWEEP); "xla_einsum" names XLA's plain
-    batched matmul (full load only)."""
-    configs = SWEEP if configs is None else configs
+    ``configs`` maps names to TuningConfigs (default SWEEP); "auto" names select_config's choice
+    for the shape, "xla_einsum" XLA's plain batched matmul (full load only)."""
+    configs = dict(SWEEP if configs is None else configs)
     for model, name, m, k, n in shapes:
         key, sub = jax.random.split(key)
         a, b = _operands(sub, g, m, k, n)
+        active = g if active is None else active
         lo, hi = jnp.int32((g - active) // 2), jnp.int32((g - active) // 2 + active)
+        configs["auto"] = mgpu_kernel.select_config(g, m, k, n)
         fns = {"xla": _make_fn("xla")}
         want = {}   # XLA reference outputs, computed once per kind of product
         for cfg_name in cfg_names:
@@ -408,7 +419,7 @@ def ab_compare(shapes, cfg_names, active, reps, dense_tflops, key, rows, failure
                             sec, flops / sec / 1e12, flops / sec / 1e12 / dense_tflops,
                             config=str(configs[c]) if c in configs else "", note=note,
                             tflops_range=[min(tfs), max(tfs)]))
-            print(f"  ab {model} {name:8s} {m}x{k}x{n} act={active:2d} {c:22s}"
+            print(f"  ab {model} {name:8s} {m}x{k}x{n} G={g:2d} act={active:2d} {c:22s}"
                   f" {flops / sec / 1e12:6.1f} TF/s ({min(tfs):.0f}-{max(tfs):.0f}) {note[3:]}",
                   flush=True)
         del a, b
@@ -420,9 +431,9 @@ def markdown_ab(rows):
              "|---|---|---|---|---|---|---|---|---|"]
     ab = [r for r in rows if r.note.startswith("ab ")]
     cfg = lambda r: r.note[3:].split(" | ")[0]
-    base = {(cfg(r), r.model, r.shape, r.active): r for r in ab}
+    base = {(cfg(r), r.model, r.shape, r.G, r.active): r for r in ab}
     ratio = lambda r, c: (f"{r.tflops / base[c, *k].tflops:.2f}"
-                          if (c, *(k := (r.model, r.shape, r.active))) in base else "-")
+                          if (c, *(k := (r.model, r.shape, r.G, r.active))) in base else "-")
     for r in ab:
         lo, hi = r.tflops_range
         lines.append(f"| {r.model} | {r.shape} {r.m}x{r.k}x{r.n} | {r.active} of {r.G} |"
@@ -472,7 +483,9 @@ def main(argv=None):
                         " also xla_einsum, and swiglu / swiglu_unfused for gate_up shapes")
     p.add_argument("--ab_shapes", default="1b:qkv,1b:o,1b:gate_up,1b:down",
                    help="model:shape pairs for --ab")
-    p.add_argument("--ab_active", type=int, default=16, help="active groups of 16 for --ab")
+    p.add_argument("--ab_groups", default="16", help="comma-separated G values for --ab")
+    p.add_argument("--ab_active", type=int, default=None,
+                   help="active groups of G for --ab (default: all)")
     p.add_argument("--ab_reps", type=int, default=5, help="rounds of --ab")
     p.add_argument("--ab_profile", action="store_true",
                    help="--ab: also trace each config once (device time per kernel)")
@@ -633,8 +646,10 @@ def main(argv=None):
     if args.ab and not args.smoke:
         pairs = [p_.split(":") for p_ in args.ab_shapes.split(",")]
         shapes = [(mo, *next(s_ for s_ in MODELS[mo] if s_[0] == sh)) for mo, sh in pairs]
-        ab_compare(shapes, args.ab.split(","), args.ab_active, args.ab_reps, dense_tflops, key,
-                   rows, failures, profile=args.ab_profile)
+        for g in [int(v) for v in args.ab_groups.split(",")]:
+            key, sub = jax.random.split(key)
+            ab_compare(shapes, args.ab.split(","), args.ab_active, args.ab_reps, dense_tflops, sub,
+                       rows, failures, g=g, profile=args.ab_profile)
     path, table = save()
     print(table)
     if failures:

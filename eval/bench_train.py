@@ -42,8 +42,10 @@ def make_batch(cfg, batch: int, n: int, seed: int = 0) -> dict:
 
 
 def bench_length(cfg, armt, params, n: int, batch: int, impls, reps: int, dense: float,
-                 attn_impl, compute_dtype) -> list[dict]:
-    """Rows for one length: every impl compiled and checked, then timed in rotated rounds."""
+                 attn_impl, compute_dtype, profile_dir: Path | None = None) -> list[dict]:
+    """Rows for one length: every impl compiled and checked, then timed in rotated rounds;
+    with profile_dir, one more step of each is traced (device time by kind and kernel, with
+    source lines; eval.profile's tables) and its summary written there."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -68,6 +70,18 @@ def bench_length(cfg, armt, params, n: int, batch: int, impls, reps: int, dense:
             t0 = time.perf_counter()
             jax.block_until_ready(steps[impl](params, opt_state, data))
             samples[impl].append(time.perf_counter() - t0)
+    profiles = {}
+    if profile_dir is not None:
+        from eval.profile import kernel_sources, print_breakdown, traced_kernel_times
+        profile_dir.mkdir(parents=True, exist_ok=True)
+        for impl in impls:
+            times, _ = traced_kernel_times(
+                lambda: jax.block_until_ready(steps[impl](params, opt_state, data)), 1)
+            profiles[impl] = print_breakdown(
+                f"training step, gmm_impl={impl}, {n} tokens x {batch}", times, 1,
+                kernel_sources(steps[impl].as_text()), top=25)
+            (profile_dir / f"train_profile_{impl}_{n}.json").write_text(
+                json.dumps(profiles[impl], indent=1))
     lm_head = 2 * n * cfg.hidden_size * cfg.vocab_size
     flops = 3 * batch * (model_flops("sequential", n, cfg, armt) + lm_head)
     device = jax.devices()[0]
@@ -82,6 +96,8 @@ def bench_length(cfg, armt, params, n: int, batch: int, impls, reps: int, dense:
             "train_tflop": flops / 1e12, "tflops": flops / seconds / 1e12,
             "dense_tflops": dense, "frac_of_dense": flops / seconds / 1e12 / dense,
             "compile_s": compile_s[impl], **first[impl],
+            **({"device_busy_s": profiles[impl]["busy_s_per_run"],
+                "device_s_by_kind": profiles[impl]["by_kind_s"]} if impl in profiles else {}),
             "loss_rel_diff": abs(first[impl]["loss"] / ref["loss"] - 1),
             "grad_norm_rel_diff": abs(first[impl]["grad_norm"] / ref["grad_norm"] - 1),
             "device": device.device_kind, "jax": jax.__version__,
@@ -123,6 +139,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5, help="timed rounds (each impl once per round)")
     ap.add_argument("--compute-dtype", choices=("bfloat16", "float32"), default="bfloat16")
     ap.add_argument("--out", type=Path, default=Path("out/train_bench.json"))
+    ap.add_argument("--profile", action="store_true",
+                    help="also trace one step per impl: device time by kind and kernel (GPU)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
     if args.reps < 1 or args.batch < 1:
@@ -139,7 +157,8 @@ def main(argv=None) -> int:
     rows = []
     for n in sorted(args.tokens):
         rows += bench_length(cfg, armt, params, n, args.batch, impls, args.reps, dense, attn,
-                             jnp.dtype(args.compute_dtype))
+                             jnp.dtype(args.compute_dtype),
+                             args.out.parent if args.profile else None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"setting": f"{args.size} shapes, random float32 master weights (random W_mv) computed"
                          f" in {args.compute_dtype}, AdamW, loss on every token, remat per segment",

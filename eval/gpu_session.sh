@@ -12,9 +12,15 @@
 #   train      training steps (1b, 4096 and 16384 tokens) with XLA vs kernel grouped matmuls
 #   profile    per-kernel device time of both diagonal schedules at 131072 tokens, with each
 #              kernel's source lines
-#   pingpong   the ping-pong kernel schedule (never compiled on a GPU before): its GPU tests
+#   pingpong   the ping-pong kernel schedule (first compiled on a GPU with this stage): its GPU tests
 #              under a timeout (a barrier slip would hang), then a profiled A/B against the
-#              default kernel and cuBLAS on all twelve shapes   (not run yet; <= 9 min by timeouts)
+#              default kernel and cuBLAS on all twelve shapes   (~3 min; <= 9 min by timeouts)
+#   pingpong2  ping-pong with one wgmma in flight: stages and tile orders on the 1b/3b attention
+#              shapes (and 1b gate_up), profiled A/B against the default and cuBLAS
+#   select     select_config's choice ("auto": ping-pong where it fills the last wave of tiles
+#              better) against the default, ping-pong and cuBLAS at G = 1 and 16   (~3 min)
+#   train_profile  a 1b training step (4096 tokens) traced per gmm_impl: device time by kind
+#              and kernel
 #   run: bash eval/gpu_session.sh tests fused; bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
@@ -32,7 +38,7 @@ for stage in "${stages[@]}"; do
   case $stage in
     tests) python3 -m pytest -q -p no:cacheprovider tests/test_grouped_matmul.py \
              tests/test_swiglu.py tests/test_diagonal.py \
-             -k "(gpu or pallas or accumulates_in_float32) and not pingpong" 2>&1 | quiet | tail -8 \
+             -k "gpu or pallas or accumulates_in_float32" 2>&1 | quiet | tail -8 \
              | tee "$OUT/gpu_tests.txt" ;;
     bench) python3 -m eval.bench --out "$OUT/inference_h200.json" 2>&1 | quiet \
              | tee "$OUT/bench.txt" ;;
@@ -54,8 +60,9 @@ for stage in "${stages[@]}"; do
              2>&1 | quiet | tee "$OUT/train.txt" ;;
     profile) python3 -m eval.profile --schedules diagonal diagonal_pallas --tokens 131072 \
              --runs 1 --top 30 --out "$OUT/profile" 2>&1 | quiet | tee "$OUT/profile.txt" ;;
-    pingpong) timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_grouped_matmul.py \
-             -k "gpu_weight_offset and pingpong" 2>&1 | quiet | tail -8 | tee "$OUT/pingpong_tests.txt"
+    pingpong) timeout 240 python3 -m pytest -o addopts="" -q -p no:cacheprovider tests/test_grouped_matmul.py \
+             -k "gpu_weight_offset and pingpong" 2>&1 | quiet > "$OUT/pingpong_tests_full.txt"
+           tail -8 "$OUT/pingpong_tests_full.txt" | tee "$OUT/pingpong_tests.txt"
            # time it only if both GPU tests passed (a hang or a wrong result stops here)
            grep -q "2 passed" "$OUT/pingpong_tests.txt" || { echo "pingpong: tests did not pass"; continue; }
            S=$(for m in 1b 3b 8b; do for s in qkv o gate_up down; do printf "%s:%s," $m $s; done; done)
@@ -63,8 +70,19 @@ for stage in "${stages[@]}"; do
              default,pingpong,pingpong_delay1,pingpong_s4,pingpong_n256,xla_einsum --ab_profile \
              --ab_reps 3 --ab_shapes "${S%,}" --out "$OUT/pingpong" 2>&1 | quiet \
              | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
+    pingpong2) C=default,pingpong_delay1,pingpong_delay1_s4,pingpong_delay1_s5
+           C=$C,pingpong_delay1_gm4,pingpong_delay1_gn4,xla_einsum
+           python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_profile --ab_reps 5 \
+             --ab_shapes 1b:qkv,1b:o,3b:qkv,3b:o,1b:gate_up --out "$OUT/pingpong2" 2>&1 | quiet \
+             | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
+    select) python3 eval/bench_grouped_matmul.py --models "" --ab \
+             default,pingpong_delay1,auto,xla_einsum --ab_groups 1,16 --ab_profile --ab_reps 5 \
+             --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,3b:gate_up,8b:gate_up \
+             --out "$OUT/select" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
+    train_profile) python3 -m eval.bench_train --tokens 4096 --reps 3 --profile \
+             --out "$OUT/train_profile/train_bench.json" 2>&1 | quiet | tee "$OUT/train_profile.txt" ;;
     *) echo "unknown stage $stage (tests, bench, agreement, kernel, kernel_big, fused, diagonal," \
-            "train, profile, pingpong)"
+            "train, profile, pingpong, pingpong2, select, train_profile)"
        exit 2 ;;
   esac
 done

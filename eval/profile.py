@@ -140,6 +140,31 @@ def traced_kernel_times(run_once, calls: int) -> tuple[dict[str, list[float]], l
         return device_kernel_times(paths[0])
 
 
+def print_breakdown(title: str, times: dict[str, list[float]], runs: int,
+                    sources: dict[str, str], top: int) -> dict:
+    """Prints device time by kind and the `top` kernels (with their source lines) of `runs`
+    traced runs; returns the per-run sums as a JSON-ready dict."""
+    per_run = {name: sum(ts) / runs for name, ts in times.items()}
+    counts = {name: len(ts) / runs for name, ts in times.items()}
+    by_kind = collections.Counter()
+    for name, t in per_run.items():
+        by_kind[kind_of(name)] += t
+    busy = sum(per_run.values())
+    print(f"\n## {title}, device busy {busy * 1e3:.2f} ms, {sum(counts.values()):.0f} kernels"
+          " per run", flush=True)
+    print("| kind | ms per run | share of busy |\n|---|---:|---:|")
+    for kind, t in by_kind.most_common():
+        print(f"| {kind} | {t * 1e3:.2f} | {t / busy:.1%} |")
+    print("\n| kernel | kind | ms per run | calls per run | us per call | source |"
+          "\n|---|---|---:|---:|---:|---|")
+    for name, t in sorted(per_run.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"| {name[:70]} | {kind_of(name)} | {t * 1e3:.2f} | {counts[name]:.0f} | "
+              f"{t / counts[name] * 1e6:.1f} | {sources.get(name, '')} |")
+    return {"busy_s_per_run": busy, "by_kind_s": dict(by_kind),
+            "kernels": {k: {"s_per_run": per_run[k], "calls_per_run": counts[k],
+                            "source": sources.get(k, "")} for k in per_run}}
+
+
 def profile(schedule: str, n: int, runs: int, compiler_options: dict, out_dir: Path, top: int,
             dump_hlo: bool = False, size: str = "1b") -> dict:
     """Profiles one schedule; prints the tables, writes and returns the summary."""
@@ -160,26 +185,11 @@ def profile(schedule: str, n: int, runs: int, compiler_options: dict, out_dir: P
         walls.append(time.perf_counter() - t0)
 
     times, lines_seen = traced_kernel_times(run_once, runs)
-    per_run = {name: sum(ts) / runs for name, ts in times.items()}
-    counts = {name: len(ts) / runs for name, ts in times.items()}
-    by_kind = collections.Counter()
-    for name, t in per_run.items():
-        by_kind[kind_of(name)] += t
-    busy = sum(per_run.values())
     wall = float(np.median(walls))
     tag = f"{schedule}{'+' + ','.join(compiler_options) if compiler_options else ''}"
-    print(f"\n## {tag}, {n} tokens: wall {wall * 1e3:.2f} ms (traced runs), device busy "
-          f"{busy * 1e3:.2f} ms, {sum(counts.values()):.0f} kernels per run", flush=True)
-    print("| kind | ms per run | share of busy |\n|---|---:|---:|")
-    for kind, t in by_kind.most_common():
-        print(f"| {kind} | {t * 1e3:.2f} | {t / busy:.1%} |")
     hlo = compiled.as_text()
-    sources = kernel_sources(hlo)
-    print("\n| kernel | kind | ms per run | calls per run | us per call | source |"
-          "\n|---|---|---:|---:|---:|---|")
-    for name, t in sorted(per_run.items(), key=lambda kv: -kv[1])[:top]:
-        print(f"| {name[:70]} | {kind_of(name)} | {t * 1e3:.2f} | {counts[name]:.0f} | "
-              f"{t / counts[name] * 1e6:.1f} | {sources.get(name, '')} |")
+    breakdown = print_breakdown(f"{tag}, {n} tokens: wall {wall * 1e3:.2f} ms (traced runs)",
+                                times, runs, kernel_sources(hlo), top)
     out_dir.mkdir(parents=True, exist_ok=True)
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", tag)
     if dump_hlo:
@@ -187,11 +197,8 @@ def profile(schedule: str, n: int, runs: int, compiler_options: dict, out_dir: P
             f.write(hlo)
     summary = {
         "schedule": schedule, "tokens": n, "compiler_options": compiler_options,
-        "wall_s_median": wall, "busy_s_per_run": busy, "by_kind_s": dict(by_kind),
-        "kernels": {k: {"s_per_run": per_run[k], "calls_per_run": counts[k],
-                        "source": sources.get(k, "")} for k in per_run},
-        "trace_lines": lines_seen, "device": jax.devices()[0].device_kind,
-        "jax": jax.__version__}
+        "wall_s_median": wall, **breakdown, "trace_lines": lines_seen,
+        "device": jax.devices()[0].device_kind, "jax": jax.__version__}
     (out_dir / f"profile_{safe}_{n}.json").write_text(json.dumps(summary, indent=1))
     return summary
 

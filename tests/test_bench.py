@@ -47,12 +47,15 @@ def test_agreement_tiny_on_cpu(capsys):
 
 def test_bench_train_tiny_on_cpu(tmp_path):
     """eval.bench_train: both impls compiled, checked against each other and timed (plumbing:
-    on CPU "auto" is XLA, so the first step's loss and gradient norm agree exactly); bad
-    arguments are refused."""
+    on CPU "auto" is XLA, so the first step's loss and gradient norm agree exactly); --profile
+    writes a summary per impl (a CPU trace has no device kernels); bad arguments are refused."""
     from eval import bench_train
     out = tmp_path / "train.json"
     assert bench_train.main(["--size", "tiny", "--tokens", "70", "--batch", "2", "--reps", "2",
-                             "--out", str(out)]) == 0
+                             "--profile", "--out", str(out)]) == 0
+    for impl in ("xla", "auto"):
+        summary = json.loads((tmp_path / f"train_profile_{impl}_70.json").read_text())
+        assert set(summary) == {"busy_s_per_run", "by_kind_s", "kernels"}
     rows = json.loads(out.read_text())["rows"]
     assert [r["gmm_impl"] for r in rows] == ["xla", "auto"]
     assert all(len(r["runs"]) == 2 and r["seconds"] > 0 and r["tflops"] > 0 for r in rows)

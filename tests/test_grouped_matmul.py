@@ -129,6 +129,30 @@ def test_default_hopper_tiles_in_interpret_mode():
     _check_idle_zero(y, lo, hi, "output", info)
 
 
+def test_wave_fill_and_the_ping_pong_choice():
+    """select_config picks the ping-pong schedule exactly where its half-size work items fill
+    the SMs' last wave clearly better than the default CTA tiles (the H200 A/B of
+    grouped_matmul_h200.md: 1b qkv at G = 16, 1b and 3b gate_up at G = 1), and never for the
+    backward products (not measured) or narrow n."""
+    fill = mgpu_kernel.wave_fill
+    assert fill(0, 132) == 1.0 and fill(132, 132) == 1.0 and fill(264, 132) == 1.0
+    assert fill(133, 132) == pytest.approx(133 / 264) and fill(66, 132) == 0.5
+    pick = lambda *dims, **kw: mgpu_kernel.select_config(*dims, num_sms=132, **kw)
+    pp, default = mgpu_kernel.PINGPONG_CONFIG, mgpu_kernel.DEFAULT_CONFIG
+    # 16 x 9 x 12 = 1728 CTA tiles: 13.09 waves (fill 0.935); 3456 items: 26.2 (fill 0.970)
+    assert pick(16, 1152, 2048, 3072) == pp
+    assert pick(16, 1152, 2048, 3072, transpose_lhs=True) == default
+    assert pick(16, 1152, 2048, 3072, transpose_rhs=True) == default
+    assert pick(1, 1152, 2048, 16384) == pp and pick(1, 2176, 3072, 16384) == pp
+    for dims in [(16, 1152, 2048, 2048), (16, 1152, 2048, 16384), (16, 1152, 8192, 2048),
+                 (16, 2176, 3072, 5120), (16, 2176, 3072, 3072), (16, 4224, 4096, 28672),
+                 (1, 1152, 2048, 3072), (1, 4224, 4096, 28672), (32, 4224, 4096, 6144)]:
+        assert pick(*dims) == default, dims
+    assert pick(16, 1152, 2048, 384) == mgpu_kernel.NARROW_CONFIG   # n no multiple of 256
+    # the rule follows the SM count: 108 SMs (an A100-sized part) fill 1b qkv's tiles alike
+    assert mgpu_kernel.select_config(16, 1152, 2048, 3072, num_sms=108) == default
+
+
 def test_pingpong_hopper_tiles_in_interpret_mode():
     """The ping-pong schedule with its GPU block sizes (128 x 128 tiles per warpgroup, a ring
     of 6 stages that 8 k-steps wrap around), ragged m, bf16."""
@@ -445,8 +469,8 @@ GPU_CONFIGS = {
     "cluster_n": mgpu_kernel.TuningConfig(cluster_dimension=mgpu_kernel.MatmulDimension.N),
     "delay1": mgpu_kernel.TuningConfig(delay_release=1),
     "stages3_slots4": mgpu_kernel.TuningConfig(max_concurrent_steps=3, epi_slots=4),
-    "pingpong": mgpu_kernel.PINGPONG_CONFIG,
-    "pingpong_delay1": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, delay_release=1),
+    "pingpong": mgpu_kernel.PINGPONG_CONFIG,   # one wgmma in flight
+    "pingpong_delay0": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, delay_release=0),
 }
 
 

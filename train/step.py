@@ -66,8 +66,12 @@ def make_train_step(cfg: LlamaConfig, armt: ArmtConfig, optimizer: optax.Gradien
             (loss, c), g = grad_fn(params, mb)
             return (jax.tree.map(jnp.add, grads, g), total + loss, count + c), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, total, count), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(()), jnp.zeros(())), micro)
+        if accum_steps == 1:   # no float32 zeros and sum over every weight for a single batch
+            (total, count), grads = grad_fn(params, jax.tree.map(lambda a: a[0], micro))
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (grads, total, count), _ = jax.lax.scan(
+                accumulate, (zeros, jnp.zeros(()), jnp.zeros(())), micro)
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = optimizer.update(grads, opt_state, params)
