@@ -9,7 +9,8 @@
 #              (kernel_big_3b, kernel_big_8b: one model each, if the pair overruns a call)
 #   fused      fused gate/up + SwiGLU kernel vs unfused: profiled A/B             (~1 min)
 #   diagonal   the inference benchmark of sequential and the diagonal schedules  (~8 min)
-#   train      training steps (1b, 4096 and 16384 tokens) with XLA vs kernel grouped matmuls
+#   train      training steps (1b, 4096 and 16384 tokens) with XLA vs kernel grouped matmuls,
+#              one step of each traced (device time by kind and kernel)
 #   profile    per-kernel device time of both diagonal schedules at 131072 tokens, with each
 #              kernel's source lines
 #   pingpong   the ping-pong kernel schedule (first compiled on a GPU with this stage): its GPU tests
@@ -56,8 +57,8 @@ for stage in "${stages[@]}"; do
              | quiet | grep -v "^  " | tail -20 ;;
     diagonal) python3 -m eval.bench --schedules sequential diagonal diagonal_pallas \
              --out "$OUT/diagonal/inference_h200.json" 2>&1 | quiet | tee "$OUT/diagonal.txt" ;;
-    train) python3 -m eval.bench_train --tokens 4096 16384 --out "$OUT/train/train_bench.json" \
-             2>&1 | quiet | tee "$OUT/train.txt" ;;
+    train) python3 -m eval.bench_train --tokens 4096 16384 --profile \
+             --out "$OUT/train/train_bench.json" 2>&1 | quiet | tee "$OUT/train.txt" ;;
     profile) python3 -m eval.profile --schedules diagonal diagonal_pallas --tokens 131072 \
              --runs 1 --top 30 --out "$OUT/profile" 2>&1 | quiet | tee "$OUT/profile.txt" ;;
     pingpong) timeout 240 python3 -m pytest -o addopts="" -q -p no:cacheprovider tests/test_grouped_matmul.py \
