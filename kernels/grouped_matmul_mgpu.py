@@ -152,7 +152,7 @@ NARROW_CONFIG = TuningConfig(tile_n=64, max_concurrent_steps=5)  # 128 x 128
 # 64 rows with a gate and an up accumulator (64 x 128 each), 4 stages of 48 KiB.
 SWIGLU_CONFIG = TuningConfig(tile_m=64, tile_n=128, wg_dimension=MatmulDimension.M)
 # Ping-pong: 128 x 128 tiles per warpgroup, 6 stages (cuBLAS's nvjet ..._128x128_64x6 shape),
-# one wgmma group in flight (without it the schedule ran at 0.78-0.85x of this one on the H200).
+# one wgmma group in flight (without it the schedule ran at 0.82-0.86x of this one on the H200).
 PINGPONG_CONFIG = TuningConfig(pingpong=True, max_concurrent_steps=6, delay_release=1)
 # How much better the ping-pong schedule must fill the last wave of tiles than the default one
 # before select_config picks it: at equal fill it ran 1-2 % slower (3b qkv/o, 1b gate_up).
