@@ -145,19 +145,20 @@ def embed(params: dict, tokens: jax.Array) -> jax.Array:
 
 
 @jax.custom_vjp
-def _logits_16bit(h: jax.Array, w: jax.Array) -> jax.Array:
+def _logits_bf16(h: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
 
 
-def _logits_16bit_fwd(h, w):
-    return _logits_16bit(h, w), (h, w)
+def _logits_bf16_fwd(h, w):
+    return _logits_bf16(h, w), (h, w)
 
 
-def _logits_16bit_bwd(residuals, g):
-    # The float32 cotangent is rounded to the operands' 16-bit dtype, so both backward products
-    # run at the forward's precision (bf16 in, float32 accumulation). Left to autodiff they would
-    # mix float32 with 16-bit operands and run as float32 (TF32) matmuls: the LM head's backward
-    # took 13.4 of 189 ms of a 4096-token training step on an H200 (train_h200.md).
+def _logits_bf16_bwd(residuals, g):
+    # The float32 cotangent is rounded to bf16, so both backward products run at the forward's
+    # precision (bf16 in, float32 accumulation). Left to autodiff they would mix float32 with bf16
+    # operands and run as float32 (TF32) matmuls: the LM head's backward took 13.4 of 189 ms of
+    # a 4096-token training step on an H200 (train_h200.md). bf16 keeps float32's exponent range;
+    # float16 would flush the smallest logit gradients to zero, so it keeps autodiff's path.
     h, w = residuals
     g = g.astype(h.dtype)
     dh = jnp.einsum("...v,dv->...d", g, w, preferred_element_type=jnp.float32)
@@ -165,7 +166,7 @@ def _logits_16bit_bwd(residuals, g):
     return dh.astype(h.dtype), dw.astype(w.dtype)
 
 
-_logits_16bit.defvjp(_logits_16bit_fwd, _logits_16bit_bwd)
+_logits_bf16.defvjp(_logits_bf16_fwd, _logits_bf16_bwd)
 
 
 def head(params: dict, h: jax.Array, cfg: LlamaConfig, output: str) -> jax.Array:
@@ -174,8 +175,8 @@ def head(params: dict, h: jax.Array, cfg: LlamaConfig, output: str) -> jax.Array
     if output == "hidden":
         return h
     w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    if h.dtype == w.dtype and jnp.finfo(h.dtype).bits == 16:
-        return _logits_16bit(h, w)
+    if h.dtype == w.dtype == jnp.bfloat16:
+        return _logits_bf16(h, w)
     return jnp.einsum("...d,dv->...v", h, w,
                       preferred_element_type=jnp.promote_types(h.dtype, jnp.float32))
 

@@ -102,9 +102,10 @@ def test_mixed_precision_step(rng):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_lm_head_gradients_at_16_bits(tied):
-    """The logits' backward with bf16 weights (layers._logits_16bit): both products take the
-    cotangent rounded to bf16 and accumulate in float32; float64 oracle. With float32 weights
-    the head is the plain einsum (its gradients match float64 to float32 precision)."""
+    """The logits' backward with bf16 weights (layers._logits_bf16): both products take the
+    cotangent rounded to bf16 and accumulate in float32; float64 oracle. With float16 weights
+    the head is autodiff's (float32 cotangent: no underflow of small logit gradients), with
+    float32 weights the plain einsum (float32 precision)."""
     import dataclasses
 
     from armt_jax import layers
@@ -116,7 +117,7 @@ def test_lm_head_gradients_at_16_bits(tied):
     w = rng.standard_normal((d, v)) / np.sqrt(d)
     norm = 1 + 0.1 * rng.standard_normal(d)
     cot = rng.standard_normal((b, t, v))
-    for dtype, tol in ((jnp.bfloat16, 1e-2), (jnp.float32, 1e-5)):
+    for dtype, tol in ((jnp.bfloat16, 1e-2), (jnp.float16, 2e-3), (jnp.float32, 1e-5)):
         cast = lambda a: jnp.asarray(a, dtype)
         params = {"final_norm": cast(norm), **({"embed": cast(w.T)} if tied else
                                                {"lm_head": cast(w)})}
@@ -127,7 +128,9 @@ def test_lm_head_gradients_at_16_bits(tied):
         x = np.asarray(layers.rms_norm(cast(h), params["final_norm"], cfg.rms_norm_eps),
                        np.float64)
         w64 = np.asarray(cast(w), np.float64)
-        g64 = np.asarray(jnp.asarray(cot, dtype), np.float64)   # the cotangent at 16 bits
+        # the cotangent as the backward products see it: rounded to bf16 only on the bf16 path
+        g64 = np.asarray(jnp.asarray(cot, jnp.bfloat16 if dtype == jnp.bfloat16 else
+                                     jnp.float32), np.float64)
         rel = lambda got, want: float(np.linalg.norm(np.asarray(got, np.float64) - want)
                                       / np.linalg.norm(want))
         assert rel(logits, x @ w64) <= 1e-5, info
@@ -139,6 +142,16 @@ def test_lm_head_gradients_at_16_bits(tied):
                                                         cfg.rms_norm_eps), cast(h))
         want_dh, = norm_vjp(jnp.asarray(g64 @ w64.T, dtype))
         assert rel(dh, np.asarray(want_dh, np.float64)) <= tol, f"{dtype} dh {info}"
+    # float16: logit gradients below its smallest subnormal (6e-8) still add up in the weight
+    # gradient (256 positions x 2e-8 ~ 5e-6), since the cotangent is not rounded to float16
+    h_pos = jnp.asarray(np.abs(rng.standard_normal((4, 64, d))), jnp.float16)
+    params = {"final_norm": jnp.ones(d, jnp.float16),
+              **({"embed": jnp.asarray(w.T, jnp.float16)} if tied else
+                 {"lm_head": jnp.asarray(w, jnp.float16)})}
+    _, vjp = jax.vjp(lambda p: layers.head(p, h_pos, cfg, "logits"), params)
+    tiny, = vjp(jnp.full((4, 64, v), 2e-8, jnp.float32))
+    dw_tiny = np.asarray(tiny["embed"] if tied else tiny["lm_head"], np.float32)
+    assert np.all(dw_tiny > 1e-6), info
 
 
 def test_loss_goes_down(rng):
