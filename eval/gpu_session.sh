@@ -37,7 +37,7 @@ stages=("$@")
 for stage in "${stages[@]}"; do
   echo "== $stage $(date -u +%FT%TZ)"
   case $stage in
-    tests) python3 -m pytest -q -p no:cacheprovider tests/test_grouped_matmul.py \
+    tests) python3 -m pytest -o addopts="" -q -p no:cacheprovider tests/test_grouped_matmul.py \
              tests/test_swiglu.py tests/test_diagonal.py \
              -k "gpu or pallas or accumulates_in_float32" 2>&1 | quiet | tail -8 \
              | tee "$OUT/gpu_tests.txt" ;;
