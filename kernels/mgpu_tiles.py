@@ -1,0 +1,50 @@
+"""Tile arithmetic and the output tile's store, shared by both schedules of the Hopper grouped
+matmul (the cooperative one in grouped_matmul_mgpu.py, the ping-pong one in pingpong_mgpu.py)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels.tuning import TuningConfig
+
+
+def smem_transforms(dtype, minor_elems):
+    """Tiling and 128-byte (or narrower) swizzle of a shared-memory tile."""
+    swizzle = plgpu.find_swizzle(minor_elems * jnp.dtype(dtype).itemsize * 8)
+    swizzle_elems = swizzle // jnp.dtype(dtype).itemsize
+    return (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(swizzle))
+
+
+def tile_coords(lin_idx, per_group: int, iters: tuple[int, int], c: TuningConfig):
+    """(group ordinal, m tile, n tile) of work item lin_idx: group major, a planar snake over
+    the (m, n) tiles inside a group."""
+    g_ord = lax.div(lin_idx, jnp.int32(per_group))
+    rem = lax.rem(lin_idx, jnp.int32(per_group))
+    m_idx, n_idx = plgpu.planar_snake(rem, iters, c.grid_minor_dim, c.grid_tile_width)
+    return g_ord, m_idx, n_idx
+
+
+def zero_work(cta, num_ctas, num_mm, num_zero):
+    """(first zero tile, number of zero tiles) of this CTA: the zero tiles continue the
+    round-robin where the num_mm matmul tiles stopped, so the CTAs that got one matmul tile
+    fewer take the first zero tiles."""
+    first = lax.rem(cta - lax.rem(num_mm, num_ctas) + num_ctas, num_ctas)
+    return first, jnp.maximum(num_zero - first + num_ctas - 1, 0) // num_ctas
+
+
+def store_tile(acc, out_smem_wg, c: TuningConfig, dst):
+    """TMA-stores a warpgroup's (tile_m, tile_n) tile (already cast) through its shared-memory
+    slots, epilogue tile by epilogue tile; dst(epi_mi, epi_ni) is the destination in GMEM."""
+    slots = c.num_out_slots
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    for epi_mi in range(c.tile_m // c.epi_tile_m):
+        for epi_ni in range(c.tile_n // c.epi_tile_n):
+            epi_m = slice(epi_mi * c.epi_tile_m, (epi_mi + 1) * c.epi_tile_m)
+            epi_n = slice(epi_ni * c.epi_tile_n, (epi_ni + 1) * c.epi_tile_n)
+            slot = (epi_mi * (c.tile_n // c.epi_tile_n) + epi_ni) % slots
+            plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
+            out_smem_wg[slot] = acc[epi_m, epi_n]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem_wg.at[slot], dst(epi_mi, epi_ni))

@@ -1,0 +1,183 @@
+"""The ping-pong schedule of the Hopper grouped matmul (``TuningConfig.pingpong``)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels import mgpu_tiles as tiles
+from kernels.tuning import TuningConfig
+
+
+def pingpong_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, dims,
+                     transpose_lhs: bool, transpose_rhs: bool):
+    """The ping-pong schedule (``TuningConfig.pingpong``): the two compute warpgroups of a CTA
+    work on different (tile_m, tile_n) output tiles (the even and odd tiles of the CTA's share
+    of the work list) and take turns on the tensor cores: while one runs the main loop of its
+    tile, the other stores its previous one, so the epilogue overlaps the math (CUTLASS's
+    ping-pong schedule; cuBLAS's non-cooperative Hopper kernels, by their names). The turns make the order in which
+    stages are consumed strict (tile 0's k-steps, then tile 1's, ...), so one memory warpgroup
+    fills one ring of stages in that order.
+
+    With ``delay_release = 1`` a warpgroup keeps one wgmma in flight and releases each stage
+    a k-step later.
+
+    Barriers: ``loaded[w * S + slot]`` (A and B of a stage, one set per compute warpgroup, since
+    a barrier's phase is tracked by each waiting thread and must see every phase),
+    ``consumed[slot]`` (waited on by the memory warpgroup only) and ``turn``, a rendezvous of
+    the two compute warpgroups: each passes it after its main loop and after its epilogue, and
+    warpgroup 1 once more at the start, so their main loops alternate.
+    """
+    num_groups, m, k, n = dims
+    num_out_groups = out_gmem.shape[0]
+    dtype, out_dtype = a_gmem.dtype, out_gmem.dtype
+    c = config
+    tm, tn, tk, stages = c.tile_m, c.tile_n, c.tile_k, c.max_concurrent_steps
+    delay = c.delay_release   # 1: one wgmma in flight, its stage released a step later
+    m_iters, n_iters, k_iters = pl.cdiv(m, tm), pl.cdiv(n, tn), pl.cdiv(k, tk)
+    tiles_per_group = m_iters * n_iters
+    a_block = (tk, tm) if transpose_lhs else (tm, tk)
+    b_block = (tn, tk) if transpose_rhs else (tk, tn)
+    out_transforms = tiles.smem_transforms(out_dtype, c.epi_tile_n)
+
+    def a_tile(g, m_idx, kk):
+        rows, cols = pl.ds(m_idx * tm, tm), pl.ds(kk * tk, tk)
+        return a_gmem.at[g, cols, rows] if transpose_lhs else a_gmem.at[g, rows, cols]
+
+    def b_tile(g, n_idx, kk):
+        rows, cols = pl.ds(kk * tk, tk), pl.ds(n_idx * tn, tn)
+        return b_gmem.at[g, cols, rows] if transpose_rhs else b_gmem.at[g, rows, cols]
+
+    def out_epi(g, m_idx, n_idx, epi_mi, epi_ni):
+        return out_gmem.at[g, pl.ds(m_idx * tm + epi_mi * c.epi_tile_m, c.epi_tile_m),
+                           pl.ds(n_idx * tn + epi_ni * c.epi_tile_n, c.epi_tile_n)]
+
+    @functools.partial(
+        pl.run_scoped,
+        a_smem=plgpu.SMEM((stages, *a_block), dtype,
+                          transforms=tiles.smem_transforms(dtype, a_block[1])),
+        b_smem=plgpu.SMEM((stages, *b_block), dtype,
+                          transforms=tiles.smem_transforms(dtype, b_block[1])),
+        out_smem=plgpu.SMEM((2, c.num_out_slots, c.epi_tile_m, c.epi_tile_n), out_dtype,
+                            transforms=out_transforms),
+        loaded=plgpu.Barrier(num_arrivals=2, num_barriers=2 * stages),
+        consumed=plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+        turn=plgpu.Barrier(num_arrivals=2, num_barriers=1),
+        collective_axes="wg",
+    )
+    def _scope(a_smem, b_smem, out_smem, loaded, consumed, turn):
+        wg_idx = lax.axis_index("wg")
+        lo = jnp.clip(bounds_gmem[0], 0, num_groups)
+        hi = jnp.clip(bounds_gmem[1], lo, num_groups)
+        b_offset, out_offset = bounds_gmem[2], bounds_gmem[3]
+        num_active = hi - lo
+        sm, num_sms = lax.axis_index("sm"), lax.axis_size("sm")
+        num_mm = num_active * tiles_per_group
+        my_tiles = jnp.maximum(num_mm - sm + num_sms - 1, 0) // num_sms   # sm, sm + num_sms, ...
+
+        def tile_coords(lin_idx):
+            return tiles.tile_coords(lin_idx, tiles_per_group, (m_iters, n_iters), c)
+
+        @pl.when(wg_idx == 2)
+        def _memory_wg():
+            plgpu.set_max_registers(40, action="decrease")
+            total = my_tiles * k_iters
+
+            @pl.loop(0, total)
+            def _load(step):
+                i, kk = lax.div(step, k_iters), lax.rem(step, k_iters)
+                g_ord, m_idx, n_idx = tile_coords(sm + i * num_sms)
+                slot = lax.rem(step, stages)
+
+                @pl.when(step >= stages)
+                def _wait_free():
+                    plgpu.barrier_wait(consumed.at[slot])
+
+                barrier = loaded.at[lax.rem(i, 2) * stages + slot]
+                plgpu.copy_gmem_to_smem(a_tile(lo + g_ord, m_idx, kk), a_smem.at[slot], barrier)
+                plgpu.copy_gmem_to_smem(b_tile(lo + g_ord + b_offset, n_idx, kk),
+                                        b_smem.at[slot], barrier)
+
+            # Await the last consumptions, so that no barrier is left mid-phase.
+            @pl.loop(jnp.maximum(total - stages, 0), total)
+            def _quiesce(step):
+                plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
+
+        @pl.when(wg_idx < 2)
+        def _compute_wg():
+            plgpu.set_max_registers(232, action="increase")
+
+            def rendezvous():
+                plgpu.barrier_arrive(turn.at[0])
+                plgpu.barrier_wait(turn.at[0])
+
+            pl.when(wg_idx == 1)(rendezvous)   # warpgroup 0 has the first turn
+
+            @pl.loop(0, lax.div(my_tiles - wg_idx + 1, 2))
+            def _tile(j):
+                i = wg_idx + 2 * j
+                g_ord, m_idx, n_idx = tile_coords(sm + i * num_sms)
+
+                def main_loop(acc_ref):
+                    @pl.loop(0, k_iters)
+                    def _k_step(kk):
+                        step = i * k_iters + kk
+                        slot = lax.rem(step, stages)
+                        plgpu.barrier_wait(loaded.at[wg_idx * stages + slot])
+                        a_op = a_smem.at[slot]
+                        b_op = b_smem.at[slot]
+                        if transpose_lhs:
+                            a_op = a_op.transpose((1, 0))
+                        if transpose_rhs:
+                            b_op = b_op.transpose((1, 0))
+                        plgpu.wgmma(acc_ref, a_op, b_op)
+                        plgpu.wgmma_wait(delay)
+                        if not delay:
+                            plgpu.barrier_arrive(consumed.at[slot])
+                        else:   # the previous step's wgmma is done: release its stage
+                            @pl.when(kk > 0)
+                            def _release_previous():
+                                plgpu.barrier_arrive(consumed.at[lax.rem(step - 1, stages)])
+
+                    if delay:
+                        plgpu.wgmma_wait(0)
+                        last = i * k_iters + k_iters - 1
+                        plgpu.barrier_arrive(consumed.at[lax.rem(last, stages)])
+                    return acc_ref[...]
+
+                acc = pl.run_scoped(main_loop, plgpu.ACC((tm, tn), jnp.float32))
+                rendezvous()   # the other warpgroup's main loop starts
+                tiles.store_tile(acc.astype(out_dtype), out_smem.at[wg_idx], c, lambda mi, ni:
+                            out_epi(lo + g_ord + out_offset, m_idx, n_idx, mi, ni))
+                rendezvous()   # and ends before this one's next main loop
+
+            # Both pass the rendezvous equally often: 2 per tile, and 1 more for warpgroup 1 at
+            # the start; the warpgroup with fewer passes makes it up.
+            pl.when(lax.rem(my_tiles, 2) == wg_idx)(rendezvous)
+
+            # Zero tiles of the idle output groups, continuing the round-robin of the matmul
+            # tiles; the two warpgroups split each tile's epilogue tiles.
+            num_zero = (num_out_groups - num_active) * tiles_per_group
+            out_lo = lo + out_offset
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            out_smem[wg_idx, 0] = jnp.zeros((c.epi_tile_m, c.epi_tile_n), out_dtype)
+            plgpu.commit_smem()
+            first, count = tiles.zero_work(sm, num_sms, num_mm, num_zero)
+
+            @pl.loop(0, count)
+            def _zero_loop(z):
+                q, m_idx, n_idx = tile_coords(first + z * num_sms)
+                g = jnp.where(q < out_lo, q, q + num_active)
+                epi_n_tiles = tn // c.epi_tile_n
+                for e in range((tm // c.epi_tile_m) * epi_n_tiles):
+                    @pl.when(wg_idx == e % 2)
+                    def _store_zero():
+                        plgpu.copy_smem_to_gmem(
+                            out_smem.at[wg_idx, 0],
+                            out_epi(g, m_idx, n_idx, e // epi_n_tiles, e % epi_n_tiles))
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)

@@ -1,0 +1,254 @@
+"""Block sizes and schedules of the Hopper grouped matmul (grouped_matmul_mgpu.py): the
+``TuningConfig`` options, the configs measured on the H200, the per-shape choice
+(``select_config``) and what a config cannot serve (``unsupported_reason``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+H100_NUM_SMS = 132  # H100 SXM and H200 SXM.
+_SMEM_BYTES = 227 * 1024  # Hopper's per-block dynamic shared memory limit.
+
+
+class MatmulDimension(enum.IntEnum):
+    M = 0
+    N = 1
+
+    def __str__(self):
+        return self.name
+
+    __repr__ = __str__
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+    """Block sizes and schedule of the Hopper grouped matmul.
+
+    tile_m x tile_n is the tile of ONE compute warpgroup; the CTA tile is twice
+    as large along ``wg_dimension`` (two compute warpgroups).
+    """
+
+    tile_m: int = 128
+    tile_n: int = 128
+    tile_k: int = 64
+    max_concurrent_steps: int = 4
+    epi_tile_m: int = 64
+    epi_tile_n: int = 64
+    grid_minor_dim: MatmulDimension = MatmulDimension.N
+    grid_tile_width: int = 1
+    wg_dimension: MatmulDimension = MatmulDimension.N
+    # Chain the tile pipelines of a CTA (no fill bubble between tiles). Used
+    # only where the k-steps are a multiple of max_concurrent_steps.
+    chain_tiles: bool = True
+    # Clusters of 2 CTAs on neighbouring tiles along this dimension, sharing the
+    # other operand's tile by TMA multicast (N: the A tile, M: the B tile).
+    cluster_dimension: MatmulDimension | None = None
+    # Keep this many wgmma groups in flight before releasing a stage to the
+    # memory warpgroup (0: wait for each k-step's wgmma). Pipelines of pipelines
+    # do not support it, so delay_release > 0 runs the tiles unchained.
+    delay_release: int = 0
+    # Shared-memory slots per compute warpgroup for the epilogue's TMA stores:
+    # with fewer slots than epilogue tiles the epilogue waits for earlier stores.
+    epi_slots: int = 2
+    # Ping-pong schedule (kernels/pingpong_mgpu.py): the two compute warpgroups work on different
+    # (tile_m x tile_n) tiles and take turns on the tensor cores, each one's epilogue
+    # overlapping the other's main loop.
+    pingpong: bool = False
+
+    @property
+    def _split(self) -> int:
+        """Warpgroups sharing a CTA tile: 2 (cooperative), 1 with ping-pong."""
+        return 1 if self.pingpong else 2
+
+    @property
+    def cta_tile_m(self) -> int:
+        return self.tile_m * (self._split if self.wg_dimension == MatmulDimension.M else 1)
+
+    @property
+    def cta_tile_n(self) -> int:
+        return self.tile_n * (self._split if self.wg_dimension == MatmulDimension.N else 1)
+
+    def chains(self, k_iters: int) -> bool:
+        """Whether tiles with k_iters k-steps run as a pipeline of pipelines: it needs
+        whole rounds of stages per tile and no delayed release."""
+        return (self.chain_tiles and self.delay_release == 0
+                and k_iters % self.max_concurrent_steps == 0)
+
+    @property
+    def num_out_slots(self) -> int:
+        epi_tiles = (self.tile_m * self.tile_n) // (self.epi_tile_m * self.epi_tile_n)
+        return max(1, min(self.epi_slots, epi_tiles))
+
+    def smem_bytes(self, in_itemsize: int, out_itemsize: int, b_tiles: int = 1) -> int:
+        pipe = (
+            self.max_concurrent_steps
+            * self.tile_k
+            * (self.cta_tile_m + b_tiles * self.cta_tile_n)
+            * in_itemsize
+        )
+        out = 2 * self.num_out_slots * self.epi_tile_m * self.epi_tile_n * out_itemsize
+        return pipe + out + 1024  # barriers and alignment slack
+
+
+DEFAULT_CONFIG = TuningConfig()  # CTA tile 128 x 256, 4 stages
+NARROW_CONFIG = TuningConfig(tile_n=64, max_concurrent_steps=5)  # 128 x 128
+# Fused SwiGLU (gate and up tiles per k-step): 128 x 128 output tiles, each warpgroup
+# 64 rows with a gate and an up accumulator (64 x 128 each), 4 stages of 48 KiB.
+SWIGLU_CONFIG = TuningConfig(tile_m=64, tile_n=128, wg_dimension=MatmulDimension.M)
+# Ping-pong: 128 x 128 tiles per warpgroup, 6 stages (cuBLAS's nvjet ..._128x128_64x6 shape),
+# one wgmma group in flight (without it the schedule ran at 0.82-0.86x of this one on the H200).
+PINGPONG_CONFIG = TuningConfig(pingpong=True, max_concurrent_steps=6, delay_release=1)
+# How much better the ping-pong schedule must fill the last wave of tiles than the default one
+# before select_config picks it: at equal fill it ran 1-2 % slower (3b qkv/o, 1b gate_up).
+PINGPONG_MIN_WAVE_GAIN = 0.025
+
+
+def wave_fill(work_items: int, num_sms: int) -> float:
+    """Fraction of the SMs' time slots that hold work when ``work_items`` equal items are
+    dealt round-robin to ``num_sms`` SMs (1.0: the last wave is full)."""
+    waves = pl.cdiv(work_items, num_sms)
+    return work_items / (waves * num_sms) if work_items else 1.0
+
+
+def select_config(
+    num_groups: int,
+    m: int,
+    k: int,
+    n: int,
+    *,
+    transpose_lhs: bool = False,
+    transpose_rhs: bool = False,
+    dtype=jnp.bfloat16,
+    num_sms: int | None = None,
+) -> TuningConfig:
+    """Block sizes for one problem (G, M, K, N) on an H100/H200.
+
+    Measured on an H200 (eval/results/grouped_matmul_h200*; device times from
+    profiled, interleaved A/B runs): 128 x 256 CTA tiles with 4 stages and
+    chained tiles are the best of the variants tried on every Llama-1B/3B/8B
+    diagonal shape at full load, at 0.92-1.01x the speed of cuBLAS's batched
+    matmul (687-794 TF/s of device time vs 714-799; all twelve shapes at
+    c09fce3's kernel code). Within noise or slower:
+    3 stages, unchained tiles, 128 x 128 tiles (4 or 6 stages, cuBLAS's choice
+    for the 1b attention shapes), 256 x 128 and row-split 128 x 192 tiles,
+    other grid orders, 2-CTA clusters with multicast (``cluster_dimension``),
+    one wgmma group in flight (``delay_release``, which rules out chaining) and
+    a whole staged epilogue tile (``epi_slots=4`` with 3 stages), and CTAs of one
+    compute warpgroup on 128 x 128 tiles (0.71-0.79x of the default; meant to run
+    two per SM, but the warp-specialized pipeline asks 256 registers per thread for
+    a lone compute warpgroup, likely room for one CTA only; removed). A second,
+    narrow kernel picked per call by ``lax.cond`` on the active count was
+    slower (1b o-proj, 1 of 16 groups active: 51 TF/s with it, 191 without).
+
+    The ping-pong schedule (``PINGPONG_CONFIG``) runs 1-2 % slower than the default
+    where both fill the SMs equally (3b qkv/o, 1b gate_up at G = 16), but its work
+    items are half a CTA tile, so it fills the last wave better where the CTA tiles
+    leave it nearly empty: picked when ``wave_fill`` gains at least
+    ``PINGPONG_MIN_WAVE_GAIN``, forward products only. H200 A/B (device time, vs
+    the default): 1b qkv at G = 16 308 vs 320 us (fill 0.970 vs 0.935), 1b gate_up
+    at G = 1 108 vs 120 us, 3b gate_up at G = 1 283 vs 296 us.
+    """
+    del k, dtype
+    if n % DEFAULT_CONFIG.cta_tile_n and n % NARROW_CONFIG.cta_tile_n == 0:
+        return NARROW_CONFIG
+    if not (transpose_lhs or transpose_rhs):   # the backward products are not measured yet
+        num_sms = num_sms_of_device() if num_sms is None else num_sms
+        m_tiles = pl.cdiv(m, DEFAULT_CONFIG.cta_tile_m)
+        cta_tiles = num_groups * m_tiles * pl.cdiv(n, DEFAULT_CONFIG.cta_tile_n)
+        # ping-pong: a work item is one warpgroup's 128 x 128 tile, half a default CTA tile;
+        # an SM's two warpgroups take turns on its tensor cores, so it works through its items
+        # one after another and the last wave is counted in half tiles
+        pp_items = num_groups * m_tiles * pl.cdiv(n, PINGPONG_CONFIG.tile_n)
+        if (n % PINGPONG_CONFIG.tile_n == 0 and wave_fill(pp_items, num_sms)
+                - wave_fill(cta_tiles, num_sms) >= PINGPONG_MIN_WAVE_GAIN):
+            return PINGPONG_CONFIG
+    return DEFAULT_CONFIG
+
+
+def problem_dims(a_shape, b_shape, transpose_lhs, transpose_rhs, swiglu=False):
+    """(G, M, K, N) of the product described by the stored operand shapes (G: the
+    groups of A; B may hold more groups, addressed with an offset). With swiglu, B's
+    columns are [gate | up] and N is the output width, half of them."""
+    g, a0, a1 = a_shape
+    g2, b0, b1 = b_shape
+    m, k = (a1, a0) if transpose_lhs else (a0, a1)
+    k2, n = (b1, b0) if transpose_rhs else (b0, b1)
+    if g2 < g or k != k2 or (swiglu and n % 2):
+        raise ValueError(
+            f"grouped matmul: incompatible operand shapes {tuple(a_shape)} and"
+            f" {tuple(b_shape)} ({transpose_lhs=}, {transpose_rhs=}"
+            f"{', swiglu: b needs an even number of [gate | up] columns' if swiglu else ''})"
+        )
+    return g, m, k, n // 2 if swiglu else n
+
+
+def unsupported_reason(
+    a_shape,
+    b_shape,
+    dtype,
+    out_dtype,
+    *,
+    transpose_lhs=False,
+    transpose_rhs=False,
+    config: TuningConfig = DEFAULT_CONFIG,
+    interpret: bool = False,
+    swiglu: bool = False,
+) -> str | None:
+    """Why the Mosaic GPU kernel cannot serve this problem well (None: it can).
+
+    float32 is accepted only in interpret mode (tests of the tiling logic).
+    """
+    dtype = jnp.dtype(dtype)
+    out_dtype = jnp.dtype(out_dtype)
+    if dtype == jnp.dtype(jnp.float32) and not interpret:
+        # wgmma reads float32 as TF32 and only K-major: not a float32 matmul.
+        return "float32 inputs (the GPU kernel takes bfloat16/float16)"
+    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
+        return f"input dtype {dtype} (kernel takes bfloat16/float16)"
+    if out_dtype != dtype:
+        return f"output dtype {out_dtype} != input dtype {dtype}"
+    _, m, k, n = problem_dims(a_shape, b_shape, transpose_lhs, transpose_rhs, swiglu)
+    c = config
+    if swiglu and (transpose_lhs or transpose_rhs or c.cluster_dimension is not None
+                   or c.delay_release):
+        return "fused SwiGLU: no transposed operands, clusters or delayed release"
+    # Minor (contiguous) dims are tiled by the 128-byte swizzle (64 elements),
+    # major dims by 8 rows; TMA handles the ragged remainder of major dims.
+    minor_a, major_a = (m, k) if transpose_lhs else (k, m)
+    minor_b, major_b = (k, n) if transpose_rhs else (n, k)
+    if minor_a % c.tile_k or minor_b % c.tile_k or minor_a < c.tile_k:
+        return f"minor dims {minor_a}, {minor_b} not multiples of {c.tile_k}"
+    if major_a % 8 or major_b % 8:
+        return f"major dims {major_a}, {major_b} not multiples of 8"
+    if n % c.cta_tile_n or m % 8:
+        return f"n={n} not a multiple of {c.cta_tile_n} or m={m} not of 8"
+    if m < c.cta_tile_m // 2 or n < c.cta_tile_n:
+        return f"m={m}, n={n} too small for the tile"
+    if not 0 <= c.delay_release < c.max_concurrent_steps:
+        return f"delay_release={c.delay_release} not in [0, {c.max_concurrent_steps})"
+    if c.pingpong and (swiglu or c.delay_release > 1 or c.cluster_dimension is not None):
+        return "ping-pong: delay_release 0 or 1; no fused SwiGLU or clusters"
+    if c.smem_bytes(dtype.itemsize, out_dtype.itemsize, 1 + swiglu) > _SMEM_BYTES:
+        return "config exceeds shared memory"
+    if c.cluster_dimension == MatmulDimension.N and pl.cdiv(n, c.cta_tile_n) % 2:
+        return f"cluster along n needs an even number of {c.cta_tile_n}-column tiles, n={n}"
+    if c.cluster_dimension == MatmulDimension.M and pl.cdiv(m, c.cta_tile_m) % 2:
+        return f"cluster along m needs an even number of {c.cta_tile_m}-row tiles, m={m}"
+    return None
+
+
+def num_sms_of_device() -> int:
+    """SMs of the first device: a GPU's core count, else the H100/H200's 132 (CPU lowering and
+    interpret-mode tests)."""
+    try:
+        dev = jax.devices()[0]
+        if dev.platform == "gpu":
+            return int(dev.core_count)
+    except Exception:  # pragma: no cover - exotic backends
+        pass
+    return H100_NUM_SMS
