@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gzip
 import json
 import statistics
 import sys
@@ -42,10 +43,12 @@ def make_batch(cfg, batch: int, n: int, seed: int = 0) -> dict:
 
 
 def bench_length(cfg, armt, params, n: int, batch: int, impls, reps: int, dense: float,
-                 attn_impl, compute_dtype, profile_dir: Path | None = None) -> list[dict]:
+                 attn_impl, compute_dtype, profile_dir: Path | None = None,
+                 dump_hlo: bool = False) -> list[dict]:
     """Rows for one length: every impl compiled and checked, then timed in rotated rounds;
     with profile_dir, one more step of each is traced (device time by kind and kernel, with
-    source lines; eval.profile's tables) and its summary written there."""
+    source lines; eval.profile's tables) and its summary written there, with dump_hlo also
+    each step's optimised HLO (gzip; e.g. to find what a copy kernel copies)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -82,6 +85,9 @@ def bench_length(cfg, armt, params, n: int, batch: int, impls, reps: int, dense:
                 kernel_sources(steps[impl].as_text()), top=25)
             (profile_dir / f"train_profile_{impl}_{n}.json").write_text(
                 json.dumps(profiles[impl], indent=1))
+            if dump_hlo:
+                with gzip.open(profile_dir / f"train_hlo_{impl}_{n}.txt.gz", "wt") as f:
+                    f.write(steps[impl].as_text())
     lm_head = 2 * n * cfg.hidden_size * cfg.vocab_size
     flops = 3 * batch * (model_flops("sequential", n, cfg, armt) + lm_head)
     device = jax.devices()[0]
@@ -141,8 +147,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("out/train_bench.json"))
     ap.add_argument("--profile", action="store_true",
                     help="also trace one step per impl: device time by kind and kernel (GPU)")
+    ap.add_argument("--dump-hlo", action="store_true",
+                    help="with --profile: also write each step's optimised HLO (gzip)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
+    if args.dump_hlo and not args.profile:
+        ap.error("--dump-hlo needs --profile")
     if args.reps < 1 or args.batch < 1:
         ap.error(f"--reps ({args.reps}) and --batch ({args.batch}) must be >= 1")
     impls = list(dict.fromkeys(args.impls))   # each once, in the order given
@@ -158,7 +168,7 @@ def main(argv=None) -> int:
     for n in sorted(args.tokens):
         rows += bench_length(cfg, armt, params, n, args.batch, impls, args.reps, dense, attn,
                              jnp.dtype(args.compute_dtype),
-                             args.out.parent if args.profile else None)
+                             args.out.parent if args.profile else None, args.dump_hlo)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"setting": f"{args.size} shapes, random float32 master weights (random W_mv) computed"
                          f" in {args.compute_dtype}, AdamW, loss on every token, remat per segment",

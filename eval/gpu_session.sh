@@ -21,7 +21,7 @@
 #   select     select_config's choice ("auto": ping-pong where it fills the last wave of tiles
 #              better) against the default, ping-pong and cuBLAS at G = 1 and 16   (~3 min)
 #   train_profile  a 1b training step (4096 tokens) traced per gmm_impl: device time by kind
-#              and kernel
+#              and kernel, and each step's optimised HLO (what the copies and fills are)
 #   run: bash eval/gpu_session.sh tests fused; bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
@@ -80,7 +80,7 @@ for stage in "${stages[@]}"; do
              default,pingpong_delay1,auto,xla_einsum --ab_groups 1,16 --ab_profile --ab_reps 5 \
              --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,3b:gate_up,8b:gate_up \
              --out "$OUT/select" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
-    train_profile) python3 -m eval.bench_train --tokens 4096 --reps 3 --profile \
+    train_profile) python3 -m eval.bench_train --tokens 4096 --reps 3 --profile --dump-hlo \
              --out "$OUT/train_profile/train_bench.json" 2>&1 | quiet | tee "$OUT/train_profile.txt" ;;
     *) echo "unknown stage $stage (tests, bench, agreement, kernel, kernel_big, fused, diagonal," \
             "train, profile, pingpong, pingpong2, select, train_profile)"

@@ -1,5 +1,6 @@
 """The benchmark scripts: FLOP formula against SPEC §6, and a CPU smoke run."""
 
+import gzip
 import json
 
 import pytest
@@ -52,16 +53,18 @@ def test_bench_train_tiny_on_cpu(tmp_path):
     from eval import bench_train
     out = tmp_path / "train.json"
     assert bench_train.main(["--size", "tiny", "--tokens", "70", "--batch", "2", "--reps", "2",
-                             "--profile", "--out", str(out)]) == 0
+                             "--profile", "--dump-hlo", "--out", str(out)]) == 0
     for impl in ("xla", "auto"):
         summary = json.loads((tmp_path / f"train_profile_{impl}_70.json").read_text())
         assert set(summary) == {"busy_s_per_run", "by_kind_s", "kernels"}
+        with gzip.open(tmp_path / f"train_hlo_{impl}_70.txt.gz", "rt") as f:
+            assert f.read().startswith("HloModule")
     rows = json.loads(out.read_text())["rows"]
     assert [r["gmm_impl"] for r in rows] == ["xla", "auto"]
     assert all(len(r["runs"]) == 2 and r["seconds"] > 0 and r["tflops"] > 0 for r in rows)
     assert 0 < rows[0]["loss"] < 10 and rows[1]["loss_rel_diff"] == 0.0
     assert "| auto | bfloat16 | 70 x 2 |" in out.with_suffix(".md").read_text()
-    for bad in (["--batch", "0"], ["--reps", "0"], ["--tokens", "1"]):
+    for bad in (["--batch", "0"], ["--reps", "0"], ["--tokens", "1"], ["--dump-hlo"]):
         with pytest.raises(SystemExit):
             bench_train.main(["--size", "tiny", *bad, "--out", str(out)])
 
