@@ -23,8 +23,11 @@ def pingpong_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConf
     stages are consumed strict (tile 0's k-steps, then tile 1's, ...), so one memory warpgroup
     fills one ring of stages in that order.
 
-    With ``delay_release = 1`` a warpgroup keeps one wgmma in flight and releases each stage
-    a k-step later.
+    With ``delay_release = 1`` (``PINGPONG_CONFIG``) a warpgroup keeps one wgmma in flight and
+    releases each stage a k-step later; waiting for every k-step's wgmma made the schedule 16-22 %
+    slower on the H200. ``select_config`` picks it where its per-warpgroup work items fill the
+    SMs' last wave clearly better than the cooperative schedule's CTA tiles
+    (eval/results/grouped_matmul_h200.md).
 
     Barriers: ``loaded[w * S + slot]`` (A and B of a stage, one set per compute warpgroup, since
     a barrier's phase is tracked by each waiting thread and must see every phase),
