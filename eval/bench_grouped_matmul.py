@@ -39,9 +39,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels import grouped_matmul_mgpu as mgpu_kernel  # noqa: E402
+from kernels import ops  # noqa: E402
 from kernels import swiglu as swiglu_ops  # noqa: E402
 
 # (name, m, k, n) per model: fused QKV, attention output, fused gate/up, down.
@@ -91,11 +93,21 @@ def _rel_err(a, b):
     return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
 
 
-def _operands(key, g, m, k, n, dtype=jnp.bfloat16):
-    kx, kw = jax.random.split(key)
-    x = jax.random.normal(kx, (g, m, k), jnp.float32).astype(dtype)
-    w = (jax.random.normal(kw, (g, k, n), jnp.float32) / np.sqrt(k)).astype(dtype)
-    return x, w
+def _product_operands(key, g, m, k, n, transpose=None):
+    """bf16 operands of the product (m, k, n) as stored: a [g, m, k] (or [g, k, m] with
+    transpose_lhs), b [g, k, n] (or [g, n, k] with transpose_rhs), b scaled by 1/sqrt(k)."""
+    tl, tr = transpose or (False, False)
+    ka, kb = jax.random.split(key)
+    a = jax.random.normal(ka, (g, k, m) if tl else (g, m, k), jnp.float32)
+    b = jax.random.normal(kb, (g, n, k) if tr else (g, k, n), jnp.float32)
+    return a.astype(jnp.bfloat16), (b / np.sqrt(k)).astype(jnp.bfloat16)
+
+
+# The products of a grouped matmul y = x @ w (x [G, m, k], w [G, k, n]) as (m, k, n) of the
+# product and (transpose_lhs, transpose_rhs): dx = dy @ w^T and dw = x^T @ dy.
+PRODUCTS = {"fwd": lambda m, k, n: ((m, k, n), None),
+            "dx": lambda m, k, n: ((m, n, k), (False, True)),
+            "dw": lambda m, k, n: ((k, m, n), (True, False))}
 
 
 def dense_seconds(size=8192, dtype=jnp.bfloat16):
@@ -144,6 +156,7 @@ def _make_fn(impl, config=None, transpose=None):
                 )
             dims = mgpu_kernel.problem_dims(a.shape, b.shape, tl, tr)
             cfg = config or mgpu_kernel.select_config(*dims, transpose_lhs=tl, transpose_rhs=tr)
+            interpret = impl == "interpret"   # CPU checks of this script
             return mgpu_kernel.grouped_matmul_mgpu(
                 a,
                 b,
@@ -151,6 +164,8 @@ def _make_fn(impl, config=None, transpose=None):
                 transpose_lhs=tl,
                 transpose_rhs=tr,
                 config=cfg,
+                interpret=plgpu.InterpretGPUParams() if interpret else None,
+                num_sms=ops.INTERPRET_NUM_SMS if interpret else None,
             )
 
     return jax.jit(f)
@@ -175,12 +190,7 @@ def bench_shape(
 ):
     """Check, then time, one (m, k, n) for each G in groups (+ partial loads)."""
     for g in groups:
-        tl, tr = transpose or (False, False)
-        ka, kb = jax.random.split(key)
-        a = jax.random.normal(ka, (g, k, m) if tl else (g, m, k), jnp.float32)
-        b = jax.random.normal(kb, (g, n, k) if tr else (g, k, n), jnp.float32)
-        a = a.astype(jnp.bfloat16)
-        b = (b / np.sqrt(k)).astype(jnp.bfloat16)
+        a, b = _product_operands(key, g, m, k, n, transpose)
         actives = sorted({g, *(a_ for a_ in actives_at_max if a_ < g)}) if g == max(groups) else [g]
         fns = {impl: _make_fn(impl, None if impl == "xla" else config, transpose) for impl in impls}
         shape_s = f"{m}x{k}x{n}"
@@ -362,35 +372,43 @@ def _device_times(fn, args, calls=10):
 
 
 def ab_compare(shapes, cfg_names, active, reps, dense_tflops, key, rows, failures, g=16,
-               profile=False, configs=None, impl="pallas"):
+               profile=False, configs=None, impl="pallas", products=("fwd",)):
     """Interleaved A/B: every config (and XLA) of one shape is compiled and checked first,
     then timed once per round, ``reps`` rounds in rotated order, so slow drifts of the GPU's
     clock hit every config alike. Rows carry the median and the (min, max) over rounds. With
     ``profile``, each is also traced once: device time per call by kernel (in the note).
     ``configs`` maps names to TuningConfigs (default SWEEP); "auto" names select_config's choice
-    for the shape, "xla_einsum" XLA's plain batched matmul (full load only)."""
+    for the shape, "xla_einsum" XLA's plain batched matmul (full load only). ``products``: of
+    PRODUCTS, "fwd" and the backward products "dx" / "dw" (rows named e.g. "o dx"; the SwiGLU
+    variants are forward-only)."""
     configs = dict(SWEEP if configs is None else configs)
-    for model, name, m, k, n in shapes:
+    todo = [(model, name if p == "fwd" else f"{name} {p}", *PRODUCTS[p](m, k, n))
+            for model, name, m, k, n in shapes for p in products]
+    for model, name, (m, k, n), tr in todo:
+        tl_, tr_ = tr or (False, False)
         key, sub = jax.random.split(key)
-        a, b = _operands(sub, g, m, k, n)
+        a, b = _product_operands(sub, g, m, k, n, tr)
         active = g if active is None else active
         lo, hi = jnp.int32((g - active) // 2), jnp.int32((g - active) // 2 + active)
-        configs["auto"] = mgpu_kernel.select_config(g, m, k, n)
-        fns = {"xla": _make_fn("xla")}
+        configs["auto"] = mgpu_kernel.select_config(g, m, k, n, transpose_lhs=tl_,
+                                                    transpose_rhs=tr_)
+        fns = {"xla": _make_fn("xla", None, tr)}
         want = {}   # XLA reference outputs, computed once per kind of product
         for cfg_name in cfg_names:
             if cfg_name == "xla_einsum":
                 if active == g:
-                    fns[cfg_name] = _make_fn("xla_einsum")
+                    fns[cfg_name] = _make_fn("xla_einsum", None, tr)
                 continue
             swiglu = cfg_name in SWIGLU_VARIANTS   # gate/up + activation (output n/2 wide)
+            if swiglu and tr is not None:
+                continue
             if swiglu:
                 fn = (_make_swiglu_fn if SWIGLU_VARIANTS[cfg_name] == "fused"
                       else _make_unfused_swiglu_fn)(impl)
             else:
-                fn = _make_fn(impl, configs[cfg_name])
+                fn = _make_fn(impl, configs[cfg_name], tr)
             if swiglu not in want:
-                want[swiglu] = (_make_swiglu_fn if swiglu else _make_fn)("xla")(a, b, lo, hi)
+                want[swiglu] = (_make_swiglu_fn("xla") if swiglu else fns["xla"])(a, b, lo, hi)
             try:
                 err = _rel_err(fn(a, b, lo, hi), want[swiglu])
                 if not err <= 1e-2:
@@ -484,6 +502,8 @@ def main(argv=None):
     p.add_argument("--ab_shapes", default="1b:qkv,1b:o,1b:gate_up,1b:down",
                    help="model:shape pairs for --ab")
     p.add_argument("--ab_groups", default="16", help="comma-separated G values for --ab")
+    p.add_argument("--ab_products", default="fwd",
+                   help="comma-separated products for --ab: fwd, dx (dy @ w^T), dw (x^T @ dy)")
     p.add_argument("--ab_active", type=int, default=None,
                    help="active groups of G for --ab (default: all)")
     p.add_argument("--ab_reps", type=int, default=5, help="rounds of --ab")
@@ -649,7 +669,8 @@ def main(argv=None):
         for g in [int(v) for v in args.ab_groups.split(",")]:
             key, sub = jax.random.split(key)
             ab_compare(shapes, args.ab.split(","), args.ab_active, args.ab_reps, dense_tflops, sub,
-                       rows, failures, g=g, profile=args.ab_profile)
+                       rows, failures, g=g, profile=args.ab_profile,
+                       products=args.ab_products.split(","))
     path, table = save()
     print(table)
     if failures:

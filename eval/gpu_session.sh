@@ -20,6 +20,8 @@
 #              shapes (and 1b gate_up), profiled A/B against the default and cuBLAS
 #   select     select_config's choice ("auto": ping-pong where it fills the last wave of tiles
 #              better) against the default, ping-pong and cuBLAS at G = 1 and 16   (~3 min)
+#   train_products  a training step's products (G = 1: forward, dx, dw) of the 1b shapes, the
+#              kernel's configs against cuBLAS and the XLA path: profiled A/B    (not run yet)
 #   train_profile  a 1b training step (4096 tokens) traced per gmm_impl: device time by kind
 #              and kernel, and each step's optimised HLO (what the copies and fills are)
 #   run: bash eval/gpu_session.sh tests fused; bash eval/gpu_session.sh bench;
@@ -80,10 +82,14 @@ for stage in "${stages[@]}"; do
              default,pingpong_delay1,auto,xla_einsum --ab_groups 1,16 --ab_profile --ab_reps 5 \
              --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,3b:gate_up,8b:gate_up \
              --out "$OUT/select" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
+    train_products) python3 eval/bench_grouped_matmul.py --models "" --ab \
+             default,pingpong_delay1,auto,xla_einsum --ab_groups 1 --ab_products fwd,dx,dw \
+             --ab_profile --ab_reps 5 --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down \
+             --out "$OUT/train_products" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
     train_profile) python3 -m eval.bench_train --tokens 4096 --reps 3 --profile --dump-hlo \
              --out "$OUT/train_profile/train_bench.json" 2>&1 | quiet | tee "$OUT/train_profile.txt" ;;
     *) echo "unknown stage $stage (tests, bench, agreement, kernel, kernel_big, fused, diagonal," \
-            "train, profile, pingpong, pingpong2, select, train_profile)"
+            "train, profile, pingpong, pingpong2, select, train_products, train_profile)"
        exit 2 ;;
   esac
 done
