@@ -384,11 +384,11 @@ def ab_compare(shapes, cfg_names, active, reps, dense_tflops, key, rows, failure
     configs = dict(SWEEP if configs is None else configs)
     todo = [(model, name if p == "fwd" else f"{name} {p}", *PRODUCTS[p](m, k, n))
             for model, name, m, k, n in shapes for p in products]
+    active = g if active is None else active
     for model, name, (m, k, n), tr in todo:
         tl_, tr_ = tr or (False, False)
         key, sub = jax.random.split(key)
         a, b = _product_operands(sub, g, m, k, n, tr)
-        active = g if active is None else active
         lo, hi = jnp.int32((g - active) // 2), jnp.int32((g - active) // 2 + active)
         configs["auto"] = mgpu_kernel.select_config(g, m, k, n, transpose_lhs=tl_,
                                                     transpose_rhs=tr_)

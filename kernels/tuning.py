@@ -158,14 +158,13 @@ def select_config(
         return NARROW_CONFIG
     if not (transpose_lhs or transpose_rhs):   # the backward products are not measured yet
         num_sms = num_sms_of_device() if num_sms is None else num_sms
-        m_tiles = pl.cdiv(m, DEFAULT_CONFIG.cta_tile_m)
-        cta_tiles = num_groups * m_tiles * pl.cdiv(n, DEFAULT_CONFIG.cta_tile_n)
-        # ping-pong: a work item is one warpgroup's 128 x 128 tile, half a default CTA tile;
-        # an SM's two warpgroups take turns on its tensor cores, so it works through its items
-        # one after another and the last wave is counted in half tiles
-        pp_items = num_groups * m_tiles * pl.cdiv(n, PINGPONG_CONFIG.tile_n)
-        if (n % PINGPONG_CONFIG.tile_n == 0 and wave_fill(pp_items, num_sms)
-                - wave_fill(cta_tiles, num_sms) >= PINGPONG_MIN_WAVE_GAIN):
+        # With ping-pong a work item is one warpgroup's tile (its CTA tile), half a default CTA
+        # tile; an SM's two warpgroups take turns on its tensor cores, so it works through its
+        # items one after another and the last wave is counted in half tiles.
+        fill = lambda c: wave_fill(
+            num_groups * pl.cdiv(m, c.cta_tile_m) * pl.cdiv(n, c.cta_tile_n), num_sms)
+        if (n % PINGPONG_CONFIG.cta_tile_n == 0
+                and fill(PINGPONG_CONFIG) - fill(DEFAULT_CONFIG) >= PINGPONG_MIN_WAVE_GAIN):
             return PINGPONG_CONFIG
     return DEFAULT_CONFIG
 

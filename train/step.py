@@ -58,17 +58,16 @@ def make_train_step(cfg: LlamaConfig, armt: ArmtConfig, optimizer: optax.Gradien
         B = batch["tokens"].shape[0]
         if B % accum_steps:
             raise ValueError(f"batch size {B} is not a multiple of accum_steps={accum_steps}")
-        micro = jax.tree.map(lambda a: a.reshape((accum_steps, B // accum_steps) + a.shape[1:]),
-                             batch)
-
-        def accumulate(carry, mb):
-            grads, total, count = carry
-            (loss, c), g = grad_fn(params, mb)
-            return (jax.tree.map(jnp.add, grads, g), total + loss, count + c), None
-
         if accum_steps == 1:   # no float32 zeros and sum over every weight for a single batch
-            (total, count), grads = grad_fn(params, jax.tree.map(lambda a: a[0], micro))
+            (total, count), grads = grad_fn(params, batch)
         else:
+            def accumulate(carry, mb):
+                grads, total, count = carry
+                (loss, c), g = grad_fn(params, mb)
+                return (jax.tree.map(jnp.add, grads, g), total + loss, count + c), None
+
+            micro = jax.tree.map(
+                lambda a: a.reshape((accum_steps, B // accum_steps) + a.shape[1:]), batch)
             zeros = jax.tree.map(jnp.zeros_like, params)
             (grads, total, count), _ = jax.lax.scan(
                 accumulate, (zeros, jnp.zeros(()), jnp.zeros(())), micro)
