@@ -189,9 +189,10 @@ def llama_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, *, output: 
     cos, sin = rope_tables(cfg, jnp.arange(tokens.shape[1]), x.dtype)
 
     def one_layer(x, lp):
-        lp = jax.tree.map(lambda a: a[None], lp)
         return decoder_layer_group(lp, x, cos, sin, cfg, attn_impl=attn_impl,
                                    gmm_impl=gmm_impl), None
 
-    x, _ = jax.lax.scan(one_layer, x, params["layers"])
+    # Layer groups of one sliced from [L, 1, ...] (as in sequential.py: no per-layer weight copy
+    # saved for the backward pass).
+    x, _ = jax.lax.scan(one_layer, x, jax.tree.map(lambda a: a[:, None], params["layers"]))
     return head(params, x[0], cfg, output)

@@ -41,12 +41,16 @@ def sequential_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, armt: 
     lp, mp = layer_weights(params)
     dtype = params["embed"].dtype
     cos, sin = rope_tables(cfg, jnp.arange(T + M), dtype)
-    add_group = lambda tree: jax.tree.map(lambda a: a[None], tree)
+    # The layer scan slices groups of one ([1, ...]) straight out of [L, 1, ...] weights: a slice
+    # the scan body reshaped itself would be a new value, which the backward pass saves per layer
+    # (a copy of every weight per segment; the grouped matmul's VJP keeps w), while a scanned-over
+    # input is forwarded to the backward without a copy.
+    lp, mp = (jax.tree.map(lambda a: a[:, None], tree) for tree in (lp, mp))
 
     def run_segment(state: MemoryState, tok, length, first):
         def one_layer(x, per_layer):
             lp_l, mp_l, A, z = per_layer
-            x, st = armt_layer_group(add_group(lp_l), add_group(mp_l), x,
+            x, st = armt_layer_group(lp_l, mp_l, x,
                                      MemoryState(A[None], z[None]), mem_start=length[None],
                                      first=first[None], cos=cos, sin=sin, cfg=cfg, armt=armt,
                                      attn_impl=attn_impl, gmm_impl=gmm_impl)

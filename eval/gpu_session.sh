@@ -7,7 +7,7 @@
 #   kernel     the grouped-matmul benchmark (1b all loads, 3b/8b quick, backward products)
 #   kernel_big the 3b/8b shapes at every G in {1,2,4,8,16} and 1..8 of 16 active (~4 min)
 #              (kernel_big_3b, kernel_big_8b: one model each, if the pair overruns a call)
-#   fused      fused gate/up + SwiGLU kernel vs unfused: profiled A/B             (~1 min)
+#   fused      fused gate/up + SwiGLU kernel vs unfused: profiled A/B, G = 1 and 16  (~2 min)
 #   diagonal   the inference benchmark of sequential and the diagonal schedules  (~8 min)
 #   train      training steps (1b, 4096 and 16384 tokens) with XLA vs kernel grouped matmuls,
 #              one step of each traced (device time by kind and kernel)
@@ -55,6 +55,7 @@ for stage in "${stages[@]}"; do
            python3 eval/bench_grouped_matmul.py --models "$models" --big_groups 1,2,4,8,16 \
               --budget_s 480 --out "$OUT/$stage" 2>&1 | quiet | grep -v "^  " | tail -80 ;;
     fused) python3 eval/bench_grouped_matmul.py --models "" --ab default,swiglu,swiglu_unfused \
+             --ab_groups 1,16 \
              --ab_profile --ab_shapes 1b:gate_up,3b:gate_up,8b:gate_up --out "$OUT/fused" 2>&1 \
              | quiet | grep -v "^  " | tail -20 ;;
     diagonal) python3 -m eval.bench --schedules sequential diagonal diagonal_pallas \

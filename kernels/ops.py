@@ -17,7 +17,11 @@ Implementations (``impl``):
 * ``"interpret"``: the same Mosaic GPU kernel run by Pallas' GPU interpret mode
   (on CPU; small default tiles), for tests.
 * ``"auto"``: ``"pallas"`` on a Hopper GPU when the kernel serves the problem
-  (bf16/f16, tile-aligned k and n, ...), ``"xla"`` otherwise.
+  (bf16/f16, tile-aligned k and n, ...), ``"xla"`` otherwise; and ``"xla"``
+  for a plain matmul: one group, ``active`` and ``weight_offset`` not given (the
+  sequential schedule's and a training step's products), where the grouped
+  kernel has nothing to skip and cuBLAS measured faster on every product
+  (``auto_takes_xla``).
 
 Gradients (``jax.custom_vjp``): ``dx = dy @ w^T`` and ``dw[g + o] = x[g]^T @
 dy[g]`` are two more grouped matmuls over the same active range (idle groups,
@@ -85,10 +89,11 @@ def _kernel_config(impl, config):
 
 
 def _dispatch(a, b, bounds, *, transpose_lhs, transpose_rhs, out_dtype, out_groups, impl,
-              config, strict):
+              config, strict, all_groups=False):
     """One grouped product ``out[g + out_off] = op(a[g]) @ op(b[g + b_off])`` on the path
-    ``impl`` asks for; bounds = (lo, hi, b_off, out_off)."""
-    if impl != "xla":
+    ``impl`` asks for; bounds = (lo, hi, b_off, out_off). all_groups (static): every group
+    active, no offsets, so the XLA path is a plain einsum (no mask)."""
+    if impl != "xla" and not (impl == "auto" and auto_takes_xla(a.shape[0], all_groups)):
         cfg = _kernel_config(impl, config)
         if cfg is None:
             dims = mgpu_kernel.problem_dims(a.shape, b.shape, transpose_lhs, transpose_rhs)
@@ -98,8 +103,20 @@ def _dispatch(a, b, bounds, *, transpose_lhs, transpose_rhs, out_dtype, out_grou
         if _kernel_serves(a, b, out_dtype, transpose_lhs, transpose_rhs, impl, cfg, strict):
             return _run_kernel(a, b, bounds, transpose_lhs, transpose_rhs, out_groups, impl, cfg)
     return grouped_matmul_reference(
-        a, b, bounds, transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs,
-        out_dtype=out_dtype, out_groups=out_groups)
+        a, b, None if all_groups else bounds, transpose_lhs=transpose_lhs,
+        transpose_rhs=transpose_rhs, out_dtype=out_dtype, out_groups=out_groups)
+
+
+def auto_takes_xla(num_groups: int, all_groups: bool) -> bool:
+    """Whether "auto" leaves a product the kernel could serve to XLA: a plain matmul (one group,
+    no active range or weight offset given), where the grouped kernel has nothing to skip.
+
+    H200, profiled device time (eval/results/grouped_matmul_h200.md, run s7_train_products): on
+    the twelve products of a Llama-1B training step at G = 1 (forward, dx, dw of qkv, o, gate_up,
+    down; m = 1152) the kernel's chosen config ran at 0.58-0.97x of cuBLAS (o and down: 72 CTA
+    tiles for 132 SMs, and the kernel has no split-k); on the 3b/8b shapes at G = 1, 0.94-0.99x.
+    """
+    return all_groups and num_groups == 1
 
 
 def _kernel_serves(a, b, out_dtype, transpose_lhs, transpose_rhs, impl, cfg, strict,
@@ -151,20 +168,21 @@ def _bounds(lo, hi, b_off, out_off):
     return jnp.stack([lo, hi, b_off, out_off]).astype(jnp.int32)
 
 
-# bounds = (lo, hi, weight_offset): int32[3], traced.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _gmm(impl, out_dtype, config, x, w, bounds):
+# bounds = (lo, hi, weight_offset): int32[3], traced. all_groups (static): active and
+# weight_offset were not given.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _gmm(impl, out_dtype, config, all_groups, x, w, bounds):
     lo, hi, off = bounds
     return _dispatch(x, w, _bounds(lo, hi, off, 0), transpose_lhs=False, transpose_rhs=False,
                      out_dtype=out_dtype, out_groups=x.shape[0], impl=impl, config=config,
-                     strict=True)
+                     strict=True, all_groups=all_groups)
 
 
-def _gmm_fwd(impl, out_dtype, config, x, w, bounds):
-    return _gmm(impl, out_dtype, config, x, w, bounds), (x, w, bounds)
+def _gmm_fwd(impl, out_dtype, config, all_groups, x, w, bounds):
+    return _gmm(impl, out_dtype, config, all_groups, x, w, bounds), (x, w, bounds)
 
 
-def _gmm_bwd(impl, out_dtype, config, res, dy):
+def _gmm_bwd(impl, out_dtype, config, all_groups, res, dy):
     del out_dtype
     x, w, bounds = res
     lo, hi, off = bounds
@@ -175,13 +193,13 @@ def _gmm_bwd(impl, out_dtype, config, res, dy):
     # dx[g] = dy[g] @ w[g + off]^T: B = w read as [Gw, N=k, K=n].
     dx = _dispatch(dy, w, _bounds(lo, hi, off, 0), transpose_lhs=False, transpose_rhs=True,
                    out_dtype=x.dtype, out_groups=x.shape[0], impl=impl, config=config,
-                   strict=False)
+                   strict=False, all_groups=all_groups)
     # dw[g + off] = x[g]^T @ dy[g]: A = x read as [G, K=m, M=k]; ragged m is the
     # contraction dim here (TMA zero-fills past the end). Weight groups outside
     # the window get zeros.
     dw = _dispatch(x, dy, _bounds(lo, hi, 0, off), transpose_lhs=True, transpose_rhs=False,
                    out_dtype=w.dtype, out_groups=w.shape[0], impl=impl, config=config,
-                   strict=False)
+                   strict=False, all_groups=all_groups)
     return dx, dw, np.zeros(bounds.shape, dtype=jax.dtypes.float0)
 
 
@@ -248,4 +266,5 @@ def grouped_matmul(
     lo, hi, offset = active_range_and_offset(x, w, active, weight_offset)
     bounds = jnp.stack([lo, hi, offset])
     out_dtype = jnp.dtype(preferred_element_type or x.dtype)
-    return _gmm(impl, out_dtype, config, x, w, bounds)
+    all_groups = active is None and weight_offset is None
+    return _gmm(impl, out_dtype, config, all_groups, x, w, bounds)

@@ -21,7 +21,8 @@ def grouped_matmul_reference(
 
     a: [G, M, K] ([G, K, M] if transpose_lhs); b: [Gb, K, N] ([Gb, N, K] if
     transpose_rhs), Gb >= G; bounds: (lo, hi) or (lo, hi, b_off, out_off);
-    output [out_groups (default G), M, N]. float32 accumulation; float32 inputs
+    output [out_groups (default G), M, N]. bounds None: every group, no offsets, no
+    mask (a plain batched einsum). float32 accumulation; float32 inputs
     use full float32 precision (no TF32). Idle groups are selected away after
     the einsum, so NaN/Inf in idle inputs cannot leak into the result. All G
     groups are computed (idle groups cost full price on this path), and an
@@ -33,10 +34,11 @@ def grouped_matmul_reference(
     picks a faster cuBLAS kernel (H200, 1b qkv: 293 vs 324 us), and the mask's
     select reads half the bytes (or fuses into the consumer).
     """
-    bounds = jnp.asarray(bounds, jnp.int32)
+    num_groups = a.shape[0]
+    masked = bounds is not None
+    bounds = jnp.asarray((0, num_groups) if bounds is None else bounds, jnp.int32)
     lo, hi = bounds[0], bounds[1]
     b_off, out_off = (bounds[2], bounds[3]) if bounds.shape[0] == 4 else (0, 0)
-    num_groups = a.shape[0]
     out_dtype = jnp.dtype(out_dtype or a.dtype)
     if b.shape[0] != num_groups:
         b = lax.dynamic_slice_in_dim(b, b_off, num_groups, axis=0)
@@ -51,7 +53,9 @@ def grouped_matmul_reference(
         f"{lhs},{rhs}->gmn", a, b, precision=precision,
         preferred_element_type=out_dtype if same_16bit else jnp.float32,
     )
-    out = jnp.where(active_mask(num_groups, lo, hi)[:, None, None], out, 0).astype(out_dtype)
+    if masked:
+        out = jnp.where(active_mask(num_groups, lo, hi)[:, None, None], out, 0)
+    out = out.astype(out_dtype)
     if out_groups is not None and out_groups != num_groups:
         full = jnp.zeros((out_groups, *out.shape[1:]), out_dtype)
         out = lax.dynamic_update_slice_in_dim(full, out, out_off, axis=0)

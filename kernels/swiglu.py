@@ -58,9 +58,10 @@ def grouped_matmul_swiglu(x, w, active=None, *, weight_offset=None, impl: str = 
         raise ValueError(f"grouped_matmul_swiglu: w needs [gate | up] columns (an even number),"
                          f" got w {tuple(w.shape)}")
     bounds = jnp.stack(ops.active_range_and_offset(x, w, active, weight_offset))
+    all_groups = active is None and weight_offset is None
     if impl in ("pallas", "interpret") or (impl == "auto" and _fused_serves(x, w, config)):
-        return _fused(impl, config, x, w, bounds)
-    return _unfused(x, w, bounds, impl)
+        return _fused(impl, config, all_groups, x, w, bounds)
+    return _unfused(x, w, bounds, impl, all_groups)
 
 
 def _fused_config(impl, config):
@@ -78,18 +79,21 @@ def _swiglu(gate_up):
     return jax.nn.silu(gate) * up
 
 
-def _gate_up(x, w, bounds, impl, out_dtype=None):
+def _gate_up(x, w, bounds, impl, all_groups, out_dtype=None):
+    if all_groups:   # no range or offset was given: grouped_matmul's plain-matmul case
+        return ops.grouped_matmul(x, w, impl=impl, preferred_element_type=out_dtype)
     lo, hi, offset = bounds
     return ops.grouped_matmul(x, w, (lo, hi), weight_offset=offset, impl=impl,
                               preferred_element_type=out_dtype)
 
 
-def _unfused(x, w, bounds, impl):
-    return _swiglu(_gate_up(x, w, bounds, impl))
+def _unfused(x, w, bounds, impl, all_groups):
+    return _swiglu(_gate_up(x, w, bounds, impl, all_groups))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _fused(impl, config, x, w, bounds):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fused(impl, config, all_groups, x, w, bounds):
+    del all_groups
     lo, hi, offset = bounds
     cfg = _fused_config(impl, config)
     ops._kernel_serves(x, w, jnp.promote_types(x.dtype, w.dtype), False, False, impl, cfg,
@@ -99,7 +103,7 @@ def _fused(impl, config, x, w, bounds):
     return out.astype(x.dtype)
 
 
-def _fused_fwd(impl, config, x, w, bounds):
+def _fused_fwd(impl, config, all_groups, x, w, bounds):
     # Differentiated, the forward runs unfused and keeps [gate | up] for the backward: one
     # grouped matmul, where the fused kernel would need a second one (a recompute) there. So
     # training costs what the unfused path costs; the forward value under differentiation is the
@@ -107,17 +111,17 @@ def _fused_fwd(impl, config, x, w, bounds):
     del config
     # in the kernel's (promoted) dtype, as the fused kernel computes it: bf16 x with float32 w
     # runs a float32 product
-    gate_up = _gate_up(x, w, bounds, impl, jnp.promote_types(x.dtype, w.dtype))
+    gate_up = _gate_up(x, w, bounds, impl, all_groups, jnp.promote_types(x.dtype, w.dtype))
     return _swiglu(gate_up).astype(x.dtype), (x, w, bounds, gate_up)
 
 
-def _fused_bwd(impl, config, res, dh):
+def _fused_bwd(impl, config, all_groups, res, dh):
     del config
     x, w, bounds, gate_up = res
     _, activation_vjp = jax.vjp(_swiglu, gate_up)
     (d_gate_up,) = activation_vjp(dh.astype(gate_up.dtype))
     # dx, dw of the gate/up product: grouped_matmul's own backward (active groups only)
-    return ops._gmm_bwd(impl, gate_up.dtype, None, (x, w, bounds), d_gate_up)
+    return ops._gmm_bwd(impl, gate_up.dtype, None, all_groups, (x, w, bounds), d_gate_up)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)

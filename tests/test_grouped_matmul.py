@@ -352,6 +352,26 @@ def test_active_none_means_all_groups():
     assert rel_err_finite(y, want) <= 1e-5, info
 
 
+def test_plain_matmul_skips_the_mask():
+    """Without an active range or weight offset the XLA path is the plain einsum (no select
+    over groups, so XLA may hand it to cuBLAS unfused), with the same values and gradients as
+    the explicit full range; "auto" sends such single-group products to XLA."""
+    rng, info = fresh_rng()
+    x, w = _operands(rng, 2, 24, 64, 64, jnp.float32)
+    cot = jnp.asarray(rng.standard_normal((2, 24, 64)), jnp.float32)
+    plain = lambda x, w: jnp.sum(kernels.grouped_matmul(x, w, impl="xla") * cot)
+    ranged = lambda x, w: jnp.sum(kernels.grouped_matmul(x, w, (0, 2), impl="xla") * cot)
+    for f in (plain, jax.grad(plain, argnums=(0, 1))):
+        assert "select_n" not in str(jax.make_jaxpr(f)(x, w)), info
+    assert "select_n" in str(jax.make_jaxpr(ranged)(x, w))
+    for got, want in zip(jax.tree.leaves(jax.value_and_grad(plain, argnums=(0, 1))(x, w)),
+                         jax.tree.leaves(jax.value_and_grad(ranged, argnums=(0, 1))(x, w))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=info)
+    assert ops.auto_takes_xla(1, all_groups=True)
+    assert not ops.auto_takes_xla(1, all_groups=False)     # a range: the kernel skips groups
+    assert not ops.auto_takes_xla(2, all_groups=True)      # grouped: the kernel's job
+
+
 def test_auto_off_gpu_is_xla_and_small_n_routes_to_xla():
     rng, info = fresh_rng()
     x, w = _operands(rng, 3, 24, 64, 64, jnp.bfloat16)  # n = 64: not a kernel shape
@@ -504,6 +524,28 @@ def test_every_config_lowers_for_the_gpu(name):
         assert "mosaic_gpu" in text, f"{name} {case}: no Mosaic GPU kernel in the lowering"
         lowered += 1
     assert lowered >= 1
+
+
+@on_gpu
+def test_gpu_auto_leaves_plain_single_group_matmuls_to_xla():
+    """"auto" on a Hopper GPU: a single-group product without a range (the sequential schedule,
+    training) runs on XLA, forward and backward, also inside the SwiGLU op's backward; with a
+    range, or with more groups, the kernel runs."""
+    S = jax.ShapeDtypeStruct
+    m, k, n = 1152, 2048, 2048
+    x1, w1 = S((1, m, k), jnp.bfloat16), S((1, k, n), jnp.bfloat16)
+    x2, w2 = S((2, m, k), jnp.bfloat16), S((2, k, n), jnp.bfloat16)
+    wg = S((1, k, 2 * n), jnp.bfloat16)
+    total = lambda y: jnp.sum(y.astype(jnp.float32))
+    gmm = lambda x, w: total(kernels.grouped_matmul(x, w, impl="auto"))
+    gmm_range = lambda x, w: total(kernels.grouped_matmul(x, w, (0, 1), impl="auto"))
+    swiglu = lambda x, w: total(kernels.grouped_matmul_swiglu(x, w, impl="auto"))
+    uses_kernel = lambda f, *a: "mosaic_gpu" in jax.jit(f).lower(*a).as_text()
+    assert not uses_kernel(jax.grad(gmm, argnums=(0, 1)), x1, w1)
+    assert not uses_kernel(jax.grad(swiglu, argnums=(0, 1)), x1, wg)
+    assert uses_kernel(swiglu, x1, wg)          # inference: the fused kernel
+    assert uses_kernel(gmm_range, x1, w1)
+    assert uses_kernel(gmm, x2, w2)
 
 
 @on_gpu
