@@ -1,6 +1,7 @@
 """Training-step benchmark: one Optax step of `train.step` with the grouped matmuls on XLA
 (`gmm_impl="xla"`) and on the kernels of `kernels/` (`"auto"`: on a Hopper GPU the grouped matmul
-and the fused gate/up + SwiGLU, with their custom VJPs).
+and the fused gate/up + SwiGLU, with their custom VJPs, where `kernels.ops.auto_takes_xla` keeps
+them; `--impls pallas`, GPU only: every grouped product on the kernel).
 
 Setting: the sizes of `eval.bench` (1b = Llama-3.2-1B shapes, T = 1024, M = 128, d_mem = 64),
 random weights with random W_mv held in float32 (master weights and AdamW state), computed in
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from eval.bench import bench_config, bench_params, model_flops, time_dense_matmul
 
-IMPLS = ("xla", "auto")
+IMPLS = ("xla", "auto", "pallas")
 
 
 def make_batch(cfg, batch: int, n: int, seed: int = 0) -> dict:
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", choices=("1b", "mid", "tiny"), default="1b")
     ap.add_argument("--tokens", nargs="+", type=int, default=[4096, 16384])
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    ap.add_argument("--impls", nargs="+", choices=IMPLS, default=["xla", "auto"])
     ap.add_argument("--reps", type=int, default=5, help="timed rounds (each impl once per round)")
     ap.add_argument("--compute-dtype", choices=("bfloat16", "float32"), default="bfloat16")
     ap.add_argument("--out", type=Path, default=Path("out/train_bench.json"))

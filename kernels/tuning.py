@@ -115,6 +115,12 @@ def wave_fill(work_items: int, num_sms: int) -> float:
     return work_items / (waves * num_sms) if work_items else 1.0
 
 
+def tile_fill(config: TuningConfig, num_groups: int, m: int, n: int, num_sms: int) -> float:
+    """``wave_fill`` of a config's work items (its CTA tiles) over ``num_groups`` m x n outputs."""
+    tiles = num_groups * pl.cdiv(m, config.cta_tile_m) * pl.cdiv(n, config.cta_tile_n)
+    return wave_fill(tiles, num_sms)
+
+
 def select_config(
     num_groups: int,
     m: int,
@@ -161,8 +167,7 @@ def select_config(
         # With ping-pong a work item is one warpgroup's tile (its CTA tile), half a default CTA
         # tile; an SM's two warpgroups take turns on its tensor cores, so it works through its
         # items one after another and the last wave is counted in half tiles.
-        fill = lambda c: wave_fill(
-            num_groups * pl.cdiv(m, c.cta_tile_m) * pl.cdiv(n, c.cta_tile_n), num_sms)
+        fill = lambda c: tile_fill(c, num_groups, m, n, num_sms)
         if (n % PINGPONG_CONFIG.cta_tile_n == 0
                 and fill(PINGPONG_CONFIG) - fill(DEFAULT_CONFIG) >= PINGPONG_MIN_WAVE_GAIN):
             return PINGPONG_CONFIG
