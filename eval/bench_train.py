@@ -1,7 +1,7 @@
 """Training-step benchmark: one Optax step of `train.step` with the grouped matmuls on XLA
 (`gmm_impl="xla"`) and on the kernels of `kernels/` (`"auto"`: on a Hopper GPU the grouped matmul
-and the fused gate/up + SwiGLU, with their custom VJPs, where `kernels.ops.auto_takes_xla` keeps
-them; `--impls pallas`, GPU only: every grouped product on the kernel).
+and the fused gate/up + SwiGLU, with their custom VJPs, wherever the kernel serves the shape;
+`--impls pallas`, GPU only: every grouped product on the kernel, an error where it cannot).
 
 Setting: the sizes of `eval.bench` (1b = Llama-3.2-1B shapes, T = 1024, M = 128, d_mem = 64),
 random weights with random W_mv held in float32 (master weights and AdamW state), computed in

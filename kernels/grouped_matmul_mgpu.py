@@ -80,7 +80,6 @@ from kernels.tuning import (  # noqa: F401
     num_sms_of_device,
     problem_dims,
     select_config,
-    tile_fill,
     unsupported_reason,
     wave_fill,
 )

@@ -17,11 +17,16 @@ Implementations (``impl``):
 * ``"interpret"``: the same Mosaic GPU kernel run by Pallas' GPU interpret mode
   (on CPU; small default tiles), for tests.
 * ``"auto"``: ``"pallas"`` on a Hopper GPU when the kernel serves the problem
-  (bf16/f16, tile-aligned k and n, ...), ``"xla"`` otherwise; and ``"xla"``
-  for a plain matmul: one group, ``active`` and ``weight_offset`` not given (the
-  sequential schedule's and a training step's products), where the grouped
-  kernel has nothing to skip and cuBLAS measured faster, except forward
-  products whose tiles fill the SMs (``auto_takes_xla``).
+  (bf16/f16, tile-aligned k and n, ...), ``"xla"`` otherwise. That includes
+  plain single-group products (the sequential schedule's and a training
+  step's), although cuBLAS runs most of them faster in isolation (0.58-0.97x,
+  eval/results/grouped_matmul_h200.md): inside the layer scan XLA copies each
+  operand slice out of the stacked weights and residuals before a cuBLAS call,
+  which the kernel reads in place, and a whole training step measured faster
+  with the kernel than with cuBLAS for them (eval/results/train_h200.md).
+
+Without ``active`` and ``weight_offset`` the XLA path is the plain einsum (no
+select over groups, which XLA would fuse into a slower Triton GEMM).
 
 Gradients (``jax.custom_vjp``): ``dx = dy @ w^T`` and ``dw[g + o] = x[g]^T @
 dy[g]`` are two more grouped matmuls over the same active range (idle groups,
@@ -50,9 +55,6 @@ INTERPRET_CONFIG = mgpu_kernel.TuningConfig(
     tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=2, epi_tile_m=64, epi_tile_n=64
 )
 INTERPRET_NUM_SMS = 4
-# At G = 1 "auto" keeps a forward product on the kernel only where its tiles fill the SMs' waves
-# at least this well (auto_takes_xla).
-SINGLE_GROUP_MIN_FILL = 0.95
 
 
 def on_hopper() -> bool:
@@ -97,44 +99,17 @@ def _dispatch(a, b, bounds, *, transpose_lhs, transpose_rhs, out_dtype, out_grou
     ``impl`` asks for; bounds = (lo, hi, b_off, out_off). all_groups (static): every group
     active, no offsets, so the XLA path is a plain einsum (no mask)."""
     if impl != "xla":
-        dims = mgpu_kernel.problem_dims(a.shape, b.shape, transpose_lhs, transpose_rhs)
         cfg = _kernel_config(impl, config)
         if cfg is None:
+            dims = mgpu_kernel.problem_dims(a.shape, b.shape, transpose_lhs, transpose_rhs)
             cfg = mgpu_kernel.select_config(
                 *dims, transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs,
                 dtype=jnp.promote_types(a.dtype, b.dtype))
-        leave = impl == "auto" and auto_takes_xla(dims, cfg, all_groups=all_groups,
-                                                  transposed=transpose_lhs or transpose_rhs)
-        if not leave and _kernel_serves(a, b, out_dtype, transpose_lhs, transpose_rhs, impl, cfg,
-                                        strict):
+        if _kernel_serves(a, b, out_dtype, transpose_lhs, transpose_rhs, impl, cfg, strict):
             return _run_kernel(a, b, bounds, transpose_lhs, transpose_rhs, out_groups, impl, cfg)
     return grouped_matmul_reference(
         a, b, None if all_groups else bounds, transpose_lhs=transpose_lhs,
         transpose_rhs=transpose_rhs, out_dtype=out_dtype, out_groups=out_groups)
-
-
-def auto_takes_xla(dims, config, *, all_groups: bool, transposed: bool,
-                   num_sms: int | None = None) -> bool:
-    """Whether "auto" leaves a product the kernel could serve to XLA: a plain matmul (one group,
-    no active range or weight offset given; the sequential schedule's and a training step's
-    products), where the grouped kernel has nothing to skip, unless it is a forward product
-    whose tiles fill the SMs' waves (``tile_fill`` >= ``SINGLE_GROUP_MIN_FILL``).
-
-    H200, profiled device time (eval/results/grouped_matmul_h200.md, run s7_train_products): on
-    the twelve products of a Llama-1B training step at G = 1 (forward, dx, dw of qkv, o, gate_up,
-    down; m = 1152) the kernel's chosen config ran at 0.58-0.97x of cuBLAS: 0.58-0.73x where n =
-    2048 gives 72 CTA tiles for 132 SMs (the kernel has no split-k), 0.97x on the gate/up forward
-    (ping-pong, fill 0.97). There the kernel keeps an advantage the product timing leaves out: it
-    reads a layer's weights in place inside the layer scan, where XLA first copies the slice out
-    of the stacked weights for cuBLAS (67 MB for the 1b gate/up).
-    """
-    g, m, _, n = dims
-    if not all_groups or g != 1:
-        return False
-    if transposed:
-        return True
-    num_sms = mgpu_kernel.num_sms_of_device() if num_sms is None else num_sms
-    return mgpu_kernel.tile_fill(config, g, m, n, num_sms) < SINGLE_GROUP_MIN_FILL
 
 
 def _kernel_serves(a, b, out_dtype, transpose_lhs, transpose_rhs, impl, cfg, strict,

@@ -355,8 +355,7 @@ def test_active_none_means_all_groups():
 def test_plain_matmul_skips_the_mask():
     """Without an active range or weight offset the XLA path is the plain einsum (no select
     over groups, so XLA may hand it to cuBLAS unfused), with the same values and gradients as
-    the explicit full range; "auto" sends such single-group products to XLA unless they are
-    forward products whose tiles fill the SMs' waves."""
+    the explicit full range."""
     rng, info = fresh_rng()
     x, w = _operands(rng, 2, 24, 64, 64, jnp.float32)
     cot = jnp.asarray(rng.standard_normal((2, 24, 64)), jnp.float32)
@@ -368,18 +367,6 @@ def test_plain_matmul_skips_the_mask():
     for got, want in zip(jax.tree.leaves(jax.value_and_grad(plain, argnums=(0, 1))(x, w)),
                          jax.tree.leaves(jax.value_and_grad(ranged, argnums=(0, 1))(x, w))):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=info)
-    def takes_xla(g, n, all_groups=True, transposed=False):   # 1b shapes, m = 1152, k = 2048
-        dims = (g, 1152, 2048, n)
-        cfg = mgpu_kernel.select_config(*dims, num_sms=132)
-        return ops.auto_takes_xla(dims, cfg, all_groups=all_groups, transposed=transposed,
-                                  num_sms=132)
-
-    assert takes_xla(1, 2048)                      # 72 CTA tiles on 132 SMs: fill 0.55
-    assert takes_xla(1, 3072)                      # fill 0.82
-    assert not takes_xla(1, 16384)                 # gate/up, ping-pong: fill 0.97
-    assert takes_xla(1, 16384, transposed=True)    # backward products: cuBLAS
-    assert not takes_xla(1, 2048, all_groups=False)   # a range: the kernel skips groups
-    assert not takes_xla(2, 2048)                     # grouped: the kernel's job
 
 
 def test_auto_off_gpu_is_xla_and_small_n_routes_to_xla():
@@ -537,31 +524,24 @@ def test_every_config_lowers_for_the_gpu(name):
 
 
 @on_gpu
-def test_gpu_auto_leaves_plain_single_group_matmuls_to_xla():
-    """"auto" on a Hopper GPU: a single-group product without a range (the sequential schedule,
-    training) runs on XLA, forward and backward, also inside the SwiGLU op's backward, unless
-    its forward tiles fill the SMs (a gate/up-wide n: the forward on the kernel, the backward on
-    XLA); with a range, or with more groups, the kernel runs."""
+def test_gpu_auto_runs_plain_single_group_matmuls_on_the_kernel():
+    """"auto" on a Hopper GPU keeps single-group products without a range (the sequential
+    schedule's, a training step's) on the kernel, forward and both backward products, also in
+    the SwiGLU op's backward: cuBLAS is faster on most of them alone, but a training step is
+    faster with the kernel, which reads the layer scan's operand slices in place
+    (eval/results/train_h200.md)."""
     S = jax.ShapeDtypeStruct
     m, k, n = 1152, 2048, 2048
     x1, w1 = S((1, m, k), jnp.bfloat16), S((1, k, n), jnp.bfloat16)
-    x2, w2 = S((2, m, k), jnp.bfloat16), S((2, k, n), jnp.bfloat16)
-    wg = S((1, k, 2 * n), jnp.bfloat16)
     total = lambda y: jnp.sum(y.astype(jnp.float32))
     gmm = lambda x, w: total(kernels.grouped_matmul(x, w, impl="auto"))
-    gmm_range = lambda x, w: total(kernels.grouped_matmul(x, w, (0, 1), impl="auto"))
-    swiglu = lambda x, w: total(kernels.grouped_matmul_swiglu(x, w, impl="auto"))
-    uses_kernel = lambda f, *a: "mosaic_gpu" in jax.jit(f).lower(*a).as_text()
-    assert not uses_kernel(jax.grad(gmm, argnums=(0, 1)), x1, w1)
-    assert not uses_kernel(jax.grad(swiglu, argnums=(0, 1)), x1, wg)
-    assert uses_kernel(swiglu, x1, wg)          # inference: the fused kernel
-    assert uses_kernel(gmm_range, x1, w1)
-    assert uses_kernel(gmm, x2, w2)
-    wide = S((1, k, 16384), jnp.bfloat16)
-    assert uses_kernel(gmm, x1, wide)
     backward = lambda x, w, dy: ops._gmm_bwd("auto", jnp.bfloat16, None, True,
                                              (x, w, jnp.array([0, 1, 0])), dy)[:2]
-    assert not uses_kernel(backward, x1, wide, S((1, m, 16384), jnp.bfloat16))   # dx, dw: XLA
+    swiglu = lambda x, w: total(kernels.grouped_matmul_swiglu(x, w, impl="auto"))
+    kernel_calls = lambda f, *a: jax.jit(f).lower(*a).as_text().count("mosaic_gpu")
+    assert kernel_calls(gmm, x1, w1) >= 1
+    assert kernel_calls(backward, x1, w1, S((1, m, n), jnp.bfloat16)) >= 2     # dx and dw
+    assert kernel_calls(jax.grad(swiglu, argnums=(0, 1)), x1, S((1, k, 2 * n), jnp.bfloat16)) >= 3
 
 
 @on_gpu
