@@ -313,6 +313,13 @@ SWEEP = {  # named configs for --sweep (the default is select_config's choice)
        for name, kw in {"s4": dict(max_concurrent_steps=4), "s5": dict(max_concurrent_steps=5),
                         "gm4": dict(grid_minor_dim=M_.M, grid_tile_width=4),
                         "gn4": dict(grid_tile_width=4)}.items()},
+    # three compute warpgroups splitting 192-row CTA tiles (m = 1152 = 6 x 192): 192 x 128 (96
+    # tiles on the 1b n = 2048 products at G = 1, where 128 x 256 gives 72 for 132 SMs) and
+    # 192 x 192 (cuBLAS's tile on 8b gate/up; one epilogue slot per warpgroup to fit 4 stages)
+    "wg3_192x128": mgpu_kernel.TuningConfig(tile_m=64, tile_n=128, wg_dimension=M_.M,
+                                            compute_wgs=3),
+    "wg3_192x192": mgpu_kernel.TuningConfig(tile_m=64, tile_n=192, wg_dimension=M_.M,
+                                            compute_wgs=3, epi_slots=1),
 }
 
 

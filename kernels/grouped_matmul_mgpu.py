@@ -151,7 +151,7 @@ def _kernel(
             memory_registers=40,
             in_specs=[a_spec] + [b_spec] * num_b,
             wg_axis="wg",
-            num_compute_wgs=2,
+            num_compute_wgs=c.compute_wgs,
             max_concurrent_steps=c.max_concurrent_steps,
             compute_context=compute_context,
             pipeline_state=pipeline_state,
@@ -182,7 +182,7 @@ def _kernel(
         pl.run_scoped,
         pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(dummy_a, *dummy_b),
         out_smem=plgpu.SMEM(
-            (2, num_out_slots, epi_tile_m, epi_tile_n), out_dtype,
+            (c.compute_wgs, num_out_slots, epi_tile_m, epi_tile_n), out_dtype,
             transforms=out_transforms,
         ),
         collective_axes="wg",
@@ -300,7 +300,7 @@ def _kernel(
         num_zero = (num_out_groups - num_active) * tiles_per_group
         out_lo = lo + out_offset
 
-        @pl.when(wg_idx < 2)
+        @pl.when(wg_idx < c.compute_wgs)
         def _zero_phase():
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             out_smem[wg_idx, 0] = jnp.zeros((epi_tile_m, epi_tile_n), out_dtype)
@@ -392,7 +392,7 @@ def grouped_matmul_mgpu(
         body,
         out_type=jax.ShapeDtypeStruct((out_groups, m, n), a.dtype),
         **grid,
-        num_threads=3,
+        num_threads=config.num_compute_wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret,

@@ -29,8 +29,9 @@ class MatmulDimension(enum.IntEnum):
 class TuningConfig:
     """Block sizes and schedule of the Hopper grouped matmul.
 
-    tile_m x tile_n is the tile of ONE compute warpgroup; the CTA tile is twice
-    as large along ``wg_dimension`` (two compute warpgroups).
+    tile_m x tile_n is the tile of ONE compute warpgroup; the CTA tile is
+    ``compute_wgs`` times as large along ``wg_dimension`` (cooperative: the compute
+    warpgroups share one CTA tile; with ``pingpong`` two warpgroups take a tile each).
     """
 
     tile_m: int = 128
@@ -59,11 +60,21 @@ class TuningConfig:
     # (tile_m x tile_n) tiles and take turns on the tensor cores, each one's epilogue
     # overlapping the other's main loop.
     pingpong: bool = False
+    # Compute warpgroups of a cooperative CTA (2 or 3; three split the rows). 192-row CTA tiles
+    # divide the diagonal shapes' m = 1152 / 4224 and change the tile count: 1b o at G = 1 gets
+    # 96 tiles of 192 x 128 where 128 x 256 gives 72 for 132 SMs, 8b gate/up 52800 tiles of
+    # 192 x 192 at G = 16 (400 full waves). (64 x 96 warpgroup tiles, cuBLAS's 192 x 96, do not
+    # lower: Mosaic finds no layout for a 96-column B tile stored n-minor.)
+    compute_wgs: int = 2
+
+    @property
+    def num_compute_wgs(self) -> int:
+        return 2 if self.pingpong else self.compute_wgs
 
     @property
     def _split(self) -> int:
-        """Warpgroups sharing a CTA tile: 2 (cooperative), 1 with ping-pong."""
-        return 1 if self.pingpong else 2
+        """Warpgroups sharing a CTA tile: compute_wgs (cooperative), 1 with ping-pong."""
+        return 1 if self.pingpong else self.compute_wgs
 
     @property
     def cta_tile_m(self) -> int:
@@ -91,7 +102,8 @@ class TuningConfig:
             * (self.cta_tile_m + b_tiles * self.cta_tile_n)
             * in_itemsize
         )
-        out = 2 * self.num_out_slots * self.epi_tile_m * self.epi_tile_n * out_itemsize
+        out = (self.num_compute_wgs * self.num_out_slots * self.epi_tile_m * self.epi_tile_n
+               * out_itemsize)
         return pipe + out + 1024  # barriers and alignment slack
 
 
@@ -229,10 +241,18 @@ def unsupported_reason(
         return f"minor dims {minor_a}, {minor_b} not multiples of {c.tile_k}"
     if major_a % 8 or major_b % 8:
         return f"major dims {major_a}, {major_b} not multiples of 8"
-    if n % c.cta_tile_n or m % 8:
-        return f"n={n} not a multiple of {c.cta_tile_n} or m={m} not of 8"
+    if m % 8:
+        return f"m={m} not a multiple of 8"
+    # TMA zero-fills loads and clips stores past n, so the cooperative kernel takes a ragged last
+    # column tile; the fused SwiGLU's gate tile would run into the up columns, and ping-pong is
+    # not tested with it.
+    if n % c.cta_tile_n and (swiglu or c.pingpong):
+        return f"n={n} not a multiple of {c.cta_tile_n} (ping-pong, fused SwiGLU)"
     if m < c.cta_tile_m // 2 or n < c.cta_tile_n:
         return f"m={m}, n={n} too small for the tile"
+    if c.compute_wgs not in (2, 3) or (c.compute_wgs == 3 and (
+            c.pingpong or swiglu or c.wg_dimension != MatmulDimension.M)):
+        return f"compute_wgs={c.compute_wgs}: 2, or 3 splitting rows (no ping-pong, fused SwiGLU)"
     if not 0 <= c.delay_release < c.max_concurrent_steps:
         return f"delay_release={c.delay_release} not in [0, {c.max_concurrent_steps})"
     if c.pingpong and (swiglu or c.delay_release > 1 or c.cluster_dimension is not None):

@@ -271,6 +271,37 @@ def test_pingpong_gradients_with_weight_offset(delay):
         _check_idle_zero(dw, lo + off, hi + off, "dw", tag)
 
 
+def test_three_warpgroups_and_ragged_n():
+    """Three compute warpgroups splitting a 192-row CTA tile, with a ragged last column tile
+    (n = 192 on 128-column tiles: TMA zero-fills the loads and clips the stores past n) and
+    ragged m: the forward and both gradients (dx reads w transposed, its n = k is ragged too; dw
+    lands at the weight offset) against float64, idle groups zero."""
+    rng, info = fresh_rng()
+    cfg = mgpu_kernel.TuningConfig(tile_m=64, tile_n=128, wg_dimension=mgpu_kernel.MatmulDimension.M,
+                                   compute_wgs=3, max_concurrent_steps=2, epi_slots=1)
+    assert cfg.cta_tile_m == 192 and cfg.cta_tile_n == 128   # float32 (interpret): 208 KiB
+    g, gw, m, k, n = 3, 4, 200, 320, 192
+    x, _ = _operands(rng, g, m, k, n, jnp.float32)
+    _, w = _operands(rng, gw, m, k, n, jnp.float32)
+    cot = jnp.asarray(rng.standard_normal((g, m, n)), jnp.float32)
+
+    def loss(x, w, lo, hi, off):
+        y = kernels.grouped_matmul(x, w, (lo, hi), weight_offset=off, impl="interpret",
+                                   config=cfg)
+        return jnp.sum(y * cot), y
+
+    grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    for lo, hi, off in [(0, g, 1), _random_range(rng, g) + (int(rng.integers(0, 2)),)]:
+        tag = f"{info} lo={lo} hi={hi} off={off}"
+        (_, y), (dx, dw) = grad_fn(x, w, jnp.int32(lo), jnp.int32(hi), jnp.int32(off))
+        y_want, dx_want, dw_want = _weight_window_oracle(x, w, lo, hi, off, cot)
+        assert rel_err_finite(y, y_want) <= 1e-5, tag
+        assert rel_err_finite(dx, dx_want) <= 1e-5, f"dx {tag}"
+        assert rel_err_finite(dw, dw_want) <= 1e-5, f"dw {tag}"
+        _check_idle_zero(y, lo, hi, "output", tag)
+        _check_idle_zero(dw, lo + off, hi + off, "dw", tag)
+
+
 @pytest.mark.parametrize("dim", ["N", "M"])
 def test_two_cta_clusters_with_multicast(dim):
     """Clusters of 2 CTAs on neighbouring tiles sharing one operand tile by TMA multicast:
@@ -488,6 +519,11 @@ GPU_CONFIGS = {
     "stages3_slots4": mgpu_kernel.TuningConfig(max_concurrent_steps=3, epi_slots=4),
     "pingpong": mgpu_kernel.PINGPONG_CONFIG,   # one wgmma in flight
     "pingpong_delay0": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, delay_release=0),
+    # three compute warpgroups (192-row CTA tiles); ragged n at the 1b shapes' n = 2048
+    "wg3_192x128": mgpu_kernel.TuningConfig(tile_m=64, tile_n=128, compute_wgs=3,
+                                            wg_dimension=mgpu_kernel.MatmulDimension.M),
+    "wg3_192x192": mgpu_kernel.TuningConfig(tile_m=64, tile_n=192, compute_wgs=3, epi_slots=1,
+                                            wg_dimension=mgpu_kernel.MatmulDimension.M),
 }
 
 
