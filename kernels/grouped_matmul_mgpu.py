@@ -75,11 +75,13 @@ from kernels.tuning import (  # noqa: F401
     PINGPONG_CONFIG,
     PINGPONG_MIN_WAVE_GAIN,
     SWIGLU_CONFIG,
+    THREE_WG_CONFIG,
     MatmulDimension,
     TuningConfig,
     num_sms_of_device,
     problem_dims,
     select_config,
+    tile_cost,
     unsupported_reason,
     wave_fill,
 )

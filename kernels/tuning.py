@@ -115,6 +115,11 @@ SWIGLU_CONFIG = TuningConfig(tile_m=64, tile_n=128, wg_dimension=MatmulDimension
 # Ping-pong: 128 x 128 tiles per warpgroup, 6 stages (cuBLAS's nvjet ..._128x128_64x6 shape),
 # one wgmma group in flight (without it the schedule ran at 0.82-0.86x of this one on the H200).
 PINGPONG_CONFIG = TuningConfig(pingpong=True, max_concurrent_steps=6, delay_release=1)
+# Three compute warpgroups of 64 x 128 rows (192 x 128 CTA tiles, 4 stages), and how much less
+# time ``tile_cost`` must promise before select_config picks them over the default.
+THREE_WG_CONFIG = TuningConfig(tile_m=64, tile_n=128, wg_dimension=MatmulDimension.M,
+                               compute_wgs=3)
+THREE_WG_MAX_COST_RATIO = 0.85
 # How much better the ping-pong schedule must fill the last wave of tiles than the default one
 # before select_config picks it: at equal fill it ran 1-2 % slower (3b qkv/o, 1b gate_up).
 PINGPONG_MIN_WAVE_GAIN = 0.025
@@ -131,6 +136,13 @@ def tile_fill(config: TuningConfig, num_groups: int, m: int, n: int, num_sms: in
     """``wave_fill`` of a config's work items (its CTA tiles) over ``num_groups`` m x n outputs."""
     tiles = num_groups * pl.cdiv(m, config.cta_tile_m) * pl.cdiv(n, config.cta_tile_n)
     return wave_fill(tiles, num_sms)
+
+
+def tile_cost(config: TuningConfig, num_groups: int, m: int, n: int, num_sms: int) -> int:
+    """A time model: waves of CTA tiles (every SM works through its tiles one after another)
+    times the CTA tile's area (a tile's time, all tiles alike, ragged ones included)."""
+    tiles = num_groups * pl.cdiv(m, config.cta_tile_m) * pl.cdiv(n, config.cta_tile_n)
+    return pl.cdiv(tiles, num_sms) * config.cta_tile_m * config.cta_tile_n
 
 
 def select_config(
@@ -170,12 +182,26 @@ def select_config(
     ``PINGPONG_MIN_WAVE_GAIN``, forward products only. H200 A/B (device time, vs
     the default): 1b qkv at G = 16 308 vs 320 us (fill 0.970 vs 0.935), 1b gate_up
     at G = 1 108 vs 120 us, 3b gate_up at G = 1 283 vs 296 us.
+
+    Three compute warpgroups on 192 x 128 CTA tiles (``THREE_WG_CONFIG``) where
+    ``tile_cost`` promises at most ``THREE_WG_MAX_COST_RATIO`` of the other choice's time:
+    the few-tile products with m = 1152 and n = 2048 or 8192 at G = 1 (cost 0.75). H200 A/B
+    (device time, vs the default, cuBLAS in brackets): 1b o 19 vs 24 us (15), 1b down 63 vs 82
+    (53), 1b o dx 20 vs 24 (15), 1b down dx 53 vs 69 (51). Not for dw (x read transposed),
+    which has not run on the GPU with it.
     """
-    del k, dtype
     if n % DEFAULT_CONFIG.cta_tile_n and n % NARROW_CONFIG.cta_tile_n == 0:
         return NARROW_CONFIG
+    num_sms = num_sms_of_device() if num_sms is None else num_sms
+    if not transpose_lhs:
+        a_shape = (num_groups, m, k)
+        b_shape = (num_groups, n, k) if transpose_rhs else (num_groups, k, n)
+        serves = unsupported_reason(a_shape, b_shape, dtype, dtype, transpose_rhs=transpose_rhs,
+                                    config=THREE_WG_CONFIG) is None
+        cost = lambda c: tile_cost(c, num_groups, m, n, num_sms)
+        if serves and cost(THREE_WG_CONFIG) <= THREE_WG_MAX_COST_RATIO * cost(DEFAULT_CONFIG):
+            return THREE_WG_CONFIG
     if not (transpose_lhs or transpose_rhs):   # the backward products are not measured yet
-        num_sms = num_sms_of_device() if num_sms is None else num_sms
         # With ping-pong a work item is one warpgroup's tile (its CTA tile), half a default CTA
         # tile; an SM's two warpgroups take turns on its tensor cores, so it works through its
         # items one after another and the last wave is counted in half tiles.

@@ -153,6 +153,28 @@ def test_wave_fill_and_the_ping_pong_choice():
     assert mgpu_kernel.select_config(16, 1152, 2048, 3072, num_sms=108) == default
 
 
+def test_three_warpgroup_choice():
+    """select_config takes 192 x 128 tiles of three warpgroups where tile_cost (waves x tile
+    area) promises at most 0.85 of the default's time: the 1b products with n = 2048 or 8192 at
+    G = 1, forward and dx (the H200 A/B: 19-26 % faster than the default there), never for dw
+    (x read transposed) and not at full diagonal load, where the waves come out even."""
+    pick = lambda *dims, tl=False, tr=False: mgpu_kernel.select_config(
+        *dims, transpose_lhs=tl, transpose_rhs=tr, num_sms=132)
+    three = mgpu_kernel.THREE_WG_CONFIG
+    assert three.cta_tile_m == 192 and three.cta_tile_n == 128
+    assert pick(1, 1152, 2048, 2048) == three                      # 1b o: 96 vs 72 tiles
+    assert pick(1, 1152, 8192, 2048) == three                      # 1b down
+    assert pick(1, 1152, 16384, 2048, tr=True) == three            # 1b gate/up dx
+    assert pick(1, 1152, 2048, 8192, tr=True) == three             # 1b down dx
+    assert pick(1, 2048, 1152, 2048, tl=True) != three             # dw
+    assert pick(1, 1152, 2048, 3072) != three                      # 144 tiles: two waves
+    assert pick(1, 1152, 2048, 16384) == mgpu_kernel.PINGPONG_CONFIG   # cost 0.9: ping-pong
+    assert pick(16, 1152, 2048, 2048) == mgpu_kernel.DEFAULT_CONFIG    # even waves
+    assert pick(1, 64, 2048, 2048) != three                        # too few rows to serve
+    assert mgpu_kernel.tile_cost(three, 1, 1152, 2048, 132) == 192 * 128
+    assert mgpu_kernel.tile_cost(mgpu_kernel.DEFAULT_CONFIG, 1, 1152, 8192, 132) == 3 * 128 * 256
+
+
 def test_pingpong_hopper_tiles_in_interpret_mode():
     """The ping-pong schedule with its GPU block sizes (128 x 128 tiles per warpgroup, a ring
     of 6 stages that 8 k-steps wrap around), ragged m, bf16."""
