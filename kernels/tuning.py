@@ -187,13 +187,14 @@ def select_config(
     ``tile_cost`` promises at most ``THREE_WG_MAX_COST_RATIO`` of the other choice's time:
     the few-tile products with m = 1152 and n = 2048 or 8192 at G = 1 (cost 0.75). H200 A/B
     (device time, vs the default, cuBLAS in brackets): 1b o 19 vs 24 us (15), 1b down 63 vs 82
-    (53), 1b o dx 20 vs 24 (15), 1b down dx 53 vs 69 (51). Not for dw (x read transposed),
-    which has not run on the GPU with it.
+    (53), 1b o dx 20 vs 24 (15), 1b down dx 53 vs 69 (51); a 1b training step 0.164 s vs
+    0.171 s. Only at G = 1 and not for dw (x read transposed): with idle groups (its zero
+    tiles) and transposed x it has run in interpret mode only, not on the GPU.
     """
     if n % DEFAULT_CONFIG.cta_tile_n and n % NARROW_CONFIG.cta_tile_n == 0:
         return NARROW_CONFIG
     num_sms = num_sms_of_device() if num_sms is None else num_sms
-    if not transpose_lhs:
+    if num_groups == 1 and not transpose_lhs:
         a_shape = (num_groups, m, k)
         b_shape = (num_groups, n, k) if transpose_rhs else (num_groups, k, n)
         serves = unsupported_reason(a_shape, b_shape, dtype, dtype, transpose_rhs=transpose_rhs,

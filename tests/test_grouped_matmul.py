@@ -156,8 +156,8 @@ def test_wave_fill_and_the_ping_pong_choice():
 def test_three_warpgroup_choice():
     """select_config takes 192 x 128 tiles of three warpgroups where tile_cost (waves x tile
     area) promises at most 0.85 of the default's time: the 1b products with n = 2048 or 8192 at
-    G = 1, forward and dx (the H200 A/B: 19-26 % faster than the default there), never for dw
-    (x read transposed) and not at full diagonal load, where the waves come out even."""
+    G = 1, forward and dx (the H200 A/B: 19-26 % faster than the default there); not for dw (x
+    read transposed) or G > 1, which have not run on the GPU with it."""
     pick = lambda *dims, tl=False, tr=False: mgpu_kernel.select_config(
         *dims, transpose_lhs=tl, transpose_rhs=tr, num_sms=132)
     three = mgpu_kernel.THREE_WG_CONFIG
@@ -170,6 +170,7 @@ def test_three_warpgroup_choice():
     assert pick(1, 1152, 2048, 3072) != three                      # 144 tiles: two waves
     assert pick(1, 1152, 2048, 16384) == mgpu_kernel.PINGPONG_CONFIG   # cost 0.9: ping-pong
     assert pick(16, 1152, 2048, 2048) == mgpu_kernel.DEFAULT_CONFIG    # even waves
+    assert pick(2, 1152, 2048, 2048) != three                      # G > 1: not on the GPU yet
     assert pick(1, 64, 2048, 2048) != three                        # too few rows to serve
     assert mgpu_kernel.tile_cost(three, 1, 1152, 2048, 132) == 192 * 128
     assert mgpu_kernel.tile_cost(mgpu_kernel.DEFAULT_CONFIG, 1, 1152, 8192, 132) == 3 * 128 * 256
