@@ -33,11 +33,13 @@ Structure (after jax's ``pallas/ops/gpu/hopper_matmul_mgpu.py``):
   gate and the up tile of the same output columns, each compute warpgroup keeps
   a gate and an up accumulator, and the epilogue stores ``silu(gate) * up``
   (a Llama MLP's first half without its 2F-wide intermediate in memory);
-* ragged edges: rows (and columns) past the end of a group are handled by TMA,
-  which fills out-of-bounds loads with zeros and clips out-of-bounds stores;
+* ragged edges: rows and columns past the end of a group are handled by TMA,
+  which fills out-of-bounds loads with zeros and clips out-of-bounds stores (a
+  ragged last column tile: cooperative schedule only);
 * block sizes: 128 x 256 CTA tiles (two 128 x 128 wgmma warpgroups), k-step
   64, 4 stages, chained tiles (``select_config``; 128 x 128 tiles where n is no
-  multiple of 256);
+  multiple of 256; at G = 1, 192 x 128 tiles of three 64 x 128 warpgroups where
+  they fill the SMs' waves clearly better, ``compute_wgs=3``);
 * with ``pingpong`` (``pingpong_mgpu.py``) the two compute warpgroups work on
   different tiles instead and take turns on the tensor cores, each one's
   epilogue under the other's main loop; ``select_config`` picks it where its

@@ -17,7 +17,7 @@ Implementations (``impl``):
 * ``"interpret"``: the same Mosaic GPU kernel run by Pallas' GPU interpret mode
   (on CPU; small default tiles), for tests.
 * ``"auto"``: ``"pallas"`` on a Hopper GPU when the kernel serves the problem
-  (bf16/f16, tile-aligned k and n, ...), ``"xla"`` otherwise. That includes
+  (bf16/f16, k and n multiples of 64, ...), ``"xla"`` otherwise. That includes
   plain single-group products (the sequential schedule's and a training
   step's), although cuBLAS runs most of them faster in isolation (0.58-0.97x,
   eval/results/grouped_matmul_h200.md): inside the layer scan XLA copies each
