@@ -294,15 +294,16 @@ def test_pingpong_gradients_with_weight_offset(delay):
         _check_idle_zero(dw, lo + off, hi + off, "dw", tag)
 
 
-def test_three_warpgroups_and_ragged_n():
-    """Three compute warpgroups splitting a 192-row CTA tile, with a ragged last column tile
-    (n = 192 on 128-column tiles: TMA zero-fills the loads and clips the stores past n) and
-    ragged m: the forward and both gradients (dx reads w transposed, its n = k is ragged too; dw
-    lands at the weight offset) against float64, idle groups zero."""
+@pytest.mark.parametrize("wgs", [2, 3])
+def test_warpgroups_split_rows_with_ragged_n(wgs):
+    """Two or three compute warpgroups splitting a 128- or 192-row CTA tile, with a ragged last
+    column tile (n = 192 on 128-column tiles: TMA zero-fills the loads and clips the stores past
+    n) and ragged m: the forward and both gradients (dx reads w transposed, its n = k is ragged
+    too; dw lands at the weight offset) against float64, idle groups zero."""
     rng, info = fresh_rng()
     cfg = mgpu_kernel.TuningConfig(tile_m=64, tile_n=128, wg_dimension=mgpu_kernel.MatmulDimension.M,
-                                   compute_wgs=3, max_concurrent_steps=2, epi_slots=1)
-    assert cfg.cta_tile_m == 192 and cfg.cta_tile_n == 128   # float32 (interpret): 208 KiB
+                                   compute_wgs=wgs, max_concurrent_steps=2, epi_slots=1)
+    assert cfg.cta_tile_m == 64 * wgs and cfg.cta_tile_n == 128   # float32: <= 208 KiB
     g, gw, m, k, n = 3, 4, 200, 320, 192
     x, _ = _operands(rng, g, m, k, n, jnp.float32)
     _, w = _operands(rng, gw, m, k, n, jnp.float32)
