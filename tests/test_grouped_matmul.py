@@ -172,6 +172,13 @@ def test_three_warpgroup_choice():
     assert pick(16, 1152, 2048, 2048) == mgpu_kernel.DEFAULT_CONFIG    # even waves
     assert pick(2, 1152, 2048, 2048) != three                      # G > 1: not on the GPU yet
     assert pick(1, 64, 2048, 2048) != three                        # too few rows to serve
+    why = lambda cfg, swiglu=False: mgpu_kernel.unsupported_reason(
+        (1, 1152, 2048), (1, 2048, 4096), jnp.bfloat16, jnp.bfloat16, config=cfg, swiglu=swiglu)
+    assert why(three) is None
+    assert "compute_wgs" in why(dataclasses.replace(three, compute_wgs=4))
+    by_columns = dataclasses.replace(three, wg_dimension=mgpu_kernel.MatmulDimension.N)
+    assert "compute_wgs" in why(by_columns)
+    assert why(three, swiglu=True) is not None
     assert mgpu_kernel.tile_cost(three, 1, 1152, 2048, 132) == 192 * 128
     assert mgpu_kernel.tile_cost(mgpu_kernel.DEFAULT_CONFIG, 1, 1152, 8192, 132) == 3 * 128 * 256
 
@@ -301,8 +308,9 @@ def test_warpgroups_split_rows_with_ragged_n(wgs):
     n) and ragged m: the forward and both gradients (dx reads w transposed, its n = k is ragged
     too; dw lands at the weight offset) against float64, idle groups zero."""
     rng, info = fresh_rng()
-    cfg = mgpu_kernel.TuningConfig(tile_m=64, tile_n=128, wg_dimension=mgpu_kernel.MatmulDimension.M,
-                                   compute_wgs=wgs, max_concurrent_steps=2, epi_slots=1)
+    cfg = mgpu_kernel.TuningConfig(tile_m=64, tile_n=128, compute_wgs=wgs, epi_slots=1,
+                                   wg_dimension=mgpu_kernel.MatmulDimension.M,
+                                   max_concurrent_steps=2)
     assert cfg.cta_tile_m == 64 * wgs and cfg.cta_tile_n == 128   # float32: <= 208 KiB
     g, gw, m, k, n = 3, 4, 200, 320, 192
     x, _ = _operands(rng, g, m, k, n, jnp.float32)
