@@ -156,7 +156,7 @@ def test_wave_fill_and_the_ping_pong_choice():
 def test_three_warpgroup_choice():
     """select_config takes 192 x 128 tiles of three warpgroups where tile_cost (waves x tile
     area) promises at most 0.85 of the default's time: the 1b products with n = 2048 or 8192 at
-    G = 1, forward and dx (the H200 A/B: 19-26 % faster than the default there); not for dw (x
+    G = 1, forward and dx (the H200 A/B: 1.20-1.30x the default's speed there); not for dw (x
     read transposed) or G > 1, which have not run on the GPU with it."""
     pick = lambda *dims, tl=False, tr=False: mgpu_kernel.select_config(
         *dims, transpose_lhs=tl, transpose_rhs=tr, num_sms=132)
