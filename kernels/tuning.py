@@ -132,17 +132,20 @@ def wave_fill(work_items: int, num_sms: int) -> float:
     return work_items / (waves * num_sms) if work_items else 1.0
 
 
+def _num_tiles(config: TuningConfig, num_groups: int, m: int, n: int) -> int:
+    return num_groups * pl.cdiv(m, config.cta_tile_m) * pl.cdiv(n, config.cta_tile_n)
+
+
 def tile_fill(config: TuningConfig, num_groups: int, m: int, n: int, num_sms: int) -> float:
     """``wave_fill`` of a config's work items (its CTA tiles) over ``num_groups`` m x n outputs."""
-    tiles = num_groups * pl.cdiv(m, config.cta_tile_m) * pl.cdiv(n, config.cta_tile_n)
-    return wave_fill(tiles, num_sms)
+    return wave_fill(_num_tiles(config, num_groups, m, n), num_sms)
 
 
 def tile_cost(config: TuningConfig, num_groups: int, m: int, n: int, num_sms: int) -> int:
     """A time model: waves of CTA tiles (every SM works through its tiles one after another)
     times the CTA tile's area (a tile's time, all tiles alike, ragged ones included)."""
-    tiles = num_groups * pl.cdiv(m, config.cta_tile_m) * pl.cdiv(n, config.cta_tile_n)
-    return pl.cdiv(tiles, num_sms) * config.cta_tile_m * config.cta_tile_n
+    waves = pl.cdiv(_num_tiles(config, num_groups, m, n), num_sms)
+    return waves * config.cta_tile_m * config.cta_tile_n
 
 
 def select_config(
@@ -184,7 +187,7 @@ def select_config(
     at G = 1 108 vs 120 us, 3b gate_up at G = 1 283 vs 296 us.
 
     Three compute warpgroups on 192 x 128 CTA tiles (``THREE_WG_CONFIG``) where
-    ``tile_cost`` promises at most ``THREE_WG_MAX_COST_RATIO`` of the other choice's time:
+    ``tile_cost`` promises at most ``THREE_WG_MAX_COST_RATIO`` of the default's time:
     the few-tile products with m = 1152 and n = 2048 or 8192 at G = 1 (cost 0.75). H200 A/B
     (device time, vs the default, cuBLAS in brackets): 1b o 19 vs 24 us (15), 1b down 63 vs 82
     (53), 1b o dx 20 vs 24 (15), 1b down dx 53 vs 69 (51); a 1b training step 0.164 s vs
