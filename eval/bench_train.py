@@ -35,6 +35,21 @@ from eval.bench import bench_config, bench_params, model_flops, time_dense_matmu
 IMPLS = ("xla", "auto", "pallas")
 
 
+def parse_xla_option(text: str) -> tuple[str, bool | int | float | str]:
+    """"NAME=VALUE" -> (NAME, VALUE as bool, int, float or str), for jit's compiler_options."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.startswith("xla_"):
+        raise argparse.ArgumentTypeError(f"expected xla_NAME=VALUE, got {text!r}")
+    if value.lower() in ("true", "false"):
+        return name, value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return name, kind(value)
+        except ValueError:
+            pass
+    return name, value
+
+
 def make_batch(cfg, batch: int, n: int, seed: int = 0) -> dict:
     import numpy as np
     rng = np.random.default_rng(seed)
@@ -45,7 +60,7 @@ def make_batch(cfg, batch: int, n: int, seed: int = 0) -> dict:
 
 def bench_length(cfg, armt, params, n: int, batch: int, impls, reps: int, dense: float,
                  attn_impl, compute_dtype, profile_dir: Path | None = None,
-                 dump_hlo: bool = False) -> list[dict]:
+                 dump_hlo: bool = False, compiler_options: dict | None = None) -> list[dict]:
     """Rows for one length: every impl compiled and checked, then timed in rotated rounds;
     with profile_dir, one more step of each is traced (device time by kind and kernel, with
     source lines; eval.profile's tables) and its summary written there, with dump_hlo also
@@ -62,7 +77,7 @@ def bench_length(cfg, armt, params, n: int, batch: int, impls, reps: int, dense:
     steps, compile_s, first = {}, {}, {}
     for impl in impls:
         step = make_train_step(cfg, armt, optimizer, attn_impl=attn_impl, gmm_impl=impl,
-                               compute_dtype=compute_dtype)
+                               compute_dtype=compute_dtype, compiler_options=compiler_options)
         t0 = time.perf_counter()
         steps[impl] = step.lower(params, opt_state, data).compile()
         compile_s[impl] = time.perf_counter() - t0
@@ -102,7 +117,7 @@ def bench_length(cfg, armt, params, n: int, batch: int, impls, reps: int, dense:
             "runs": samples[impl], "tokens_per_s": batch * n / seconds,
             "train_tflop": flops / 1e12, "tflops": flops / seconds / 1e12,
             "dense_tflops": dense, "frac_of_dense": flops / seconds / 1e12 / dense,
-            "compile_s": compile_s[impl], **first[impl],
+            "compile_s": compile_s[impl], "xla_options": compiler_options or {}, **first[impl],
             **({"device_busy_s": profiles[impl]["busy_s_per_run"],
                 "device_s_by_kind": profiles[impl]["by_kind_s"]} if impl in profiles else {}),
             "loss_rel_diff": abs(first[impl]["loss"] / ref["loss"] - 1),
@@ -150,6 +165,10 @@ def main(argv=None) -> int:
                     help="also trace one step per impl: device time by kind and kernel (GPU)")
     ap.add_argument("--dump-hlo", action="store_true",
                     help="with --profile: also write each step's optimised HLO (gzip)")
+    ap.add_argument("--xla-option", type=parse_xla_option, action="append", default=[],
+                    metavar="xla_NAME=VALUE",
+                    help="an XLA option for compiling the steps (repeatable), e.g."
+                         " xla_gpu_enable_dus_accumulator_zero_init_elimination=true")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
     if args.dump_hlo and not args.profile:
@@ -169,7 +188,8 @@ def main(argv=None) -> int:
     for n in sorted(args.tokens):
         rows += bench_length(cfg, armt, params, n, args.batch, impls, args.reps, dense, attn,
                              jnp.dtype(args.compute_dtype),
-                             args.out.parent if args.profile else None, args.dump_hlo)
+                             args.out.parent if args.profile else None, args.dump_hlo,
+                             dict(args.xla_option) or None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"setting": f"{args.size} shapes, random float32 master weights (random W_mv) computed"
                          f" in {args.compute_dtype}, AdamW, loss on every token, remat per segment",

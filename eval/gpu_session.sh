@@ -24,6 +24,9 @@
 #              kernel's configs against cuBLAS and the XLA path: profiled A/B    (not run yet)
 #   train_profile  a 1b training step (4096 tokens) traced per gmm_impl: device time by kind
 #              and kernel, and each step's optimised HLO (what the copies and fills are)
+#   train_zero_init  the `train` stage's steps compiled with XLA's GPU pass that replaces the zero
+#              init of fully overwritten loop accumulators (scan outputs) by an allocation
+#              (--xla-option xla_gpu_enable_dus_accumulator_zero_init_elimination=true; not run yet)
 #   wg3        three-warpgroup tiles (192 x 128, 192 x 192): their GPU tests (weight offsets, idle
 #              groups, dw) under a timeout, then a profiled A/B of all three products of the 1b
 #              shapes at G = 1 and 16 and the 3b/8b shapes at G = 16      (not run yet)
@@ -92,6 +95,10 @@ for stage in "${stages[@]}"; do
              --out "$OUT/train_products" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
     train_profile) python3 -m eval.bench_train --tokens 4096 --reps 3 --profile --dump-hlo \
              --out "$OUT/train_profile/train_bench.json" 2>&1 | quiet | tee "$OUT/train_profile.txt" ;;
+    train_zero_init) python3 -m eval.bench_train --tokens 4096 16384 --profile \
+             --xla-option xla_gpu_enable_dus_accumulator_zero_init_elimination=true \
+             --out "$OUT/train_zero_init/train_bench.json" 2>&1 | quiet \
+             | tee "$OUT/train_zero_init.txt" | grep -v "^| " ;;
     wg3) timeout 300 python3 -m pytest -o addopts="" -q -p no:cacheprovider \
              tests/test_grouped_matmul.py -k "gpu_weight_offset and wg3" 2>&1 | quiet | tail -4 \
              | tee "$OUT/wg3_tests.txt"
@@ -105,7 +112,8 @@ for stage in "${stages[@]}"; do
              --ab_profile --ab_reps 3 --ab_shapes 3b:qkv,3b:o,3b:down,8b:qkv,8b:o,8b:down \
              --out "$OUT/wg3_big" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
     *) echo "unknown stage $stage (tests, bench, agreement, kernel, kernel_big, fused, diagonal," \
-            "train, profile, pingpong, pingpong2, select, train_products, train_profile, wg3)"
+            "train, profile, pingpong, pingpong2, select, train_products, train_profile," \
+            "train_zero_init, wg3)"
        exit 2 ;;
   esac
 done

@@ -9,6 +9,8 @@ which take 16-bit operands). The memory state stays float32 either way (SPEC §1
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -26,13 +28,17 @@ def counted_targets(batch: dict) -> jax.Array:
 
 def make_train_step(cfg: LlamaConfig, armt: ArmtConfig, optimizer: optax.GradientTransformation,
                     *, accum_steps: int = 1, remat: bool = True, attn_impl=None, gmm_impl="auto",
-                    compute_dtype=None):
+                    compute_dtype=None, compiler_options: dict | None = None):
     """A jitted `step(params, opt_state, batch) -> (params, opt_state, metrics)`.
 
     batch: tokens [B, n], loss_mask [B, n], lengths [B]; B must divide by accum_steps. The loss is
     the mean over all counted targets of the batch, however it is split into micro-batches.
     compute_dtype: None computes in the weights' own dtype; a floating dtype (e.g. bf16) computes
     on a copy of the weights in it (module docstring).
+    compiler_options: XLA options for compiling this step only (`jax.jit(compiler_options=...)`),
+    e.g. {"xla_gpu_enable_dus_accumulator_zero_init_elimination": True}, an XLA GPU pass (off by
+    default) meant to drop the zero fills of scan outputs that every step pays per segment
+    (eval/results/train_h200.md); not measured yet.
     """
     if compute_dtype is not None and not jnp.issubdtype(compute_dtype, jnp.floating):
         raise ValueError(f"compute_dtype must be a floating dtype or None, got {compute_dtype!r}")
@@ -53,7 +59,7 @@ def make_train_step(cfg: LlamaConfig, armt: ArmtConfig, optimizer: optax.Gradien
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options)
     def step(params, opt_state, batch):
         B = batch["tokens"].shape[0]
         if B % accum_steps:
