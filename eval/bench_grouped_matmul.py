@@ -392,28 +392,28 @@ def ab_compare(shapes, cfg_names, active, reps, dense_tflops, key, rows, failure
     todo = [(model, name if p == "fwd" else f"{name} {p}", *PRODUCTS[p](m, k, n))
             for model, name, m, k, n in shapes for p in products]
     active = g if active is None else active
-    for model, name, (m, k, n), tr in todo:
-        tl_, tr_ = tr or (False, False)
+    for model, name, (m, k, n), transpose in todo:
+        tl, tr = transpose or (False, False)
         key, sub = jax.random.split(key)
-        a, b = _product_operands(sub, g, m, k, n, tr)
+        a, b = _product_operands(sub, g, m, k, n, transpose)
         lo, hi = jnp.int32((g - active) // 2), jnp.int32((g - active) // 2 + active)
-        configs["auto"] = mgpu_kernel.select_config(g, m, k, n, transpose_lhs=tl_,
-                                                    transpose_rhs=tr_)
-        fns = {"xla": _make_fn("xla", None, tr)}
+        configs["auto"] = mgpu_kernel.select_config(g, m, k, n, transpose_lhs=tl,
+                                                    transpose_rhs=tr)
+        fns = {"xla": _make_fn("xla", None, transpose)}
         want = {}   # XLA reference outputs, computed once per kind of product
         for cfg_name in cfg_names:
             if cfg_name == "xla_einsum":
                 if active == g:
-                    fns[cfg_name] = _make_fn("xla_einsum", None, tr)
+                    fns[cfg_name] = _make_fn("xla_einsum", None, transpose)
                 continue
             swiglu = cfg_name in SWIGLU_VARIANTS   # gate/up + activation (output n/2 wide)
-            if swiglu and tr is not None:
+            if swiglu and transpose is not None:
                 continue
             if swiglu:
                 fn = (_make_swiglu_fn if SWIGLU_VARIANTS[cfg_name] == "fused"
                       else _make_unfused_swiglu_fn)(impl)
             else:
-                fn = _make_fn(impl, configs[cfg_name], tr)
+                fn = _make_fn(impl, configs[cfg_name], transpose)
             if swiglu not in want:
                 want[swiglu] = (_make_swiglu_fn("xla") if swiglu else fns["xla"])(a, b, lo, hi)
             try:

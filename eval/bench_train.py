@@ -31,23 +31,9 @@ import time
 from pathlib import Path
 
 from eval.bench import bench_config, bench_params, model_flops, time_dense_matmul
+from eval.profile import parse_compiler_option
 
 IMPLS = ("xla", "auto", "pallas")
-
-
-def parse_xla_option(text: str) -> tuple[str, bool | int | float | str]:
-    """"NAME=VALUE" -> (NAME, VALUE as bool, int, float or str), for jit's compiler_options."""
-    name, sep, value = text.partition("=")
-    if not sep or not name.startswith("xla_"):
-        raise argparse.ArgumentTypeError(f"expected xla_NAME=VALUE, got {text!r}")
-    if value.lower() in ("true", "false"):
-        return name, value.lower() == "true"
-    for kind in (int, float):
-        try:
-            return name, kind(value)
-        except ValueError:
-            pass
-    return name, value
 
 
 def make_batch(cfg, batch: int, n: int, seed: int = 0) -> dict:
@@ -96,14 +82,15 @@ def bench_length(cfg, armt, params, n: int, batch: int, impls, reps: int, dense:
         for impl in impls:
             times, _ = traced_kernel_times(
                 lambda: jax.block_until_ready(steps[impl](params, opt_state, data)), 1)
+            hlo = steps[impl].as_text()
             profiles[impl] = print_breakdown(
                 f"training step, gmm_impl={impl}, {n} tokens x {batch}", times, 1,
-                kernel_sources(steps[impl].as_text()), top=25)
+                kernel_sources(hlo), top=25)
             (profile_dir / f"train_profile_{impl}_{n}.json").write_text(
                 json.dumps(profiles[impl], indent=1))
             if dump_hlo:
                 with gzip.open(profile_dir / f"train_hlo_{impl}_{n}.txt.gz", "wt") as f:
-                    f.write(steps[impl].as_text())
+                    f.write(hlo)
     lm_head = 2 * n * cfg.hidden_size * cfg.vocab_size
     flops = 3 * batch * (model_flops("sequential", n, cfg, armt) + lm_head)
     device = jax.devices()[0]
@@ -117,7 +104,7 @@ def bench_length(cfg, armt, params, n: int, batch: int, impls, reps: int, dense:
             "runs": samples[impl], "tokens_per_s": batch * n / seconds,
             "train_tflop": flops / 1e12, "tflops": flops / seconds / 1e12,
             "dense_tflops": dense, "frac_of_dense": flops / seconds / 1e12 / dense,
-            "compile_s": compile_s[impl], "xla_options": compiler_options or {}, **first[impl],
+            "compile_s": compile_s[impl], "compiler_options": compiler_options or {}, **first[impl],
             **({"device_busy_s": profiles[impl]["busy_s_per_run"],
                 "device_s_by_kind": profiles[impl]["by_kind_s"]} if impl in profiles else {}),
             "loss_rel_diff": abs(first[impl]["loss"] / ref["loss"] - 1),
@@ -165,7 +152,7 @@ def main(argv=None) -> int:
                     help="also trace one step per impl: device time by kind and kernel (GPU)")
     ap.add_argument("--dump-hlo", action="store_true",
                     help="with --profile: also write each step's optimised HLO (gzip)")
-    ap.add_argument("--xla-option", type=parse_xla_option, action="append", default=[],
+    ap.add_argument("--compiler-option", type=parse_compiler_option, action="append", default=[],
                     metavar="xla_NAME=VALUE",
                     help="an XLA option for compiling the steps (repeatable), e.g."
                          " xla_gpu_enable_dus_accumulator_zero_init_elimination=true")
@@ -189,7 +176,7 @@ def main(argv=None) -> int:
         rows += bench_length(cfg, armt, params, n, args.batch, impls, args.reps, dense, attn,
                              jnp.dtype(args.compute_dtype),
                              args.out.parent if args.profile else None, args.dump_hlo,
-                             dict(args.xla_option) or None)
+                             dict(args.compiler_option) or None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"setting": f"{args.size} shapes, random float32 master weights (random W_mv) computed"
                          f" in {args.compute_dtype}, AdamW, loss on every token, remat per segment",

@@ -203,14 +203,20 @@ def profile(schedule: str, n: int, runs: int, compiler_options: dict, out_dir: P
     return summary
 
 
-def _option_value(text: str):
-    """XLA wants typed option values: true/false -> bool, integers -> int, else the string."""
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    try:
-        return int(text)
-    except ValueError:
-        return text
+def parse_compiler_option(text: str) -> tuple[str, bool | int | float | str]:
+    """"xla_NAME=VALUE" -> (name, value) for jit's compiler_options (an argparse type). XLA wants
+    typed values: true/false -> bool, numbers -> int or float, else the string."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.startswith("xla_"):
+        raise argparse.ArgumentTypeError(f"expected xla_NAME=VALUE, got {text!r}")
+    if value.lower() in ("true", "false"):
+        return name, value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return name, kind(value)
+        except ValueError:
+            pass
+    return name, value
 
 
 def main(argv=None) -> int:
@@ -219,7 +225,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--runs", type=int, default=2, help="traced runs (after one warm-up)")
     ap.add_argument("--top", type=int, default=15, help="kernels listed per schedule")
-    ap.add_argument("--compiler-option", action="append", default=[], metavar="NAME=VALUE",
+    ap.add_argument("--compiler-option", type=parse_compiler_option, action="append", default=[],
+                    metavar="xla_NAME=VALUE",
                     help="XLA compiler option for these compilations only (repeatable)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--size", choices=("1b", "mid", "tiny"), default="1b",
@@ -227,15 +234,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dump-hlo", action="store_true",
                     help="also write the optimised HLO of each program (gzip) to --out")
     args = ap.parse_args(argv)
-    options = {}
-    for item in args.compiler_option:
-        name, sep, value = item.partition("=")
-        if not sep:
-            ap.error(f"--compiler-option expects NAME=VALUE, got {item!r}")
-        options[name] = _option_value(value)
     for schedule in args.schedules:
-        profile(schedule, args.tokens, args.runs, options, args.out, args.top, args.dump_hlo,
-                args.size)
+        profile(schedule, args.tokens, args.runs, dict(args.compiler_option), args.out, args.top,
+                args.dump_hlo, args.size)
     return 0
 
 

@@ -238,8 +238,8 @@ def _kernel(
             cta_m_slice = pl.ds(m_idx * cta_tile_m, cta_tile_m)
 
             def store_tile(acc):
-                tiles.store_tile(acc.astype(out_dtype), out_smem.at[wg_idx], c, lambda mi, ni:
-                            out_epi_slices(g + out_offset, m_idx, n_idx, mi, ni))
+                dst = lambda mi, ni: out_epi_slices(g + out_offset, m_idx, n_idx, mi, ni)
+                tiles.store_tile(acc.astype(out_dtype), out_smem.at[wg_idx], c, dst)
 
             acc_type = plgpu.ACC((tile_m, tile_n), jnp.float32)
 

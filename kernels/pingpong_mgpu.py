@@ -154,8 +154,8 @@ def pingpong_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConf
 
                 acc = pl.run_scoped(main_loop, plgpu.ACC((tm, tn), jnp.float32))
                 rendezvous()   # the other warpgroup's main loop starts
-                tiles.store_tile(acc.astype(out_dtype), out_smem.at[wg_idx], c, lambda mi, ni:
-                            out_epi(lo + g_ord + out_offset, m_idx, n_idx, mi, ni))
+                dst = lambda mi, ni: out_epi(lo + g_ord + out_offset, m_idx, n_idx, mi, ni)
+                tiles.store_tile(acc.astype(out_dtype), out_smem.at[wg_idx], c, dst)
                 rendezvous()   # and ends before this one's next main loop
 
             # Both pass the rendezvous equally often: 2 per tile, and 1 more for warpgroup 1 at

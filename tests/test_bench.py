@@ -64,17 +64,17 @@ def test_bench_train_tiny_on_cpu(tmp_path):
     assert all(len(r["runs"]) == 2 and r["seconds"] > 0 and r["tflops"] > 0 for r in rows)
     assert 0 < rows[0]["loss"] < 10 and rows[1]["loss_rel_diff"] == 0.0
     assert "| auto | bfloat16 | 70 x 2 |" in out.with_suffix(".md").read_text()
-    assert all(r["xla_options"] == {} for r in rows)
+    assert all(r["compiler_options"] == {} for r in rows)
     # an XLA option reaches the step's compilation (a CPU one here; same loss)
     assert bench_train.main(["--size", "tiny", "--tokens", "70", "--batch", "2", "--reps", "1",
-                             "--impls", "xla", "--xla-option", "xla_cpu_enable_fast_math=false",
+                             "--impls", "xla", "--compiler-option", "xla_cpu_enable_fast_math=false",
                              "--out", str(out)]) == 0
     row, = json.loads(out.read_text())["rows"]
-    assert row["xla_options"] == {"xla_cpu_enable_fast_math": False}
+    assert row["compiler_options"] == {"xla_cpu_enable_fast_math": False}
     assert abs(row["loss"] - rows[0]["loss"]) <= 1e-6 * rows[0]["loss"]
-    assert bench_train.parse_xla_option("xla_a=3") == ("xla_a", 3)
+    assert bench_train.parse_compiler_option("xla_a=3") == ("xla_a", 3)
     for bad in (["--batch", "0"], ["--reps", "0"], ["--tokens", "1"], ["--dump-hlo"],
-                ["--xla-option", "fast=true"], ["--xla-option", "xla_no_value"]):
+                ["--compiler-option", "fast=true"], ["--compiler-option", "xla_no_value"]):
         with pytest.raises(SystemExit):
             bench_train.main(["--size", "tiny", *bad, "--out", str(out)])
 
@@ -90,7 +90,8 @@ def test_profile_kinds_and_cpu_run(tmp_path):
     assert profile.kind_of("loop_dynamic_slice_fusion_3") == "copy_slice"
     assert profile.kind_of("input_concatenate_fusion_23") == "copy_slice"
     assert profile.kind_of("loop_multiply_fusion_8") == "other"
-    assert profile._option_value("true") is True and profile._option_value("7") == 7
+    assert profile.parse_compiler_option("xla_a=true") == ("xla_a", True)
+    assert profile.parse_compiler_option("xla_a=7") == ("xla_a", 7)
     assert profile.main(["--size", "tiny", "--schedules", "diagonal", "--tokens", "70",
                          "--runs", "1", "--out", str(tmp_path),
                          "--compiler-option", "xla_gpu_enable_dynamic_slice_fusion=false"]) == 0

@@ -266,16 +266,11 @@ def test_tile_schedules(config):
         _check_idle_zero(y, lo, hi, "output", info)
 
 
-@pytest.mark.parametrize("delay", [0, 1], ids=["wait_each_step", "one_wgmma_in_flight"])
-def test_pingpong_gradients_with_weight_offset(delay):
-    """The ping-pong schedule runs all three products of a training step (the forward, dx with
-    w read transposed, dw with x read transposed, landing at the weight offset) against float64,
-    over ranges that leave each of the 4 simulated SMs an odd, an even and no tile count (the
-    warpgroups' turns must balance in each case), ragged m."""
-    rng, info = fresh_rng()
-    cfg = dataclasses.replace(ops.INTERPRET_CONFIG, pingpong=True, max_concurrent_steps=3,
-                              delay_release=delay)
-    g, gw, m, k, n = 3, 5, 136, 192, 256
+def _check_window_gradients(cfg, rng, info, dims, windows, max_offset):
+    """Forward, dx (w read transposed) and dw (x read transposed, landing at the weight offset)
+    of the interpret-mode kernel under ``cfg`` against float64, for each (lo, hi, off) window and
+    one random one; float32 operands, dims = (G, Gw, m, k, n); idle groups exactly zero."""
+    g, gw, m, k, n = dims
     x, _ = _operands(rng, g, m, k, n, jnp.float32)
     _, w = _operands(rng, gw, m, k, n, jnp.float32)
     cot = jnp.asarray(rng.standard_normal((g, m, n)), jnp.float32)
@@ -286,9 +281,7 @@ def test_pingpong_gradients_with_weight_offset(delay):
         return jnp.sum(y * cot), y
 
     grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-    # 12 tiles per group: 9, 6, 3 and 0 tiles per SM; then a random window
-    for lo, hi, off in [(0, g, 2), (0, 2, 1), (1, 2, 0), (2, 2, 1),
-                        _random_range(rng, g) + (int(rng.integers(0, 3)),)]:
+    for lo, hi, off in [*windows, _random_range(rng, g) + (int(rng.integers(0, max_offset + 1)),)]:
         tag = f"{info} lo={lo} hi={hi} off={off}"
         (_, y), (dx, dw) = grad_fn(x, w, jnp.int32(lo), jnp.int32(hi), jnp.int32(off))
         y_want, dx_want, dw_want = _weight_window_oracle(x, w, lo, hi, off, cot)
@@ -299,6 +292,20 @@ def test_pingpong_gradients_with_weight_offset(delay):
                 assert not np.any(np.asarray(got)), f"{what} {tag}"
         _check_idle_zero(y, lo, hi, "output", tag)
         _check_idle_zero(dw, lo + off, hi + off, "dw", tag)
+
+
+@pytest.mark.parametrize("delay", [0, 1], ids=["wait_each_step", "one_wgmma_in_flight"])
+def test_pingpong_gradients_with_weight_offset(delay):
+    """The ping-pong schedule runs all three products of a training step (the forward, dx with
+    w read transposed, dw with x read transposed, landing at the weight offset) against float64,
+    over ranges that leave each of the 4 simulated SMs an odd, an even and no tile count (the
+    warpgroups' turns must balance in each case), ragged m."""
+    rng, info = fresh_rng()
+    cfg = dataclasses.replace(ops.INTERPRET_CONFIG, pingpong=True, max_concurrent_steps=3,
+                              delay_release=delay)
+    # 12 tiles per group: 9, 6, 3 and 0 tiles per SM; then a random window
+    _check_window_gradients(cfg, rng, info, (3, 5, 136, 192, 256),
+                            [(0, 3, 2), (0, 2, 1), (1, 2, 0), (2, 2, 1)], max_offset=2)
 
 
 @pytest.mark.parametrize("wgs", [2, 3])
@@ -312,26 +319,7 @@ def test_warpgroups_split_rows_with_ragged_n(wgs):
                                    wg_dimension=mgpu_kernel.MatmulDimension.M,
                                    max_concurrent_steps=2)
     assert cfg.cta_tile_m == 64 * wgs and cfg.cta_tile_n == 128   # float32: <= 208 KiB
-    g, gw, m, k, n = 3, 4, 200, 320, 192
-    x, _ = _operands(rng, g, m, k, n, jnp.float32)
-    _, w = _operands(rng, gw, m, k, n, jnp.float32)
-    cot = jnp.asarray(rng.standard_normal((g, m, n)), jnp.float32)
-
-    def loss(x, w, lo, hi, off):
-        y = kernels.grouped_matmul(x, w, (lo, hi), weight_offset=off, impl="interpret",
-                                   config=cfg)
-        return jnp.sum(y * cot), y
-
-    grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-    for lo, hi, off in [(0, g, 1), _random_range(rng, g) + (int(rng.integers(0, 2)),)]:
-        tag = f"{info} lo={lo} hi={hi} off={off}"
-        (_, y), (dx, dw) = grad_fn(x, w, jnp.int32(lo), jnp.int32(hi), jnp.int32(off))
-        y_want, dx_want, dw_want = _weight_window_oracle(x, w, lo, hi, off, cot)
-        assert rel_err_finite(y, y_want) <= 1e-5, tag
-        assert rel_err_finite(dx, dx_want) <= 1e-5, f"dx {tag}"
-        assert rel_err_finite(dw, dw_want) <= 1e-5, f"dw {tag}"
-        _check_idle_zero(y, lo, hi, "output", tag)
-        _check_idle_zero(dw, lo + off, hi + off, "dw", tag)
+    _check_window_gradients(cfg, rng, info, (3, 4, 200, 320, 192), [(0, 3, 1)], max_offset=1)
 
 
 @pytest.mark.parametrize("dim", ["N", "M"])

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -14,7 +13,7 @@ from armt_jax import cli
 from armt_jax.config import ArmtConfig
 from armt_jax.model import ArmtModel
 from armt_jax.sequential import sequential_forward
-from conftest import TINY, random_params
+from conftest import TINY, all_eqns, random_params
 from train.data import Example, pad_batch, qa_example
 from train.step import counted_targets, make_train_step
 
@@ -155,17 +154,6 @@ def test_lm_head_gradients_at_16_bits(tied):
     assert np.all(dw_tiny > 1e-6), info
 
 
-def _scan_outputs(jaxpr, length):
-    """Output shapes of every scan of the given length, at any depth of a jaxpr."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "scan" and eqn.params["length"] == length:
-            found += [tuple(v.aval.shape) for v in eqn.outvars]
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            found += _scan_outputs(sub, length)
-    return found
-
-
 @pytest.mark.parametrize("remat", [True, False])
 def test_backward_keeps_no_per_layer_weight_copies(rng, remat):
     """The layer scan's backward reads the weights it scans over, and writes each weight's
@@ -181,7 +169,8 @@ def test_backward_keeps_no_per_layer_weight_copies(rng, remat):
         return sequential_forward(p, tokens, TINY, ACFG, output="none", compute_loss=True,
                                   remat=remat).loss
 
-    outs = _scan_outputs(jax.make_jaxpr(jax.grad(loss))(params).jaxpr, L)
+    outs = [tuple(v.aval.shape) for e in all_eqns(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+            if e.primitive.name == "scan" and e.params["length"] == L for v in e.outvars]
     stacked = [w.shape[1:] for w in jax.tree.leaves((params["layers"], params["memory"]))
                if w.ndim == 3 and w.shape[0] == L]
     for shape in set(stacked):   # one gradient per stacked weight of that shape, nothing else
