@@ -154,8 +154,9 @@ def main(argv=None) -> int:
                     help="with --profile: also write each step's optimised HLO (gzip)")
     ap.add_argument("--compiler-option", type=parse_compiler_option, action="append", default=[],
                     metavar="xla_NAME=VALUE",
-                    help="an XLA option for compiling the steps (repeatable), e.g."
-                         " xla_gpu_enable_dus_accumulator_zero_init_elimination=true")
+                    help="an XLA option for compiling the steps (repeatable), over the step's"
+                         " defaults (train.step.default_compiler_options), e.g."
+                         " xla_gpu_enable_dus_accumulator_zero_init_elimination=false")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
     if args.dump_hlo and not args.profile:
@@ -163,6 +164,8 @@ def main(argv=None) -> int:
     if args.reps < 1 or args.batch < 1:
         ap.error(f"--reps ({args.reps}) and --batch ({args.batch}) must be >= 1")
     impls = list(dict.fromkeys(args.impls))   # each once, in the order given
+
+    from train.step import default_compiler_options
 
     cfg, armt = bench_config(args.size)
     for n in args.tokens:
@@ -176,7 +179,7 @@ def main(argv=None) -> int:
         rows += bench_length(cfg, armt, params, n, args.batch, impls, args.reps, dense, attn,
                              jnp.dtype(args.compute_dtype),
                              args.out.parent if args.profile else None, args.dump_hlo,
-                             dict(args.compiler_option) or None)
+                             {**default_compiler_options(), **dict(args.compiler_option)})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"setting": f"{args.size} shapes, random float32 master weights (random W_mv) computed"
                          f" in {args.compute_dtype}, AdamW, loss on every token, remat per segment",

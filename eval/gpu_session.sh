@@ -24,9 +24,9 @@
 #              kernel's configs against cuBLAS and the XLA path: profiled A/B    (not run yet)
 #   train_profile  a 1b training step (4096 tokens) traced per gmm_impl: device time by kind
 #              and kernel, and each step's optimised HLO (what the copies and fills are)
-#   train_zero_init  the `train` stage's steps compiled with XLA's GPU pass that replaces the zero
-#              init of fully overwritten loop accumulators (scan outputs) by an allocation
-#              (--compiler-option xla_gpu_enable_dus_accumulator_zero_init_elimination=true; not run yet)
+#   train_zero_init  the `train` stage's steps without XLA's GPU pass that replaces the zero
+#              init of fully overwritten loop accumulators (scan outputs) by an allocation, which
+#              the training step turns on by default (train.step.GPU_COMPILER_OPTIONS)
 #   wg3        three-warpgroup tiles (192 x 128, 192 x 192): their GPU tests (weight offsets, idle
 #              groups, dw) under a timeout, then a profiled A/B of all three products of the 1b
 #              shapes at G = 1 and 16 and the 3b/8b shapes at G = 16      (not run yet)
@@ -46,7 +46,7 @@ for stage in "${stages[@]}"; do
   echo "== $stage $(date -u +%FT%TZ)"
   case $stage in
     tests) python3 -m pytest -o addopts="" -q -p no:cacheprovider tests/test_grouped_matmul.py \
-             tests/test_swiglu.py tests/test_diagonal.py \
+             tests/test_swiglu.py tests/test_diagonal.py tests/test_train.py \
              -k "gpu or pallas or accumulates_in_float32" 2>&1 | quiet | tail -8 \
              | tee "$OUT/gpu_tests.txt" ;;
     bench) python3 -m eval.bench --out "$OUT/inference_h200.json" 2>&1 | quiet \
@@ -96,7 +96,7 @@ for stage in "${stages[@]}"; do
     train_profile) python3 -m eval.bench_train --tokens 4096 --reps 3 --profile --dump-hlo \
              --out "$OUT/train_profile/train_bench.json" 2>&1 | quiet | tee "$OUT/train_profile.txt" ;;
     train_zero_init) python3 -m eval.bench_train --tokens 4096 16384 --profile \
-             --compiler-option xla_gpu_enable_dus_accumulator_zero_init_elimination=true \
+             --compiler-option xla_gpu_enable_dus_accumulator_zero_init_elimination=false \
              --out "$OUT/train_zero_init/train_bench.json" 2>&1 | quiet \
              | tee "$OUT/train_zero_init.txt" | grep -v "^| " ;;
     wg3) timeout 300 python3 -m pytest -o addopts="" -q -p no:cacheprovider \

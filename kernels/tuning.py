@@ -188,22 +188,22 @@ def select_config(
 
     Three compute warpgroups on 192 x 128 CTA tiles (``THREE_WG_CONFIG``) where
     ``tile_cost`` promises at most ``THREE_WG_MAX_COST_RATIO`` of the default's time:
-    the few-tile products with m = 1152 and n = 2048 or 8192 at G = 1 (cost 0.75). H200 A/B
-    (device time, vs the default, cuBLAS in brackets): 1b o 19 vs 24 us (15), 1b down 63 vs 82
-    (53), 1b o dx 20 vs 24 (15), 1b down dx 53 vs 69 (51); a 1b training step 0.164 s vs
-    0.171 s. Only at G = 1 and not for dw (x read transposed): with idle groups (its zero
-    tiles) and transposed x it has run in interpret mode only, not on the GPU.
+    the few-tile products with m = 1152 and n = 2048 or 8192 at G <= 4 (cost 0.75) and the 1b
+    qkv and 3b o dw at G = 1. H200 A/B (device time, vs the default, cuBLAS in brackets), G = 1:
+    1b o 19 vs 24 us (15), 1b down 63-64 vs 82-84 (53), 1b o dx 19-20 vs 24 (15), 1b down dx
+    53-54 vs 69-73 (51), 1b qkv dw 24 vs 29 (22); a 1b training step 0.164 s vs 0.171 s. Where
+    the model promised no gain, the A/B found none (o, gate_up and down dw: 23 vs 16, 127 vs
+    116, 69 vs 58 us; the G = 16 shapes: 0.96-1.00x of the default's speed).
     """
     if n % DEFAULT_CONFIG.cta_tile_n and n % NARROW_CONFIG.cta_tile_n == 0:
         return NARROW_CONFIG
     num_sms = num_sms_of_device() if num_sms is None else num_sms
-    if num_groups == 1 and not transpose_lhs:
-        a_shape = (num_groups, m, k)
+    if tile_cost(THREE_WG_CONFIG, num_groups, m, n, num_sms) <= (
+            THREE_WG_MAX_COST_RATIO * tile_cost(DEFAULT_CONFIG, num_groups, m, n, num_sms)):
+        a_shape = (num_groups, k, m) if transpose_lhs else (num_groups, m, k)
         b_shape = (num_groups, n, k) if transpose_rhs else (num_groups, k, n)
-        serves = unsupported_reason(a_shape, b_shape, dtype, dtype, transpose_rhs=transpose_rhs,
-                                    config=THREE_WG_CONFIG) is None
-        cost = lambda c: tile_cost(c, num_groups, m, n, num_sms)
-        if serves and cost(THREE_WG_CONFIG) <= THREE_WG_MAX_COST_RATIO * cost(DEFAULT_CONFIG):
+        if unsupported_reason(a_shape, b_shape, dtype, dtype, transpose_lhs=transpose_lhs,
+                              transpose_rhs=transpose_rhs, config=THREE_WG_CONFIG) is None:
             return THREE_WG_CONFIG
     if not (transpose_lhs or transpose_rhs):   # the backward products are not measured yet
         # With ping-pong a work item is one warpgroup's tile (its CTA tile), half a default CTA

@@ -155,9 +155,9 @@ def test_wave_fill_and_the_ping_pong_choice():
 
 def test_three_warpgroup_choice():
     """select_config takes 192 x 128 tiles of three warpgroups where tile_cost (waves x tile
-    area) promises at most 0.85 of the default's time: the 1b products with n = 2048 or 8192 at
-    G = 1, forward and dx (the H200 A/B: 1.20-1.30x the default's speed there); not for dw (x
-    read transposed) or G > 1, which have not run on the GPU with it."""
+    area) promises at most 0.85 of the default's time, at any G and for every product: the 1b
+    products with few tiles (the H200 A/B: 1.20-1.30x the default's speed at G = 1), and no
+    others (where the model promised no gain, the A/B found none)."""
     pick = lambda *dims, tl=False, tr=False: mgpu_kernel.select_config(
         *dims, transpose_lhs=tl, transpose_rhs=tr, num_sms=132)
     three = mgpu_kernel.THREE_WG_CONFIG
@@ -166,11 +166,14 @@ def test_three_warpgroup_choice():
     assert pick(1, 1152, 8192, 2048) == three                      # 1b down
     assert pick(1, 1152, 16384, 2048, tr=True) == three            # 1b gate/up dx
     assert pick(1, 1152, 2048, 8192, tr=True) == three             # 1b down dx
-    assert pick(1, 2048, 1152, 2048, tl=True) != three             # dw
+    assert pick(1, 2048, 1152, 3072, tl=True) == three             # 1b qkv dw: 264 vs 192 tiles
+    assert pick(1, 3072, 2176, 3072, tl=True) == three             # 3b o dw
+    assert pick(1, 2048, 1152, 2048, tl=True) != three             # 1b o dw: 2 waves vs 1
     assert pick(1, 1152, 2048, 3072) != three                      # 144 tiles: two waves
     assert pick(1, 1152, 2048, 16384) == mgpu_kernel.PINGPONG_CONFIG   # cost 0.9: ping-pong
+    assert pick(4, 1152, 2048, 2048) == three                      # 384 vs 288 tiles: 3 waves
+    assert pick(8, 1152, 2048, 2048) != three                      # 6 vs 5 waves: cost 0.9
     assert pick(16, 1152, 2048, 2048) == mgpu_kernel.DEFAULT_CONFIG    # even waves
-    assert pick(2, 1152, 2048, 2048) != three                      # G > 1: not on the GPU yet
     assert pick(1, 64, 2048, 2048) != three                        # too few rows to serve
     why = lambda cfg, swiglu=False: mgpu_kernel.unsupported_reason(
         (1, 1152, 2048), (1, 2048, 4096), jnp.bfloat16, jnp.bfloat16, config=cfg, swiglu=swiglu)

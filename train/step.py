@@ -18,6 +18,17 @@ import optax
 from armt_jax.config import ArmtConfig, LlamaConfig
 from armt_jax.sequential import sequential_forward
 
+# An XLA GPU pass, off by default in XLA (openxla/xla#42808): a buffer that a loop overwrites
+# completely starts as a plain allocation instead of zeros. JAX starts every scan output (the layer
+# scan's residuals and weight gradients, per segment) as zeros; on an H200 the pass took a 1b
+# training step from 0.1640 to 0.1549 s (4096 tokens), same loss (eval/results/train_h200.md).
+GPU_COMPILER_OPTIONS = {"xla_gpu_enable_dus_accumulator_zero_init_elimination": True}
+
+
+def default_compiler_options(backend: str | None = None) -> dict:
+    """The training step's XLA options on `backend` (default: JAX's default backend)."""
+    return dict(GPU_COMPILER_OPTIONS) if (backend or jax.default_backend()) == "gpu" else {}
+
 
 def counted_targets(batch: dict) -> jax.Array:
     """Targets that count in the loss: masked-in tokens after the first, within each length."""
@@ -35,10 +46,9 @@ def make_train_step(cfg: LlamaConfig, armt: ArmtConfig, optimizer: optax.Gradien
     the mean over all counted targets of the batch, however it is split into micro-batches.
     compute_dtype: None computes in the weights' own dtype; a floating dtype (e.g. bf16) computes
     on a copy of the weights in it (module docstring).
-    compiler_options: XLA options for compiling this step only (`jax.jit(compiler_options=...)`),
-    e.g. {"xla_gpu_enable_dus_accumulator_zero_init_elimination": True}, an XLA GPU pass (off by
-    default) meant to drop the zero fills of scan outputs that every step pays per segment
-    (eval/results/train_h200.md); not measured yet.
+    compiler_options: XLA options for compiling this step only (`jax.jit(compiler_options=...)`);
+    None takes `default_compiler_options()` (GPU_COMPILER_OPTIONS on a GPU, none elsewhere), {}
+    compiles with XLA's own defaults.
     """
     if compute_dtype is not None and not jnp.issubdtype(compute_dtype, jnp.floating):
         raise ValueError(f"compute_dtype must be a floating dtype or None, got {compute_dtype!r}")
@@ -58,8 +68,10 @@ def make_train_step(cfg: LlamaConfig, armt: ArmtConfig, optimizer: optax.Gradien
         return out.loss * count, count
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+    if compiler_options is None:
+        compiler_options = default_compiler_options()
 
-    @functools.partial(jax.jit, compiler_options=compiler_options)
+    @functools.partial(jax.jit, compiler_options=compiler_options or None)
     def step(params, opt_state, batch):
         B = batch["tokens"].shape[0]
         if B % accum_steps:
