@@ -32,6 +32,9 @@
 #              shapes at G = 1 and 16 and the 3b/8b shapes at G = 16      (not run yet)
 #   select3    select_config's three-warpgroup choice off G = 1 (1b o, down and dx products at
 #              G = 2, 4; 3b o dw at G = 1): auto against the default, 192 x 128 and cuBLAS  (~3 min)
+#   pingpong_bwd  the ping-pong schedule on the backward products (dw: k = the 1152-2176 rows of
+#              a diagonal step, where a non-overlapped epilogue weighs most; dx), G = 1 and 16:
+#              profiled A/B against the default, "auto" and cuBLAS           (~4 min)
 #   run: bash eval/gpu_session.sh tests fused; bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
@@ -121,9 +124,17 @@ for stage in "${stages[@]}"; do
            timeout 100 python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_groups 1 \
              --ab_products dw --ab_profile --ab_reps 3 --ab_shapes 3b:o,3b:qkv \
              --out "$OUT/select3_3b" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
+    pingpong_bwd) C=default,auto,pingpong_delay1,xla_einsum
+           timeout 250 python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_groups 1,16 \
+             --ab_products dx,dw --ab_profile --ab_reps 3 \
+             --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down --out "$OUT/pingpong_bwd" 2>&1 | quiet \
+             | grep "  ab \|FAIL\|wrote" | cut -c1-200
+           timeout 150 python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_groups 16 \
+             --ab_products dw --ab_profile --ab_reps 3 --ab_shapes 3b:qkv,3b:down,8b:qkv,8b:down \
+             --out "$OUT/pingpong_bwd_big" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
     *) echo "unknown stage $stage (tests, bench, agreement, kernel, kernel_big, fused, diagonal," \
             "train, profile, pingpong, pingpong2, select, train_products, train_profile," \
-            "train_zero_init, wg3, select3)"
+            "train_zero_init, wg3, select3, pingpong_bwd)"
        exit 2 ;;
   esac
 done
