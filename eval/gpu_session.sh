@@ -21,7 +21,7 @@
 #   select     select_config's choice ("auto": ping-pong where it fills the last wave of tiles
 #              better) against the default, ping-pong and cuBLAS at G = 1 and 16   (~3 min)
 #   train_products  a training step's products (G = 1: forward, dx, dw) of the 1b shapes, the
-#              kernel's configs against cuBLAS and the XLA path: profiled A/B    (not run yet)
+#              kernel's configs against cuBLAS and the XLA path: profiled A/B
 #   train_profile  a 1b training step (4096 tokens) traced per gmm_impl: device time by kind
 #              and kernel, and each step's optimised HLO (what the copies and fills are)
 #   train_zero_init  the `train` stage's steps without XLA's GPU pass that replaces the zero
@@ -29,7 +29,7 @@
 #              the training step turns on by default (train.step.GPU_COMPILER_OPTIONS)
 #   wg3        three-warpgroup tiles (192 x 128, 192 x 192): their GPU tests (weight offsets, idle
 #              groups, dw) under a timeout, then a profiled A/B of all three products of the 1b
-#              shapes at G = 1 and 16 and the 3b/8b shapes at G = 16      (not run yet)
+#              shapes at G = 1 and 16 and the 3b/8b shapes at G = 16
 #   select3    select_config's three-warpgroup choice off G = 1 (1b o, down and dx products at
 #              G = 2, 4; 3b o dw at G = 1): auto against the default, 192 x 128 and cuBLAS  (~3 min)
 #   pingpong_bwd  the ping-pong schedule on the backward products (dw: k = the 1152-2176 rows of

@@ -205,7 +205,7 @@ def select_config(
         if unsupported_reason(a_shape, b_shape, dtype, dtype, transpose_lhs=transpose_lhs,
                               transpose_rhs=transpose_rhs, config=THREE_WG_CONFIG) is None:
             return THREE_WG_CONFIG
-    if not (transpose_lhs or transpose_rhs):   # the backward products are not measured yet
+    if not (transpose_lhs or transpose_rhs):   # dx, dw: ping-pong won on 1b dw only (s8 runs)
         # With ping-pong a work item is one warpgroup's tile (its CTA tile), half a default CTA
         # tile; an SM's two warpgroups take turns on its tensor cores, so it works through its
         # items one after another and the last wave is counted in half tiles.
