@@ -38,8 +38,8 @@ Structure (after jax's ``pallas/ops/gpu/hopper_matmul_mgpu.py``):
   ragged last column tile: cooperative schedule only);
 * block sizes: 128 x 256 CTA tiles (two 128 x 128 wgmma warpgroups), k-step
   64, 4 stages, chained tiles (``select_config``; 128 x 128 tiles where n is no
-  multiple of 256; at G = 1, 192 x 128 tiles of three 64 x 128 warpgroups where
-  they fill the SMs' waves clearly better, ``compute_wgs=3``);
+  multiple of 256; 192 x 128 tiles of three 64 x 128 warpgroups where they fill
+  the SMs' waves clearly better, ``compute_wgs=3``);
 * with ``pingpong`` (``pingpong_mgpu.py``) the two compute warpgroups work on
   different tiles instead and take turns on the tensor cores, each one's
   epilogue under the other's main loop; ``select_config`` picks it where its
