@@ -89,6 +89,35 @@ def test_gradients_flow_through_memory(rng):
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
 
+def test_associate_gradient_matches_float64(rng):
+    """memory._associate's hand-written VJP (dA and dz from one product) against the float64
+    derivative of (k A) / (k . z + eps) and k . z + eps, both cotangents random, with DPFP-like
+    keys (non-negative, a quarter non-zero) and one key nearly orthogonal to z (a tiny
+    denominator, the case that amplifies errors)."""
+    G, B, S, K, D = 2, 3, 6, 16, 9
+    keys = np.abs(rng.standard_normal((G, B, S, K))) * (rng.random((G, B, S, K)) < 0.25)
+    z = np.abs(rng.standard_normal((G, B, K)))
+    keys[0, 0, 0] = 0.0
+    keys[0, 0, 0, np.argmin(z[0, 0])] = 1e-3 * rng.random()   # k . z near eps
+    A = rng.standard_normal((G, B, K, D))
+    c_out, c_den = rng.standard_normal((G, B, S, D)), rng.standard_normal((G, B, S))
+    as32 = lambda a: jnp.asarray(a, jnp.float32)
+    (out, den), vjp = jax.vjp(memory._associate, as32(keys), as32(A), as32(z))
+    d_keys, d_A, d_z = vjp((as32(c_out), as32(c_den)))
+
+    den64 = np.einsum("gbsk,gbk->gbs", keys, z) + memory.EPS
+    out64 = np.einsum("gbsk,gbkd->gbsd", keys, A) / den64[..., None]
+    d_num = c_out / den64[..., None]                       # d/d num of <c_out, num / den>
+    d_den = c_den - np.sum(c_out * out64, -1) / den64       # num / den^2 = out / den
+    want = {"out": out64, "den": den64,
+            "d_keys": d_num @ np.swapaxes(A, -1, -2) + d_den[..., None] * z[:, :, None, :],
+            "d_A": np.swapaxes(keys, -1, -2) @ d_num,
+            "d_z": np.einsum("gbsk,gbs->gbk", keys, d_den)}
+    got = {"out": out, "den": den, "d_keys": d_keys, "d_A": d_A, "d_z": d_z}
+    for name, w in want.items():
+        assert ref.rel_err(np.asarray(got[name], np.float64), w) <= 1e-5, name
+
+
 def test_dpfp_definition(rng):
     u = rng.standard_normal((3, 5))
     np.testing.assert_allclose(memory.dpfp(jnp.asarray(u), 3), ref.phi(u, 3), rtol=1e-6)
