@@ -59,7 +59,9 @@ def _associate_fwd(keys, A, z):
 def _associate_bwd(res, cotangents):
     """Autodiff's gradient, with dA and dz from one product: alone, dz = keys^T d_den (one
     column) became a column reduction that XLA fused with d_keys' split-K sum into a 70 us
-    kernel per layer and segment on an H200 (eval/results/train_h200.md)."""
+    kernel per layer and segment on an H200 (eval/results/train_h200.md). dz thereby takes
+    dA's matmul precision (JAX's default: TF32 for float32 on Hopper) instead of an exact
+    float32 sum."""
     keys, A, z, out, den = res
     d_out, d_den = cotangents
     d_num = d_out / den[..., None]
