@@ -316,10 +316,8 @@ SWEEP = {  # named configs for --sweep (the default is select_config's choice)
     # three compute warpgroups splitting 192-row CTA tiles (m = 1152 = 6 x 192): 192 x 128 (96
     # tiles on the 1b n = 2048 products at G = 1, where 128 x 256 gives 72 for 132 SMs) and
     # 192 x 192 (cuBLAS's tile on 8b gate/up; one epilogue slot per warpgroup to fit 4 stages)
-    "wg3_192x128": mgpu_kernel.TuningConfig(tile_m=64, tile_n=128, wg_dimension=M_.M,
-                                            compute_wgs=3),
-    "wg3_192x192": mgpu_kernel.TuningConfig(tile_m=64, tile_n=192, wg_dimension=M_.M,
-                                            compute_wgs=3, epi_slots=1),
+    "wg3_192x128": mgpu_kernel.THREE_WG_CONFIG,
+    "wg3_192x192": dataclasses.replace(mgpu_kernel.THREE_WG_CONFIG, tile_n=192, epi_slots=1),
 }
 
 

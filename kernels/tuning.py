@@ -193,7 +193,7 @@ def select_config(
     1b o 19 vs 24 us (15), 1b down 63-64 vs 82-84 (53), 1b o dx 19-20 vs 24 (15), 1b down dx
     53-54 vs 69-73 (51), 1b qkv dw 24 vs 29 (22); a 1b training step 0.164 s vs 0.171 s. Where
     the model promised no gain, the A/B found none (o, gate_up and down dw: 23 vs 16, 127 vs
-    116, 69 vs 58 us; the G = 16 shapes: 0.96-1.00x of the default's speed).
+    116, 69 vs 58 us; at G = 16, 0.91-1.01x of the default's speed).
     """
     if n % DEFAULT_CONFIG.cta_tile_n and n % NARROW_CONFIG.cta_tile_n == 0:
         return NARROW_CONFIG

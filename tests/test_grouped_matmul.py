@@ -318,9 +318,8 @@ def test_warpgroups_split_rows_with_ragged_n(wgs):
     n) and ragged m: the forward and both gradients (dx reads w transposed, its n = k is ragged
     too; dw lands at the weight offset) against float64, idle groups zero."""
     rng, info = fresh_rng()
-    cfg = mgpu_kernel.TuningConfig(tile_m=64, tile_n=128, compute_wgs=wgs, epi_slots=1,
-                                   wg_dimension=mgpu_kernel.MatmulDimension.M,
-                                   max_concurrent_steps=2)
+    cfg = dataclasses.replace(mgpu_kernel.THREE_WG_CONFIG, compute_wgs=wgs, epi_slots=1,
+                              max_concurrent_steps=2)
     assert cfg.cta_tile_m == 64 * wgs and cfg.cta_tile_n == 128   # float32: <= 208 KiB
     _check_window_gradients(cfg, rng, info, (3, 4, 200, 320, 192), [(0, 3, 1)], max_offset=1)
 
@@ -543,10 +542,8 @@ GPU_CONFIGS = {
     "pingpong": mgpu_kernel.PINGPONG_CONFIG,   # one wgmma in flight
     "pingpong_delay0": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, delay_release=0),
     # three compute warpgroups (192-row CTA tiles); ragged n at the 1b shapes' n = 2048
-    "wg3_192x128": mgpu_kernel.TuningConfig(tile_m=64, tile_n=128, compute_wgs=3,
-                                            wg_dimension=mgpu_kernel.MatmulDimension.M),
-    "wg3_192x192": mgpu_kernel.TuningConfig(tile_m=64, tile_n=192, compute_wgs=3, epi_slots=1,
-                                            wg_dimension=mgpu_kernel.MatmulDimension.M),
+    "wg3_192x128": mgpu_kernel.THREE_WG_CONFIG,
+    "wg3_192x192": dataclasses.replace(mgpu_kernel.THREE_WG_CONFIG, tile_n=192, epi_slots=1),
 }
 
 
