@@ -317,7 +317,7 @@ SWEEP = {  # named configs for --sweep (the default is select_config's choice)
     # tiles on the 1b n = 2048 products at G = 1, where 128 x 256 gives 72 for 132 SMs) and
     # 192 x 192 (cuBLAS's tile on 8b gate/up; one epilogue slot per warpgroup to fit 4 stages)
     "wg3_192x128": mgpu_kernel.THREE_WG_CONFIG,
-    "wg3_192x192": dataclasses.replace(mgpu_kernel.THREE_WG_CONFIG, tile_n=192, epi_slots=1),
+    "wg3_192x192": mgpu_kernel.WIDE_THREE_WG_CONFIG,
 }
 
 

@@ -120,6 +120,15 @@ PINGPONG_CONFIG = TuningConfig(pingpong=True, max_concurrent_steps=6, delay_rele
 THREE_WG_CONFIG = TuningConfig(tile_m=64, tile_n=128, wg_dimension=MatmulDimension.M,
                                compute_wgs=3)
 THREE_WG_MAX_COST_RATIO = 0.85
+# 192 x 192 CTA tiles of three 64 x 192 warpgroups (one epilogue slot each, for shared memory).
+# select_config takes them for the forward and dx products with whole 192-row tiles where
+# ``tile_cost`` promises at most the default's time and the product spans at least
+# WIDE_THREE_WG_MIN_WAVES waves of default tiles: where they were measured faster (the 1b shapes
+# at G = 16, two runs), and not where they were slower (3b / 8b at G = 16: ragged rows or cost
+# 1.01-1.04; every 1b product at G = 1; dw).
+WIDE_THREE_WG_CONFIG = TuningConfig(tile_m=64, tile_n=192, wg_dimension=MatmulDimension.M,
+                                    compute_wgs=3, epi_slots=1)
+WIDE_THREE_WG_MIN_WAVES = 8
 # How much better the ping-pong schedule must fill the last wave of tiles than the default one
 # before select_config picks it: at equal fill it ran 1-2 % slower (3b qkv/o, 1b gate_up).
 PINGPONG_MIN_WAVE_GAIN = 0.025
@@ -194,17 +203,33 @@ def select_config(
     53-54 vs 69-73 (51), 1b qkv dw 24 vs 29 (22); a 1b training step 0.164 s vs 0.171 s. Where
     the model promised no gain, the A/B found none (o, gate_up and down dw: 23 vs 16, 127 vs
     116, 69 vs 58 us; at G = 16, 0.91-1.01x of the default's speed).
+
+    192 x 192 tiles of three warpgroups (``WIDE_THREE_WG_CONFIG``) on the forward and dx
+    products of the 1b shapes at G = 16 (m a multiple of 192, cost <= the default's, >= 8
+    waves of default tiles).
+    H200 A/B, device us, two runs (s8, s9), against "auto" before (default or ping-pong) and
+    cuBLAS: qkv 307 / 301 vs 316 / 308 (cuBLAS 301 / 297), qkv dx 299 / 296 vs 308 / 304
+    (301 / 300), o 207 / 205 vs 211 / 209 (206 / 203), o dx 208 / 205 vs 212 / 210 (204 / 203),
+    gate_up dx 1546 / 1529 vs 1578 / 1557 (1554 / 1525), down 776 / 763 vs 793 / 781
+    (784 / 771). Slower on 3b / 8b at G = 16 (0.3-5.6 %), where the cost model also says so.
     """
     if n % DEFAULT_CONFIG.cta_tile_n and n % NARROW_CONFIG.cta_tile_n == 0:
         return NARROW_CONFIG
     num_sms = num_sms_of_device() if num_sms is None else num_sms
-    if tile_cost(THREE_WG_CONFIG, num_groups, m, n, num_sms) <= (
-            THREE_WG_MAX_COST_RATIO * tile_cost(DEFAULT_CONFIG, num_groups, m, n, num_sms)):
-        a_shape = (num_groups, k, m) if transpose_lhs else (num_groups, m, k)
-        b_shape = (num_groups, n, k) if transpose_rhs else (num_groups, k, n)
-        if unsupported_reason(a_shape, b_shape, dtype, dtype, transpose_lhs=transpose_lhs,
-                              transpose_rhs=transpose_rhs, config=THREE_WG_CONFIG) is None:
-            return THREE_WG_CONFIG
+    a_shape = (num_groups, k, m) if transpose_lhs else (num_groups, m, k)
+    b_shape = (num_groups, n, k) if transpose_rhs else (num_groups, k, n)
+    serves = lambda c: unsupported_reason(a_shape, b_shape, dtype, dtype, config=c,
+                                          transpose_lhs=transpose_lhs,
+                                          transpose_rhs=transpose_rhs) is None
+    cost = lambda c: tile_cost(c, num_groups, m, n, num_sms)
+    if cost(THREE_WG_CONFIG) <= THREE_WG_MAX_COST_RATIO * cost(DEFAULT_CONFIG) and serves(
+            THREE_WG_CONFIG):
+        return THREE_WG_CONFIG
+    if (not transpose_lhs and m % WIDE_THREE_WG_CONFIG.cta_tile_m == 0
+            and cost(WIDE_THREE_WG_CONFIG) <= cost(DEFAULT_CONFIG)
+            and _num_tiles(DEFAULT_CONFIG, num_groups, m, n) >= WIDE_THREE_WG_MIN_WAVES * num_sms
+            and serves(WIDE_THREE_WG_CONFIG)):
+        return WIDE_THREE_WG_CONFIG
     if not (transpose_lhs or transpose_rhs):   # dx, dw: ping-pong won on 1b dw only (s8 runs)
         # With ping-pong a work item is one warpgroup's tile (its CTA tile), half a default CTA
         # tile; an SM's two warpgroups take turns on its tensor cores, so it works through its

@@ -139,14 +139,16 @@ def test_wave_fill_and_the_ping_pong_choice():
     assert fill(133, 132) == pytest.approx(133 / 264) and fill(66, 132) == 0.5
     pick = lambda *dims, **kw: mgpu_kernel.select_config(*dims, num_sms=132, **kw)
     pp, default = mgpu_kernel.PINGPONG_CONFIG, mgpu_kernel.DEFAULT_CONFIG
-    # 16 x 9 x 12 = 1728 CTA tiles: 13.09 waves (fill 0.935); 3456 items: 26.2 (fill 0.970)
-    assert pick(16, 1152, 2048, 3072) == pp
-    assert pick(16, 1152, 2048, 3072, transpose_lhs=True) == default
-    assert pick(16, 1152, 2048, 3072, transpose_rhs=True) == default
+    # 4 x 9 x 12 = 432 CTA tiles: 3.27 waves (fill 0.818); 864 items: 6.5 (fill 0.935). (At
+    # G = 16, 1b qkv's 1728 tiles fill 0.935 against ping-pong's 0.970, but the 192 x 192 tiles,
+    # checked first, take it: test_wide_three_warpgroup_choice.)
+    assert pick(4, 1152, 2048, 3072) == pp
+    assert pick(4, 1152, 2048, 3072, transpose_lhs=True) == default
+    assert pick(4, 1152, 2048, 3072, transpose_rhs=True) == default
     assert pick(1, 1152, 2048, 16384) == pp and pick(1, 2176, 3072, 16384) == pp
-    for dims in [(16, 1152, 2048, 2048), (16, 1152, 2048, 16384), (16, 1152, 8192, 2048),
-                 (16, 2176, 3072, 5120), (16, 2176, 3072, 3072), (16, 4224, 4096, 28672),
-                 (1, 1152, 2048, 3072), (1, 4224, 4096, 28672), (32, 4224, 4096, 6144)]:
+    for dims in [(16, 1152, 2048, 16384), (16, 2176, 3072, 5120), (16, 2176, 3072, 3072),
+                 (16, 4224, 4096, 28672), (1, 1152, 2048, 3072), (1, 4224, 4096, 28672),
+                 (32, 4224, 4096, 6144)]:
         assert pick(*dims) == default, dims
     assert pick(16, 1152, 2048, 384) == mgpu_kernel.NARROW_CONFIG   # n no multiple of 256
     # the rule follows the SM count: 108 SMs (an A100-sized part) fill 1b qkv's tiles alike
@@ -173,7 +175,7 @@ def test_three_warpgroup_choice():
     assert pick(1, 1152, 2048, 16384) == mgpu_kernel.PINGPONG_CONFIG   # cost 0.9: ping-pong
     assert pick(4, 1152, 2048, 2048) == three                      # 384 vs 288 tiles: 3 waves
     assert pick(8, 1152, 2048, 2048) != three                      # 6 vs 5 waves: cost 0.9
-    assert pick(16, 1152, 2048, 2048) == mgpu_kernel.DEFAULT_CONFIG    # even waves
+    assert pick(16, 1152, 2048, 2048) != three                     # even waves
     assert pick(1, 64, 2048, 2048) != three                        # too few rows to serve
     why = lambda cfg, swiglu=False: mgpu_kernel.unsupported_reason(
         (1, 1152, 2048), (1, 2048, 4096), jnp.bfloat16, jnp.bfloat16, config=cfg, swiglu=swiglu)
@@ -184,6 +186,35 @@ def test_three_warpgroup_choice():
     assert why(three, swiglu=True) is not None
     assert mgpu_kernel.tile_cost(three, 1, 1152, 2048, 132) == 192 * 128
     assert mgpu_kernel.tile_cost(mgpu_kernel.DEFAULT_CONFIG, 1, 1152, 8192, 132) == 3 * 128 * 256
+
+
+def test_wide_three_warpgroup_choice():
+    """select_config takes 192 x 192 tiles of three warpgroups for forward and dx products with
+    whole 192-row tiles that span >= 8 waves of default tiles where tile_cost promises no more
+    than the default's time:
+    the 1b products at G = 16 (1-3 % faster than the choice before in two H200 A/B runs), not
+    the 3b / 8b ones (cost 1.01-1.08, 0.3-5.6 % slower), not dw (slower), not G <= 8."""
+    pick = lambda *dims, tl=False, tr=False: mgpu_kernel.select_config(
+        *dims, transpose_lhs=tl, transpose_rhs=tr, num_sms=132)
+    wide = mgpu_kernel.WIDE_THREE_WG_CONFIG
+    assert (wide.cta_tile_m, wide.cta_tile_n) == (192, 192)
+    for dims in [(16, 1152, 2048, 3072), (16, 1152, 2048, 2048), (16, 1152, 8192, 2048)]:
+        assert pick(*dims) == wide, dims                          # 1b qkv, o, down
+    for dims in [(16, 1152, 3072, 2048), (16, 1152, 2048, 2048), (16, 1152, 16384, 2048)]:
+        assert pick(*dims, tr=True) == wide, dims                 # 1b qkv, o, gate/up dx
+    assert pick(16, 1152, 2048, 8192, tr=True) != wide            # 1b down dx: cost 1.03
+    assert pick(16, 1152, 2048, 16384) != wide                    # 1b gate/up: cost 1.01
+    assert pick(16, 2048, 1152, 2048, tl=True) != wide            # 1b o dw
+    for dims in [(16, 2176, 3072, 5120), (16, 2176, 3072, 3072), (16, 4224, 4096, 6144),
+                 (16, 4224, 4096, 4096), (16, 4224, 14336, 4096)]:
+        assert pick(*dims) != wide, dims                          # 3b, 8b
+    for g in (1, 2, 4, 8):
+        assert pick(g, 1152, 2048, 2048) != wide                  # under 8 waves
+    assert pick(1, 2176, 3072, 16384) != wide                     # 3b gate/up: ragged rows
+    assert mgpu_kernel.tile_cost(wide, 16, 1152, 2048, 132) == 8 * 192 * 192
+    why = lambda w_shape, tr: mgpu_kernel.unsupported_reason(
+        (16, 1152, 2048), w_shape, jnp.bfloat16, jnp.bfloat16, transpose_rhs=tr, config=wide)
+    assert why((16, 2048, 3072), False) is None and why((16, 3072, 2048), True) is None
 
 
 def test_pingpong_hopper_tiles_in_interpret_mode():
@@ -543,7 +574,7 @@ GPU_CONFIGS = {
     "pingpong_delay0": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, delay_release=0),
     # three compute warpgroups (192-row CTA tiles); ragged n at the 1b shapes' n = 2048
     "wg3_192x128": mgpu_kernel.THREE_WG_CONFIG,
-    "wg3_192x192": dataclasses.replace(mgpu_kernel.THREE_WG_CONFIG, tile_n=192, epi_slots=1),
+    "wg3_192x192": mgpu_kernel.WIDE_THREE_WG_CONFIG,
 }
 
 
