@@ -143,6 +143,11 @@ def add_train_parser(sub) -> None:
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16: mixed precision (float32 master weights and optimizer state,"
                         " bf16 matmuls: the Pallas kernels on a Hopper GPU)")
+    p.add_argument("--schedule", choices=("sequential", "diagonal"), default="sequential",
+                   help="the forward the loss runs through (same loss and gradients; diagonal"
+                        " runs a diagonal's layers as grouped matmuls)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="bitwise reproducible steps on a GPU (XLA's deterministic ops; slower)")
     p.add_argument("--out", type=Path, required=True, help="metrics.jsonl and checkpoints go here")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_train)
@@ -157,6 +162,7 @@ def run_train(args) -> int:
     from eval.babilong import build_sample, read_babi, read_books
     from train.data import batches, qa_example
     from train.loop import fit
+    from train.step import default_compiler_options
 
     params, cfg, armt, tokenizer = _load_for_text(args, "train")
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids
@@ -178,7 +184,8 @@ def run_train(args) -> int:
                      np.random.default_rng(args.seed))
     _, history = fit(params, cfg, armt, stream, steps=args.steps, optimizer=optimizer,
                      accum_steps=args.accum_steps, out_dir=args.out,
-                     checkpoint_every=args.checkpoint_every,
+                     checkpoint_every=args.checkpoint_every, schedule=args.schedule,
+                     compiler_options=default_compiler_options(deterministic=args.deterministic),
                      compute_dtype=None if args.compute_dtype == "float32" else jnp.bfloat16)
     print(f"final loss {history[-1]['loss']:.4f}; metrics and checkpoints in {args.out}")
     return 0

@@ -17,6 +17,10 @@ Compilation: the input is padded to a bucket of segments (powers of two) and the
 traced value, so every length within a bucket reuses one program; the step loop is a `while_loop`
 whose trip count is the true number of steps, so padding costs memory (token and output buffers)
 but no compute.
+
+Training (`compute_loss=True`): the same step runs in a `lax.scan` over all N + L - 1 steps of the
+input (reverse-mode differentiable, each step rematerialised with `remat`), the finished segments
+are its outputs and the loss a second scan over them, one segment's logits at a time.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from armt_jax.armt import (ArmtOutput, armt_layer_group, check_output, check_tokens, layer_weights,
-                           segment_input, sequence_lengths)
+from armt_jax.armt import (ArmtOutput, Segmentation, armt_layer_group, check_output, check_tokens,
+                           cross_entropy_sums, layer_weights, segment, segment_input,
+                           sequence_lengths)
 from armt_jax.config import ArmtConfig, LlamaConfig
 from armt_jax.layers import head, rope_tables
 from armt_jax.memory import state_dtype, zero_state
@@ -39,18 +44,40 @@ def bucket_segments(num_segments: int) -> int:
 
 
 def diagonal_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, armt: ArmtConfig, *,
-                     output: str = "logits", lengths: jax.Array | None = None, attn_impl=None,
-                     gmm_impl="auto", bucket: int | None = None) -> ArmtOutput:
+                     output: str = "logits", lengths: jax.Array | None = None,
+                     loss_mask: jax.Array | None = None, compute_loss: bool = False,
+                     remat: bool = False, attn_impl=None, gmm_impl="auto",
+                     bucket: int | None = None) -> ArmtOutput:
     """Same results as `sequential_forward` (outputs: "logits", "last_logits", "hidden", "none";
-    per-sequence `lengths` as there).
+    per-sequence `lengths`, `loss_mask` and `compute_loss` as there).
 
-    bucket: segments to size the program for (default: next power of two of the segment count).
+    compute_loss (training): the mean masked next-token cross entropy, differentiable; it takes
+    output="none" (the loss is summed segment by segment, no logits kept) and runs a scan over
+    every step of the input's own segment count (no bucket, one program per length). remat:
+    recompute each diagonal step in the backward pass.
+    bucket: segments to size an inference program for (default: next power of two of the
+    segment count).
     """
     check_output(output)
     check_tokens(tokens)
     B, n = tokens.shape
     if n == 0:
         raise ValueError("tokens has length 0")
+    if compute_loss:
+        if output != "none":
+            raise ValueError(f"diagonal_forward computes the loss with output='none' only, got "
+                             f"output={output!r} (sequential_forward returns both)")
+        if bucket is not None:
+            raise ValueError("bucket sizes inference programs; compute_loss runs the input's own "
+                             "segment count")
+        seq_len = sequence_lengths(tokens, lengths)
+        seg = segment(tokens, armt.segment_size, loss_mask, seq_len)
+        loss_sum, count, state = _diagonal_loss_core(params, seg, seq_len, cfg=cfg, armt=armt,
+                                                     remat=remat, attn_impl=attn_impl,
+                                                     gmm_impl=gmm_impl)
+        return ArmtOutput(None, loss_sum / jnp.maximum(count, 1.0), state)
+    if loss_mask is not None:
+        raise ValueError("loss_mask is given but compute_loss is False")
     T = armt.segment_size
     N = -(-n // T)
     Nb = bucket_segments(N) if bucket is None else bucket
@@ -66,30 +93,20 @@ def diagonal_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, armt: Ar
     return ArmtOutput(out, None, state)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "armt", "output", "attn_impl", "gmm_impl",
-                                             "idle_fill"))
-def _diagonal_core(params, tokens, seq_len, *, cfg: LlamaConfig, armt: ArmtConfig, output: str,
-                   attn_impl, gmm_impl, idle_fill: float = 0.0):
-    """tokens [B, Nb*T] (padded), seq_len [B]: true lengths (traced). Returns (padded output, final
-    state).
-
-    idle_fill: the value idle slots start with (tests use NaN to prove it cannot leak).
-    """
-    L, T, M, D = cfg.num_hidden_layers, armt.segment_size, armt.num_mem_tokens, cfg.hidden_size
-    B, padded_len = tokens.shape
+def _diagonal_step(params, tokens, seq_len, *, cfg: LlamaConfig, armt: ArmtConfig, attn_impl,
+                   gmm_impl):
+    """The step of the diagonal loop, `step(k, x_buf, state) -> (x_buf, state, finished)`, for
+    tokens [B, N*T] (padded) and true lengths seq_len [B]; finished [B, T, D] is the final
+    activation of segment k - (L-1) (garbage while k < L-1). Also returns the true number of
+    segments (traced). Both the inference loop and the training scan run it."""
+    L, T, M = cfg.num_hidden_layers, armt.segment_size, armt.num_mem_tokens
+    padded_len = tokens.shape[1]
     dtype = params["embed"].dtype
     lp, mp = layer_weights(params)
     cos, sin = rope_tables(cfg, jnp.arange(T + M), dtype)
     seq_segments = (seq_len + T - 1) // T                     # [B]
     num_segments = jnp.max(seq_segments)
     slots = jnp.arange(L)
-
-    if output in ("logits", "hidden"):
-        width = cfg.vocab_size if output == "logits" else D
-        out_dtype = jnp.promote_types(dtype, jnp.float32) if output == "logits" else dtype
-        out0 = jnp.zeros((B, padded_len, width), out_dtype)
-    else:
-        out0 = jnp.zeros((B, T, D), dtype)          # last finished segment's final activations
 
     # Ramp-up and ramp-down steps have fewer active slots than L (and N < L never fills them):
     # such a step runs on a window of the next size in `windows` that holds its active range,
@@ -127,8 +144,7 @@ def _diagonal_core(params, tokens, seq_len, *, cfg: LlamaConfig, armt: ArmtConfi
         put = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, start, axis=0)
         return x_buf, x_w[w - 1], jax.tree.map(put, state, new_w)
 
-    def step(carry):
-        k, x_buf, state, out = carry
+    def step(k, x_buf, state):
         seg = k - slots                                              # segment held by each slot
         active = (seg >= 0)[:, None] & (seg[:, None] < seq_segments[None, :])   # [L, B]
         lengths = jnp.clip(seq_len[None, :] - seg[:, None] * T, 0, T)          # [L, B]
@@ -142,28 +158,95 @@ def _diagonal_core(params, tokens, seq_len, *, cfg: LlamaConfig, armt: ArmtConfi
         x_buf, last_out, state = jax.lax.switch(
             window, [functools.partial(run_window, w) for w in windows],
             x_buf, state, lengths, seg == 0, active, lo, hi)
+        return x_buf, state, last_out[:, :T]
 
+    return step, num_segments
+
+
+def _initial_carry(cfg: LlamaConfig, armt: ArmtConfig, batch: int, dtype, idle_fill: float):
+    """x_buf[l] is slot l's input for the coming step. Outputs are written one slot up in place, so
+    the buffer never shifts, and a full step reads it whole (no copy per step)."""
+    L, S, D = cfg.num_hidden_layers, armt.segment_size + armt.num_mem_tokens, cfg.hidden_size
+    return (jnp.full((L, batch, S, D), idle_fill, dtype),
+            zero_state(L, batch, armt.d_key, D, state_dtype(dtype)))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "armt", "output", "attn_impl", "gmm_impl",
+                                             "idle_fill"))
+def _diagonal_core(params, tokens, seq_len, *, cfg: LlamaConfig, armt: ArmtConfig, output: str,
+                   attn_impl, gmm_impl, idle_fill: float = 0.0):
+    """tokens [B, Nb*T] (padded), seq_len [B]: true lengths (traced). Returns (padded output, final
+    state).
+
+    idle_fill: the value idle slots start with (tests use NaN to prove it cannot leak).
+    """
+    L, T, D = cfg.num_hidden_layers, armt.segment_size, cfg.hidden_size
+    B, padded_len = tokens.shape
+    dtype = params["embed"].dtype
+    step, num_segments = _diagonal_step(params, tokens, seq_len, cfg=cfg, armt=armt,
+                                        attn_impl=attn_impl, gmm_impl=gmm_impl)
+    seq_segments = (seq_len + T - 1) // T                     # [B]
+
+    if output in ("logits", "hidden"):
+        width = cfg.vocab_size if output == "logits" else D
+        out_dtype = jnp.promote_types(dtype, jnp.float32) if output == "logits" else dtype
+        out0 = jnp.zeros((B, padded_len, width), out_dtype)
+    else:
+        out0 = jnp.zeros((B, T, D), dtype)          # last finished segment's final activations
+
+    def body(carry):
+        k, x_buf, state, out = carry
+        x_buf, state, finished = step(k, x_buf, state)
         # Slot L-1 finishes segment k-L+1. During ramp-up that is negative and the write lands on
         # segment 0's rows, which segment 0 overwrites later: a plain in-place update, no cond
         # (a cond around the update would copy the whole output buffer every step).
-        finished = last_out[:, :T]
         if output in ("logits", "hidden"):
             done = jnp.maximum(k - (L - 1), 0)
             out = jax.lax.dynamic_update_slice_in_dim(
                 out, head(params, finished, cfg, output).astype(out.dtype), done * T, axis=1)
         else:   # keep each sequence's own last segment
-            is_last = seg[L - 1] == seq_segments - 1                           # [B]
+            is_last = k - (L - 1) == seq_segments - 1                           # [B]
             out = jnp.where(is_last[:, None, None], finished, out)
         return k + 1, x_buf, state, out
 
-    # x_buf[l] is slot l's input for the coming step. Outputs are written one slot up in place, so
-    # the buffer never shifts, and a full step reads it whole (no copy per step).
-    x_buf = jnp.full((L, B, T + M, D), idle_fill, dtype)
-    state = zero_state(L, B, armt.d_key, D, state_dtype(dtype))
-    init = (jnp.asarray(0, jnp.int32), x_buf, state, out0)
-    _, _, state, out = jax.lax.while_loop(lambda c: c[0] < num_segments + L - 1, step, init)
+    init = (jnp.asarray(0, jnp.int32), *_initial_carry(cfg, armt, B, dtype, idle_fill), out0)
+    _, _, state, out = jax.lax.while_loop(lambda c: c[0] < num_segments + L - 1, body, init)
     if output == "last_logits":
         out = head(params, out, cfg, "logits")
     elif output == "none":
         out = None
     return out, state
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "armt", "remat", "attn_impl", "gmm_impl"))
+def _diagonal_loss_core(params, seg: Segmentation, seq_len, *, cfg: LlamaConfig, armt: ArmtConfig,
+                        remat: bool, attn_impl, gmm_impl):
+    """Summed masked cross entropy and its count through the diagonal schedule, and the final
+    state; differentiable: the step loop is a `lax.scan` over all N + L - 1 steps of the padded
+    input (steps past the longest sequence's last are idle), each step rematerialised with remat,
+    and the loss a second scan over the finished segments (a segment's logits at a time)."""
+    L = cfg.num_hidden_layers
+    N, B, T = seg.tokens.shape
+    dtype = params["embed"].dtype
+    tokens = seg.tokens.swapaxes(0, 1).reshape(B, N * T)
+    step, _ = _diagonal_step(params, tokens, seq_len, cfg=cfg, armt=armt, attn_impl=attn_impl,
+                             gmm_impl=gmm_impl)
+
+    def body(carry, k):
+        x_buf, state, finished = step(k, *carry)
+        return (x_buf, state), finished
+
+    def segment_loss(sums, xs):
+        h, targets, mask = xs
+        s, c = cross_entropy_sums(head(params, h, cfg, "logits"), targets, mask)
+        return (sums[0] + s, sums[1] + c), None
+
+    if remat:
+        body, segment_loss = jax.checkpoint(body), jax.checkpoint(segment_loss)
+    (_, state), finished = jax.lax.scan(body, _initial_carry(cfg, armt, B, dtype, 0.0),
+                                        jnp.arange(N + L - 1))
+    # Step k finishes segment k - (L-1): the first L-1 steps finish none.
+    zero = jnp.zeros((), jnp.float32)
+    (loss_sum, count), _ = jax.lax.scan(segment_loss, (zero, zero),
+                                        (finished[L - 1:], seg.targets, seg.target_mask))
+    return loss_sum, count, state

@@ -1,7 +1,9 @@
 """Training-step benchmark: one Optax step of `train.step` with the grouped matmuls on XLA
 (`gmm_impl="xla"`) and on the kernels of `kernels/` (`"auto"`: on a Hopper GPU the grouped matmul
 and the fused gate/up + SwiGLU, with their custom VJPs, wherever the kernel serves the shape;
-`--impls pallas`, GPU only: every grouped product on the kernel, an error where it cannot).
+`--impls pallas`, GPU only: every grouped product on the kernel, an error where it cannot), with
+the loss through the sequential schedule (G = 1 products, a layer at a time) or, with `--schedules
+diagonal`, through diagonal batching (every layer of a diagonal in one grouped product).
 
 Setting: the sizes of `eval.bench` (1b = Llama-3.2-1B shapes, T = 1024, M = 128, d_mem = 64),
 random weights with random W_mv held in float32 (master weights and AdamW state), computed in
@@ -46,9 +48,10 @@ def make_batch(cfg, batch: int, n: int, seed: int = 0) -> dict:
 
 def bench_length(cfg, armt, params, n: int, batch: int, impls, reps: int, dense: float,
                  attn_impl, compute_dtype, profile_dir: Path | None = None,
-                 dump_hlo: bool = False, compiler_options: dict | None = None) -> list[dict]:
-    """Rows for one length: every impl compiled and checked, then timed in rotated rounds;
-    with profile_dir, one more step of each is traced (device time by kind and kernel, with
+                 dump_hlo: bool = False, compiler_options: dict | None = None,
+                 schedules=("sequential",)) -> list[dict]:
+    """Rows for one length: every (schedule, impl) compiled and checked, then timed in rotated
+    rounds; with profile_dir, one more step of each is traced (device time by kind and kernel, with
     source lines; eval.profile's tables) and its summary written there, with dump_hlo also
     each step's optimised HLO (gzip; e.g. to find what a copy kernel copies)."""
     import jax
@@ -61,74 +64,78 @@ def bench_length(cfg, armt, params, n: int, batch: int, impls, reps: int, dense:
     opt_state = optimizer.init(params)
     data = jax.device_put(make_batch(cfg, batch, n))
     steps, compile_s, first = {}, {}, {}
-    for impl in impls:
-        step = make_train_step(cfg, armt, optimizer, attn_impl=attn_impl, gmm_impl=impl,
-                               compute_dtype=compute_dtype, compiler_options=compiler_options)
+    variants = [(schedule, impl) for schedule in schedules for impl in impls]
+    for v in variants:
+        step = make_train_step(cfg, armt, optimizer, attn_impl=attn_impl, gmm_impl=v[1],
+                               compute_dtype=compute_dtype, compiler_options=compiler_options,
+                               schedule=v[0])
         t0 = time.perf_counter()
-        steps[impl] = step.lower(params, opt_state, data).compile()
-        compile_s[impl] = time.perf_counter() - t0
-        _, _, metrics = steps[impl](params, opt_state, data)
-        first[impl] = {k: float(v) for k, v in metrics.items()}
-    samples = {impl: [] for impl in impls}
+        steps[v] = step.lower(params, opt_state, data).compile()
+        compile_s[v] = time.perf_counter() - t0
+        _, _, metrics = steps[v](params, opt_state, data)
+        first[v] = {k: float(x) for k, x in metrics.items()}
+    samples = {v: [] for v in variants}
     for r in range(reps):
-        for impl in impls[r % len(impls):] + impls[:r % len(impls)]:
+        for v in variants[r % len(variants):] + variants[:r % len(variants)]:
             t0 = time.perf_counter()
-            jax.block_until_ready(steps[impl](params, opt_state, data))
-            samples[impl].append(time.perf_counter() - t0)
+            jax.block_until_ready(steps[v](params, opt_state, data))
+            samples[v].append(time.perf_counter() - t0)
     profiles = {}
     if profile_dir is not None:
         from eval.profile import kernel_sources, print_breakdown, traced_kernel_times
         profile_dir.mkdir(parents=True, exist_ok=True)
-        for impl in impls:
+        for v in variants:
             times, _ = traced_kernel_times(
-                lambda: jax.block_until_ready(steps[impl](params, opt_state, data)), 1)
-            hlo = steps[impl].as_text()
-            profiles[impl] = print_breakdown(
-                f"training step, gmm_impl={impl}, {n} tokens x {batch}", times, 1,
-                kernel_sources(hlo), top=25)
-            (profile_dir / f"train_profile_{impl}_{n}.json").write_text(
-                json.dumps(profiles[impl], indent=1))
+                lambda: jax.block_until_ready(steps[v](params, opt_state, data)), 1)
+            hlo = steps[v].as_text()
+            profiles[v] = print_breakdown(
+                f"training step, {v[0]} schedule, gmm_impl={v[1]}, {n} tokens x {batch}",
+                times, 1, kernel_sources(hlo), top=25)
+            tag = v[1] if v[0] == "sequential" else f"{v[0]}_{v[1]}"
+            (profile_dir / f"train_profile_{tag}_{n}.json").write_text(
+                json.dumps(profiles[v], indent=1))
             if dump_hlo:
-                with gzip.open(profile_dir / f"train_hlo_{impl}_{n}.txt.gz", "wt") as f:
+                with gzip.open(profile_dir / f"train_hlo_{tag}_{n}.txt.gz", "wt") as f:
                     f.write(hlo)
     lm_head = 2 * n * cfg.hidden_size * cfg.vocab_size
     flops = 3 * batch * (model_flops("sequential", n, cfg, armt) + lm_head)
     device = jax.devices()[0]
     rows = []
-    for impl in impls:
-        seconds = statistics.median(samples[impl])
-        ref = first.get("xla", first[impls[0]])
+    ref = first.get(("sequential", "xla"), first[variants[0]])
+    for v in variants:
+        seconds = statistics.median(samples[v])
         rows.append({
-            "gmm_impl": impl, "compute_dtype": jnp.dtype(compute_dtype).name, "tokens": n,
-            "batch": batch, "seconds": seconds,
-            "runs": samples[impl], "tokens_per_s": batch * n / seconds,
+            "schedule": v[0], "gmm_impl": v[1], "compute_dtype": jnp.dtype(compute_dtype).name,
+            "tokens": n, "batch": batch, "seconds": seconds,
+            "runs": samples[v], "tokens_per_s": batch * n / seconds,
             "train_tflop": flops / 1e12, "tflops": flops / seconds / 1e12,
             "dense_tflops": dense, "frac_of_dense": flops / seconds / 1e12 / dense,
-            "compile_s": compile_s[impl], "compiler_options": compiler_options or {}, **first[impl],
-            **({"device_busy_s": profiles[impl]["busy_s_per_run"],
-                "device_s_by_kind": profiles[impl]["by_kind_s"]} if impl in profiles else {}),
-            "loss_rel_diff": abs(first[impl]["loss"] / ref["loss"] - 1),
-            "grad_norm_rel_diff": abs(first[impl]["grad_norm"] / ref["grad_norm"] - 1),
+            "compile_s": compile_s[v], "compiler_options": compiler_options or {}, **first[v],
+            **({"device_busy_s": profiles[v]["busy_s_per_run"],
+                "device_s_by_kind": profiles[v]["by_kind_s"]} if v in profiles else {}),
+            "loss_rel_diff": abs(first[v]["loss"] / ref["loss"] - 1),
+            "grad_norm_rel_diff": abs(first[v]["grad_norm"] / ref["grad_norm"] - 1),
             "device": device.device_kind, "jax": jax.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         })
-        print(f"{impl:5s} {n:6d} tok x {batch}  {seconds:8.4f} s"
-              f" ({min(samples[impl]):.4f}-{max(samples[impl]):.4f})"
-              f"  {rows[-1]['frac_of_dense']:6.1%} of dense  loss {first[impl]['loss']:.4f}"
-              f"  compile {compile_s[impl]:5.1f} s", flush=True)
+        print(f"{v[0]:10s} {v[1]:5s} {n:6d} tok x {batch}  {seconds:8.4f} s"
+              f" ({min(samples[v]):.4f}-{max(samples[v]):.4f})"
+              f"  {rows[-1]['frac_of_dense']:6.1%} of dense  loss {first[v]['loss']:.4f}"
+              f"  compile {compile_s[v]:5.1f} s", flush=True)
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| gmm_impl | compute | tokens x batch | seconds (median) | min-max | tokens/s | TFLOP/s | of dense"
-             " | speed vs xla | loss | rel. diff. loss / grad norm vs xla (first step) | compile s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    base = {(r["tokens"], r["batch"]): r for r in rows if r["gmm_impl"] == "xla"}
+    lines = ["| schedule | gmm_impl | compute | tokens x batch | seconds (median) | min-max | tokens/s | TFLOP/s | of dense"
+             " | speed vs sequential xla | loss | rel. diff. loss / grad norm vs sequential xla (first step) | compile s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base = {(r["tokens"], r["batch"]): r for r in rows
+            if r["gmm_impl"] == "xla" and r.get("schedule", "sequential") == "sequential"}
     for r in rows:
         b = base.get((r["tokens"], r["batch"]))
         speed = f"{b['seconds'] / r['seconds']:.2f}x" if b else "-"
         lines.append(
-            f"| {r['gmm_impl']} | {r['compute_dtype']} | {r['tokens']} x {r['batch']} | {r['seconds']:.4f} |"
+            f"| {r.get('schedule', 'sequential')} | {r['gmm_impl']} | {r['compute_dtype']} | {r['tokens']} x {r['batch']} | {r['seconds']:.4f} |"
             f" {min(r['runs']):.4f}-{max(r['runs']):.4f} | {r['tokens_per_s']:.0f} |"
             f" {r['tflops']:.3g} | {r['frac_of_dense']:.1%} | {speed} | {r['loss']:.4f} |"
             f" {r['loss_rel_diff']:.1e} / {r['grad_norm_rel_diff']:.1e} | {r['compile_s']:.1f} |")
@@ -145,6 +152,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", nargs="+", type=int, default=[4096, 16384])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--impls", nargs="+", choices=IMPLS, default=["xla", "auto"])
+    ap.add_argument("--schedules", nargs="+", choices=("sequential", "diagonal"),
+                    default=["sequential"], help="the forward each step's loss runs through")
     ap.add_argument("--reps", type=int, default=5, help="timed rounds (each impl once per round)")
     ap.add_argument("--compute-dtype", choices=("bfloat16", "float32"), default="bfloat16")
     ap.add_argument("--out", type=Path, default=Path("out/train_bench.json"))
@@ -179,7 +188,8 @@ def main(argv=None) -> int:
         rows += bench_length(cfg, armt, params, n, args.batch, impls, args.reps, dense, attn,
                              jnp.dtype(args.compute_dtype),
                              args.out.parent if args.profile else None, args.dump_hlo,
-                             {**default_compiler_options(), **dict(args.compiler_option)})
+                             {**default_compiler_options(), **dict(args.compiler_option)},
+                             list(dict.fromkeys(args.schedules)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"setting": f"{args.size} shapes, random float32 master weights (random W_mv) computed"
                          f" in {args.compute_dtype}, AdamW, loss on every token, remat per segment",

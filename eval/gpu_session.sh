@@ -35,6 +35,19 @@
 #   pingpong_bwd  the ping-pong schedule on the backward products (dw: k = the 1152-2176 rows of
 #              a diagonal step, where a non-overlapped epilogue weighs most; dx), G = 1 and 16:
 #              profiled A/B against the default, "auto" and cuBLAS           (~4 min)
+#   reproducibility  a training step's first step in fresh processes (default XLA flags, and with
+#              deterministic ops): the same loss, gradient norm and updated weights bit for bit?
+#              and which per-fusion autotune results differ between processes   (~4 min)
+#   wg3_repeat 192 x 192 tiles against the default, "auto" and cuBLAS on the 1b shapes at G = 16
+#              (forward, dx), 5 rounds: a second run before select_config may take them (~3 min)
+#   train_diagonal  training steps through the sequential and the diagonal schedule (1b, 4096 and
+#              16384 tokens), XLA and kernel grouped matmuls: same first step, time per step
+#   wg3_groups 192 x 192 tiles against the default, "auto" and cuBLAS at G = 2, 4, 8 (1b qkv, o,
+#              down; 3b qkv, o; forward and dx), where a cost rule would take them   (~4 min)
+#   select_wide select_config's 192 x 192 choice: "auto" against the default and cuBLAS on the 1b
+#              shapes at G = 16 and on 1b gate_up / down at G = 2, 4, 8 (forward, dx)  (~4 min)
+#   train_deterministic  the `train` stage's steps (4096 tokens) compiled with XLA's
+#              deterministic ops (train.step.DETERMINISTIC_OPTIONS, `armt train --deterministic`)
 #   run: bash eval/gpu_session.sh tests fused; bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
@@ -132,9 +145,40 @@ for stage in "${stages[@]}"; do
            timeout 150 python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_groups 16 \
              --ab_products dw --ab_profile --ab_reps 3 --ab_shapes 3b:qkv,3b:down,8b:qkv,8b:down \
              --out "$OUT/pingpong_bwd_big" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
+    reproducibility) timeout 320 python3 -m eval.reproducibility --tokens 16384 --processes 3 \
+             --variant default= --variant deterministic=--xla_gpu_deterministic_ops=true \
+             --out /tmp/reproducibility 2>&1 | quiet | tee "$OUT/reproducibility.txt" | cut -c1-400
+           cp /tmp/reproducibility/reproducibility.json "$OUT/" ;;
+    wg3_repeat) timeout 280 python3 eval/bench_grouped_matmul.py --models "" --ab \
+             default,auto,wg3_192x192,xla_einsum --ab_groups 16 --ab_products fwd,dx \
+             --ab_profile --ab_reps 5 --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down \
+             --out "$OUT/wg3_repeat" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
+    train_diagonal) python3 -m eval.bench_train --tokens 4096 16384 --reps 3 \
+             --schedules sequential diagonal --out "$OUT/train_diagonal/train_bench.json" 2>&1 \
+             | quiet | tee "$OUT/train_diagonal.txt" | grep -v "^| " ;;
+    wg3_groups) C=default,auto,wg3_192x192,xla_einsum
+           timeout 200 python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_groups 2,4,8 \
+             --ab_products fwd,dx --ab_profile --ab_reps 3 --ab_shapes 1b:qkv,1b:o,1b:down \
+             --out "$OUT/wg3_groups" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200
+           timeout 120 python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_groups 2,4 \
+             --ab_products fwd,dx --ab_profile --ab_reps 3 --ab_shapes 3b:qkv,3b:o \
+             --out "$OUT/wg3_groups_3b" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
+    select_wide) C=default,auto,xla_einsum
+           timeout 170 python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_groups 16 \
+             --ab_products fwd,dx --ab_profile --ab_reps 3 \
+             --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down --out "$OUT/select_wide" 2>&1 | quiet \
+             | grep "  ab \|FAIL\|wrote" | cut -c1-200
+           timeout 150 python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_groups 2,4,8 \
+             --ab_products fwd,dx --ab_profile --ab_reps 3 --ab_shapes 1b:gate_up,1b:down \
+             --out "$OUT/select_wide_g248" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
+    train_deterministic) python3 -m eval.bench_train --tokens 4096 --reps 3 \
+             --compiler-option xla_gpu_deterministic_ops=true \
+             --out "$OUT/train_deterministic/train_bench.json" 2>&1 | quiet \
+             | tee "$OUT/train_deterministic.txt" | grep -v "^| " ;;
     *) echo "unknown stage $stage (tests, bench, agreement, kernel, kernel_big, fused, diagonal," \
             "train, profile, pingpong, pingpong2, select, train_products, train_profile," \
-            "train_zero_init, wg3, select3, pingpong_bwd)"
+            "train_zero_init, wg3, select3, pingpong_bwd, reproducibility, wg3_repeat," \
+            "train_diagonal, wg3_groups, select_wide, train_deterministic)"
        exit 2 ;;
   esac
 done

@@ -63,6 +63,25 @@ def test_accumulation_equals_one_big_batch(rng):
     assert float(jnp.abs(p1["memory"]["w_mv"] - params["memory"]["w_mv"]).max()) > 0
 
 
+def test_diagonal_schedule_step_equals_sequential(rng):
+    """A training step whose loss runs through diagonal batching, with accumulation over two
+    micro-batches of ragged lengths: the same loss and update as through the sequential schedule
+    (3-4 segments over TINY's 3 layers: ramps and a full step)."""
+    params = random_params(rng, TINY, ACFG)
+    batch = random_batch(rng)
+    sgd = optax.sgd(0.1)
+    got = make_train_step(TINY, ACFG, sgd, accum_steps=2, schedule="diagonal")
+    want = make_train_step(TINY, ACFG, sgd, accum_steps=2)
+    p_got, _, m_got = got(params, sgd.init(params), batch)
+    p_want, _, m_want = want(params, sgd.init(params), batch)
+    np.testing.assert_allclose(m_got["loss"], m_want["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m_got["grad_norm"], m_want["grad_norm"], rtol=1e-5)
+    for a, b, p in zip(jax.tree.leaves(p_got), jax.tree.leaves(p_want), jax.tree.leaves(params)):
+        np.testing.assert_allclose(a - p, b - p, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        make_train_step(TINY, ACFG, sgd, schedule="diagonal_pallas")
+
+
 # 64-dimensional memory keys for comparing bf16 with float32 training: with ACFG's 16, DPFP keys
 # and queries are sparse, and one nearly orthogonal to z (k.z or q.z near 0) makes the memory's
 # division by it amplify bf16 rounding in the update (measured over 600 draws: cosine to the
@@ -120,6 +139,29 @@ def test_default_compiler_options():
     assert step.default_compiler_options("gpu") is not step.GPU_COMPILER_OPTIONS
     assert step.default_compiler_options("cpu") == {}
     assert step.default_compiler_options() == step.default_compiler_options(jax.default_backend())
+    assert step.default_compiler_options("gpu", deterministic=True) == {
+        **step.GPU_COMPILER_OPTIONS, "xla_gpu_deterministic_ops": True}
+    assert step.default_compiler_options("cpu", deterministic=True) == {}
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_gpu_deterministic_step_is_bitwise_reproducible(rng):
+    """With the deterministic options two compilations of a bf16 step and two calls of each give
+    bitwise the same update (across processes: eval/reproducibility.py on the H200)."""
+    from train.step import default_compiler_options
+    params = random_params(rng, TINY, ACFG_WIDE_KEYS)
+    batch = random_batch(rng)
+    sgd = optax.sgd(0.5)
+    results = []
+    for _ in range(2):
+        jax.clear_caches()
+        step = make_train_step(TINY, ACFG_WIDE_KEYS, sgd, compute_dtype=jnp.bfloat16,
+                               compiler_options=default_compiler_options(deterministic=True))
+        results += [step(params, sgd.init(params), batch) for _ in range(2)]
+    first = jax.tree.leaves(results[0])
+    for other in results[1:]:
+        for a, b in zip(first, jax.tree.leaves(other)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
@@ -254,7 +296,8 @@ def test_cli_train_end_to_end(rng, tmp_path, capsys):
     assert cli.main(["train", str(tmp_path / "ckpt"), "--babi", str(DATA / "tasks_1-20_v1-2.tar.gz"),
                      "--books", str(books), "--tasks", "1", "--context-tokens", "40",
                      "--steps", "3", "--batch-size", "2", "--warmup", "1",
-                     "--compute-dtype", "bfloat16", "--out", str(out)]) == 0
+                     "--compute-dtype", "bfloat16", "--schedule", "diagonal", "--deterministic",
+                     "--out", str(out)]) == 0
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [1, 2, 3] and all(np.isfinite(l["loss"]) for l in lines)
     trained = ArmtModel.from_checkpoint(out / "step_3")

@@ -19,12 +19,15 @@ from train.step import make_train_step
 def fit(params: dict, cfg: LlamaConfig, armt: ArmtConfig, batches: Iterator[dict], *,
         steps: int, optimizer: optax.GradientTransformation, accum_steps: int = 1,
         out_dir: str | Path | None = None, checkpoint_every: int = 0,
-        progress: bool = True, compute_dtype=None) -> tuple[dict, list[dict]]:
+        progress: bool = True, compute_dtype=None, schedule: str = "sequential",
+        compiler_options: dict | None = None) -> tuple[dict, list[dict]]:
     """Train for `steps` steps. Writes `out_dir/metrics.jsonl` (one line per step) and Orbax
     checkpoints `out_dir/step_{k}` every `checkpoint_every` steps and at the end.
-    compute_dtype: see `train.step.make_train_step` (bf16: mixed precision)."""
+    compute_dtype, schedule, compiler_options: see `train.step.make_train_step` (bf16: mixed
+    precision; the sequential or the diagonal schedule; XLA options of the step)."""
     step_fn = make_train_step(cfg, armt, optimizer, accum_steps=accum_steps,
-                              compute_dtype=compute_dtype)
+                              compute_dtype=compute_dtype, schedule=schedule,
+                              compiler_options=compiler_options)
     opt_state = optimizer.init(params)
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None:

@@ -1,6 +1,9 @@
-"""The training step: masked next-token loss through the sequential schedule (full backpropagation
-through time across segments, each segment rematerialised), gradient accumulation as a `lax.scan`
-over micro-batches, one Optax update.
+"""The training step: masked next-token loss through the sequential or the diagonal schedule (full
+backpropagation through time across segments; each segment, resp. each diagonal step,
+rematerialised), gradient accumulation as a `lax.scan` over micro-batches, one Optax update.
+
+The two schedules compute the same loss and gradients (tests/test_diagonal.py); the diagonal one
+runs every layer of a diagonal in one grouped matmul (G = L at full load instead of G = 1).
 
 Mixed precision: with `compute_dtype=jnp.bfloat16` the forward and backward run on a bf16 copy of
 the (float32 master) weights, cast inside the differentiated function, so gradients, optimizer state
@@ -16,7 +19,10 @@ import jax.numpy as jnp
 import optax
 
 from armt_jax.config import ArmtConfig, LlamaConfig
+from armt_jax.diagonal import diagonal_forward
 from armt_jax.sequential import sequential_forward
+
+SCHEDULES = {"sequential": sequential_forward, "diagonal": diagonal_forward}
 
 # An XLA GPU pass, off by default in XLA (openxla/xla#42808): a buffer that a loop overwrites
 # completely starts as a plain allocation instead of zeros. JAX starts every scan output (the layer
@@ -26,9 +32,20 @@ from armt_jax.sequential import sequential_forward
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_dus_accumulator_zero_init_elimination": True}
 
 
-def default_compiler_options(backend: str | None = None) -> dict:
-    """The training step's XLA options on `backend` (default: JAX's default backend)."""
-    return dict(GPU_COMPILER_OPTIONS) if (backend or jax.default_backend()) == "gpu" else {}
+# Bitwise reproducible steps on a GPU. By default XLA picks some GEMM algorithms by timing them
+# when it compiles (a choice that can differ from process to process) and some backward ops
+# accumulate with atomics (run to run); a 1b bf16 step (16384 tokens) then gave three different
+# first steps in three processes, and a different gradient on a second call in the same process,
+# while these options made all identical (eval/results/reproducibility_h200.md).
+DETERMINISTIC_OPTIONS = {"xla_gpu_deterministic_ops": True}
+
+
+def default_compiler_options(backend: str | None = None, deterministic: bool = False) -> dict:
+    """The training step's XLA options on `backend` (default: JAX's default backend); with
+    deterministic, also DETERMINISTIC_OPTIONS (on a GPU)."""
+    if (backend or jax.default_backend()) != "gpu":
+        return {}
+    return {**GPU_COMPILER_OPTIONS, **(DETERMINISTIC_OPTIONS if deterministic else {})}
 
 
 def counted_targets(batch: dict) -> jax.Array:
@@ -40,7 +57,8 @@ def counted_targets(batch: dict) -> jax.Array:
 
 def make_train_step(cfg: LlamaConfig, armt: ArmtConfig, optimizer: optax.GradientTransformation,
                     *, accum_steps: int = 1, remat: bool = True, attn_impl=None, gmm_impl="auto",
-                    compute_dtype=None, compiler_options: dict | None = None):
+                    compute_dtype=None, compiler_options: dict | None = None,
+                    schedule: str = "sequential"):
     """A jitted `step(params, opt_state, batch) -> (params, opt_state, metrics)`.
 
     batch: tokens [B, n], loss_mask [B, n], lengths [B]; B must divide by accum_steps. The loss is
@@ -50,7 +68,11 @@ def make_train_step(cfg: LlamaConfig, armt: ArmtConfig, optimizer: optax.Gradien
     compiler_options: XLA options for compiling this step only (`jax.jit(compiler_options=...)`);
     None takes `default_compiler_options()` (GPU_COMPILER_OPTIONS on a GPU, none elsewhere), {}
     compiles with XLA's own defaults.
+    schedule: "sequential" or "diagonal" (SCHEDULES), the forward the loss runs through.
     """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {tuple(SCHEDULES)}, got {schedule!r}")
+    forward = SCHEDULES[schedule]
     if compute_dtype is not None and not jnp.issubdtype(compute_dtype, jnp.floating):
         raise ValueError(f"compute_dtype must be a floating dtype or None, got {compute_dtype!r}")
 
@@ -61,7 +83,7 @@ def make_train_step(cfg: LlamaConfig, armt: ArmtConfig, optimizer: optax.Gradien
                             if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
 
     def loss_sum(params, micro):
-        out = sequential_forward(cast(params), micro["tokens"], cfg, armt, output="none",
+        out = forward(cast(params), micro["tokens"], cfg, armt, output="none",
                                  compute_loss=True, loss_mask=micro["loss_mask"],
                                  lengths=micro["lengths"], remat=remat, attn_impl=attn_impl,
                                  gmm_impl=gmm_impl)
