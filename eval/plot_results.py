@@ -6,7 +6,9 @@
   path, one panel per Llama-1B diagonal shape, with XLA's plain batched matmul at full load
   (eval/results/grouped_matmul_h200.json);
 * grouped_matmul_h200.3b.png, .8b.png: the same for the Llama-3B and 8B shapes
-  (eval/results/grouped_matmul_h200.big.json).
+  (eval/results/grouped_matmul_h200.big.json);
+* train_h200_diagonal.png: seconds per training step at each length, the sequential and the
+  diagonal schedule with XLA and kernel grouped matmuls (eval/results/train_h200_diagonal.json).
 
     python -m eval.plot_results                 # reads and writes eval/results/
 """
@@ -108,6 +110,48 @@ def plot_grouped_matmul(report: dict, path: Path, model: str = "1b", groups: int
     plt.close(fig)
 
 
+def plot_train(report: dict, path: Path) -> None:
+    """Grouped bars: one group per length, one bar per (schedule, gmm_impl), seconds per step."""
+    plt = _pyplot()
+    rows = report["rows"]
+    variants = list(dict.fromkeys((r.get("schedule", "sequential"), r["gmm_impl"]) for r in rows))
+    lengths = sorted({r["tokens"] for r in rows})
+    if not variants:
+        raise ValueError("no training rows to plot")
+    colours = {("sequential", "xla"): "tab:blue", ("sequential", "auto"): "tab:cyan",
+               ("diagonal", "xla"): "tab:orange", ("diagonal", "auto"): "tab:red"}
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.8), squeeze=False)
+    for ax, n in zip(axes[0], lengths, strict=True):
+        base = next((r["seconds"] for r in rows if r["tokens"] == n and r["gmm_impl"] == "xla"
+                     and r.get("schedule", "sequential") == "sequential"), None)
+        for i, v in enumerate(variants):
+            r = next((r for r in rows if r["tokens"] == n
+                      and (r.get("schedule", "sequential"), r["gmm_impl"]) == v), None)
+            if r is None:
+                continue
+            name = f"{v[0]}, {'kernels' if v[1] == 'auto' else v[1]}"
+            ax.bar(i, r["seconds"], color=colours.get(v, "tab:gray"), label=name)
+            lo, hi = min(r["runs"]), max(r["runs"])
+            ax.errorbar(i, r["seconds"], yerr=[[r["seconds"] - lo], [hi - r["seconds"]]],
+                        color="black", capsize=3, lw=1)
+            if base:
+                ax.annotate(f"{base / r['seconds']:.2f}x", (i, hi), ha="center",
+                            va="bottom", fontsize=8, xytext=(0, 4), textcoords="offset points")
+        ax.set_xticks([])
+        ax.set_title(f"{n} tokens x {rows[0]['batch']}", fontsize=9)
+        ax.set_ylim(0, 1.15 * max(r["seconds"] for r in rows if r["tokens"] == n))
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("seconds per training step (median, min-max)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    fig.suptitle(f"Training step, Llama-3.2-1B shapes, bf16 ({rows[0].get('device', '')},"
+                 f" jax {rows[0].get('jax', '?')}, {str(rows[0].get('date', ''))[:10]});"
+                 " labels: speed vs sequential XLA", fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval.plot_results",
                                  description=__doc__.split("\n\n")[0])
@@ -121,7 +165,8 @@ def main(argv=None) -> int:
             ("grouped_matmul_h200.big.json", "grouped_matmul_h200.3b.png",
              functools.partial(plot_grouped_matmul, model="3b")),
             ("grouped_matmul_h200.big.json", "grouped_matmul_h200.8b.png",
-             functools.partial(plot_grouped_matmul, model="8b")))
+             functools.partial(plot_grouped_matmul, model="8b")),
+            ("train_h200_diagonal.json", "train_h200_diagonal.png", plot_train))
     for name, figure, plot in jobs:
         source = args.results / name
         if not source.exists():
