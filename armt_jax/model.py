@@ -61,7 +61,7 @@ class ArmtModel(_ParamsModule):
 
         model = ArmtModel(LlamaConfig(...), ArmtConfig(...), rngs=nnx.Rngs(0))
         out = model(tokens)                           # diagonal schedule, text logits
-        loss = model(tokens, schedule="sequential", output="none", compute_loss=True).loss
+        loss = model(tokens, output="none", compute_loss=True).loss   # the same either schedule
     """
 
     def __init__(self, cfg: LlamaConfig, armt: ArmtConfig, *, rngs: nnx.Rngs | None = None,
@@ -80,10 +80,8 @@ class ArmtModel(_ParamsModule):
                                       compute_loss=compute_loss, loss_mask=loss_mask, **kwargs)
         if schedule != "diagonal":
             raise ValueError(f"schedule must be 'sequential' or 'diagonal', got {schedule!r}")
-        if compute_loss:
-            raise ValueError("the diagonal schedule is for inference; train with "
-                             "schedule='sequential'")
-        return diagonal_forward(params, tokens, self.cfg, self.armt, output=output, **kwargs)
+        return diagonal_forward(params, tokens, self.cfg, self.armt, output=output,
+                                compute_loss=compute_loss, loss_mask=loss_mask, **kwargs)
 
     def generate(self, tokens: jax.Array, **kwargs) -> GenerateOutput:
         """See armt_jax.generate.generate."""

@@ -24,6 +24,11 @@ def test_module_calls_the_functional_core(rng):
     np.testing.assert_allclose(model(tokens).out, want, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="schedule"):
         model(tokens, schedule="parallel")
+    # the loss through either schedule (the diagonal one differentiable too: test_diagonal.py)
+    mask = jnp.asarray(rng.random((2, 21)) < 0.6)
+    losses = [model(tokens, schedule=s, output="none", compute_loss=True, loss_mask=mask).loss
+              for s in ("sequential", "diagonal")]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
 
 
 def test_module_trains_with_nnx_optimizer(rng):
