@@ -48,6 +48,10 @@
 #              shapes at G = 16 and on 1b gate_up / down at G = 2, 4, 8 (forward, dx)  (~4 min)
 #   train_deterministic  the `train` stage's steps (4096 tokens) compiled with XLA's
 #              deterministic ops (train.step.DETERMINISTIC_OPTIONS, `armt train --deterministic`)
+#   train_diagonal_long  the kernels' training steps through both schedules at 32768 and 65536
+#              tokens (where most diagonal steps are full)                       (~7 min)
+#   train_diagonal_profile  one traced step of each schedule (kernels, 16384 tokens): device time
+#              by kind and kernel (what a ramp step's full-size weight gradient costs)
 #   run: bash eval/gpu_session.sh tests fused; bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
@@ -175,10 +179,18 @@ for stage in "${stages[@]}"; do
              --compiler-option xla_gpu_deterministic_ops=true \
              --out "$OUT/train_deterministic/train_bench.json" 2>&1 | quiet \
              | tee "$OUT/train_deterministic.txt" | grep -v "^| " ;;
+    train_diagonal_long) python3 -m eval.bench_train --tokens 32768 65536 --reps 3 --impls auto \
+             --schedules sequential diagonal --out "$OUT/train_diagonal_long/train_bench.json" \
+             2>&1 | quiet | tee "$OUT/train_diagonal_long.txt" | grep -v "^| " ;;
+    train_diagonal_profile) python3 -m eval.bench_train --tokens 16384 --reps 1 --impls auto \
+             --schedules sequential diagonal --profile \
+             --out "$OUT/train_diagonal_profile/train_bench.json" 2>&1 | quiet \
+             | tee "$OUT/train_diagonal_profile.txt" | cut -c1-220 ;;
     *) echo "unknown stage $stage (tests, bench, agreement, kernel, kernel_big, fused, diagonal," \
             "train, profile, pingpong, pingpong2, select, train_products, train_profile," \
             "train_zero_init, wg3, select3, pingpong_bwd, reproducibility, wg3_repeat," \
-            "train_diagonal, wg3_groups, select_wide, train_deterministic)"
+            "train_diagonal, wg3_groups, select_wide, train_deterministic," \
+            "train_diagonal_long, train_diagonal_profile)"
        exit 2 ;;
   esac
 done
