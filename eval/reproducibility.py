@@ -65,7 +65,7 @@ def autotune_entries(cache_dir: Path) -> dict[str, str]:
 
 def parse_variant(text: str) -> tuple[str, str]:
     name, sep, flags = text.partition("=")
-    if not sep or not name:
+    if not sep or not name or name.startswith("-"):
         raise argparse.ArgumentTypeError(f"--variant {text!r}: expected NAME=XLA_FLAGS")
     return name, flags
 

@@ -172,3 +172,31 @@ def test_grouped_matmul_ab_compare_on_cpu():
     assert got == {(f"a {p}", *dims, c) for p, dims in (("dx", (72, 256, 128)),
                                                          ("dw", (128, 72, 256)))
                    for c in ("xla", "interp", "auto", "xla_einsum")}, got
+
+
+def test_reproducibility_summary_counts_outcomes_and_differing_choices():
+    """eval.reproducibility's report: distinct first steps per variant, whether the second call
+    repeated the first, which autotune entries and weight leaves differ between processes."""
+    import argparse
+
+    from eval.reproducibility import parse_variant, summarize
+    run = lambda loss, fp: {"loss": loss, "grad_norm": 1.0, "fingerprint": {"['w']": fp, "['b']": 7}}
+    results = [
+        {"variant": "default", "process": 0, "runs": [run(1.0, 1), run(1.0, 2)],
+         "autotune": {"a.pb": "x", "b.pb": "y"}},
+        {"variant": "default", "process": 1, "runs": [run(1.5, 3), run(1.5, 3)],
+         "autotune": {"a.pb": "x", "b.pb": "z"}},
+        {"variant": "det", "process": 0, "runs": [run(2.0, 5)] * 2, "autotune": {}},
+        {"variant": "det", "process": 1, "runs": [run(2.0, 5)] * 2, "autotune": {}},
+    ]
+    text = summarize(results)
+    assert "default: 2 processes, 2 distinct first steps, repeat in-process identical: False" in text
+    assert "differing between processes: 1" in text and "b.pb: y, z" in text
+    assert "process 1 vs 0: 1 of 2 weight leaves differ: ['w']" in text
+    assert "det: 2 processes, 1 distinct first steps, repeat in-process identical: True" in text
+    assert parse_variant("det=--xla_gpu_deterministic_ops=true") == (
+        "det", "--xla_gpu_deterministic_ops=true")
+    assert parse_variant("plain=") == ("plain", "")
+    for bad in ("--xla_flag", "--xla_gpu_deterministic_ops=true", "=--xla_flag"):
+        with pytest.raises(argparse.ArgumentTypeError, match="NAME=XLA_FLAGS"):
+            parse_variant(bad)
