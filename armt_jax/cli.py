@@ -145,7 +145,8 @@ def add_train_parser(sub) -> None:
                         " bf16 matmuls: the Pallas kernels on a Hopper GPU)")
     p.add_argument("--schedule", choices=("sequential", "diagonal"), default="sequential",
                    help="the forward the loss runs through (same loss and gradients; diagonal"
-                        " runs a diagonal's layers as grouped matmuls)")
+                        " runs a diagonal's layers as grouped matmuls: on an H200 faster at 16384"
+                        " tokens, slower at 4096, eval/results/train_h200.md)")
     p.add_argument("--deterministic", action="store_true",
                    help="bitwise reproducible steps on a GPU (XLA's deterministic ops; slower)")
     p.add_argument("--out", type=Path, required=True, help="metrics.jsonl and checkpoints go here")

@@ -192,7 +192,8 @@ def main(argv=None) -> int:
                              list(dict.fromkeys(args.schedules)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"setting": f"{args.size} shapes, random float32 master weights (random W_mv) computed"
-                         f" in {args.compute_dtype}, AdamW, loss on every token, remat per segment",
+                         f" in {args.compute_dtype}, AdamW, loss on every token, remat per segment"
+                         " (sequential) or per step (diagonal)",
               "command": "python -m eval.bench_train " + " ".join(argv), "rows": rows}
     args.out.write_text(json.dumps(report, indent=1))
     table = markdown_table(rows)
