@@ -237,7 +237,7 @@ def _check_same_gradients(got, want, tol, min_norm=0.0):
 def test_diagonal_loss_and_gradients_equal_sequential(rng, num_segments):
     """Training through the diagonal schedule (a scan over steps, each rematerialised): the loss
     and every weight's gradient are the sequential schedule's, to float32 rounding. Batch 2 with
-    the second sequence ending two segments early and ragged, a random loss mask, random W_mv;
+    the second sequence a segment shorter and ending mid-segment, a random loss mask, random W_mv;
     N < L (ramps only) and N > L (ramp-up, full steps, ramp-down)."""
     acfg = ArmtConfig(segment_size=T, num_mem_tokens=3, d_mem=16)
     params = random_params(rng, TINY, acfg)
