@@ -53,7 +53,9 @@ def diagonal_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, armt: Ar
 
     compute_loss (training): the mean masked next-token cross entropy, differentiable; it takes
     output="none" (the loss is summed segment by segment, no logits kept) and runs a scan over
-    every step of the input's own segment count (no bucket, one program per length). remat:
+    every step of the input's segment count N: one program per N, like the sequential training
+    step (to share one between counts, pad the tokens and pass `lengths`: the extra steps run
+    idle). remat:
     recompute each diagonal step in the backward pass; the backward then keeps each step's slot
     buffer and memory state, (N + L - 1) x (L x B x (T + M) x D activations + the state), where
     the sequential schedule keeps N x the state (Llama-1B shapes, d_mem = 64, 16384 tokens,
