@@ -284,6 +284,24 @@ def test_diagonal_gradients_through_the_kernel_on_gpu(rng):
     _check_same_gradients(grads_k, grads_x, 5e-2)
 
 
+def test_diagonal_loss_of_padded_tokens_with_lengths(rng):
+    """Tokens padded by two segments, with their true lengths: the padded program's extra steps
+    run idle, so the loss and gradients are the unpadded input's (one program can serve several
+    segment counts)."""
+    acfg = ArmtConfig(segment_size=T, num_mem_tokens=3, d_mem=16)
+    params = random_params(rng, TINY, acfg)
+    n = 2 * T + 1
+    tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (2, n)), jnp.int32)
+    lengths = jnp.asarray([n, n - 4], jnp.int32)
+    padded = jnp.pad(tokens, ((0, 0), (0, 2 * T)), constant_values=7)
+    loss, grads = _loss_and_grads(diagonal_forward, params, tokens, TINY, acfg, lengths=lengths,
+                                  gmm_impl="xla")
+    loss_p, grads_p = _loss_and_grads(diagonal_forward, params, padded, TINY, acfg,
+                                      lengths=lengths, gmm_impl="xla")
+    assert abs(float(loss_p) / float(loss) - 1) <= 1e-6
+    _check_same_gradients(grads_p, grads, 1e-5)
+
+
 def test_diagonal_loss_argument_errors(rng):
     acfg = ArmtConfig(segment_size=T, num_mem_tokens=3, d_mem=16)
     params = random_params(rng, TINY, acfg)
