@@ -52,6 +52,9 @@
 #              tokens (where most diagonal steps are full)                       (~7 min)
 #   train_diagonal_profile  one traced step of each schedule (kernels, 16384 tokens): device time
 #              by kind and kernel (what a ramp step's full-size weight gradient costs)
+#   wg3_epilogue  192 x 192 tiles with 3 stages and 2 or 3 epilogue slots per warpgroup (4 stages
+#              leave room for one): their GPU tests under a timeout, then a profiled A/B against
+#              "auto" and cuBLAS on the 1b forward / dx products at G = 16 and 8b qkv / o
 #   run: bash eval/gpu_session.sh tests fused; bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
@@ -186,11 +189,21 @@ for stage in "${stages[@]}"; do
              --schedules sequential diagonal --profile \
              --out "$OUT/train_diagonal_profile/train_bench.json" 2>&1 | quiet \
              | tee "$OUT/train_diagonal_profile.txt" | cut -c1-220 ;;
+    wg3_epilogue) timeout 300 python3 -m pytest -o addopts="" -q -p no:cacheprovider \
+             tests/test_grouped_matmul.py -k "gpu_weight_offset and wg3_192x192_s3" 2>&1 | quiet \
+             | tail -4 | tee "$OUT/wg3_epilogue_tests.txt"
+           grep -q "2 passed" "$OUT/wg3_epilogue_tests.txt" \
+             || { echo "wg3_epilogue: tests did not pass"; continue; }
+           C=auto,wg3_192x192_s3e2,wg3_192x192_s3e3,xla_einsum
+           timeout 250 python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_groups 16 \
+             --ab_products fwd,dx --ab_profile --ab_reps 3 \
+             --ab_shapes 1b:qkv,1b:o,1b:down,8b:qkv,8b:o --out "$OUT/wg3_epilogue" 2>&1 | quiet \
+             | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
     *) echo "unknown stage $stage (tests, bench, agreement, kernel, kernel_big, fused, diagonal," \
             "train, profile, pingpong, pingpong2, select, train_products, train_profile," \
             "train_zero_init, wg3, select3, pingpong_bwd, reproducibility, wg3_repeat," \
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
-            "train_diagonal_long, train_diagonal_profile)"
+            "train_diagonal_long, train_diagonal_profile, wg3_epilogue)"
        exit 2 ;;
   esac
 done
