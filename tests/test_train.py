@@ -277,8 +277,8 @@ def test_loss_goes_down(rng):
     assert losses[-1] < 0.7 * losses[0]
 
 
-@pytest.mark.skipif(not (DATA / "tasks_1-20_v1-2.tar.gz").exists(), reason="no shared bAbI data")
-def test_cli_train_end_to_end(rng, tmp_path, capsys):
+def _cli_train_inputs(rng, tmp_path):
+    """A tiny word-level checkpoint with its tokenizer, and a one-book library."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     words = ["[UNK]"] + sorted({w for w in "mary john sandra daniel went moved travelled journeyed "
                                 "back to the bathroom bedroom garden hallway kitchen office where "
@@ -292,14 +292,39 @@ def test_cli_train_end_to_end(rng, tmp_path, capsys):
     books.mkdir()
     (books / "b.txt").write_text("*** START OF X ***\n" + "Mary went to the garden. " * 200
                                  + "\n*** END OF X ***\n")
-    out = tmp_path / "run"
-    assert cli.main(["train", str(tmp_path / "ckpt"), "--babi", str(DATA / "tasks_1-20_v1-2.tar.gz"),
-                     "--books", str(books), "--tasks", "1", "--context-tokens", "40",
-                     "--steps", "3", "--batch-size", "2", "--warmup", "1",
-                     "--compute-dtype", "bfloat16", "--schedule", "diagonal", "--deterministic",
-                     "--out", str(out)]) == 0
+    args = ["train", str(tmp_path / "ckpt"), "--babi", str(DATA / "tasks_1-20_v1-2.tar.gz"),
+            "--books", str(books), "--tasks", "1", "--context-tokens", "40", "--steps", "3",
+            "--batch-size", "2", "--warmup", "1", "--out", str(tmp_path / "run")]
+    return cfg, args
+
+
+def _check_cli_training_run(out, cfg):
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [1, 2, 3] and all(np.isfinite(l["loss"]) for l in lines)
     trained = ArmtModel.from_checkpoint(out / "step_3")
     assert trained.cfg == cfg     # float32 master weights saved, whatever the compute dtype
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(trained.param_tree()))
+
+
+@pytest.mark.skipif(not (DATA / "tasks_1-20_v1-2.tar.gz").exists(), reason="no shared bAbI data")
+def test_cli_train_end_to_end(rng, tmp_path):
+    cfg, args = _cli_train_inputs(rng, tmp_path)
+    assert cli.main(args + ["--compute-dtype", "bfloat16"]) == 0
+    _check_cli_training_run(tmp_path / "run", cfg)
+
+
+@pytest.mark.skipif(not (DATA / "tasks_1-20_v1-2.tar.gz").exists(), reason="no shared bAbI data")
+def test_cli_train_diagonal_deterministic_in_a_fresh_process(rng, tmp_path):
+    """`armt train --schedule diagonal --deterministic`, run as its own process: inside the full
+    test session, XLA's CPU compiler crashed (SIGABRT, then SIGSEGV, in two runs) compiling this
+    step after the session's earlier compilations, while the same test alone passed every time;
+    a user's process starts fresh like this one."""
+    import subprocess
+    import sys
+    cfg, args = _cli_train_inputs(rng, tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "armt_jax.cli", *args, "--compute-dtype",
+                           "bfloat16", "--schedule", "diagonal", "--deterministic"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "final loss" in proc.stdout
+    _check_cli_training_run(tmp_path / "run", cfg)
