@@ -124,8 +124,9 @@ THREE_WG_MAX_COST_RATIO = 0.85
 # select_config takes them for the forward and dx products with whole 192-row tiles where
 # ``tile_cost`` promises at most the default's time and the product spans at least
 # WIDE_THREE_WG_MIN_WAVES waves of default tiles: where they were measured faster (the 1b shapes
-# at G = 16, two runs), and not where they were slower (3b / 8b at G = 16: ragged rows or cost
-# 1.01-1.04; every 1b product at G = 1; dw).
+# at G = 16, three runs; 1b gate_up at G = 2, 4 and down dx at G = 4, 8, one run), and not where
+# they were slower (3b / 8b at G = 16: ragged rows or cost 1.01-1.04; every 1b product at G = 1;
+# dw).
 WIDE_THREE_WG_CONFIG = TuningConfig(tile_m=64, tile_n=192, wg_dimension=MatmulDimension.M,
                                     compute_wgs=3, epi_slots=1)
 WIDE_THREE_WG_MIN_WAVES = 8
@@ -211,7 +212,9 @@ def select_config(
     cuBLAS: qkv 307 / 301 vs 316 / 308 (cuBLAS 301 / 297), qkv dx 299 / 296 vs 308 / 304
     (301 / 300), o 207 / 205 vs 211 / 209 (206 / 203), o dx 208 / 205 vs 212 / 210 (204 / 203),
     gate_up dx 1546 / 1529 vs 1578 / 1557 (1554 / 1525), down 776 / 763 vs 793 / 781
-    (784 / 771). Slower on 3b / 8b at G = 16 (0.3-5.6 %), where the cost model also says so.
+    (784 / 771); a third run with this choice as "auto" (s9_select_wide): 302, 293, 205, 203,
+    1497, 750 against cuBLAS's 290, 294, 200, 200, 1493, 757. Slower on 3b / 8b at G = 16
+    (0.3-5.6 %), where the cost model also says so.
     """
     if n % DEFAULT_CONFIG.cta_tile_n and n % NARROW_CONFIG.cta_tile_n == 0:
         return NARROW_CONFIG
