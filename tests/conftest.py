@@ -44,6 +44,15 @@ def random_params(rng: np.random.Generator, cfg: LlamaConfig, armt: ArmtConfig |
     return build(expected_shapes(cfg, armt))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+    """Drop JAX's compiled programs after each test module. In one process the full suite
+    compiles thousands of programs; with them all alive, XLA's CPU compiler crashed (SIGSEGV /
+    SIGABRT) late in the session on a step that compiles fine alone."""
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture
 def rng():
     seed = np.random.SeedSequence().entropy
