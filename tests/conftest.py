@@ -46,9 +46,11 @@ def random_params(rng: np.random.Generator, cfg: LlamaConfig, armt: ArmtConfig |
 
 @pytest.fixture(autouse=True, scope="module")
 def _drop_compiled_programs():
-    """Drop JAX's compiled programs after each test module. In one process the full suite
-    compiles thousands of programs; with them all alive, XLA's CPU compiler crashed (SIGSEGV /
-    SIGABRT) late in the session on a step that compiles fine alone."""
+    """Drop JAX's compiled programs after each test module. Each compiled CPU program holds
+    memory maps (its code); with every program of the suite alive, the process's map count
+    climbed past 34000 within test_diagonal alone, and XLA's CPU compiler crashed (SIGSEGV /
+    SIGABRT) late in the session, near Linux's default limit of 65530 maps
+    (vm.max_map_count). After each module the count falls back to about 1500."""
     yield
     jax.clear_caches()
 

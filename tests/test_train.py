@@ -315,10 +315,8 @@ def test_cli_train_end_to_end(rng, tmp_path):
 
 @pytest.mark.skipif(not (DATA / "tasks_1-20_v1-2.tar.gz").exists(), reason="no shared bAbI data")
 def test_cli_train_diagonal_deterministic_in_a_fresh_process(rng, tmp_path):
-    """`armt train --schedule diagonal --deterministic`, run as its own process: inside the full
-    test session, XLA's CPU compiler crashed (SIGABRT, then SIGSEGV, in two runs) compiling this
-    step after the session's earlier compilations, while the same test alone passed every time;
-    a user's process starts fresh like this one."""
+    """`python -m armt_jax.cli train --schedule diagonal --deterministic`, as a user runs it:
+    its own process, bf16 compute."""
     import subprocess
     import sys
     cfg, args = _cli_train_inputs(rng, tmp_path)
