@@ -102,8 +102,8 @@ def _diagonal_step(params, tokens, seq_len, *, cfg: LlamaConfig, armt: ArmtConfi
                    gmm_impl):
     """The step of the diagonal loop, `step(k, x_buf, state) -> (x_buf, state, finished)`, for
     tokens [B, N*T] (padded) and true lengths seq_len [B]; finished [B, T, D] is the final
-    activation of segment k - (L-1) (garbage while k < L-1). Also returns the true number of
-    segments (traced). Both the inference loop and the training scan run it."""
+    activation of segment k - (L-1) (garbage while k < L-1). Also returns each sequence's true
+    number of segments [B] (traced). Both the inference loop and the training scan run it."""
     L, T, M = cfg.num_hidden_layers, armt.segment_size, armt.num_mem_tokens
     padded_len = tokens.shape[1]
     dtype = params["embed"].dtype
@@ -165,7 +165,7 @@ def _diagonal_step(params, tokens, seq_len, *, cfg: LlamaConfig, armt: ArmtConfi
             x_buf, state, lengths, seg == 0, active, lo, hi)
         return x_buf, state, last_out[:, :T]
 
-    return step, num_segments
+    return step, seq_segments
 
 
 def _initial_carry(cfg: LlamaConfig, armt: ArmtConfig, batch: int, dtype, idle_fill: float):
@@ -188,9 +188,8 @@ def _diagonal_core(params, tokens, seq_len, *, cfg: LlamaConfig, armt: ArmtConfi
     L, T, D = cfg.num_hidden_layers, armt.segment_size, cfg.hidden_size
     B, padded_len = tokens.shape
     dtype = params["embed"].dtype
-    step, num_segments = _diagonal_step(params, tokens, seq_len, cfg=cfg, armt=armt,
+    step, seq_segments = _diagonal_step(params, tokens, seq_len, cfg=cfg, armt=armt,
                                         attn_impl=attn_impl, gmm_impl=gmm_impl)
-    seq_segments = (seq_len + T - 1) // T                     # [B]
 
     if output in ("logits", "hidden"):
         width = cfg.vocab_size if output == "logits" else D
@@ -215,7 +214,8 @@ def _diagonal_core(params, tokens, seq_len, *, cfg: LlamaConfig, armt: ArmtConfi
         return k + 1, x_buf, state, out
 
     init = (jnp.asarray(0, jnp.int32), *_initial_carry(cfg, armt, B, dtype, idle_fill), out0)
-    _, _, state, out = jax.lax.while_loop(lambda c: c[0] < num_segments + L - 1, body, init)
+    num_steps = jnp.max(seq_segments) + L - 1
+    _, _, state, out = jax.lax.while_loop(lambda c: c[0] < num_steps, body, init)
     if output == "last_logits":
         out = head(params, out, cfg, "logits")
     elif output == "none":

@@ -18,12 +18,9 @@ import jax.numpy as jnp
 from armt_jax import memory
 from armt_jax.armt import check_tokens, layer_weights, sequence_lengths
 from armt_jax.config import ArmtConfig, LlamaConfig
-from armt_jax.diagonal import diagonal_forward
 from armt_jax.layers import (attention_output, embed, head, mlp, qkv_heads, rms_norm, rope_tables)
 from armt_jax.memory import MemoryState, state_dtype, zero_state
-from armt_jax.sequential import sequential_forward
-
-SCHEDULES = {"sequential": sequential_forward, "diagonal": diagonal_forward}
+from armt_jax.schedules import schedule_forward
 
 
 class GenerateOutput(NamedTuple):
@@ -34,9 +31,7 @@ class GenerateOutput(NamedTuple):
 def prefill(params, tokens, cfg: LlamaConfig, armt: ArmtConfig, *, schedule="diagonal",
             lengths=None, attn_impl=None, gmm_impl="auto") -> MemoryState:
     """Memory state after every segment of `tokens` (through reads and writes)."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {tuple(SCHEDULES)}, got {schedule!r}")
-    forward = SCHEDULES[schedule]
+    forward = schedule_forward(schedule)
     return forward(params, tokens, cfg, armt, output="none", lengths=lengths, attn_impl=attn_impl,
                    gmm_impl=gmm_impl).state
 

@@ -12,11 +12,10 @@ from flax import nnx
 
 from armt_jax.armt import ArmtOutput
 from armt_jax.config import ArmtConfig, LlamaConfig
-from armt_jax.diagonal import diagonal_forward
 from armt_jax.generate import GenerateOutput, generate
 from armt_jax.layers import llama_forward
 from armt_jax.params import check_shapes, init_params
-from armt_jax.sequential import sequential_forward
+from armt_jax.schedules import schedule_forward
 
 _is_variable = lambda x: isinstance(x, nnx.Variable)
 
@@ -74,14 +73,9 @@ class ArmtModel(_ParamsModule):
     def __call__(self, tokens: jax.Array, *, schedule: str = "diagonal", output: str = "logits",
                  compute_loss: bool = False, loss_mask: jax.Array | None = None,
                  **kwargs) -> ArmtOutput:
-        params = self.param_tree()
-        if schedule == "sequential":
-            return sequential_forward(params, tokens, self.cfg, self.armt, output=output,
-                                      compute_loss=compute_loss, loss_mask=loss_mask, **kwargs)
-        if schedule != "diagonal":
-            raise ValueError(f"schedule must be 'sequential' or 'diagonal', got {schedule!r}")
-        return diagonal_forward(params, tokens, self.cfg, self.armt, output=output,
-                                compute_loss=compute_loss, loss_mask=loss_mask, **kwargs)
+        forward = schedule_forward(schedule)
+        return forward(self.param_tree(), tokens, self.cfg, self.armt, output=output,
+                       compute_loss=compute_loss, loss_mask=loss_mask, **kwargs)
 
     def generate(self, tokens: jax.Array, **kwargs) -> GenerateOutput:
         """See armt_jax.generate.generate."""

@@ -314,16 +314,9 @@ SWEEP = {  # named configs for --sweep (the default is select_config's choice)
                         "gm4": dict(grid_minor_dim=M_.M, grid_tile_width=4),
                         "gn4": dict(grid_tile_width=4)}.items()},
     # three compute warpgroups splitting 192-row CTA tiles (m = 1152 = 6 x 192): 192 x 128 (96
-    # tiles on the 1b n = 2048 products at G = 1, where 128 x 256 gives 72 for 132 SMs) and
-    # 192 x 192 (cuBLAS's tile on 8b gate/up; one epilogue slot per warpgroup to fit 4 stages)
-    "wg3_192x128": mgpu_kernel.THREE_WG_CONFIG,
-    "wg3_192x192": mgpu_kernel.WIDE_THREE_WG_CONFIG,
-    # 192 x 192 with 3 stages and 2 or 3 epilogue slots per warpgroup (4 stages leave room for
-    # one): the epilogue's TMA stores of a 64 x 192 warpgroup tile overlap instead of queueing
-    "wg3_192x192_s3e2": dataclasses.replace(mgpu_kernel.WIDE_THREE_WG_CONFIG,
-                                            max_concurrent_steps=3, epi_slots=2),
-    "wg3_192x192_s3e3": dataclasses.replace(mgpu_kernel.WIDE_THREE_WG_CONFIG,
-                                            max_concurrent_steps=3, epi_slots=3),
+    # tiles on the 1b n = 2048 products at G = 1, where 128 x 256 gives 72 for 132 SMs), 192 x
+    # 192 (cuBLAS's tile on 8b gate/up) and its 3-stage variants with more epilogue slots
+    **mgpu_kernel.THREE_WG_VARIANTS,
 }
 
 

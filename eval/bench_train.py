@@ -38,6 +38,20 @@ from eval.profile import parse_compiler_option
 IMPLS = ("xla", "auto", "pallas")
 
 
+def train_setting(size: str):
+    """The benchmark's model: (cfg, armt, float32 master params with random W_mv, the AdamW
+    optimizer and its state, the attention impl: cuDNN on a GPU)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    cfg, armt = bench_config(size)
+    params = jax.tree.map(lambda a: a.astype(jnp.float32), bench_params("sequential", cfg, armt))
+    optimizer = optax.adamw(1e-5)
+    attn = "cudnn" if jax.devices()[0].platform == "gpu" else None
+    return cfg, armt, params, optimizer, optimizer.init(params), attn
+
+
 def make_batch(cfg, batch: int, n: int, seed: int = 0) -> dict:
     import numpy as np
     rng = np.random.default_rng(seed)
@@ -46,8 +60,8 @@ def make_batch(cfg, batch: int, n: int, seed: int = 0) -> dict:
             "lengths": np.full((batch,), n, np.int32)}
 
 
-def bench_length(cfg, armt, params, n: int, batch: int, impls, reps: int, dense: float,
-                 attn_impl, compute_dtype, profile_dir: Path | None = None,
+def bench_length(cfg, armt, params, optimizer, opt_state, n: int, batch: int, impls, reps: int,
+                 dense: float, attn_impl, compute_dtype, profile_dir: Path | None = None,
                  dump_hlo: bool = False, compiler_options: dict | None = None,
                  schedules=("sequential",)) -> list[dict]:
     """Rows for one length: every (schedule, impl) compiled and checked, then timed in rotated
@@ -56,12 +70,9 @@ def bench_length(cfg, armt, params, n: int, batch: int, impls, reps: int, dense:
     each step's optimised HLO (gzip; e.g. to find what a copy kernel copies)."""
     import jax
     import jax.numpy as jnp
-    import optax
 
     from train.step import make_train_step
 
-    optimizer = optax.adamw(1e-5)
-    opt_state = optimizer.init(params)
     data = jax.device_put(make_batch(cfg, batch, n))
     steps, compile_s, first = {}, {}, {}
     variants = [(schedule, impl) for schedule in schedules for impl in impls]
@@ -143,7 +154,6 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    import jax
     import jax.numpy as jnp
 
     ap = argparse.ArgumentParser(prog="python -m eval.bench_train",
@@ -176,16 +186,15 @@ def main(argv=None) -> int:
 
     from train.step import default_compiler_options
 
-    cfg, armt = bench_config(args.size)
     for n in args.tokens:
         if n < 2:
             ap.error(f"--tokens {n}: a training sequence needs at least 2 tokens")
-    params = jax.tree.map(lambda a: a.astype(jnp.float32), bench_params("sequential", cfg, armt))
+    cfg, armt, params, optimizer, opt_state, attn = train_setting(args.size)
     dense = time_dense_matmul(8192 if args.size == "1b" else 512)
-    attn = "cudnn" if jax.devices()[0].platform == "gpu" else None
     rows = []
     for n in sorted(args.tokens):
-        rows += bench_length(cfg, armt, params, n, args.batch, impls, args.reps, dense, attn,
+        rows += bench_length(cfg, armt, params, optimizer, opt_state, n, args.batch, impls,
+                             args.reps, dense, attn,
                              jnp.dtype(args.compute_dtype),
                              args.out.parent if args.profile else None, args.dump_hlo,
                              {**default_compiler_options(), **dict(args.compiler_option)},

@@ -25,18 +25,12 @@ def worker(args) -> dict:
     """One process: compile the step, run it twice on the same inputs, report both."""
     import jax
     import jax.numpy as jnp
-    import optax
 
-    from eval.bench import bench_config, bench_params
-    from eval.bench_train import make_batch
+    from eval.bench_train import make_batch, train_setting
     from train.step import make_train_step
 
-    cfg, armt = bench_config(args.size)
-    params = jax.tree.map(lambda a: a.astype(jnp.float32), bench_params("sequential", cfg, armt))
-    optimizer = optax.adamw(1e-5)
-    opt_state = optimizer.init(params)
+    cfg, armt, params, optimizer, opt_state, attn = train_setting(args.size)
     data = jax.device_put(make_batch(cfg, 1, args.tokens))
-    attn = "cudnn" if jax.devices()[0].platform == "gpu" else None
     step = make_train_step(cfg, armt, optimizer, attn_impl=attn, gmm_impl=args.impl,
                            compute_dtype=jnp.bfloat16)
 

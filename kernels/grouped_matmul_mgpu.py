@@ -78,6 +78,7 @@ from kernels.tuning import (  # noqa: F401
     PINGPONG_MIN_WAVE_GAIN,
     SWIGLU_CONFIG,
     THREE_WG_CONFIG,
+    THREE_WG_VARIANTS,
     WIDE_THREE_WG_CONFIG,
     MatmulDimension,
     TuningConfig,

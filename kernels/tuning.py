@@ -130,6 +130,16 @@ THREE_WG_MAX_COST_RATIO = 0.85
 WIDE_THREE_WG_CONFIG = TuningConfig(tile_m=64, tile_n=192, wg_dimension=MatmulDimension.M,
                                     compute_wgs=3, epi_slots=1)
 WIDE_THREE_WG_MIN_WAVES = 8
+# The three-warpgroup configs the benchmark (eval/bench_grouped_matmul.py) and the GPU tests try
+# by name: the two above, and 192 x 192 with 3 stages, which leaves shared memory for 2 or 3
+# epilogue slots per warpgroup (4 stages leave room for one, so a 64 x 192 warpgroup tile's TMA
+# stores queue). Not chosen by select_config unless named above.
+THREE_WG_VARIANTS = {
+    "wg3_192x128": THREE_WG_CONFIG,
+    "wg3_192x192": WIDE_THREE_WG_CONFIG,
+    **{f"wg3_192x192_s3e{slots}": dataclasses.replace(
+        WIDE_THREE_WG_CONFIG, max_concurrent_steps=3, epi_slots=slots) for slots in (2, 3)},
+}
 # How much better the ping-pong schedule must fill the last wave of tiles than the default one
 # before select_config picks it: at equal fill it ran 1-2 % slower (3b qkv/o, 1b gate_up).
 PINGPONG_MIN_WAVE_GAIN = 0.025

@@ -48,7 +48,8 @@ def random_params(rng: np.random.Generator, cfg: LlamaConfig, armt: ArmtConfig |
 def _drop_compiled_programs():
     """Drop JAX's compiled programs after each test module. Each compiled CPU program holds
     memory maps (its code); with every program of the suite alive, the process's map count
-    climbed past 34000 within test_diagonal alone, and XLA's CPU compiler crashed (SIGSEGV /
+    climbed past 34000 within one test module (sampled every 30 s), and XLA's CPU compiler
+    crashed (SIGSEGV /
     SIGABRT) late in the session, near Linux's default limit of 65530 maps
     (vm.max_map_count). After each module the count falls back to about 1500."""
     yield

@@ -273,9 +273,12 @@ def test_diagonal_gradients_through_the_kernel_equal_sequential(rng):
 @pytest.mark.skipif(not kernels.on_hopper(), reason="needs a Hopper GPU")
 def test_diagonal_gradients_through_the_kernel_on_gpu(rng):
     """bf16 training through the compiled kernels (grouped matmul and fused gate/up VJPs at
-    window offsets, with remat) against the same schedule on XLA matmuls. 64-dimensional memory
-    keys: with 16, sparse DPFP queries nearly orthogonal to z amplify bf16 rounding in W_mq's
-    gradient (7 % between the two paths on one H200 draw, the layers' gradients within 3 %)."""
+    window offsets, with remat) against the same schedule on XLA matmuls. SPEC gives no
+    tolerance for bf16 gradients; the loss is held to 1e-2 (under SPEC's 2e-2 for bf16 outputs)
+    and every gradient to 5e-2. 64-dimensional memory keys: with 16, sparse DPFP queries nearly
+    orthogonal to z amplify bf16 rounding in W_mq's gradient (7.4 % between the two paths on one
+    H200 draw, the layers' gradients within 3 %); with 64 the test passed on the H200 at 5e-2,
+    a bound not tightened since (no GPU run with a tighter one)."""
     params, tokens, cfg, acfg = _kernel_case(rng, hidden=256, segment_size=120, d_mem=64)
     loss_k, grads_k = _loss_and_grads(diagonal_forward, params, tokens, cfg, acfg,
                                       gmm_impl="pallas")

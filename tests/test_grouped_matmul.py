@@ -573,13 +573,7 @@ GPU_CONFIGS = {
     "pingpong": mgpu_kernel.PINGPONG_CONFIG,   # one wgmma in flight
     "pingpong_delay0": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, delay_release=0),
     # three compute warpgroups (192-row CTA tiles); ragged n at the 1b shapes' n = 2048
-    "wg3_192x128": mgpu_kernel.THREE_WG_CONFIG,
-    "wg3_192x192": mgpu_kernel.WIDE_THREE_WG_CONFIG,
-    # 192 x 192 with 3 stages, which leaves shared memory for 2 or 3 epilogue slots per warpgroup
-    "wg3_192x192_s3e2": dataclasses.replace(mgpu_kernel.WIDE_THREE_WG_CONFIG,
-                                            max_concurrent_steps=3, epi_slots=2),
-    "wg3_192x192_s3e3": dataclasses.replace(mgpu_kernel.WIDE_THREE_WG_CONFIG,
-                                            max_concurrent_steps=3, epi_slots=3),
+    **mgpu_kernel.THREE_WG_VARIANTS,
 }
 
 

@@ -19,10 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from armt_jax.config import ArmtConfig, LlamaConfig
-from armt_jax.diagonal import diagonal_forward
-from armt_jax.sequential import sequential_forward
-
-SCHEDULES = {"sequential": sequential_forward, "diagonal": diagonal_forward}
+from armt_jax.schedules import schedule_forward
 
 # An XLA GPU pass, off by default in XLA (openxla/xla#42808): a buffer that a loop overwrites
 # completely starts as a plain allocation instead of zeros. JAX starts every scan output (the layer
@@ -68,11 +65,9 @@ def make_train_step(cfg: LlamaConfig, armt: ArmtConfig, optimizer: optax.Gradien
     compiler_options: XLA options for compiling this step only (`jax.jit(compiler_options=...)`);
     None takes `default_compiler_options()` (GPU_COMPILER_OPTIONS on a GPU, none elsewhere), {}
     compiles with XLA's own defaults.
-    schedule: "sequential" or "diagonal" (SCHEDULES), the forward the loss runs through.
+    schedule: "sequential" or "diagonal" (armt_jax.schedules), the forward the loss runs through.
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {tuple(SCHEDULES)}, got {schedule!r}")
-    forward = SCHEDULES[schedule]
+    forward = schedule_forward(schedule)
     if compute_dtype is not None and not jnp.issubdtype(compute_dtype, jnp.floating):
         raise ValueError(f"compute_dtype must be a floating dtype or None, got {compute_dtype!r}")
 
@@ -84,9 +79,8 @@ def make_train_step(cfg: LlamaConfig, armt: ArmtConfig, optimizer: optax.Gradien
 
     def loss_sum(params, micro):
         out = forward(cast(params), micro["tokens"], cfg, armt, output="none",
-                                 compute_loss=True, loss_mask=micro["loss_mask"],
-                                 lengths=micro["lengths"], remat=remat, attn_impl=attn_impl,
-                                 gmm_impl=gmm_impl)
+                      compute_loss=True, loss_mask=micro["loss_mask"], lengths=micro["lengths"],
+                      remat=remat, attn_impl=attn_impl, gmm_impl=gmm_impl)
         count = counted_targets(micro)
         return out.loss * count, count
 
