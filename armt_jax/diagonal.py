@@ -20,7 +20,10 @@ but no compute.
 
 Training (`compute_loss=True`): the same step runs in a `lax.scan` over all N + L - 1 steps of the
 input (reverse-mode differentiable, each step rematerialised with `remat`), the finished segments
-are its outputs and the loss a second scan over them, one segment's logits at a time.
+are its outputs and the loss a second scan over them, one segment's logits at a time. With remat
+each window size is also its own remat: a differentiated `switch` returns the union of all its
+branches' residuals, zero-filled where a branch does not compute them, so without it every ramp
+step wrote zeros for the full window's activations (42 ms of a 506 ms H200 step at 16384 tokens).
 """
 
 from __future__ import annotations
@@ -59,7 +62,9 @@ def diagonal_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, armt: Ar
     recompute each diagonal step in the backward pass; the backward then keeps each step's slot
     buffer and memory state, (N + L - 1) x (L x B x (T + M) x D activations + the state), where
     the sequential schedule keeps N x the state (Llama-1B shapes, d_mem = 64, 16384 tokens,
-    bf16: 31 x (75 + 50) MB against 16 x 50 MB).
+    bf16: 31 x (75 + 50) MB against 16 x 50 MB). Without remat every step keeps the residuals
+    of every window size (the differentiated switch's union of its branches' residuals): for
+    tests and small inputs.
     bucket: segments to size an inference program for (default: next power of two of the
     segment count).
     """
@@ -99,11 +104,14 @@ def diagonal_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, armt: Ar
 
 
 def _diagonal_step(params, tokens, seq_len, *, cfg: LlamaConfig, armt: ArmtConfig, attn_impl,
-                   gmm_impl):
+                   gmm_impl, remat_windows: bool = False):
     """The step of the diagonal loop, `step(k, x_buf, state) -> (x_buf, state, finished)`, for
     tokens [B, N*T] (padded) and true lengths seq_len [B]; finished [B, T, D] is the final
     activation of segment k - (L-1) (garbage while k < L-1). Also returns each sequence's true
-    number of segments [B] (traced). Both the inference loop and the training scan run it."""
+    number of segments [B] (traced). Both the inference loop and the training scan run it.
+    remat_windows: each window's branch a `jax.checkpoint`, so its residuals for the backward are
+    the switch's operands (shared by all branches) and not its own activations, which every other
+    branch would have to fill with zeros (module docstring)."""
     L, T, M = cfg.num_hidden_layers, armt.segment_size, armt.num_mem_tokens
     padded_len = tokens.shape[1]
     dtype = params["embed"].dtype
@@ -160,8 +168,11 @@ def _diagonal_step(params, tokens, seq_len, *, cfg: LlamaConfig, armt: ArmtConfi
         lo = jnp.maximum(k - num_segments + 1, 0)
         hi = jnp.minimum(k + 1, L)
         window = jnp.searchsorted(jnp.asarray(windows), hi - lo)   # smallest window >= active
+        branches = [functools.partial(run_window, w) for w in windows]
+        if remat_windows:
+            branches = [jax.checkpoint(b) for b in branches]
         x_buf, last_out, state = jax.lax.switch(
-            window, [functools.partial(run_window, w) for w in windows],
+            window, branches,
             x_buf, state, lengths, seg == 0, active, lo, hi)
         return x_buf, state, last_out[:, :T]
 
@@ -235,7 +246,7 @@ def _diagonal_loss_core(params, seg: Segmentation, seq_len, *, cfg: LlamaConfig,
     dtype = params["embed"].dtype
     tokens = seg.tokens.swapaxes(0, 1).reshape(B, N * T)
     step, _ = _diagonal_step(params, tokens, seq_len, cfg=cfg, armt=armt, attn_impl=attn_impl,
-                             gmm_impl=gmm_impl)
+                             gmm_impl=gmm_impl, remat_windows=remat)
 
     def body(carry, k):
         x_buf, state, finished = step(k, *carry)

@@ -55,6 +55,9 @@
 #   wg3_epilogue  192 x 192 tiles with 3 stages and 2 or 3 epilogue slots per warpgroup (4 stages
 #              leave room for one): their GPU tests under a timeout, then a profiled A/B against
 #              "auto" and cuBLAS on the 1b forward / dx products at G = 16 and 8b qkv / o
+#   train_windows  train_diagonal_profile's traced steps (16384 tokens) and the 65536-token steps
+#              of both schedules, after each diagonal window became its own remat (no zero-filled
+#              residuals of the windows a step does not run)                 (~6 min)
 #   run: bash eval/gpu_session.sh tests fused; bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
@@ -199,11 +202,18 @@ for stage in "${stages[@]}"; do
              --ab_products fwd,dx --ab_profile --ab_reps 3 \
              --ab_shapes 1b:qkv,1b:o,1b:down,8b:qkv,8b:o --out "$OUT/wg3_epilogue" 2>&1 | quiet \
              | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
+    train_windows) python3 -m eval.bench_train --tokens 16384 --reps 1 --impls auto \
+             --schedules sequential diagonal --profile \
+             --out "$OUT/train_windows_profile/train_bench.json" 2>&1 | quiet \
+             | tee "$OUT/train_windows_profile.txt" | grep -v "^| " | grep -v "^$" | cut -c1-160 | head -40
+           python3 -m eval.bench_train --tokens 65536 --reps 3 --impls auto \
+             --schedules sequential diagonal --out "$OUT/train_windows_long/train_bench.json" 2>&1 \
+             | quiet | tee "$OUT/train_windows_long.txt" | grep -v "^| " ;;
     *) echo "unknown stage $stage (tests, bench, agreement, kernel, kernel_big, fused, diagonal," \
             "train, profile, pingpong, pingpong2, select, train_products, train_profile," \
             "train_zero_init, wg3, select3, pingpong_bwd, reproducibility, wg3_repeat," \
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
-            "train_diagonal_long, train_diagonal_profile, wg3_epilogue)"
+            "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows)"
        exit 2 ;;
   esac
 done

@@ -79,6 +79,21 @@ def test_bench_train_tiny_on_cpu(tmp_path):
             bench_train.main(["--size", "tiny", *bad, "--out", str(out)])
 
 
+def test_grad_precision_table_on_cpu(capsys):
+    """eval.grad_precision: a row per weight; the diagonal schedule's float32 gradients equal the
+    sequential one's to float32 rounding, the bf16 ones are off by bf16 rounding (not zero: the
+    cast reached the computation)."""
+    from eval import grad_precision
+    assert grad_precision.main(["--size", "tiny", "--tokens", "70"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| [")]
+    assert {r[0].strip() for r in rows} >= {"['layers']['w_qkv']", "['memory']['w_mv']"}
+    for _, _, diag32, seq16, diag16 in rows:
+        assert float(diag32) <= 1e-5 and 1e-4 < float(seq16) < 0.5 and 1e-4 < float(diag16) < 0.5
+    with pytest.raises(SystemExit):
+        grad_precision.main(["--size", "huge"])
+
+
 def test_profile_kinds_and_cpu_run(tmp_path):
     """eval.profile: kernel names from H200 traces land in the right kind; a CPU run writes its
     summary (CPU traces carry no device kernels, so only the wall time is filled)."""
