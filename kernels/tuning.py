@@ -133,7 +133,8 @@ WIDE_THREE_WG_MIN_WAVES = 8
 # The three-warpgroup configs the benchmark (eval/bench_grouped_matmul.py) and the GPU tests try
 # by name: the two above, and 192 x 192 with 3 stages, which leaves shared memory for 2 or 3
 # epilogue slots per warpgroup (4 stages leave room for one, so a 64 x 192 warpgroup tile's TMA
-# stores queue). Not chosen by select_config unless named above.
+# stores queue). Not chosen by select_config unless named above: the 3-stage ones were slower
+# than select_config's choice on 8 of 10 products at G = 16 (1b, 8b; run s10_wg3_epilogue).
 THREE_WG_VARIANTS = {
     "wg3_192x128": THREE_WG_CONFIG,
     "wg3_192x192": WIDE_THREE_WG_CONFIG,
