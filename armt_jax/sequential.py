@@ -29,8 +29,8 @@ def sequential_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, armt: 
     length are padding, and "last_logits" then gives [B, T, V], each sequence's own last segment
     (rows past its length in that segment are padding).
     compute_loss: mean next-token cross entropy over the whole sequence, counting target token i
-    when loss_mask[:, i] is set (default: all) and i < lengths[b]. remat: recompute each segment in
-    the backward pass.
+    when loss_mask[:, i] is set (default: all) and i < lengths[b]. remat: recompute each segment, and
+    its loss, in the backward pass (it keeps N x the memory state and each segment's output).
     """
     check_output(output)
     check_tokens(tokens)
@@ -60,8 +60,14 @@ def sequential_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, armt: 
         x, (A, z) = jax.lax.scan(one_layer, x, (lp, mp, state.A, state.z))
         return MemoryState(A, z), x[0, :, :T]
 
+    def segment_loss(h, tgt, tmask):
+        return cross_entropy_sums(head(params, h, cfg, "logits"), tgt, tmask)
+
     if remat:
+        # The loss too: its backward would otherwise keep each segment's [B, T, V] float32
+        # softmax (Llama's V = 128256: 0.5 GB per 1024-token segment), all N of them.
         run_segment = jax.checkpoint(run_segment)
+        segment_loss = jax.checkpoint(segment_loss)
 
     def step(carry, xs):
         state, last_h, loss_sum, count = carry
@@ -72,15 +78,14 @@ def sequential_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, armt: 
                             jnp.where(running[..., None], new_state.z, state.z))
         last_h = jnp.where(is_last[:, None, None], h, last_h)
         emit = None
-        if compute_loss or output == "logits":
-            logits = head(params, h, cfg, "logits")
-            if compute_loss:
-                s, c = cross_entropy_sums(logits, tgt, tmask)
-                loss_sum, count = loss_sum + s, count + c
-            if output == "logits":
-                emit = logits
-        if output == "hidden":
+        if output == "logits":
+            emit = head(params, h, cfg, "logits")
+        elif output == "hidden":
             emit = head(params, h, cfg, "hidden")
+        if compute_loss:
+            s, c = (cross_entropy_sums(emit, tgt, tmask) if output == "logits"
+                    else segment_loss(h, tgt, tmask))
+            loss_sum, count = loss_sum + s, count + c
         return (state, last_h, loss_sum, count), emit
 
     D, dk = cfg.hidden_size, armt.d_key
