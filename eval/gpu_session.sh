@@ -58,6 +58,11 @@
 #   train_windows  train_diagonal_profile's traced steps (16384 tokens) and the 65536-token steps
 #              of both schedules, after each diagonal window became its own remat (no zero-filled
 #              residuals of the windows a step does not run)                 (~6 min)
+#   wg3_cluster  192 x 192 tiles in 2-CTA clusters (along m: the B tile multicast; along n: the
+#              A tile), as cuBLAS runs: their GPU tests under a timeout, then a profiled A/B
+#              against "auto" and cuBLAS (1b qkv / o / down, 8b qkv / o; forward and dx, G = 16;
+#              a product with an odd number of tiles along the cluster dimension is refused and
+#              reported as a failure: along n, every 1b product but qkv)
 #   run: bash eval/gpu_session.sh tests fused; bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
@@ -209,11 +214,22 @@ for stage in "${stages[@]}"; do
            python3 -m eval.bench_train --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal --out "$OUT/train_windows_long/train_bench.json" 2>&1 \
              | quiet | tee "$OUT/train_windows_long.txt" | grep -v "^| " ;;
+    wg3_cluster) timeout 300 python3 -m pytest -o addopts="" -q -p no:cacheprovider \
+             tests/test_grouped_matmul.py -k "gpu_weight_offset and wg3_192x192_c" 2>&1 | quiet \
+             | tail -4 | tee "$OUT/wg3_cluster_tests.txt"
+           grep -q "2 passed" "$OUT/wg3_cluster_tests.txt" \
+             || { echo "wg3_cluster: tests did not pass"; continue; }
+           C=auto,wg3_192x192_cm,wg3_192x192_cn,xla_einsum
+           timeout 250 python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_groups 16 \
+             --ab_products fwd,dx --ab_profile --ab_reps 3 \
+             --ab_shapes 1b:qkv,1b:o,1b:down,8b:qkv,8b:o --out "$OUT/wg3_cluster" 2>&1 | quiet \
+             | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
     *) echo "unknown stage $stage (tests, bench, agreement, kernel, kernel_big, fused, diagonal," \
             "train, profile, pingpong, pingpong2, select, train_products, train_profile," \
             "train_zero_init, wg3, select3, pingpong_bwd, reproducibility, wg3_repeat," \
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
-            "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows)"
+            "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
+            "wg3_cluster)"
        exit 2 ;;
   esac
 done

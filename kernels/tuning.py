@@ -140,6 +140,12 @@ THREE_WG_VARIANTS = {
     "wg3_192x192": WIDE_THREE_WG_CONFIG,
     **{f"wg3_192x192_s3e{slots}": dataclasses.replace(
         WIDE_THREE_WG_CONFIG, max_concurrent_steps=3, epi_slots=slots) for slots in (2, 3)},
+    # 2-CTA clusters as cuBLAS runs on every diagonal shape (..._2x1 / _1x2 in its kernel names),
+    # on the 192 x 192 tiles: neighbouring row tiles sharing the B tile (m: 1152 = 6 x 192), or
+    # column tiles sharing the A tile (n = 3072: 16 tiles; 2048 is 11, odd: refused). Clusters
+    # were measured only on 128 x 256 tiles (no gain). Not measured on a GPU yet.
+    **{f"wg3_192x192_c{dim.name.lower()}": dataclasses.replace(
+        WIDE_THREE_WG_CONFIG, cluster_dimension=dim) for dim in MatmulDimension},
 }
 # How much better the ping-pong schedule must fill the last wave of tiles than the default one
 # before select_config picks it: at equal fill it ran 1-2 % slower (3b qkv/o, 1b gate_up).

@@ -355,15 +355,22 @@ def test_warpgroups_split_rows_with_ragged_n(wgs):
     _check_window_gradients(cfg, rng, info, (3, 4, 200, 320, 192), [(0, 3, 1)], max_offset=1)
 
 
+@pytest.mark.parametrize("wgs", [2, 3])
 @pytest.mark.parametrize("dim", ["N", "M"])
-def test_two_cta_clusters_with_multicast(dim):
+def test_two_cta_clusters_with_multicast(dim, wgs):
     """Clusters of 2 CTAs on neighbouring tiles sharing one operand tile by TMA multicast:
-    along n (A shared; 4 column tiles) and along m (B shared; 4 row tiles, the last ragged)."""
+    along n (A shared; 4 column tiles) and along m (B shared; 4 row tiles of 64, or 2 of 192
+    with three compute warpgroups, the last ragged)."""
     rng, info = fresh_rng()
     dimension = mgpu_kernel.MatmulDimension[dim]
-    g, m, k, n = (3, 136, 256, 512) if dim == "N" else (3, 232, 256, 256)
+    if wgs == 2:
+        g, m, k, n = (3, 136, 256, 512) if dim == "N" else (3, 232, 256, 256)
+        config = dataclasses.replace(ops.INTERPRET_CONFIG, cluster_dimension=dimension)
+    else:   # 192 x 128 CTA tiles of three 64 x 128 warpgroups, 2 stages (float32 shared memory)
+        g, m, k, n = (3, 136, 256, 512) if dim == "N" else (3, 376, 256, 256)
+        config = dataclasses.replace(mgpu_kernel.THREE_WG_CONFIG, epi_slots=1,
+                                     max_concurrent_steps=2, cluster_dimension=dimension)
     x, w = _operands(rng, g, m, k, n, jnp.float32)
-    config = dataclasses.replace(ops.INTERPRET_CONFIG, cluster_dimension=dimension)
     for lo, hi in [(0, g), (1, 2), _random_range(rng, g)]:
         y = kernels.grouped_matmul(x, w, (lo, hi), impl="interpret", config=config)
         y_ref = kernels.grouped_matmul(x, w, (lo, hi), impl="xla")
@@ -371,8 +378,9 @@ def test_two_cta_clusters_with_multicast(dim):
         _check_idle_zero(y, lo, hi, "output", info)
     # an odd number of tiles along the cluster dimension is refused, naming it
     with pytest.raises(ValueError, match="cluster along"):
-        kernels.grouped_matmul(x[:, :64] if dim == "M" else x, w[..., :384], impl="interpret",
-                               config=config)
+        one_row_tile = 64 if wgs == 2 else 136
+        kernels.grouped_matmul(x[:, :one_row_tile] if dim == "M" else x, w[..., :384],
+                               impl="interpret", config=config)
 
 
 def _assert_one_compilation(x, w, impl, tol, info):
