@@ -73,6 +73,17 @@ export PYTHONUNBUFFERED=1
 quiet() { grep -v "^[WI]0000\|^WARNING: All log"; }
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv,noheader | tee -a "$OUT/device.txt"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/device.txt"
+# wg3_variants STAGE TEST_PATTERN CONFIGS: the GPU tests of three-warpgroup configs under a timeout,
+# then (if both passed) a profiled A/B of them against "auto" and cuBLAS at G = 16.
+wg3_variants() {
+  timeout 300 python3 -m pytest -o addopts="" -q -p no:cacheprovider tests/test_grouped_matmul.py \
+    -k "gpu_weight_offset and $2" 2>&1 | quiet | tail -4 | tee "$OUT/$1_tests.txt"
+  grep -q "2 passed" "$OUT/$1_tests.txt" || { echo "$1: tests did not pass"; return; }
+  timeout 250 python3 eval/bench_grouped_matmul.py --models "" --ab "auto,$3,xla_einsum" \
+    --ab_groups 16 --ab_products fwd,dx --ab_profile --ab_reps 3 \
+    --ab_shapes 1b:qkv,1b:o,1b:down,8b:qkv,8b:o --out "$OUT/$1" 2>&1 | quiet \
+    | grep "  ab \|FAIL\|wrote" | cut -c1-200
+}
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests bench agreement kernel)
 for stage in "${stages[@]}"; do
@@ -197,16 +208,7 @@ for stage in "${stages[@]}"; do
              --schedules sequential diagonal --profile \
              --out "$OUT/train_diagonal_profile/train_bench.json" 2>&1 | quiet \
              | tee "$OUT/train_diagonal_profile.txt" | cut -c1-220 ;;
-    wg3_epilogue) timeout 300 python3 -m pytest -o addopts="" -q -p no:cacheprovider \
-             tests/test_grouped_matmul.py -k "gpu_weight_offset and wg3_192x192_s3" 2>&1 | quiet \
-             | tail -4 | tee "$OUT/wg3_epilogue_tests.txt"
-           grep -q "2 passed" "$OUT/wg3_epilogue_tests.txt" \
-             || { echo "wg3_epilogue: tests did not pass"; continue; }
-           C=auto,wg3_192x192_s3e2,wg3_192x192_s3e3,xla_einsum
-           timeout 250 python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_groups 16 \
-             --ab_products fwd,dx --ab_profile --ab_reps 3 \
-             --ab_shapes 1b:qkv,1b:o,1b:down,8b:qkv,8b:o --out "$OUT/wg3_epilogue" 2>&1 | quiet \
-             | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
+    wg3_epilogue) wg3_variants wg3_epilogue wg3_192x192_s3 wg3_192x192_s3e2,wg3_192x192_s3e3 ;;
     train_windows) python3 -m eval.bench_train --tokens 16384 --reps 1 --impls auto \
              --schedules sequential diagonal --profile \
              --out "$OUT/train_windows_profile/train_bench.json" 2>&1 | quiet \
@@ -214,16 +216,7 @@ for stage in "${stages[@]}"; do
            python3 -m eval.bench_train --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal --out "$OUT/train_windows_long/train_bench.json" 2>&1 \
              | quiet | tee "$OUT/train_windows_long.txt" | grep -v "^| " ;;
-    wg3_cluster) timeout 300 python3 -m pytest -o addopts="" -q -p no:cacheprovider \
-             tests/test_grouped_matmul.py -k "gpu_weight_offset and wg3_192x192_c" 2>&1 | quiet \
-             | tail -4 | tee "$OUT/wg3_cluster_tests.txt"
-           grep -q "2 passed" "$OUT/wg3_cluster_tests.txt" \
-             || { echo "wg3_cluster: tests did not pass"; continue; }
-           C=auto,wg3_192x192_cm,wg3_192x192_cn,xla_einsum
-           timeout 250 python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_groups 16 \
-             --ab_products fwd,dx --ab_profile --ab_reps 3 \
-             --ab_shapes 1b:qkv,1b:o,1b:down,8b:qkv,8b:o --out "$OUT/wg3_cluster" 2>&1 | quiet \
-             | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
+    wg3_cluster) wg3_variants wg3_cluster wg3_192x192_c wg3_192x192_cm,wg3_192x192_cn ;;
     *) echo "unknown stage $stage (tests, bench, agreement, kernel, kernel_big, fused, diagonal," \
             "train, profile, pingpong, pingpong2, select, train_products, train_profile," \
             "train_zero_init, wg3, select3, pingpong_bwd, reproducibility, wg3_repeat," \
