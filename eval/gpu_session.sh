@@ -63,6 +63,9 @@
 #              against "auto" and cuBLAS (1b qkv / o / down, 8b qkv / o; forward and dx, G = 16;
 #              a product with an odd number of tiles along the cluster dimension is refused and
 #              reported as a failure: along n, every 1b product but qkv)
+#   train_seq_remat  the sequential step after its loss became rematerialised too (fb59d53: one
+#              more LM-head matmul per segment in the backward, no [T, V] residual per segment):
+#              both schedules at 65536 tokens, the sequential one at 16384            (~8 min)
 #   run: bash eval/gpu_session.sh tests fused; bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
@@ -217,12 +220,18 @@ for stage in "${stages[@]}"; do
              --schedules sequential diagonal --out "$OUT/train_windows_long/train_bench.json" 2>&1 \
              | quiet | tee "$OUT/train_windows_long.txt" | grep -v "^| " ;;
     wg3_cluster) wg3_variants wg3_cluster wg3_192x192_c wg3_192x192_cm,wg3_192x192_cn ;;
+    train_seq_remat) timeout 330 python3 -m eval.bench_train --tokens 65536 --reps 3 --impls auto \
+             --schedules sequential diagonal --out "$OUT/train_seq_remat/train_bench.json" 2>&1 \
+             | quiet | tee "$OUT/train_seq_remat.txt" | grep -v "^| "
+           timeout 200 python3 -m eval.bench_train --tokens 16384 --reps 3 --impls auto \
+             --schedules sequential --out "$OUT/train_seq_remat_16k/train_bench.json" 2>&1 \
+             | quiet | tee "$OUT/train_seq_remat_16k.txt" | grep -v "^| " ;;
     *) echo "unknown stage $stage (tests, bench, agreement, kernel, kernel_big, fused, diagonal," \
             "train, profile, pingpong, pingpong2, select, train_products, train_profile," \
             "train_zero_init, wg3, select3, pingpong_bwd, reproducibility, wg3_repeat," \
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
-            "wg3_cluster)"
+            "wg3_cluster, train_seq_remat)"
        exit 2 ;;
   esac
 done
