@@ -66,6 +66,9 @@
 #   train_seq_remat  the sequential step after its loss became rematerialised too (fb59d53: one
 #              more LM-head matmul per segment in the backward, no [T, V] residual per segment):
 #              both schedules at 65536 tokens, the sequential one at 16384            (~8 min)
+#   parity_rest  "auto" against cuBLAS on the shapes the s10/s11 A/B runs left out (3b qkv / o /
+#              gate_up / down, 8b gate_up / down, 1b gate_up; forward and dx, G = 16), with the
+#              2-CTA-cluster 192 x 192 tiles where they serve the shape                 (~4 min)
 #   run: bash eval/gpu_session.sh tests fused; bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
@@ -220,6 +223,10 @@ for stage in "${stages[@]}"; do
              --schedules sequential diagonal --out "$OUT/train_windows_long/train_bench.json" 2>&1 \
              | quiet | tee "$OUT/train_windows_long.txt" | grep -v "^| " ;;
     wg3_cluster) wg3_variants wg3_cluster wg3_192x192_c wg3_192x192_cm,wg3_192x192_cn ;;
+    parity_rest) timeout 540 python3 eval/bench_grouped_matmul.py --models "" --ab \
+             auto,wg3_192x192_cm,wg3_192x192_cn,xla_einsum --ab_groups 16 --ab_products fwd,dx \
+             --ab_profile --ab_reps 3 --ab_shapes 3b:qkv,3b:o,3b:gate_up,3b:down,8b:gate_up,8b:down,1b:gate_up \
+             --out "$OUT/parity_rest" 2>&1 | quiet | grep "  ab \|wrote" | cut -c1-200 ;;
     train_seq_remat) timeout 330 python3 -m eval.bench_train --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal --out "$OUT/train_seq_remat/train_bench.json" 2>&1 \
              | quiet | tee "$OUT/train_seq_remat.txt" | grep -v "^| "
@@ -231,7 +238,7 @@ for stage in "${stages[@]}"; do
             "train_zero_init, wg3, select3, pingpong_bwd, reproducibility, wg3_repeat," \
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
-            "wg3_cluster, train_seq_remat)"
+            "wg3_cluster, train_seq_remat, parity_rest)"
        exit 2 ;;
   esac
 done
