@@ -69,6 +69,9 @@
 #   parity_rest  "auto" against cuBLAS on the shapes the s10/s11 A/B runs left out (3b qkv / o /
 #              gate_up / down, 8b gate_up / down, 1b gate_up; forward and dx, G = 16), with the
 #              2-CTA-cluster 192 x 192 tiles where they serve the shape                 (~4 min)
+#   select_cluster  select_config's clustered 192 x 192 choice (8b qkv / gate_up forward, 8b down
+#              dx): "auto" against the default and cuBLAS at G = 16 (forward, dx: the products
+#              where "auto" is the default time identical configs), and at G = 1, 8     (~4 min)
 #   run: bash eval/gpu_session.sh tests fused; bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
@@ -227,6 +230,13 @@ for stage in "${stages[@]}"; do
              auto,wg3_192x192_cm,wg3_192x192_cn,xla_einsum --ab_groups 16 --ab_products fwd,dx \
              --ab_profile --ab_reps 3 --ab_shapes 3b:qkv,3b:o,3b:gate_up,3b:down,8b:gate_up,8b:down,1b:gate_up \
              --out "$OUT/parity_rest" 2>&1 | quiet | grep "  ab \|wrote" | cut -c1-200 ;;
+    select_cluster) C=default,auto,xla_einsum
+           timeout 330 python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_groups 16 \
+             --ab_products fwd,dx --ab_profile --ab_reps 5 --ab_shapes 8b:qkv,8b:gate_up,8b:down \
+             --out "$OUT/select_cluster" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200
+           timeout 200 python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_groups 1,8 \
+             --ab_products fwd --ab_profile --ab_reps 3 --ab_shapes 8b:qkv,8b:gate_up \
+             --out "$OUT/select_cluster_g18" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
     train_seq_remat) timeout 330 python3 -m eval.bench_train --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal --out "$OUT/train_seq_remat/train_bench.json" 2>&1 \
              | quiet | tee "$OUT/train_seq_remat.txt" | grep -v "^| "
@@ -238,7 +248,7 @@ for stage in "${stages[@]}"; do
             "train_zero_init, wg3, select3, pingpong_bwd, reproducibility, wg3_repeat," \
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
-            "wg3_cluster, train_seq_remat, parity_rest)"
+            "wg3_cluster, train_seq_remat, parity_rest, select_cluster)"
        exit 2 ;;
   esac
 done

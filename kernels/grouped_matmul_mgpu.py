@@ -79,6 +79,7 @@ from kernels.tuning import (  # noqa: F401
     SWIGLU_CONFIG,
     THREE_WG_CONFIG,
     THREE_WG_VARIANTS,
+    WIDE_CLUSTER_CONFIGS,
     WIDE_THREE_WG_CONFIG,
     MatmulDimension,
     TuningConfig,

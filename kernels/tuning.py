@@ -130,6 +130,18 @@ THREE_WG_MAX_COST_RATIO = 0.85
 WIDE_THREE_WG_CONFIG = TuningConfig(tile_m=64, tile_n=192, wg_dimension=MatmulDimension.M,
                                     compute_wgs=3, epi_slots=1)
 WIDE_THREE_WG_MIN_WAVES = 8
+# The 192 x 192 tiles in 2-CTA clusters, as cuBLAS runs on every diagonal shape (..._2x1 / _1x2 in
+# its kernel names): neighbouring column tiles sharing the A tile by TMA multicast (needs an even
+# number of column tiles), else neighbouring row tiles sharing the B tile. select_config takes
+# them (in this order) where the 192 x 192 tiles qualify but tile_cost puts them above the
+# default's time by at most WIDE_CLUSTER_MAX_COST_RATIO: on the H200 they were 1.7-4.1 % faster
+# than the default there (8b qkv and gate/up forward, 8b down dx at G = 16), 0.6-1.9 % slower
+# where the cost is 1.037 (8b o, down, and the dx products with n = 4096), and no faster than
+# unclustered 192 x 192 tiles on the 1b shapes (runs s11_wg3_cluster, s11_parity_rest).
+WIDE_CLUSTER_CONFIGS = tuple(
+    dataclasses.replace(WIDE_THREE_WG_CONFIG, cluster_dimension=dim)
+    for dim in (MatmulDimension.N, MatmulDimension.M))
+WIDE_CLUSTER_MAX_COST_RATIO = 1.01
 # The three-warpgroup configs the benchmark (eval/bench_grouped_matmul.py) and the GPU tests try
 # by name: the two above, and 192 x 192 with 3 stages, which leaves shared memory for 2 or 3
 # epilogue slots per warpgroup (4 stages leave room for one, so a 64 x 192 warpgroup tile's TMA
@@ -140,12 +152,8 @@ THREE_WG_VARIANTS = {
     "wg3_192x192": WIDE_THREE_WG_CONFIG,
     **{f"wg3_192x192_s3e{slots}": dataclasses.replace(
         WIDE_THREE_WG_CONFIG, max_concurrent_steps=3, epi_slots=slots) for slots in (2, 3)},
-    # 2-CTA clusters as cuBLAS runs on every diagonal shape (..._2x1 / _1x2 in its kernel names),
-    # on the 192 x 192 tiles: neighbouring row tiles sharing the B tile (m: 1152 = 6 x 192), or
-    # column tiles sharing the A tile (n = 3072: 16 tiles; 2048 is 11, odd: refused). Clusters
-    # were measured only on 128 x 256 tiles (no gain). Not measured on a GPU yet.
-    **{f"wg3_192x192_c{dim.name.lower()}": dataclasses.replace(
-        WIDE_THREE_WG_CONFIG, cluster_dimension=dim) for dim in MatmulDimension},
+    # 2-CTA clusters (WIDE_CLUSTER_CONFIGS above): "wg3_192x192_cn", "wg3_192x192_cm".
+    **{f"wg3_192x192_c{c.cluster_dimension.name.lower()}": c for c in WIDE_CLUSTER_CONFIGS},
 }
 # How much better the ping-pong schedule must fill the last wave of tiles than the default one
 # before select_config picks it: at equal fill it ran 1-2 % slower (3b qkv/o, 1b gate_up).
@@ -232,6 +240,11 @@ def select_config(
     (784 / 771); a third run with this choice as "auto" (s9_select_wide): 302, 293, 205, 203,
     1497, 750 against cuBLAS's 290, 294, 200, 200, 1493, 757. Slower on 3b / 8b at G = 16
     (0.3-5.6 %), where the cost model also says so.
+
+    The same tiles in 2-CTA clusters (``WIDE_CLUSTER_CONFIGS``) where their cost is at most
+    ``WIDE_CLUSTER_MAX_COST_RATIO`` of the default's: H200 A/B at G = 16, device us, against the
+    default and cuBLAS: 8b qkv 4389 vs 4488 (4340), 8b gate/up 22206 vs 22591 (21996), 8b down
+    dx (clustered along m: 75 column tiles) 10351 vs 10775 (10453).
     """
     if n % DEFAULT_CONFIG.cta_tile_n and n % NARROW_CONFIG.cta_tile_n == 0:
         return NARROW_CONFIG
@@ -246,10 +259,14 @@ def select_config(
             THREE_WG_CONFIG):
         return THREE_WG_CONFIG
     if (not transpose_lhs and m % WIDE_THREE_WG_CONFIG.cta_tile_m == 0
-            and cost(WIDE_THREE_WG_CONFIG) <= cost(DEFAULT_CONFIG)
-            and _num_tiles(DEFAULT_CONFIG, num_groups, m, n) >= WIDE_THREE_WG_MIN_WAVES * num_sms
-            and serves(WIDE_THREE_WG_CONFIG)):
-        return WIDE_THREE_WG_CONFIG
+            and _num_tiles(DEFAULT_CONFIG, num_groups, m, n) >= WIDE_THREE_WG_MIN_WAVES * num_sms):
+        wide_cost = cost(WIDE_THREE_WG_CONFIG)
+        if wide_cost <= cost(DEFAULT_CONFIG) and serves(WIDE_THREE_WG_CONFIG):
+            return WIDE_THREE_WG_CONFIG
+        if wide_cost <= WIDE_CLUSTER_MAX_COST_RATIO * cost(DEFAULT_CONFIG):
+            for config in WIDE_CLUSTER_CONFIGS:
+                if serves(config):
+                    return config
     if not (transpose_lhs or transpose_rhs):   # dx, dw: ping-pong won on 1b dw only (s8 runs)
         # With ping-pong a work item is one warpgroup's tile (its CTA tile), half a default CTA
         # tile; an SM's two warpgroups take turns on its tensor cores, so it works through its
