@@ -80,6 +80,7 @@ from kernels.tuning import (  # noqa: F401
     THREE_WG_CONFIG,
     THREE_WG_VARIANTS,
     WIDE_CLUSTER_CONFIGS,
+    WIDE_CLUSTER_N_CONFIG,
     WIDE_THREE_WG_CONFIG,
     MatmulDimension,
     TuningConfig,

@@ -132,27 +132,30 @@ WIDE_THREE_WG_CONFIG = TuningConfig(tile_m=64, tile_n=192, wg_dimension=MatmulDi
 WIDE_THREE_WG_MIN_WAVES = 8
 # The 192 x 192 tiles in 2-CTA clusters, as cuBLAS runs on every diagonal shape (..._2x1 / _1x2 in
 # its kernel names): neighbouring column tiles sharing the A tile by TMA multicast (needs an even
-# number of column tiles), else neighbouring row tiles sharing the B tile. select_config takes
-# them (in this order) where the 192 x 192 tiles qualify but tile_cost puts them above the
-# default's time by at most WIDE_CLUSTER_MAX_COST_RATIO: on the H200 they were 1.7-4.1 % faster
-# than the default there (8b qkv and gate/up forward, 8b down dx at G = 16), 0.6-1.9 % slower
-# where the cost is 1.037 (8b o, down, and the dx products with n = 4096), and no faster than
-# unclustered 192 x 192 tiles on the 1b shapes (runs s11_wg3_cluster, s11_parity_rest).
+# number of column tiles), or neighbouring row tiles sharing the B tile. select_config takes the
+# first (along n) where the 192 x 192 tiles qualify but tile_cost puts them above the default's
+# time by at most WIDE_CLUSTER_MAX_COST_RATIO: on the H200 it was 1.6-8.0 % faster than the
+# default on the 8b qkv and gate/up forward products (G = 1, 8, 16; two runs at G = 16), and
+# 0.6-1.9 % slower where the cost is 1.037 (8b o, down). Along m it won on 8b down dx in one run
+# (+4.1 %) and lost in the next (-1.4 %; identical configs differed by up to 2.8 % in that run):
+# not chosen. On the 1b shapes neither beat the unclustered tiles (runs s11_*).
 WIDE_CLUSTER_CONFIGS = tuple(
     dataclasses.replace(WIDE_THREE_WG_CONFIG, cluster_dimension=dim)
     for dim in (MatmulDimension.N, MatmulDimension.M))
+WIDE_CLUSTER_N_CONFIG = WIDE_CLUSTER_CONFIGS[0]
 WIDE_CLUSTER_MAX_COST_RATIO = 1.01
 # The three-warpgroup configs the benchmark (eval/bench_grouped_matmul.py) and the GPU tests try
-# by name: the two above, and 192 x 192 with 3 stages, which leaves shared memory for 2 or 3
-# epilogue slots per warpgroup (4 stages leave room for one, so a 64 x 192 warpgroup tile's TMA
-# stores queue). Not chosen by select_config unless named above: the 3-stage ones were slower
-# than select_config's choice on 8 of 10 products at G = 16 (1b, 8b; run s10_wg3_epilogue).
+# by name: 192 x 128, 192 x 192 unclustered and clustered, and 192 x 192 with 3 stages, which
+# leaves shared memory for 2 or 3 epilogue slots per warpgroup (4 stages leave room for one, so
+# a 64 x 192 warpgroup tile's TMA stores queue). Not chosen by select_config unless named
+# above: the 3-stage ones were slower than select_config's choice on 8 of 10 products at G = 16
+# (1b, 8b; run s10_wg3_epilogue).
 THREE_WG_VARIANTS = {
     "wg3_192x128": THREE_WG_CONFIG,
     "wg3_192x192": WIDE_THREE_WG_CONFIG,
     **{f"wg3_192x192_s3e{slots}": dataclasses.replace(
         WIDE_THREE_WG_CONFIG, max_concurrent_steps=3, epi_slots=slots) for slots in (2, 3)},
-    # 2-CTA clusters (WIDE_CLUSTER_CONFIGS above): "wg3_192x192_cn", "wg3_192x192_cm".
+    # 2-CTA clusters along n / m (WIDE_CLUSTER_CONFIGS): "wg3_192x192_cn", "wg3_192x192_cm".
     **{f"wg3_192x192_c{c.cluster_dimension.name.lower()}": c for c in WIDE_CLUSTER_CONFIGS},
 }
 # How much better the ping-pong schedule must fill the last wave of tiles than the default one
@@ -241,10 +244,12 @@ def select_config(
     1497, 750 against cuBLAS's 290, 294, 200, 200, 1493, 757. Slower on 3b / 8b at G = 16
     (0.3-5.6 %), where the cost model also says so.
 
-    The same tiles in 2-CTA clusters (``WIDE_CLUSTER_CONFIGS``) where their cost is at most
-    ``WIDE_CLUSTER_MAX_COST_RATIO`` of the default's: H200 A/B at G = 16, device us, against the
-    default and cuBLAS: 8b qkv 4389 vs 4488 (4340), 8b gate/up 22206 vs 22591 (21996), 8b down
-    dx (clustered along m: 75 column tiles) 10351 vs 10775 (10453).
+    The same tiles in 2-CTA clusters along n (``WIDE_CLUSTER_N_CONFIG``, the A tile multicast)
+    where their cost is at most ``WIDE_CLUSTER_MAX_COST_RATIO`` of the default's and the column
+    tiles pair up: the 8b qkv and gate/up forward products. H200 A/B, device us, against the
+    default and cuBLAS (run s11_select_cluster): qkv G = 16 4291 vs 4413 (4259), G = 8 2121 vs
+    2154 (2087); gate/up G = 16 22254 vs 23057 (21841), G = 8 10151 vs 10966 (10616), G = 1
+    1224 vs 1256 (1215).
     """
     if n % DEFAULT_CONFIG.cta_tile_n and n % NARROW_CONFIG.cta_tile_n == 0:
         return NARROW_CONFIG
@@ -263,10 +268,9 @@ def select_config(
         wide_cost = cost(WIDE_THREE_WG_CONFIG)
         if wide_cost <= cost(DEFAULT_CONFIG) and serves(WIDE_THREE_WG_CONFIG):
             return WIDE_THREE_WG_CONFIG
-        if wide_cost <= WIDE_CLUSTER_MAX_COST_RATIO * cost(DEFAULT_CONFIG):
-            for config in WIDE_CLUSTER_CONFIGS:
-                if serves(config):
-                    return config
+        if (wide_cost <= WIDE_CLUSTER_MAX_COST_RATIO * cost(DEFAULT_CONFIG)
+                and serves(WIDE_CLUSTER_N_CONFIG)):
+            return WIDE_CLUSTER_N_CONFIG
     if not (transpose_lhs or transpose_rhs):   # dx, dw: ping-pong won on 1b dw only (s8 runs)
         # With ping-pong a work item is one warpgroup's tile (its CTA tile), half a default CTA
         # tile; an SM's two warpgroups take turns on its tensor cores, so it works through its

@@ -217,34 +217,37 @@ def test_wide_three_warpgroup_choice():
 
 
 def test_wide_cluster_choice():
-    """select_config takes the 192 x 192 tiles in 2-CTA clusters where the unclustered ones
-    qualify but for a tile_cost of at most 1.01 of the default's: in the H200 A/B (G = 16) 8b
-    qkv and gate/up forward (cost 1.008, 1.005; column tiles 32 and 150, even: clustered along
-    n) and 8b down dx (75 column tiles: along m), 1.7-4.1 % faster than the default; not 8b o,
-    down or the dx products with n = 4096 (cost 1.037; 0.6-1.9 % slower), not the 3b shapes
-    (ragged rows), not the 1b ones (unclustered tiles where they cost no more than the default,
-    no gain from clusters in the A/B), and not dw."""
+    """select_config takes the 192 x 192 tiles in 2-CTA clusters along n where the unclustered
+    ones qualify but for a tile_cost of at most 1.01 of the default's and the column tiles pair
+    up: 8b qkv and gate/up forward (cost 1.008, 1.005; 32 and 150 column tiles), 1.6-8.0 %
+    faster than the default in the H200 A/B at G = 1, 8, 16. Not 8b o or down (cost 1.037;
+    0.6-1.9 % slower), not 8b down dx (75 column tiles; clustered along m it won one run and
+    lost the next), not the 3b shapes (ragged rows), not the 1b ones (unclustered tiles where
+    they cost no more than the default; no gain from clusters there), and not dw."""
     pick = lambda *dims, tl=False, tr=False: mgpu_kernel.select_config(
         *dims, transpose_lhs=tl, transpose_rhs=tr, num_sms=132)
     along_n, along_m = mgpu_kernel.WIDE_CLUSTER_CONFIGS
+    assert mgpu_kernel.WIDE_CLUSTER_N_CONFIG == along_n
     assert along_n.cluster_dimension == mgpu_kernel.MatmulDimension.N
     assert along_m.cluster_dimension == mgpu_kernel.MatmulDimension.M
     for c in (along_n, along_m):
         assert (c.cta_tile_m, c.cta_tile_n) == (192, 192)
         assert dataclasses.replace(c, cluster_dimension=None) == mgpu_kernel.WIDE_THREE_WG_CONFIG
-    assert pick(16, 4224, 4096, 6144) == along_n                  # 8b qkv
-    assert pick(16, 4224, 4096, 28672) == along_n                 # 8b gate/up
-    assert pick(16, 4224, 4096, 14336, tr=True) == along_m        # 8b down dx
-    assert pick(8, 4224, 4096, 6144) == along_n                   # cost 1.008 at G = 8 too
-    assert pick(1, 4224, 4096, 28672) == along_n                  # 28 waves at G = 1: 1.005
+    default = mgpu_kernel.DEFAULT_CONFIG
+    for g in (1, 8, 16):
+        assert pick(g, 4224, 4096, 28672) == along_n, g         # 8b gate/up (28 waves at G = 1)
+    for g in (8, 16):
+        assert pick(g, 4224, 4096, 6144) == along_n, g          # 8b qkv (cost 1.008)
+    assert pick(1, 4224, 4096, 6144) == default                 # 6 waves of default tiles
+    assert pick(2, 4224, 4096, 6144) == default                 # cost 1.031
+    assert pick(16, 4224, 4096, 14336, tr=True) == default      # 8b down dx: 75 column tiles
     for dims in [(16, 4224, 4096, 4096), (16, 4224, 14336, 4096)]:            # 8b o, down
-        assert pick(*dims) == mgpu_kernel.DEFAULT_CONFIG, dims
+        assert pick(*dims) == default, dims
     for dims in [(16, 4224, 6144, 4096), (16, 4224, 4096, 4096), (16, 4224, 28672, 4096)]:
-        assert pick(*dims, tr=True) == mgpu_kernel.DEFAULT_CONFIG, dims   # 8b qkv, o, gate/up dx
-    assert pick(2, 4224, 4096, 6144) == mgpu_kernel.DEFAULT_CONFIG   # cost 1.031
-    assert pick(16, 4096, 4224, 6144, tl=True) == mgpu_kernel.DEFAULT_CONFIG   # 8b qkv dw
-    assert pick(16, 2176, 3072, 16384) == mgpu_kernel.DEFAULT_CONFIG   # 3b gate/up: ragged rows
-    assert pick(16, 1152, 2048, 16384) == mgpu_kernel.DEFAULT_CONFIG   # 1b gate/up: cost 1.0125
+        assert pick(*dims, tr=True) == default, dims            # 8b qkv, o, gate/up dx
+    assert pick(16, 4096, 4224, 6144, tl=True) == default       # 8b qkv dw
+    assert pick(16, 2176, 3072, 16384) == default               # 3b gate/up: ragged rows
+    assert pick(16, 1152, 2048, 16384) == default               # 1b gate/up: cost 1.0125
     assert pick(16, 1152, 2048, 3072) == mgpu_kernel.WIDE_THREE_WG_CONFIG   # 1b qkv: cost 0.96
     # along n needs an even number of column tiles, along m an even number of row tiles
     why = lambda c, m, n: mgpu_kernel.unsupported_reason(
