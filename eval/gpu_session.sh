@@ -72,6 +72,9 @@
 #   select_cluster  select_config's clustered 192 x 192 choice (8b qkv / gate_up forward, 8b down
 #              dx): "auto" against the default and cuBLAS at G = 16 (forward, dx: the products
 #              where "auto" is the default time identical configs), and at G = 1, 8     (~4 min)
+#   compile_cache  JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR) on a diagonal
+#              training step with the kernels: the same step compiled in two fresh processes,
+#              the second one reading the first one's cache                     (~5 min)
 #   run: bash eval/gpu_session.sh tests fused; bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
@@ -237,6 +240,14 @@ for stage in "${stages[@]}"; do
            timeout 200 python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_groups 1,8 \
              --ab_products fwd --ab_profile --ab_reps 3 --ab_shapes 8b:qkv,8b:gate_up \
              --out "$OUT/select_cluster_g18" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
+    compile_cache) export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache; rm -rf /tmp/jax_cache
+           for run in first second; do
+             timeout 280 python3 -m eval.bench_train --tokens 4096 --reps 1 --impls auto \
+               --schedules diagonal --out "$OUT/compile_cache_$run/train_bench.json" 2>&1 | quiet \
+               | grep -v "^| " | sed "s/^/$run: /"
+             echo "$run: cache $(du -sh /tmp/jax_cache | cut -f1), $(find /tmp/jax_cache -type f | wc -l) files"
+           done
+           unset JAX_COMPILATION_CACHE_DIR ;;
     train_seq_remat) timeout 330 python3 -m eval.bench_train --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal --out "$OUT/train_seq_remat/train_bench.json" 2>&1 \
              | quiet | tee "$OUT/train_seq_remat.txt" | grep -v "^| "
@@ -248,7 +259,7 @@ for stage in "${stages[@]}"; do
             "train_zero_init, wg3, select3, pingpong_bwd, reproducibility, wg3_repeat," \
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
-            "wg3_cluster, train_seq_remat, parity_rest, select_cluster)"
+            "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache)"
        exit 2 ;;
   esac
 done
