@@ -75,6 +75,8 @@
 #   compile_cache  JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR) on a diagonal
 #              training step with the kernels: the same step compiled in two fresh processes,
 #              the second one reading the first one's cache                     (~5 min)
+#   train_4096  both schedules' training steps with the kernels at 4096 tokens (one diagonal of
+#              16 layers needs 16 segments; here there are 4), after the per-window remat  (~4 min)
 #   run: bash eval/gpu_session.sh tests fused; bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
@@ -248,6 +250,9 @@ for stage in "${stages[@]}"; do
              echo "$run: cache $(du -sh /tmp/jax_cache | cut -f1), $(find /tmp/jax_cache -type f | wc -l) files"
            done
            unset JAX_COMPILATION_CACHE_DIR ;;
+    train_4096) timeout 400 python3 -m eval.bench_train --tokens 4096 --reps 3 --impls auto \
+             --schedules sequential diagonal --out "$OUT/train_4096/train_bench.json" 2>&1 \
+             | quiet | tee "$OUT/train_4096.txt" | grep -v "^| " ;;
     train_seq_remat) timeout 330 python3 -m eval.bench_train --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal --out "$OUT/train_seq_remat/train_bench.json" 2>&1 \
              | quiet | tee "$OUT/train_seq_remat.txt" | grep -v "^| "
@@ -259,7 +264,7 @@ for stage in "${stages[@]}"; do
             "train_zero_init, wg3, select3, pingpong_bwd, reproducibility, wg3_repeat," \
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
-            "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache)"
+            "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096)"
        exit 2 ;;
   esac
 done
