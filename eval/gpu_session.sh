@@ -69,9 +69,9 @@
 #   parity_rest  "auto" against cuBLAS on the shapes the s10/s11 A/B runs left out (3b qkv / o /
 #              gate_up / down, 8b gate_up / down, 1b gate_up; forward and dx, G = 16), with the
 #              2-CTA-cluster 192 x 192 tiles where they serve the shape                 (~4 min)
-#   select_cluster  select_config's clustered 192 x 192 choice (8b qkv / gate_up forward, 8b down
-#              dx): "auto" against the default and cuBLAS at G = 16 (forward, dx: the products
-#              where "auto" is the default time identical configs), and at G = 1, 8     (~4 min)
+#   select_cluster  select_config's clustered 192 x 192 choice (8b qkv / gate_up forward): "auto"
+#              against the default and cuBLAS at G = 16 (forward and dx; where "auto" is the
+#              default, the run times two identical configs: its noise), and at G = 1, 8 (~4 min)
 #   compile_cache  JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR) on a diagonal
 #              training step with the kernels: the same step compiled in two fresh processes,
 #              the second one reading the first one's cache                     (~5 min)
@@ -247,7 +247,7 @@ for stage in "${stages[@]}"; do
              timeout 280 python3 -m eval.bench_train --tokens 4096 --reps 1 --impls auto \
                --schedules diagonal --out "$OUT/compile_cache_$run/train_bench.json" 2>&1 | quiet \
                | grep -v "^| " | sed "s/^/$run: /"
-             echo "$run: cache $(du -sh /tmp/jax_cache | cut -f1), $(find /tmp/jax_cache -type f | wc -l) files"
+             echo "$run: cache $(du -sh /tmp/jax_cache 2>/dev/null | cut -f1), $(find /tmp/jax_cache -type f 2>/dev/null | wc -l) files"
            done
            unset JAX_COMPILATION_CACHE_DIR ;;
     train_4096) timeout 400 python3 -m eval.bench_train --tokens 4096 --reps 3 --impls auto \
