@@ -77,9 +77,6 @@
 #              the second one reading the first one's cache                     (~5 min)
 #   train_4096  both schedules' training steps with the kernels at 4096 tokens (one diagonal of
 #              16 layers needs 16 segments; here there are 4), after the per-window remat  (~4 min)
-#   wg3_256    192 x 256 tiles of three warpgroups (3 stages; plain and in 2-CTA clusters along n):
-#              their GPU tests, then an A/B against "auto" and cuBLAS on 8b qkv / o / down
-#              (forward and dx, G = 16): whole column tiles where n = 4096          (~4 min)
 #   run: bash eval/gpu_session.sh tests fused; bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
@@ -94,7 +91,8 @@ python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "
 # timeout, then (if both passed) a profiled A/B of them against "auto" and cuBLAS at G = 16.
 wg3_variants() {
   timeout 300 python3 -m pytest -o addopts="" -q -p no:cacheprovider tests/test_grouped_matmul.py \
-    -k "gpu_weight_offset and $2" 2>&1 | quiet | tail -4 | tee "$OUT/$1_tests.txt"
+    -k "gpu_weight_offset and $2" 2>&1 | quiet > "$OUT/$1_tests_full.txt"
+  tail -4 "$OUT/$1_tests_full.txt" | tee "$OUT/$1_tests.txt"
   grep -q "2 passed" "$OUT/$1_tests.txt" || { echo "$1: tests did not pass"; return; }
   timeout 250 python3 eval/bench_grouped_matmul.py --models "" --ab "auto,$3,xla_einsum" \
     --ab_groups 16 --ab_products fwd,dx --ab_profile --ab_reps 3 \
@@ -234,7 +232,6 @@ for stage in "${stages[@]}"; do
              --schedules sequential diagonal --out "$OUT/train_windows_long/train_bench.json" 2>&1 \
              | quiet | tee "$OUT/train_windows_long.txt" | grep -v "^| " ;;
     wg3_cluster) wg3_variants wg3_cluster wg3_192x192_c wg3_192x192_cm,wg3_192x192_cn ;;
-    wg3_256) wg3_variants wg3_256 wg3_192x256 wg3_192x256_s3,wg3_192x256_s3_cn 8b:qkv,8b:o,8b:down ;;
     parity_rest) timeout 540 python3 eval/bench_grouped_matmul.py --models "" --ab \
              auto,wg3_192x192_cm,wg3_192x192_cn,xla_einsum --ab_groups 16 --ab_products fwd,dx \
              --ab_profile --ab_reps 3 --ab_shapes 3b:qkv,3b:o,3b:gate_up,3b:down,8b:gate_up,8b:down,1b:gate_up \
@@ -268,8 +265,7 @@ for stage in "${stages[@]}"; do
             "train_zero_init, wg3, select3, pingpong_bwd, reproducibility, wg3_repeat," \
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
-            "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
-            "wg3_256)"
+            "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096)"
        exit 2 ;;
   esac
 done

@@ -157,14 +157,9 @@ THREE_WG_VARIANTS = {
         WIDE_THREE_WG_CONFIG, max_concurrent_steps=3, epi_slots=slots) for slots in (2, 3)},
     # 2-CTA clusters along n / m (WIDE_CLUSTER_CONFIGS): "wg3_192x192_cn", "wg3_192x192_cm".
     **{f"wg3_192x192_c{c.cluster_dimension.name.lower()}": c for c in WIDE_CLUSTER_CONFIGS},
-    # 192 x 256 tiles (three 64 x 256 warpgroups; 3 stages, as 4 exceed shared memory), plain and
-    # clustered along n: whole column tiles at n = 4096 (16), where 192 x 192 tiles leave a
-    # third-full 22nd one (8b o, down and the dx products, 0.97-0.98x of cuBLAS). Not measured.
-    "wg3_192x256_s3": TuningConfig(tile_m=64, tile_n=256, wg_dimension=MatmulDimension.M,
-                                   compute_wgs=3, max_concurrent_steps=3),
-    "wg3_192x256_s3_cn": TuningConfig(tile_m=64, tile_n=256, wg_dimension=MatmulDimension.M,
-                                      compute_wgs=3, max_concurrent_steps=3,
-                                      cluster_dimension=MatmulDimension.N),
+    # (192 x 256 tiles, three 64 x 256 warpgroups with 3 stages, plain and clustered along n, for
+    # whole column tiles at n = 4096, lowered for CUDA but failed both GPU tests within 21 s on
+    # the H200, before any timing: removed. The error was not kept.)
 }
 # How much better the ping-pong schedule must fill the last wave of tiles than the default one
 # before select_config picks it: at equal fill it ran 1-2 % slower (3b qkv/o, 1b gate_up).
