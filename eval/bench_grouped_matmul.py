@@ -396,6 +396,10 @@ def ab_compare(shapes, cfg_names, active, reps, dense_tflops, key, rows, failure
         lo, hi = jnp.int32((g - active) // 2), jnp.int32((g - active) // 2 + active)
         configs["auto"] = mgpu_kernel.select_config(g, m, k, n, transpose_lhs=tl,
                                                     transpose_rhs=tr)
+        for cfg_name in cfg_names:   # "NAME#2": the config NAME once more, compiled and timed
+            base = cfg_name.split("#")[0]   # apart (the spread between identical configs)
+            if base != cfg_name and base in configs:
+                configs[cfg_name] = configs[base]
         fns = {"xla": _make_fn("xla", None, transpose)}
         want = {}   # XLA reference outputs, computed once per kind of product
         for cfg_name in cfg_names:
@@ -502,7 +506,9 @@ def main(argv=None):
     p.add_argument("--sweep_actives", default="4", help="active groups of 16 for --sweep")
     p.add_argument("--ab", default=None,
                    help="comma-separated SWEEP config names for an interleaved A/B (with XLA);"
-                        " also xla_einsum, and swiglu / swiglu_unfused for gate_up shapes")
+                        " also auto (select_config's), xla_einsum, swiglu / swiglu_unfused for"
+                        " gate_up shapes; NAME#2 times config NAME a second time, apart (the"
+                        " run's noise between identical configs)")
     p.add_argument("--ab_shapes", default="1b:qkv,1b:o,1b:gate_up,1b:down",
                    help="model:shape pairs for --ab")
     p.add_argument("--ab_groups", default="16", help="comma-separated G values for --ab")

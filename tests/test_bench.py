@@ -179,14 +179,18 @@ def test_grouped_matmul_ab_compare_on_cpu():
     assert table.count("\n") == 6   # header, rule, five rows
     # the backward products (transposed operand views): checked against the XLA path too
     rows, failures = [], []
-    gmm.ab_compare([("smoke", "a", 72, 128, 256)], ["interp", "auto", "xla_einsum", "swiglu"],
-                   None, 1, 1.0, jax.random.key(1), rows, failures, g=2, configs=configs,
-                   impl="interpret", products=("dx", "dw"))
+    gmm.ab_compare([("smoke", "a", 72, 128, 256)],
+                   ["interp", "auto", "auto#2", "xla_einsum", "swiglu"], None, 1, 1.0,
+                   jax.random.key(1), rows, failures, g=2, configs=configs, impl="interpret",
+                   products=("dx", "dw"))
     assert not failures, failures
     got = {(r.shape, r.m, r.k, r.n, r.note[3:]) for r in rows}
     assert got == {(f"a {p}", *dims, c) for p, dims in (("dx", (72, 256, 128)),
                                                          ("dw", (128, 72, 256)))
-                   for c in ("xla", "interp", "auto", "xla_einsum")}, got
+                   for c in ("xla", "interp", "auto", "auto#2", "xla_einsum")}, got
+    # "auto#2" is "auto" timed a second time: the same config, its own row
+    config_of = {(r.shape, r.note[3:]): r.config for r in rows}
+    assert config_of["a dx", "auto#2"] == config_of["a dx", "auto"] != ""
 
 
 def test_reproducibility_summary_counts_outcomes_and_differing_choices():
