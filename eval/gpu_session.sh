@@ -88,13 +88,14 @@ quiet() { grep -v "^[WI]0000\|^WARNING: All log"; }
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv,noheader | tee -a "$OUT/device.txt"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/device.txt"
 # wg3_variants STAGE TEST_PATTERN CONFIGS [SHAPES]: the GPU tests of three-warpgroup configs under a
-# timeout, then (if both passed) a profiled A/B of them against "auto" and cuBLAS at G = 16.
+# timeout, then (if both passed) a profiled A/B of them against "auto" (timed twice: the run's
+# spread between identical configs) and cuBLAS at G = 16.
 wg3_variants() {
   timeout 300 python3 -m pytest -o addopts="" -q -p no:cacheprovider tests/test_grouped_matmul.py \
     -k "gpu_weight_offset and $2" 2>&1 | quiet > "$OUT/$1_tests_full.txt"
   tail -4 "$OUT/$1_tests_full.txt" | tee "$OUT/$1_tests.txt"
   grep -q "2 passed" "$OUT/$1_tests.txt" || { echo "$1: tests did not pass"; return; }
-  timeout 250 python3 eval/bench_grouped_matmul.py --models "" --ab "auto,$3,xla_einsum" \
+  timeout 250 python3 eval/bench_grouped_matmul.py --models "" --ab "auto,auto#2,$3,xla_einsum" \
     --ab_groups 16 --ab_products fwd,dx --ab_profile --ab_reps 3 \
     --ab_shapes "${4:-1b:qkv,1b:o,1b:down,8b:qkv,8b:o}" --out "$OUT/$1" 2>&1 | quiet \
     | grep "  ab \|FAIL\|wrote" | cut -c1-200
