@@ -1,5 +1,9 @@
 """The NNX module and the `armt` command."""
 
+import os
+import subprocess
+import sys
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -77,3 +81,20 @@ def test_cli_demo(capsys):
                      "--segment-size", "64", "--num-mem-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "diagonal" in out and "tokens/s" in out
+
+
+def test_cli_compilation_cache_keeps_compiled_programs(tmp_path):
+    """`armt --compilation-cache DIR demo ...` (a fresh process: JAX reads the setting at its
+    first compile) leaves the compiled programs in DIR, and the command still runs."""
+    cache = tmp_path / "jax_cache"
+    env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PLATFORMS": "cpu"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "armt_jax.cli", "--compilation-cache", str(cache), "demo",
+         "--tokens", "200", "--layers", "2", "--hidden", "64", "--segment-size", "64",
+         "--num-mem-tokens", "4"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "tokens/s" in done.stdout
+    assert any(p.is_file() for p in cache.rglob("*")), "no compiled program in the cache"
+
