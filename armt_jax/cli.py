@@ -6,6 +6,8 @@
     armt train      finetune on BABILong (train/)
     armt eval       BABILong accuracy per task and length, with a heatmap (eval/run_babilong.py)
     armt bench      the inference benchmark (eval/bench.py)
+
+Before the command, `--compilation-cache DIR` keeps compiled programs in DIR for later runs.
 """
 
 from __future__ import annotations
