@@ -36,10 +36,13 @@ Structure (after jax's ``pallas/ops/gpu/hopper_matmul_mgpu.py``):
 * ragged edges: rows and columns past the end of a group are handled by TMA,
   which fills out-of-bounds loads with zeros and clips out-of-bounds stores (a
   ragged last column tile: cooperative schedule only);
-* block sizes: 128 x 256 CTA tiles (two 128 x 128 wgmma warpgroups), k-step
-  64, 4 stages, chained tiles (``select_config``; 128 x 128 tiles where n is no
-  multiple of 256; 192 x 128 tiles of three 64 x 128 warpgroups where they fill
-  the SMs' waves clearly better, ``compute_wgs=3``);
+* block sizes (``select_config``, measured on the H200): 128 x 256 CTA tiles
+  (two 128 x 128 wgmma warpgroups), k-step 64, 4 stages, chained tiles by
+  default; 128 x 128 tiles where n is no multiple of 256; with three compute
+  warpgroups (``compute_wgs=3``, 64-row warpgroup tiles) 192 x 128 tiles where
+  they fill the SMs' waves clearly better, and 192 x 192 tiles on products of
+  many tiles where they cost no more than the default (the 1b shapes at G = 16)
+  or, in 2-CTA clusters along n, at most 1 % more (8b qkv and gate/up);
 * with ``pingpong`` (``pingpong_mgpu.py``) the two compute warpgroups work on
   different tiles instead and take turns on the tensor cores, each one's
   epilogue under the other's main loop; ``select_config`` picks it where its
