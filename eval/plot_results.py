@@ -9,7 +9,10 @@
   (eval/results/grouped_matmul_h200.big.json);
 * train_h200_diagonal.png: seconds per training step at each length, the sequential and the
   diagonal schedule with XLA and kernel grouped matmuls (the kernels only at 32768 and 65536
-  tokens; eval/results/train_h200_diagonal.json).
+  tokens; eval/results/train_h200_diagonal.json);
+* grouped_matmul_h200.parity.png: the kernel's speed over cuBLAS's (XLA's plain batched matmul)
+  on every diagonal product at full load, one dot per profiled A/B run that timed today's
+  `select_config` choice for it (eval/results/grouped_matmul_h200.ab.json).
 
     python -m eval.plot_results                 # reads and writes eval/results/
 """
@@ -19,6 +22,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -157,6 +162,76 @@ def plot_train(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+PARITY_ORDER = [f"{model} {shape}{product}" for model in ("1b", "3b", "8b")
+                for shape in ("qkv", "o", "gate_up", "down") for product in ("", " dx", " dw")]
+
+
+def parity_points(report: dict, num_sms: int = 132) -> list[dict]:
+    """Per A/B run and product at full load: cuBLAS's device time over the kernel's, where the
+    run timed XLA's plain einsum and a kernel config equal to today's `select_config` choice
+    for the product (several such rows in one run: their mean time). Device times come from the
+    rows' profiled notes ("device N us/call"); rows without one are skipped."""
+    from kernels.tuning import select_config
+
+    def device_us(row):
+        found = re.search(r"device (\d+) us/call", row.get("note") or "")
+        return float(found.group(1)) if found else None
+
+    points = []
+    for run_name, run in report["runs"].items():
+        products = {}
+        for r in run["rows"]:
+            us = device_us(r)
+            if us is None or r["active"] != r["G"]:
+                continue
+            name = r["note"].split(" | ")[0].removeprefix("ab ").strip()
+            key = (r["model"], r["shape"], r["G"], r["m"], r["k"], r["n"])
+            products.setdefault(key, []).append((name, r["config"], us))
+        for (model, shape, g, m, k, n), timed in products.items():
+            cublas = [us for name, _, us in timed if name == "xla_einsum"]
+            today = str(select_config(g, m, k, n, transpose_lhs=shape.endswith(" dw"),
+                                      transpose_rhs=shape.endswith(" dx"), num_sms=num_sms))
+            kernel = [us for name, config, us in timed if config == today]
+            if cublas and kernel:
+                points.append({"product": f"{model} {shape}", "G": g, "run": run_name,
+                               "code": run.get("code"), "date": run.get("date", ""),
+                               "speed_vs_cublas": cublas[0] / statistics.mean(kernel)})
+    return points
+
+
+def plot_parity(report: dict, path: Path, groups: int = 16) -> None:
+    """One dot per run and product (`parity_points` at G = groups), runs in date order."""
+    plt = _pyplot()
+    points = [p for p in parity_points(report) if p["G"] == groups]
+    if not points:
+        raise ValueError(f"no A/B run timed today's select_config choice and cuBLAS at G = {groups}")
+    products = [p for p in PARITY_ORDER if any(q["product"] == p for q in points)]
+    runs = sorted({p["run"] for p in points}, key=lambda r: report["runs"][r].get("date", ""))
+    colours = plt.get_cmap("viridis")([i / max(len(runs) - 1, 1) for i in range(len(runs))])
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.5 * len(products)) + 3.5, 4.4))
+    for i, run in enumerate(runs):
+        mine = [p for p in points if p["run"] == run]
+        ax.scatter([products.index(p["product"]) + 0.5 * (i / max(len(runs) - 1, 1) - 0.5) * 0.6
+                    for p in mine], [p["speed_vs_cublas"] for p in mine], s=18,
+                   color=colours[i], label=f"{run} ({report['runs'][run].get('date', '')[:16]})")
+    for x, product in enumerate(products):
+        median = statistics.median(p["speed_vs_cublas"] for p in points if p["product"] == product)
+        ax.plot([x - 0.3, x + 0.3], [median, median], color="black", lw=1.5)
+    ax.axhline(1.0, color="tab:red", ls="--", lw=1, label="cuBLAS (XLA's batched matmul)")
+    ax.set_xticks(range(len(products)), products, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("kernel speed / cuBLAS speed (device time)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="A/B run (UTC)",
+              title_fontsize=7)
+    ax.set_title(f"Grouped matmul at full load (G = {groups}): today's select_config choice against"
+                 f" cuBLAS, each dot one profiled A/B run (with that day's kernel code); bars:"
+                 f" medians ({report.get('device', '')}, jax {report.get('jax_version', '?')})",
+                 fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval.plot_results",
                                  description=__doc__.split("\n\n")[0])
@@ -171,7 +246,8 @@ def main(argv=None) -> int:
              functools.partial(plot_grouped_matmul, model="3b")),
             ("grouped_matmul_h200.big.json", "grouped_matmul_h200.8b.png",
              functools.partial(plot_grouped_matmul, model="8b")),
-            ("train_h200_diagonal.json", "train_h200_diagonal.png", plot_train))
+            ("train_h200_diagonal.json", "train_h200_diagonal.png", plot_train),
+            ("grouped_matmul_h200.ab.json", "grouped_matmul_h200.parity.png", plot_parity))
     for name, figure, plot in jobs:
         source = args.results / name
         if not source.exists():

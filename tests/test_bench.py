@@ -121,12 +121,41 @@ def test_plot_results_from_the_committed_json(tmp_path):
     from eval import plot_results
     assert plot_results.main(["--out", str(tmp_path)]) == 0
     for name in ("inference_h200.png", "grouped_matmul_h200.png", "grouped_matmul_h200.3b.png",
-                 "grouped_matmul_h200.8b.png", "train_h200_diagonal.png"):
+                 "grouped_matmul_h200.8b.png", "train_h200_diagonal.png",
+                 "grouped_matmul_h200.parity.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     with pytest.raises(ValueError, match="no main-run rows for model '70b'"):
         plot_results.plot_grouped_matmul({"rows": []}, tmp_path / "x.png", model="70b")
     with pytest.raises(ValueError, match="no training rows"):
         plot_results.plot_train({"rows": []}, tmp_path / "y.png")
+
+
+def test_parity_points_take_todays_config_and_cublas():
+    """eval.plot_results.parity_points: a run's product counts where it timed XLA's plain einsum
+    and a kernel config equal to today's select_config choice (by the rows' device times; a dx
+    product's choice is the one for the transposed weights); other configs and partial loads
+    are left out."""
+    from eval.plot_results import parity_points
+    from kernels.tuning import DEFAULT_CONFIG, WIDE_THREE_WG_CONFIG, select_config
+
+    def row(shape, m, k, n, name, config, us, active=16):
+        return {"model": "1b", "shape": shape, "m": m, "k": k, "n": n, "G": 16, "active": active,
+                "config": str(config) if config else "",
+                "note": f"ab {name} | device {us} us/call = 1 TF/s: kernel {us} us"}
+
+    assert select_config(16, 1152, 2048, 3072, num_sms=132) == WIDE_THREE_WG_CONFIG
+    assert select_config(16, 1152, 2048, 8192, transpose_rhs=True, num_sms=132) == DEFAULT_CONFIG
+    rows = [row("qkv", 1152, 2048, 3072, "auto", WIDE_THREE_WG_CONFIG, 300),
+            row("qkv", 1152, 2048, 3072, "auto#2", WIDE_THREE_WG_CONFIG, 310),
+            row("qkv", 1152, 2048, 3072, "default", DEFAULT_CONFIG, 100),    # not today's choice
+            row("qkv", 1152, 2048, 3072, "xla_einsum", None, 294),
+            row("down dx", 1152, 2048, 8192, "default", DEFAULT_CONFIG, 800),
+            row("down dx", 1152, 2048, 8192, "xla_einsum", None, 808),
+            row("o", 1152, 2048, 2048, "auto", WIDE_THREE_WG_CONFIG, 50, active=4),
+            row("o", 1152, 2048, 2048, "xla_einsum", None, 200, active=4)]
+    report = {"runs": {"r1": {"date": "2026-11-29T17:00", "code": "abc", "rows": rows}}}
+    got = {p["product"]: p["speed_vs_cublas"] for p in parity_points(report)}
+    assert got == pytest.approx({"1b qkv": 294 / 305, "1b down dx": 808 / 800})
 
 
 def test_profile_names_the_source_of_each_kernel():
