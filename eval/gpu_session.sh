@@ -77,6 +77,9 @@
 #              the second one reading the first one's cache                     (~5 min)
 #   train_4096  both schedules' training steps with the kernels at 4096 tokens (one diagonal of
 #              16 layers needs 16 segments; here there are 4), after the per-window remat  (~4 min)
+#   pingpong_dw  ping-pong on the dw products at G = 16 (a diagonal training step's; 3-5 % ahead of
+#              the default on 1b qkv / o / gate_up dw in one run, s8): auto (timed twice, the
+#              run's noise) against ping-pong and cuBLAS, 1b and 3b shapes, 5 rounds   (~4 min)
 #   run: bash eval/gpu_session.sh tests fused; bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
@@ -255,6 +258,10 @@ for stage in "${stages[@]}"; do
     train_4096) timeout 400 python3 -m eval.bench_train --tokens 4096 --reps 3 --impls auto \
              --schedules sequential diagonal --out "$OUT/train_4096/train_bench.json" 2>&1 \
              | quiet | tee "$OUT/train_4096.txt" | grep -v "^| " ;;
+    pingpong_dw) timeout 400 python3 eval/bench_grouped_matmul.py --models "" --ab \
+             auto,auto#2,pingpong_delay1,xla_einsum --ab_groups 16 --ab_products dw --ab_profile \
+             --ab_reps 5 --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,3b:o \
+             --out "$OUT/pingpong_dw" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
     train_seq_remat) timeout 330 python3 -m eval.bench_train --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal --out "$OUT/train_seq_remat/train_bench.json" 2>&1 \
              | quiet | tee "$OUT/train_seq_remat.txt" | grep -v "^| "
@@ -266,7 +273,8 @@ for stage in "${stages[@]}"; do
             "train_zero_init, wg3, select3, pingpong_bwd, reproducibility, wg3_repeat," \
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
-            "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096)"
+            "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
+            "pingpong_dw)"
        exit 2 ;;
   esac
 done
