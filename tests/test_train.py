@@ -306,6 +306,25 @@ def test_loss_goes_down(rng):
     assert losses[-1] < 0.7 * losses[0]
 
 
+def test_fit_marks_the_steps_that_compile(rng, tmp_path):
+    """train.loop.fit: the first batch of each padded shape compiles the step, and its metrics
+    say so (`includes_compile`), so a step time is not read from it; metrics.jsonl has a line
+    per step."""
+    from train.loop import fit
+
+    def example(n):
+        return Example(tuple(rng.integers(1, TINY.vocab_size, n)), (1,) * n)
+
+    lengths = [12, 14, 20, 9]            # padded to 16, 16, 24, 16 tokens (segments of 8)
+    stream = iter([pad_batch([example(n), example(5)], ACFG.segment_size) for n in lengths])
+    _, history = fit(random_params(rng, TINY, ACFG), TINY, ACFG, stream, steps=4,
+                     optimizer=optax.sgd(1e-3), out_dir=tmp_path, progress=False)
+    assert [h["includes_compile"] for h in history] == [True, False, True, False]
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [l["includes_compile"] for l in lines] == [True, False, True, False]
+    assert [l["tokens"] for l in lines] == [n + 5 for n in lengths]
+
+
 def _cli_train_inputs(rng, tmp_path):
     """A tiny word-level checkpoint with its tokenizer, and a one-book library."""
     from tokenizers import Tokenizer, models, pre_tokenizers

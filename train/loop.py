@@ -24,7 +24,11 @@ def fit(params: dict, cfg: LlamaConfig, armt: ArmtConfig, batches: Iterator[dict
     """Train for `steps` steps. Writes `out_dir/metrics.jsonl` (one line per step) and Orbax
     checkpoints `out_dir/step_{k}` every `checkpoint_every` steps and at the end.
     compute_dtype, schedule, compiler_options: see `train.step.make_train_step` (bf16: mixed
-    precision; the sequential or the diagonal schedule; XLA options of the step)."""
+    precision; the sequential or the diagonal schedule; XLA options of the step).
+    A batch of a shape not seen before compiles the step for it first (minutes for the diagonal
+    schedule on a GPU; `armt --compilation-cache` keeps the programs for later runs): the bar
+    says so while it waits, and that step's metrics carry `includes_compile: true`, so its
+    `seconds` are not read as a step time."""
     step_fn = make_train_step(cfg, armt, optimizer, accum_steps=accum_steps,
                               compute_dtype=compute_dtype, schedule=schedule,
                               compiler_options=compiler_options)
@@ -32,15 +36,20 @@ def fit(params: dict, cfg: LlamaConfig, armt: ArmtConfig, batches: Iterator[dict
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    history = []
+    history, shapes_seen = [], set()
     bar = tqdm(range(1, steps + 1), desc="train", disable=not progress)
     for step in bar:
         batch = next(batches)
+        shape = tuple(batch["tokens"].shape)
+        new_shape = shape not in shapes_seen
+        if new_shape:
+            shapes_seen.add(shape)
+            bar.set_postfix_str(f"compiling the step for a {shape[0]} x {shape[1]} batch")
         t0 = time.perf_counter()
         params, opt_state, metrics = step_fn(params, opt_state, batch)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         metrics.update(step=step, seconds=time.perf_counter() - t0,
-                       tokens=int(batch["lengths"].sum()))
+                       tokens=int(batch["lengths"].sum()), includes_compile=new_shape)
         history.append(metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if out_dir is not None:
