@@ -13,6 +13,7 @@ Before the command, `--compilation-cache DIR` keeps compiled programs in DIR for
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -190,7 +191,10 @@ def run_train(args) -> int:
                      checkpoint_every=args.checkpoint_every, schedule=args.schedule,
                      compiler_options=default_compiler_options(deterministic=args.deterministic),
                      compute_dtype=None if args.compute_dtype == "float32" else jnp.bfloat16)
-    print(f"final loss {history[-1]['loss']:.4f}; metrics and checkpoints in {args.out}")
+    timed = [h["seconds"] for h in history if not h["includes_compile"]]
+    step_time = (f"; {statistics.median(timed):.3f} s a step (median of the steps that did not"
+                 f" compile)" if timed else "")
+    print(f"final loss {history[-1]['loss']:.4f}{step_time}; metrics and checkpoints in {args.out}")
     return 0
 
 
