@@ -28,6 +28,7 @@ import datetime
 import functools
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -108,6 +109,17 @@ def _product_operands(key, g, m, k, n, transpose=None):
 PRODUCTS = {"fwd": lambda m, k, n: ((m, k, n), None),
             "dx": lambda m, k, n: ((m, n, k), (False, True)),
             "dw": lambda m, k, n: ((k, m, n), (True, False))}
+
+
+def product_name(shape: str, product: str) -> str:
+    """A row's shape name for a product: "qkv", "qkv dx", "qkv dw"."""
+    return shape if product == "fwd" else f"{shape} {product}"
+
+
+def device_us(note: str | None) -> float | None:
+    """The device time per call that a profiled A/B row's note carries ("device N us/call")."""
+    found = re.search(r"device (\d+) us/call", note or "")
+    return float(found.group(1)) if found else None
 
 
 def dense_seconds(size=8192, dtype=jnp.bfloat16):
@@ -386,7 +398,7 @@ def ab_compare(shapes, cfg_names, active, reps, dense_tflops, key, rows, failure
     PRODUCTS, "fwd" and the backward products "dx" / "dw" (rows named e.g. "o dx"; the SwiGLU
     variants are forward-only)."""
     configs = dict(SWEEP if configs is None else configs)
-    todo = [(model, name if p == "fwd" else f"{name} {p}", *PRODUCTS[p](m, k, n))
+    todo = [(model, product_name(name, p), *PRODUCTS[p](m, k, n))
             for model, name, m, k, n in shapes for p in products]
     active = g if active is None else active
     for model, name, (m, k, n), transpose in todo:

@@ -90,6 +90,20 @@ export PYTHONUNBUFFERED=1
 quiet() { grep -v "^[WI]0000\|^WARNING: All log"; }
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv,noheader | tee -a "$OUT/device.txt"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/device.txt"
+# train_bench NAME LIMIT_S ARGS...: eval.bench_train under a timeout (0: none), its JSON in
+# $OUT/NAME/, its log in $OUT/NAME.txt, the log shown without the markdown table.
+train_bench() {
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 -m eval.bench_train "$@" --out "$OUT/$name/train_bench.json" 2>&1 \
+    | quiet | tee "$OUT/$name.txt" | grep -v "^| "
+}
+# ab NAME LIMIT_S ARGS...: an interleaved grouped-matmul A/B (eval/bench_grouped_matmul.py --ab ...)
+# under a timeout (0: none), results in $OUT/NAME/, its A/B lines and failures shown.
+ab() {
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 eval/bench_grouped_matmul.py --models "" "$@" --out "$OUT/$name" 2>&1 \
+    | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200
+}
 # wg3_variants STAGE TEST_PATTERN CONFIGS [SHAPES]: the GPU tests of three-warpgroup configs under a
 # timeout, then (if both passed) a profiled A/B of them against "auto" (timed twice: the run's
 # spread between identical configs) and cuBLAS at G = 16.
@@ -98,10 +112,9 @@ wg3_variants() {
     -k "gpu_weight_offset and $2" 2>&1 | quiet > "$OUT/$1_tests_full.txt"
   tail -4 "$OUT/$1_tests_full.txt" | tee "$OUT/$1_tests.txt"
   grep -q "2 passed" "$OUT/$1_tests.txt" || { echo "$1: tests did not pass"; return; }
-  timeout 250 python3 eval/bench_grouped_matmul.py --models "" --ab "auto,auto#2,$3,xla_einsum" \
+  ab "$1" 250 --ab "auto,auto#2,$3,xla_einsum" \
     --ab_groups 16 --ab_products fwd,dx --ab_profile --ab_reps 3 \
-    --ab_shapes "${4:-1b:qkv,1b:o,1b:down,8b:qkv,8b:o}" --out "$OUT/$1" 2>&1 | quiet \
-    | grep "  ab \|FAIL\|wrote" | cut -c1-200
+    --ab_shapes "${4:-1b:qkv,1b:o,1b:down,8b:qkv,8b:o}"
 }
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests bench agreement kernel)
@@ -139,23 +152,19 @@ for stage in "${stages[@]}"; do
            # time it only if both GPU tests passed (a hang or a wrong result stops here)
            grep -q "2 passed" "$OUT/pingpong_tests.txt" || { echo "pingpong: tests did not pass"; continue; }
            S=$(for m in 1b 3b 8b; do for s in qkv o gate_up down; do printf "%s:%s," $m $s; done; done)
-           timeout 300 python3 eval/bench_grouped_matmul.py --models "" --ab \
+           ab pingpong 300 --ab \
              default,pingpong,pingpong_delay1,pingpong_s4,pingpong_n256,xla_einsum --ab_profile \
-             --ab_reps 3 --ab_shapes "${S%,}" --out "$OUT/pingpong" 2>&1 | quiet \
-             | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
+             --ab_reps 3 --ab_shapes "${S%,}" ;;
     pingpong2) C=default,pingpong_delay1,pingpong_delay1_s4,pingpong_delay1_s5
            C=$C,pingpong_delay1_gm4,pingpong_delay1_gn4,xla_einsum
-           python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_profile --ab_reps 5 \
-             --ab_shapes 1b:qkv,1b:o,3b:qkv,3b:o,1b:gate_up --out "$OUT/pingpong2" 2>&1 | quiet \
-             | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
-    select) python3 eval/bench_grouped_matmul.py --models "" --ab \
+           ab pingpong2 0 --ab $C --ab_profile --ab_reps 5 \
+             --ab_shapes 1b:qkv,1b:o,3b:qkv,3b:o,1b:gate_up ;;
+    select) ab select 0 --ab \
              default,pingpong_delay1,auto,xla_einsum --ab_groups 1,16 --ab_profile --ab_reps 5 \
-             --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,3b:gate_up,8b:gate_up \
-             --out "$OUT/select" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
-    train_products) python3 eval/bench_grouped_matmul.py --models "" --ab \
+             --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,3b:gate_up,8b:gate_up ;;
+    train_products) ab train_products 0 --ab \
              default,pingpong_delay1,auto,xla_einsum --ab_groups 1 --ab_products fwd,dx,dw \
-             --ab_profile --ab_reps 5 --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down \
-             --out "$OUT/train_products" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
+             --ab_profile --ab_reps 5 --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down ;;
     train_profile) python3 -m eval.bench_train --tokens 4096 --reps 3 --profile --dump-hlo \
              --out "$OUT/train_profile/train_bench.json" 2>&1 | quiet | tee "$OUT/train_profile.txt" ;;
     train_zero_init) python3 -m eval.bench_train --tokens 4096 16384 --profile \
@@ -167,62 +176,47 @@ for stage in "${stages[@]}"; do
              | tee "$OUT/wg3_tests.txt"
            grep -q "2 passed" "$OUT/wg3_tests.txt" || { echo "wg3: tests did not pass"; continue; }
            C=default,auto,wg3_192x128,wg3_192x192,xla_einsum
-           timeout 280 python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_groups 1,16 \
+           ab wg3 280 --ab $C --ab_groups 1,16 \
              --ab_products fwd,dx,dw --ab_profile --ab_reps 3 \
-             --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down --out "$OUT/wg3" 2>&1 | quiet \
-             | grep "  ab \|FAIL\|wrote" | cut -c1-200
-           timeout 200 python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_groups 16 \
-             --ab_profile --ab_reps 3 --ab_shapes 3b:qkv,3b:o,3b:down,8b:qkv,8b:o,8b:down \
-             --out "$OUT/wg3_big" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
+             --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down
+           ab wg3_big 200 --ab $C --ab_groups 16 \
+             --ab_profile --ab_reps 3 --ab_shapes 3b:qkv,3b:o,3b:down,8b:qkv,8b:o,8b:down ;;
     select3) C=default,auto,wg3_192x128,xla_einsum
-           timeout 250 python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_groups 2,4 \
+           ab select3 250 --ab $C --ab_groups 2,4 \
              --ab_products fwd,dx,dw --ab_profile --ab_reps 3 \
-             --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down --out "$OUT/select3" 2>&1 | quiet \
-             | grep "  ab \|FAIL\|wrote" | cut -c1-200
-           timeout 100 python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_groups 1 \
-             --ab_products dw --ab_profile --ab_reps 3 --ab_shapes 3b:o,3b:qkv \
-             --out "$OUT/select3_3b" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
+             --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down
+           ab select3_3b 100 --ab $C --ab_groups 1 \
+             --ab_products dw --ab_profile --ab_reps 3 --ab_shapes 3b:o,3b:qkv ;;
     pingpong_bwd) C=default,auto,pingpong_delay1,xla_einsum
-           timeout 250 python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_groups 1,16 \
+           ab pingpong_bwd 250 --ab $C --ab_groups 1,16 \
              --ab_products dx,dw --ab_profile --ab_reps 3 \
-             --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down --out "$OUT/pingpong_bwd" 2>&1 | quiet \
-             | grep "  ab \|FAIL\|wrote" | cut -c1-200
-           timeout 150 python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_groups 16 \
-             --ab_products dw --ab_profile --ab_reps 3 --ab_shapes 3b:qkv,3b:down,8b:qkv,8b:down \
-             --out "$OUT/pingpong_bwd_big" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
+             --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down
+           ab pingpong_bwd_big 150 --ab $C --ab_groups 16 \
+             --ab_products dw --ab_profile --ab_reps 3 --ab_shapes 3b:qkv,3b:down,8b:qkv,8b:down ;;
     reproducibility) timeout 320 python3 -m eval.reproducibility --tokens 16384 --processes 3 \
              --variant default= --variant deterministic=--xla_gpu_deterministic_ops=true \
              --out /tmp/reproducibility 2>&1 | quiet | tee "$OUT/reproducibility.txt" | cut -c1-400
            cp /tmp/reproducibility/reproducibility.json "$OUT/" ;;
-    wg3_repeat) timeout 280 python3 eval/bench_grouped_matmul.py --models "" --ab \
+    wg3_repeat) ab wg3_repeat 280 --ab \
              default,auto,wg3_192x192,xla_einsum --ab_groups 16 --ab_products fwd,dx \
-             --ab_profile --ab_reps 5 --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down \
-             --out "$OUT/wg3_repeat" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
-    train_diagonal) python3 -m eval.bench_train --tokens 4096 16384 --reps 3 \
-             --schedules sequential diagonal --out "$OUT/train_diagonal/train_bench.json" 2>&1 \
-             | quiet | tee "$OUT/train_diagonal.txt" | grep -v "^| " ;;
+             --ab_profile --ab_reps 5 --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down ;;
+    train_diagonal) train_bench train_diagonal 0 --tokens 4096 16384 --reps 3 \
+             --schedules sequential diagonal ;;
     wg3_groups) C=default,auto,wg3_192x192,xla_einsum
-           timeout 200 python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_groups 2,4,8 \
-             --ab_products fwd,dx --ab_profile --ab_reps 3 --ab_shapes 1b:qkv,1b:o,1b:down \
-             --out "$OUT/wg3_groups" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200
-           timeout 120 python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_groups 2,4 \
-             --ab_products fwd,dx --ab_profile --ab_reps 3 --ab_shapes 3b:qkv,3b:o \
-             --out "$OUT/wg3_groups_3b" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
+           ab wg3_groups 200 --ab $C --ab_groups 2,4,8 \
+             --ab_products fwd,dx --ab_profile --ab_reps 3 --ab_shapes 1b:qkv,1b:o,1b:down
+           ab wg3_groups_3b 120 --ab $C --ab_groups 2,4 \
+             --ab_products fwd,dx --ab_profile --ab_reps 3 --ab_shapes 3b:qkv,3b:o ;;
     select_wide) C=default,auto,xla_einsum
-           timeout 170 python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_groups 16 \
+           ab select_wide 170 --ab $C --ab_groups 16 \
              --ab_products fwd,dx --ab_profile --ab_reps 3 \
-             --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down --out "$OUT/select_wide" 2>&1 | quiet \
-             | grep "  ab \|FAIL\|wrote" | cut -c1-200
-           timeout 150 python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_groups 2,4,8 \
-             --ab_products fwd,dx --ab_profile --ab_reps 3 --ab_shapes 1b:gate_up,1b:down \
-             --out "$OUT/select_wide_g248" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
-    train_deterministic) python3 -m eval.bench_train --tokens 4096 --reps 3 \
-             --compiler-option xla_gpu_deterministic_ops=true \
-             --out "$OUT/train_deterministic/train_bench.json" 2>&1 | quiet \
-             | tee "$OUT/train_deterministic.txt" | grep -v "^| " ;;
-    train_diagonal_long) python3 -m eval.bench_train --tokens 32768 65536 --reps 3 --impls auto \
-             --schedules sequential diagonal --out "$OUT/train_diagonal_long/train_bench.json" \
-             2>&1 | quiet | tee "$OUT/train_diagonal_long.txt" | grep -v "^| " ;;
+             --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down
+           ab select_wide_g248 150 --ab $C --ab_groups 2,4,8 \
+             --ab_products fwd,dx --ab_profile --ab_reps 3 --ab_shapes 1b:gate_up,1b:down ;;
+    train_deterministic) train_bench train_deterministic 0 --tokens 4096 --reps 3 \
+             --compiler-option xla_gpu_deterministic_ops=true ;;
+    train_diagonal_long) train_bench train_diagonal_long 0 --tokens 32768 65536 --reps 3 \
+             --impls auto --schedules sequential diagonal ;;
     train_diagonal_profile) python3 -m eval.bench_train --tokens 16384 --reps 1 --impls auto \
              --schedules sequential diagonal --profile \
              --out "$OUT/train_diagonal_profile/train_bench.json" 2>&1 | quiet \
@@ -232,42 +226,35 @@ for stage in "${stages[@]}"; do
              --schedules sequential diagonal --profile \
              --out "$OUT/train_windows_profile/train_bench.json" 2>&1 | quiet \
              | tee "$OUT/train_windows_profile.txt" | grep -v "^| " | grep -v "^$" | cut -c1-160 | head -40
-           python3 -m eval.bench_train --tokens 65536 --reps 3 --impls auto \
-             --schedules sequential diagonal --out "$OUT/train_windows_long/train_bench.json" 2>&1 \
-             | quiet | tee "$OUT/train_windows_long.txt" | grep -v "^| " ;;
+           train_bench train_windows_long 0 --tokens 65536 --reps 3 --impls auto \
+             --schedules sequential diagonal ;;
     wg3_cluster) wg3_variants wg3_cluster wg3_192x192_c wg3_192x192_cm,wg3_192x192_cn ;;
-    parity_rest) timeout 540 python3 eval/bench_grouped_matmul.py --models "" --ab \
-             auto,wg3_192x192_cm,wg3_192x192_cn,xla_einsum --ab_groups 16 --ab_products fwd,dx \
-             --ab_profile --ab_reps 3 --ab_shapes 3b:qkv,3b:o,3b:gate_up,3b:down,8b:gate_up,8b:down,1b:gate_up \
-             --out "$OUT/parity_rest" 2>&1 | quiet | grep "  ab \|wrote" | cut -c1-200 ;;
+    parity_rest) ab parity_rest 540 --ab auto,wg3_192x192_cm,wg3_192x192_cn,xla_einsum \
+             --ab_groups 16 --ab_products fwd,dx --ab_profile --ab_reps 3 \
+             --ab_shapes 3b:qkv,3b:o,3b:gate_up,3b:down,8b:gate_up,8b:down,1b:gate_up ;;
     select_cluster) C=default,auto,xla_einsum
-           timeout 330 python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_groups 16 \
-             --ab_products fwd,dx --ab_profile --ab_reps 5 --ab_shapes 8b:qkv,8b:gate_up,8b:down \
-             --out "$OUT/select_cluster" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200
-           timeout 200 python3 eval/bench_grouped_matmul.py --models "" --ab $C --ab_groups 1,8 \
-             --ab_products fwd --ab_profile --ab_reps 3 --ab_shapes 8b:qkv,8b:gate_up \
-             --out "$OUT/select_cluster_g18" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
+           ab select_cluster 330 --ab $C --ab_groups 16 \
+             --ab_products fwd,dx --ab_profile --ab_reps 5 --ab_shapes 8b:qkv,8b:gate_up,8b:down
+           ab select_cluster_g18 200 --ab $C --ab_groups 1,8 \
+             --ab_products fwd --ab_profile --ab_reps 3 --ab_shapes 8b:qkv,8b:gate_up ;;
     compile_cache) export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache; rm -rf /tmp/jax_cache
            for run in first second; do
              timeout 280 python3 -m eval.bench_train --tokens 4096 --reps 1 --impls auto \
                --schedules diagonal --out "$OUT/compile_cache_$run/train_bench.json" 2>&1 | quiet \
                | grep -v "^| " | sed "s/^/$run: /"
-             echo "$run: cache $(du -sh /tmp/jax_cache 2>/dev/null | cut -f1), $(find /tmp/jax_cache -type f 2>/dev/null | wc -l) files"
+             files=$(find /tmp/jax_cache -type f 2>/dev/null | wc -l)
+             echo "$run: cache $(du -sh /tmp/jax_cache 2>/dev/null | cut -f1), $files files"
            done
            unset JAX_COMPILATION_CACHE_DIR ;;
-    train_4096) timeout 400 python3 -m eval.bench_train --tokens 4096 --reps 3 --impls auto \
-             --schedules sequential diagonal --out "$OUT/train_4096/train_bench.json" 2>&1 \
-             | quiet | tee "$OUT/train_4096.txt" | grep -v "^| " ;;
-    pingpong_dw) timeout 400 python3 eval/bench_grouped_matmul.py --models "" --ab \
+    train_4096) train_bench train_4096 400 --tokens 4096 --reps 3 --impls auto \
+             --schedules sequential diagonal ;;
+    pingpong_dw) ab pingpong_dw 400 --ab \
              auto,auto#2,pingpong_delay1,xla_einsum --ab_groups 16 --ab_products dw --ab_profile \
-             --ab_reps 5 --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,3b:o \
-             --out "$OUT/pingpong_dw" 2>&1 | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200 ;;
-    train_seq_remat) timeout 330 python3 -m eval.bench_train --tokens 65536 --reps 3 --impls auto \
-             --schedules sequential diagonal --out "$OUT/train_seq_remat/train_bench.json" 2>&1 \
-             | quiet | tee "$OUT/train_seq_remat.txt" | grep -v "^| "
-           timeout 200 python3 -m eval.bench_train --tokens 16384 --reps 3 --impls auto \
-             --schedules sequential --out "$OUT/train_seq_remat_16k/train_bench.json" 2>&1 \
-             | quiet | tee "$OUT/train_seq_remat_16k.txt" | grep -v "^| " ;;
+             --ab_reps 5 --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,3b:o ;;
+    train_seq_remat) train_bench train_seq_remat 330 --tokens 65536 --reps 3 --impls auto \
+             --schedules sequential diagonal
+           train_bench train_seq_remat_16k 200 --tokens 16384 --reps 3 --impls auto \
+             --schedules sequential ;;
     *) echo "unknown stage $stage (tests, bench, agreement, kernel, kernel_big, fused, diagonal," \
             "train, profile, pingpong, pingpong2, select, train_products, train_profile," \
             "train_zero_init, wg3, select3, pingpong_bwd, reproducibility, wg3_repeat," \

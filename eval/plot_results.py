@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -162,26 +161,19 @@ def plot_train(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-PARITY_ORDER = [f"{model} {shape}{product}" for model in ("1b", "3b", "8b")
-                for shape in ("qkv", "o", "gate_up", "down") for product in ("", " dx", " dw")]
-
-
 def parity_points(report: dict, num_sms: int = 132) -> list[dict]:
     """Per A/B run and product at full load: cuBLAS's device time over the kernel's, where the
     run timed XLA's plain einsum and a kernel config equal to today's `select_config` choice
     for the product (several such rows in one run: their mean time). Device times come from the
     rows' profiled notes ("device N us/call"); rows without one are skipped."""
+    from eval.bench_grouped_matmul import device_us
     from kernels.tuning import select_config
-
-    def device_us(row):
-        found = re.search(r"device (\d+) us/call", row.get("note") or "")
-        return float(found.group(1)) if found else None
 
     points = []
     for run_name, run in report["runs"].items():
         products = {}
         for r in run["rows"]:
-            us = device_us(r)
+            us = device_us(r.get("note"))
             if us is None or r["active"] != r["G"]:
                 continue
             name = r["note"].split(" | ")[0].removeprefix("ab ").strip()
@@ -201,19 +193,25 @@ def parity_points(report: dict, num_sms: int = 132) -> list[dict]:
 
 def plot_parity(report: dict, path: Path, groups: int = 16) -> None:
     """One dot per run and product (`parity_points` at G = groups), runs in date order."""
+    from eval.bench_grouped_matmul import MODELS, PRODUCTS, product_name
+
     plt = _pyplot()
     points = [p for p in parity_points(report) if p["G"] == groups]
     if not points:
         raise ValueError(f"no A/B run timed today's select_config choice and cuBLAS at G = {groups}")
-    products = [p for p in PARITY_ORDER if any(q["product"] == p for q in points)]
+    order = [f"{model} {product_name(shape, p)}" for model, shapes in MODELS.items()
+             for shape, *_ in shapes for p in PRODUCTS]
+    products = [p for p in order if any(q["product"] == p for q in points)]
     runs = sorted({p["run"] for p in points}, key=lambda r: report["runs"][r].get("date", ""))
-    colours = plt.get_cmap("viridis")([i / max(len(runs) - 1, 1) for i in range(len(runs))])
+    shade = [i / max(len(runs) - 1, 1) for i in range(len(runs))]   # 0..1, oldest to newest
+    colours = plt.get_cmap("viridis")(shade)
     fig, ax = plt.subplots(figsize=(max(8.0, 0.5 * len(products)) + 3.5, 4.4))
     for i, run in enumerate(runs):
         mine = [p for p in points if p["run"] == run]
-        ax.scatter([products.index(p["product"]) + 0.5 * (i / max(len(runs) - 1, 1) - 0.5) * 0.6
-                    for p in mine], [p["speed_vs_cublas"] for p in mine], s=18,
-                   color=colours[i], label=f"{run} ({report['runs'][run].get('date', '')[:16]})")
+        offset = 0.3 * (shade[i] - 0.5)   # runs side by side within a product's column
+        ax.scatter([products.index(p["product"]) + offset for p in mine],
+                   [p["speed_vs_cublas"] for p in mine], s=18, color=colours[i],
+                   label=f"{run} ({report['runs'][run].get('date', '')[:16]})")
     for x, product in enumerate(products):
         median = statistics.median(p["speed_vs_cublas"] for p in points if p["product"] == product)
         ax.plot([x - 0.3, x + 0.3], [median, median], color="black", lw=1.5)

@@ -59,12 +59,16 @@ def check_ill_conditioned_draw(got, want, params, tokens, cfg, acfg):
     30 other draws stayed within 6e-7 of each other."""
     layers = range(cfg.num_hidden_layers)
     for b in range(tokens.shape[0]):
-        _, A64, _ = ref.armt(params, np.asarray(tokens[b]), cfg, acfg)
-        err_seq = max(ref.rel_err(want.state.A[l, b], A64[l]) for l in layers)
-        err_diag = max(ref.rel_err(got.state.A[l, b], A64[l]) for l in layers)
-        worst = max(ref.rel_err(got.state.A[l, b], want.state.A[l, b]) for l in layers)
-        assert worst <= 1e-5 or err_seq > 1e-5, (b, worst, err_seq)   # else: a real difference
-        assert err_diag <= 2 * max(err_seq, 1e-5), (b, err_diag, err_seq)
+        _, A64, z64 = ref.armt(params, np.asarray(tokens[b]), cfg, acfg)
+        for name, exact in (("A", A64), ("z", z64)):   # z too: keys follow the ill-conditioned reads
+            seq = [getattr(want.state, name)[l, b] for l in layers]
+            diag = [getattr(got.state, name)[l, b] for l in layers]
+            err_seq = max(ref.rel_err(seq[l], exact[l]) for l in layers)
+            err_diag = max(ref.rel_err(diag[l], exact[l]) for l in layers)
+            worst = max(ref.rel_err(diag[l], seq[l]) for l in layers)
+            # else: a real difference between the schedules
+            assert worst <= 1e-5 or err_seq > 1e-5, (name, b, worst, err_seq)
+            assert err_diag <= 2 * max(err_seq, 1e-5), (name, b, err_diag, err_seq)
     assert ref.rel_err(got.out, want.out) <= 1e-5
 
 
