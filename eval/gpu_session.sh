@@ -77,9 +77,15 @@
 #              the second one reading the first one's cache                     (~5 min)
 #   train_4096  both schedules' training steps with the kernels at 4096 tokens (one diagonal of
 #              16 layers needs 16 segments; here there are 4), after the per-window remat  (~4 min)
-#   pingpong_dw  ping-pong on the dw products at G = 16 (a diagonal training step's; 3-5 % ahead of
-#              the default on 1b qkv / o / gate_up dw in one run, s8): auto (timed twice, the
-#              run's noise) against ping-pong and cuBLAS, 1b and 3b shapes, 5 rounds   (~4 min)
+#   dw_variants  the dw products at G = 16 (a diagonal training step's; cuBLAS leads there by 5-9 %):
+#              "auto" (the default tiles; timed twice, the run's noise) against ping-pong (3-5 %
+#              ahead on 1b qkv / o / gate_up dw in one run, s8), one wgmma group in flight
+#              (delay1: free on dw, whose 18 / 34 / 66 k-steps are no multiple of 4 stages, so
+#              its tiles never chain anyway), 3 stages (chained at 18 and 66 k-steps) and cuBLAS;
+#              1b, 3b and 8b shapes, 3 rounds                                      (~7 min)
+#   dw_select  select_config's 3-stage choice for the dw products whose k-steps only 3 stages
+#              chain (1b, 8b): its GPU test, then "auto" (timed twice) against the default,
+#              ping-pong and cuBLAS at G = 1 and 16                               (~4 min)
 #   run: bash eval/gpu_session.sh tests fused; bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
@@ -248,9 +254,16 @@ for stage in "${stages[@]}"; do
            unset JAX_COMPILATION_CACHE_DIR ;;
     train_4096) train_bench train_4096 400 --tokens 4096 --reps 3 --impls auto \
              --schedules sequential diagonal ;;
-    pingpong_dw) ab pingpong_dw 400 --ab \
-             auto,auto#2,pingpong_delay1,xla_einsum --ab_groups 16 --ab_products dw --ab_profile \
-             --ab_reps 5 --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,3b:o ;;
+    dw_variants) ab dw_variants 540 --ab \
+             auto,auto#2,pingpong_delay1,delay1,stages3,xla_einsum --ab_groups 16 --ab_products dw \
+             --ab_profile --ab_reps 3 \
+             --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,3b:o,8b:qkv,8b:o,8b:down ;;
+    dw_select)
+      timeout 200 python3 -m pytest -o addopts="" -q -p no:cacheprovider tests/test_grouped_matmul.py \
+        -k "gpu_weight_offset and three_stages" 2>&1 | quiet | tail -3 | tee "$OUT/dw_select_tests.txt"
+      ab dw_select 420 --ab default,auto,auto#2,pingpong_delay1,xla_einsum --ab_groups 1,16 \
+             --ab_products dw --ab_profile --ab_reps 3 \
+             --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,8b:qkv,8b:o,8b:down ;;
     train_seq_remat) train_bench train_seq_remat 330 --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal
            train_bench train_seq_remat_16k 200 --tokens 16384 --reps 3 --impls auto \
@@ -261,7 +274,7 @@ for stage in "${stages[@]}"; do
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
-            "pingpong_dw)"
+            "dw_variants, dw_select)"
        exit 2 ;;
   esac
 done

@@ -160,6 +160,21 @@ THREE_WG_VARIANTS = {
     # 2-CTA clusters along n / m (WIDE_CLUSTER_CONFIGS): "wg3_192x192_cn", "wg3_192x192_cm".
     **{f"wg3_192x192_c{c.cluster_dimension.name.lower()}": c for c in WIDE_CLUSTER_CONFIGS},
 }
+# 3 stages where only they chain the tiles of a CTA: the dw products' reduction runs over the
+# diagonal's rows (m = 1152, 4224: 18, 66 k-steps), no multiple of the default's 4 stages, so the
+# default runs each tile as its own pipeline and pays a fill between tiles; 3 stages chain them.
+# Taken for dw with at least THREE_STAGE_MIN_WAVES waves of tiles (a CTA with one tile has
+# nothing to chain). H200 A/B, device us, the default against 3 stages (cuBLAS in brackets):
+# run s12_dw_variants (G = 16): 1b qkv dw 324-339 vs 316 (291), o 222-225 vs 216 (199), gate/up
+# 1645-1652 vs 1610 (1525), down 842-846 vs 829 (765); 8b qkv 4417-4437 vs 4264 (4146), o
+# 2927-2945 vs 2879 (2741), down 11358-11421 vs 11259 (10388); unchained (3b, 34 k-steps) level.
+# Run s12_dw_select (3 stages as "auto", timed twice): G = 16 1b qkv 344 vs 321-323, o 224 vs
+# 220, gate/up 1685 vs 1642, down 853 vs 840, 8b qkv 4490 vs 4330-4350, o 2981 vs 2933-2936,
+# down 11764 vs 11416-11763; G = 1 1b gate/up 118 vs 113-115, down 59 vs 56-57, 8b qkv 282 vs
+# 273-275, o 201 vs 187, down 688 vs 670. Faster in all 19 comparisons, by 0.9-7.5 % (the
+# second timing of 3 stages on 8b down dw at G = 16 came out level with the default).
+THREE_STAGE_CONFIG = TuningConfig(max_concurrent_steps=3)
+THREE_STAGE_MIN_WAVES = 2
 # How much better the ping-pong schedule must fill the last wave of tiles than the default one
 # before select_config picks it: at equal fill it ran 1-2 % slower (3b qkv/o, 1b gate_up).
 PINGPONG_MIN_WAVE_GAIN = 0.025
@@ -246,6 +261,12 @@ def select_config(
     1497, 750 against cuBLAS's 290, 294, 200, 200, 1493, 757. Slower on 3b / 8b at G = 16
     (0.3-5.6 %), where the cost model also says so.
 
+    3 stages (``THREE_STAGE_CONFIG``) for the dw products whose k-steps only 3 stages chain
+    (1b and 8b: 18, 66), with 2+ waves of tiles: 0.9-7.5 % faster than the default in all 19
+    H200 comparisons at G = 1 and 16 (two runs, s12; figures at the config). dw stays at
+    0.91-0.98x of cuBLAS. Ping-pong was 3-4 % faster still on 1b qkv and o dw at G = 16 and
+    3.5 % slower on 1b down dw (two runs); too small a share of a step for a rule fitted to it.
+
     The same tiles in 2-CTA clusters along n (``WIDE_CLUSTER_N_CONFIG``, the A tile multicast)
     where their cost is at most ``WIDE_CLUSTER_MAX_COST_RATIO`` of the default's and the column
     tiles pair up: the 8b qkv and gate/up forward products. H200 A/B, device us, against the
@@ -265,6 +286,12 @@ def select_config(
     if cost(THREE_WG_CONFIG) <= THREE_WG_MAX_COST_RATIO * cost(DEFAULT_CONFIG) and serves(
             THREE_WG_CONFIG):
         return THREE_WG_CONFIG
+    k_steps = pl.cdiv(k, DEFAULT_CONFIG.tile_k)
+    if (transpose_lhs and not DEFAULT_CONFIG.chains(k_steps)
+            and THREE_STAGE_CONFIG.chains(k_steps)
+            and _num_tiles(THREE_STAGE_CONFIG, num_groups, m, n) >= THREE_STAGE_MIN_WAVES * num_sms
+            and serves(THREE_STAGE_CONFIG)):
+        return THREE_STAGE_CONFIG
     if (not transpose_lhs and m % WIDE_THREE_WG_CONFIG.cta_tile_m == 0
             and _num_tiles(DEFAULT_CONFIG, num_groups, m, n) >= WIDE_THREE_WG_MIN_WAVES * num_sms):
         wide_cost = cost(WIDE_THREE_WG_CONFIG)

@@ -245,7 +245,7 @@ def test_wide_cluster_choice():
         assert pick(*dims) == default, dims
     for dims in [(16, 4224, 6144, 4096), (16, 4224, 4096, 4096), (16, 4224, 28672, 4096)]:
         assert pick(*dims, tr=True) == default, dims            # 8b qkv, o, gate/up dx
-    assert pick(16, 4096, 4224, 6144, tl=True) == default       # 8b qkv dw
+    assert pick(16, 4096, 4224, 6144, tl=True) == mgpu_kernel.THREE_STAGE_CONFIG  # 8b qkv dw
     assert pick(16, 2176, 3072, 16384) == default               # 3b gate/up: ragged rows
     assert pick(16, 1152, 2048, 16384) == default               # 1b gate/up: cost 1.0125
     assert pick(16, 1152, 2048, 3072) == mgpu_kernel.WIDE_THREE_WG_CONFIG   # 1b qkv: cost 0.96
@@ -254,6 +254,41 @@ def test_wide_cluster_choice():
         (16, m, 4096), (16, 4096, n), jnp.bfloat16, jnp.bfloat16, config=c)
     assert why(along_n, 4224, 6144) is None and "even number" in why(along_n, 4224, 14336)
     assert why(along_m, 4224, 14336) is None and "even number" in why(along_m, 4032, 6144)
+
+
+def test_three_stage_choice_chains_the_dw_tiles():
+    """select_config takes 3 stages for dw products whose k-steps (the diagonal's rows / 64)
+    3 stages chain and the default's 4 do not, where CTAs get several tiles (2+ waves): the
+    1b and 8b dw at G = 16 (m = 1152, 4224: 18, 66 k-steps; 1-4 % faster than the default on
+    the H200), not 3b (34 k-steps chain with neither), not forward or dx products, not a
+    single wave."""
+    pick = lambda *dims, tl=False, tr=False: mgpu_kernel.select_config(
+        *dims, transpose_lhs=tl, transpose_rhs=tr, num_sms=132)
+    three = mgpu_kernel.THREE_STAGE_CONFIG
+    assert three.max_concurrent_steps == 3 and three.chains(18) and not three.chains(34)
+    assert not mgpu_kernel.DEFAULT_CONFIG.chains(18) and mgpu_kernel.DEFAULT_CONFIG.chains(32)
+    for dims in [(16, 2048, 1152, 3072), (16, 2048, 1152, 2048), (16, 2048, 1152, 16384),
+                 (16, 8192, 1152, 2048), (16, 4096, 4224, 6144), (16, 4096, 4224, 4096),
+                 (16, 14336, 4224, 4096), (1, 14336, 4224, 4096)]:
+        assert pick(*dims, tl=True) == three, dims                 # 1b, 8b dw
+    for dims in [(16, 3072, 2176, 5120), (16, 8192, 2176, 3072)]:
+        assert pick(*dims, tl=True) == mgpu_kernel.DEFAULT_CONFIG, dims   # 3b dw: 34 k-steps
+    assert pick(1, 2048, 1152, 2048, tl=True) == mgpu_kernel.DEFAULT_CONFIG   # 1b o dw: 1 wave
+    assert pick(1, 2048, 1152, 3072, tl=True) == mgpu_kernel.THREE_WG_CONFIG  # checked first
+    assert pick(16, 1152, 1152, 2048) != three                    # forward: never
+    assert pick(16, 1152, 1152, 2048, tr=True) != three           # dx: never
+    # and the tiles it chains compute what the default computes (interpret mode, 18 k-steps,
+    # 4 groups of 2 x 2 tiles on 4 simulated SMs: several tiles per CTA)
+    rng, info = fresh_rng()
+    g, m, k, n = 4, 256, 1152, 512
+    x = jnp.asarray(rng.standard_normal((g, k, m)), jnp.float32)   # dw's x, read transposed
+    dy = jnp.asarray(rng.standard_normal((g, k, n)), jnp.float32)
+    cfg = dataclasses.replace(ops.INTERPRET_CONFIG, max_concurrent_steps=3)
+    assert cfg.chains(k // cfg.tile_k)
+    want = np.einsum("gkm,gkn->gmn", np.float64(x), np.float64(dy))
+    got = ops._run_kernel(x, dy, jnp.array([0, g, 0, 0], jnp.int32), True, False, None,
+                          "interpret", cfg)
+    assert rel_err_finite(got, want) <= 1e-5, info
 
 
 def test_pingpong_hopper_tiles_in_interpret_mode():
@@ -617,6 +652,8 @@ GPU_CONFIGS = {
     "cluster_n": mgpu_kernel.TuningConfig(cluster_dimension=mgpu_kernel.MatmulDimension.N),
     "delay1": mgpu_kernel.TuningConfig(delay_release=1),
     "stages3_slots4": mgpu_kernel.TuningConfig(max_concurrent_steps=3, epi_slots=4),
+    # select_config's choice for dw (chained there: 18 k-steps; the forward's 32 are unchained)
+    "three_stages": mgpu_kernel.THREE_STAGE_CONFIG,
     "pingpong": mgpu_kernel.PINGPONG_CONFIG,   # one wgmma in flight
     "pingpong_delay0": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, delay_release=0),
     # three compute warpgroups (192-row CTA tiles); ragged n at the 1b shapes' n = 2048
