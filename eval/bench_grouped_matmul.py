@@ -277,6 +277,8 @@ SWEEP = {  # named configs for --sweep (the default is select_config's choice)
     # measured unchained before chained tiles became the default (3 or 5 stages never chain:
     # the 32 k-steps of k = 2048 are no multiple of them)
     "stages3": mgpu_kernel.TuningConfig(max_concurrent_steps=3),
+    # 2 stages chain the 3b dw products' 34 k-steps (3 and 4 do not)
+    "stages2": mgpu_kernel.TuningConfig(max_concurrent_steps=2),
     "narrow": mgpu_kernel.TuningConfig(tile_n=64, max_concurrent_steps=5),  # 128x128
     "grid_m4": mgpu_kernel.TuningConfig(grid_minor_dim=M_.M, grid_tile_width=4,
                                         chain_tiles=False),

@@ -86,6 +86,12 @@
 #   dw_select  select_config's 3-stage choice for the dw products whose k-steps only 3 stages
 #              chain (1b, 8b): its GPU test, then "auto" (timed twice) against the default,
 #              ping-pong and cuBLAS at G = 1 and 16                               (~4 min)
+#   dw_3b      the 3b dw products (34 k-steps: only 2 stages chain them) at G = 1 and 16: the
+#              default (timed twice) against 2 stages, 3 stages, one wgmma group in flight
+#              (delay1) and cuBLAS                                                 (~3 min)
+#   dw_auto    select_config's dw choices (3 stages on 1b / 8b, one wgmma group in flight on 3b):
+#              "auto" (timed twice) against the default and cuBLAS on all twelve dw products at
+#              G = 16                                                             (~4 min)
 #   run: bash eval/gpu_session.sh tests fused; bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
@@ -264,6 +270,11 @@ for stage in "${stages[@]}"; do
       ab dw_select 420 --ab default,auto,auto#2,pingpong_delay1,xla_einsum --ab_groups 1,16 \
              --ab_products dw --ab_profile --ab_reps 3 \
              --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,8b:qkv,8b:o,8b:down ;;
+    dw_3b) ab dw_3b 420 --ab default,default#2,stages2,stages3,delay1,xla_einsum --ab_groups 1,16 \
+             --ab_products dw --ab_profile --ab_reps 3 --ab_shapes 3b:qkv,3b:o,3b:gate_up,3b:down ;;
+    dw_auto) ab dw_auto 480 --ab default,auto,auto#2,xla_einsum --ab_groups 16 --ab_products dw \
+             --ab_profile --ab_reps 3 --ab_shapes \
+             1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,3b:o,3b:gate_up,3b:down,8b:qkv,8b:o,8b:gate_up,8b:down ;;
     train_seq_remat) train_bench train_seq_remat 330 --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal
            train_bench train_seq_remat_16k 200 --tokens 16384 --reps 3 --impls auto \
@@ -274,7 +285,7 @@ for stage in "${stages[@]}"; do
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
-            "dw_variants, dw_select)"
+            "dw_variants, dw_select, dw_3b, dw_auto)"
        exit 2 ;;
   esac
 done

@@ -75,6 +75,7 @@ from kernels.pingpong_mgpu import pingpong_kernel
 # The tuning names are part of this module's interface (callers write mgpu_kernel.TuningConfig).
 from kernels.tuning import (  # noqa: F401
     DEFAULT_CONFIG,
+    DELAYED_RELEASE_CONFIG,
     H100_NUM_SMS,
     NARROW_CONFIG,
     PINGPONG_CONFIG,

@@ -175,6 +175,15 @@ THREE_WG_VARIANTS = {
 # second timing of 3 stages on 8b down dw at G = 16 came out level with the default).
 THREE_STAGE_CONFIG = TuningConfig(max_concurrent_steps=3)
 THREE_STAGE_MIN_WAVES = 2
+# dw products whose k-steps neither 4 nor 3 stages chain (3b: 34) run their tiles unchained
+# anyway, so keeping one wgmma group in flight (which rules out chaining) costs nothing there:
+# H200 A/B, 3b dw, device us, the default's two timings against delay_release=1 (cuBLAS):
+# run s12_dw_variants (G = 16) qkv 1389-1392 vs 1366 (1321), o 833-840 vs 823 (793); run
+# s12_dw_3b G = 16 qkv 1416-1424 vs 1399 (1344), o 846-853 vs 837 (806), gate/up 4537-4578 vs
+# 4451 (4357), down 2361-2362 vs 2336 (2176); G = 1 qkv 103 vs 101, gate/up 290 vs 286, down
+# 155-159 vs 154 (o dw takes the 192 x 128 tiles there). 2 stages, which chain 34 k-steps,
+# were 12-25 % slower than the default.
+DELAYED_RELEASE_CONFIG = TuningConfig(delay_release=1)
 # How much better the ping-pong schedule must fill the last wave of tiles than the default one
 # before select_config picks it: at equal fill it ran 1-2 % slower (3b qkv/o, 1b gate_up).
 PINGPONG_MIN_WAVE_GAIN = 0.025
@@ -263,7 +272,9 @@ def select_config(
 
     3 stages (``THREE_STAGE_CONFIG``) for the dw products whose k-steps only 3 stages chain
     (1b and 8b: 18, 66), with 2+ waves of tiles: 0.9-7.5 % faster than the default in all 19
-    H200 comparisons at G = 1 and 16 (two runs, s12; figures at the config). dw stays at
+    H200 comparisons at G = 1 and 16 (two runs, s12; figures at the config). Where neither
+    chains (3b: 34), one wgmma group in flight (``DELAYED_RELEASE_CONFIG``): 0.6-3.2 % faster
+    than the default in all 9 comparisons (two runs). dw stays at
     0.91-0.98x of cuBLAS. Ping-pong was 3-4 % faster still on 1b qkv and o dw at G = 16 and
     3.5 % slower on 1b down dw (two runs); too small a share of a step for a rule fitted to it.
 
@@ -287,11 +298,13 @@ def select_config(
             THREE_WG_CONFIG):
         return THREE_WG_CONFIG
     k_steps = pl.cdiv(k, DEFAULT_CONFIG.tile_k)
-    if (transpose_lhs and not DEFAULT_CONFIG.chains(k_steps)
-            and THREE_STAGE_CONFIG.chains(k_steps)
-            and _num_tiles(THREE_STAGE_CONFIG, num_groups, m, n) >= THREE_STAGE_MIN_WAVES * num_sms
-            and serves(THREE_STAGE_CONFIG)):
-        return THREE_STAGE_CONFIG
+    if transpose_lhs and not DEFAULT_CONFIG.chains(k_steps):   # dw whose tiles do not chain
+        if not THREE_STAGE_CONFIG.chains(k_steps):
+            if serves(DELAYED_RELEASE_CONFIG):
+                return DELAYED_RELEASE_CONFIG
+        elif (_num_tiles(THREE_STAGE_CONFIG, num_groups, m, n) >= THREE_STAGE_MIN_WAVES * num_sms
+              and serves(THREE_STAGE_CONFIG)):
+            return THREE_STAGE_CONFIG
     if (not transpose_lhs and m % WIDE_THREE_WG_CONFIG.cta_tile_m == 0
             and _num_tiles(DEFAULT_CONFIG, num_groups, m, n) >= WIDE_THREE_WG_MIN_WAVES * num_sms):
         wide_cost = cost(WIDE_THREE_WG_CONFIG)

@@ -256,12 +256,12 @@ def test_wide_cluster_choice():
     assert why(along_m, 4224, 14336) is None and "even number" in why(along_m, 4032, 6144)
 
 
-def test_three_stage_choice_chains_the_dw_tiles():
+def test_dw_choices_chain_the_tiles_or_delay_the_release():
     """select_config takes 3 stages for dw products whose k-steps (the diagonal's rows / 64)
     3 stages chain and the default's 4 do not, where CTAs get several tiles (2+ waves): the
-    1b and 8b dw at G = 16 (m = 1152, 4224: 18, 66 k-steps; 1-4 % faster than the default on
-    the H200), not 3b (34 k-steps chain with neither), not forward or dx products, not a
-    single wave."""
+    1b and 8b dw (m = 1152, 4224: 18, 66 k-steps; 0.9-7.5 % faster than the default on the
+    H200). Where neither chains (3b: 34 k-steps) one wgmma group in flight (0.6-3.2 %). Not
+    forward or dx products; a single wave of tiles keeps the default."""
     pick = lambda *dims, tl=False, tr=False: mgpu_kernel.select_config(
         *dims, transpose_lhs=tl, transpose_rhs=tr, num_sms=132)
     three = mgpu_kernel.THREE_STAGE_CONFIG
@@ -271,12 +271,17 @@ def test_three_stage_choice_chains_the_dw_tiles():
                  (16, 8192, 1152, 2048), (16, 4096, 4224, 6144), (16, 4096, 4224, 4096),
                  (16, 14336, 4224, 4096), (1, 14336, 4224, 4096)]:
         assert pick(*dims, tl=True) == three, dims                 # 1b, 8b dw
-    for dims in [(16, 3072, 2176, 5120), (16, 8192, 2176, 3072)]:
-        assert pick(*dims, tl=True) == mgpu_kernel.DEFAULT_CONFIG, dims   # 3b dw: 34 k-steps
+    delayed = mgpu_kernel.DELAYED_RELEASE_CONFIG
+    assert delayed.delay_release == 1 and not delayed.chains(32)
+    for dims in [(16, 3072, 2176, 5120), (16, 8192, 2176, 3072), (1, 8192, 2176, 3072),
+                 (16, 3072, 2176, 3072)]:
+        assert pick(*dims, tl=True) == delayed, dims              # 3b dw: 34 k-steps
     assert pick(1, 2048, 1152, 2048, tl=True) == mgpu_kernel.DEFAULT_CONFIG   # 1b o dw: 1 wave
     assert pick(1, 2048, 1152, 3072, tl=True) == mgpu_kernel.THREE_WG_CONFIG  # checked first
-    assert pick(16, 1152, 1152, 2048) != three                    # forward: never
-    assert pick(16, 1152, 1152, 2048, tr=True) != three           # dx: never
+    assert pick(1, 3072, 2176, 3072, tl=True) == mgpu_kernel.THREE_WG_CONFIG  # 3b o dw, G = 1
+    for k in (1152, 2176):
+        assert pick(16, 1152, k, 2048) not in (three, delayed)     # forward: never
+        assert pick(16, 1152, k, 2048, tr=True) not in (three, delayed)   # dx: never
     # and the tiles it chains compute what the default computes (interpret mode, 18 k-steps,
     # 4 groups of 2 x 2 tiles on 4 simulated SMs: several tiles per CTA)
     rng, info = fresh_rng()
