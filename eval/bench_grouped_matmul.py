@@ -277,6 +277,10 @@ SWEEP = {  # named configs for --sweep (the default is select_config's choice)
     # measured unchained before chained tiles became the default (3 or 5 stages never chain:
     # the 32 k-steps of k = 2048 are no multiple of them)
     "stages3": mgpu_kernel.TuningConfig(max_concurrent_steps=3),
+    # the cooperative schedule on one ring of stages: chained at any k-steps (kernels/ring_mgpu.py)
+    "ring": mgpu_kernel.RING_CONFIG,
+    "ring_d0": dataclasses.replace(mgpu_kernel.RING_CONFIG, delay_release=0),
+    "ring_wg3_192x192": mgpu_kernel.RING_WIDE_THREE_WG_CONFIG,
     # 2 stages chain the 3b dw products' 34 k-steps (3 and 4 do not)
     "stages2": mgpu_kernel.TuningConfig(max_concurrent_steps=2),
     "narrow": mgpu_kernel.TuningConfig(tile_n=64, max_concurrent_steps=5),  # 128x128

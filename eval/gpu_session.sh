@@ -92,6 +92,10 @@
 #   dw_auto    select_config's dw choices (3 stages on 1b / 8b, one wgmma group in flight on 3b):
 #              "auto" (timed twice) against the default and cuBLAS on all twelve dw products at
 #              G = 16                                                             (~4 min)
+#   ring       the cooperative schedule on one hand-written ring of stages (kernels/ring_mgpu.py:
+#              chained tiles at any k-steps, one wgmma group in flight): its GPU tests, then
+#              "auto" (timed twice) against it and cuBLAS on dw products and forward products
+#              at G = 16                                                          (~5 min)
 #   run: bash eval/gpu_session.sh tests fused; bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
@@ -275,6 +279,15 @@ for stage in "${stages[@]}"; do
     dw_auto) ab dw_auto 480 --ab default,auto,auto#2,xla_einsum --ab_groups 16 --ab_products dw \
              --ab_profile --ab_reps 3 --ab_shapes \
              1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,3b:o,3b:gate_up,3b:down,8b:qkv,8b:o,8b:gate_up,8b:down ;;
+    ring)
+      timeout 150 python3 -m pytest -o addopts="" -q -p no:cacheprovider tests/test_grouped_matmul.py \
+        -k "gpu_weight_offset and ring" 2>&1 | quiet > "$OUT/ring_tests_full.txt"
+      tail -3 "$OUT/ring_tests_full.txt" | tee "$OUT/ring_tests.txt"
+      grep -q "3 passed" "$OUT/ring_tests.txt" || { echo "ring: tests did not pass"; exit 1; }
+      ab ring_dw 200 --ab auto,auto#2,ring,ring_d0,xla_einsum --ab_groups 16 --ab_products dw \
+             --ab_profile --ab_reps 3 --ab_shapes 1b:qkv,1b:gate_up,3b:qkv,3b:down,8b:o,8b:down
+      ab ring_fwd 200 --ab auto,auto#2,ring,ring_wg3_192x192,xla_einsum --ab_groups 16 \
+             --ab_products fwd --ab_profile --ab_reps 3 --ab_shapes 1b:qkv,1b:o,3b:o,8b:o,8b:down ;;
     train_seq_remat) train_bench train_seq_remat 330 --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal
            train_bench train_seq_remat_16k 200 --tokens 16384 --reps 3 --impls auto \
@@ -285,7 +298,7 @@ for stage in "${stages[@]}"; do
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
-            "dw_variants, dw_select, dw_3b, dw_auto)"
+            "dw_variants, dw_select, dw_3b, dw_auto, ring)"
        exit 2 ;;
   esac
 done

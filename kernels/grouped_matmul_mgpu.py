@@ -71,6 +71,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import mgpu_tiles as tiles
 from kernels.pingpong_mgpu import pingpong_kernel
+from kernels.ring_mgpu import ring_kernel
 
 # The tuning names are part of this module's interface (callers write mgpu_kernel.TuningConfig).
 from kernels.tuning import (  # noqa: F401
@@ -80,6 +81,8 @@ from kernels.tuning import (  # noqa: F401
     NARROW_CONFIG,
     PINGPONG_CONFIG,
     PINGPONG_MIN_WAVE_GAIN,
+    RING_CONFIG,
+    RING_WIDE_THREE_WG_CONFIG,
     SWIGLU_CONFIG,
     THREE_STAGE_CONFIG,
     THREE_WG_CONFIG,
@@ -395,9 +398,10 @@ def grouped_matmul_mgpu(
     else:
         grid = dict(grid=(num_sms // 2,), grid_names=("cluster_grid",), cluster=(2,),
                     cluster_names=("cluster",))
-    if config.pingpong:
-        body = functools.partial(pingpong_kernel, config=config, dims=dims,
-                                 transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs)
+    if config.pingpong or config.ring:
+        body = functools.partial(pingpong_kernel if config.pingpong else ring_kernel,
+                                 config=config, dims=dims, transpose_lhs=transpose_lhs,
+                                 transpose_rhs=transpose_rhs)
     else:
         body = functools.partial(_kernel, config=config, dims=dims, transpose_lhs=transpose_lhs,
                                  transpose_rhs=transpose_rhs, swiglu=swiglu)

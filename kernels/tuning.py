@@ -66,6 +66,9 @@ class TuningConfig:
     # 192 x 192 at G = 16 (400 full waves). (64 x 96 warpgroup tiles, cuBLAS's 192 x 96, do not
     # lower: Mosaic finds no layout for a 96-column B tile stored n-minor.)
     compute_wgs: int = 2
+    # The cooperative schedule on one hand-written ring of stages over all of a CTA's tiles
+    # (kernels/ring_mgpu.py): the tiles chain at any number of k-steps, with delay_release too.
+    ring: bool = False
 
     @property
     def num_compute_wgs(self) -> int:
@@ -184,6 +187,10 @@ THREE_STAGE_MIN_WAVES = 2
 # 155-159 vs 154 (o dw takes the 192 x 128 tiles there). 2 stages, which chain 34 k-steps,
 # were 12-25 % slower than the default.
 DELAYED_RELEASE_CONFIG = TuningConfig(delay_release=1)
+# The cooperative schedule on one ring of stages (kernels/ring_mgpu.py): chained tiles at any
+# number of k-steps and one wgmma group in flight; on the default tiles and on 192 x 192 ones.
+RING_CONFIG = TuningConfig(ring=True, delay_release=1)
+RING_WIDE_THREE_WG_CONFIG = dataclasses.replace(WIDE_THREE_WG_CONFIG, ring=True, delay_release=1)
 # How much better the ping-pong schedule must fill the last wave of tiles than the default one
 # before select_config picks it: at equal fill it ran 1-2 % slower (3b qkv/o, 1b gate_up).
 PINGPONG_MIN_WAVE_GAIN = 0.025
@@ -395,6 +402,8 @@ def unsupported_reason(
         return f"delay_release={c.delay_release} not in [0, {c.max_concurrent_steps})"
     if c.pingpong and (swiglu or c.delay_release > 1 or c.cluster_dimension is not None):
         return "ping-pong: delay_release 0 or 1; no fused SwiGLU or clusters"
+    if c.ring and (c.pingpong or swiglu or c.delay_release > 1 or c.cluster_dimension is not None):
+        return "ring of stages: cooperative only, delay_release 0 or 1; no fused SwiGLU or clusters"
     if c.smem_bytes(dtype.itemsize, out_dtype.itemsize, 1 + swiglu) > _SMEM_BYTES:
         return "config exceeds shared memory"
     if c.cluster_dimension == MatmulDimension.N and pl.cdiv(n, c.cta_tile_n) % 2:

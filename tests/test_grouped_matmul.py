@@ -359,9 +359,12 @@ def test_weight_offset_reads_a_window_of_stacked_weights(impl):
                               max_concurrent_steps=2),
      dataclasses.replace(ops.INTERPRET_CONFIG, delay_release=1, epi_tile_m=32, epi_tile_n=32,
                          epi_slots=4),
-     dataclasses.replace(ops.INTERPRET_CONFIG, pingpong=True, max_concurrent_steps=3)],
+     dataclasses.replace(ops.INTERPRET_CONFIG, pingpong=True, max_concurrent_steps=3),
+     dataclasses.replace(ops.INTERPRET_CONFIG, ring=True, max_concurrent_steps=3),
+     dataclasses.replace(ops.INTERPRET_CONFIG, ring=True, max_concurrent_steps=3,
+                         delay_release=1)],
     ids=["unchained", "chained", "rows_split_64x192", "delayed_release_4_epi_slots",
-         "pingpong"])
+         "pingpong", "ring", "ring_delayed_release"])
 def test_tile_schedules(config):
     """Plain and chained (START/STEADY/STOP) tile pipelines, the row-split 128 x 192 tiles,
     a delayed stage release (one wgmma in flight) with 4 epilogue slots, and the ping-pong
@@ -421,15 +424,17 @@ def test_pingpong_gradients_with_weight_offset(delay):
                             [(0, 3, 2), (0, 2, 1), (1, 2, 0), (2, 2, 1)], max_offset=2)
 
 
+@pytest.mark.parametrize("ring", [False, True], ids=["pipelines", "ring"])
 @pytest.mark.parametrize("wgs", [2, 3])
-def test_warpgroups_split_rows_with_ragged_n(wgs):
+def test_warpgroups_split_rows_with_ragged_n(wgs, ring):
     """Two or three compute warpgroups splitting a 128- or 192-row CTA tile, with a ragged last
     column tile (n = 192 on 128-column tiles: TMA zero-fills the loads and clips the stores past
     n) and ragged m: the forward and both gradients (dx reads w transposed, its n = k is ragged
-    too; dw lands at the weight offset) against float64, idle groups zero."""
+    too; dw lands at the weight offset) against float64, idle groups zero; on JAX's pipelines
+    and on one ring of stages with a wgmma group in flight (5 k-steps on 2 stages)."""
     rng, info = fresh_rng()
     cfg = dataclasses.replace(mgpu_kernel.THREE_WG_CONFIG, compute_wgs=wgs, epi_slots=1,
-                              max_concurrent_steps=2)
+                              max_concurrent_steps=2, ring=ring, delay_release=int(ring))
     assert cfg.cta_tile_m == 64 * wgs and cfg.cta_tile_n == 128   # float32: <= 208 KiB
     _check_window_gradients(cfg, rng, info, (3, 4, 200, 320, 192), [(0, 3, 1)], max_offset=1)
 
@@ -659,6 +664,11 @@ GPU_CONFIGS = {
     "stages3_slots4": mgpu_kernel.TuningConfig(max_concurrent_steps=3, epi_slots=4),
     # select_config's choice for dw (chained there: 18 k-steps; the forward's 32 are unchained)
     "three_stages": mgpu_kernel.THREE_STAGE_CONFIG,
+    # the cooperative schedule on one ring of stages (dw's 18 k-steps: 4 stages do not divide
+    # them), with and without one wgmma group in flight, and on 192 x 192 tiles
+    "ring": mgpu_kernel.RING_CONFIG,
+    "ring_delay0": dataclasses.replace(mgpu_kernel.RING_CONFIG, delay_release=0),
+    "ring_wg3_192x192": mgpu_kernel.RING_WIDE_THREE_WG_CONFIG,
     "pingpong": mgpu_kernel.PINGPONG_CONFIG,   # one wgmma in flight
     "pingpong_delay0": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, delay_release=0),
     # three compute warpgroups (192-row CTA tiles); ragged n at the 1b shapes' n = 2048

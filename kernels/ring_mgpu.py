@@ -1,0 +1,175 @@
+"""The cooperative schedule of the Hopper grouped matmul on one ring of stages
+(``TuningConfig.ring``)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels import mgpu_tiles as tiles
+from kernels.tuning import MatmulDimension, TuningConfig
+
+_REGISTERS_PER_SM = 65536
+_MEMORY_REGISTERS = 40
+
+
+def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, dims,
+                transpose_lhs: bool, transpose_rhs: bool):
+    """The cooperative schedule (the compute warpgroups share each CTA tile, as in
+    grouped_matmul_mgpu._kernel) with its pipeline written out: the memory warpgroup fills one
+    ring of stages with the k-steps of all the CTA's tiles in order, so the next tile's loads
+    run under this tile's last k-steps and its epilogue at any number of k-steps. JAX's
+    pipeline of pipelines (the other kernel's chained tiles) needs the k-steps to be a multiple
+    of the stages and no delayed release; the dw products' 18 / 34 / 66 k-steps are not. With
+    ``delay_release = 1`` each warpgroup keeps one wgmma group in flight and releases a stage a
+    k-step later.
+
+    Barriers: ``loaded[slot]`` (A and B of a stage; every compute warpgroup waits on every
+    stage, so each sees every phase) and ``consumed[slot]``, one arrival per compute warpgroup,
+    waited on by the memory warpgroup.
+    """
+    num_groups, m, k, n = dims
+    num_out_groups = out_gmem.shape[0]
+    dtype, out_dtype = a_gmem.dtype, out_gmem.dtype
+    c = config
+    wgs, stages, delay = c.compute_wgs, c.max_concurrent_steps, c.delay_release
+    tm, tn, tk = c.tile_m, c.tile_n, c.tile_k
+    cta_m, cta_n = c.cta_tile_m, c.cta_tile_n
+    m_iters, n_iters, k_iters = pl.cdiv(m, cta_m), pl.cdiv(n, cta_n), pl.cdiv(k, tk)
+    tiles_per_group = m_iters * n_iters
+    a_block = (tk, cta_m) if transpose_lhs else (cta_m, tk)
+    b_block = (cta_n, tk) if transpose_rhs else (tk, cta_n)
+    by_rows = c.wg_dimension == MatmulDimension.M
+    compute_registers = (_REGISTERS_PER_SM // 128 - _MEMORY_REGISTERS) // wgs // 8 * 8
+
+    def a_tile(g, m_idx, kk):
+        rows, cols = pl.ds(m_idx * cta_m, cta_m), pl.ds(kk * tk, tk)
+        return a_gmem.at[g, cols, rows] if transpose_lhs else a_gmem.at[g, rows, cols]
+
+    def b_tile(g, n_idx, kk):
+        rows, cols = pl.ds(kk * tk, tk), pl.ds(n_idx * cta_n, cta_n)
+        return b_gmem.at[g, cols, rows] if transpose_rhs else b_gmem.at[g, rows, cols]
+
+    def out_epi(g, m_idx, n_idx, wg, epi_mi, epi_ni):
+        """Epilogue tile (epi_mi, epi_ni) of warpgroup wg's part of CTA tile (m_idx, n_idx)."""
+        row = m_idx * cta_m + (wg * tm if by_rows else 0) + epi_mi * c.epi_tile_m
+        col = n_idx * cta_n + (0 if by_rows else wg * tn) + epi_ni * c.epi_tile_n
+        return out_gmem.at[g, pl.ds(row, c.epi_tile_m), pl.ds(col, c.epi_tile_n)]
+
+    @functools.partial(
+        pl.run_scoped,
+        a_smem=plgpu.SMEM((stages, *a_block), dtype,
+                          transforms=tiles.smem_transforms(dtype, a_block[1])),
+        b_smem=plgpu.SMEM((stages, *b_block), dtype,
+                          transforms=tiles.smem_transforms(dtype, b_block[1])),
+        out_smem=plgpu.SMEM((wgs, c.num_out_slots, c.epi_tile_m, c.epi_tile_n), out_dtype,
+                            transforms=tiles.smem_transforms(out_dtype, c.epi_tile_n)),
+        loaded=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        consumed=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+        collective_axes="wg",
+    )
+    def _scope(a_smem, b_smem, out_smem, loaded, consumed):
+        wg_idx = lax.axis_index("wg")
+        lo = jnp.clip(bounds_gmem[0], 0, num_groups)
+        hi = jnp.clip(bounds_gmem[1], lo, num_groups)
+        b_offset, out_offset = bounds_gmem[2], bounds_gmem[3]
+        num_active = hi - lo
+        sm, num_sms = lax.axis_index("sm"), lax.axis_size("sm")
+        num_mm = num_active * tiles_per_group
+        my_tiles = jnp.maximum(num_mm - sm + num_sms - 1, 0) // num_sms   # sm, sm + num_sms, ...
+
+        def tile_coords(lin_idx):
+            return tiles.tile_coords(lin_idx, tiles_per_group, (m_iters, n_iters), c)
+
+        @pl.when(wg_idx == wgs)
+        def _memory_wg():
+            plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
+            total = my_tiles * k_iters
+
+            @pl.loop(0, total)
+            def _load(step):
+                i, kk = lax.div(step, k_iters), lax.rem(step, k_iters)
+                g_ord, m_idx, n_idx = tile_coords(sm + i * num_sms)
+                slot = lax.rem(step, stages)
+
+                @pl.when(step >= stages)
+                def _wait_free():
+                    plgpu.barrier_wait(consumed.at[slot])
+
+                plgpu.copy_gmem_to_smem(a_tile(lo + g_ord, m_idx, kk), a_smem.at[slot],
+                                        loaded.at[slot])
+                plgpu.copy_gmem_to_smem(b_tile(lo + g_ord + b_offset, n_idx, kk),
+                                        b_smem.at[slot], loaded.at[slot])
+
+            # Await the last consumptions, so that no barrier is left mid-phase.
+            @pl.loop(jnp.maximum(total - stages, 0), total)
+            def _quiesce(step):
+                plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
+
+        @pl.when(wg_idx < wgs)
+        def _compute_wg():
+            plgpu.set_max_registers(compute_registers, action="increase")
+            wg_rows = pl.ds(wg_idx * tm, tm) if by_rows else slice(None)
+            wg_cols = slice(None) if by_rows else pl.ds(wg_idx * tn, tn)
+
+            @pl.loop(0, my_tiles)
+            def _tile(i):
+                g_ord, m_idx, n_idx = tile_coords(sm + i * num_sms)
+
+                def main_loop(acc_ref):
+                    @pl.loop(0, k_iters)
+                    def _k_step(kk):
+                        step = i * k_iters + kk
+                        slot = lax.rem(step, stages)
+                        plgpu.barrier_wait(loaded.at[slot])
+                        if transpose_lhs:
+                            a_op = a_smem.at[slot].at[:, wg_rows].transpose((1, 0))
+                        else:
+                            a_op = a_smem.at[slot].at[wg_rows]
+                        if transpose_rhs:
+                            b_op = b_smem.at[slot].at[wg_cols, :].transpose((1, 0))
+                        else:
+                            b_op = b_smem.at[slot].at[:, wg_cols]
+                        plgpu.wgmma(acc_ref, a_op, b_op)
+                        plgpu.wgmma_wait(delay)
+                        if not delay:
+                            plgpu.barrier_arrive(consumed.at[slot])
+                        else:   # the previous step's wgmma is done: release its stage
+                            @pl.when(kk > 0)
+                            def _release_previous():
+                                plgpu.barrier_arrive(consumed.at[lax.rem(step - 1, stages)])
+
+                    if delay:
+                        plgpu.wgmma_wait(0)
+                        last = i * k_iters + k_iters - 1
+                        plgpu.barrier_arrive(consumed.at[lax.rem(last, stages)])
+                    return acc_ref[...]
+
+                acc = pl.run_scoped(main_loop, plgpu.ACC((tm, tn), jnp.float32))
+                g_out = lo + g_ord + out_offset
+                dst = lambda mi, ni: out_epi(g_out, m_idx, n_idx, wg_idx, mi, ni)
+                tiles.store_tile(acc.astype(out_dtype), out_smem.at[wg_idx], c, dst)
+
+            # Zero tiles of the idle output groups, continuing the round-robin of the matmul
+            # tiles; each warpgroup stores its part of each.
+            num_zero = (num_out_groups - num_active) * tiles_per_group
+            out_lo = lo + out_offset
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            out_smem[wg_idx, 0] = jnp.zeros((c.epi_tile_m, c.epi_tile_n), out_dtype)
+            plgpu.commit_smem()
+            first, count = tiles.zero_work(sm, num_sms, num_mm, num_zero)
+
+            @pl.loop(0, count)
+            def _zero_loop(z):
+                q, m_idx, n_idx = tile_coords(first + z * num_sms)
+                g = jnp.where(q < out_lo, q, q + num_active)
+                for epi_mi in range(tm // c.epi_tile_m):
+                    for epi_ni in range(tn // c.epi_tile_n):
+                        plgpu.copy_smem_to_gmem(out_smem.at[wg_idx, 0],
+                                                out_epi(g, m_idx, n_idx, wg_idx, epi_mi, epi_ni))
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
