@@ -96,6 +96,8 @@
 #              chained tiles at any k-steps, one wgmma group in flight): its GPU tests, then
 #              "auto" (timed twice) against it and cuBLAS on dw products and forward products
 #              at G = 16                                                          (~5 min)
+#   ring2      the ring schedule against "auto" once more, both timed twice: all twelve dw
+#              products, and the 3b / 8b forward products, G = 16                  (~5 min)
 #   run: bash eval/gpu_session.sh tests fused; bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
@@ -288,6 +290,12 @@ for stage in "${stages[@]}"; do
              --ab_profile --ab_reps 3 --ab_shapes 1b:qkv,1b:gate_up,3b:qkv,3b:down,8b:o,8b:down
       ab ring_fwd 200 --ab auto,auto#2,ring,ring_wg3_192x192,xla_einsum --ab_groups 16 \
              --ab_products fwd --ab_profile --ab_reps 3 --ab_shapes 1b:qkv,1b:o,3b:o,8b:o,8b:down ;;
+    ring2)
+      ab ring2_dw 200 --ab auto,ring,ring#2,xla_einsum --ab_groups 16 --ab_products dw \
+             --ab_profile --ab_reps 3 --ab_shapes \
+             1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,3b:o,3b:gate_up,3b:down,8b:qkv,8b:o,8b:gate_up,8b:down
+      ab ring2_fwd 170 --ab auto,auto#2,ring,ring#2,xla_einsum --ab_groups 16 --ab_products fwd \
+             --ab_profile --ab_reps 3 --ab_shapes 3b:qkv,3b:o,3b:down,8b:qkv,8b:o,8b:down ;;
     train_seq_remat) train_bench train_seq_remat 330 --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal
            train_bench train_seq_remat_16k 200 --tokens 16384 --reps 3 --impls auto \
@@ -298,7 +306,7 @@ for stage in "${stages[@]}"; do
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
-            "dw_variants, dw_select, dw_3b, dw_auto, ring)"
+            "dw_variants, dw_select, dw_3b, dw_auto, ring, ring2)"
        exit 2 ;;
   esac
 done

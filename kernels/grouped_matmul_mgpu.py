@@ -76,7 +76,6 @@ from kernels.ring_mgpu import ring_kernel
 # The tuning names are part of this module's interface (callers write mgpu_kernel.TuningConfig).
 from kernels.tuning import (  # noqa: F401
     DEFAULT_CONFIG,
-    DELAYED_RELEASE_CONFIG,
     H100_NUM_SMS,
     NARROW_CONFIG,
     PINGPONG_CONFIG,
@@ -84,7 +83,6 @@ from kernels.tuning import (  # noqa: F401
     RING_CONFIG,
     RING_WIDE_THREE_WG_CONFIG,
     SWIGLU_CONFIG,
-    THREE_STAGE_CONFIG,
     THREE_WG_CONFIG,
     THREE_WG_VARIANTS,
     WIDE_CLUSTER_CONFIGS,

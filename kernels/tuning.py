@@ -163,32 +163,21 @@ THREE_WG_VARIANTS = {
     # 2-CTA clusters along n / m (WIDE_CLUSTER_CONFIGS): "wg3_192x192_cn", "wg3_192x192_cm".
     **{f"wg3_192x192_c{c.cluster_dimension.name.lower()}": c for c in WIDE_CLUSTER_CONFIGS},
 }
-# 3 stages where only they chain the tiles of a CTA: the dw products' reduction runs over the
-# diagonal's rows (m = 1152, 4224: 18, 66 k-steps), no multiple of the default's 4 stages, so the
-# default runs each tile as its own pipeline and pays a fill between tiles; 3 stages chain them.
-# Taken for dw with at least THREE_STAGE_MIN_WAVES waves of tiles (a CTA with one tile has
-# nothing to chain). H200 A/B, device us, the default against 3 stages (cuBLAS in brackets):
-# run s12_dw_variants (G = 16): 1b qkv dw 324-339 vs 316 (291), o 222-225 vs 216 (199), gate/up
-# 1645-1652 vs 1610 (1525), down 842-846 vs 829 (765); 8b qkv 4417-4437 vs 4264 (4146), o
-# 2927-2945 vs 2879 (2741), down 11358-11421 vs 11259 (10388); unchained (3b, 34 k-steps) level.
-# Run s12_dw_select (3 stages as "auto", timed twice): G = 16 1b qkv 344 vs 321-323, o 224 vs
-# 220, gate/up 1685 vs 1642, down 853 vs 840, 8b qkv 4490 vs 4330-4350, o 2981 vs 2933-2936,
-# down 11764 vs 11416-11763; G = 1 1b gate/up 118 vs 113-115, down 59 vs 56-57, 8b qkv 282 vs
-# 273-275, o 201 vs 187, down 688 vs 670. Faster in all 19 comparisons, by 0.9-7.5 % (the
-# second timing of 3 stages on 8b down dw at G = 16 came out level with the default).
-THREE_STAGE_CONFIG = TuningConfig(max_concurrent_steps=3)
-THREE_STAGE_MIN_WAVES = 2
-# dw products whose k-steps neither 4 nor 3 stages chain (3b: 34) run their tiles unchained
-# anyway, so keeping one wgmma group in flight (which rules out chaining) costs nothing there:
-# H200 A/B, 3b dw, device us, the default's two timings against delay_release=1 (cuBLAS):
-# run s12_dw_variants (G = 16) qkv 1389-1392 vs 1366 (1321), o 833-840 vs 823 (793); run
-# s12_dw_3b G = 16 qkv 1416-1424 vs 1399 (1344), o 846-853 vs 837 (806), gate/up 4537-4578 vs
-# 4451 (4357), down 2361-2362 vs 2336 (2176); G = 1 qkv 103 vs 101, gate/up 290 vs 286, down
-# 155-159 vs 154 (o dw takes the 192 x 128 tiles there). 2 stages, which chain 34 k-steps,
-# were 12-25 % slower than the default.
-DELAYED_RELEASE_CONFIG = TuningConfig(delay_release=1)
 # The cooperative schedule on one ring of stages (kernels/ring_mgpu.py): chained tiles at any
 # number of k-steps and one wgmma group in flight; on the default tiles and on 192 x 192 ones.
+# select_config takes RING_CONFIG for the dw products whose k-steps the default's 4 stages do
+# not chain: their reduction runs over the diagonal's rows (m = 1152 / 2176 / 4224: 18 / 34 /
+# 66 k-steps), so JAX's pipeline of pipelines (which needs a multiple of the stages) ran each
+# tile as a pipeline of its own, with a fill between tiles. H200 A/B at G = 16, device us
+# (eval/results/grouped_matmul_h200.md, runs s12_*), in three steps:
+# - 3 stages, which chain 18 and 66 k-steps through JAX's pipelines, beat the default in all 19
+#   comparisons on the 1b / 8b dw (0.9-7.5 %, G = 1 and 16); where nothing but 2 stages chains
+#   (3b: 34; 2 stages were 12-25 % slower) one wgmma group in flight beat it in 9 of 9 (0.6-3.2 %).
+# - The ring against those choices: 1b qkv dw 314-316 vs 322-349, o 218-221 vs 232, down 828 vs
+#   857, 3b qkv 1396-1401 vs 1420-1447, down 2346-2352 vs 2398-2407, 8b o 2899-2934 vs
+#   2969-3008, down 11163-11492 vs 11623-11747; level on the gate/up dw (1b 1621-1640 vs
+#   1641-1650, 3b 4413-4461 vs 4456, 8b 22290-22697 vs 22236). Its delayed release adds nothing
+#   there (delay 0: 314, 1621, 1401, 2346, 2934, 11459 in the first run).
 RING_CONFIG = TuningConfig(ring=True, delay_release=1)
 RING_WIDE_THREE_WG_CONFIG = dataclasses.replace(WIDE_THREE_WG_CONFIG, ring=True, delay_release=1)
 # How much better the ping-pong schedule must fill the last wave of tiles than the default one
@@ -277,13 +266,12 @@ def select_config(
     1497, 750 against cuBLAS's 290, 294, 200, 200, 1493, 757. Slower on 3b / 8b at G = 16
     (0.3-5.6 %), where the cost model also says so.
 
-    3 stages (``THREE_STAGE_CONFIG``) for the dw products whose k-steps only 3 stages chain
-    (1b and 8b: 18, 66), with 2+ waves of tiles: 0.9-7.5 % faster than the default in all 19
-    H200 comparisons at G = 1 and 16 (two runs, s12; figures at the config). Where neither
-    chains (3b: 34), one wgmma group in flight (``DELAYED_RELEASE_CONFIG``): 0.6-3.2 % faster
-    than the default in all 9 comparisons (two runs). dw stays at
-    0.91-0.98x of cuBLAS. Ping-pong was 3-4 % faster still on 1b qkv and o dw at G = 16 and
-    3.5 % slower on 1b down dw (two runs); too small a share of a step for a rule fitted to it.
+    The ring of stages (``RING_CONFIG``) for the dw products whose k-steps the default's 4
+    stages do not chain (1b, 3b, 8b: 18, 34, 66): 0.5-6 % faster than 3 stages or one wgmma
+    group in flight on JAX's pipelines (themselves 0.6-7.5 % faster than the default), level
+    on the gate/up dw (runs s12; figures at the config). dw stays at 0.91-1.00x of cuBLAS. Ping-pong was 3-4 %
+    faster than 3 stages on 1b qkv and o dw at G = 16 and 3.5 % slower on 1b down dw (two
+    runs); too small a share of a step for a rule fitted to it.
 
     The same tiles in 2-CTA clusters along n (``WIDE_CLUSTER_N_CONFIG``, the A tile multicast)
     where their cost is at most ``WIDE_CLUSTER_MAX_COST_RATIO`` of the default's and the column
@@ -305,13 +293,8 @@ def select_config(
             THREE_WG_CONFIG):
         return THREE_WG_CONFIG
     k_steps = pl.cdiv(k, DEFAULT_CONFIG.tile_k)
-    if transpose_lhs and not DEFAULT_CONFIG.chains(k_steps):   # dw whose tiles do not chain
-        if not THREE_STAGE_CONFIG.chains(k_steps):
-            if serves(DELAYED_RELEASE_CONFIG):
-                return DELAYED_RELEASE_CONFIG
-        elif (_num_tiles(THREE_STAGE_CONFIG, num_groups, m, n) >= THREE_STAGE_MIN_WAVES * num_sms
-              and serves(THREE_STAGE_CONFIG)):
-            return THREE_STAGE_CONFIG
+    if transpose_lhs and not DEFAULT_CONFIG.chains(k_steps) and serves(RING_CONFIG):
+        return RING_CONFIG   # dw whose tiles JAX's pipelines cannot chain
     if (not transpose_lhs and m % WIDE_THREE_WG_CONFIG.cta_tile_m == 0
             and _num_tiles(DEFAULT_CONFIG, num_groups, m, n) >= WIDE_THREE_WG_MIN_WAVES * num_sms):
         wide_cost = cost(WIDE_THREE_WG_CONFIG)

@@ -245,7 +245,7 @@ def test_wide_cluster_choice():
         assert pick(*dims) == default, dims
     for dims in [(16, 4224, 6144, 4096), (16, 4224, 4096, 4096), (16, 4224, 28672, 4096)]:
         assert pick(*dims, tr=True) == default, dims            # 8b qkv, o, gate/up dx
-    assert pick(16, 4096, 4224, 6144, tl=True) == mgpu_kernel.THREE_STAGE_CONFIG  # 8b qkv dw
+    assert pick(16, 4096, 4224, 6144, tl=True) == mgpu_kernel.RING_CONFIG   # 8b qkv dw
     assert pick(16, 2176, 3072, 16384) == default               # 3b gate/up: ragged rows
     assert pick(16, 1152, 2048, 16384) == default               # 1b gate/up: cost 1.0125
     assert pick(16, 1152, 2048, 3072) == mgpu_kernel.WIDE_THREE_WG_CONFIG   # 1b qkv: cost 0.96
@@ -256,40 +256,44 @@ def test_wide_cluster_choice():
     assert why(along_m, 4224, 14336) is None and "even number" in why(along_m, 4032, 6144)
 
 
-def test_dw_choices_chain_the_tiles_or_delay_the_release():
-    """select_config takes 3 stages for dw products whose k-steps (the diagonal's rows / 64)
-    3 stages chain and the default's 4 do not, where CTAs get several tiles (2+ waves): the
-    1b and 8b dw (m = 1152, 4224: 18, 66 k-steps; 0.9-7.5 % faster than the default on the
-    H200). Where neither chains (3b: 34 k-steps) one wgmma group in flight (0.6-3.2 %). Not
-    forward or dx products; a single wave of tiles keeps the default."""
+def test_dw_choice_is_the_ring_of_stages():
+    """select_config takes the ring of stages for dw products whose k-steps (the diagonal's rows
+    / 64) the default's 4 stages do not chain: the 1b, 3b and 8b dw (m = 1152, 2176, 4224: 18,
+    34, 66 k-steps; 0.5-6 % faster than the H200's best configs on JAX's pipelines, level on
+    the gate/up dw). Not where
+    the default chains them, not forward or dx products; the 192 x 128 tiles (checked first)
+    keep the few-tile dw at G = 1."""
     pick = lambda *dims, tl=False, tr=False: mgpu_kernel.select_config(
         *dims, transpose_lhs=tl, transpose_rhs=tr, num_sms=132)
-    three = mgpu_kernel.THREE_STAGE_CONFIG
-    assert three.max_concurrent_steps == 3 and three.chains(18) and not three.chains(34)
+    ring = mgpu_kernel.RING_CONFIG
+    assert ring.ring and ring.delay_release == 1 and not ring.chains(18)
     assert not mgpu_kernel.DEFAULT_CONFIG.chains(18) and mgpu_kernel.DEFAULT_CONFIG.chains(32)
     for dims in [(16, 2048, 1152, 3072), (16, 2048, 1152, 2048), (16, 2048, 1152, 16384),
-                 (16, 8192, 1152, 2048), (16, 4096, 4224, 6144), (16, 4096, 4224, 4096),
-                 (16, 14336, 4224, 4096), (1, 14336, 4224, 4096)]:
-        assert pick(*dims, tl=True) == three, dims                 # 1b, 8b dw
-    delayed = mgpu_kernel.DELAYED_RELEASE_CONFIG
-    assert delayed.delay_release == 1 and not delayed.chains(32)
-    for dims in [(16, 3072, 2176, 5120), (16, 8192, 2176, 3072), (1, 8192, 2176, 3072),
-                 (16, 3072, 2176, 3072)]:
-        assert pick(*dims, tl=True) == delayed, dims              # 3b dw: 34 k-steps
-    assert pick(1, 2048, 1152, 2048, tl=True) == mgpu_kernel.DEFAULT_CONFIG   # 1b o dw: 1 wave
-    assert pick(1, 2048, 1152, 3072, tl=True) == mgpu_kernel.THREE_WG_CONFIG  # checked first
+                 (16, 8192, 1152, 2048), (16, 3072, 2176, 5120), (16, 8192, 2176, 3072),
+                 (1, 8192, 2176, 3072), (16, 4096, 4224, 6144), (16, 4096, 4224, 4096),
+                 (16, 14336, 4224, 4096), (1, 14336, 4224, 4096), (1, 2048, 1152, 2048)]:
+        assert pick(*dims, tl=True) == ring, dims
+    assert pick(16, 2048, 2048, 3072, tl=True) == mgpu_kernel.DEFAULT_CONFIG   # 32 k-steps
+    assert pick(1, 2048, 1152, 3072, tl=True) == mgpu_kernel.THREE_WG_CONFIG  # 1b qkv dw, G = 1
     assert pick(1, 3072, 2176, 3072, tl=True) == mgpu_kernel.THREE_WG_CONFIG  # 3b o dw, G = 1
     for k in (1152, 2176):
-        assert pick(16, 1152, k, 2048) not in (three, delayed)     # forward: never
-        assert pick(16, 1152, k, 2048, tr=True) not in (three, delayed)   # dx: never
-    # and the tiles it chains compute what the default computes (interpret mode, 18 k-steps,
-    # 4 groups of 2 x 2 tiles on 4 simulated SMs: several tiles per CTA)
+        assert pick(16, 1152, k, 2048) != ring                     # forward: never
+        assert pick(16, 1152, k, 2048, tr=True) != ring            # dx: never
+    why = lambda c: mgpu_kernel.unsupported_reason(
+        (16, 1152, 2048), (16, 1152, 3072), jnp.bfloat16, jnp.bfloat16, transpose_lhs=True,
+        config=c)
+    assert why(ring) is None
+    for bad in (dict(delay_release=2), dict(pingpong=True),
+                dict(cluster_dimension=mgpu_kernel.MatmulDimension.N)):
+        assert why(dataclasses.replace(ring, max_concurrent_steps=4, **bad)) is not None, bad
+    # and its ring computes what the default computes (interpret mode, 18 k-steps on 4 stages,
+    # 4 groups of 4 x 4 tiles on 4 simulated SMs: several tiles per CTA)
     rng, info = fresh_rng()
     g, m, k, n = 4, 256, 1152, 512
     x = jnp.asarray(rng.standard_normal((g, k, m)), jnp.float32)   # dw's x, read transposed
     dy = jnp.asarray(rng.standard_normal((g, k, n)), jnp.float32)
-    cfg = dataclasses.replace(ops.INTERPRET_CONFIG, max_concurrent_steps=3)
-    assert cfg.chains(k // cfg.tile_k)
+    cfg = dataclasses.replace(ops.INTERPRET_CONFIG, ring=True, delay_release=1,
+                              max_concurrent_steps=4, epi_slots=1)
     want = np.einsum("gkm,gkn->gmn", np.float64(x), np.float64(dy))
     got = ops._run_kernel(x, dy, jnp.array([0, g, 0, 0], jnp.int32), True, False, None,
                           "interpret", cfg)
@@ -662,8 +666,6 @@ GPU_CONFIGS = {
     "cluster_n": mgpu_kernel.TuningConfig(cluster_dimension=mgpu_kernel.MatmulDimension.N),
     "delay1": mgpu_kernel.TuningConfig(delay_release=1),
     "stages3_slots4": mgpu_kernel.TuningConfig(max_concurrent_steps=3, epi_slots=4),
-    # select_config's choice for dw (chained there: 18 k-steps; the forward's 32 are unchained)
-    "three_stages": mgpu_kernel.THREE_STAGE_CONFIG,
     # the cooperative schedule on one ring of stages (dw's 18 k-steps: 4 stages do not divide
     # them), with and without one wgmma group in flight, and on 192 x 192 tiles
     "ring": mgpu_kernel.RING_CONFIG,
