@@ -20,8 +20,8 @@ def pingpong_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConf
     of the work list) and take turns on the tensor cores: while one runs the main loop of its
     tile, the other stores its previous one, so the epilogue overlaps the math (CUTLASS's
     ping-pong schedule; cuBLAS's non-cooperative Hopper kernels, by their names). The turns
-    make the order in which stages are consumed strict (tile 0's k-steps, then tile 1's, ...), so one memory warpgroup
-    fills one ring of stages in that order.
+    make the order in which stages are consumed strict (tile 0's k-steps, then tile 1's, ...),
+    so one memory warpgroup fills one ring of stages in that order.
 
     With ``delay_release = 1`` (``PINGPONG_CONFIG``) a warpgroup keeps one wgmma in flight and
     releases each stage a k-step later; waiting for every k-step's wgmma made the schedule 16-22 %
