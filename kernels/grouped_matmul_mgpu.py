@@ -25,7 +25,12 @@ Structure (after jax's ``pallas/ops/gpu/hopper_matmul_mgpu.py``):
 * with ``chain_tiles`` the tile pipelines of one CTA form a pipeline of
   pipelines (``plgpu.PipelinePipeline``): the memory warpgroup starts loading
   the next tile while the compute warpgroups still finish and store the
-  current one, so there is no pipeline fill bubble between tiles;
+  current one, so there is no pipeline fill bubble between tiles (JAX allows it
+  only where the k-steps are a multiple of the stages, without delayed release);
+* with ``ring`` (``ring_mgpu.py``) the same cooperative schedule runs on a
+  hand-written pipeline: one ring of stages over all of a CTA's tiles, chained
+  at any number of k-steps; ``select_config`` takes it for the weight gradients,
+  whose k-steps (the diagonal's rows / 64: 18, 34, 66) JAX's pipelines cannot chain;
 * after the matmul tiles, the CTAs walk ``(G - (hi - lo)) * tiles_per_group``
   zero items and TMA-store a zero tile into the idle groups' output (cost: the
   idle output bytes, no loads and no math);
@@ -55,8 +60,9 @@ Operand layouts: ``A`` is ``[G, M, K]`` or, with ``transpose_lhs``,
 copy of any operand is ever materialised.
 
 Modules: the configs and the per-shape choice are in ``kernels/tuning.py`` (re-exported
-here), the ping-pong schedule in ``kernels/pingpong_mgpu.py``, the tile arithmetic and
-output store both schedules share in ``kernels/mgpu_tiles.py``.
+here), the ping-pong schedule in ``kernels/pingpong_mgpu.py``, the ring of stages in
+``kernels/ring_mgpu.py``, the tile arithmetic and output store they share in
+``kernels/mgpu_tiles.py``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Tile arithmetic and the output tile's store, shared by both schedules of the Hopper grouped
-matmul (the cooperative one in grouped_matmul_mgpu.py, the ping-pong one in pingpong_mgpu.py)."""
+"""Tile arithmetic and the output tile's store, shared by the schedules of the Hopper grouped
+matmul (the cooperative one in grouped_matmul_mgpu.py and, on one ring of stages, in
+ring_mgpu.py; the ping-pong one in pingpong_mgpu.py)."""
 
 from __future__ import annotations
 
