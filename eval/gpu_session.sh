@@ -98,6 +98,10 @@
 #              at G = 16                                                          (~5 min)
 #   ring2      the ring schedule against "auto" once more, both timed twice: all twelve dw
 #              products, and the 3b / 8b forward products, G = 16                  (~5 min)
+#   ring_all   the ring of stages against "auto" (both timed twice) on every forward and dx product
+#              at G = 16 (the 1b ones on 192 x 192 tiles both ways), and on the dw products at
+#              G = 1, where select_config takes it unmeasured (one wave: unchained, one wgmma
+#              group in flight)                                                   (~8 min)
 #   run: bash eval/gpu_session.sh tests fused; bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
@@ -296,6 +300,15 @@ for stage in "${stages[@]}"; do
              1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,3b:o,3b:gate_up,3b:down,8b:qkv,8b:o,8b:gate_up,8b:down
       ab ring2_fwd 170 --ab auto,auto#2,ring,ring#2,xla_einsum --ab_groups 16 --ab_products fwd \
              --ab_profile --ab_reps 3 --ab_shapes 3b:qkv,3b:o,3b:down,8b:qkv,8b:o,8b:down ;;
+    ring_all)
+      ab ring_all_1b 150 --ab auto,auto#2,ring_wg3_192x192,ring_wg3_192x192#2,xla_einsum \
+             --ab_groups 16 --ab_products fwd,dx --ab_profile --ab_reps 3 \
+             --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down
+      ab ring_all_3b_8b 300 --ab auto,auto#2,ring,ring#2,xla_einsum --ab_groups 16 \
+             --ab_products fwd,dx --ab_profile --ab_reps 3 \
+             --ab_shapes 3b:qkv,3b:o,3b:gate_up,3b:down,8b:qkv,8b:o,8b:gate_up,8b:down
+      ab ring_all_dw_g1 100 --ab default,auto,auto#2,xla_einsum --ab_groups 1 --ab_products dw \
+             --ab_profile --ab_reps 3 --ab_shapes 1b:o,1b:gate_up,1b:down,3b:qkv,8b:o,8b:down ;;
     train_seq_remat) train_bench train_seq_remat 330 --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal
            train_bench train_seq_remat_16k 200 --tokens 16384 --reps 3 --impls auto \
@@ -306,7 +319,7 @@ for stage in "${stages[@]}"; do
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
-            "dw_variants, dw_select, dw_3b, dw_auto, ring, ring2)"
+            "dw_variants, dw_select, dw_3b, dw_auto, ring, ring2, ring_all)"
        exit 2 ;;
   esac
 done
