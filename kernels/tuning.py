@@ -169,15 +169,16 @@ THREE_WG_VARIANTS = {
 # not chain: their reduction runs over the diagonal's rows (m = 1152 / 2176 / 4224: 18 / 34 /
 # 66 k-steps), so JAX's pipeline of pipelines (which needs a multiple of the stages) ran each
 # tile as a pipeline of its own, with a fill between tiles. H200 A/B at G = 16, device us
-# (eval/results/grouped_matmul_h200.md, runs s12_*), in three steps:
+# (eval/results/grouped_matmul_h200.md, runs s12_*), in two steps:
 # - 3 stages, which chain 18 and 66 k-steps through JAX's pipelines, beat the default in all 19
 #   comparisons on the 1b / 8b dw (0.9-7.5 %, G = 1 and 16); where nothing but 2 stages chains
 #   (3b: 34; 2 stages were 12-25 % slower) one wgmma group in flight beat it in 9 of 9 (0.6-3.2 %).
 # - The ring against those choices: 1b qkv dw 314-316 vs 322-349, o 218-221 vs 232, down 828 vs
 #   857, 3b qkv 1396-1401 vs 1420-1447, down 2346-2352 vs 2398-2407, 8b o 2899-2934 vs
 #   2969-3008, down 11163-11492 vs 11623-11747; level on the gate/up dw (1b 1621-1640 vs
-#   1641-1650, 3b 4413-4461 vs 4456, 8b 22290-22697 vs 22236). Its delayed release adds nothing
-#   there (delay 0: 314, 1621, 1401, 2346, 2934, 11459 in the first run).
+#   1641-1650, 3b 4413-4461 vs 4456, 8b 22290-22697 vs 22236). Its delayed release changed
+#   nothing there (delay 0: 314, 1621, 1401, 2346, 2934, 11459 in the first run); kept, as
+#   measured in the check after the change (run s12_dw_auto_ring: 1.02-1.14x the default).
 RING_CONFIG = TuningConfig(ring=True, delay_release=1)
 RING_WIDE_THREE_WG_CONFIG = dataclasses.replace(WIDE_THREE_WG_CONFIG, ring=True, delay_release=1)
 # How much better the ping-pong schedule must fill the last wave of tiles than the default one
@@ -269,9 +270,10 @@ def select_config(
     The ring of stages (``RING_CONFIG``) for the dw products whose k-steps the default's 4
     stages do not chain (1b, 3b, 8b: 18, 34, 66): 0.5-6 % faster than 3 stages or one wgmma
     group in flight on JAX's pipelines (themselves 0.6-7.5 % faster than the default), level
-    on the gate/up dw (runs s12; figures at the config). dw stays at 0.91-1.00x of cuBLAS. Ping-pong was 3-4 %
-    faster than 3 stages on 1b qkv and o dw at G = 16 and 3.5 % slower on 1b down dw (two
-    runs); too small a share of a step for a rule fitted to it.
+    on the gate/up dw (runs s12; figures at the config); 1.02-1.14x the default and 0.91-1.03x
+    cuBLAS's speed at G = 16 in the check after the change. Ping-pong was 3-4 % faster than 3
+    stages on 1b qkv and o dw at G = 16 and 3.5 % slower on 1b down dw (two runs); too small a
+    share of a step for a rule fitted to it.
 
     The same tiles in 2-CTA clusters along n (``WIDE_CLUSTER_N_CONFIG``, the A tile multicast)
     where their cost is at most ``WIDE_CLUSTER_MAX_COST_RATIO`` of the default's and the column

@@ -260,9 +260,8 @@ def test_dw_choice_is_the_ring_of_stages():
     """select_config takes the ring of stages for dw products whose k-steps (the diagonal's rows
     / 64) the default's 4 stages do not chain: the 1b, 3b and 8b dw (m = 1152, 2176, 4224: 18,
     34, 66 k-steps; 0.5-6 % faster than the H200's best configs on JAX's pipelines, level on
-    the gate/up dw). Not where
-    the default chains them, not forward or dx products; the 192 x 128 tiles (checked first)
-    keep the few-tile dw at G = 1."""
+    the gate/up dw). Not where the default chains them, not forward or dx products; the
+    192 x 128 tiles (checked first) keep the few-tile dw at G = 1."""
     pick = lambda *dims, tl=False, tr=False: mgpu_kernel.select_config(
         *dims, transpose_lhs=tl, transpose_rhs=tr, num_sms=132)
     ring = mgpu_kernel.RING_CONFIG
@@ -372,8 +371,9 @@ def test_weight_offset_reads_a_window_of_stacked_weights(impl):
 def test_tile_schedules(config):
     """Plain and chained (START/STEADY/STOP) tile pipelines, the row-split 128 x 192 tiles,
     a delayed stage release (one wgmma in flight) with 4 epilogue slots, and the ping-pong
-    schedule (the warpgroups of a CTA on alternate 64 x 64 tiles, one ring of 3 stages), over
-    4 simulated SMs:
+    schedule (the warpgroups of a CTA on alternate 64 x 64 tiles, one ring of 3 stages), and
+    the cooperative schedule on one ring of 3 stages (4 k-steps per tile, so the ring wraps
+    mid-tile), with and without one wgmma in flight, over 4 simulated SMs:
     all 4 groups give every CTA several tiles, one group leaves some CTAs a single tile (which
     runs unchained), ragged m."""
     rng, info = fresh_rng()
