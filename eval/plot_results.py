@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import statistics
@@ -161,10 +162,22 @@ def plot_train(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def config_fields(text: str) -> dict[str, str] | None:
+    """The fields of a TuningConfig as written in a result row (``str(config)``), with those an
+    older run did not write (TuningConfig fields added since) at their defaults, which is what
+    that run's kernel ran; None for a row without a config (XLA)."""
+    from kernels.tuning import TuningConfig
+
+    if not text.startswith("TuningConfig(") or not text.endswith(")"):
+        return None
+    written = dict(item.split("=", 1) for item in text[len("TuningConfig("):-1].split(", "))
+    return {f.name: written.get(f.name, repr(f.default)) for f in dataclasses.fields(TuningConfig)}
+
+
 def parity_points(report: dict, num_sms: int = 132) -> list[dict]:
     """Per A/B run and product at full load: cuBLAS's device time over the kernel's, where the
     run timed XLA's plain einsum and a kernel config equal to today's `select_config` choice
-    for the product (several such rows in one run: their mean time). Device times come from the
+    for the product (`config_fields`; several such rows in one run: their mean time). Device times come from the
     rows' profiled notes ("device N us/call"); rows without one are skipped."""
     from eval.bench_grouped_matmul import device_us
     from kernels.tuning import select_config
@@ -181,9 +194,10 @@ def parity_points(report: dict, num_sms: int = 132) -> list[dict]:
             products.setdefault(key, []).append((name, r["config"], us))
         for (model, shape, g, m, k, n), timed in products.items():
             cublas = [us for name, _, us in timed if name == "xla_einsum"]
-            today = str(select_config(g, m, k, n, transpose_lhs=shape.endswith(" dw"),
-                                      transpose_rhs=shape.endswith(" dx"), num_sms=num_sms))
-            kernel = [us for name, config, us in timed if config == today]
+            today = config_fields(str(select_config(
+                g, m, k, n, transpose_lhs=shape.endswith(" dw"),
+                transpose_rhs=shape.endswith(" dx"), num_sms=num_sms)))
+            kernel = [us for name, config, us in timed if config_fields(config) == today]
             if cublas and kernel:
                 points.append({"product": f"{model} {shape}", "G": g, "run": run_name,
                                "code": run.get("code"), "date": run.get("date", ""),

@@ -133,10 +133,10 @@ def test_plot_results_from_the_committed_json(tmp_path):
 def test_parity_points_take_todays_config_and_cublas():
     """eval.plot_results.parity_points: a run's product counts where it timed XLA's plain einsum
     and a kernel config equal to today's select_config choice (by the rows' device times; a dx
-    product's choice is the one for the transposed weights); other configs and partial loads
-    are left out."""
-    from eval.plot_results import parity_points
-    from kernels.tuning import DEFAULT_CONFIG, WIDE_THREE_WG_CONFIG, select_config
+    product's choice is the one for the transposed weights; a config written before a field
+    existed takes that field's default); other configs and partial loads are left out."""
+    from eval.plot_results import config_fields, parity_points
+    from kernels.tuning import DEFAULT_CONFIG, RING_CONFIG, WIDE_THREE_WG_CONFIG, select_config
 
     def row(shape, m, k, n, name, config, us, active=16):
         return {"model": "1b", "shape": shape, "m": m, "k": k, "n": n, "G": 16, "active": active,
@@ -153,9 +153,21 @@ def test_parity_points_take_todays_config_and_cublas():
             row("down dx", 1152, 2048, 8192, "xla_einsum", None, 808),
             row("o", 1152, 2048, 2048, "auto", WIDE_THREE_WG_CONFIG, 50, active=4),
             row("o", 1152, 2048, 2048, "xla_einsum", None, 200, active=4)]
+    # a run from before a TuningConfig field existed wrote its config without it (the field's
+    # default is what it ran): it still counts, and a config at another value does not
+    old_default = str(DEFAULT_CONFIG).replace(", ring=False", "")
+    assert "ring" not in old_default and old_default != str(DEFAULT_CONFIG)
+    rows += [row("gate_up", 1152, 2048, 16384, "default", None, 1600),
+             row("gate_up", 1152, 2048, 16384, "ring", RING_CONFIG, 1),
+             row("gate_up", 1152, 2048, 16384, "xla_einsum", None, 1584)]
+    rows[-3]["config"] = old_default
+    assert select_config(16, 1152, 2048, 16384, num_sms=132) == DEFAULT_CONFIG
     report = {"runs": {"r1": {"date": "2026-11-29T17:00", "code": "abc", "rows": rows}}}
     got = {p["product"]: p["speed_vs_cublas"] for p in parity_points(report)}
-    assert got == pytest.approx({"1b qkv": 294 / 305, "1b down dx": 808 / 800})
+    assert got == pytest.approx({"1b qkv": 294 / 305, "1b down dx": 808 / 800,
+                                 "1b gate_up": 1584 / 1600})
+    assert config_fields("") is None and config_fields(old_default) == config_fields(
+        str(DEFAULT_CONFIG))
 
 
 def test_profile_names_the_source_of_each_kernel():
