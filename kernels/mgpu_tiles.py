@@ -1,11 +1,13 @@
-"""Tile arithmetic and the output tile's store, shared by the schedules of the Hopper grouped
-matmul (the cooperative one in grouped_matmul_mgpu.py and, on one ring of stages, in
-ring_mgpu.py; the ping-pong one in pingpong_mgpu.py)."""
+"""Tile arithmetic, the output tile's store and the two sides of a hand-written ring of pipeline
+stages, shared by the schedules of the Hopper grouped matmul (the cooperative one in
+grouped_matmul_mgpu.py and, on one ring of stages, in ring_mgpu.py; the ping-pong one in
+pingpong_mgpu.py)."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.tuning import TuningConfig
@@ -49,3 +51,50 @@ def store_tile(acc, out_smem_wg, c: TuningConfig, dst):
             out_smem_wg[slot] = acc[epi_m, epi_n]
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(out_smem_wg.at[slot], dst(epi_mi, epi_ni))
+
+
+def fill_ring(total, stages: int, consumed, load_step):
+    """The memory warpgroup's side of a ring of ``stages`` shared-memory stages: ``total``
+    k-steps in order, step s into slot s % stages once the step that last used the slot has
+    released it (``consumed[slot]``); ``load_step(step, slot)`` issues its TMA copies. Ends by
+    awaiting the last releases, so that no barrier is left mid-phase."""
+
+    @pl.loop(0, total)
+    def _load(step):
+        slot = lax.rem(step, stages)
+
+        @pl.when(step >= stages)
+        def _wait_free():
+            plgpu.barrier_wait(consumed.at[slot])
+
+        load_step(step, slot)
+
+    @pl.loop(jnp.maximum(total - stages, 0), total)
+    def _quiesce(step):
+        plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
+
+
+def consume_ring(acc_ref, first_step, k_iters: int, stages: int, delay: int, loaded, consumed,
+                 operands):
+    """A compute warpgroup's main loop over one tile: ring steps first_step ... + k_iters - 1,
+    each awaited on ``loaded(slot)``, multiplied into acc_ref (``operands(slot)`` gives the
+    wgmma's A and B views of the stage) and released on ``consumed[slot]``; with delay = 1 one
+    wgmma group stays in flight and a stage is released a k-step later."""
+
+    @pl.loop(0, k_iters)
+    def _k_step(kk):
+        step = first_step + kk
+        slot = lax.rem(step, stages)
+        plgpu.barrier_wait(loaded(slot))
+        plgpu.wgmma(acc_ref, *operands(slot))
+        plgpu.wgmma_wait(delay)
+        if not delay:
+            plgpu.barrier_arrive(consumed.at[slot])
+        else:   # the previous step's wgmma is done: release its stage
+            @pl.when(kk > 0)
+            def _release_previous():
+                plgpu.barrier_arrive(consumed.at[lax.rem(step - 1, stages)])
+
+    if delay:
+        plgpu.wgmma_wait(0)
+        plgpu.barrier_arrive(consumed.at[lax.rem(first_step + k_iters - 1, stages)])

@@ -88,27 +88,16 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
         @pl.when(wg_idx == wgs)
         def _memory_wg():
             plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
-            total = my_tiles * k_iters
 
-            @pl.loop(0, total)
-            def _load(step):
+            def load_step(step, slot):
                 i, kk = lax.div(step, k_iters), lax.rem(step, k_iters)
                 g_ord, m_idx, n_idx = tile_coords(sm + i * num_sms)
-                slot = lax.rem(step, stages)
-
-                @pl.when(step >= stages)
-                def _wait_free():
-                    plgpu.barrier_wait(consumed.at[slot])
-
                 plgpu.copy_gmem_to_smem(a_tile(lo + g_ord, m_idx, kk), a_smem.at[slot],
                                         loaded.at[slot])
                 plgpu.copy_gmem_to_smem(b_tile(lo + g_ord + b_offset, n_idx, kk),
                                         b_smem.at[slot], loaded.at[slot])
 
-            # Await the last consumptions, so that no barrier is left mid-phase.
-            @pl.loop(jnp.maximum(total - stages, 0), total)
-            def _quiesce(step):
-                plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
+            tiles.fill_ring(my_tiles * k_iters, stages, consumed, load_step)
 
         @pl.when(wg_idx < wgs)
         def _compute_wg():
@@ -120,33 +109,20 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
             def _tile(i):
                 g_ord, m_idx, n_idx = tile_coords(sm + i * num_sms)
 
-                def main_loop(acc_ref):
-                    @pl.loop(0, k_iters)
-                    def _k_step(kk):
-                        step = i * k_iters + kk
-                        slot = lax.rem(step, stages)
-                        plgpu.barrier_wait(loaded.at[slot])
-                        if transpose_lhs:
-                            a_op = a_smem.at[slot].at[:, wg_rows].transpose((1, 0))
-                        else:
-                            a_op = a_smem.at[slot].at[wg_rows]
-                        if transpose_rhs:
-                            b_op = b_smem.at[slot].at[wg_cols, :].transpose((1, 0))
-                        else:
-                            b_op = b_smem.at[slot].at[:, wg_cols]
-                        plgpu.wgmma(acc_ref, a_op, b_op)
-                        plgpu.wgmma_wait(delay)
-                        if not delay:
-                            plgpu.barrier_arrive(consumed.at[slot])
-                        else:   # the previous step's wgmma is done: release its stage
-                            @pl.when(kk > 0)
-                            def _release_previous():
-                                plgpu.barrier_arrive(consumed.at[lax.rem(step - 1, stages)])
+                def operands(slot):
+                    if transpose_lhs:
+                        a_op = a_smem.at[slot].at[:, wg_rows].transpose((1, 0))
+                    else:
+                        a_op = a_smem.at[slot].at[wg_rows]
+                    if transpose_rhs:
+                        b_op = b_smem.at[slot].at[wg_cols, :].transpose((1, 0))
+                    else:
+                        b_op = b_smem.at[slot].at[:, wg_cols]
+                    return a_op, b_op
 
-                    if delay:
-                        plgpu.wgmma_wait(0)
-                        last = i * k_iters + k_iters - 1
-                        plgpu.barrier_arrive(consumed.at[lax.rem(last, stages)])
+                def main_loop(acc_ref):
+                    tiles.consume_ring(acc_ref, i * k_iters, k_iters, stages, delay,
+                                       lambda slot: loaded.at[slot], consumed, operands)
                     return acc_ref[...]
 
                 acc = pl.run_scoped(main_loop, plgpu.ACC((tm, tn), jnp.float32))
