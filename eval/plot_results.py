@@ -177,8 +177,9 @@ def config_fields(text: str) -> dict[str, str] | None:
 def parity_points(report: dict, num_sms: int = 132) -> list[dict]:
     """Per A/B run and product at full load: cuBLAS's device time over the kernel's, where the
     run timed XLA's plain einsum and a kernel config equal to today's `select_config` choice
-    for the product (`config_fields`; several such rows in one run: their mean time). Device times come from the
-    rows' profiled notes ("device N us/call"); rows without one are skipped."""
+    for the product (`config_fields`; several such rows in one run: their mean time). Device
+    times come from the rows' profiled notes ("device N us/call"); rows without one are
+    skipped."""
     from eval.bench_grouped_matmul import device_us
     from kernels.tuning import select_config
 

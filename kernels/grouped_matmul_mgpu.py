@@ -209,10 +209,7 @@ def _kernel(
     )
     def _scope(pipeline_allocs, out_smem):
         wg_idx = lax.axis_index("wg")
-        lo = jnp.clip(bounds_gmem[0], 0, num_groups)
-        hi = jnp.clip(bounds_gmem[1], lo, num_groups)
-        b_offset = bounds_gmem[2]
-        out_offset = bounds_gmem[3]
+        lo, hi, b_offset, out_offset = tiles.active_range(bounds_gmem, num_groups)
         num_active = hi - lo
 
         if c.wg_dimension == MatmulDimension.M:
@@ -316,28 +313,19 @@ def _kernel(
                 run_pipeline(state)
 
         # ---- zero tiles of the idle output groups -----------------------------
-        num_mm = num_active * tiles_per_group
-        num_zero = (num_out_groups - num_active) * tiles_per_group
-        out_lo = lo + out_offset
-
         @pl.when(wg_idx < c.compute_wgs)
         def _zero_phase():
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            out_smem[wg_idx, 0] = jnp.zeros((epi_tile_m, epi_tile_n), out_dtype)
-            plgpu.commit_smem()
-            sm, num_sms = cta_index()
-            first, count = tiles.zero_work(sm, num_sms, num_mm, num_zero)
-
-            @pl.loop(0, count)
-            def _zero_loop(i):
-                z = first + i * num_sms
-                q, m_idx, n_idx = tile_coords(z)
-                g = jnp.where(q < out_lo, q, q + num_active)
+            def store(g, m_idx, n_idx):
                 for epi_mi in range(tile_m // epi_tile_m):
                     for epi_ni in range(tile_n // epi_tile_n):
                         plgpu.copy_smem_to_gmem(
                             out_smem.at[wg_idx, 0], out_epi_slices(g, m_idx, n_idx, epi_mi, epi_ni)
                         )
+
+            tiles.store_zero_tiles(
+                out_smem.at[wg_idx], jnp.zeros((epi_tile_m, epi_tile_n), out_dtype), *cta_index(),
+                num_active * tiles_per_group, (num_out_groups - num_active) * tiles_per_group,
+                lo + out_offset, num_active, tile_coords, store)
 
     # Await all transfers before we exit.
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)

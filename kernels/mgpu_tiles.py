@@ -29,12 +29,50 @@ def tile_coords(lin_idx, per_group: int, iters: tuple[int, int], c: TuningConfig
     return g_ord, m_idx, n_idx
 
 
+def active_range(bounds_gmem, num_groups: int):
+    """(lo, hi, b_offset, out_offset) from a kernel's bounds operand: the active groups
+    [lo, hi), clipped to [0, num_groups], and the weight and output group offsets."""
+    lo = jnp.clip(bounds_gmem[0], 0, num_groups)
+    hi = jnp.clip(bounds_gmem[1], lo, num_groups)
+    return lo, hi, bounds_gmem[2], bounds_gmem[3]
+
+
+def round_robin_count(num_items, first, stride):
+    """How many of the items first, first + stride, ... lie below num_items."""
+    return jnp.maximum(num_items - first + stride - 1, 0) // stride
+
+
+def operand_tile(gmem, g, idx, kk, size: int, tk: int, k_first: bool):
+    """Block idx (``size`` rows of M, or columns of N) by k-step kk (``tk``) of group g of an
+    operand stored [G, K, size-dim] (k_first: A with transpose_lhs, B without transpose_rhs) or
+    [G, size-dim, K]."""
+    mn, ks = pl.ds(idx * size, size), pl.ds(kk * tk, tk)
+    return gmem.at[g, ks, mn] if k_first else gmem.at[g, mn, ks]
+
+
 def zero_work(cta, num_ctas, num_mm, num_zero):
     """(first zero tile, number of zero tiles) of this CTA: the zero tiles continue the
     round-robin where the num_mm matmul tiles stopped, so the CTAs that got one matmul tile
     fewer take the first zero tiles."""
     first = lax.rem(cta - lax.rem(num_mm, num_ctas) + num_ctas, num_ctas)
-    return first, jnp.maximum(num_zero - first + num_ctas - 1, 0) // num_ctas
+    return first, round_robin_count(num_zero, first, num_ctas)
+
+
+def store_zero_tiles(slots_smem, zero_tile, cta, num_ctas, num_mm, num_zero, out_lo, num_active,
+                     tile_coords, store):
+    """A compute warpgroup's share of the zero tiles of the idle output groups: writes
+    ``zero_tile`` into slot 0 of its epilogue slots, then calls ``store(g, m_idx, n_idx)`` for
+    each of this CTA's zero items (``zero_work``; g is the output group, the active groups
+    [out_lo, out_lo + num_active) skipped), which TMA-stores that slot over its part of the tile."""
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    slots_smem[0] = zero_tile
+    plgpu.commit_smem()
+    first, count = zero_work(cta, num_ctas, num_mm, num_zero)
+
+    @pl.loop(0, count)
+    def _zero_loop(i):
+        q, m_idx, n_idx = tile_coords(first + i * num_ctas)
+        store(jnp.where(q < out_lo, q, q + num_active), m_idx, n_idx)
 
 
 def store_tile(acc, out_smem_wg, c: TuningConfig, dst):

@@ -47,13 +47,10 @@ def pingpong_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConf
     b_block = (tn, tk) if transpose_rhs else (tk, tn)
     out_transforms = tiles.smem_transforms(out_dtype, c.epi_tile_n)
 
-    def a_tile(g, m_idx, kk):
-        rows, cols = pl.ds(m_idx * tm, tm), pl.ds(kk * tk, tk)
-        return a_gmem.at[g, cols, rows] if transpose_lhs else a_gmem.at[g, rows, cols]
-
-    def b_tile(g, n_idx, kk):
-        rows, cols = pl.ds(kk * tk, tk), pl.ds(n_idx * tn, tn)
-        return b_gmem.at[g, cols, rows] if transpose_rhs else b_gmem.at[g, rows, cols]
+    a_tile = functools.partial(tiles.operand_tile, a_gmem, size=tm, tk=tk,
+                               k_first=transpose_lhs)
+    b_tile = functools.partial(tiles.operand_tile, b_gmem, size=tn, tk=tk,
+                               k_first=not transpose_rhs)
 
     def out_epi(g, m_idx, n_idx, epi_mi, epi_ni):
         return out_gmem.at[g, pl.ds(m_idx * tm + epi_mi * c.epi_tile_m, c.epi_tile_m),
@@ -74,13 +71,11 @@ def pingpong_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConf
     )
     def _scope(a_smem, b_smem, out_smem, loaded, consumed, turn):
         wg_idx = lax.axis_index("wg")
-        lo = jnp.clip(bounds_gmem[0], 0, num_groups)
-        hi = jnp.clip(bounds_gmem[1], lo, num_groups)
-        b_offset, out_offset = bounds_gmem[2], bounds_gmem[3]
+        lo, hi, b_offset, out_offset = tiles.active_range(bounds_gmem, num_groups)
         num_active = hi - lo
         sm, num_sms = lax.axis_index("sm"), lax.axis_size("sm")
         num_mm = num_active * tiles_per_group
-        my_tiles = jnp.maximum(num_mm - sm + num_sms - 1, 0) // num_sms   # sm, sm + num_sms, ...
+        my_tiles = tiles.round_robin_count(num_mm, sm, num_sms)   # sm, sm + num_sms, ...
 
         def tile_coords(lin_idx):
             return tiles.tile_coords(lin_idx, tiles_per_group, (m_iters, n_iters), c)
@@ -137,17 +132,7 @@ def pingpong_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConf
 
             # Zero tiles of the idle output groups, continuing the round-robin of the matmul
             # tiles; the two warpgroups split each tile's epilogue tiles.
-            num_zero = (num_out_groups - num_active) * tiles_per_group
-            out_lo = lo + out_offset
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            out_smem[wg_idx, 0] = jnp.zeros((c.epi_tile_m, c.epi_tile_n), out_dtype)
-            plgpu.commit_smem()
-            first, count = tiles.zero_work(sm, num_sms, num_mm, num_zero)
-
-            @pl.loop(0, count)
-            def _zero_loop(z):
-                q, m_idx, n_idx = tile_coords(first + z * num_sms)
-                g = jnp.where(q < out_lo, q, q + num_active)
+            def store(g, m_idx, n_idx):
                 epi_n_tiles = tn // c.epi_tile_n
                 for e in range((tm // c.epi_tile_m) * epi_n_tiles):
                     @pl.when(wg_idx == e % 2)
@@ -155,5 +140,10 @@ def pingpong_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConf
                         plgpu.copy_smem_to_gmem(
                             out_smem.at[wg_idx, 0],
                             out_epi(g, m_idx, n_idx, e // epi_n_tiles, e % epi_n_tiles))
+
+            tiles.store_zero_tiles(
+                out_smem.at[wg_idx], jnp.zeros((c.epi_tile_m, c.epi_tile_n), out_dtype), sm,
+                num_sms, num_mm, (num_out_groups - num_active) * tiles_per_group,
+                lo + out_offset, num_active, tile_coords, store)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)

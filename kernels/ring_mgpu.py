@@ -46,13 +46,10 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
     by_rows = c.wg_dimension == MatmulDimension.M
     compute_registers = (_REGISTERS_PER_SM // 128 - _MEMORY_REGISTERS) // wgs // 8 * 8
 
-    def a_tile(g, m_idx, kk):
-        rows, cols = pl.ds(m_idx * cta_m, cta_m), pl.ds(kk * tk, tk)
-        return a_gmem.at[g, cols, rows] if transpose_lhs else a_gmem.at[g, rows, cols]
-
-    def b_tile(g, n_idx, kk):
-        rows, cols = pl.ds(kk * tk, tk), pl.ds(n_idx * cta_n, cta_n)
-        return b_gmem.at[g, cols, rows] if transpose_rhs else b_gmem.at[g, rows, cols]
+    a_tile = functools.partial(tiles.operand_tile, a_gmem, size=cta_m, tk=tk,
+                               k_first=transpose_lhs)
+    b_tile = functools.partial(tiles.operand_tile, b_gmem, size=cta_n, tk=tk,
+                               k_first=not transpose_rhs)
 
     def out_epi(g, m_idx, n_idx, wg, epi_mi, epi_ni):
         """Epilogue tile (epi_mi, epi_ni) of warpgroup wg's part of CTA tile (m_idx, n_idx)."""
@@ -74,13 +71,11 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
     )
     def _scope(a_smem, b_smem, out_smem, loaded, consumed):
         wg_idx = lax.axis_index("wg")
-        lo = jnp.clip(bounds_gmem[0], 0, num_groups)
-        hi = jnp.clip(bounds_gmem[1], lo, num_groups)
-        b_offset, out_offset = bounds_gmem[2], bounds_gmem[3]
+        lo, hi, b_offset, out_offset = tiles.active_range(bounds_gmem, num_groups)
         num_active = hi - lo
         sm, num_sms = lax.axis_index("sm"), lax.axis_size("sm")
         num_mm = num_active * tiles_per_group
-        my_tiles = jnp.maximum(num_mm - sm + num_sms - 1, 0) // num_sms   # sm, sm + num_sms, ...
+        my_tiles = tiles.round_robin_count(num_mm, sm, num_sms)   # sm, sm + num_sms, ...
 
         def tile_coords(lin_idx):
             return tiles.tile_coords(lin_idx, tiles_per_group, (m_iters, n_iters), c)
@@ -132,20 +127,15 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
 
             # Zero tiles of the idle output groups, continuing the round-robin of the matmul
             # tiles; each warpgroup stores its part of each.
-            num_zero = (num_out_groups - num_active) * tiles_per_group
-            out_lo = lo + out_offset
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            out_smem[wg_idx, 0] = jnp.zeros((c.epi_tile_m, c.epi_tile_n), out_dtype)
-            plgpu.commit_smem()
-            first, count = tiles.zero_work(sm, num_sms, num_mm, num_zero)
-
-            @pl.loop(0, count)
-            def _zero_loop(z):
-                q, m_idx, n_idx = tile_coords(first + z * num_sms)
-                g = jnp.where(q < out_lo, q, q + num_active)
+            def store(g, m_idx, n_idx):
                 for epi_mi in range(tm // c.epi_tile_m):
                     for epi_ni in range(tn // c.epi_tile_n):
                         plgpu.copy_smem_to_gmem(out_smem.at[wg_idx, 0],
                                                 out_epi(g, m_idx, n_idx, wg_idx, epi_mi, epi_ni))
+
+            tiles.store_zero_tiles(
+                out_smem.at[wg_idx], jnp.zeros((c.epi_tile_m, c.epi_tile_n), out_dtype), sm,
+                num_sms, num_mm, (num_out_groups - num_active) * tiles_per_group,
+                lo + out_offset, num_active, tile_coords, store)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)

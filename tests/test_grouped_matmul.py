@@ -285,8 +285,8 @@ def test_dw_choice_is_the_ring_of_stages():
     for bad in (dict(delay_release=2), dict(pingpong=True),
                 dict(cluster_dimension=mgpu_kernel.MatmulDimension.N)):
         assert why(dataclasses.replace(ring, max_concurrent_steps=4, **bad)) is not None, bad
-    # and its ring computes what the default computes (interpret mode, 18 k-steps on 4 stages,
-    # 4 groups of 4 x 4 tiles on 4 simulated SMs: several tiles per CTA)
+    # and its ring computes the dw product (interpret mode, against float64: 18 k-steps on 4
+    # stages, 4 groups of 4 x 4 tiles on 4 simulated SMs, so the ring wraps across tiles)
     rng, info = fresh_rng()
     g, m, k, n = 4, 256, 1152, 512
     x = jnp.asarray(rng.standard_normal((g, k, m)), jnp.float32)   # dw's x, read transposed

@@ -97,4 +97,3 @@ def test_cli_compilation_cache_keeps_compiled_programs(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "tokens/s" in done.stdout
     assert any(p.is_file() for p in cache.rglob("*")), "no compiled program in the cache"
-
