@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Re-checks and re-measures everything GPU-specific on an H200, in stages (one device command may
 # run 10 minutes, so the stages are split over two calls):
-#   tests      the GPU tests (kernels compiled: offsets, tile schedules; diagonal through them) (~4 min)
+#   tests      the kernels' GPU tests (every config compiled: weight offsets, tile schedules,
+#              fused SwiGLU)                                                     (~9 min)
+#   tests_model  the diagonal schedule and training steps through the kernels on the GPU (~3 min)
 #   bench      the inference benchmark, every schedule and length                 (~9 min)
 #   agreement  model-scale agreement of the schedules, XLA and kernel paths        (> 3 min)
 #   kernel     the grouped-matmul benchmark (1b all loads, 3b/8b quick, backward products)
@@ -101,8 +103,13 @@
 #   ring_all   the ring of stages against "auto" (both timed twice) on every forward and dx product
 #              at G = 16 (the 1b ones on 192 x 192 tiles both ways), and on the dw products at
 #              G = 1, where select_config takes it unmeasured (one wave: unchained, one wgmma
-#              group in flight)                                                   (~8 min)
-#   run: bash eval/gpu_session.sh tests fused; bash eval/gpu_session.sh bench;
+#              group in flight); runs s13_ring_*, before "auto" became the ring   (~8 min)
+#   ring_check "auto" (the ring of stages on the default tiles since s13) against the default
+#              tiles on JAX's pipelines, both timed twice, and cuBLAS where the ring was not
+#              timed before its choice: 1b gate_up forward and down dx at G = 16, and forward
+#              and dx products at G = 1, 4, 8                                   (~9 min)
+#   run: bash eval/gpu_session.sh tests; bash eval/gpu_session.sh tests_model fused;
+#        bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
 # Results land in $OUT (or ./out).
 set -uo pipefail
@@ -138,15 +145,22 @@ wg3_variants() {
     --ab_groups 16 --ab_products fwd,dx --ab_profile --ab_reps 3 \
     --ab_shapes "${4:-1b:qkv,1b:o,1b:down,8b:qkv,8b:o}"
 }
+# gpu_tests NAME LIMIT_S FILES...: the GPU tests of FILES under a timeout, verbose into
+# $OUT/NAME.txt (what passed survives a timeout); shown: failures, the summary, the slowest.
+gpu_tests() {
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 -m pytest -o addopts="" -v -p no:cacheprovider --durations=8 "$@" \
+    -k "gpu or pallas or accumulates_in_float32" > "$OUT/$name.txt" 2>&1
+  echo "$name: exit $?, $(grep -c PASSED "$OUT/$name.txt") passed"
+  grep -E "FAILED|ERROR|s call|passed|failed" "$OUT/$name.txt" | quiet | tail -14
+}
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests bench agreement kernel)
+[ ${#stages[@]} -eq 0 ] && stages=(tests tests_model bench agreement kernel)
 for stage in "${stages[@]}"; do
   echo "== $stage $(date -u +%FT%TZ)"
   case $stage in
-    tests) python3 -m pytest -o addopts="" -q -p no:cacheprovider tests/test_grouped_matmul.py \
-             tests/test_swiglu.py tests/test_diagonal.py tests/test_train.py \
-             -k "gpu or pallas or accumulates_in_float32" 2>&1 | quiet | tail -8 \
-             | tee "$OUT/gpu_tests.txt" ;;
+    tests) gpu_tests gpu_tests 560 tests/test_grouped_matmul.py tests/test_swiglu.py ;;
+    tests_model) gpu_tests gpu_tests_model 400 tests/test_diagonal.py tests/test_train.py ;;
     bench) python3 -m eval.bench --out "$OUT/inference_h200.json" 2>&1 | quiet \
              | tee "$OUT/bench.txt" ;;
     agreement) python3 -m eval.agreement --tokens 16384 2>&1 | quiet | tee "$OUT/agreement.txt"
@@ -309,17 +323,23 @@ for stage in "${stages[@]}"; do
              --ab_shapes 3b:qkv,3b:o,3b:gate_up,3b:down,8b:qkv,8b:o,8b:gate_up,8b:down
       ab ring_all_dw_g1 100 --ab default,auto,auto#2,xla_einsum --ab_groups 1 --ab_products dw \
              --ab_profile --ab_reps 3 --ab_shapes 1b:o,1b:gate_up,1b:down,3b:qkv,8b:o,8b:down ;;
+    ring_check)
+      ab ring_check_g16 150 --ab default,auto,default#2,auto#2,xla_einsum --ab_groups 16 \
+             --ab_products fwd,dx --ab_profile --ab_reps 3 --ab_shapes 1b:gate_up,1b:down
+      ab ring_check_groups 420 --ab default,auto,default#2,auto#2,xla_einsum --ab_groups 1,4,8 \
+             --ab_products fwd,dx --ab_profile --ab_reps 3 \
+             --ab_shapes 1b:gate_up,3b:qkv,3b:o,3b:down,8b:o,8b:down ;;
     train_seq_remat) train_bench train_seq_remat 330 --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal
            train_bench train_seq_remat_16k 200 --tokens 16384 --reps 3 --impls auto \
              --schedules sequential ;;
-    *) echo "unknown stage $stage (tests, bench, agreement, kernel, kernel_big, fused, diagonal," \
+    *) echo "unknown stage $stage (tests, tests_model, bench, agreement, kernel, kernel_big, fused, diagonal," \
             "train, profile, pingpong, pingpong2, select, train_products, train_profile," \
             "train_zero_init, wg3, select3, pingpong_bwd, reproducibility, wg3_repeat," \
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
-            "dw_variants, dw_select, dw_3b, dw_auto, ring, ring2, ring_all)"
+            "dw_variants, dw_select, dw_3b, dw_auto, ring, ring2, ring_all, ring_check)"
        exit 2 ;;
   esac
 done

@@ -29,8 +29,9 @@ Structure (after jax's ``pallas/ops/gpu/hopper_matmul_mgpu.py``):
   only where the k-steps are a multiple of the stages, without delayed release);
 * with ``ring`` (``ring_mgpu.py``) the same cooperative schedule runs on a
   hand-written pipeline: one ring of stages over all of a CTA's tiles, chained
-  at any number of k-steps; ``select_config`` takes it for the weight gradients,
-  whose k-steps (the diagonal's rows / 64: 18, 34, 66) JAX's pipelines cannot chain;
+  at any number of k-steps (the weight gradients' k-steps, the diagonal's rows /
+  64: 18, 34, 66, JAX's pipelines cannot chain), with one wgmma group in flight;
+  ``select_config`` runs the default and the 192 x 192 tiles on it;
 * after the matmul tiles, the CTAs walk ``(G - (hi - lo)) * tiles_per_group``
   zero items and TMA-store a zero tile into the idle groups' output (cost: the
   idle output bytes, no loads and no math);
@@ -42,9 +43,9 @@ Structure (after jax's ``pallas/ops/gpu/hopper_matmul_mgpu.py``):
   which fills out-of-bounds loads with zeros and clips out-of-bounds stores (a
   ragged last column tile: cooperative schedule only);
 * block sizes (``select_config``, measured on the H200): 128 x 256 CTA tiles
-  (two 128 x 128 wgmma warpgroups), k-step 64, 4 stages, chained tiles by
-  default; 128 x 128 tiles where n is no multiple of 256; with three compute
-  warpgroups (``compute_wgs=3``, 64-row warpgroup tiles) 192 x 128 tiles where
+  (two 128 x 128 wgmma warpgroups), k-step 64, 4 stages, chained tiles (on
+  the ring) by default; 128 x 128 tiles where n is no multiple of 256; with
+  three compute warpgroups (``compute_wgs=3``, 64-row warpgroup tiles) 192 x 128 tiles where
   they fill the SMs' waves clearly better, and 192 x 192 tiles on products of
   many tiles where they cost no more than the default (the 1b shapes at G = 16)
   or, in 2-CTA clusters along n, at most 1 % more (8b qkv and gate/up);

@@ -165,20 +165,26 @@ THREE_WG_VARIANTS = {
 }
 # The cooperative schedule on one ring of stages (kernels/ring_mgpu.py): chained tiles at any
 # number of k-steps and one wgmma group in flight; on the default tiles and on 192 x 192 ones.
-# select_config takes RING_CONFIG for the dw products whose k-steps the default's 4 stages do
-# not chain: their reduction runs over the diagonal's rows (m = 1152 / 2176 / 4224: 18 / 34 /
-# 66 k-steps), so JAX's pipeline of pipelines (which needs a multiple of the stages) ran each
-# tile as a pipeline of its own, with a fill between tiles. H200 A/B at G = 16, device us
-# (eval/results/grouped_matmul_h200.md, runs s12_*), in two steps:
-# - 3 stages, which chain 18 and 66 k-steps through JAX's pipelines, beat the default in all 19
-#   comparisons on the 1b / 8b dw (0.9-7.5 %, G = 1 and 16); where nothing but 2 stages chains
-#   (3b: 34; 2 stages were 12-25 % slower) one wgmma group in flight beat it in 9 of 9 (0.6-3.2 %).
-# - The ring against those choices: 1b qkv dw 314-316 vs 322-349, o 218-221 vs 232, down 828 vs
-#   857, 3b qkv 1396-1401 vs 1420-1447, down 2346-2352 vs 2398-2407, 8b o 2899-2934 vs
-#   2969-3008, down 11163-11492 vs 11623-11747; level on the gate/up dw (1b 1621-1640 vs
-#   1641-1650, 3b 4413-4461 vs 4456, 8b 22290-22697 vs 22236). Its delayed release changed
-#   nothing there (delay 0: 314, 1621, 1401, 2346, 2934, 11459 in the first run); kept, as
-#   measured in the check after the change (run s12_dw_auto_ring: 1.02-1.14x the default).
+# select_config runs every cooperative product on it but the 192 x 128 and 128 x 128 tiles and
+# the clusters (which it does not serve): RING_CONFIG where the default tiles were chosen,
+# RING_WIDE_THREE_WG_CONFIG where the 192 x 192 ones were. H200 A/B, device us
+# (eval/results/grouped_matmul_h200.md, runs s12_* and s13_*):
+# - dw (taken first, 1587ce4): the reduction runs over the diagonal's rows (m = 1152 / 2176 /
+#   4224: 18 / 34 / 66 k-steps), which JAX's pipeline of pipelines (it needs a multiple of the
+#   stages) could not chain: each tile ran as a pipeline of its own. 3 stages (which chain 18
+#   and 66) beat the default in 19 of 19 comparisons (0.9-7.5 %), one wgmma group in flight on
+#   the 3b dw in 9 of 9 (0.6-3.2 %); the ring beat those choices: 1b qkv dw 314-316 vs 322-349,
+#   o 218-221 vs 232, down 828 vs 857, 3b qkv 1396-1401 vs 1420-1447, down 2346-2352 vs
+#   2398-2407, 8b o 2899-2934 vs 2969-3008, down 11163-11492 vs 11623-11747; level on the
+#   gate/up dw. At G = 1 (s13_ring_dw_g1, the default timed first): 1b gate_up dw 114-115
+#   vs 134, down 56 vs 59, 3b qkv 99-100 vs 105, 8b o 186-187 vs 192, 8b down 676-677 vs 690.
+# - forward and dx at G = 16 (s12_ring*, s13_ring_*), against the JAX-pipeline choice's second
+#   timing (the first config timed per product ran up to 1.15x slow in some runs): on the 3b /
+#   8b default tiles the ring was faster in 11 of 12 forward comparisons (by 0.5-2.2 %; 3b
+#   gate_up 0.6 % slower once; e.g. 3b o 840-842 vs 846-849, 8b o 2898-2900 vs 2926-2932) and
+#   level on the dx products (-1.0 to +0.9 %, one run); the 192 x 192 ring tiles on the 1b
+#   products -2.4 to +0.4 % (two runs). Not timed: the ring on 1b gate_up forward and down dx
+#   (default tiles), and forward and dx at G < 16.
 RING_CONFIG = TuningConfig(ring=True, delay_release=1)
 RING_WIDE_THREE_WG_CONFIG = dataclasses.replace(WIDE_THREE_WG_CONFIG, ring=True, delay_release=1)
 # How much better the ping-pong schedule must fill the last wave of tiles than the default one
@@ -224,10 +230,11 @@ def select_config(
 
     Measured on an H200 (eval/results/grouped_matmul_h200*; device times from
     profiled, interleaved A/B runs): 128 x 256 CTA tiles with 4 stages and
-    chained tiles are the best of the variants tried on every Llama-1B/3B/8B
-    diagonal shape at full load, at 0.92-1.01x the speed of cuBLAS's batched
-    matmul (687-794 TF/s of device time vs 714-799; all twelve shapes at
-    c09fce3's kernel code). Within noise or slower:
+    chained tiles (on the ring of stages since session 13, below) are the best
+    of the variants tried on every Llama-1B/3B/8B diagonal shape at full load,
+    at 0.92-1.01x the speed of cuBLAS's batched matmul (687-794 TF/s of device
+    time vs 714-799; all twelve shapes at c09fce3's kernel code). Within noise
+    or slower:
     3 stages, unchained tiles, 128 x 128 tiles (4 or 6 stages, cuBLAS's choice
     for the 1b attention shapes), 256 x 128 and row-split 128 x 192 tiles,
     other grid orders, 2-CTA clusters with multicast (``cluster_dimension``),
@@ -267,13 +274,18 @@ def select_config(
     1497, 750 against cuBLAS's 290, 294, 200, 200, 1493, 757. Slower on 3b / 8b at G = 16
     (0.3-5.6 %), where the cost model also says so.
 
-    The ring of stages (``RING_CONFIG``) for the dw products whose k-steps the default's 4
-    stages do not chain (1b, 3b, 8b: 18, 34, 66): 0.5-6 % faster than 3 stages or one wgmma
-    group in flight on JAX's pipelines (themselves 0.6-7.5 % faster than the default), level
-    on the gate/up dw (runs s12; figures at the config); 1.02-1.14x the default and 0.91-1.03x
-    cuBLAS's speed at G = 16 in the check after the change. Ping-pong was 3-4 % faster than 3
-    stages on 1b qkv and o dw at G = 16 and 3.5 % slower on 1b down dw (two runs); too small a
-    share of a step for a rule fitted to it.
+    The ring of stages (``RING_CONFIG``, ``RING_WIDE_THREE_WG_CONFIG``): the cooperative
+    schedule on one hand-written ring of stages over all of a CTA's tiles, chained at any
+    number of k-steps, with one wgmma group in flight. It runs every product the default or
+    the 192 x 192 tiles would (forward, dx, dw). On the dw products, whose k-steps (1b, 3b, 8b:
+    18, 34, 66) the default's 4 stages did not chain: 0.5-6 % faster than 3 stages or one
+    wgmma group in flight on JAX's pipelines (themselves 0.6-7.5 % faster than the default),
+    level on the gate/up dw; 1.02-1.14x the default and 0.91-1.03x cuBLAS's speed at G = 16.
+    On the forward products of the 3b / 8b default tiles 0.5-2.2 % faster than JAX's chained
+    pipelines in 11 of 12 comparisons, level on dx and on the 1b 192 x 192 tiles (runs s12,
+    s13; figures at the config). Ping-pong was 3-4 % faster than 3 stages on 1b qkv and o dw
+    at G = 16 and 3.5 % slower on 1b down dw (two runs); too small a share of a step for a
+    rule fitted to it.
 
     The same tiles in 2-CTA clusters along n (``WIDE_CLUSTER_N_CONFIG``, the A tile multicast)
     where their cost is at most ``WIDE_CLUSTER_MAX_COST_RATIO`` of the default's and the column
@@ -294,14 +306,11 @@ def select_config(
     if cost(THREE_WG_CONFIG) <= THREE_WG_MAX_COST_RATIO * cost(DEFAULT_CONFIG) and serves(
             THREE_WG_CONFIG):
         return THREE_WG_CONFIG
-    k_steps = pl.cdiv(k, DEFAULT_CONFIG.tile_k)
-    if transpose_lhs and not DEFAULT_CONFIG.chains(k_steps) and serves(RING_CONFIG):
-        return RING_CONFIG   # dw whose tiles JAX's pipelines cannot chain
     if (not transpose_lhs and m % WIDE_THREE_WG_CONFIG.cta_tile_m == 0
             and _num_tiles(DEFAULT_CONFIG, num_groups, m, n) >= WIDE_THREE_WG_MIN_WAVES * num_sms):
         wide_cost = cost(WIDE_THREE_WG_CONFIG)
-        if wide_cost <= cost(DEFAULT_CONFIG) and serves(WIDE_THREE_WG_CONFIG):
-            return WIDE_THREE_WG_CONFIG
+        if wide_cost <= cost(DEFAULT_CONFIG) and serves(RING_WIDE_THREE_WG_CONFIG):
+            return RING_WIDE_THREE_WG_CONFIG
         if (wide_cost <= WIDE_CLUSTER_MAX_COST_RATIO * cost(DEFAULT_CONFIG)
                 and serves(WIDE_CLUSTER_N_CONFIG)):
             return WIDE_CLUSTER_N_CONFIG
@@ -313,7 +322,8 @@ def select_config(
         if (n % PINGPONG_CONFIG.cta_tile_n == 0
                 and fill(PINGPONG_CONFIG) - fill(DEFAULT_CONFIG) >= PINGPONG_MIN_WAVE_GAIN):
             return PINGPONG_CONFIG
-    return DEFAULT_CONFIG
+    # The ring schedule serves whatever the default serves (same tiles, stages, shared memory).
+    return RING_CONFIG
 
 
 def problem_dims(a_shape, b_shape, transpose_lhs, transpose_rhs, swiglu=False):

@@ -136,38 +136,40 @@ def test_parity_points_take_todays_config_and_cublas():
     product's choice is the one for the transposed weights; a config written before a field
     existed takes that field's default); other configs and partial loads are left out."""
     from eval.plot_results import config_fields, parity_points
-    from kernels.tuning import DEFAULT_CONFIG, RING_CONFIG, WIDE_THREE_WG_CONFIG, select_config
+    from kernels.tuning import (DEFAULT_CONFIG, RING_CONFIG, RING_WIDE_THREE_WG_CONFIG,
+                                WIDE_CLUSTER_N_CONFIG, select_config)
 
     def row(shape, m, k, n, name, config, us, active=16):
         return {"model": "1b", "shape": shape, "m": m, "k": k, "n": n, "G": 16, "active": active,
                 "config": str(config) if config else "",
                 "note": f"ab {name} | device {us} us/call = 1 TF/s: kernel {us} us"}
 
-    assert select_config(16, 1152, 2048, 3072, num_sms=132) == WIDE_THREE_WG_CONFIG
-    assert select_config(16, 1152, 2048, 8192, transpose_rhs=True, num_sms=132) == DEFAULT_CONFIG
-    rows = [row("qkv", 1152, 2048, 3072, "auto", WIDE_THREE_WG_CONFIG, 300),
-            row("qkv", 1152, 2048, 3072, "auto#2", WIDE_THREE_WG_CONFIG, 310),
+    assert select_config(16, 1152, 2048, 3072, num_sms=132) == RING_WIDE_THREE_WG_CONFIG
+    assert select_config(16, 1152, 2048, 8192, transpose_rhs=True, num_sms=132) == RING_CONFIG
+    rows = [row("qkv", 1152, 2048, 3072, "auto", RING_WIDE_THREE_WG_CONFIG, 300),
+            row("qkv", 1152, 2048, 3072, "auto#2", RING_WIDE_THREE_WG_CONFIG, 310),
             row("qkv", 1152, 2048, 3072, "default", DEFAULT_CONFIG, 100),    # not today's choice
             row("qkv", 1152, 2048, 3072, "xla_einsum", None, 294),
-            row("down dx", 1152, 2048, 8192, "default", DEFAULT_CONFIG, 800),
+            row("down dx", 1152, 2048, 8192, "ring", RING_CONFIG, 800),
             row("down dx", 1152, 2048, 8192, "xla_einsum", None, 808),
-            row("o", 1152, 2048, 2048, "auto", WIDE_THREE_WG_CONFIG, 50, active=4),
+            row("o", 1152, 2048, 2048, "auto", RING_WIDE_THREE_WG_CONFIG, 50, active=4),
             row("o", 1152, 2048, 2048, "xla_einsum", None, 200, active=4)]
     # a run from before a TuningConfig field existed wrote its config without it (the field's
-    # default is what it ran): it still counts, and a config at another value does not
-    old_default = str(DEFAULT_CONFIG).replace(", ring=False", "")
-    assert "ring" not in old_default and old_default != str(DEFAULT_CONFIG)
-    rows += [row("gate_up", 1152, 2048, 16384, "default", None, 1600),
-             row("gate_up", 1152, 2048, 16384, "ring", RING_CONFIG, 1),
-             row("gate_up", 1152, 2048, 16384, "xla_einsum", None, 1584)]
-    rows[-3]["config"] = old_default
-    assert select_config(16, 1152, 2048, 16384, num_sms=132) == DEFAULT_CONFIG
+    # default is what it ran): it still counts, and a config at another value does not. The
+    # clustered 192 x 192 tiles (8b gate/up) are today's choice and not on the ring.
+    old_cluster = str(WIDE_CLUSTER_N_CONFIG).replace(", ring=False", "")
+    assert "ring" not in old_cluster and old_cluster != str(WIDE_CLUSTER_N_CONFIG)
+    rows += [row("gate_up", 4224, 4096, 28672, "wg3_192x192_cn", None, 22000),
+             row("gate_up", 4224, 4096, 28672, "ring", RING_CONFIG, 1),
+             row("gate_up", 4224, 4096, 28672, "xla_einsum", None, 21800)]
+    rows[-3]["config"] = old_cluster
+    assert select_config(16, 4224, 4096, 28672, num_sms=132) == WIDE_CLUSTER_N_CONFIG
     report = {"runs": {"r1": {"date": "2026-11-29T17:00", "code": "abc", "rows": rows}}}
     got = {p["product"]: p["speed_vs_cublas"] for p in parity_points(report)}
     assert got == pytest.approx({"1b qkv": 294 / 305, "1b down dx": 808 / 800,
-                                 "1b gate_up": 1584 / 1600})
-    assert config_fields("") is None and config_fields(old_default) == config_fields(
-        str(DEFAULT_CONFIG))
+                                 "1b gate_up": 21800 / 22000})
+    assert config_fields("") is None and config_fields(old_cluster) == config_fields(
+        str(WIDE_CLUSTER_N_CONFIG))
 
 
 def test_profile_names_the_source_of_each_kernel():

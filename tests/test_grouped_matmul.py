@@ -138,7 +138,7 @@ def test_wave_fill_and_the_ping_pong_choice():
     assert fill(0, 132) == 1.0 and fill(132, 132) == 1.0 and fill(264, 132) == 1.0
     assert fill(133, 132) == pytest.approx(133 / 264) and fill(66, 132) == 0.5
     pick = lambda *dims, **kw: mgpu_kernel.select_config(*dims, num_sms=132, **kw)
-    pp, default = mgpu_kernel.PINGPONG_CONFIG, mgpu_kernel.DEFAULT_CONFIG
+    pp, default = mgpu_kernel.PINGPONG_CONFIG, mgpu_kernel.RING_CONFIG   # default tiles, ring
     # 4 x 9 x 12 = 432 CTA tiles: 3.27 waves (fill 0.818); 864 items: 6.5 (fill 0.935). (At
     # G = 16, 1b qkv's 1728 tiles fill 0.935 against ping-pong's 0.970, but the 192 x 192 tiles,
     # checked first, take it: test_wide_three_warpgroup_choice.)
@@ -195,8 +195,10 @@ def test_wide_three_warpgroup_choice():
     the 3b / 8b ones (cost 1.01-1.08, 0.3-5.6 % slower), not dw (slower), not G <= 8."""
     pick = lambda *dims, tl=False, tr=False: mgpu_kernel.select_config(
         *dims, transpose_lhs=tl, transpose_rhs=tr, num_sms=132)
-    wide = mgpu_kernel.WIDE_THREE_WG_CONFIG
-    assert (wide.cta_tile_m, wide.cta_tile_n) == (192, 192)
+    wide = mgpu_kernel.RING_WIDE_THREE_WG_CONFIG   # on the ring of stages
+    assert (wide.cta_tile_m, wide.cta_tile_n) == (192, 192) and wide.ring
+    assert dataclasses.replace(wide, ring=False, delay_release=0) == (
+        mgpu_kernel.WIDE_THREE_WG_CONFIG)
     for dims in [(16, 1152, 2048, 3072), (16, 1152, 2048, 2048), (16, 1152, 8192, 2048)]:
         assert pick(*dims) == wide, dims                          # 1b qkv, o, down
     for dims in [(16, 1152, 3072, 2048), (16, 1152, 2048, 2048), (16, 1152, 16384, 2048)]:
@@ -233,7 +235,7 @@ def test_wide_cluster_choice():
     for c in (along_n, along_m):
         assert (c.cta_tile_m, c.cta_tile_n) == (192, 192)
         assert dataclasses.replace(c, cluster_dimension=None) == mgpu_kernel.WIDE_THREE_WG_CONFIG
-    default = mgpu_kernel.DEFAULT_CONFIG
+    default = mgpu_kernel.RING_CONFIG   # the default tiles, on the ring of stages
     for g in (1, 8, 16):
         assert pick(g, 4224, 4096, 28672) == along_n, g         # 8b gate/up (28 waves at G = 1)
     for g in (8, 16):
@@ -245,10 +247,10 @@ def test_wide_cluster_choice():
         assert pick(*dims) == default, dims
     for dims in [(16, 4224, 6144, 4096), (16, 4224, 4096, 4096), (16, 4224, 28672, 4096)]:
         assert pick(*dims, tr=True) == default, dims            # 8b qkv, o, gate/up dx
-    assert pick(16, 4096, 4224, 6144, tl=True) == mgpu_kernel.RING_CONFIG   # 8b qkv dw
+    assert pick(16, 4096, 4224, 6144, tl=True) == default       # 8b qkv dw
     assert pick(16, 2176, 3072, 16384) == default               # 3b gate/up: ragged rows
     assert pick(16, 1152, 2048, 16384) == default               # 1b gate/up: cost 1.0125
-    assert pick(16, 1152, 2048, 3072) == mgpu_kernel.WIDE_THREE_WG_CONFIG   # 1b qkv: cost 0.96
+    assert pick(16, 1152, 2048, 3072) == mgpu_kernel.RING_WIDE_THREE_WG_CONFIG   # 1b qkv: 0.96
     # along n needs an even number of column tiles, along m an even number of row tiles
     why = lambda c, m, n: mgpu_kernel.unsupported_reason(
         (16, m, 4096), (16, 4096, n), jnp.bfloat16, jnp.bfloat16, config=c)
@@ -256,28 +258,42 @@ def test_wide_cluster_choice():
     assert why(along_m, 4224, 14336) is None and "even number" in why(along_m, 4032, 6144)
 
 
-def test_dw_choice_is_the_ring_of_stages():
-    """select_config takes the ring of stages for dw products whose k-steps (the diagonal's rows
-    / 64) the default's 4 stages do not chain: the 1b, 3b and 8b dw (m = 1152, 2176, 4224: 18,
-    34, 66 k-steps; 0.5-6 % faster than the H200's best configs on JAX's pipelines, level on
-    the gate/up dw). Not where the default chains them, not forward or dx products; the
-    192 x 128 tiles (checked first) keep the few-tile dw at G = 1."""
+def test_cooperative_choice_is_the_ring_of_stages():
+    """select_config runs the cooperative default and 192 x 192 tiles on the ring of stages,
+    forward, dx and dw: on the dw products (the diagonal's rows / 64 = 18, 34, 66 k-steps,
+    which the default's 4 stages on JAX's pipelines do not chain) it was 0.5-6 % faster than
+    the H200's best configs on JAX's pipelines; on the forward products of the 3b / 8b default
+    tiles faster in 11 of 12 comparisons, level on dx and the 1b 192 x 192 tiles. The 192 x
+    128 tiles (few-tile products), ping-pong, the 2-CTA clusters (which the ring does not
+    serve) and the narrow tiles stay on JAX's pipelines."""
     pick = lambda *dims, tl=False, tr=False: mgpu_kernel.select_config(
         *dims, transpose_lhs=tl, transpose_rhs=tr, num_sms=132)
-    ring = mgpu_kernel.RING_CONFIG
+    ring, wide_ring = mgpu_kernel.RING_CONFIG, mgpu_kernel.RING_WIDE_THREE_WG_CONFIG
     assert ring.ring and ring.delay_release == 1 and not ring.chains(18)
+    assert dataclasses.replace(ring, ring=False, delay_release=0) == mgpu_kernel.DEFAULT_CONFIG
     assert not mgpu_kernel.DEFAULT_CONFIG.chains(18) and mgpu_kernel.DEFAULT_CONFIG.chains(32)
     for dims in [(16, 2048, 1152, 3072), (16, 2048, 1152, 2048), (16, 2048, 1152, 16384),
                  (16, 8192, 1152, 2048), (16, 3072, 2176, 5120), (16, 8192, 2176, 3072),
                  (1, 8192, 2176, 3072), (16, 4096, 4224, 6144), (16, 4096, 4224, 4096),
-                 (16, 14336, 4224, 4096), (1, 14336, 4224, 4096), (1, 2048, 1152, 2048)]:
-        assert pick(*dims, tl=True) == ring, dims
-    assert pick(16, 2048, 2048, 3072, tl=True) == mgpu_kernel.DEFAULT_CONFIG   # 32 k-steps
-    assert pick(1, 2048, 1152, 3072, tl=True) == mgpu_kernel.THREE_WG_CONFIG  # 1b qkv dw, G = 1
-    assert pick(1, 3072, 2176, 3072, tl=True) == mgpu_kernel.THREE_WG_CONFIG  # 3b o dw, G = 1
-    for k in (1152, 2176):
-        assert pick(16, 1152, k, 2048) != ring                     # forward: never
-        assert pick(16, 1152, k, 2048, tr=True) != ring            # dx: never
+                 (16, 14336, 4224, 4096), (1, 14336, 4224, 4096), (1, 2048, 1152, 2048),
+                 (16, 2048, 2048, 3072)]:
+        assert pick(*dims, tl=True) == ring, dims                  # dw
+    for dims in [(16, 2176, 3072, 5120), (16, 4224, 4096, 4096), (16, 4224, 14336, 4096),
+                 (16, 1152, 2048, 16384), (1, 4224, 4096, 6144)]:
+        assert pick(*dims) == ring, dims                           # 3b qkv, 8b o / down, ...
+    assert pick(16, 4224, 28672, 4096, tr=True) == ring            # 8b gate/up dx
+    assert pick(16, 1152, 2048, 3072) == wide_ring                 # 1b qkv
+    assert pick(16, 1152, 3072, 2048, tr=True) == wide_ring        # 1b qkv dx
+    # the other schedules keep JAX's pipelines: 192 x 128 tiles (1b qkv / 3b o dw at G = 1),
+    # ping-pong, the clusters (8b gate/up), the narrow tiles
+    assert pick(1, 2048, 1152, 3072, tl=True) == mgpu_kernel.THREE_WG_CONFIG
+    assert pick(1, 3072, 2176, 3072, tl=True) == mgpu_kernel.THREE_WG_CONFIG
+    assert pick(4, 1152, 2048, 3072) == mgpu_kernel.PINGPONG_CONFIG
+    assert pick(16, 4224, 4096, 28672) == mgpu_kernel.WIDE_CLUSTER_N_CONFIG
+    assert pick(16, 1152, 2048, 384) == mgpu_kernel.NARROW_CONFIG
+    for c in (mgpu_kernel.THREE_WG_CONFIG, mgpu_kernel.PINGPONG_CONFIG,
+              mgpu_kernel.WIDE_CLUSTER_N_CONFIG, mgpu_kernel.NARROW_CONFIG):
+        assert not c.ring
     why = lambda c: mgpu_kernel.unsupported_reason(
         (16, 1152, 2048), (16, 1152, 3072), jnp.bfloat16, jnp.bfloat16, transpose_lhs=True,
         config=c)
