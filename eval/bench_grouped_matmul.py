@@ -384,13 +384,33 @@ def _make_unfused_swiglu_fn(impl):
         kernels.grouped_matmul(a, b, (lo, hi), impl=impl)))
 
 
+def per_call_seconds(times: dict[str, list[float]], calls: int) -> dict[str, float]:
+    """{kernel name: device seconds per call} from a trace's kernel durations (in launch order)
+    over `calls` calls: the median over calls of each call's launches of the kernel, so that a
+    slow call in a trace does not move the figure (the mean where the launches do not divide
+    into the calls)."""
+    per_call = {}
+    for name, ts in times.items():
+        if len(ts) % calls:
+            per_call[name] = sum(ts) / calls
+        else:
+            k = len(ts) // calls
+            per_call[name] = statistics.median(sum(ts[i:i + k]) for i in range(0, len(ts), k))
+    return per_call
+
+
 def _device_times(fn, args, calls=10):
-    """{kernel name: device seconds per call} from a jax.profiler trace of `calls` calls."""
+    """{kernel name: device seconds per call} from a jax.profiler trace of `calls` calls
+    (`per_call_seconds`), after a throwaway trace: in the H200 A/B runs s13_ring_* the kernel
+    config traced right after the XLA path read 2.6-15 % slower than its second timing in 6 of
+    40 products' timings (on the 1b shapes), while its wall-clock rate was not slower."""
     from eval.profile import traced_kernel_times
 
-    jax.block_until_ready(fn(*args))
-    times, _ = traced_kernel_times(lambda: jax.block_until_ready(fn(*args)), calls)
-    return {name: sum(ts) / calls for name, ts in times.items()}
+    run_once = lambda: jax.block_until_ready(fn(*args))
+    run_once()
+    traced_kernel_times(run_once, 2)
+    times, _ = traced_kernel_times(run_once, calls)
+    return per_call_seconds(times, calls)
 
 
 def ab_compare(shapes, cfg_names, active, reps, dense_tflops, key, rows, failures, g=16,

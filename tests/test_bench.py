@@ -3,6 +3,7 @@
 import gzip
 import json
 
+import numpy as np
 import pytest
 
 from eval import bench
@@ -234,6 +235,22 @@ def test_grouped_matmul_ab_compare_on_cpu():
     # "auto#2" is "auto" timed a second time: the same config, its own row
     config_of = {(r.shape, r.note[3:]): r.config for r in rows}
     assert config_of["a dx", "auto#2"] == config_of["a dx", "auto"] != ""
+
+
+def test_per_call_seconds_takes_the_median_call():
+    """eval/bench_grouped_matmul.per_call_seconds: a kernel's device time per call is the
+    median over calls of its launches in each call, so one slow call in a trace does not move
+    it (a mean would: 10 calls of 300 us and one of 3000 us read 545 us); launches of unlike
+    sizes within a call add up; launches that do not divide into the calls: their mean."""
+    from eval.bench_grouped_matmul import per_call_seconds
+
+    rng = np.random.default_rng()
+    base = float(rng.uniform(1e-4, 1e-3))
+    times = {"gemm": [base] * 10 + [10 * base],                # 11 calls, one slow
+             "select": [base / 4, base / 4, base / 2] * 11,    # 3 unlike launches per call
+             "odd": [base] * 5}                                # 5 launches in 11 calls
+    got = per_call_seconds(times, 11)
+    assert got == pytest.approx({"gemm": base, "select": base, "odd": 5 * base / 11})
 
 
 def test_reproducibility_summary_counts_outcomes_and_differing_choices():
