@@ -281,6 +281,11 @@ SWEEP = {  # named configs for --sweep (the default is select_config's choice)
     "ring": mgpu_kernel.RING_CONFIG,
     "ring_d0": dataclasses.replace(mgpu_kernel.RING_CONFIG, delay_release=0),
     "ring_wg3_192x192": mgpu_kernel.RING_WIDE_THREE_WG_CONFIG,
+    # ... in 2-CTA clusters along n (the A tile multicast) or m (the B tile)
+    **{f"ring_c{d.name.lower()}": dataclasses.replace(mgpu_kernel.RING_CONFIG,
+                                                      cluster_dimension=d) for d in M_},
+    **{f"ring_wg3_192x192_c{d.name.lower()}": dataclasses.replace(
+        mgpu_kernel.RING_WIDE_THREE_WG_CONFIG, cluster_dimension=d) for d in M_},
     # 2 stages chain the 3b dw products' 34 k-steps (3 and 4 do not)
     "stages2": mgpu_kernel.TuningConfig(max_concurrent_steps=2),
     "narrow": mgpu_kernel.TuningConfig(tile_n=64, max_concurrent_steps=5),  # 128x128

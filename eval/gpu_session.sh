@@ -108,6 +108,11 @@
 #              tiles on JAX's pipelines, both timed twice, and cuBLAS where the ring was not
 #              timed before its choice: 1b gate_up forward and down dx at G = 16, and forward
 #              and dx products at G = 1, 4, 8                                   (~9 min)
+#   ring_cluster the ring of stages in 2-CTA clusters (the shared operand tile multicast; first
+#              compiled on a GPU with this stage): its GPU tests under a timeout, then (if they
+#              passed) "auto" against it on default tiles and on 192 x 192 tiles (along n;
+#              a shape with an odd number of column tiles is refused and reported) and cuBLAS,
+#              forward products at G = 16                                        (~8 min)
 #   run: bash eval/gpu_session.sh tests; bash eval/gpu_session.sh tests_model fused;
 #        bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
@@ -329,6 +334,16 @@ for stage in "${stages[@]}"; do
       ab ring_check_groups 420 --ab default,auto,default#2,auto#2,xla_einsum --ab_groups 1,4,8 \
              --ab_products fwd,dx --ab_profile --ab_reps 3 \
              --ab_shapes 1b:gate_up,3b:qkv,3b:o,3b:down,8b:o,8b:down ;;
+    ring_cluster)
+      timeout 300 python3 -m pytest -o addopts="" -q -p no:cacheprovider \
+        tests/test_grouped_matmul.py -k "gpu_weight_offset and (ring_cluster or ring_wg3_192x192_c)" \
+        2>&1 | quiet > "$OUT/ring_cluster_tests_full.txt"
+      tail -4 "$OUT/ring_cluster_tests_full.txt" | tee "$OUT/ring_cluster_tests.txt"
+      if grep -q "3 passed" "$OUT/ring_cluster_tests.txt"; then
+        ab ring_cluster 270 --ab auto,auto#2,ring_cn,ring_wg3_192x192_cn,xla_einsum \
+               --ab_groups 16 --ab_products fwd --ab_profile --ab_reps 3 \
+               --ab_shapes 1b:qkv,1b:o,3b:qkv,3b:o,8b:qkv,8b:o,8b:gate_up,8b:down
+      else echo "ring_cluster: tests did not pass"; fi ;;
     train_seq_remat) train_bench train_seq_remat 330 --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal
            train_bench train_seq_remat_16k 200 --tokens 16384 --reps 3 --impls auto \
@@ -339,7 +354,8 @@ for stage in "${stages[@]}"; do
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
-            "dw_variants, dw_select, dw_3b, dw_auto, ring, ring2, ring_all, ring_check)"
+            "dw_variants, dw_select, dw_3b, dw_auto, ring, ring2, ring_all, ring_check," \
+            "ring_cluster)"
        exit 2 ;;
   esac
 done

@@ -28,9 +28,14 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
     ``delay_release = 1`` each warpgroup keeps one wgmma group in flight and releases a stage a
     k-step later.
 
+    With ``cluster_dimension`` the CTAs run in clusters of two on neighbouring tiles along it
+    (the work items are the pairs), and the operand tile they share (A along n, B along m) is
+    loaded once by TMA multicast into both CTAs' stage.
+
     Barriers: ``loaded[slot]`` (A and B of a stage; every compute warpgroup waits on every
     stage, so each sees every phase) and ``consumed[slot]``, one arrival per compute warpgroup,
-    waited on by the memory warpgroup.
+    waited on by the memory warpgroup; in a cluster an arrival counts on both CTAs' barrier,
+    since the peer's multicast refills this CTA's stage too.
     """
     num_groups, m, k, n = dims
     num_out_groups = out_gmem.shape[0]
@@ -44,6 +49,14 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
     a_block = (tk, cta_m) if transpose_lhs else (cta_m, tk)
     b_block = (cta_n, tk) if transpose_rhs else (tk, cta_n)
     by_rows = c.wg_dimension == MatmulDimension.M
+    # Work items: one tile per CTA, or one pair of neighbouring tiles per cluster.
+    clustered = c.cluster_dimension is not None
+    cluster_m = 1 + (c.cluster_dimension == MatmulDimension.M)
+    cluster_n = 1 + (c.cluster_dimension == MatmulDimension.N)
+    item_iters = (m_iters // cluster_m, n_iters // cluster_n)
+    items_per_group = item_iters[0] * item_iters[1]
+    a_multicast = ("cluster",) if cluster_n > 1 else None   # A shared along n
+    b_multicast = ("cluster",) if cluster_m > 1 else None
     compute_registers = (_REGISTERS_PER_SM // 128 - _MEMORY_REGISTERS) // wgs // 8 * 8
 
     a_tile = functools.partial(tiles.operand_tile, a_gmem, size=cta_m, tk=tk,
@@ -66,19 +79,36 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
         out_smem=plgpu.SMEM((wgs, c.num_out_slots, c.epi_tile_m, c.epi_tile_n), out_dtype,
                             transforms=tiles.smem_transforms(out_dtype, c.epi_tile_n)),
         loaded=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-        consumed=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+        consumed=(plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=wgs,
+                                       num_barriers=stages)
+                  if clustered else plgpu.Barrier(num_arrivals=wgs, num_barriers=stages)),
         collective_axes="wg",
     )
     def _scope(a_smem, b_smem, out_smem, loaded, consumed):
         wg_idx = lax.axis_index("wg")
         lo, hi, b_offset, out_offset = tiles.active_range(bounds_gmem, num_groups)
         num_active = hi - lo
-        sm, num_sms = lax.axis_index("sm"), lax.axis_size("sm")
-        num_mm = num_active * tiles_per_group
-        my_tiles = tiles.round_robin_count(num_mm, sm, num_sms)   # sm, sm + num_sms, ...
+        if clustered:   # a worker is a cluster; the CTA index for the zero tiles
+            peer = lax.axis_index("cluster")
+            worker, num_workers = lax.axis_index("cluster_grid"), lax.axis_size("cluster_grid")
+            cta, num_ctas = worker * 2 + peer, num_workers * 2
+        else:
+            worker, num_workers = lax.axis_index("sm"), lax.axis_size("sm")
+            cta, num_ctas = worker, num_workers
+        # items worker, worker + num_workers, ...
+        my_tiles = tiles.round_robin_count(num_active * items_per_group, worker, num_workers)
 
         def tile_coords(lin_idx):
             return tiles.tile_coords(lin_idx, tiles_per_group, (m_iters, n_iters), c)
+
+        def my_tile(i):
+            """(group ordinal, m tile, n tile) of this CTA's i-th matmul tile."""
+            g_ord, m_idx, n_idx = tiles.tile_coords(worker + i * num_workers, items_per_group,
+                                                    item_iters, c)
+            if clustered:   # this CTA's tile of the cluster's pair
+                m_idx = m_idx * cluster_m + (peer if cluster_m > 1 else 0)
+                n_idx = n_idx * cluster_n + (peer if cluster_n > 1 else 0)
+            return g_ord, m_idx, n_idx
 
         @pl.when(wg_idx == wgs)
         def _memory_wg():
@@ -86,11 +116,12 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
 
             def load_step(step, slot):
                 i, kk = lax.div(step, k_iters), lax.rem(step, k_iters)
-                g_ord, m_idx, n_idx = tile_coords(sm + i * num_sms)
+                g_ord, m_idx, n_idx = my_tile(i)
                 plgpu.copy_gmem_to_smem(a_tile(lo + g_ord, m_idx, kk), a_smem.at[slot],
-                                        loaded.at[slot])
+                                        loaded.at[slot], collective_axes=a_multicast)
                 plgpu.copy_gmem_to_smem(b_tile(lo + g_ord + b_offset, n_idx, kk),
-                                        b_smem.at[slot], loaded.at[slot])
+                                        b_smem.at[slot], loaded.at[slot],
+                                        collective_axes=b_multicast)
 
             tiles.fill_ring(my_tiles * k_iters, stages, consumed, load_step)
 
@@ -102,7 +133,7 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
 
             @pl.loop(0, my_tiles)
             def _tile(i):
-                g_ord, m_idx, n_idx = tile_coords(sm + i * num_sms)
+                g_ord, m_idx, n_idx = my_tile(i)
 
                 def operands(slot):
                     if transpose_lhs:
@@ -134,8 +165,9 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
                                                 out_epi(g, m_idx, n_idx, wg_idx, epi_mi, epi_ni))
 
             tiles.store_zero_tiles(
-                out_smem.at[wg_idx], jnp.zeros((c.epi_tile_m, c.epi_tile_n), out_dtype), sm,
-                num_sms, num_mm, (num_out_groups - num_active) * tiles_per_group,
-                lo + out_offset, num_active, tile_coords, store)
+                out_smem.at[wg_idx], jnp.zeros((c.epi_tile_m, c.epi_tile_n), out_dtype), cta,
+                num_ctas, num_active * tiles_per_group,
+                (num_out_groups - num_active) * tiles_per_group, lo + out_offset, num_active,
+                tile_coords, store)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)

@@ -264,8 +264,8 @@ def test_cooperative_choice_is_the_ring_of_stages():
     which the default's 4 stages on JAX's pipelines do not chain) it was 0.5-6 % faster than
     the H200's best configs on JAX's pipelines; on the forward products of the 3b / 8b default
     tiles faster in 11 of 12 comparisons, level on dx and the 1b 192 x 192 tiles. The 192 x
-    128 tiles (few-tile products), ping-pong, the 2-CTA clusters (which the ring does not
-    serve) and the narrow tiles stay on JAX's pipelines."""
+    128 tiles (few-tile products), ping-pong, the 2-CTA clusters (whose ring is not timed yet)
+    and the narrow tiles stay on JAX's pipelines."""
     pick = lambda *dims, tl=False, tr=False: mgpu_kernel.select_config(
         *dims, transpose_lhs=tl, transpose_rhs=tr, num_sms=132)
     ring, wide_ring = mgpu_kernel.RING_CONFIG, mgpu_kernel.RING_WIDE_THREE_WG_CONFIG
@@ -298,9 +298,11 @@ def test_cooperative_choice_is_the_ring_of_stages():
         (16, 1152, 2048), (16, 1152, 3072), jnp.bfloat16, jnp.bfloat16, transpose_lhs=True,
         config=c)
     assert why(ring) is None
-    for bad in (dict(delay_release=2), dict(pingpong=True),
-                dict(cluster_dimension=mgpu_kernel.MatmulDimension.N)):
+    for bad in (dict(delay_release=2), dict(pingpong=True)):
         assert why(dataclasses.replace(ring, max_concurrent_steps=4, **bad)) is not None, bad
+    # it serves 2-CTA clusters (test_two_cta_clusters_with_multicast), not yet chosen: the
+    # clustered 192 x 192 tiles stay on JAX's pipelines until an H200 A/B times the ring's
+    assert why(dataclasses.replace(ring, cluster_dimension=mgpu_kernel.MatmulDimension.N)) is None
     # and its ring computes the dw product (interpret mode, against float64: 18 k-steps on 4
     # stages, 4 groups of 4 x 4 tiles on 4 simulated SMs, so the ring wraps across tiles)
     rng, info = fresh_rng()
@@ -459,21 +461,27 @@ def test_warpgroups_split_rows_with_ragged_n(wgs, ring):
     _check_window_gradients(cfg, rng, info, (3, 4, 200, 320, 192), [(0, 3, 1)], max_offset=1)
 
 
+@pytest.mark.parametrize("ring", [False, True], ids=["pipelines", "ring"])
 @pytest.mark.parametrize("wgs", [2, 3])
 @pytest.mark.parametrize("dim", ["N", "M"])
-def test_two_cta_clusters_with_multicast(dim, wgs):
+def test_two_cta_clusters_with_multicast(dim, wgs, ring):
     """Clusters of 2 CTAs on neighbouring tiles sharing one operand tile by TMA multicast:
     along n (A shared; 4 column tiles) and along m (B shared; 4 row tiles of 64, or 2 of 192
-    with three compute warpgroups, the last ragged)."""
+    with three compute warpgroups, the last ragged); on JAX's pipelines and on the ring of
+    stages (4 k-steps per tile on 2 or 3 stages, one wgmma group in flight: the ring wraps
+    across the pairs of tiles)."""
     rng, info = fresh_rng()
     dimension = mgpu_kernel.MatmulDimension[dim]
+    on_ring = dict(ring=True, delay_release=1, max_concurrent_steps=3) if ring else {}
     if wgs == 2:
         g, m, k, n = (3, 136, 256, 512) if dim == "N" else (3, 232, 256, 256)
-        config = dataclasses.replace(ops.INTERPRET_CONFIG, cluster_dimension=dimension)
+        config = dataclasses.replace(ops.INTERPRET_CONFIG, cluster_dimension=dimension,
+                                     **on_ring)
     else:   # 192 x 128 CTA tiles of three 64 x 128 warpgroups, 2 stages (float32 shared memory)
         g, m, k, n = (3, 136, 256, 512) if dim == "N" else (3, 376, 256, 256)
         config = dataclasses.replace(mgpu_kernel.THREE_WG_CONFIG, epi_slots=1,
-                                     max_concurrent_steps=2, cluster_dimension=dimension)
+                                     cluster_dimension=dimension,
+                                     **{**on_ring, "max_concurrent_steps": 2})
     x, w = _operands(rng, g, m, k, n, jnp.float32)
     for lo, hi in [(0, g), (1, 2), _random_range(rng, g)]:
         y = kernels.grouped_matmul(x, w, (lo, hi), impl="interpret", config=config)
@@ -485,6 +493,22 @@ def test_two_cta_clusters_with_multicast(dim, wgs):
         one_row_tile = 64 if wgs == 2 else 136
         kernels.grouped_matmul(x[:, :one_row_tile] if dim == "M" else x, w[..., :384],
                                impl="interpret", config=config)
+
+
+@pytest.mark.parametrize("dim", ["N", "M"])
+def test_ring_clusters_run_a_training_steps_products(dim):
+    """The ring of stages in 2-CTA clusters runs the forward, dx (w read transposed) and dw (x
+    read transposed, landing at the weight offset) against float64, idle groups zero: 4 row
+    and 4 column tiles of 64 x 128 in the forward (even along either cluster dimension in all
+    three products), 4 k-steps on 3 stages, one wgmma group in flight. (Interpret mode runs a
+    multicast copy as a plain copy on each CTA: this checks the pairing of the tiles, the
+    ring's indexing and the zero tiles; the multicast itself is the GPU tests' job.)"""
+    rng, info = fresh_rng()
+    cfg = dataclasses.replace(ops.INTERPRET_CONFIG, ring=True, delay_release=1,
+                              max_concurrent_steps=3,
+                              cluster_dimension=mgpu_kernel.MatmulDimension[dim])
+    _check_window_gradients(cfg, rng, f"{info} {dim}", (3, 4, 256, 256, 512), [(0, 3, 1)],
+                            max_offset=1)
 
 
 def _assert_one_compilation(x, w, impl, tol, info):
@@ -687,6 +711,13 @@ GPU_CONFIGS = {
     "ring": mgpu_kernel.RING_CONFIG,
     "ring_delay0": dataclasses.replace(mgpu_kernel.RING_CONFIG, delay_release=0),
     "ring_wg3_192x192": mgpu_kernel.RING_WIDE_THREE_WG_CONFIG,
+    # ... in 2-CTA clusters (the shared operand tile multicast): default tiles along n, 192 x
+    # 192 tiles along n and m
+    "ring_cluster_n": dataclasses.replace(mgpu_kernel.RING_CONFIG,
+                                          cluster_dimension=mgpu_kernel.MatmulDimension.N),
+    **{f"ring_wg3_192x192_c{d.lower()}": dataclasses.replace(
+        mgpu_kernel.RING_WIDE_THREE_WG_CONFIG, cluster_dimension=mgpu_kernel.MatmulDimension[d])
+       for d in "NM"},
     "pingpong": mgpu_kernel.PINGPONG_CONFIG,   # one wgmma in flight
     "pingpong_delay0": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, delay_release=0),
     # three compute warpgroups (192-row CTA tiles); ragged n at the 1b shapes' n = 2048
