@@ -281,6 +281,8 @@ SWEEP = {  # named configs for --sweep (the default is select_config's choice)
     "ring": mgpu_kernel.RING_CONFIG,
     "ring_d0": dataclasses.replace(mgpu_kernel.RING_CONFIG, delay_release=0),
     "ring_wg3_192x192": mgpu_kernel.RING_WIDE_THREE_WG_CONFIG,
+    "ring_wg3_192x128": dataclasses.replace(mgpu_kernel.THREE_WG_CONFIG, ring=True,
+                                            delay_release=1),
     # ... in 2-CTA clusters along n (the A tile multicast) or m (the B tile)
     **{f"ring_c{d.name.lower()}": dataclasses.replace(mgpu_kernel.RING_CONFIG,
                                                       cluster_dimension=d) for d in M_},
@@ -372,14 +374,18 @@ def markdown_sweep(rows):
     return "\n".join(lines)
 
 
-# --ab names for the fused gate/up + SwiGLU product (kernels.grouped_matmul_swiglu) and its
-# unfused composition (the kernel's gate_up matmul, then XLA's activation pass): gate_up shapes.
-SWIGLU_VARIANTS = {"swiglu": "fused", "swiglu_unfused": "unfused"}
+# --ab names for the fused gate/up + SwiGLU product (kernels.grouped_matmul_swiglu; its default
+# config, or on the ring of stages with one wgmma group in flight) and its unfused composition
+# (the kernel's gate_up matmul, then XLA's activation pass): gate_up shapes.
+SWIGLU_VARIANTS = {"swiglu": "fused", "swiglu_ring": "fused", "swiglu_unfused": "unfused"}
+SWIGLU_CONFIGS = {"swiglu_ring": dataclasses.replace(mgpu_kernel.SWIGLU_CONFIG, ring=True,
+                                                     delay_release=1)}
 
 
 @functools.cache
-def _make_swiglu_fn(impl):
-    return jax.jit(lambda a, b, lo, hi: kernels.grouped_matmul_swiglu(a, b, (lo, hi), impl=impl))
+def _make_swiglu_fn(impl, config=None):
+    return jax.jit(lambda a, b, lo, hi: kernels.grouped_matmul_swiglu(a, b, (lo, hi), impl=impl,
+                                                                      config=config))
 
 
 @functools.cache
@@ -450,12 +456,13 @@ def ab_compare(shapes, cfg_names, active, reps, dense_tflops, key, rows, failure
                 if active == g:
                     fns[cfg_name] = _make_fn("xla_einsum", None, transpose)
                 continue
-            swiglu = cfg_name in SWIGLU_VARIANTS   # gate/up + activation (output n/2 wide)
+            variant = cfg_name.split("#")[0]
+            swiglu = variant in SWIGLU_VARIANTS   # gate/up + activation (output n/2 wide)
             if swiglu and transpose is not None:
                 continue
             if swiglu:
-                fn = (_make_swiglu_fn if SWIGLU_VARIANTS[cfg_name] == "fused"
-                      else _make_unfused_swiglu_fn)(impl)
+                fn = (_make_swiglu_fn(impl, SWIGLU_CONFIGS.get(variant))
+                      if SWIGLU_VARIANTS[variant] == "fused" else _make_unfused_swiglu_fn(impl))
             else:
                 fn = _make_fn(impl, configs[cfg_name], transpose)
             if swiglu not in want:
@@ -483,10 +490,12 @@ def ab_compare(shapes, cfg_names, active, reps, dense_tflops, key, rows, failure
                 top = sorted(kernels_s.items(), key=lambda kv: -kv[1])[:3]
                 note += (f" | device {busy * 1e6:.0f} us/call = {flops / busy / 1e12:.0f} TF/s: "
                          + "; ".join(f"{nm[:90]} {t * 1e6:.0f} us" for nm, t in top))
-            kind = impl if (c in configs or c in SWIGLU_VARIANTS) else "xla"
+            variant = c.split("#")[0]
+            kind = impl if (c in configs or variant in SWIGLU_VARIANTS) else "xla"
             rows.append(Row(model, name, m, k, n, g, active, kind,
                             sec, flops / sec / 1e12, flops / sec / 1e12 / dense_tflops,
-                            config=str(configs[c]) if c in configs else "", note=note,
+                            config=str(configs.get(c) or SWIGLU_CONFIGS.get(variant) or ""),
+                            note=note,
                             tflops_range=[min(tfs), max(tfs)]))
             print(f"  ab {model} {name:8s} {m}x{k}x{n} G={g:2d} act={active:2d} {c:22s}"
                   f" {flops / sec / 1e12:6.1f} TF/s ({min(tfs):.0f}-{max(tfs):.0f}) {note[3:]}",
@@ -549,7 +558,8 @@ def main(argv=None):
     p.add_argument("--sweep_actives", default="4", help="active groups of 16 for --sweep")
     p.add_argument("--ab", default=None,
                    help="comma-separated SWEEP config names for an interleaved A/B (with XLA);"
-                        " also auto (select_config's), xla_einsum, swiglu / swiglu_unfused for"
+                        " also auto (select_config's), xla_einsum, swiglu / swiglu_ring /"
+                        " swiglu_unfused for"
                         " gate_up shapes; NAME#2 times config NAME a second time, apart (the"
                         " run's noise between identical configs)")
     p.add_argument("--ab_shapes", default="1b:qkv,1b:o,1b:gate_up,1b:down",

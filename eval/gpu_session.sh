@@ -113,6 +113,13 @@
 #              passed) "auto" against it on default tiles and on 192 x 192 tiles (along n;
 #              a shape with an odd number of column tiles is refused and reported) and cuBLAS,
 #              forward products at G = 16                                        (~8 min)
+#   ring_wg3   the 192 x 128 tiles of three warpgroups (select_config's choice for few-tile
+#              products: 1b o / down forward, gate_up / down dx, qkv dw and 3b o dw at G = 1) on
+#              the ring of stages against "auto" (JAX's pipelines) and cuBLAS, every 1b product
+#              at G = 1 and 3b o dw                                              (~3 min)
+#   ring_swiglu the fused gate/up + SwiGLU on the ring of stages (first compiled on a GPU with
+#              this stage): its GPU test, then a profiled A/B against the fused kernel on JAX's
+#              pipelines, both timed twice, gate/up shapes at G = 1 and 16        (~4 min)
 #   run: bash eval/gpu_session.sh tests; bash eval/gpu_session.sh tests_model fused;
 #        bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
@@ -344,6 +351,20 @@ for stage in "${stages[@]}"; do
                --ab_groups 16 --ab_products fwd --ab_profile --ab_reps 3 \
                --ab_shapes 1b:qkv,1b:o,3b:qkv,3b:o,8b:qkv,8b:o,8b:gate_up,8b:down
       else echo "ring_cluster: tests did not pass"; fi ;;
+    ring_wg3)
+      ab ring_wg3_1b 150 --ab auto,auto#2,ring_wg3_192x128,ring_wg3_192x128#2,xla_einsum \
+             --ab_groups 1 --ab_products fwd,dx,dw --ab_profile --ab_reps 3 \
+             --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down
+      ab ring_wg3_3b 60 --ab auto,auto#2,ring_wg3_192x128,ring_wg3_192x128#2,xla_einsum \
+             --ab_groups 1 --ab_products dw --ab_profile --ab_reps 3 --ab_shapes 3b:o ;;
+    ring_swiglu)
+      timeout 200 python3 -m pytest -o addopts="" -q -p no:cacheprovider tests/test_swiglu.py \
+        -k "gpu_swiglu_compiled" 2>&1 | quiet > "$OUT/ring_swiglu_tests_full.txt"
+      tail -4 "$OUT/ring_swiglu_tests_full.txt" | tee "$OUT/ring_swiglu_tests.txt"
+      if grep -q "2 passed" "$OUT/ring_swiglu_tests.txt"; then
+        ab ring_swiglu 200 --ab swiglu,swiglu_ring,swiglu#2,swiglu_ring#2 --ab_groups 1,16 \
+               --ab_profile --ab_reps 3 --ab_shapes 1b:gate_up,3b:gate_up,8b:gate_up
+      else echo "ring_swiglu: tests did not pass"; fi ;;
     train_seq_remat) train_bench train_seq_remat 330 --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal
            train_bench train_seq_remat_16k 200 --tokens 16384 --reps 3 --impls auto \
@@ -355,7 +376,7 @@ for stage in "${stages[@]}"; do
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
             "dw_variants, dw_select, dw_3b, dw_auto, ring, ring2, ring_all, ring_check," \
-            "ring_cluster)"
+            "ring_cluster, ring_wg3, ring_swiglu)"
        exit 2 ;;
   esac
 done

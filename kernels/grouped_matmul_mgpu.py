@@ -391,12 +391,12 @@ def grouped_matmul_mgpu(
     else:
         grid = dict(grid=(num_sms // 2,), grid_names=("cluster_grid",), cluster=(2,),
                     cluster_names=("cluster",))
-    if config.pingpong or config.ring:
-        body = functools.partial(pingpong_kernel if config.pingpong else ring_kernel,
-                                 config=config, dims=dims, transpose_lhs=transpose_lhs,
-                                 transpose_rhs=transpose_rhs)
+    if config.pingpong:
+        body = functools.partial(pingpong_kernel, config=config, dims=dims,
+                                 transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs)
     else:
-        body = functools.partial(_kernel, config=config, dims=dims, transpose_lhs=transpose_lhs,
+        body = functools.partial(ring_kernel if config.ring else _kernel, config=config,
+                                 dims=dims, transpose_lhs=transpose_lhs,
                                  transpose_rhs=transpose_rhs, swiglu=swiglu)
     f = plgpu.kernel(
         body,

@@ -112,19 +112,19 @@ def fill_ring(total, stages: int, consumed, load_step):
         plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
 
 
-def consume_ring(acc_ref, first_step, k_iters: int, stages: int, delay: int, loaded, consumed,
-                 operands):
+def consume_ring(mma, first_step, k_iters: int, stages: int, delay: int, loaded, consumed):
     """A compute warpgroup's main loop over one tile: ring steps first_step ... + k_iters - 1,
-    each awaited on ``loaded(slot)``, multiplied into acc_ref (``operands(slot)`` gives the
-    wgmma's A and B views of the stage) and released on ``consumed[slot]``; with delay = 1 one
-    wgmma group stays in flight and a stage is released a k-step later."""
+    each awaited on ``loaded(slot)``, multiplied by ``mma(slot)`` (which issues the step's
+    wgmma groups on the stage) and released on ``consumed[slot]``; with delay = 1 one wgmma
+    group stays in flight and a stage is released a k-step later (so with two groups per step,
+    the fused SwiGLU's gate and up, the previous step's are done by then)."""
 
     @pl.loop(0, k_iters)
     def _k_step(kk):
         step = first_step + kk
         slot = lax.rem(step, stages)
         plgpu.barrier_wait(loaded(slot))
-        plgpu.wgmma(acc_ref, *operands(slot))
+        mma(slot)
         plgpu.wgmma_wait(delay)
         if not delay:
             plgpu.barrier_arrive(consumed.at[slot])

@@ -115,9 +115,9 @@ def pingpong_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConf
                             b_op.transpose((1, 0)) if transpose_rhs else b_op)
 
                 def main_loop(acc_ref):
-                    tiles.consume_ring(acc_ref, i * k_iters, k_iters, stages, delay,
-                                       lambda slot: loaded.at[wg_idx * stages + slot], consumed,
-                                       operands)
+                    tiles.consume_ring(lambda slot: plgpu.wgmma(acc_ref, *operands(slot)),
+                                       i * k_iters, k_iters, stages, delay,
+                                       lambda slot: loaded.at[wg_idx * stages + slot], consumed)
                     return acc_ref[...]
 
                 acc = pl.run_scoped(main_loop, plgpu.ACC((tm, tn), jnp.float32))

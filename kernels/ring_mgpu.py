@@ -18,7 +18,7 @@ _MEMORY_REGISTERS = 40
 
 
 def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, dims,
-                transpose_lhs: bool, transpose_rhs: bool):
+                transpose_lhs: bool, transpose_rhs: bool, swiglu: bool = False):
     """The cooperative schedule (the compute warpgroups share each CTA tile, as in
     grouped_matmul_mgpu._kernel) with its pipeline written out: the memory warpgroup fills one
     ring of stages with the k-steps of all the CTA's tiles in order, so the next tile's loads
@@ -27,6 +27,11 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
     of the stages and no delayed release; the dw products' 18 / 34 / 66 k-steps are not. With
     ``delay_release = 1`` each warpgroup keeps one wgmma group in flight and releases a stage a
     k-step later.
+
+    With ``swiglu`` (no transposes) B holds [gate | up] columns: each stage holds the gate and
+    the up tile of the output columns, each compute warpgroup keeps a gate and an up
+    accumulator, and the epilogue stores ``silu(gate) * up`` (as the other kernel's fused
+    SwiGLU).
 
     With ``cluster_dimension`` the CTAs run in clusters of two on neighbouring tiles along it
     (the work items are the pairs), and the operand tile they share (A along n, B along m) is
@@ -46,6 +51,7 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
     cta_m, cta_n = c.cta_tile_m, c.cta_tile_n
     m_iters, n_iters, k_iters = pl.cdiv(m, cta_m), pl.cdiv(n, cta_n), pl.cdiv(k, tk)
     tiles_per_group = m_iters * n_iters
+    num_b = 2 if swiglu else 1   # B tiles per stage: (w,) or (gate, up)
     a_block = (tk, cta_m) if transpose_lhs else (cta_m, tk)
     b_block = (cta_n, tk) if transpose_rhs else (tk, cta_n)
     by_rows = c.wg_dimension == MatmulDimension.M
@@ -74,11 +80,11 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
         pl.run_scoped,
         a_smem=plgpu.SMEM((stages, *a_block), dtype,
                           transforms=tiles.smem_transforms(dtype, a_block[1])),
-        b_smem=plgpu.SMEM((stages, *b_block), dtype,
+        b_smem=plgpu.SMEM((stages * num_b, *b_block), dtype,
                           transforms=tiles.smem_transforms(dtype, b_block[1])),
         out_smem=plgpu.SMEM((wgs, c.num_out_slots, c.epi_tile_m, c.epi_tile_n), out_dtype,
                             transforms=tiles.smem_transforms(out_dtype, c.epi_tile_n)),
-        loaded=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        loaded=plgpu.Barrier(num_arrivals=1 + num_b, num_barriers=stages),
         consumed=(plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=wgs,
                                        num_barriers=stages)
                   if clustered else plgpu.Barrier(num_arrivals=wgs, num_barriers=stages)),
@@ -119,9 +125,10 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
                 g_ord, m_idx, n_idx = my_tile(i)
                 plgpu.copy_gmem_to_smem(a_tile(lo + g_ord, m_idx, kk), a_smem.at[slot],
                                         loaded.at[slot], collective_axes=a_multicast)
-                plgpu.copy_gmem_to_smem(b_tile(lo + g_ord + b_offset, n_idx, kk),
-                                        b_smem.at[slot], loaded.at[slot],
-                                        collective_axes=b_multicast)
+                for j in range(num_b):   # the up columns start at n: n_iters tiles on
+                    plgpu.copy_gmem_to_smem(b_tile(lo + g_ord + b_offset, n_idx + j * n_iters, kk),
+                                            b_smem.at[slot * num_b + j], loaded.at[slot],
+                                            collective_axes=b_multicast)
 
             tiles.fill_ring(my_tiles * k_iters, stages, consumed, load_step)
 
@@ -135,26 +142,33 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
             def _tile(i):
                 g_ord, m_idx, n_idx = my_tile(i)
 
-                def operands(slot):
+                def mma(accs, slot):
                     if transpose_lhs:
                         a_op = a_smem.at[slot].at[:, wg_rows].transpose((1, 0))
                     else:
                         a_op = a_smem.at[slot].at[wg_rows]
-                    if transpose_rhs:
-                        b_op = b_smem.at[slot].at[wg_cols, :].transpose((1, 0))
-                    else:
-                        b_op = b_smem.at[slot].at[:, wg_cols]
-                    return a_op, b_op
+                    for j, acc_ref in enumerate(accs):
+                        b_op = b_smem.at[slot * num_b + j]
+                        if transpose_rhs:
+                            b_op = b_op.at[wg_cols, :].transpose((1, 0))
+                        else:
+                            b_op = b_op.at[:, wg_cols]
+                        plgpu.wgmma(acc_ref, a_op, b_op)
 
-                def main_loop(acc_ref):
-                    tiles.consume_ring(acc_ref, i * k_iters, k_iters, stages, delay,
-                                       lambda slot: loaded.at[slot], consumed, operands)
-                    return acc_ref[...]
+                def main_loop(*accs):
+                    tiles.consume_ring(functools.partial(mma, accs), i * k_iters, k_iters,
+                                       stages, delay, lambda slot: loaded.at[slot], consumed)
+                    return [acc_ref[...] for acc_ref in accs]
 
-                acc = pl.run_scoped(main_loop, plgpu.ACC((tm, tn), jnp.float32))
+                accs = pl.run_scoped(main_loop, *[plgpu.ACC((tm, tn), jnp.float32)] * num_b)
+                if swiglu:
+                    gate, up = accs
+                    out = gate / (1.0 + jnp.exp(-gate)) * up   # silu(gate) * up
+                else:
+                    (out,) = accs
                 g_out = lo + g_ord + out_offset
                 dst = lambda mi, ni: out_epi(g_out, m_idx, n_idx, wg_idx, mi, ni)
-                tiles.store_tile(acc.astype(out_dtype), out_smem.at[wg_idx], c, dst)
+                tiles.store_tile(out.astype(out_dtype), out_smem.at[wg_idx], c, dst)
 
             # Zero tiles of the idle output groups, continuing the round-robin of the matmul
             # tiles; each warpgroup stores its part of each.

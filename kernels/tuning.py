@@ -371,8 +371,9 @@ def unsupported_reason(
     _, m, k, n = problem_dims(a_shape, b_shape, transpose_lhs, transpose_rhs, swiglu)
     c = config
     if swiglu and (transpose_lhs or transpose_rhs or c.cluster_dimension is not None
-                   or c.delay_release):
-        return "fused SwiGLU: no transposed operands, clusters or delayed release"
+                   or (c.delay_release and not c.ring)):
+        return ("fused SwiGLU: no transposed operands or clusters; a delayed release only on"
+                " the ring of stages")
     # Minor (contiguous) dims are tiled by the 128-byte swizzle (64 elements),
     # major dims by 8 rows; TMA handles the ragged remainder of major dims.
     minor_a, major_a = (m, k) if transpose_lhs else (k, m)
@@ -397,8 +398,8 @@ def unsupported_reason(
         return f"delay_release={c.delay_release} not in [0, {c.max_concurrent_steps})"
     if c.pingpong and (swiglu or c.delay_release > 1 or c.cluster_dimension is not None):
         return "ping-pong: delay_release 0 or 1; no fused SwiGLU or clusters"
-    if c.ring and (c.pingpong or swiglu or c.delay_release > 1):
-        return "ring of stages: cooperative only, delay_release 0 or 1; no fused SwiGLU"
+    if c.ring and (c.pingpong or c.delay_release > 1):
+        return "ring of stages: cooperative only, delay_release 0 or 1"
     if c.smem_bytes(dtype.itemsize, out_dtype.itemsize, 1 + swiglu) > _SMEM_BYTES:
         return "config exceeds shared memory"
     if c.cluster_dimension == MatmulDimension.N and pl.cdiv(n, c.cta_tile_n) % 2:

@@ -210,17 +210,20 @@ def test_grouped_matmul_ab_compare_on_cpu():
                "too_wide": grouped_matmul_mgpu.TuningConfig(tile_n=256)}  # 512 > n = 256
     rows, failures = [], []
     gmm.ab_compare([("smoke", "a", 72, 128, 256)],
-                   ["interp", "too_wide", "xla_einsum", "swiglu", "swiglu_unfused"], 4, 2,
-                   1.0, jax.random.key(0), rows, failures, g=4, configs=configs, impl="interpret")
+                   ["interp", "too_wide", "xla_einsum", "swiglu", "swiglu#2", "swiglu_unfused"],
+                   4, 2, 1.0, jax.random.key(0), rows, failures, g=4, configs=configs,
+                   impl="interpret")
     by_config = {r.note[3:]: r for r in rows}
-    assert set(by_config) == {"xla", "interp", "xla_einsum", "swiglu", "swiglu_unfused"}
+    assert set(by_config) == {"xla", "interp", "xla_einsum", "swiglu", "swiglu#2",
+                              "swiglu_unfused"}
+    assert by_config["swiglu#2"].impl == "interpret"
     assert by_config["interp"].impl == "interpret" and by_config["xla_einsum"].impl == "xla"
     assert all(r.seconds > 0 and r.tflops_range[0] <= r.tflops <= r.tflops_range[1]
                for r in rows)
     assert len(failures) == 1 and "too_wide" in failures[0]
     table = gmm.markdown_ab(rows)
     assert "| smoke | a 72x128x256 | 4 of 4 | interp |" in table
-    assert table.count("\n") == 6   # header, rule, five rows
+    assert table.count("\n") == 7   # header, rule, six rows
     # the backward products (transposed operand views): checked against the XLA path too
     rows, failures = [], []
     gmm.ab_compare([("smoke", "a", 72, 128, 256)],

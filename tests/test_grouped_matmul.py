@@ -711,6 +711,8 @@ GPU_CONFIGS = {
     "ring": mgpu_kernel.RING_CONFIG,
     "ring_delay0": dataclasses.replace(mgpu_kernel.RING_CONFIG, delay_release=0),
     "ring_wg3_192x192": mgpu_kernel.RING_WIDE_THREE_WG_CONFIG,
+    "ring_wg3_192x128": dataclasses.replace(mgpu_kernel.THREE_WG_CONFIG, ring=True,
+                                            delay_release=1),
     # ... in 2-CTA clusters (the shared operand tile multicast): default tiles along n, 192 x
     # 192 tiles along n and m
     "ring_cluster_n": dataclasses.replace(mgpu_kernel.RING_CONFIG,
@@ -725,19 +727,27 @@ GPU_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", [*GPU_CONFIGS, "swiglu"])
+SWIGLU_GPU_CONFIGS = {
+    "swiglu": mgpu_kernel.SWIGLU_CONFIG,
+    "swiglu_ring": dataclasses.replace(mgpu_kernel.SWIGLU_CONFIG, ring=True, delay_release=1),
+}
+
+
+@pytest.mark.parametrize("name", [*GPU_CONFIGS, *SWIGLU_GPU_CONFIGS])
 def test_every_config_lowers_for_the_gpu(name):
     """Every GPU tile schedule lowers to Mosaic GPU for CUDA, on any machine (cross-platform
     lowering): the forward and both backward products (transposed operand views) at the 1b qkv
-    shape, bf16, 132 SMs, and the fused SwiGLU. Lowering errors of a new schedule show up here
-    in CPU CI, before any GPU time; compiling to PTX and running stay the GPU tests' job."""
+    shape, bf16, 132 SMs, and the fused SwiGLU (on JAX's pipelines and on the ring of stages).
+    Lowering errors of a new schedule show up here in CPU CI, before any GPU time; compiling to
+    PTX and running stay the GPU tests' job."""
     S = jax.ShapeDtypeStruct
     g, m, k, n = 4, 1152, 2048, 3072
     bounds = S((4,), jnp.int32)
-    if name == "swiglu":
-        cfg, cases = mgpu_kernel.SWIGLU_CONFIG, {"fwd": (S((g, m, k), jnp.bfloat16),
-                                                         S((g, k, 2 * n), jnp.bfloat16), False,
-                                                         False)}
+    swiglu = name in SWIGLU_GPU_CONFIGS
+    if swiglu:
+        cfg, cases = SWIGLU_GPU_CONFIGS[name], {"fwd": (S((g, m, k), jnp.bfloat16),
+                                                        S((g, k, 2 * n), jnp.bfloat16), False,
+                                                        False)}
     else:
         cfg = GPU_CONFIGS[name]
         cases = {"fwd": (S((g, m, k), jnp.bfloat16), S((g, k, n), jnp.bfloat16), False, False),
@@ -746,11 +756,11 @@ def test_every_config_lowers_for_the_gpu(name):
     lowered = 0
     for case, (a, b, tl, tr) in cases.items():
         if mgpu_kernel.unsupported_reason(a.shape, b.shape, a.dtype, a.dtype, transpose_lhs=tl,
-                                          transpose_rhs=tr, config=cfg, swiglu=name == "swiglu"):
+                                          transpose_rhs=tr, config=cfg, swiglu=swiglu):
             continue   # e.g. the 192-column tiles and dx's n = 2048
         f = jax.jit(lambda a, b, bd, tl=tl, tr=tr: mgpu_kernel.grouped_matmul_mgpu(
             a, b, bd, transpose_lhs=tl, transpose_rhs=tr, config=cfg, num_sms=132,
-            swiglu=name == "swiglu"))
+            swiglu=swiglu))
         text = f.trace(a, b, bounds).lower(lowering_platforms=("cuda",)).as_text()
         assert "mosaic_gpu" in text, f"{name} {case}: no Mosaic GPU kernel in the lowering"
         lowered += 1

@@ -9,6 +9,8 @@ GPU.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,7 @@ import pytest
 from conftest import all_eqns, assert_batch_invariant, fresh_rng, rel_err_finite
 
 import kernels
+from kernels import grouped_matmul_mgpu as mgpu_kernel
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
@@ -43,29 +46,36 @@ def _operands(rng, g, gw, m, k, F, dtype):
     return x, w
 
 
-def _loss_and_grads(impl):
+def _loss_and_grads(impl, config=None):
     def loss(x, w, lo, hi, off, cot):
-        h = kernels.grouped_matmul_swiglu(x, w, (lo, hi), weight_offset=off, impl=impl)
+        h = kernels.grouped_matmul_swiglu(x, w, (lo, hi), weight_offset=off, impl=impl,
+                                          config=config)
         return jnp.sum(h.astype(jnp.float32) * cot), h
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
 
-def _check(impl, dtype, g, gw, m, k, F, ranges, rng, info):
+def _check(impl, dtype, g, gw, m, k, F, ranges, rng, info, config=None):
+    """The forward (the fused kernel on impl "interpret" / "pallas") and, differentiated (whose
+    forward runs unfused), the value and both gradients against the float64 oracle."""
     x, w = _operands(rng, g, gw, m, k, F, dtype)
     cot = rng.standard_normal((g, m, F))
-    fn = _loss_and_grads(impl)
+    fn = _loss_and_grads(impl, config)
+    forward = jax.jit(lambda x, w, lo, hi, off: kernels.grouped_matmul_swiglu(
+        x, w, (lo, hi), weight_offset=off, impl=impl, config=config))
     for lo, hi, off in ranges:
         tag = f"{info} impl={impl} {jnp.dtype(dtype).name} lo={lo} hi={hi} off={off}"
         (_, h), (dx, dw) = fn(x, w, jnp.int32(lo), jnp.int32(hi), jnp.int32(off),
                               jnp.asarray(cot, jnp.float32))
         h_want, dx_want, dw_want = _oracle(x, w, lo, hi, off, cot)
-        assert h.shape == (g, m, F) and h.dtype == dtype, tag
-        assert rel_err_finite(h, h_want) <= TOL[dtype], tag
+        h_fused = forward(x, w, jnp.int32(lo), jnp.int32(hi), jnp.int32(off))
+        for got, what in ((h, "differentiated"), (h_fused, "forward")):
+            assert got.shape == (g, m, F) and got.dtype == dtype, f"{what} {tag}"
+            assert rel_err_finite(got, h_want) <= TOL[dtype], f"{what} {tag}"
+            idle = [i for i in range(g) if not lo <= i < hi]
+            assert np.all(np.asarray(got, np.float32)[idle] == 0), f"{what} idle not zero {tag}"
         if hi > lo:
             assert rel_err_finite(dx, dx_want) <= TOL[dtype], f"dx {tag}"
             assert rel_err_finite(dw, dw_want) <= TOL[dtype], f"dw {tag}"
-        idle = [i for i in range(g) if not lo <= i < hi]
-        assert np.all(np.asarray(h, np.float32)[idle] == 0), f"idle output not zero {tag}"
         assert np.all(np.asarray(dx, np.float32)[idle] == 0), f"idle dx not zero {tag}"
         unused = [i for i in range(gw) if not lo + off <= i < hi + off]
         assert np.all(np.asarray(dw, np.float32)[unused] == 0), f"unused dw not zero {tag}"
@@ -156,12 +166,16 @@ def test_swiglu_errors_name_the_shapes():
 
 @pytest.mark.skipif(jax.devices()[0].platform != "gpu" or not kernels.on_hopper(),
                     reason="needs a Hopper GPU")
-def test_gpu_swiglu_compiled():
-    """The compiled fused kernel (default SWIGLU_CONFIG), bf16, a 1b-like row count (1152),
-    a window of 4 groups over 8 stacked weights, several ranges."""
+@pytest.mark.parametrize("ring", [False, True], ids=["pipelines", "ring"])
+def test_gpu_swiglu_compiled(ring):
+    """The compiled fused kernel (SWIGLU_CONFIG, and on the ring of stages with one wgmma group
+    in flight), bf16, a 1b-like row count (1152), a window of 4 groups over 8 stacked weights,
+    several ranges."""
     rng, info = fresh_rng()
+    config = (dataclasses.replace(mgpu_kernel.SWIGLU_CONFIG, ring=True, delay_release=1)
+              if ring else None)
     _check("pallas", jnp.bfloat16, 4, 8, 1152, 2048, 1024,
-           [(0, 4, 4), (1, 3, 2), (3, 4, 0), (2, 2, 1)], rng, info)
+           [(0, 4, 4), (1, 3, 2), (3, 4, 0), (2, 2, 1)], rng, info, config=config)
 
 
 @pytest.mark.parametrize("impl", ["interpret", pytest.param("pallas", marks=pytest.mark.skipif(
@@ -192,19 +206,24 @@ def test_gpu_swiglu_auto_is_the_fused_kernel():
     assert rel_err_finite(narrow, want) <= 1e-2, info
 
 
-@pytest.mark.parametrize("name", ["rows_split", "unchained"])
+@pytest.mark.parametrize("name", ["rows_split", "unchained", "ring", "ring_delay0"])
 def test_swiglu_tile_schedules(name):
     """The fused kernel under the default's row split (two warpgroups of 64 rows, as in
-    SWIGLU_CONFIG) and unchained tiles, 4 simulated SMs with several tiles each."""
-    import dataclasses
+    SWIGLU_CONFIG), unchained tiles, and on the ring of stages (a gate and an up tile per
+    stage; 2 k-steps per tile on 3 stages, so the ring wraps across tiles; with and without
+    one wgmma group in flight), 4 simulated SMs with several tiles each."""
 
     from kernels import grouped_matmul_mgpu, ops
     rng, info = fresh_rng()
+    rows_split = grouped_matmul_mgpu.TuningConfig(
+        tile_m=64, tile_n=64, wg_dimension=grouped_matmul_mgpu.MatmulDimension.M,
+        max_concurrent_steps=2)
     config = {
-        "rows_split": grouped_matmul_mgpu.TuningConfig(
-            tile_m=64, tile_n=64, wg_dimension=grouped_matmul_mgpu.MatmulDimension.M,
-            max_concurrent_steps=2),
+        "rows_split": rows_split,
         "unchained": dataclasses.replace(ops.INTERPRET_CONFIG, chain_tiles=False),
+        "ring": dataclasses.replace(rows_split, ring=True, delay_release=1,
+                                    max_concurrent_steps=3),
+        "ring_delay0": dataclasses.replace(rows_split, ring=True, max_concurrent_steps=3),
     }[name]
     x, w = _operands(rng, 3, 3, 200, 128, 256, jnp.float32)
     for lo, hi in [(0, 3), (1, 2)]:
