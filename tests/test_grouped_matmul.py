@@ -789,16 +789,28 @@ def test_gpu_auto_runs_plain_single_group_matmuls_on_the_kernel():
     assert kernel_calls(jax.grad(swiglu, argnums=(0, 1)), x1, w_gate_up) >= 3   # fwd, dx, dw
 
 
-@on_gpu
-@pytest.mark.parametrize("name", list(GPU_CONFIGS))
-def test_gpu_weight_offset(name):
-    """A window of 4 slots reading layers [off, off + 4) of 8 stacked weights, forward and
-    both gradients, under several tile schedules (1b qkv shape: 32 k-steps)."""
+@pytest.fixture(scope="module")
+def weight_offset_case():
+    """Operands (fresh each session), cotangent and float64 oracles of test_gpu_weight_offset:
+    a window of 4 slots over 8 stacked weights at the 1b qkv shape, four (lo, hi, off) windows.
+    Shared by the configs, so that the float64 products run once, not once per config."""
     rng, info = fresh_rng()
     g, gw, m, k, n = 4, 8, 1152, 2048, 3072
     x, _ = _operands(rng, g, m, k, n, jnp.bfloat16)
     _, w = _operands(rng, gw, m, k, n, jnp.bfloat16)
     cot = jnp.asarray(rng.standard_normal((g, m, n)), jnp.float32)
+    windows = {(lo, hi, off): _weight_window_oracle(x, w, lo, hi, off, cot)
+               for lo, hi, off in [(0, g, 4), (1, 3, 2), (3, 4, 0), (2, 2, 1)]}
+    return x, w, cot, windows, info
+
+
+@on_gpu
+@pytest.mark.parametrize("name", list(GPU_CONFIGS))
+def test_gpu_weight_offset(name, weight_offset_case):
+    """A window of 4 slots reading layers [off, off + 4) of 8 stacked weights, forward and
+    both gradients, under several tile schedules (1b qkv shape: 32 k-steps)."""
+    x, w, cot, windows, info = weight_offset_case
+    k = x.shape[2]
     cfg = GPU_CONFIGS[name]
     chain = cfg.chains(k // cfg.tile_k)
 
@@ -807,10 +819,9 @@ def test_gpu_weight_offset(name):
         return jnp.sum(y.astype(jnp.float32) * cot), y
 
     grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-    for lo, hi, off in [(0, g, 4), (1, 3, 2), (3, 4, 0), (2, 2, 1)]:
+    for (lo, hi, off), (y_want, dx_want, dw_want) in windows.items():
         tag = f"{info} lo={lo} hi={hi} off={off} config={name} chain={chain}"
         (_, y), (dx, dw) = grad_fn(x, w, jnp.int32(lo), jnp.int32(hi), jnp.int32(off))
-        y_want, dx_want, dw_want = _weight_window_oracle(x, w, lo, hi, off, cot)
         assert rel_err_finite(y, y_want) <= 1e-2, tag
         assert rel_err_finite(dx, dx_want) <= 1e-2, f"dx {tag}"
         assert rel_err_finite(dw, dw_want) <= 1e-2, f"dw {tag}"
