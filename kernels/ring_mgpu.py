@@ -125,7 +125,7 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
                 g_ord, m_idx, n_idx = my_tile(i)
                 plgpu.copy_gmem_to_smem(a_tile(lo + g_ord, m_idx, kk), a_smem.at[slot],
                                         loaded.at[slot], collective_axes=a_multicast)
-                for j in range(num_b):   # the up columns start at n: n_iters tiles on
+                for j in range(num_b):   # the up tiles start at column n, n_iters tiles on
                     plgpu.copy_gmem_to_smem(b_tile(lo + g_ord + b_offset, n_idx + j * n_iters, kk),
                                             b_smem.at[slot * num_b + j], loaded.at[slot],
                                             collective_axes=b_multicast)
