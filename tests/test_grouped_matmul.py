@@ -258,6 +258,28 @@ def test_wide_cluster_choice():
     assert why(along_m, 4224, 14336) is None and "even number" in why(along_m, 4032, 6144)
 
 
+def test_every_choice_serves_its_product():
+    """select_config's choice for every product of the Llama-1B/3B/8B diagonal shapes (forward,
+    dx, dw; G = 1 ... 16; bf16, 132 SMs) is one the kernel serves (unsupported_reason None):
+    otherwise "auto" would run that product on the XLA path without a word."""
+    from eval.bench_grouped_matmul import MODELS, PRODUCTS
+
+    for model, shapes in MODELS.items():
+        for name, m, k, n in shapes:
+            for product, dims in PRODUCTS.items():
+                (pm, pk, pn), transpose = dims(m, k, n)
+                tl, tr = transpose or (False, False)
+                for g in (1, 2, 4, 8, 16):
+                    cfg = mgpu_kernel.select_config(g, pm, pk, pn, transpose_lhs=tl,
+                                                    transpose_rhs=tr, num_sms=132)
+                    a = (g, pk, pm) if tl else (g, pm, pk)
+                    b = (g, pn, pk) if tr else (g, pk, pn)
+                    why = mgpu_kernel.unsupported_reason(a, b, jnp.bfloat16, jnp.bfloat16,
+                                                         transpose_lhs=tl, transpose_rhs=tr,
+                                                         config=cfg)
+                    assert why is None, (model, name, product, g, cfg, why)
+
+
 def test_cooperative_choice_is_the_ring_of_stages():
     """select_config runs the cooperative default and 192 x 192 tiles on the ring of stages,
     forward, dx and dw: on the dw products (the diagonal's rows / 64 = 18, 34, 66 k-steps,
