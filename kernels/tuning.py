@@ -226,73 +226,38 @@ def select_config(
     dtype=jnp.bfloat16,
     num_sms: int | None = None,
 ) -> TuningConfig:
-    """Block sizes for one problem (G, M, K, N) on an H100/H200.
+    """Block sizes and schedule for one problem (G, M, K, N) on an H100/H200, by rules fitted
+    to profiled A/B runs on an H200 (device time; eval/results/grouped_matmul_h200.md has
+    every run, the constants' comments above the figures behind each rule). In order:
 
-    Measured on an H200 (eval/results/grouped_matmul_h200*; device times from
-    profiled, interleaved A/B runs): 128 x 256 CTA tiles with 4 stages and
-    chained tiles (on the ring of stages since session 13, below) are the best
-    of the variants tried on every Llama-1B/3B/8B diagonal shape at full load,
-    at 0.92-1.01x the speed of cuBLAS's batched matmul (687-794 TF/s of device
-    time vs 714-799; all twelve shapes at c09fce3's kernel code). Within noise
-    or slower:
-    3 stages, unchained tiles, 128 x 128 tiles (4 or 6 stages, cuBLAS's choice
-    for the 1b attention shapes), 256 x 128 and row-split 128 x 192 tiles,
-    other grid orders, 2-CTA clusters with multicast (``cluster_dimension``),
-    one wgmma group in flight (``delay_release``, which rules out chaining) and
-    a whole staged epilogue tile (``epi_slots=4`` with 3 stages), and CTAs of one
-    compute warpgroup on 128 x 128 tiles (0.71-0.79x of the default; meant to run
-    two per SM, but the warp-specialized pipeline asks 256 registers per thread for
-    a lone compute warpgroup, likely room for one CTA only; removed). A second,
-    narrow kernel picked per call by ``lax.cond`` on the active count was
-    slower (1b o-proj, 1 of 16 groups active: 51 TF/s with it, 191 without).
+    1. ``NARROW_CONFIG`` (128 x 128 tiles) where n is no multiple of 256 but of 128.
+    2. ``THREE_WG_CONFIG`` (192 x 128 tiles of three warpgroups) where ``tile_cost`` promises
+       at most ``THREE_WG_MAX_COST_RATIO`` of the default's time: few-tile products, e.g. the
+       1b products with n = 2048 at G <= 4, with n = 8192 at G = 1, and the 1b qkv and 3b o
+       dw at G = 1 (1.2-1.3x the default's speed at G = 1).
+    3. Forward and dx products with whole 192-row tiles spanning >= ``WIDE_THREE_WG_MIN_WAVES``
+       waves of default tiles: ``RING_WIDE_THREE_WG_CONFIG`` (192 x 192 tiles on the ring of
+       stages) where ``tile_cost`` is at most the default's (the 1b shapes at G = 16), else
+       ``WIDE_CLUSTER_N_CONFIG`` (the same tiles in 2-CTA clusters on JAX's pipelines) where
+       it is at most ``WIDE_CLUSTER_MAX_COST_RATIO`` of it and the column tiles pair up (8b qkv
+       and gate/up).
+    4. ``PINGPONG_CONFIG`` for forward products where its half-size work items fill the last
+       wave of tiles at least ``PINGPONG_MIN_WAVE_GAIN`` better than the default's (e.g. 1b qkv
+       at G = 4, 1b and 3b gate_up at G = 1); at equal fill it ran 1-2 % slower.
+    5. Otherwise ``RING_CONFIG``: the default 128 x 256 tiles, 4 stages, on one ring of stages
+       over all of a CTA's tiles (chained at any number of k-steps, one wgmma group in flight).
+       It beat JAX's chained pipelines on the dw products (whose 18 / 34 / 66 k-steps those
+       could not chain) by 2-15 %, and on the 3b / 8b forward products by 0.5-2.2 % in 11 of
+       12 comparisons; level on dx.
 
-    The ping-pong schedule (``PINGPONG_CONFIG``) runs 1-2 % slower than the default
-    where both fill the SMs equally (3b qkv/o, 1b gate_up at G = 16), but its work
-    items are half a CTA tile, so it fills the last wave better where the CTA tiles
-    leave it nearly empty: picked when ``wave_fill`` gains at least
-    ``PINGPONG_MIN_WAVE_GAIN``, forward products only. H200 A/B (device time, vs
-    the default): 1b qkv at G = 16 308 vs 320 us (fill 0.970 vs 0.935), 1b gate_up
-    at G = 1 108 vs 120 us, 3b gate_up at G = 1 283 vs 296 us.
-
-    Three compute warpgroups on 192 x 128 CTA tiles (``THREE_WG_CONFIG``) where
-    ``tile_cost`` promises at most ``THREE_WG_MAX_COST_RATIO`` of the default's time:
-    the few-tile products with m = 1152 and n = 2048 or 8192 at G <= 4 (cost 0.75) and the 1b
-    qkv and 3b o dw at G = 1. H200 A/B (device time, vs the default, cuBLAS in brackets), G = 1:
-    1b o 19 vs 24 us (15), 1b down 63-64 vs 82-84 (53), 1b o dx 19-20 vs 24 (15), 1b down dx
-    53-54 vs 69-73 (51), 1b qkv dw 24 vs 29 (22); a 1b training step 0.164 s vs 0.171 s. Where
-    the model promised no gain, the A/B found none (o, gate_up and down dw: 23 vs 16, 127 vs
-    116, 69 vs 58 us; at G = 16, 0.91-1.01x of the default's speed).
-
-    192 x 192 tiles of three warpgroups (``WIDE_THREE_WG_CONFIG``) on the forward and dx
-    products of the 1b shapes at G = 16 (m a multiple of 192, cost <= the default's, >= 8
-    waves of default tiles).
-    H200 A/B, device us, two runs (s8, s9), against "auto" before (default or ping-pong) and
-    cuBLAS: qkv 307 / 301 vs 316 / 308 (cuBLAS 301 / 297), qkv dx 299 / 296 vs 308 / 304
-    (301 / 300), o 207 / 205 vs 211 / 209 (206 / 203), o dx 208 / 205 vs 212 / 210 (204 / 203),
-    gate_up dx 1546 / 1529 vs 1578 / 1557 (1554 / 1525), down 776 / 763 vs 793 / 781
-    (784 / 771); a third run with this choice as "auto" (s9_select_wide): 302, 293, 205, 203,
-    1497, 750 against cuBLAS's 290, 294, 200, 200, 1493, 757. Slower on 3b / 8b at G = 16
-    (0.3-5.6 %), where the cost model also says so.
-
-    The ring of stages (``RING_CONFIG``, ``RING_WIDE_THREE_WG_CONFIG``): the cooperative
-    schedule on one hand-written ring of stages over all of a CTA's tiles, chained at any
-    number of k-steps, with one wgmma group in flight. It runs every product the default or
-    the 192 x 192 tiles would (forward, dx, dw). On the dw products, whose k-steps (1b, 3b, 8b:
-    18, 34, 66) the default's 4 stages did not chain: 0.5-6 % faster than 3 stages or one
-    wgmma group in flight on JAX's pipelines (themselves 0.6-7.5 % faster than the default),
-    level on the gate/up dw; 1.02-1.14x the default and 0.91-1.03x cuBLAS's speed at G = 16.
-    On the forward products of the 3b / 8b default tiles 0.5-2.2 % faster than JAX's chained
-    pipelines in 11 of 12 comparisons, level on dx and on the 1b 192 x 192 tiles (runs s12,
-    s13; figures at the config). Ping-pong was 3-4 % faster than 3 stages on 1b qkv and o dw
-    at G = 16 and 3.5 % slower on 1b down dw (two runs); too small a share of a step for a
-    rule fitted to it.
-
-    The same tiles in 2-CTA clusters along n (``WIDE_CLUSTER_N_CONFIG``, the A tile multicast)
-    where their cost is at most ``WIDE_CLUSTER_MAX_COST_RATIO`` of the default's and the column
-    tiles pair up: the 8b qkv and gate/up forward products. H200 A/B, device us, against the
-    default and cuBLAS (run s11_select_cluster): qkv G = 16 4291 vs 4413 (4259), G = 8 2121 vs
-    2154 (2087); gate/up G = 16 22254 vs 23057 (21841), G = 8 10151 vs 10966 (10616), G = 1
-    1224 vs 1256 (1215).
+    At full load this runs at 0.97-1.03x cuBLAS's speed on the forward and dx products of the
+    Llama-1B/3B/8B diagonal shapes, 0.91-1.03x on dw. Tried and not chosen (within noise or
+    slower): 3 stages, unchained tiles, 128 x 128 tiles with 4 or 6 stages (cuBLAS's choice
+    for the 1b attention shapes), 256 x 128 and row-split 128 x 192 tiles, other grid orders,
+    clusters on the default tiles, a whole staged epilogue tile, 192 x 192 tiles with 3 stages,
+    ping-pong on dw, CTAs of one compute warpgroup (0.71-0.79x; removed), 192 x 256 tiles
+    (failed on the GPU; removed) and a second, narrow kernel picked per call by ``lax.cond``
+    (1b o, 1 of 16 groups active: 51 TF/s against 191).
     """
     if n % DEFAULT_CONFIG.cta_tile_n and n % NARROW_CONFIG.cta_tile_n == 0:
         return NARROW_CONFIG
