@@ -159,10 +159,12 @@ wg3_variants() {
 }
 # gpu_tests NAME LIMIT_S FILES...: the GPU tests of FILES under a timeout, verbose into
 # $OUT/NAME.txt (what passed survives a timeout); shown: failures, the summary, the slowest.
+# With pytest-timeout installed, a test that runs past 240 s (a kernel hung on a barrier) ends
+# the run there, naming the test, instead of using up the call (without it: a warning).
 gpu_tests() {
   local name=$1 limit=$2; shift 2
-  timeout "$limit" python3 -m pytest -o addopts="" -v -p no:cacheprovider --durations=8 "$@" \
-    -k "gpu or pallas or accumulates_in_float32" > "$OUT/$name.txt" 2>&1
+  timeout "$limit" python3 -m pytest -o addopts="" -o timeout=240 -v -p no:cacheprovider \
+    --durations=8 "$@" -k "gpu or pallas or accumulates_in_float32" > "$OUT/$name.txt" 2>&1
   echo "$name: exit $?, $(grep -c PASSED "$OUT/$name.txt") passed"
   grep -E "FAILED|ERROR|s call|passed|failed" "$OUT/$name.txt" | quiet | tail -14
 }
@@ -342,7 +344,7 @@ for stage in "${stages[@]}"; do
              --ab_products fwd,dx --ab_profile --ab_reps 3 \
              --ab_shapes 1b:gate_up,3b:qkv,3b:o,3b:down,8b:o,8b:down ;;
     ring_cluster)
-      timeout 300 python3 -m pytest -o addopts="" -q -p no:cacheprovider \
+      timeout 300 python3 -m pytest -o addopts="" -o timeout=150 -q -p no:cacheprovider \
         tests/test_grouped_matmul.py -k "gpu_weight_offset and (ring_cluster or ring_wg3_192x192_c)" \
         2>&1 | quiet > "$OUT/ring_cluster_tests_full.txt"
       tail -4 "$OUT/ring_cluster_tests_full.txt" | tee "$OUT/ring_cluster_tests.txt"
@@ -358,7 +360,8 @@ for stage in "${stages[@]}"; do
       ab ring_wg3_3b 60 --ab auto,auto#2,ring_wg3_192x128,ring_wg3_192x128#2,xla_einsum \
              --ab_groups 1 --ab_products dw --ab_profile --ab_reps 3 --ab_shapes 3b:o ;;
     ring_swiglu)
-      timeout 200 python3 -m pytest -o addopts="" -q -p no:cacheprovider tests/test_swiglu.py \
+      timeout 200 python3 -m pytest -o addopts="" -o timeout=150 -q -p no:cacheprovider \
+        tests/test_swiglu.py \
         -k "gpu_swiglu_compiled" 2>&1 | quiet > "$OUT/ring_swiglu_tests_full.txt"
       tail -4 "$OUT/ring_swiglu_tests_full.txt" | tee "$OUT/ring_swiglu_tests.txt"
       if grep -q "2 passed" "$OUT/ring_swiglu_tests.txt"; then
