@@ -207,7 +207,8 @@ def parity_points(report: dict, num_sms: int = 132) -> list[dict]:
 
 
 def plot_parity(report: dict, path: Path, groups: int = 16) -> None:
-    """One dot per run and product (`parity_points` at G = groups), runs in date order."""
+    """One dot per run and product (`parity_points` at G = groups), runs in date order; a
+    product that no run timed with today's choice keeps its column, in gray, marked so."""
     from eval.bench_grouped_matmul import MODELS, PRODUCTS, product_name
 
     plt = _pyplot()
@@ -216,7 +217,8 @@ def plot_parity(report: dict, path: Path, groups: int = 16) -> None:
         raise ValueError(f"no A/B run timed today's select_config choice and cuBLAS at G = {groups}")
     order = [f"{model} {product_name(shape, p)}" for model, shapes in MODELS.items()
              for shape, *_ in shapes for p in PRODUCTS]
-    products = [p for p in order if any(q["product"] == p for q in points)]
+    products = order
+    timed = {q["product"] for q in points}
     runs = sorted({p["run"] for p in points}, key=lambda r: report["runs"][r].get("date", ""))
     shade = [i / max(len(runs) - 1, 1) for i in range(len(runs))]   # 0..1, oldest to newest
     colours = plt.get_cmap("viridis")(shade)
@@ -228,10 +230,17 @@ def plot_parity(report: dict, path: Path, groups: int = 16) -> None:
                    [p["speed_vs_cublas"] for p in mine], s=18, color=colours[i],
                    label=f"{run} ({report['runs'][run].get('date', '')[:16]})")
     for x, product in enumerate(products):
+        if product not in timed:
+            ax.text(x, 0.03, "not timed", transform=ax.get_xaxis_transform(), rotation=90,
+                    ha="center", va="bottom", fontsize=6, color="gray")
+            continue
         median = statistics.median(p["speed_vs_cublas"] for p in points if p["product"] == product)
         ax.plot([x - 0.3, x + 0.3], [median, median], color="black", lw=1.5)
     ax.axhline(1.0, color="tab:red", ls="--", lw=1, label="cuBLAS (XLA's batched matmul)")
     ax.set_xticks(range(len(products)), products, rotation=60, ha="right", fontsize=8)
+    for label in ax.get_xticklabels():
+        if label.get_text() not in timed:
+            label.set_color("gray")
     ax.set_ylabel("kernel speed / cuBLAS speed (device time)")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="A/B run (UTC)",
