@@ -140,8 +140,8 @@ def test_parity_points_take_todays_config_and_cublas():
     from kernels.tuning import (DEFAULT_CONFIG, RING_CONFIG, RING_WIDE_THREE_WG_CONFIG,
                                 WIDE_CLUSTER_N_CONFIG, select_config)
 
-    def row(shape, m, k, n, name, config, us, active=16):
-        return {"model": "1b", "shape": shape, "m": m, "k": k, "n": n, "G": 16, "active": active,
+    def row(shape, m, k, n, name, config, us, active=16, model="1b"):
+        return {"model": model, "shape": shape, "m": m, "k": k, "n": n, "G": 16, "active": active,
                 "config": str(config) if config else "",
                 "note": f"ab {name} | device {us} us/call = 1 TF/s: kernel {us} us"}
 
@@ -160,15 +160,15 @@ def test_parity_points_take_todays_config_and_cublas():
     # clustered 192 x 192 tiles (8b gate/up) are today's choice and not on the ring.
     old_cluster = str(WIDE_CLUSTER_N_CONFIG).replace(", ring=False", "")
     assert "ring" not in old_cluster and old_cluster != str(WIDE_CLUSTER_N_CONFIG)
-    rows += [row("gate_up", 4224, 4096, 28672, "wg3_192x192_cn", None, 22000),
-             row("gate_up", 4224, 4096, 28672, "ring", RING_CONFIG, 1),
-             row("gate_up", 4224, 4096, 28672, "xla_einsum", None, 21800)]
+    rows += [row("gate_up", 4224, 4096, 28672, "wg3_192x192_cn", None, 22000, model="8b"),
+             row("gate_up", 4224, 4096, 28672, "ring", RING_CONFIG, 1, model="8b"),
+             row("gate_up", 4224, 4096, 28672, "xla_einsum", None, 21800, model="8b")]
     rows[-3]["config"] = old_cluster
     assert select_config(16, 4224, 4096, 28672, num_sms=132) == WIDE_CLUSTER_N_CONFIG
     report = {"runs": {"r1": {"date": "2026-11-29T17:00", "code": "abc", "rows": rows}}}
     got = {p["product"]: p["speed_vs_cublas"] for p in parity_points(report)}
     assert got == pytest.approx({"1b qkv": 294 / 305, "1b down dx": 808 / 800,
-                                 "1b gate_up": 21800 / 22000})
+                                 "8b gate_up": 21800 / 22000})
     assert config_fields("") is None and config_fields(old_cluster) == config_fields(
         str(WIDE_CLUSTER_N_CONFIG))
 
