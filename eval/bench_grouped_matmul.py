@@ -281,8 +281,7 @@ SWEEP = {  # named configs for --sweep (the default is select_config's choice)
     "ring": mgpu_kernel.RING_CONFIG,
     "ring_d0": dataclasses.replace(mgpu_kernel.RING_CONFIG, delay_release=0),
     "ring_wg3_192x192": mgpu_kernel.RING_WIDE_THREE_WG_CONFIG,
-    "ring_wg3_192x128": dataclasses.replace(mgpu_kernel.THREE_WG_CONFIG, ring=True,
-                                            delay_release=1),
+    "ring_wg3_192x128": mgpu_kernel.on_ring(mgpu_kernel.THREE_WG_CONFIG),
     # ... in 2-CTA clusters along n (the A tile multicast) or m (the B tile)
     **{f"ring_c{d.name.lower()}": dataclasses.replace(mgpu_kernel.RING_CONFIG,
                                                       cluster_dimension=d) for d in M_},
@@ -378,8 +377,7 @@ def markdown_sweep(rows):
 # config, or on the ring of stages with one wgmma group in flight) and its unfused composition
 # (the kernel's gate_up matmul, then XLA's activation pass): gate_up shapes.
 SWIGLU_VARIANTS = {"swiglu": "fused", "swiglu_ring": "fused", "swiglu_unfused": "unfused"}
-SWIGLU_CONFIGS = {"swiglu_ring": dataclasses.replace(mgpu_kernel.SWIGLU_CONFIG, ring=True,
-                                                     delay_release=1)}
+SWIGLU_CONFIGS = {"swiglu_ring": mgpu_kernel.on_ring(mgpu_kernel.SWIGLU_CONFIG)}
 
 
 @functools.cache

@@ -145,14 +145,22 @@ ab() {
   timeout "$limit" python3 eval/bench_grouped_matmul.py --models "" "$@" --out "$OUT/$name" 2>&1 \
     | quiet | grep "  ab \|FAIL\|wrote" | cut -c1-200
 }
-# wg3_variants STAGE TEST_PATTERN CONFIGS [SHAPES]: the GPU tests of three-warpgroup configs under a
-# timeout, then (if both passed) a profiled A/B of them against "auto" (timed twice: the run's
-# spread between identical configs) and cuBLAS at G = 16.
+# tests_pass NAME LIMIT_S COUNT FILE K_EXPR: a new schedule's GPU tests (FILE, -k K_EXPR) under
+# a timeout and a 150 s per-test one (pytest-timeout, where installed: a hang on a barrier stops
+# there), their tail shown and kept in $OUT/NAME_tests.txt; succeeds if exactly COUNT passed, so
+# a stage times the schedule only if it computed correctly.
+tests_pass() {
+  local name=$1 limit=$2 count=$3 file=$4 expr=$5
+  timeout "$limit" python3 -m pytest -o addopts="" -o timeout=150 -q -p no:cacheprovider "$file" \
+    -k "$expr" 2>&1 | quiet > "$OUT/${name}_tests_full.txt"
+  tail -4 "$OUT/${name}_tests_full.txt" | tee "$OUT/${name}_tests.txt"
+  grep -qw "$count passed" "$OUT/${name}_tests.txt" || { echo "$name: tests did not pass"; return 1; }
+}
+# wg3_variants STAGE TEST_PATTERN CONFIGS [SHAPES]: the GPU tests of three-warpgroup configs, then
+# (if both passed) a profiled A/B of them against "auto" (timed twice: the run's spread between
+# identical configs) and cuBLAS at G = 16.
 wg3_variants() {
-  timeout 300 python3 -m pytest -o addopts="" -q -p no:cacheprovider tests/test_grouped_matmul.py \
-    -k "gpu_weight_offset and $2" 2>&1 | quiet > "$OUT/$1_tests_full.txt"
-  tail -4 "$OUT/$1_tests_full.txt" | tee "$OUT/$1_tests.txt"
-  grep -q "2 passed" "$OUT/$1_tests.txt" || { echo "$1: tests did not pass"; return; }
+  tests_pass "$1" 300 2 tests/test_grouped_matmul.py "gpu_weight_offset and $2" || return
   ab "$1" 250 --ab "auto,auto#2,$3,xla_einsum" \
     --ab_groups 16 --ab_products fwd,dx --ab_profile --ab_reps 3 \
     --ab_shapes "${4:-1b:qkv,1b:o,1b:down,8b:qkv,8b:o}"
@@ -196,11 +204,8 @@ for stage in "${stages[@]}"; do
              --out "$OUT/train/train_bench.json" 2>&1 | quiet | tee "$OUT/train.txt" ;;
     profile) python3 -m eval.profile --schedules diagonal diagonal_pallas --tokens 131072 \
              --runs 1 --top 30 --out "$OUT/profile" 2>&1 | quiet | tee "$OUT/profile.txt" ;;
-    pingpong) timeout 240 python3 -m pytest -o addopts="" -q -p no:cacheprovider tests/test_grouped_matmul.py \
-             -k "gpu_weight_offset and pingpong" 2>&1 | quiet > "$OUT/pingpong_tests_full.txt"
-           tail -8 "$OUT/pingpong_tests_full.txt" | tee "$OUT/pingpong_tests.txt"
-           # time it only if both GPU tests passed (a hang or a wrong result stops here)
-           grep -q "2 passed" "$OUT/pingpong_tests.txt" || { echo "pingpong: tests did not pass"; continue; }
+    pingpong) tests_pass pingpong 240 2 tests/test_grouped_matmul.py \
+             "gpu_weight_offset and pingpong" || continue
            S=$(for m in 1b 3b 8b; do for s in qkv o gate_up down; do printf "%s:%s," $m $s; done; done)
            ab pingpong 300 --ab \
              default,pingpong,pingpong_delay1,pingpong_s4,pingpong_n256,xla_einsum --ab_profile \
@@ -221,10 +226,8 @@ for stage in "${stages[@]}"; do
              --compiler-option xla_gpu_enable_dus_accumulator_zero_init_elimination=false \
              --out "$OUT/train_zero_init/train_bench.json" 2>&1 | quiet \
              | tee "$OUT/train_zero_init.txt" | grep -v "^| " ;;
-    wg3) timeout 300 python3 -m pytest -o addopts="" -q -p no:cacheprovider \
-             tests/test_grouped_matmul.py -k "gpu_weight_offset and wg3" 2>&1 | quiet | tail -4 \
-             | tee "$OUT/wg3_tests.txt"
-           grep -q "2 passed" "$OUT/wg3_tests.txt" || { echo "wg3: tests did not pass"; continue; }
+    wg3) tests_pass wg3 300 2 tests/test_grouped_matmul.py \
+             "gpu_weight_offset and wg3 and not ring and not s3e and not 192x192_c" || continue
            C=default,auto,wg3_192x128,wg3_192x192,xla_einsum
            ab wg3 280 --ab $C --ab_groups 1,16 \
              --ab_products fwd,dx,dw --ab_profile --ab_reps 3 \
@@ -271,14 +274,15 @@ for stage in "${stages[@]}"; do
              --schedules sequential diagonal --profile \
              --out "$OUT/train_diagonal_profile/train_bench.json" 2>&1 | quiet \
              | tee "$OUT/train_diagonal_profile.txt" | cut -c1-220 ;;
-    wg3_epilogue) wg3_variants wg3_epilogue wg3_192x192_s3 wg3_192x192_s3e2,wg3_192x192_s3e3 ;;
+    wg3_epilogue) wg3_variants wg3_epilogue "wg3_192x192_s3" wg3_192x192_s3e2,wg3_192x192_s3e3 ;;
     train_windows) python3 -m eval.bench_train --tokens 16384 --reps 1 --impls auto \
              --schedules sequential diagonal --profile \
              --out "$OUT/train_windows_profile/train_bench.json" 2>&1 | quiet \
              | tee "$OUT/train_windows_profile.txt" | grep -v "^| " | grep -v "^$" | cut -c1-160 | head -40
            train_bench train_windows_long 0 --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal ;;
-    wg3_cluster) wg3_variants wg3_cluster wg3_192x192_c wg3_192x192_cm,wg3_192x192_cn ;;
+    wg3_cluster) wg3_variants wg3_cluster "wg3_192x192_c and not ring" \
+                   wg3_192x192_cm,wg3_192x192_cn ;;
     parity_rest) ab parity_rest 540 --ab auto,wg3_192x192_cm,wg3_192x192_cn,xla_einsum \
              --ab_groups 16 --ab_products fwd,dx --ab_profile --ab_reps 3 \
              --ab_shapes 3b:qkv,3b:o,3b:gate_up,3b:down,8b:gate_up,8b:down,1b:gate_up ;;
@@ -344,15 +348,11 @@ for stage in "${stages[@]}"; do
              --ab_products fwd,dx --ab_profile --ab_reps 3 \
              --ab_shapes 1b:gate_up,3b:qkv,3b:o,3b:down,8b:o,8b:down ;;
     ring_cluster)
-      timeout 300 python3 -m pytest -o addopts="" -o timeout=150 -q -p no:cacheprovider \
-        tests/test_grouped_matmul.py -k "gpu_weight_offset and (ring_cluster or ring_wg3_192x192_c)" \
-        2>&1 | quiet > "$OUT/ring_cluster_tests_full.txt"
-      tail -4 "$OUT/ring_cluster_tests_full.txt" | tee "$OUT/ring_cluster_tests.txt"
-      if grep -q "3 passed" "$OUT/ring_cluster_tests.txt"; then
-        ab ring_cluster 270 --ab auto,auto#2,ring_cn,ring_wg3_192x192_cn,xla_einsum \
-               --ab_groups 16 --ab_products fwd --ab_profile --ab_reps 3 \
-               --ab_shapes 1b:qkv,1b:o,3b:qkv,3b:o,8b:qkv,8b:o,8b:gate_up,8b:down
-      else echo "ring_cluster: tests did not pass"; fi ;;
+      tests_pass ring_cluster 300 3 tests/test_grouped_matmul.py \
+        "gpu_weight_offset and (ring_cluster or ring_wg3_192x192_c)" || continue
+      ab ring_cluster 270 --ab auto,auto#2,ring_cn,ring_wg3_192x192_cn,xla_einsum \
+             --ab_groups 16 --ab_products fwd --ab_profile --ab_reps 3 \
+             --ab_shapes 1b:qkv,1b:o,3b:qkv,3b:o,8b:qkv,8b:o,8b:gate_up,8b:down ;;
     ring_wg3)
       ab ring_wg3_1b 150 --ab auto,auto#2,ring_wg3_192x128,ring_wg3_192x128#2,xla_einsum \
              --ab_groups 1 --ab_products fwd,dx,dw --ab_profile --ab_reps 3 \
@@ -360,14 +360,9 @@ for stage in "${stages[@]}"; do
       ab ring_wg3_3b 60 --ab auto,auto#2,ring_wg3_192x128,ring_wg3_192x128#2,xla_einsum \
              --ab_groups 1 --ab_products dw --ab_profile --ab_reps 3 --ab_shapes 3b:o ;;
     ring_swiglu)
-      timeout 200 python3 -m pytest -o addopts="" -o timeout=150 -q -p no:cacheprovider \
-        tests/test_swiglu.py \
-        -k "gpu_swiglu_compiled" 2>&1 | quiet > "$OUT/ring_swiglu_tests_full.txt"
-      tail -4 "$OUT/ring_swiglu_tests_full.txt" | tee "$OUT/ring_swiglu_tests.txt"
-      if grep -q "2 passed" "$OUT/ring_swiglu_tests.txt"; then
-        ab ring_swiglu 200 --ab swiglu,swiglu_ring,swiglu#2,swiglu_ring#2 --ab_groups 1,16 \
-               --ab_profile --ab_reps 3 --ab_shapes 1b:gate_up,3b:gate_up,8b:gate_up
-      else echo "ring_swiglu: tests did not pass"; fi ;;
+      tests_pass ring_swiglu 200 2 tests/test_swiglu.py gpu_swiglu_compiled || continue
+      ab ring_swiglu 200 --ab swiglu,swiglu_ring,swiglu#2,swiglu_ring#2 --ab_groups 1,16 \
+             --ab_profile --ab_reps 3 --ab_shapes 1b:gate_up,3b:gate_up,8b:gate_up ;;
     train_seq_remat) train_bench train_seq_remat 330 --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal
            train_bench train_seq_remat_16k 200 --tokens 16384 --reps 3 --impls auto \

@@ -215,9 +215,8 @@ def plot_parity(report: dict, path: Path, groups: int = 16) -> None:
     points = [p for p in parity_points(report) if p["G"] == groups]
     if not points:
         raise ValueError(f"no A/B run timed today's select_config choice and cuBLAS at G = {groups}")
-    order = [f"{model} {product_name(shape, p)}" for model, shapes in MODELS.items()
-             for shape, *_ in shapes for p in PRODUCTS]
-    products = order
+    products = [f"{model} {product_name(shape, p)}" for model, shapes in MODELS.items()
+                for shape, *_ in shapes for p in PRODUCTS]
     timed = {q["product"] for q in points}
     runs = sorted({p["run"] for p in points}, key=lambda r: report["runs"][r].get("date", ""))
     shade = [i / max(len(runs) - 1, 1) for i in range(len(runs))]   # 0..1, oldest to newest

@@ -98,6 +98,7 @@ from kernels.tuning import (  # noqa: F401
     MatmulDimension,
     TuningConfig,
     num_sms_of_device,
+    on_ring,
     problem_dims,
     select_config,
     tile_cost,

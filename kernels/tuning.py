@@ -179,14 +179,19 @@ THREE_WG_VARIANTS = {
 #   gate/up dw. At G = 1 (s13_ring_dw_g1, the default timed first): 1b gate_up dw 114-115
 #   vs 134, down 56 vs 59, 3b qkv 99-100 vs 105, 8b o 186-187 vs 192, 8b down 676-677 vs 690.
 # - forward and dx at G = 16 (s12_ring*, s13_ring_*), against the JAX-pipeline choice's second
-#   timing (the first config timed per product ran up to 1.15x slow in some runs): on the 3b /
+#   timing (its first, traced right after the XLA path, read up to 1.15x slow): on the 3b /
 #   8b default tiles the ring was faster in 11 of 12 forward comparisons (by 0.5-2.2 %; 3b
 #   gate_up 0.6 % slower once; e.g. 3b o 840-842 vs 846-849, 8b o 2898-2900 vs 2926-2932) and
 #   level on the dx products (-1.0 to +0.9 %, one run); the 192 x 192 ring tiles on the 1b
 #   products -2.4 to +0.4 % (two runs). Not timed: the ring on 1b gate_up forward and down dx
 #   (default tiles), and forward and dx at G < 16.
-RING_CONFIG = TuningConfig(ring=True, delay_release=1)
-RING_WIDE_THREE_WG_CONFIG = dataclasses.replace(WIDE_THREE_WG_CONFIG, ring=True, delay_release=1)
+def on_ring(config: TuningConfig) -> TuningConfig:
+    """``config``'s tiles on the ring of stages, with one wgmma group in flight."""
+    return dataclasses.replace(config, ring=True, delay_release=1)
+
+
+RING_CONFIG = on_ring(DEFAULT_CONFIG)
+RING_WIDE_THREE_WG_CONFIG = on_ring(WIDE_THREE_WG_CONFIG)
 # How much better the ping-pong schedule must fill the last wave of tiles than the default one
 # before select_config picks it: at equal fill it ran 1-2 % slower (3b qkv/o, 1b gate_up).
 PINGPONG_MIN_WAVE_GAIN = 0.025

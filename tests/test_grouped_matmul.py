@@ -331,8 +331,8 @@ def test_cooperative_choice_is_the_ring_of_stages():
     g, m, k, n = 4, 256, 1152, 512
     x = jnp.asarray(rng.standard_normal((g, k, m)), jnp.float32)   # dw's x, read transposed
     dy = jnp.asarray(rng.standard_normal((g, k, n)), jnp.float32)
-    cfg = dataclasses.replace(ops.INTERPRET_CONFIG, ring=True, delay_release=1,
-                              max_concurrent_steps=4, epi_slots=1)
+    cfg = dataclasses.replace(mgpu_kernel.on_ring(ops.INTERPRET_CONFIG), max_concurrent_steps=4,
+                              epi_slots=1)
     want = np.einsum("gkm,gkn->gmn", np.float64(x), np.float64(dy))
     got = ops._run_kernel(x, dy, jnp.array([0, g, 0, 0], jnp.int32), True, False, None,
                           "interpret", cfg)
@@ -404,8 +404,7 @@ def test_weight_offset_reads_a_window_of_stacked_weights(impl):
                          epi_slots=4),
      dataclasses.replace(ops.INTERPRET_CONFIG, pingpong=True, max_concurrent_steps=3),
      dataclasses.replace(ops.INTERPRET_CONFIG, ring=True, max_concurrent_steps=3),
-     dataclasses.replace(ops.INTERPRET_CONFIG, ring=True, max_concurrent_steps=3,
-                         delay_release=1)],
+     dataclasses.replace(mgpu_kernel.on_ring(ops.INTERPRET_CONFIG), max_concurrent_steps=3)],
     ids=["unchained", "chained", "rows_split_64x192", "delayed_release_4_epi_slots",
          "pingpong", "ring", "ring_delayed_release"])
 def test_tile_schedules(config):
@@ -485,7 +484,8 @@ def test_warpgroups_split_rows_with_ragged_n(wgs, ring):
     and on one ring of stages with a wgmma group in flight (5 k-steps on 2 stages)."""
     rng, info = fresh_rng()
     cfg = dataclasses.replace(mgpu_kernel.THREE_WG_CONFIG, compute_wgs=wgs, epi_slots=1,
-                              max_concurrent_steps=2, ring=ring, delay_release=int(ring))
+                              max_concurrent_steps=2)
+    cfg = mgpu_kernel.on_ring(cfg) if ring else cfg
     assert cfg.cta_tile_m == 64 * wgs and cfg.cta_tile_n == 128   # float32: <= 208 KiB
     _check_window_gradients(cfg, rng, info, (3, 4, 200, 320, 192), [(0, 3, 1)], max_offset=1)
 
@@ -501,16 +501,16 @@ def test_two_cta_clusters_with_multicast(dim, wgs, ring):
     across the pairs of tiles)."""
     rng, info = fresh_rng()
     dimension = mgpu_kernel.MatmulDimension[dim]
-    on_ring = dict(ring=True, delay_release=1, max_concurrent_steps=3) if ring else {}
     if wgs == 2:
         g, m, k, n = (3, 136, 256, 512) if dim == "N" else (3, 232, 256, 256)
-        config = dataclasses.replace(ops.INTERPRET_CONFIG, cluster_dimension=dimension,
-                                     **on_ring)
+        config = dataclasses.replace(ops.INTERPRET_CONFIG, cluster_dimension=dimension)
     else:   # 192 x 128 CTA tiles of three 64 x 128 warpgroups, 2 stages (float32 shared memory)
         g, m, k, n = (3, 136, 256, 512) if dim == "N" else (3, 376, 256, 256)
         config = dataclasses.replace(mgpu_kernel.THREE_WG_CONFIG, epi_slots=1,
-                                     cluster_dimension=dimension,
-                                     **{**on_ring, "max_concurrent_steps": 2})
+                                     max_concurrent_steps=2, cluster_dimension=dimension)
+    if ring:
+        config = dataclasses.replace(mgpu_kernel.on_ring(config),
+                                     max_concurrent_steps=3 if wgs == 2 else 2)
     x, w = _operands(rng, g, m, k, n, jnp.float32)
     _check_ranges_against_xla(x, w, config, rng, f"{info} {dim}")
     # an odd number of tiles along the cluster dimension is refused, naming it
@@ -529,8 +529,7 @@ def test_ring_clusters_run_a_training_steps_products(dim):
     multicast copy as a plain copy on each CTA: this checks the pairing of the tiles, the
     ring's indexing and the zero tiles; the multicast itself is the GPU tests' job.)"""
     rng, info = fresh_rng()
-    cfg = dataclasses.replace(ops.INTERPRET_CONFIG, ring=True, delay_release=1,
-                              max_concurrent_steps=3,
+    cfg = dataclasses.replace(mgpu_kernel.on_ring(ops.INTERPRET_CONFIG), max_concurrent_steps=3,
                               cluster_dimension=mgpu_kernel.MatmulDimension[dim])
     _check_window_gradients(cfg, rng, f"{info} {dim}", (3, 4, 256, 256, 512), [(0, 3, 1)],
                             max_offset=1)
@@ -736,8 +735,7 @@ GPU_CONFIGS = {
     "ring": mgpu_kernel.RING_CONFIG,
     "ring_delay0": dataclasses.replace(mgpu_kernel.RING_CONFIG, delay_release=0),
     "ring_wg3_192x192": mgpu_kernel.RING_WIDE_THREE_WG_CONFIG,
-    "ring_wg3_192x128": dataclasses.replace(mgpu_kernel.THREE_WG_CONFIG, ring=True,
-                                            delay_release=1),
+    "ring_wg3_192x128": mgpu_kernel.on_ring(mgpu_kernel.THREE_WG_CONFIG),
     # ... in 2-CTA clusters (the shared operand tile multicast): default tiles along n, 192 x
     # 192 tiles along n and m
     "ring_cluster_n": dataclasses.replace(mgpu_kernel.RING_CONFIG,
@@ -754,7 +752,7 @@ GPU_CONFIGS = {
 
 SWIGLU_GPU_CONFIGS = {
     "swiglu": mgpu_kernel.SWIGLU_CONFIG,
-    "swiglu_ring": dataclasses.replace(mgpu_kernel.SWIGLU_CONFIG, ring=True, delay_release=1),
+    "swiglu_ring": mgpu_kernel.on_ring(mgpu_kernel.SWIGLU_CONFIG),
 }
 
 

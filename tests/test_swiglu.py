@@ -172,8 +172,7 @@ def test_gpu_swiglu_compiled(ring):
     in flight), bf16, a 1b-like row count (1152), a window of 4 groups over 8 stacked weights,
     several ranges."""
     rng, info = fresh_rng()
-    config = (dataclasses.replace(mgpu_kernel.SWIGLU_CONFIG, ring=True, delay_release=1)
-              if ring else None)
+    config = mgpu_kernel.on_ring(mgpu_kernel.SWIGLU_CONFIG) if ring else None
     _check("pallas", jnp.bfloat16, 4, 8, 1152, 2048, 1024,
            [(0, 4, 4), (1, 3, 2), (3, 4, 0), (2, 2, 1)], rng, info, config=config)
 
@@ -221,8 +220,7 @@ def test_swiglu_tile_schedules(name):
     config = {
         "rows_split": rows_split,
         "unchained": dataclasses.replace(ops.INTERPRET_CONFIG, chain_tiles=False),
-        "ring": dataclasses.replace(rows_split, ring=True, delay_release=1,
-                                    max_concurrent_steps=3),
+        "ring": dataclasses.replace(mgpu_kernel.on_ring(rows_split), max_concurrent_steps=3),
         "ring_delay0": dataclasses.replace(rows_split, ring=True, max_concurrent_steps=3),
     }[name]
     x, w = _operands(rng, 3, 3, 200, 128, 256, jnp.float32)
