@@ -271,47 +271,27 @@ def bench_shape(
 
 
 M_ = mgpu_kernel.MatmulDimension
-SWEEP = {  # named configs for --sweep (the default is select_config's choice)
-    "default": mgpu_kernel.TuningConfig(),  # 128x256 CTA, 4 stages, chained tiles
-    "unchained": mgpu_kernel.TuningConfig(chain_tiles=False),
-    # measured unchained before chained tiles became the default (3 or 5 stages never chain:
-    # the 32 k-steps of k = 2048 are no multiple of them)
+SWEEP = {  # named configs for --sweep / --ab (the default is select_config's choice)
+    # Every config but ping-pong runs on the ring of stages (kernels/ring_mgpu.py). The A/B runs
+    # up to s14_* timed some of these names on JAX's pipelines (the configs they wrote say
+    # chain_tiles=..., without ring=True).
+    "default": mgpu_kernel.DEFAULT_CONFIG,  # 128x256 CTA, 4 stages, one wgmma group in flight
+    "delay0": dataclasses.replace(mgpu_kernel.DEFAULT_CONFIG, delay_release=0),
     "stages3": mgpu_kernel.TuningConfig(max_concurrent_steps=3),
-    # the cooperative schedule on one ring of stages: chained at any k-steps (kernels/ring_mgpu.py)
-    "ring": mgpu_kernel.RING_CONFIG,
-    "ring_d0": dataclasses.replace(mgpu_kernel.RING_CONFIG, delay_release=0),
-    "ring_wg3_192x192": mgpu_kernel.RING_WIDE_THREE_WG_CONFIG,
-    "ring_wg3_192x128": mgpu_kernel.on_ring(mgpu_kernel.THREE_WG_CONFIG),
-    # ... in 2-CTA clusters along n (the A tile multicast) or m (the B tile)
-    **{f"ring_c{d.name.lower()}": dataclasses.replace(mgpu_kernel.RING_CONFIG,
-                                                      cluster_dimension=d) for d in M_},
-    **{f"ring_wg3_192x192_c{d.name.lower()}": dataclasses.replace(
-        mgpu_kernel.RING_WIDE_THREE_WG_CONFIG, cluster_dimension=d) for d in M_},
-    # 2 stages chain the 3b dw products' 34 k-steps (3 and 4 do not)
     "stages2": mgpu_kernel.TuningConfig(max_concurrent_steps=2),
-    "narrow": mgpu_kernel.TuningConfig(tile_n=64, max_concurrent_steps=5),  # 128x128
-    "grid_m4": mgpu_kernel.TuningConfig(grid_minor_dim=M_.M, grid_tile_width=4,
-                                        chain_tiles=False),
-    "wg_m": mgpu_kernel.TuningConfig(wg_dimension=M_.M, chain_tiles=False),
-    # chained variants (sweep call 1 of grouped_matmul_h200.md named the default "chain")
-    "chain_narrow": mgpu_kernel.TuningConfig(tile_n=64),  # 128x128, 4 stages
-    "chain_grid_m4": mgpu_kernel.TuningConfig(grid_minor_dim=M_.M, grid_tile_width=4),
-    "chain_grid_n4": mgpu_kernel.TuningConfig(grid_tile_width=4),
-    "chain_wg_m": mgpu_kernel.TuningConfig(wg_dimension=M_.M),
+    "narrow": mgpu_kernel.NARROW_CONFIG,  # 128x128, 5 stages
+    "narrow_s4": mgpu_kernel.TuningConfig(tile_n=64),  # 128x128, 4 stages
+    "grid_m4": mgpu_kernel.TuningConfig(grid_minor_dim=M_.M, grid_tile_width=4),
+    "grid_n4": mgpu_kernel.TuningConfig(grid_tile_width=4),
+    "wg_m": mgpu_kernel.TuningConfig(wg_dimension=M_.M),
     # 128 x 192 CTA tiles, split by rows between the two warpgroups (64 x 192 wgmma each):
     # n = 3072 gives 144 tiles per group instead of 108, fewer idle SMs in the last wave.
-    "chain_m64_n192": mgpu_kernel.TuningConfig(tile_m=64, tile_n=192, wg_dimension=M_.M),
-    # clusters of 2 CTAs on neighbouring column tiles, the A tile multicast to both
-    "cluster_n": mgpu_kernel.TuningConfig(cluster_dimension=M_.N),
-    "cluster_n_unchained": mgpu_kernel.TuningConfig(cluster_dimension=M_.N, chain_tiles=False),
-    # one wgmma group in flight per compute warpgroup (stage released a step later; unchained)
-    "delay1": mgpu_kernel.TuningConfig(delay_release=1),
-    "cluster_n_delay1": mgpu_kernel.TuningConfig(cluster_dimension=M_.N, delay_release=1),
+    "m64_n192": mgpu_kernel.TuningConfig(tile_m=64, tile_n=192, wg_dimension=M_.M),
+    # clusters of 2 CTAs on neighbouring column (row) tiles, the A (B) tile multicast to both
+    **{f"cluster_{d.name.lower()}": mgpu_kernel.TuningConfig(cluster_dimension=d) for d in M_},
     # the whole 128 x 128 warpgroup tile staged for the epilogue (no waits on earlier TMA
     # stores inside it), paid for with a stage less
     "stages3_slots4": mgpu_kernel.TuningConfig(max_concurrent_steps=3, epi_slots=4),
-    "delay1_stages3_slots4": mgpu_kernel.TuningConfig(max_concurrent_steps=3, epi_slots=4,
-                                                      delay_release=1),
     # cuBLAS's choice for the 1b attention shapes (nvjet ..._128x128_64x6_2x1): 128 x 128 CTA
     # tiles (two 64 x 128 warpgroups), 6 stages, optionally 2-CTA clusters
     "m64n128_s6": mgpu_kernel.TuningConfig(tile_m=64, tile_n=128, wg_dimension=M_.M,
@@ -374,10 +354,10 @@ def markdown_sweep(rows):
 
 
 # --ab names for the fused gate/up + SwiGLU product (kernels.grouped_matmul_swiglu; its default
-# config, or on the ring of stages with one wgmma group in flight) and its unfused composition
-# (the kernel's gate_up matmul, then XLA's activation pass): gate_up shapes.
-SWIGLU_VARIANTS = {"swiglu": "fused", "swiglu_ring": "fused", "swiglu_unfused": "unfused"}
-SWIGLU_CONFIGS = {"swiglu_ring": mgpu_kernel.on_ring(mgpu_kernel.SWIGLU_CONFIG)}
+# config, or waiting for each k-step's wgmma) and its unfused composition (the kernel's gate_up
+# matmul, then XLA's activation pass): gate_up shapes.
+SWIGLU_VARIANTS = {"swiglu": "fused", "swiglu_delay0": "fused", "swiglu_unfused": "unfused"}
+SWIGLU_CONFIGS = {"swiglu_delay0": dataclasses.replace(mgpu_kernel.SWIGLU_CONFIG, delay_release=0)}
 
 
 @functools.cache

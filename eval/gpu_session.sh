@@ -79,47 +79,13 @@
 #              the second one reading the first one's cache                     (~5 min)
 #   train_4096  both schedules' training steps with the kernels at 4096 tokens (one diagonal of
 #              16 layers needs 16 segments; here there are 4), after the per-window remat  (~4 min)
-#   dw_variants  the dw products at G = 16 (a diagonal training step's; cuBLAS leads there by 5-9 %):
-#              "auto" (the default tiles; timed twice, the run's noise) against ping-pong (3-5 %
-#              ahead on 1b qkv / o / gate_up dw in one run, s8), one wgmma group in flight
-#              (delay1: free on dw, whose 18 / 34 / 66 k-steps are no multiple of 4 stages, so
-#              its tiles never chain anyway), 3 stages (chained at 18 and 66 k-steps) and cuBLAS;
-#              1b, 3b and 8b shapes, 3 rounds                                      (~7 min)
-#   dw_select  select_config's 3-stage choice for the dw products whose k-steps only 3 stages
-#              chain (1b, 8b): its GPU test, then "auto" (timed twice) against the default,
-#              ping-pong and cuBLAS at G = 1 and 16                               (~4 min)
-#   dw_3b      the 3b dw products (34 k-steps: only 2 stages chain them) at G = 1 and 16: the
-#              default (timed twice) against 2 stages, 3 stages, one wgmma group in flight
-#              (delay1) and cuBLAS                                                 (~3 min)
 #   dw_auto    select_config's dw choices (3 stages on 1b / 8b, one wgmma group in flight on 3b):
 #              "auto" (timed twice) against the default and cuBLAS on all twelve dw products at
 #              G = 16                                                             (~4 min)
-#   ring       the cooperative schedule on one hand-written ring of stages (kernels/ring_mgpu.py:
-#              chained tiles at any k-steps, one wgmma group in flight): its GPU tests, then
-#              "auto" (timed twice) against it and cuBLAS on dw products and forward products
-#              at G = 16                                                          (~5 min)
-#   ring2      the ring schedule against "auto" once more, both timed twice: all twelve dw
-#              products, and the 3b / 8b forward products, G = 16                  (~5 min)
-#   ring_all   the ring of stages against "auto" (both timed twice) on every forward and dx product
-#              at G = 16 (the 1b ones on 192 x 192 tiles both ways), and on the dw products at
-#              G = 1, where select_config takes it unmeasured (one wave: unchained, one wgmma
-#              group in flight); runs s13_ring_*, before "auto" became the ring   (~8 min)
-#   ring_check "auto" (the ring of stages on the default tiles since s13) against the default
-#              tiles on JAX's pipelines, both timed twice, and cuBLAS where the ring was not
-#              timed before its choice: 1b gate_up forward and down dx at G = 16, and forward
-#              and dx products at G = 1, 4, 8                                   (~9 min)
-#   ring_cluster the ring of stages in 2-CTA clusters (the shared operand tile multicast; first
-#              compiled on a GPU with this stage): its GPU tests under a timeout, then (if they
-#              passed) "auto" against it on default tiles and on 192 x 192 tiles (along n;
-#              a shape with an odd number of column tiles is refused and reported) and cuBLAS,
-#              forward products at G = 16                                        (~8 min)
-#   ring_wg3   the 192 x 128 tiles of three warpgroups (select_config's choice for few-tile
-#              products: 1b o / down forward, gate_up / down dx, qkv dw and 3b o dw at G = 1) on
-#              the ring of stages against "auto" (JAX's pipelines) and cuBLAS, every 1b product
-#              at G = 1 and 3b o dw                                              (~3 min)
-#   ring_swiglu the fused gate/up + SwiGLU on the ring of stages (first compiled on a GPU with
-#              this stage): its GPU test, then a profiled A/B against the fused kernel on JAX's
-#              pipelines, both timed twice, gate/up shapes at G = 1 and 16        (~4 min)
+# The stages that chose between JAX's pipelines and the ring of stages for the cooperative
+# schedule (ring, ring2, ring_all, ring_check, ring_cluster, ring_wg3, ring_swiglu; dw_variants,
+# dw_select, dw_3b) were removed with JAX's pipelines: their runs in
+# eval/results/grouped_matmul_h200.ab.json name the code revision that has them.
 #   run: bash eval/gpu_session.sh tests; bash eval/gpu_session.sh tests_model fused;
 #        bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
@@ -227,7 +193,7 @@ for stage in "${stages[@]}"; do
              --out "$OUT/train_zero_init/train_bench.json" 2>&1 | quiet \
              | tee "$OUT/train_zero_init.txt" | grep -v "^| " ;;
     wg3) tests_pass wg3 300 2 tests/test_grouped_matmul.py \
-             "gpu_weight_offset and wg3 and not ring and not s3e and not 192x192_c" || continue
+             "gpu_weight_offset and wg3 and not s3e and not 192x192_c" || continue
            C=default,auto,wg3_192x128,wg3_192x192,xla_einsum
            ab wg3 280 --ab $C --ab_groups 1,16 \
              --ab_products fwd,dx,dw --ab_profile --ab_reps 3 \
@@ -281,7 +247,7 @@ for stage in "${stages[@]}"; do
              | tee "$OUT/train_windows_profile.txt" | grep -v "^| " | grep -v "^$" | cut -c1-160 | head -40
            train_bench train_windows_long 0 --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal ;;
-    wg3_cluster) wg3_variants wg3_cluster "wg3_192x192_c and not ring" \
+    wg3_cluster) wg3_variants wg3_cluster "wg3_192x192_c" \
                    wg3_192x192_cm,wg3_192x192_cn ;;
     parity_rest) ab parity_rest 540 --ab auto,wg3_192x192_cm,wg3_192x192_cn,xla_einsum \
              --ab_groups 16 --ab_products fwd,dx --ab_profile --ab_reps 3 \
@@ -302,67 +268,9 @@ for stage in "${stages[@]}"; do
            unset JAX_COMPILATION_CACHE_DIR ;;
     train_4096) train_bench train_4096 400 --tokens 4096 --reps 3 --impls auto \
              --schedules sequential diagonal ;;
-    dw_variants) ab dw_variants 540 --ab \
-             auto,auto#2,pingpong_delay1,delay1,stages3,xla_einsum --ab_groups 16 --ab_products dw \
-             --ab_profile --ab_reps 3 \
-             --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,3b:o,8b:qkv,8b:o,8b:down ;;
-    dw_select)
-      timeout 200 python3 -m pytest -o addopts="" -q -p no:cacheprovider tests/test_grouped_matmul.py \
-        -k "gpu_weight_offset and three_stages" 2>&1 | quiet | tail -3 | tee "$OUT/dw_select_tests.txt"
-      ab dw_select 420 --ab default,auto,auto#2,pingpong_delay1,xla_einsum --ab_groups 1,16 \
-             --ab_products dw --ab_profile --ab_reps 3 \
-             --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,8b:qkv,8b:o,8b:down ;;
-    dw_3b) ab dw_3b 420 --ab default,default#2,stages2,stages3,delay1,xla_einsum --ab_groups 1,16 \
-             --ab_products dw --ab_profile --ab_reps 3 --ab_shapes 3b:qkv,3b:o,3b:gate_up,3b:down ;;
     dw_auto) ab dw_auto 480 --ab default,auto,auto#2,xla_einsum --ab_groups 16 --ab_products dw \
              --ab_profile --ab_reps 3 --ab_shapes \
              1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,3b:o,3b:gate_up,3b:down,8b:qkv,8b:o,8b:gate_up,8b:down ;;
-    ring)
-      timeout 150 python3 -m pytest -o addopts="" -q -p no:cacheprovider tests/test_grouped_matmul.py \
-        -k "gpu_weight_offset and ring" 2>&1 | quiet > "$OUT/ring_tests_full.txt"
-      tail -3 "$OUT/ring_tests_full.txt" | tee "$OUT/ring_tests.txt"
-      grep -q "3 passed" "$OUT/ring_tests.txt" || { echo "ring: tests did not pass"; exit 1; }
-      ab ring_dw 200 --ab auto,auto#2,ring,ring_d0,xla_einsum --ab_groups 16 --ab_products dw \
-             --ab_profile --ab_reps 3 --ab_shapes 1b:qkv,1b:gate_up,3b:qkv,3b:down,8b:o,8b:down
-      ab ring_fwd 200 --ab auto,auto#2,ring,ring_wg3_192x192,xla_einsum --ab_groups 16 \
-             --ab_products fwd --ab_profile --ab_reps 3 --ab_shapes 1b:qkv,1b:o,3b:o,8b:o,8b:down ;;
-    ring2)
-      ab ring2_dw 200 --ab auto,ring,ring#2,xla_einsum --ab_groups 16 --ab_products dw \
-             --ab_profile --ab_reps 3 --ab_shapes \
-             1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,3b:o,3b:gate_up,3b:down,8b:qkv,8b:o,8b:gate_up,8b:down
-      ab ring2_fwd 170 --ab auto,auto#2,ring,ring#2,xla_einsum --ab_groups 16 --ab_products fwd \
-             --ab_profile --ab_reps 3 --ab_shapes 3b:qkv,3b:o,3b:down,8b:qkv,8b:o,8b:down ;;
-    ring_all)
-      ab ring_all_1b 150 --ab auto,auto#2,ring_wg3_192x192,ring_wg3_192x192#2,xla_einsum \
-             --ab_groups 16 --ab_products fwd,dx --ab_profile --ab_reps 3 \
-             --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down
-      ab ring_all_3b_8b 300 --ab auto,auto#2,ring,ring#2,xla_einsum --ab_groups 16 \
-             --ab_products fwd,dx --ab_profile --ab_reps 3 \
-             --ab_shapes 3b:qkv,3b:o,3b:gate_up,3b:down,8b:qkv,8b:o,8b:gate_up,8b:down
-      ab ring_all_dw_g1 100 --ab default,auto,auto#2,xla_einsum --ab_groups 1 --ab_products dw \
-             --ab_profile --ab_reps 3 --ab_shapes 1b:o,1b:gate_up,1b:down,3b:qkv,8b:o,8b:down ;;
-    ring_check)
-      ab ring_check_g16 150 --ab default,auto,default#2,auto#2,xla_einsum --ab_groups 16 \
-             --ab_products fwd,dx --ab_profile --ab_reps 3 --ab_shapes 1b:gate_up,1b:down
-      ab ring_check_groups 420 --ab default,auto,default#2,auto#2,xla_einsum --ab_groups 1,4,8 \
-             --ab_products fwd,dx --ab_profile --ab_reps 3 \
-             --ab_shapes 1b:gate_up,3b:qkv,3b:o,3b:down,8b:o,8b:down ;;
-    ring_cluster)
-      tests_pass ring_cluster 300 3 tests/test_grouped_matmul.py \
-        "gpu_weight_offset and (ring_cluster or ring_wg3_192x192_c)" || continue
-      ab ring_cluster 270 --ab auto,auto#2,ring_cn,ring_wg3_192x192_cn,xla_einsum \
-             --ab_groups 16 --ab_products fwd --ab_profile --ab_reps 3 \
-             --ab_shapes 1b:qkv,1b:o,3b:qkv,3b:o,8b:qkv,8b:o,8b:gate_up,8b:down ;;
-    ring_wg3)
-      ab ring_wg3_1b 150 --ab auto,auto#2,ring_wg3_192x128,ring_wg3_192x128#2,xla_einsum \
-             --ab_groups 1 --ab_products fwd,dx,dw --ab_profile --ab_reps 3 \
-             --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down
-      ab ring_wg3_3b 60 --ab auto,auto#2,ring_wg3_192x128,ring_wg3_192x128#2,xla_einsum \
-             --ab_groups 1 --ab_products dw --ab_profile --ab_reps 3 --ab_shapes 3b:o ;;
-    ring_swiglu)
-      tests_pass ring_swiglu 200 2 tests/test_swiglu.py gpu_swiglu_compiled || continue
-      ab ring_swiglu 200 --ab swiglu,swiglu_ring,swiglu#2,swiglu_ring#2 --ab_groups 1,16 \
-             --ab_profile --ab_reps 3 --ab_shapes 1b:gate_up,3b:gate_up,8b:gate_up ;;
     train_seq_remat) train_bench train_seq_remat 330 --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal
            train_bench train_seq_remat_16k 200 --tokens 16384 --reps 3 --impls auto \
@@ -373,8 +281,7 @@ for stage in "${stages[@]}"; do
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
-            "dw_variants, dw_select, dw_3b, dw_auto, ring, ring2, ring_all, ring_check," \
-            "ring_cluster, ring_wg3, ring_swiglu)"
+            "dw_auto)"
        exit 2 ;;
   esac
 done

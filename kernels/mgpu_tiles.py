@@ -1,7 +1,6 @@
 """Tile arithmetic, the output tile's store and the two sides of a hand-written ring of pipeline
-stages, shared by the schedules of the Hopper grouped matmul (the cooperative one in
-grouped_matmul_mgpu.py and, on one ring of stages, in ring_mgpu.py; the ping-pong one in
-pingpong_mgpu.py)."""
+stages, shared by the two schedules of the Hopper grouped matmul (the cooperative one in
+ring_mgpu.py, the ping-pong one in pingpong_mgpu.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The cooperative schedule of the Hopper grouped matmul on one ring of stages
-(``TuningConfig.ring``)."""
+"""The cooperative schedule of the Hopper grouped matmul (every ``TuningConfig`` without
+``pingpong``), on one hand-written ring of stages."""
 
 from __future__ import annotations
 
@@ -19,19 +19,18 @@ _MEMORY_REGISTERS = 40
 
 def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, dims,
                 transpose_lhs: bool, transpose_rhs: bool, swiglu: bool = False):
-    """The cooperative schedule (the compute warpgroups share each CTA tile, as in
-    grouped_matmul_mgpu._kernel) with its pipeline written out: the memory warpgroup fills one
-    ring of stages with the k-steps of all the CTA's tiles in order, so the next tile's loads
-    run under this tile's last k-steps and its epilogue at any number of k-steps. JAX's
-    pipeline of pipelines (the other kernel's chained tiles) needs the k-steps to be a multiple
-    of the stages and no delayed release; the dw products' 18 / 34 / 66 k-steps are not. With
-    ``delay_release = 1`` each warpgroup keeps one wgmma group in flight and releases a stage a
-    k-step later.
+    """The cooperative schedule: the compute warpgroups share each CTA tile (each owns its
+    tile_m x tile_n part), fed by a pipeline written out by hand: the memory warpgroup fills
+    one ring of stages with the k-steps of all the CTA's tiles in order, so the next tile's
+    loads run under this tile's last k-steps and its epilogue, at any number of k-steps. (JAX's
+    pipeline of pipelines, on which an earlier implementation ran this schedule, chains tiles
+    only where the k-steps are a multiple of the stages and without a delayed release; the dw
+    products' 18 / 34 / 66 k-steps are not.) With ``delay_release = 1`` each warpgroup keeps
+    one wgmma group in flight and releases a stage a k-step later.
 
     With ``swiglu`` (no transposes) B holds [gate | up] columns: each stage holds the gate and
     the up tile of the output columns, each compute warpgroup keeps a gate and an up
-    accumulator, and the epilogue stores ``silu(gate) * up`` (as the other kernel's fused
-    SwiGLU).
+    accumulator, and the epilogue stores ``silu(gate) * up``.
 
     With ``cluster_dimension`` the CTAs run in clusters of two on neighbouring tiles along it
     (the work items are the pairs), and the operand tile they share (A along n, B along m) is

@@ -29,9 +29,11 @@ class MatmulDimension(enum.IntEnum):
 class TuningConfig:
     """Block sizes and schedule of the Hopper grouped matmul.
 
-    tile_m x tile_n is the tile of ONE compute warpgroup; the CTA tile is
-    ``compute_wgs`` times as large along ``wg_dimension`` (cooperative: the compute
-    warpgroups share one CTA tile; with ``pingpong`` two warpgroups take a tile each).
+    Two schedules: the cooperative one (kernels/ring_mgpu.py: the compute warpgroups share
+    each CTA tile, fed by one ring of stages over all of the CTA's tiles) and, with
+    ``pingpong``, kernels/pingpong_mgpu.py. tile_m x tile_n is the tile of ONE compute
+    warpgroup; the CTA tile is ``compute_wgs`` times as large along ``wg_dimension``
+    (cooperative), or the warpgroup tile itself (ping-pong: two warpgroups take a tile each).
     """
 
     tile_m: int = 128
@@ -43,16 +45,13 @@ class TuningConfig:
     grid_minor_dim: MatmulDimension = MatmulDimension.N
     grid_tile_width: int = 1
     wg_dimension: MatmulDimension = MatmulDimension.N
-    # Chain the tile pipelines of a CTA (no fill bubble between tiles). Used
-    # only where the k-steps are a multiple of max_concurrent_steps.
-    chain_tiles: bool = True
     # Clusters of 2 CTAs on neighbouring tiles along this dimension, sharing the
     # other operand's tile by TMA multicast (N: the A tile, M: the B tile).
     cluster_dimension: MatmulDimension | None = None
-    # Keep this many wgmma groups in flight before releasing a stage to the
-    # memory warpgroup (0: wait for each k-step's wgmma). Pipelines of pipelines
-    # do not support it, so delay_release > 0 runs the tiles unchained.
-    delay_release: int = 0
+    # Keep this many wgmma groups in flight (0 or 1) before releasing a stage to the memory
+    # warpgroup: with 1, a stage is released a k-step later and the tensor cores never wait for
+    # the release (H200: 2-15 % faster on the dw products at G = 1, level to 2 % on the others).
+    delay_release: int = 1
     # Shared-memory slots per compute warpgroup for the epilogue's TMA stores:
     # with fewer slots than epilogue tiles the epilogue waits for earlier stores.
     epi_slots: int = 2
@@ -66,9 +65,6 @@ class TuningConfig:
     # 192 x 192 at G = 16 (400 full waves). (64 x 96 warpgroup tiles, cuBLAS's 192 x 96, do not
     # lower: Mosaic finds no layout for a 96-column B tile stored n-minor.)
     compute_wgs: int = 2
-    # The cooperative schedule on one hand-written ring of stages over all of a CTA's tiles
-    # (kernels/ring_mgpu.py): the tiles chain at any number of k-steps, with delay_release too.
-    ring: bool = False
 
     @property
     def num_compute_wgs(self) -> int:
@@ -87,12 +83,6 @@ class TuningConfig:
     def cta_tile_n(self) -> int:
         return self.tile_n * (self._split if self.wg_dimension == MatmulDimension.N else 1)
 
-    def chains(self, k_iters: int) -> bool:
-        """Whether tiles with k_iters k-steps run as a pipeline of pipelines: it needs
-        whole rounds of stages per tile and no delayed release."""
-        return (self.chain_tiles and self.delay_release == 0
-                and k_iters % self.max_concurrent_steps == 0)
-
     @property
     def num_out_slots(self) -> int:
         epi_tiles = (self.tile_m * self.tile_n) // (self.epi_tile_m * self.epi_tile_n)
@@ -110,14 +100,32 @@ class TuningConfig:
         return pipe + out + 1024  # barriers and alignment slack
 
 
-DEFAULT_CONFIG = TuningConfig()  # CTA tile 128 x 256, 4 stages
+# Every cooperative config runs on one hand-written ring of stages over all of a CTA's tiles
+# (kernels/ring_mgpu.py), which chains the tiles at any number of k-steps, with one wgmma group
+# in flight. Until the runs s14_* a second implementation ran them on JAX's pipelines
+# (plgpu.emit_pipeline_warp_specialized; tiles chained by a pipeline of pipelines only where
+# the k-steps were a multiple of the stages, without the delayed release). H200 A/B, device
+# time (eval/results/grouped_matmul_h200.md, runs s12_* to s14_*), ring against it:
+# - dw, whose reduction runs over the diagonal's rows (18 / 34 / 66 k-steps, which the
+#   pipelines could not chain): faster on every product but gate/up (level), e.g. 1b qkv dw
+#   314-316 vs 322-349 us at G = 16, 1b gate_up dw 114-115 vs 134 us at G = 1;
+# - forward and dx on the default tiles: 0.5-2.2 % faster in 11 of 12 forward comparisons
+#   (3b / 8b, G = 16), level on dx (-1.0 to +0.9 %) and at G = 4, 8;
+# - 192 x 192 tiles (1b, G = 16) -2.4 to +0.4 %; in 2-CTA clusters along n (8b qkv / gate_up
+#   forward at G = 1, 8, 16) within 0.5 %, but 8b gate_up at G = 8, where the pipelines' two
+#   timings differed by 4.3 % and the ring's fell between them;
+# - 192 x 128 tiles at G = 1 (the eight few-tile products select_config gives them): level on
+#   six, 1b qkv dw 23 vs 24 us, 3b o dw 56-57 vs 59 us;
+# - the fused SwiGLU at G = 16: 1.8 % (1b), 1.9 % (3b), 0.7-1.0 % (8b) faster; level at G = 1.
+# The 128 x 128 tiles (NARROW_CONFIG; no diagonal shape takes them) were not timed on it.
+DEFAULT_CONFIG = TuningConfig()  # CTA tile 128 x 256, 4 stages, one wgmma group in flight
 NARROW_CONFIG = TuningConfig(tile_n=64, max_concurrent_steps=5)  # 128 x 128
 # Fused SwiGLU (gate and up tiles per k-step): 128 x 128 output tiles, each warpgroup
 # 64 rows with a gate and an up accumulator (64 x 128 each), 4 stages of 48 KiB.
 SWIGLU_CONFIG = TuningConfig(tile_m=64, tile_n=128, wg_dimension=MatmulDimension.M)
 # Ping-pong: 128 x 128 tiles per warpgroup, 6 stages (cuBLAS's nvjet ..._128x128_64x6 shape),
 # one wgmma group in flight (without it the schedule ran at 0.82-0.86x of this one on the H200).
-PINGPONG_CONFIG = TuningConfig(pingpong=True, max_concurrent_steps=6, delay_release=1)
+PINGPONG_CONFIG = TuningConfig(pingpong=True, max_concurrent_steps=6)
 # Three compute warpgroups of 64 x 128 rows (192 x 128 CTA tiles, 4 stages), and how much less
 # time ``tile_cost`` must promise before select_config picks them over the default.
 THREE_WG_CONFIG = TuningConfig(tile_m=64, tile_n=128, wg_dimension=MatmulDimension.M,
@@ -163,35 +171,6 @@ THREE_WG_VARIANTS = {
     # 2-CTA clusters along n / m (WIDE_CLUSTER_CONFIGS): "wg3_192x192_cn", "wg3_192x192_cm".
     **{f"wg3_192x192_c{c.cluster_dimension.name.lower()}": c for c in WIDE_CLUSTER_CONFIGS},
 }
-# The cooperative schedule on one ring of stages (kernels/ring_mgpu.py): chained tiles at any
-# number of k-steps and one wgmma group in flight; on the default tiles and on 192 x 192 ones.
-# select_config runs every cooperative product on it but the 192 x 128 and 128 x 128 tiles and
-# the clusters (served, not yet timed): RING_CONFIG where the default tiles were chosen,
-# RING_WIDE_THREE_WG_CONFIG where the 192 x 192 ones were. H200 A/B, device us
-# (eval/results/grouped_matmul_h200.md, runs s12_* and s13_*):
-# - dw (taken first, 1587ce4): the reduction runs over the diagonal's rows (m = 1152 / 2176 /
-#   4224: 18 / 34 / 66 k-steps), which JAX's pipeline of pipelines (it needs a multiple of the
-#   stages) could not chain: each tile ran as a pipeline of its own. 3 stages (which chain 18
-#   and 66) beat the default in 19 of 19 comparisons (0.9-7.5 %), one wgmma group in flight on
-#   the 3b dw in 9 of 9 (0.6-3.2 %); the ring beat those choices: 1b qkv dw 314-316 vs 322-349,
-#   o 218-221 vs 232, down 828 vs 857, 3b qkv 1396-1401 vs 1420-1447, down 2346-2352 vs
-#   2398-2407, 8b o 2899-2934 vs 2969-3008, down 11163-11492 vs 11623-11747; level on the
-#   gate/up dw. At G = 1 (s13_ring_dw_g1, the default timed first): 1b gate_up dw 114-115
-#   vs 134, down 56 vs 59, 3b qkv 99-100 vs 105, 8b o 186-187 vs 192, 8b down 676-677 vs 690.
-# - forward and dx at G = 16 (s12_ring*, s13_ring_*), against the JAX-pipeline choice's second
-#   timing (its first, traced right after the XLA path, read up to 1.15x slow): on the 3b /
-#   8b default tiles the ring was faster in 11 of 12 forward comparisons (by 0.5-2.2 %; 3b
-#   gate_up 0.6 % slower once; e.g. 3b o 840-842 vs 846-849, 8b o 2898-2900 vs 2926-2932) and
-#   level on the dx products (-1.0 to +0.9 %, one run); the 192 x 192 ring tiles on the 1b
-#   products -2.4 to +0.4 % (two runs). Not timed: the ring on 1b gate_up forward and down dx
-#   (default tiles), and forward and dx at G < 16.
-def on_ring(config: TuningConfig) -> TuningConfig:
-    """``config``'s tiles on the ring of stages, with one wgmma group in flight."""
-    return dataclasses.replace(config, ring=True, delay_release=1)
-
-
-RING_CONFIG = on_ring(DEFAULT_CONFIG)
-RING_WIDE_THREE_WG_CONFIG = on_ring(WIDE_THREE_WG_CONFIG)
 # How much better the ping-pong schedule must fill the last wave of tiles than the default one
 # before select_config picks it: at equal fill it ran 1-2 % slower (3b qkv/o, 1b gate_up).
 PINGPONG_MIN_WAVE_GAIN = 0.025
@@ -233,7 +212,8 @@ def select_config(
 ) -> TuningConfig:
     """Block sizes and schedule for one problem (G, M, K, N) on an H100/H200, by rules fitted
     to profiled A/B runs on an H200 (device time; eval/results/grouped_matmul_h200.md has
-    every run, the constants' comments above the figures behind each rule). In order:
+    every run, the constants' comments above the figures behind each rule). Every config
+    but ping-pong runs on the ring of stages (kernels/ring_mgpu.py). In order:
 
     1. ``NARROW_CONFIG`` (128 x 128 tiles) where n is no multiple of 256 but of 128.
     2. ``THREE_WG_CONFIG`` (192 x 128 tiles of three warpgroups) where ``tile_cost`` promises
@@ -241,24 +221,20 @@ def select_config(
        1b products with n = 2048 at G <= 4, with n = 8192 at G = 1, and the 1b qkv and 3b o
        dw at G = 1 (1.2-1.3x the default's speed at G = 1).
     3. Forward and dx products with whole 192-row tiles spanning >= ``WIDE_THREE_WG_MIN_WAVES``
-       waves of default tiles: ``RING_WIDE_THREE_WG_CONFIG`` (192 x 192 tiles on the ring of
-       stages) where ``tile_cost`` is at most the default's (the 1b shapes at G = 16), else
-       ``WIDE_CLUSTER_N_CONFIG`` (the same tiles in 2-CTA clusters on JAX's pipelines) where
+       waves of default tiles: ``WIDE_THREE_WG_CONFIG`` (192 x 192 tiles) where
+       ``tile_cost`` is at most the default's (the 1b shapes at G = 16), else
+       ``WIDE_CLUSTER_N_CONFIG`` (the same tiles in 2-CTA clusters) where
        it is at most ``WIDE_CLUSTER_MAX_COST_RATIO`` of it and the column tiles pair up (8b qkv
        and gate/up).
     4. ``PINGPONG_CONFIG`` for forward products where its half-size work items fill the last
        wave of tiles at least ``PINGPONG_MIN_WAVE_GAIN`` better than the default's (e.g. 1b qkv
        at G = 4, 1b and 3b gate_up at G = 1); at equal fill it ran 1-2 % slower.
-    5. Otherwise ``RING_CONFIG``: the default 128 x 256 tiles, 4 stages, on one ring of stages
-       over all of a CTA's tiles (chained at any number of k-steps, one wgmma group in flight).
-       It beat JAX's chained pipelines on the dw products (whose 18 / 34 / 66 k-steps those
-       could not chain) by 2-15 %, and on the 3b / 8b forward products by 0.5-2.2 % in 11 of
-       12 comparisons; level on dx.
+    5. Otherwise ``DEFAULT_CONFIG``: 128 x 256 tiles, 4 stages, one wgmma group in flight.
 
     At full load this runs at 0.97-1.03x cuBLAS's speed on the forward and dx products of the
     Llama-1B/3B/8B diagonal shapes, 0.91-1.03x on dw. Tried and not chosen (within noise or
-    slower): 3 stages, unchained tiles, 128 x 128 tiles with 4 or 6 stages (cuBLAS's choice
-    for the 1b attention shapes), 256 x 128 and row-split 128 x 192 tiles, other grid orders,
+    slower): 3 stages, unchained tiles (on JAX's pipelines), 128 x 128 tiles with 4 or 6 stages
+    (cuBLAS's choice for the 1b attention shapes), 256 x 128 and row-split 128 x 192 tiles, other grid orders,
     clusters on the default tiles, a whole staged epilogue tile, 192 x 192 tiles with 3 stages,
     ping-pong on dw, CTAs of one compute warpgroup (0.71-0.79x; removed), 192 x 256 tiles
     (failed on the GPU; removed) and a second, narrow kernel picked per call by ``lax.cond``
@@ -279,8 +255,8 @@ def select_config(
     if (not transpose_lhs and m % WIDE_THREE_WG_CONFIG.cta_tile_m == 0
             and _num_tiles(DEFAULT_CONFIG, num_groups, m, n) >= WIDE_THREE_WG_MIN_WAVES * num_sms):
         wide_cost = cost(WIDE_THREE_WG_CONFIG)
-        if wide_cost <= cost(DEFAULT_CONFIG) and serves(RING_WIDE_THREE_WG_CONFIG):
-            return RING_WIDE_THREE_WG_CONFIG
+        if wide_cost <= cost(DEFAULT_CONFIG) and serves(WIDE_THREE_WG_CONFIG):
+            return WIDE_THREE_WG_CONFIG
         if (wide_cost <= WIDE_CLUSTER_MAX_COST_RATIO * cost(DEFAULT_CONFIG)
                 and serves(WIDE_CLUSTER_N_CONFIG)):
             return WIDE_CLUSTER_N_CONFIG
@@ -292,8 +268,7 @@ def select_config(
         if (n % PINGPONG_CONFIG.cta_tile_n == 0
                 and fill(PINGPONG_CONFIG) - fill(DEFAULT_CONFIG) >= PINGPONG_MIN_WAVE_GAIN):
             return PINGPONG_CONFIG
-    # The ring schedule serves whatever the default serves (same tiles, stages, shared memory).
-    return RING_CONFIG
+    return DEFAULT_CONFIG
 
 
 def problem_dims(a_shape, b_shape, transpose_lhs, transpose_rhs, swiglu=False):
@@ -340,10 +315,8 @@ def unsupported_reason(
         return f"output dtype {out_dtype} != input dtype {dtype}"
     _, m, k, n = problem_dims(a_shape, b_shape, transpose_lhs, transpose_rhs, swiglu)
     c = config
-    if swiglu and (transpose_lhs or transpose_rhs or c.cluster_dimension is not None
-                   or (c.delay_release and not c.ring)):
-        return ("fused SwiGLU: no transposed operands or clusters; a delayed release only on"
-                " the ring of stages")
+    if swiglu and (transpose_lhs or transpose_rhs or c.cluster_dimension is not None):
+        return "fused SwiGLU: no transposed operands or clusters"
     # Minor (contiguous) dims are tiled by the 128-byte swizzle (64 elements),
     # major dims by 8 rows; TMA handles the ragged remainder of major dims.
     minor_a, major_a = (m, k) if transpose_lhs else (k, m)
@@ -364,12 +337,11 @@ def unsupported_reason(
     if c.compute_wgs not in (2, 3) or (c.compute_wgs == 3 and (
             c.pingpong or swiglu or c.wg_dimension != MatmulDimension.M)):
         return f"compute_wgs={c.compute_wgs}: 2, or 3 splitting rows (no ping-pong, fused SwiGLU)"
-    if not 0 <= c.delay_release < c.max_concurrent_steps:
-        return f"delay_release={c.delay_release} not in [0, {c.max_concurrent_steps})"
-    if c.pingpong and (swiglu or c.delay_release > 1 or c.cluster_dimension is not None):
-        return "ping-pong: delay_release 0 or 1; no fused SwiGLU or clusters"
-    if c.ring and (c.pingpong or c.delay_release > 1):
-        return "ring of stages: cooperative only, delay_release 0 or 1"
+    if c.delay_release not in (0, 1) or c.delay_release >= c.max_concurrent_steps:
+        return (f"delay_release={c.delay_release}: 0 or 1 wgmma groups in flight, fewer than"
+                f" the {c.max_concurrent_steps} stages")
+    if c.pingpong and (swiglu or c.cluster_dimension is not None):
+        return "ping-pong: no fused SwiGLU or clusters"
     if c.smem_bytes(dtype.itemsize, out_dtype.itemsize, 1 + swiglu) > _SMEM_BYTES:
         return "config exceeds shared memory"
     if c.cluster_dimension == MatmulDimension.N and pl.cdiv(n, c.cta_tile_n) % 2:

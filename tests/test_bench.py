@@ -135,42 +135,55 @@ def test_parity_points_take_todays_config_and_cublas():
     """eval.plot_results.parity_points: a run's product counts where it timed XLA's plain einsum
     and a kernel config equal to today's select_config choice (by the rows' device times; a dx
     product's choice is the one for the transposed weights; a config written before a field
-    existed takes that field's default); other configs and partial loads are left out."""
+    existed takes that field's default); other configs, configs that ran the cooperative
+    schedule on JAX's pipelines (rows written with chain_tiles, without ring=True) and partial
+    loads are left out."""
+    import dataclasses
+
     from eval.plot_results import config_fields, parity_points
-    from kernels.tuning import (DEFAULT_CONFIG, RING_CONFIG, RING_WIDE_THREE_WG_CONFIG,
-                                WIDE_CLUSTER_N_CONFIG, select_config)
+    from kernels.tuning import (DEFAULT_CONFIG, PINGPONG_CONFIG, WIDE_CLUSTER_N_CONFIG,
+                                WIDE_THREE_WG_CONFIG, select_config)
 
     def row(shape, m, k, n, name, config, us, active=16, model="1b"):
         return {"model": model, "shape": shape, "m": m, "k": k, "n": n, "G": 16, "active": active,
-                "config": str(config) if config else "",
+                "config": config if isinstance(config, str) else str(config) if config else "",
                 "note": f"ab {name} | device {us} us/call = 1 TF/s: kernel {us} us"}
 
-    assert select_config(16, 1152, 2048, 3072, num_sms=132) == RING_WIDE_THREE_WG_CONFIG
-    assert select_config(16, 1152, 2048, 8192, transpose_rhs=True, num_sms=132) == RING_CONFIG
-    rows = [row("qkv", 1152, 2048, 3072, "auto", RING_WIDE_THREE_WG_CONFIG, 300),
-            row("qkv", 1152, 2048, 3072, "auto#2", RING_WIDE_THREE_WG_CONFIG, 310),
-            row("qkv", 1152, 2048, 3072, "default", DEFAULT_CONFIG, 100),    # not today's choice
+    def written_before_s14(config, ring):
+        """``config`` as a run wrote it while the cooperative schedule had two implementations."""
+        return str(config)[:-1] + f", chain_tiles=True, ring={ring})"
+
+    wide, cluster = WIDE_THREE_WG_CONFIG, WIDE_CLUSTER_N_CONFIG
+    assert select_config(16, 1152, 2048, 3072, num_sms=132) == wide
+    assert select_config(16, 1152, 2048, 8192, transpose_rhs=True, num_sms=132) == DEFAULT_CONFIG
+    assert select_config(16, 4224, 4096, 28672, num_sms=132) == cluster
+    no_epi_slots = str(DEFAULT_CONFIG).replace(", epi_slots=2", "")   # before that field
+    assert no_epi_slots != str(DEFAULT_CONFIG)
+    rows = [row("qkv", 1152, 2048, 3072, "auto", wide, 300),
+            row("qkv", 1152, 2048, 3072, "wg3_192x192", written_before_s14(wide, True), 310),
+            row("qkv", 1152, 2048, 3072, "auto", written_before_s14(wide, False), 100),
+            row("qkv", 1152, 2048, 3072, "delay0", dataclasses.replace(wide, delay_release=0), 90),
             row("qkv", 1152, 2048, 3072, "xla_einsum", None, 294),
-            row("down dx", 1152, 2048, 8192, "ring", RING_CONFIG, 800),
+            row("down dx", 1152, 2048, 8192, "default", no_epi_slots, 800),
             row("down dx", 1152, 2048, 8192, "xla_einsum", None, 808),
-            row("o", 1152, 2048, 2048, "auto", RING_WIDE_THREE_WG_CONFIG, 50, active=4),
-            row("o", 1152, 2048, 2048, "xla_einsum", None, 200, active=4)]
-    # a run from before a TuningConfig field existed wrote its config without it (the field's
-    # default is what it ran): it still counts, and a config at another value does not. The
-    # clustered 192 x 192 tiles (8b gate/up) are today's choice and not on the ring.
-    old_cluster = str(WIDE_CLUSTER_N_CONFIG).replace(", ring=False", "")
-    assert "ring" not in old_cluster and old_cluster != str(WIDE_CLUSTER_N_CONFIG)
-    rows += [row("gate_up", 4224, 4096, 28672, "wg3_192x192_cn", None, 22000, model="8b"),
-             row("gate_up", 4224, 4096, 28672, "ring", RING_CONFIG, 1, model="8b"),
-             row("gate_up", 4224, 4096, 28672, "xla_einsum", None, 21800, model="8b")]
-    rows[-3]["config"] = old_cluster
-    assert select_config(16, 4224, 4096, 28672, num_sms=132) == WIDE_CLUSTER_N_CONFIG
+            row("o", 1152, 2048, 2048, "auto", wide, 50, active=4),
+            row("o", 1152, 2048, 2048, "xla_einsum", None, 200, active=4),
+            row("gate_up", 4224, 4096, 28672, "auto", written_before_s14(cluster, False), 20000,
+                model="8b"),
+            row("gate_up", 4224, 4096, 28672, "wg3_192x192_cn", cluster, 22000, model="8b"),
+            row("gate_up", 4224, 4096, 28672, "xla_einsum", None, 21800, model="8b"),
+            row("down", 4224, 14336, 4096, "auto", written_before_s14(DEFAULT_CONFIG, False),
+                10000, model="8b"),
+            row("down", 4224, 14336, 4096, "xla_einsum", None, 10900, model="8b")]
     report = {"runs": {"r1": {"date": "2026-11-29T17:00", "code": "abc", "rows": rows}}}
     got = {p["product"]: p["speed_vs_cublas"] for p in parity_points(report)}
     assert got == pytest.approx({"1b qkv": 294 / 305, "1b down dx": 808 / 800,
                                  "8b gate_up": 21800 / 22000})
-    assert config_fields("") is None and config_fields(old_cluster) == config_fields(
-        str(WIDE_CLUSTER_N_CONFIG))
+    assert config_fields("") is None
+    assert config_fields(no_epi_slots) == config_fields(str(DEFAULT_CONFIG))
+    # the ping-pong kernel is the same before and after
+    assert config_fields(written_before_s14(PINGPONG_CONFIG, False)) == config_fields(
+        str(PINGPONG_CONFIG))
 
 
 def test_profile_names_the_source_of_each_kernel():

@@ -138,7 +138,7 @@ def test_wave_fill_and_the_ping_pong_choice():
     assert fill(0, 132) == 1.0 and fill(132, 132) == 1.0 and fill(264, 132) == 1.0
     assert fill(133, 132) == pytest.approx(133 / 264) and fill(66, 132) == 0.5
     pick = lambda *dims, **kw: mgpu_kernel.select_config(*dims, num_sms=132, **kw)
-    pp, default = mgpu_kernel.PINGPONG_CONFIG, mgpu_kernel.RING_CONFIG   # default tiles, ring
+    pp, default = mgpu_kernel.PINGPONG_CONFIG, mgpu_kernel.DEFAULT_CONFIG
     # 4 x 9 x 12 = 432 CTA tiles: 3.27 waves (fill 0.818); 864 items: 6.5 (fill 0.935). (At
     # G = 16, 1b qkv's 1728 tiles fill 0.935 against ping-pong's 0.970, but the 192 x 192 tiles,
     # checked first, take it: test_wide_three_warpgroup_choice.)
@@ -195,10 +195,8 @@ def test_wide_three_warpgroup_choice():
     the 3b / 8b ones (cost 1.01-1.08, 0.3-5.6 % slower), not dw (slower), not G <= 8."""
     pick = lambda *dims, tl=False, tr=False: mgpu_kernel.select_config(
         *dims, transpose_lhs=tl, transpose_rhs=tr, num_sms=132)
-    wide = mgpu_kernel.RING_WIDE_THREE_WG_CONFIG   # on the ring of stages
-    assert (wide.cta_tile_m, wide.cta_tile_n) == (192, 192) and wide.ring
-    assert dataclasses.replace(wide, ring=False, delay_release=0) == (
-        mgpu_kernel.WIDE_THREE_WG_CONFIG)
+    wide = mgpu_kernel.WIDE_THREE_WG_CONFIG
+    assert (wide.cta_tile_m, wide.cta_tile_n) == (192, 192)
     for dims in [(16, 1152, 2048, 3072), (16, 1152, 2048, 2048), (16, 1152, 8192, 2048)]:
         assert pick(*dims) == wide, dims                          # 1b qkv, o, down
     for dims in [(16, 1152, 3072, 2048), (16, 1152, 2048, 2048), (16, 1152, 16384, 2048)]:
@@ -235,7 +233,7 @@ def test_wide_cluster_choice():
     for c in (along_n, along_m):
         assert (c.cta_tile_m, c.cta_tile_n) == (192, 192)
         assert dataclasses.replace(c, cluster_dimension=None) == mgpu_kernel.WIDE_THREE_WG_CONFIG
-    default = mgpu_kernel.RING_CONFIG   # the default tiles, on the ring of stages
+    default = mgpu_kernel.DEFAULT_CONFIG
     for g in (1, 8, 16):
         assert pick(g, 4224, 4096, 28672) == along_n, g         # 8b gate/up (28 waves at G = 1)
     for g in (8, 16):
@@ -250,7 +248,7 @@ def test_wide_cluster_choice():
     assert pick(16, 4096, 4224, 6144, tl=True) == default       # 8b qkv dw
     assert pick(16, 2176, 3072, 16384) == default               # 3b gate/up: ragged rows
     assert pick(16, 1152, 2048, 16384) == default               # 1b gate/up: cost 1.0125
-    assert pick(16, 1152, 2048, 3072) == mgpu_kernel.RING_WIDE_THREE_WG_CONFIG   # 1b qkv: 0.96
+    assert pick(16, 1152, 2048, 3072) == mgpu_kernel.WIDE_THREE_WG_CONFIG   # 1b qkv: 0.96
     # along n needs an even number of column tiles, along m an even number of row tiles
     why = lambda c, m, n: mgpu_kernel.unsupported_reason(
         (16, m, 4096), (16, 4096, n), jnp.bfloat16, jnp.bfloat16, config=c)
@@ -280,59 +278,28 @@ def test_every_choice_serves_its_product():
                     assert why is None, (model, name, product, g, cfg, why)
 
 
-def test_cooperative_choice_is_the_ring_of_stages():
-    """select_config runs the cooperative default and 192 x 192 tiles on the ring of stages,
-    forward, dx and dw: on the dw products (the diagonal's rows / 64 = 18, 34, 66 k-steps,
-    which the default's 4 stages on JAX's pipelines do not chain) it was 0.5-6 % faster than
-    the H200's best configs on JAX's pipelines; on the forward products of the 3b / 8b default
-    tiles faster in 11 of 12 comparisons, level on dx and the 1b 192 x 192 tiles. The 192 x
-    128 tiles (few-tile products), ping-pong, the 2-CTA clusters (whose ring is not timed yet)
-    and the narrow tiles stay on JAX's pipelines."""
-    pick = lambda *dims, tl=False, tr=False: mgpu_kernel.select_config(
-        *dims, transpose_lhs=tl, transpose_rhs=tr, num_sms=132)
-    ring, wide_ring = mgpu_kernel.RING_CONFIG, mgpu_kernel.RING_WIDE_THREE_WG_CONFIG
-    assert ring.ring and ring.delay_release == 1 and not ring.chains(18)
-    assert dataclasses.replace(ring, ring=False, delay_release=0) == mgpu_kernel.DEFAULT_CONFIG
-    assert not mgpu_kernel.DEFAULT_CONFIG.chains(18) and mgpu_kernel.DEFAULT_CONFIG.chains(32)
-    for dims in [(16, 2048, 1152, 3072), (16, 2048, 1152, 2048), (16, 2048, 1152, 16384),
-                 (16, 8192, 1152, 2048), (16, 3072, 2176, 5120), (16, 8192, 2176, 3072),
-                 (1, 8192, 2176, 3072), (16, 4096, 4224, 6144), (16, 4096, 4224, 4096),
-                 (16, 14336, 4224, 4096), (1, 14336, 4224, 4096), (1, 2048, 1152, 2048),
-                 (16, 2048, 2048, 3072)]:
-        assert pick(*dims, tl=True) == ring, dims                  # dw
-    for dims in [(16, 2176, 3072, 5120), (16, 4224, 4096, 4096), (16, 4224, 14336, 4096),
-                 (16, 1152, 2048, 16384), (1, 4224, 4096, 6144)]:
-        assert pick(*dims) == ring, dims                           # 3b qkv, 8b o / down, ...
-    assert pick(16, 4224, 28672, 4096, tr=True) == ring            # 8b gate/up dx
-    assert pick(16, 1152, 2048, 3072) == wide_ring                 # 1b qkv
-    assert pick(16, 1152, 3072, 2048, tr=True) == wide_ring        # 1b qkv dx
-    # the other schedules keep JAX's pipelines: 192 x 128 tiles (1b qkv / 3b o dw at G = 1),
-    # ping-pong, the clusters (8b gate/up), the narrow tiles
-    assert pick(1, 2048, 1152, 3072, tl=True) == mgpu_kernel.THREE_WG_CONFIG
-    assert pick(1, 3072, 2176, 3072, tl=True) == mgpu_kernel.THREE_WG_CONFIG
-    assert pick(4, 1152, 2048, 3072) == mgpu_kernel.PINGPONG_CONFIG
-    assert pick(16, 4224, 4096, 28672) == mgpu_kernel.WIDE_CLUSTER_N_CONFIG
-    assert pick(16, 1152, 2048, 384) == mgpu_kernel.NARROW_CONFIG
-    for c in (mgpu_kernel.THREE_WG_CONFIG, mgpu_kernel.PINGPONG_CONFIG,
-              mgpu_kernel.WIDE_CLUSTER_N_CONFIG, mgpu_kernel.NARROW_CONFIG):
-        assert not c.ring
+def test_ring_of_stages_wraps_across_tiles():
+    """The cooperative schedule's one ring of stages runs on across a CTA's tiles at any number
+    of k-steps: the dw products' (the diagonal's rows / 64: 18, 34, 66, which select_config runs
+    on the default 4 stages) against float64 in interpret mode, 18 k-steps on 4 stages, 4 groups
+    of 4 x 4 tiles on 4 simulated SMs, one wgmma group in flight. A delayed release of more
+    than one wgmma group, or of as many as the stages, is refused."""
+    pick = lambda *dims: mgpu_kernel.select_config(*dims, transpose_lhs=True, num_sms=132)
+    for dims in [(16, 2048, 1152, 3072), (16, 8192, 2176, 3072), (16, 14336, 4224, 4096),
+                 (1, 14336, 4224, 4096), (1, 2048, 1152, 2048)]:
+        assert pick(*dims) == mgpu_kernel.DEFAULT_CONFIG, dims   # dw: 18 / 34 / 66 k-steps
     why = lambda c: mgpu_kernel.unsupported_reason(
         (16, 1152, 2048), (16, 1152, 3072), jnp.bfloat16, jnp.bfloat16, transpose_lhs=True,
         config=c)
-    assert why(ring) is None
-    for bad in (dict(delay_release=2), dict(pingpong=True)):
-        assert why(dataclasses.replace(ring, max_concurrent_steps=4, **bad)) is not None, bad
-    # it serves 2-CTA clusters (test_two_cta_clusters_with_multicast), not yet chosen: the
-    # clustered 192 x 192 tiles stay on JAX's pipelines until an H200 A/B times the ring's
-    assert why(dataclasses.replace(ring, cluster_dimension=mgpu_kernel.MatmulDimension.N)) is None
-    # and its ring computes the dw product (interpret mode, against float64: 18 k-steps on 4
-    # stages, 4 groups of 4 x 4 tiles on 4 simulated SMs, so the ring wraps across tiles)
+    assert why(mgpu_kernel.DEFAULT_CONFIG) is None
+    for bad in (dict(delay_release=2), dict(delay_release=1, max_concurrent_steps=1)):
+        assert "delay_release" in why(dataclasses.replace(mgpu_kernel.DEFAULT_CONFIG, **bad))
     rng, info = fresh_rng()
     g, m, k, n = 4, 256, 1152, 512
     x = jnp.asarray(rng.standard_normal((g, k, m)), jnp.float32)   # dw's x, read transposed
     dy = jnp.asarray(rng.standard_normal((g, k, n)), jnp.float32)
-    cfg = dataclasses.replace(mgpu_kernel.on_ring(ops.INTERPRET_CONFIG), max_concurrent_steps=4,
-                              epi_slots=1)
+    cfg = dataclasses.replace(ops.INTERPRET_CONFIG, max_concurrent_steps=4, epi_slots=1)
+    assert cfg.delay_release == 1
     want = np.einsum("gkm,gkn->gmn", np.float64(x), np.float64(dy))
     got = ops._run_kernel(x, dy, jnp.array([0, g, 0, 0], jnp.int32), True, False, None,
                           "interpret", cfg)
@@ -396,25 +363,19 @@ def test_weight_offset_reads_a_window_of_stacked_weights(impl):
 
 @pytest.mark.parametrize(
     "config",
-    [dataclasses.replace(ops.INTERPRET_CONFIG, chain_tiles=False),
-     dataclasses.replace(ops.INTERPRET_CONFIG, chain_tiles=True),
+    [dataclasses.replace(ops.INTERPRET_CONFIG, max_concurrent_steps=3),
+     dataclasses.replace(ops.INTERPRET_CONFIG, max_concurrent_steps=3, delay_release=0),
      mgpu_kernel.TuningConfig(tile_m=64, tile_n=192, wg_dimension=mgpu_kernel.MatmulDimension.M,
                               max_concurrent_steps=2),
-     dataclasses.replace(ops.INTERPRET_CONFIG, delay_release=1, epi_tile_m=32, epi_tile_n=32,
-                         epi_slots=4),
-     dataclasses.replace(ops.INTERPRET_CONFIG, pingpong=True, max_concurrent_steps=3),
-     dataclasses.replace(ops.INTERPRET_CONFIG, ring=True, max_concurrent_steps=3),
-     dataclasses.replace(mgpu_kernel.on_ring(ops.INTERPRET_CONFIG), max_concurrent_steps=3)],
-    ids=["unchained", "chained", "rows_split_64x192", "delayed_release_4_epi_slots",
-         "pingpong", "ring", "ring_delayed_release"])
+     dataclasses.replace(ops.INTERPRET_CONFIG, epi_tile_m=32, epi_tile_n=32, epi_slots=4),
+     dataclasses.replace(ops.INTERPRET_CONFIG, pingpong=True, max_concurrent_steps=3)],
+    ids=["ring", "ring_delay0", "rows_split_64x192", "epi_slots_4", "pingpong"])
 def test_tile_schedules(config):
-    """Plain and chained (START/STEADY/STOP) tile pipelines, the row-split 128 x 192 tiles,
-    a delayed stage release (one wgmma in flight) with 4 epilogue slots, and the ping-pong
-    schedule (the warpgroups of a CTA on alternate 64 x 64 tiles, one ring of 3 stages), and
-    the cooperative schedule on one ring of 3 stages (4 k-steps per tile, so the ring wraps
-    mid-tile), with and without one wgmma in flight, over 4 simulated SMs:
-    all 4 groups give every CTA several tiles, one group leaves some CTAs a single tile (which
-    runs unchained), ragged m."""
+    """The cooperative schedule on one ring of 3 stages (4 k-steps per tile, so the ring wraps
+    mid-tile), with one wgmma group in flight and without, the row-split 128 x 192 tiles (2
+    stages), 4 epilogue slots of 32 x 32, and the ping-pong schedule (the warpgroups of a CTA
+    on alternate 64 x 64 tiles, one ring of 3 stages), over 4 simulated SMs: all 4 groups give
+    every CTA several tiles, one group leaves some CTAs a single tile, ragged m."""
     rng, info = fresh_rng()
     g, m, k, n = 4, 72, 256, 384            # 2 x 3 tiles of 64 x 128 (1 x 2 of 128 x 192)
     x, w = _operands(rng, g, m, k, n, jnp.float32)
@@ -474,43 +435,37 @@ def test_pingpong_gradients_with_weight_offset(delay):
                             [(0, 3, 2), (0, 2, 1), (1, 2, 0), (2, 2, 1)], max_offset=2)
 
 
-@pytest.mark.parametrize("ring", [False, True], ids=["pipelines", "ring"])
 @pytest.mark.parametrize("wgs", [2, 3])
-def test_warpgroups_split_rows_with_ragged_n(wgs, ring):
+def test_warpgroups_split_rows_with_ragged_n(wgs):
     """Two or three compute warpgroups splitting a 128- or 192-row CTA tile, with a ragged last
     column tile (n = 192 on 128-column tiles: TMA zero-fills the loads and clips the stores past
     n) and ragged m: the forward and both gradients (dx reads w transposed, its n = k is ragged
-    too; dw lands at the weight offset) against float64, idle groups zero; on JAX's pipelines
-    and on one ring of stages with a wgmma group in flight (5 k-steps on 2 stages)."""
+    too; dw lands at the weight offset) against float64, idle groups zero; 5 k-steps on a ring
+    of 2 stages, one wgmma group in flight."""
     rng, info = fresh_rng()
     cfg = dataclasses.replace(mgpu_kernel.THREE_WG_CONFIG, compute_wgs=wgs, epi_slots=1,
                               max_concurrent_steps=2)
-    cfg = mgpu_kernel.on_ring(cfg) if ring else cfg
     assert cfg.cta_tile_m == 64 * wgs and cfg.cta_tile_n == 128   # float32: <= 208 KiB
     _check_window_gradients(cfg, rng, info, (3, 4, 200, 320, 192), [(0, 3, 1)], max_offset=1)
 
 
-@pytest.mark.parametrize("ring", [False, True], ids=["pipelines", "ring"])
 @pytest.mark.parametrize("wgs", [2, 3])
 @pytest.mark.parametrize("dim", ["N", "M"])
-def test_two_cta_clusters_with_multicast(dim, wgs, ring):
+def test_two_cta_clusters_with_multicast(dim, wgs):
     """Clusters of 2 CTAs on neighbouring tiles sharing one operand tile by TMA multicast:
     along n (A shared; 4 column tiles) and along m (B shared; 4 row tiles of 64, or 2 of 192
-    with three compute warpgroups, the last ragged); on JAX's pipelines and on the ring of
-    stages (4 k-steps per tile on 2 or 3 stages, one wgmma group in flight: the ring wraps
-    across the pairs of tiles)."""
+    with three compute warpgroups, the last ragged); 4 k-steps per tile on 2 or 3 stages, one
+    wgmma group in flight: the ring wraps across the pairs of tiles."""
     rng, info = fresh_rng()
     dimension = mgpu_kernel.MatmulDimension[dim]
     if wgs == 2:
         g, m, k, n = (3, 136, 256, 512) if dim == "N" else (3, 232, 256, 256)
-        config = dataclasses.replace(ops.INTERPRET_CONFIG, cluster_dimension=dimension)
+        config = dataclasses.replace(ops.INTERPRET_CONFIG, cluster_dimension=dimension,
+                                     max_concurrent_steps=3)
     else:   # 192 x 128 CTA tiles of three 64 x 128 warpgroups, 2 stages (float32 shared memory)
         g, m, k, n = (3, 136, 256, 512) if dim == "N" else (3, 376, 256, 256)
         config = dataclasses.replace(mgpu_kernel.THREE_WG_CONFIG, epi_slots=1,
                                      max_concurrent_steps=2, cluster_dimension=dimension)
-    if ring:
-        config = dataclasses.replace(mgpu_kernel.on_ring(config),
-                                     max_concurrent_steps=3 if wgs == 2 else 2)
     x, w = _operands(rng, g, m, k, n, jnp.float32)
     _check_ranges_against_xla(x, w, config, rng, f"{info} {dim}")
     # an odd number of tiles along the cluster dimension is refused, naming it
@@ -521,15 +476,15 @@ def test_two_cta_clusters_with_multicast(dim, wgs, ring):
 
 
 @pytest.mark.parametrize("dim", ["N", "M"])
-def test_ring_clusters_run_a_training_steps_products(dim):
-    """The ring of stages in 2-CTA clusters runs the forward, dx (w read transposed) and dw (x
+def test_clusters_run_a_training_steps_products(dim):
+    """2-CTA clusters run the forward, dx (w read transposed) and dw (x
     read transposed, landing at the weight offset) against float64, idle groups zero: 4 row
     and 4 column tiles of 64 x 128 in the forward (even along either cluster dimension in all
     three products), 4 k-steps on 3 stages, one wgmma group in flight. (Interpret mode runs a
     multicast copy as a plain copy on each CTA: this checks the pairing of the tiles, the
     ring's indexing and the zero tiles; the multicast itself is the GPU tests' job.)"""
     rng, info = fresh_rng()
-    cfg = dataclasses.replace(mgpu_kernel.on_ring(ops.INTERPRET_CONFIG), max_concurrent_steps=3,
+    cfg = dataclasses.replace(ops.INTERPRET_CONFIG, max_concurrent_steps=3,
                               cluster_dimension=mgpu_kernel.MatmulDimension[dim])
     _check_window_gradients(cfg, rng, f"{info} {dim}", (3, 4, 256, 256, 512), [(0, 3, 1)],
                             max_offset=1)
@@ -723,36 +678,27 @@ def test_batch_invariant(impl):
 
 
 GPU_CONFIGS = {
-    "unchained": mgpu_kernel.TuningConfig(chain_tiles=False),
-    "chained": mgpu_kernel.TuningConfig(chain_tiles=True),
+    # the default: 4 stages, one wgmma group in flight (dw's 18 k-steps: the ring wraps
+    # mid-tile), and waiting for each k-step's wgmma
+    "default": mgpu_kernel.DEFAULT_CONFIG,
+    "delay0": dataclasses.replace(mgpu_kernel.DEFAULT_CONFIG, delay_release=0),
     "rows_split_64x192": mgpu_kernel.TuningConfig(
         tile_m=64, tile_n=192, wg_dimension=mgpu_kernel.MatmulDimension.M),
+    "narrow": mgpu_kernel.NARROW_CONFIG,
+    # 2-CTA clusters (the shared operand tile multicast) on the default tiles
     "cluster_n": mgpu_kernel.TuningConfig(cluster_dimension=mgpu_kernel.MatmulDimension.N),
-    "delay1": mgpu_kernel.TuningConfig(delay_release=1),
     "stages3_slots4": mgpu_kernel.TuningConfig(max_concurrent_steps=3, epi_slots=4),
-    # the cooperative schedule on one ring of stages (dw's 18 k-steps: 4 stages do not divide
-    # them), with and without one wgmma group in flight, and on 192 x 192 tiles
-    "ring": mgpu_kernel.RING_CONFIG,
-    "ring_delay0": dataclasses.replace(mgpu_kernel.RING_CONFIG, delay_release=0),
-    "ring_wg3_192x192": mgpu_kernel.RING_WIDE_THREE_WG_CONFIG,
-    "ring_wg3_192x128": mgpu_kernel.on_ring(mgpu_kernel.THREE_WG_CONFIG),
-    # ... in 2-CTA clusters (the shared operand tile multicast): default tiles along n, 192 x
-    # 192 tiles along n and m
-    "ring_cluster_n": dataclasses.replace(mgpu_kernel.RING_CONFIG,
-                                          cluster_dimension=mgpu_kernel.MatmulDimension.N),
-    **{f"ring_wg3_192x192_c{d.lower()}": dataclasses.replace(
-        mgpu_kernel.RING_WIDE_THREE_WG_CONFIG, cluster_dimension=mgpu_kernel.MatmulDimension[d])
-       for d in "NM"},
     "pingpong": mgpu_kernel.PINGPONG_CONFIG,   # one wgmma in flight
     "pingpong_delay0": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, delay_release=0),
-    # three compute warpgroups (192-row CTA tiles); ragged n at the 1b shapes' n = 2048
+    # three compute warpgroups (192-row CTA tiles; ragged n at the 1b shapes' n = 2048), the
+    # 192 x 192 ones also in clusters along n and m
     **mgpu_kernel.THREE_WG_VARIANTS,
 }
 
 
 SWIGLU_GPU_CONFIGS = {
     "swiglu": mgpu_kernel.SWIGLU_CONFIG,
-    "swiglu_ring": mgpu_kernel.on_ring(mgpu_kernel.SWIGLU_CONFIG),
+    "swiglu_delay0": dataclasses.replace(mgpu_kernel.SWIGLU_CONFIG, delay_release=0),
 }
 
 
@@ -760,7 +706,7 @@ SWIGLU_GPU_CONFIGS = {
 def test_every_config_lowers_for_the_gpu(name):
     """Every GPU tile schedule lowers to Mosaic GPU for CUDA, on any machine (cross-platform
     lowering): the forward and both backward products (transposed operand views) at the 1b qkv
-    shape, bf16, 132 SMs, and the fused SwiGLU (on JAX's pipelines and on the ring of stages).
+    shape, bf16, 132 SMs, and the fused SwiGLU.
     Lowering errors of a new schedule show up here in CPU CI, before any GPU time; compiling to
     PTX and running stay the GPU tests' job."""
     S = jax.ShapeDtypeStruct
@@ -833,9 +779,7 @@ def test_gpu_weight_offset(name, weight_offset_case):
     """A window of 4 slots reading layers [off, off + 4) of 8 stacked weights, forward and
     both gradients, under several tile schedules (1b qkv shape: 32 k-steps)."""
     x, w, cot, windows, info = weight_offset_case
-    k = x.shape[2]
     cfg = GPU_CONFIGS[name]
-    chain = cfg.chains(k // cfg.tile_k)
 
     def loss(x, w, lo, hi, off):
         y = kernels.grouped_matmul(x, w, (lo, hi), weight_offset=off, impl="pallas", config=cfg)
@@ -843,7 +787,7 @@ def test_gpu_weight_offset(name, weight_offset_case):
 
     grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
     for (lo, hi, off), (y_want, dx_want, dw_want) in windows.items():
-        tag = f"{info} lo={lo} hi={hi} off={off} config={name} chain={chain}"
+        tag = f"{info} lo={lo} hi={hi} off={off} config={name}"
         (_, y), (dx, dw) = grad_fn(x, w, jnp.int32(lo), jnp.int32(hi), jnp.int32(off))
         assert rel_err_finite(y, y_want) <= 1e-2, tag
         assert rel_err_finite(dx, dx_want) <= 1e-2, f"dx {tag}"

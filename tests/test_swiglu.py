@@ -166,13 +166,13 @@ def test_swiglu_errors_name_the_shapes():
 
 @pytest.mark.skipif(jax.devices()[0].platform != "gpu" or not kernels.on_hopper(),
                     reason="needs a Hopper GPU")
-@pytest.mark.parametrize("ring", [False, True], ids=["pipelines", "ring"])
-def test_gpu_swiglu_compiled(ring):
-    """The compiled fused kernel (SWIGLU_CONFIG, and on the ring of stages with one wgmma group
-    in flight), bf16, a 1b-like row count (1152), a window of 4 groups over 8 stacked weights,
-    several ranges."""
+@pytest.mark.parametrize("delay", [1, 0], ids=["one_wgmma_in_flight", "wait_each_step"])
+def test_gpu_swiglu_compiled(delay):
+    """The compiled fused kernel (SWIGLU_CONFIG: one wgmma group in flight; and waiting for each
+    k-step's wgmma), bf16, a 1b-like row count (1152), a window of 4 groups over 8 stacked
+    weights, several ranges."""
     rng, info = fresh_rng()
-    config = mgpu_kernel.on_ring(mgpu_kernel.SWIGLU_CONFIG) if ring else None
+    config = None if delay else dataclasses.replace(mgpu_kernel.SWIGLU_CONFIG, delay_release=0)
     _check("pallas", jnp.bfloat16, 4, 8, 1152, 2048, 1024,
            [(0, 4, 4), (1, 3, 2), (3, 4, 0), (2, 2, 1)], rng, info, config=config)
 
@@ -205,12 +205,12 @@ def test_gpu_swiglu_auto_is_the_fused_kernel():
     assert rel_err_finite(narrow, want) <= 1e-2, info
 
 
-@pytest.mark.parametrize("name", ["rows_split", "unchained", "ring", "ring_delay0"])
+@pytest.mark.parametrize("name", ["rows_split", "columns_split", "ring", "ring_delay0"])
 def test_swiglu_tile_schedules(name):
-    """The fused kernel under the default's row split (two warpgroups of 64 rows, as in
-    SWIGLU_CONFIG), unchained tiles, and on the ring of stages (a gate and an up tile per
-    stage; 2 k-steps per tile on 3 stages, so the ring wraps across tiles; with and without
-    one wgmma group in flight), 4 simulated SMs with several tiles each."""
+    """The fused kernel (a gate and an up tile per stage) under the default's row split (two
+    warpgroups of 64 rows, as in SWIGLU_CONFIG) and a column split, on 2 stages, and on 3
+    stages (2 k-steps per tile, so the ring wraps across tiles) with and without one wgmma
+    group in flight, 4 simulated SMs with several tiles each."""
 
     from kernels import grouped_matmul_mgpu, ops
     rng, info = fresh_rng()
@@ -219,9 +219,9 @@ def test_swiglu_tile_schedules(name):
         max_concurrent_steps=2)
     config = {
         "rows_split": rows_split,
-        "unchained": dataclasses.replace(ops.INTERPRET_CONFIG, chain_tiles=False),
-        "ring": dataclasses.replace(mgpu_kernel.on_ring(rows_split), max_concurrent_steps=3),
-        "ring_delay0": dataclasses.replace(rows_split, ring=True, max_concurrent_steps=3),
+        "columns_split": ops.INTERPRET_CONFIG,
+        "ring": dataclasses.replace(rows_split, max_concurrent_steps=3),
+        "ring_delay0": dataclasses.replace(rows_split, max_concurrent_steps=3, delay_release=0),
     }[name]
     x, w = _operands(rng, 3, 3, 200, 128, 256, jnp.float32)
     for lo, hi in [(0, 3), (1, 2)]:
