@@ -163,18 +163,19 @@ def plot_train(report: dict, path: Path) -> None:
 
 
 def config_fields(text: str) -> dict[str, str] | None:
-    """The fields of a TuningConfig as written in a result row (``str(config)``), as they name
-    what that row's kernel ran today; None for a row without a config (XLA). A field an older
-    run did not write (added since) is at its default, which that run's kernel ran. A row from
-    the time the cooperative schedule also ran on JAX's pipelines (it wrote ``chain_tiles``)
-    that ran there (not ``ring=True``, not ping-pong) gets ``"schedule": "JAX pipelines"``:
-    it equals no config of today's kernel."""
+    """The fields of the TuningConfig a result row ran (``str(config)``), comparable with
+    today's configs; None for a row without one (XLA). A field an older run did not write
+    (added since) takes its default, which that run ran. A row written while the cooperative
+    schedule had a second implementation on JAX's pipelines (it wrote ``chain_tiles``) that ran
+    there (neither ``ring=True`` nor ping-pong) gets ``"schedule": "JAX pipelines"``, so it
+    equals no config of today's kernel."""
     from kernels.tuning import TuningConfig
 
     if not text.startswith("TuningConfig(") or not text.endswith(")"):
         return None
     written = dict(item.split("=", 1) for item in text[len("TuningConfig("):-1].split(", "))
-    fields = {f.name: written.get(f.name, repr(f.default)) for f in dataclasses.fields(TuningConfig)}
+    fields = {f.name: written.get(f.name, repr(f.default))
+              for f in dataclasses.fields(TuningConfig)}
     if "chain_tiles" in written and "True" not in (written.get("ring"), written.get("pingpong")):
         fields["schedule"] = "JAX pipelines"
     return fields

@@ -49,8 +49,10 @@ class TuningConfig:
     # other operand's tile by TMA multicast (N: the A tile, M: the B tile).
     cluster_dimension: MatmulDimension | None = None
     # Keep this many wgmma groups in flight (0 or 1) before releasing a stage to the memory
-    # warpgroup: with 1, a stage is released a k-step later and the tensor cores never wait for
-    # the release (H200: 2-15 % faster on the dw products at G = 1, level to 2 % on the others).
+    # warpgroup: with 1 a stage is released a k-step later, and the next k-step's wgmma is
+    # issued before the last one finishes. Every config select_config picks was measured with
+    # 1; on the ring it was level with 0 (six dw products at G = 16, within 0.6 %, run
+    # s12_ring_dw_g16_profiled), on ping-pong 0 was 16-22 % slower.
     delay_release: int = 1
     # Shared-memory slots per compute warpgroup for the epilogue's TMA stores:
     # with fewer slots than epilogue tiles the epilogue waits for earlier stores.
@@ -233,9 +235,10 @@ def select_config(
 
     At full load this runs at 0.97-1.03x cuBLAS's speed on the forward and dx products of the
     Llama-1B/3B/8B diagonal shapes, 0.91-1.03x on dw. Tried and not chosen (within noise or
-    slower): 3 stages, unchained tiles (on JAX's pipelines), 128 x 128 tiles with 4 or 6 stages
-    (cuBLAS's choice for the 1b attention shapes), 256 x 128 and row-split 128 x 192 tiles, other grid orders,
-    clusters on the default tiles, a whole staged epilogue tile, 192 x 192 tiles with 3 stages,
+    slower): 3 stages, unchained tiles (on JAX's pipelines), 128 x 128 tiles with 4 or 6
+    stages (cuBLAS's choice for the 1b attention shapes), 256 x 128 and row-split 128 x 192
+    tiles, other grid orders, clusters on the default tiles (also on the ring), a whole staged
+    epilogue tile, 192 x 192 tiles with 3 stages,
     ping-pong on dw, CTAs of one compute warpgroup (0.71-0.79x; removed), 192 x 256 tiles
     (failed on the GPU; removed) and a second, narrow kernel picked per call by ``lax.cond``
     (1b o, 1 of 16 groups active: 51 TF/s against 191).
