@@ -82,6 +82,8 @@
 #   dw_auto    select_config's dw choices (3 stages on 1b / 8b, one wgmma group in flight on 3b):
 #              "auto" (timed twice) against the default and cuBLAS on all twelve dw products at
 #              G = 16                                                             (~4 min)
+#   parity_all "auto" (timed twice: the run's spread) against cuBLAS on all 24 forward and dx
+#              products at G = 16, the parity bar in one call (not run yet; 560 s limit)
 # The stages that chose between JAX's pipelines and the ring of stages for the cooperative
 # schedule (ring, ring2, ring_all, ring_check, ring_cluster, ring_wg3, ring_swiglu; dw_variants,
 # dw_select, dw_3b) were removed with JAX's pipelines: their runs in
@@ -271,6 +273,9 @@ for stage in "${stages[@]}"; do
     dw_auto) ab dw_auto 480 --ab default,auto,auto#2,xla_einsum --ab_groups 16 --ab_products dw \
              --ab_profile --ab_reps 3 --ab_shapes \
              1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,3b:o,3b:gate_up,3b:down,8b:qkv,8b:o,8b:gate_up,8b:down ;;
+    parity_all) S=$(for m in 1b 3b 8b; do for p in qkv o gate_up down; do printf "%s:%s," $m $p; done; done)
+           ab parity_all 560 --ab auto,auto#2,xla_einsum --ab_groups 16 --ab_products fwd,dx \
+             --ab_profile --ab_reps 3 --ab_shapes "${S%,}" ;;
     train_seq_remat) train_bench train_seq_remat 330 --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal
            train_bench train_seq_remat_16k 200 --tokens 16384 --reps 3 --impls auto \
@@ -281,7 +286,7 @@ for stage in "${stages[@]}"; do
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
-            "dw_auto)"
+            "dw_auto, parity_all)"
        exit 2 ;;
   esac
 done
