@@ -536,9 +536,8 @@ def main(argv=None):
     p.add_argument("--sweep_actives", default="4", help="active groups of 16 for --sweep")
     p.add_argument("--ab", default=None,
                    help="comma-separated SWEEP config names for an interleaved A/B (with XLA);"
-                        " also auto (select_config's), xla_einsum, swiglu / swiglu_ring /"
-                        " swiglu_unfused for"
-                        " gate_up shapes; NAME#2 times config NAME a second time, apart (the"
+                        " also auto (select_config's), xla_einsum, swiglu / swiglu_delay0 /"
+                        " swiglu_unfused for gate_up shapes; NAME#2 times config NAME a second time, apart (the"
                         " run's noise between identical configs)")
     p.add_argument("--ab_shapes", default="1b:qkv,1b:o,1b:gate_up,1b:down",
                    help="model:shape pairs for --ab")
@@ -573,6 +572,14 @@ def main(argv=None):
         "--budget_s", type=float, default=0, help="skip remaining shapes after this many seconds"
     )
     args = p.parse_args(argv)
+    # Config names are checked before any timing: an unknown one (e.g. a name from an older
+    # run's command) would otherwise end the run with a KeyError after minutes of work.
+    known_ab = {*SWEEP, "auto", "xla_einsum", *SWIGLU_VARIANTS}
+    for flag, names, known in (("--sweep", args.sweep, set(SWEEP)), ("--ab", args.ab, known_ab)):
+        unknown = [c for c in (names or "").split(",") if c and c.split("#")[0] not in known]
+        if unknown:
+            p.error(f"{flag}: unknown config name(s) {', '.join(unknown)};"
+                    f" known: {', '.join(sorted(known))}")
 
     t_start = time.time()
     dev = jax.devices()[0]

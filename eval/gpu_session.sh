@@ -2,7 +2,7 @@
 # Re-checks and re-measures everything GPU-specific on an H200, in stages (one device command may
 # run 10 minutes, so the stages are split over two calls):
 #   tests      the kernels' GPU tests (every config compiled: weight offsets, tile schedules,
-#              fused SwiGLU; 384 s with 21 weight-offset configs at 983461d, 14 since)  (~5 min)
+#              fused SwiGLU; 384 s with 21 weight-offset configs at 983461d, 14 since: untimed)
 #   tests_model  the diagonal schedule and training steps through the kernels on the GPU (~3 min)
 #   bench      the inference benchmark, every schedule and length                 (~9 min)
 #   agreement  model-scale agreement of the schedules, XLA and kernel paths        (> 3 min)

@@ -253,6 +253,26 @@ def test_grouped_matmul_ab_compare_on_cpu():
     assert config_of["a dx", "auto#2"] == config_of["a dx", "auto"] != ""
 
 
+def test_gpu_session_names_only_known_configs():
+    """Every config name eval/gpu_session.sh passes to the grouped-matmul benchmark (--ab lists,
+    C= lists, wg3_variants' configs) exists, so no stage dies on an unknown name mid-session
+    (the benchmark refuses one up front: checked with a stale name)."""
+    import re
+    from pathlib import Path
+
+    from eval.bench_grouped_matmul import SWEEP, SWIGLU_VARIANTS, main
+
+    known = {*SWEEP, "auto", "xla_einsum", *SWIGLU_VARIANTS}
+    script = (Path(__file__).parents[1] / "eval" / "gpu_session.sh").read_text()
+    lists = [*re.findall(r"--ab ([\w#,$]+)", script), *re.findall(r"\bC=([\w#,$]+)", script),
+             *re.findall(r'wg3_variants \w+ "[^"]*" ([\w,]+)', script)]
+    names = {n for lst in lists for n in lst.split(",") if not n.startswith("$")}
+    assert len(names) > 10 and "auto" in names
+    assert sorted(n for n in names if n.split("#")[0] not in known) == []
+    with pytest.raises(SystemExit):
+        main(["--ab", "auto,ring", "--models", ""])
+
+
 def test_per_call_seconds_takes_the_median_call():
     """eval/bench_grouped_matmul.per_call_seconds: a kernel's device time per call is the
     median over calls of its launches in each call, so one slow call in a trace does not move

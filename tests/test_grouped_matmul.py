@@ -480,9 +480,9 @@ def test_clusters_run_a_training_steps_products(dim):
     """2-CTA clusters run the forward, dx (w read transposed) and dw (x read transposed,
     landing at the weight offset) against float64, idle groups zero: 4 row and 4 column tiles
     of 64 x 128 in the forward (even along either cluster dimension in all three products), 4
-    k-steps on 3 stages, one wgmma group in flight. (Interpret mode runs a
-    multicast copy as a plain copy on each CTA: this checks the pairing of the tiles, the
-    ring's indexing and the zero tiles; the multicast itself is the GPU tests' job.)"""
+    k-steps on 3 stages, one wgmma group in flight. (Interpret mode runs a multicast copy as a
+    plain copy on each CTA: this checks the pairing of the tiles, the ring's indexing and the
+    zero tiles; the multicast itself is the GPU tests' job.)"""
     rng, info = fresh_rng()
     cfg = dataclasses.replace(ops.INTERPRET_CONFIG, max_concurrent_steps=3,
                               cluster_dimension=mgpu_kernel.MatmulDimension[dim])

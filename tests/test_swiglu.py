@@ -19,6 +19,7 @@ from conftest import all_eqns, assert_batch_invariant, fresh_rng, rel_err_finite
 
 import kernels
 from kernels import grouped_matmul_mgpu as mgpu_kernel
+from kernels import ops
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
@@ -205,23 +206,21 @@ def test_gpu_swiglu_auto_is_the_fused_kernel():
     assert rel_err_finite(narrow, want) <= 1e-2, info
 
 
-@pytest.mark.parametrize("name", ["rows_split", "columns_split", "ring", "ring_delay0"])
+@pytest.mark.parametrize("name", ["rows_split", "columns_split", "wrap", "wrap_delay0"])
 def test_swiglu_tile_schedules(name):
     """The fused kernel (a gate and an up tile per stage) under the default's row split (two
     warpgroups of 64 rows, as in SWIGLU_CONFIG) and a column split, on 2 stages, and on 3
     stages (2 k-steps per tile, so the ring wraps across tiles) with and without one wgmma
     group in flight, 4 simulated SMs with several tiles each."""
-
-    from kernels import grouped_matmul_mgpu, ops
     rng, info = fresh_rng()
-    rows_split = grouped_matmul_mgpu.TuningConfig(
-        tile_m=64, tile_n=64, wg_dimension=grouped_matmul_mgpu.MatmulDimension.M,
-        max_concurrent_steps=2)
+    rows_split = mgpu_kernel.TuningConfig(tile_m=64, tile_n=64,
+                                          wg_dimension=mgpu_kernel.MatmulDimension.M,
+                                          max_concurrent_steps=2)
     config = {
         "rows_split": rows_split,
         "columns_split": ops.INTERPRET_CONFIG,
-        "ring": dataclasses.replace(rows_split, max_concurrent_steps=3),
-        "ring_delay0": dataclasses.replace(rows_split, max_concurrent_steps=3, delay_release=0),
+        "wrap": dataclasses.replace(rows_split, max_concurrent_steps=3),
+        "wrap_delay0": dataclasses.replace(rows_split, max_concurrent_steps=3, delay_release=0),
     }[name]
     x, w = _operands(rng, 3, 3, 200, 128, 256, jnp.float32)
     for lo, hi in [(0, 3), (1, 2)]:
