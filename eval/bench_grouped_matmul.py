@@ -307,6 +307,9 @@ SWEEP = {  # named configs for --sweep / --ab (the default is select_config's ch
     # PINGPONG_CONFIG did when they were first measured); PINGPONG_CONFIG is "pingpong_delay1"
     "pingpong": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, delay_release=0),
     "pingpong_delay1": mgpu_kernel.PINGPONG_CONFIG,
+    # the turn passed once the last wgmma of a main loop is done, not once it is issued (as
+    # every ping-pong run up to s14_* did): the tensor cores drain between the warpgroups
+    "pingpong_late_turn": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, early_turn=False),
     "pingpong_s4": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, delay_release=0,
                                        max_concurrent_steps=4),
     "pingpong_n256": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, delay_release=0, tile_m=64,

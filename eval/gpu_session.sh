@@ -106,6 +106,10 @@ train_bench() {
   timeout "$limit" python3 -m eval.bench_train "$@" --out "$OUT/$name/train_bench.json" 2>&1 \
     | quiet | tee "$OUT/$name.txt" | grep -v "^| "
 }
+#   pingpong_turn  ping-pong passing the turn once the main loop's last wgmma is issued (the
+#              default since this stage) against passing it once it is done: the three ping-pong
+#              configs' GPU tests, then a profiled A/B with "auto" and cuBLAS on the attention
+#              shapes (forward, dx) at G = 16 and the G = 1 products that select ping-pong
 # ab NAME LIMIT_S ARGS...: an interleaved grouped-matmul A/B (eval/bench_grouped_matmul.py --ab ...)
 # under a timeout (0: none), results in $OUT/NAME/, its A/B lines and failures shown.
 ab() {
@@ -276,6 +280,14 @@ for stage in "${stages[@]}"; do
     parity_all) S=$(for m in 1b 3b 8b; do for p in qkv o gate_up down; do printf "%s:%s," $m $p; done; done)
            ab parity_all 560 --ab auto,auto#2,xla_einsum --ab_groups 16 --ab_products fwd,dx \
              --ab_profile --ab_reps 3 --ab_shapes "${S%,}" ;;
+    pingpong_turn) tests_pass pingpong_turn 200 3 tests/test_grouped_matmul.py \
+             "gpu_weight_offset and pingpong" || continue
+           ab pingpong_turn 330 --ab auto,pingpong_delay1,pingpong_late_turn,xla_einsum \
+             --ab_groups 16 --ab_products fwd,dx --ab_profile --ab_reps 3 \
+             --ab_shapes 1b:qkv,1b:o,3b:qkv,3b:o,8b:o
+           ab pingpong_turn_g1 60 --ab auto,pingpong_delay1,pingpong_late_turn,xla_einsum \
+             --ab_groups 1 --ab_products fwd --ab_profile --ab_reps 3 \
+             --ab_shapes 1b:gate_up,3b:gate_up ;;
     train_seq_remat) train_bench train_seq_remat 330 --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal
            train_bench train_seq_remat_16k 200 --tokens 16384 --reps 3 --impls auto \
@@ -286,7 +298,7 @@ for stage in "${stages[@]}"; do
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
-            "dw_auto, parity_all)"
+            "dw_auto, parity_all, pingpong_turn)"
        exit 2 ;;
   esac
 done

@@ -111,12 +111,14 @@ def fill_ring(total, stages: int, consumed, load_step):
         plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
 
 
-def consume_ring(mma, first_step, k_iters: int, stages: int, delay: int, loaded, consumed):
+def consume_ring(mma, first_step, k_iters: int, stages: int, delay: int, loaded, consumed,
+                 on_issued=None):
     """A compute warpgroup's main loop over one tile: ring steps first_step ... + k_iters - 1,
     each awaited on ``loaded(slot)``, multiplied by ``mma(slot)`` (which issues the step's
     wgmma groups on the stage) and released on ``consumed[slot]``; with delay = 1 one wgmma
     group stays in flight and a stage is released a k-step later (so with two groups per step,
-    the fused SwiGLU's gate and up, the previous step's are done by then)."""
+    the fused SwiGLU's gate and up, the previous step's are done by then). ``on_issued()``, if
+    given, runs once the last k-step's wgmma is issued, before it is awaited."""
 
     @pl.loop(0, k_iters)
     def _k_step(kk):
@@ -132,6 +134,8 @@ def consume_ring(mma, first_step, k_iters: int, stages: int, delay: int, loaded,
             def _release_previous():
                 plgpu.barrier_arrive(consumed.at[lax.rem(step - 1, stages)])
 
+    if on_issued is not None:
+        on_issued()
     if delay:
         plgpu.wgmma_wait(0)
         plgpu.barrier_arrive(consumed.at[lax.rem(first_step + k_iters - 1, stages)])

@@ -29,6 +29,10 @@ def pingpong_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConf
     SMs' last wave clearly better than the cooperative schedule's CTA tiles
     (eval/results/grouped_matmul_h200.md).
 
+    With ``early_turn`` a warpgroup passes the turn as soon as its main loop's last wgmma is
+    issued and then awaits it, as CUTLASS's ping-pong does, so the next main loop's wgmmas queue
+    behind it; without, it passes the turn once that wgmma is done.
+
     Barriers: ``loaded[w * S + slot]`` (A and B of a stage, one set per compute warpgroup, since
     a barrier's phase is tracked by each waiting thread and must see every phase),
     ``consumed[slot]`` (waited on by the memory warpgroup only) and ``turn``, a rendezvous of
@@ -115,13 +119,17 @@ def pingpong_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConf
                             b_op.transpose((1, 0)) if transpose_rhs else b_op)
 
                 def main_loop(acc_ref):
+                    # the other warpgroup's main loop starts: with early_turn once this one's
+                    # last wgmma is issued, so the tensor cores never drain between the two
                     tiles.consume_ring(lambda slot: plgpu.wgmma(acc_ref, *operands(slot)),
                                        i * k_iters, k_iters, stages, delay,
-                                       lambda slot: loaded.at[wg_idx * stages + slot], consumed)
+                                       lambda slot: loaded.at[wg_idx * stages + slot], consumed,
+                                       on_issued=rendezvous if c.early_turn else None)
                     return acc_ref[...]
 
                 acc = pl.run_scoped(main_loop, plgpu.ACC((tm, tn), jnp.float32))
-                rendezvous()   # the other warpgroup's main loop starts
+                if not c.early_turn:
+                    rendezvous()   # once its last wgmma is done
                 dst = lambda mi, ni: out_epi(lo + g_ord + out_offset, m_idx, n_idx, mi, ni)
                 tiles.store_tile(acc.astype(out_dtype), out_smem.at[wg_idx], c, dst)
                 rendezvous()   # and ends before this one's next main loop

@@ -61,6 +61,10 @@ class TuningConfig:
     # (tile_m x tile_n) tiles and take turns on the tensor cores, each one's epilogue
     # overlapping the other's main loop.
     pingpong: bool = False
+    # Ping-pong: pass the turn on the tensor cores once the main loop's last wgmma is issued
+    # (CUTLASS's order), not once it is done, which drains the tensor cores between the two
+    # warpgroups' main loops.
+    early_turn: bool = True
     # Compute warpgroups of a cooperative CTA (2 or 3; three split the rows). 192-row CTA tiles
     # divide the diagonal shapes' m = 1152 / 4224 and change the tile count: 1b o at G = 1 gets
     # 96 tiles of 192 x 128 where 128 x 256 gives 72 for 132 SMs, 8b gate/up 52800 tiles of

@@ -368,8 +368,11 @@ def test_weight_offset_reads_a_window_of_stacked_weights(impl):
      mgpu_kernel.TuningConfig(tile_m=64, tile_n=192, wg_dimension=mgpu_kernel.MatmulDimension.M,
                               max_concurrent_steps=2),
      dataclasses.replace(ops.INTERPRET_CONFIG, epi_tile_m=32, epi_tile_n=32, epi_slots=4),
-     dataclasses.replace(ops.INTERPRET_CONFIG, pingpong=True, max_concurrent_steps=3)],
-    ids=["ring", "ring_delay0", "rows_split_64x192", "epi_slots_4", "pingpong"])
+     dataclasses.replace(ops.INTERPRET_CONFIG, pingpong=True, max_concurrent_steps=3),
+     dataclasses.replace(ops.INTERPRET_CONFIG, pingpong=True, max_concurrent_steps=3,
+                         early_turn=False)],
+    ids=["ring", "ring_delay0", "rows_split_64x192", "epi_slots_4", "pingpong",
+         "pingpong_late_turn"])
 def test_tile_schedules(config):
     """The cooperative schedule on one ring of 3 stages (4 k-steps per tile, so the ring wraps
     mid-tile), with one wgmma group in flight and without, the row-split 128 x 192 tiles (2
@@ -421,15 +424,17 @@ def _check_window_gradients(cfg, rng, info, dims, windows, max_offset):
         _check_idle_zero(dw, lo + off, hi + off, "dw", tag)
 
 
-@pytest.mark.parametrize("delay", [0, 1], ids=["wait_each_step", "one_wgmma_in_flight"])
-def test_pingpong_gradients_with_weight_offset(delay):
+@pytest.mark.parametrize("delay, early_turn", [(0, True), (1, True), (1, False)],
+                         ids=["wait_each_step", "one_wgmma_in_flight", "late_turn"])
+def test_pingpong_gradients_with_weight_offset(delay, early_turn):
     """The ping-pong schedule runs all three products of a training step (the forward, dx with
     w read transposed, dw with x read transposed, landing at the weight offset) against float64,
     over ranges that leave each of the 4 simulated SMs an odd, an even and no tile count (the
-    warpgroups' turns must balance in each case), ragged m."""
+    warpgroups' turns must balance in each case), ragged m; the turn passed once the last
+    wgmma of a main loop is issued (early_turn) or done."""
     rng, info = fresh_rng()
     cfg = dataclasses.replace(ops.INTERPRET_CONFIG, pingpong=True, max_concurrent_steps=3,
-                              delay_release=delay)
+                              delay_release=delay, early_turn=early_turn)
     # 12 tiles per group: 9, 6, 3 and 0 tiles per SM; then a random window
     _check_window_gradients(cfg, rng, info, (3, 5, 136, 192, 256),
                             [(0, 3, 2), (0, 2, 1), (1, 2, 0), (2, 2, 1)], max_offset=2)
@@ -690,6 +695,7 @@ GPU_CONFIGS = {
     "stages3_slots4": mgpu_kernel.TuningConfig(max_concurrent_steps=3, epi_slots=4),
     "pingpong": mgpu_kernel.PINGPONG_CONFIG,   # one wgmma in flight
     "pingpong_delay0": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, delay_release=0),
+    "pingpong_late_turn": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, early_turn=False),
     # three compute warpgroups (192-row CTA tiles; ragged n at the 1b shapes' n = 2048), the
     # 192 x 192 ones also in clusters along n and m
     **mgpu_kernel.THREE_WG_VARIANTS,
