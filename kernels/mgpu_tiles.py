@@ -74,20 +74,41 @@ def store_zero_tiles(slots_smem, zero_tile, cta, num_ctas, num_mm, num_zero, out
         store(jnp.where(q < out_lo, q, q + num_active), m_idx, n_idx)
 
 
-def store_tile(acc, out_smem_wg, c: TuningConfig, dst):
-    """TMA-stores a warpgroup's (tile_m, tile_n) tile (already cast) through its shared-memory
-    slots, epilogue tile by epilogue tile; dst(epi_mi, epi_ni) is the destination in GMEM."""
+def epilogue_tiles(c: TuningConfig):
+    """(epi_mi, epi_ni) of a warpgroup tile's epilogue tiles, in the order they are stored."""
+    return [(mi, ni) for mi in range(c.tile_m // c.epi_tile_m)
+            for ni in range(c.tile_n // c.epi_tile_n)]
+
+
+def epilogue_part(tile, c: TuningConfig, epi_mi, epi_ni):
+    """Epilogue tile (epi_mi, epi_ni) of a warpgroup's (tile_m, tile_n) output value."""
+    return tile[epi_mi * c.epi_tile_m:(epi_mi + 1) * c.epi_tile_m,
+                epi_ni * c.epi_tile_n:(epi_ni + 1) * c.epi_tile_n]
+
+
+def store_epilogue_tile(part, out_smem_wg, c: TuningConfig, e: int, dst):
+    """TMA-stores epilogue tile number e of a warpgroup tile (``part``, already cast) to ``dst``
+    through slot e % slots of its shared-memory slots, once the store that last used the slot
+    has read it (the stores of a tile go round the slots in order)."""
     slots = c.num_out_slots
+    slot = e % slots
+    plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
+    out_smem_wg[slot] = part
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_smem_wg.at[slot], dst)
+
+
+def store_tile(out, out_smem_wg, c: TuningConfig, dst, defer: int = 0):
+    """TMA-stores a warpgroup's (tile_m, tile_n) tile (already cast) through its shared-memory
+    slots, epilogue tile by epilogue tile; dst(epi_mi, epi_ni) is the destination in GMEM.
+    The last ``defer`` epilogue tiles are not stored but returned (a tuple of values), for
+    ``store_epilogue_tile`` to store later."""
+    epi = epilogue_tiles(c)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    for epi_mi in range(c.tile_m // c.epi_tile_m):
-        for epi_ni in range(c.tile_n // c.epi_tile_n):
-            epi_m = slice(epi_mi * c.epi_tile_m, (epi_mi + 1) * c.epi_tile_m)
-            epi_n = slice(epi_ni * c.epi_tile_n, (epi_ni + 1) * c.epi_tile_n)
-            slot = (epi_mi * (c.tile_n // c.epi_tile_n) + epi_ni) % slots
-            plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
-            out_smem_wg[slot] = acc[epi_m, epi_n]
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_smem_wg.at[slot], dst(epi_mi, epi_ni))
+    for e, (epi_mi, epi_ni) in enumerate(epi[:len(epi) - defer]):
+        store_epilogue_tile(epilogue_part(out, c, epi_mi, epi_ni), out_smem_wg, c, e,
+                            dst(epi_mi, epi_ni))
+    return tuple(epilogue_part(out, c, *ij) for ij in epi[len(epi) - defer:])
 
 
 def fill_ring(total, stages: int, consumed, load_step):
@@ -112,20 +133,24 @@ def fill_ring(total, stages: int, consumed, load_step):
 
 
 def consume_ring(mma, first_step, k_iters: int, stages: int, delay: int, loaded, consumed,
-                 on_issued=None):
+                 on_issued=None, under_steps=()):
     """A compute warpgroup's main loop over one tile: ring steps first_step ... + k_iters - 1,
     each awaited on ``loaded(slot)``, multiplied by ``mma(slot)`` (which issues the step's
     wgmma groups on the stage) and released on ``consumed[slot]``; with delay = 1 one wgmma
     group stays in flight and a stage is released a k-step later (so with two groups per step,
     the fused SwiGLU's gate and up, the previous step's are done by then). ``on_issued()``, if
-    given, runs once the last k-step's wgmma is issued, before it is awaited."""
+    given, runs once the last k-step's wgmma is issued, before it is awaited. The callables
+    ``under_steps`` (at most k_iters) run one per k-step from the first, each once its step's
+    wgmma is issued, so that their work overlaps the tensor cores' (those steps are unrolled)."""
+    assert len(under_steps) <= k_iters, (len(under_steps), k_iters)
 
-    @pl.loop(0, k_iters)
-    def _k_step(kk):
+    def k_step(kk, under=None):
         step = first_step + kk
         slot = lax.rem(step, stages)
         plgpu.barrier_wait(loaded(slot))
         mma(slot)
+        if under is not None:
+            under()
         plgpu.wgmma_wait(delay)
         if not delay:
             plgpu.barrier_arrive(consumed.at[slot])
@@ -133,6 +158,10 @@ def consume_ring(mma, first_step, k_iters: int, stages: int, delay: int, loaded,
             @pl.when(kk > 0)
             def _release_previous():
                 plgpu.barrier_arrive(consumed.at[lax.rem(step - 1, stages)])
+
+    for kk, under in enumerate(under_steps):
+        k_step(kk, under)
+    pl.loop(len(under_steps), k_iters)(k_step)
 
     if on_issued is not None:
         on_issued()

@@ -137,10 +137,24 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
             wg_rows = pl.ds(wg_idx * tm, tm) if by_rows else slice(None)
             wg_cols = slice(None) if by_rows else pl.ds(wg_idx * tn, tn)
 
-            @pl.loop(0, my_tiles)
-            def _tile(i):
-                g_ord, m_idx, n_idx = my_tile(i)
+            epi = tiles.epilogue_tiles(c)
+            defer = min(c.deferred_epi_tiles, len(epi), k_iters)
 
+            def tile_dst(i):
+                """dst(epi_mi, epi_ni) of this warpgroup's part of its CTA's i-th tile."""
+                g_ord, m_idx, n_idx = my_tile(i)
+                return lambda mi, ni: out_epi(lo + g_ord + out_offset, m_idx, n_idx, wg_idx,
+                                              mi, ni)
+
+            def store_deferred(i, deferred, j):
+                """Stores the j-th deferred epilogue tile of the CTA's i-th tile."""
+                e = len(epi) - defer + j
+                tiles.store_epilogue_tile(deferred[j], out_smem.at[wg_idx], c, e,
+                                          tile_dst(i)(*epi[e]))
+
+            def tile_body(i, deferred):
+                """The CTA's i-th tile; ``deferred``: the previous tile's last epilogue tiles,
+                stored under this tile's first k-steps (their waits for free slots hidden)."""
                 def mma(accs, slot):
                     if transpose_lhs:
                         a_op = a_smem.at[slot].at[:, wg_rows].transpose((1, 0))
@@ -154,9 +168,13 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
                             b_op = b_op.at[:, wg_cols]
                         plgpu.wgmma(acc_ref, a_op, b_op)
 
+                under = [functools.partial(pl.when(i > 0), functools.partial(
+                    store_deferred, i - 1, deferred, j)) for j in range(defer)]
+
                 def main_loop(*accs):
                     tiles.consume_ring(functools.partial(mma, accs), i * k_iters, k_iters,
-                                       stages, delay, lambda slot: loaded.at[slot], consumed)
+                                       stages, delay, lambda slot: loaded.at[slot], consumed,
+                                       under_steps=under)
                     return [acc_ref[...] for acc_ref in accs]
 
                 accs = pl.run_scoped(main_loop, *[plgpu.ACC((tm, tn), jnp.float32)] * num_b)
@@ -165,9 +183,14 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
                     out = gate / (1.0 + jnp.exp(-gate)) * up   # silu(gate) * up
                 else:
                     (out,) = accs
-                g_out = lo + g_ord + out_offset
-                dst = lambda mi, ni: out_epi(g_out, m_idx, n_idx, wg_idx, mi, ni)
-                tiles.store_tile(out.astype(out_dtype), out_smem.at[wg_idx], c, dst)
+                return tiles.store_tile(out.astype(out_dtype), out_smem.at[wg_idx], c,
+                                        tile_dst(i), defer=defer)
+
+            no_tile = plgpu.layout_cast(jnp.zeros((c.epi_tile_m, c.epi_tile_n), out_dtype),
+                                        plgpu.Layout.WGMMA)
+            deferred = lax.fori_loop(0, my_tiles, tile_body, (no_tile,) * defer)
+            for j in range(defer):   # the last tile's
+                pl.when(my_tiles > 0)(functools.partial(store_deferred, my_tiles - 1, deferred, j))
 
             # Zero tiles of the idle output groups, continuing the round-robin of the matmul
             # tiles; each warpgroup stores its part of each.

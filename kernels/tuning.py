@@ -57,6 +57,11 @@ class TuningConfig:
     # Shared-memory slots per compute warpgroup for the epilogue's TMA stores:
     # with fewer slots than epilogue tiles the epilogue waits for earlier stores.
     epi_slots: int = 2
+    # Cooperative schedule: a warpgroup keeps the last this many epilogue tiles of a tile in
+    # registers and stores them under the next tile's first k-steps, one per k-step, so their
+    # waits for free slots overlap the tensor cores' work (each costs registers: 16 per thread
+    # for a 64 x 64 bf16 tile).
+    deferred_epi_tiles: int = 0
     # Ping-pong schedule (kernels/pingpong_mgpu.py): the two compute warpgroups work on different
     # (tile_m x tile_n) tiles and take turns on the tensor cores, each one's epilogue
     # overlapping the other's main loop.
@@ -144,8 +149,12 @@ THREE_WG_MAX_COST_RATIO = 0.85
 # at G = 16, three runs; 1b gate_up at G = 2, 4 and down dx at G = 4, 8, one run), and not where
 # they were slower (3b / 8b at G = 16: ragged rows or cost 1.01-1.04; every 1b product at G = 1;
 # dw).
+# Their one slot makes each of a warpgroup's three epilogue stores wait for the last one's: the
+# third is stored under the next tile's first k-step (deferred_epi_tiles=1), which made the 1b
+# qkv / o forward and dx products at G = 16 1-2 % faster (run s15_defer_1b; 2 x 128 x 256
+# tiles deferring 2 or 4 of their 4 epilogue tiles were 4-10 % slower, run s15_defer_3b8b).
 WIDE_THREE_WG_CONFIG = TuningConfig(tile_m=64, tile_n=192, wg_dimension=MatmulDimension.M,
-                                    compute_wgs=3, epi_slots=1)
+                                    compute_wgs=3, epi_slots=1, deferred_epi_tiles=1)
 WIDE_THREE_WG_MIN_WAVES = 8
 # The 192 x 192 tiles in 2-CTA clusters, as cuBLAS runs on every diagonal shape (..._2x1 / _1x2 in
 # its kernel names): neighbouring column tiles sharing the A tile by TMA multicast (needs an even

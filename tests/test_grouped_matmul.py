@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import kernels
 from conftest import assert_batch_invariant, fresh_rng, rel_err_finite
 from kernels import grouped_matmul_mgpu as mgpu_kernel
+from kernels import mgpu_tiles
 from kernels import ops
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
@@ -440,6 +441,27 @@ def test_pingpong_gradients_with_weight_offset(delay, early_turn):
                             [(0, 3, 2), (0, 2, 1), (1, 2, 0), (2, 2, 1)], max_offset=2)
 
 
+@pytest.mark.parametrize("defer, k, cluster", [(1, 256, None), (3, 256, None), (4, 256, None),
+                                               (4, 64, None), (1, 256, "N")],
+                         ids=["one", "three", "all_four", "more_than_the_k_steps", "clustered"])
+def test_deferred_epilogue_tiles(defer, k, cluster):
+    """The cooperative schedule storing a tile's last epilogue tiles under the next tile's first
+    k-steps (4 epilogue tiles of 32 x 32 per warpgroup, 2 slots): one, three or all of them
+    deferred, more than the tile's one k-step (clipped to it), and in 2-CTA clusters. The
+    forward and both gradients against float64 over windows that leave the 4 simulated SMs
+    several tiles, one, or none (the last tile's deferred stores come after the loop; a CTA
+    without tiles stores nothing), ragged m, idle groups zero."""
+    rng, info = fresh_rng()
+    cfg = dataclasses.replace(
+        ops.INTERPRET_CONFIG, max_concurrent_steps=3, epi_tile_m=32, epi_tile_n=32,
+        deferred_epi_tiles=defer,
+        cluster_dimension=cluster and mgpu_kernel.MatmulDimension[cluster])
+    assert len(mgpu_tiles.epilogue_tiles(cfg)) == 4 and cfg.num_out_slots == 2
+    # 3 x 2 tiles of 64 x 128 per group: 18, 6 and 0 tiles over 4 SMs, then a random window
+    _check_window_gradients(cfg, rng, info, (3, 4, 136, k, 256),
+                            [(0, 3, 1), (1, 2, 0), (2, 2, 1)], max_offset=1)
+
+
 @pytest.mark.parametrize("wgs", [2, 3])
 def test_warpgroups_split_rows_with_ragged_n(wgs):
     """Two or three compute warpgroups splitting a 128- or 192-row CTA tile, with a ragged last
@@ -696,6 +718,9 @@ GPU_CONFIGS = {
     "pingpong": mgpu_kernel.PINGPONG_CONFIG,   # one wgmma in flight
     "pingpong_delay0": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, delay_release=0),
     "pingpong_late_turn": dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG, early_turn=False),
+    # the last 2 of 4 epilogue tiles of a tile stored under the next tile's first k-steps (the
+    # 192 x 192 tiles below defer 1 of 3)
+    "default_defer2": dataclasses.replace(mgpu_kernel.DEFAULT_CONFIG, deferred_epi_tiles=2),
     # three compute warpgroups (192-row CTA tiles; ragged n at the 1b shapes' n = 2048), the
     # 192 x 192 ones also in clusters along n and m
     **mgpu_kernel.THREE_WG_VARIANTS,
