@@ -325,13 +325,16 @@ SWEEP = {  # named configs for --sweep / --ab (the default is select_config's ch
     # 192 (cuBLAS's tile on 8b gate/up) and its 3-stage variants with more epilogue slots
     **mgpu_kernel.THREE_WG_VARIANTS,
     # narrower epilogue tiles (64 x 32) in as much shared memory, so more of them are in flight:
-    # 192 x 192 tiles with 2 slots per warpgroup (not 1 of 64 x 64), the default with 4 (not 2)
+    # 192 x 192 tiles with 2 slots per warpgroup (not 1 of 64 x 64), the default with 4 (not 2);
+    # without deferred epilogue tiles, as measured (runs s15_epi_*: level or slower)
     "wg3_192x192_e32": dataclasses.replace(mgpu_kernel.WIDE_THREE_WG_CONFIG, epi_tile_n=32,
-                                           epi_slots=2),
-    "default_e32": dataclasses.replace(mgpu_kernel.DEFAULT_CONFIG, epi_tile_n=32, epi_slots=4),
-    # the last epilogue tiles of a tile stored under the next tile's first k-steps
+                                           epi_slots=2, deferred_epi_tiles=0),
+    "default_e32": dataclasses.replace(mgpu_kernel.DEFAULT_CONFIG, epi_tile_n=32, epi_slots=4,
+                                       deferred_epi_tiles=0),
+    # the last d epilogue tiles of a tile stored under the next tile's first k-steps (the
+    # default defers 1 since the runs s15_*; 0: all stored in the epilogue, as before)
     **{f"default_defer{d}": dataclasses.replace(mgpu_kernel.DEFAULT_CONFIG, deferred_epi_tiles=d)
-       for d in (2, 4)},
+       for d in (0, 1, 2, 4)},
     # the 192 x 192 tiles (plain, clustered along n) storing all epilogue tiles in the epilogue
     **{f"{name}_nodefer": dataclasses.replace(mgpu_kernel.THREE_WG_VARIANTS[name],
                                               deferred_epi_tiles=0)

@@ -83,7 +83,8 @@
 #              "auto" (timed twice) against the default and cuBLAS on all twelve dw products at
 #              G = 16                                                             (~4 min)
 #   parity_all "auto" (timed twice: the run's spread) against cuBLAS on all 24 forward and dx
-#              products at G = 16, the issue's parity bar in one call (not run yet; 560 s limit)
+#              products at G = 16, the issue's parity bar in one call (~3 min: run s15_parity_all,
+#              with default_defer1 in place of auto#2, took 137 s)
 # The stages that chose between JAX's pipelines and the ring of stages for the cooperative
 # schedule (ring, ring2, ring_all, ring_check, ring_cluster, ring_wg3, ring_swiglu; dw_variants,
 # dw_select, dw_3b) were removed with JAX's pipelines: their runs in
@@ -110,6 +111,10 @@ train_bench() {
 #              default since this stage) against passing it once it is done: the three ping-pong
 #              configs' GPU tests, then a profiled A/B with "auto" and cuBLAS on the attention
 #              shapes (forward, dx) at G = 16 and the G = 1 products that select ping-pong
+#              (runs s15_pingpong_turn_g16 / _g1, 132 s)
+#   defer      deferred epilogue tiles, a repeat: the default and the 192 x 192 tiles without
+#              deferral against "auto" (which defers 1 on both) and cuBLAS on the attention
+#              shapes and the 8b MLP products at G = 16 (forward, dx; ~3 min)
 # ab NAME LIMIT_S ARGS...: an interleaved grouped-matmul A/B (eval/bench_grouped_matmul.py --ab ...)
 # under a timeout (0: none), results in $OUT/NAME/, its A/B lines and failures shown.
 ab() {
@@ -288,6 +293,9 @@ for stage in "${stages[@]}"; do
            ab pingpong_turn_g1 60 --ab auto,pingpong_delay1,pingpong_late_turn,xla_einsum \
              --ab_groups 1 --ab_products fwd --ab_profile --ab_reps 3 \
              --ab_shapes 1b:gate_up,3b:gate_up ;;
+    defer) ab defer 300 --ab auto,default_defer0,wg3_192x192_nodefer,xla_einsum --ab_groups 16 \
+             --ab_products fwd,dx --ab_profile --ab_reps 3 \
+             --ab_shapes 1b:qkv,1b:o,3b:qkv,3b:o,8b:o,8b:gate_up,8b:down ;;
     train_seq_remat) train_bench train_seq_remat 330 --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal
            train_bench train_seq_remat_16k 200 --tokens 16384 --reps 3 --impls auto \
@@ -298,7 +306,7 @@ for stage in "${stages[@]}"; do
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
-            "dw_auto, parity_all, pingpong_turn)"
+            "dw_auto, parity_all, pingpong_turn, defer)"
        exit 2 ;;
   esac
 done

@@ -68,7 +68,8 @@ class TuningConfig:
     pingpong: bool = False
     # Ping-pong: pass the turn on the tensor cores once the main loop's last wgmma is issued
     # (CUTLASS's order), not once it is done, which drains the tensor cores between the two
-    # warpgroups' main loops.
+    # warpgroups' main loops. H200 (run s15_pingpong_turn_*): faster or level on 8 of 12
+    # products by device time (up to 1 %), faster on 11 of 12 by wall clock.
     early_turn: bool = True
     # Compute warpgroups of a cooperative CTA (2 or 3; three split the rows). 192-row CTA tiles
     # divide the diagonal shapes' m = 1152 / 4224 and change the tile count: 1b o at G = 1 gets
@@ -129,7 +130,11 @@ class TuningConfig:
 #   six, 1b qkv dw 23 vs 24 us, 3b o dw 56-57 vs 59 us;
 # - the fused SwiGLU at G = 16: 1.8 % (1b), 1.9 % (3b), 0.7-1.0 % (8b) faster; level at G = 1.
 # The 128 x 128 tiles (NARROW_CONFIG; no diagonal shape takes them) were not timed on it.
-DEFAULT_CONFIG = TuningConfig()  # CTA tile 128 x 256, 4 stages, one wgmma group in flight
+# CTA tile 128 x 256, 4 stages, one wgmma group in flight; the last of a warpgroup's 4 epilogue
+# tiles stored under the next tile's first k-step: faster than storing it in the epilogue on 15
+# of the 16 forward / dx products at G = 16 where both ran this tile, by 0.2-1.0 % (run
+# s15_parity_all; the 16th, 8b gate_up dx, 4.5 % slower by device time, faster by wall clock).
+DEFAULT_CONFIG = TuningConfig(deferred_epi_tiles=1)
 NARROW_CONFIG = TuningConfig(tile_n=64, max_concurrent_steps=5)  # 128 x 128
 # Fused SwiGLU (gate and up tiles per k-step): 128 x 128 output tiles, each warpgroup
 # 64 rows with a gate and an up accumulator (64 x 128 each), 4 stages of 48 KiB.
@@ -244,10 +249,13 @@ def select_config(
     4. ``PINGPONG_CONFIG`` for forward products where its half-size work items fill the last
        wave of tiles at least ``PINGPONG_MIN_WAVE_GAIN`` better than the default's (e.g. 1b qkv
        at G = 4, 1b and 3b gate_up at G = 1); at equal fill it ran 1-2 % slower.
-    5. Otherwise ``DEFAULT_CONFIG``: 128 x 256 tiles, 4 stages, one wgmma group in flight.
+    5. Otherwise ``DEFAULT_CONFIG``: 128 x 256 tiles, 4 stages, one wgmma group in flight,
+       the last epilogue tile of each warpgroup stored under the next tile's first k-step.
 
-    At full load this runs at 0.97-1.03x cuBLAS's speed on the forward and dx products of the
-    Llama-1B/3B/8B diagonal shapes, 0.91-1.03x on dw. Tried and not chosen (within noise or
+    At full load (G = 16) this ran at 0.985-1.043x cuBLAS's speed on 21 of the 24 forward and dx
+    products of the Llama-1B/3B/8B diagonal shapes, 0.93-0.96x on 8b down, down dx and gate_up
+    dx (run s15_parity_all, one run), and at 0.91-1.03x on dw before the deferred epilogue
+    tiles. Tried and not chosen (within noise or
     slower): 3 stages, unchained tiles (on JAX's pipelines), 128 x 128 tiles with 4 or 6
     stages (cuBLAS's choice for the 1b attention shapes), 256 x 128 and row-split 128 x 192
     tiles, other grid orders, clusters on the default tiles (also on the ring), a whole staged
@@ -356,8 +364,10 @@ def unsupported_reason(
     if c.delay_release not in (0, 1) or c.delay_release >= c.max_concurrent_steps:
         return (f"delay_release={c.delay_release}: 0 or 1 wgmma groups in flight, fewer than"
                 f" the {c.max_concurrent_steps} stages")
-    if c.pingpong and (swiglu or c.cluster_dimension is not None):
-        return "ping-pong: no fused SwiGLU or clusters"
+    if c.pingpong and (swiglu or c.cluster_dimension is not None or c.deferred_epi_tiles):
+        return "ping-pong: no fused SwiGLU, clusters or deferred epilogue tiles"
+    if c.deferred_epi_tiles < 0:
+        return f"deferred_epi_tiles={c.deferred_epi_tiles} < 0"
     if c.smem_bytes(dtype.itemsize, out_dtype.itemsize, 1 + swiglu) > _SMEM_BYTES:
         return "config exceeds shared memory"
     if c.cluster_dimension == MatmulDimension.N and pl.cdiv(n, c.cta_tile_n) % 2:
