@@ -28,6 +28,11 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
     products' 18 / 34 / 66 k-steps are not.) With ``delay_release = 1`` each warpgroup keeps
     one wgmma group in flight and releases a stage a k-step later.
 
+    With ``deferred_epi_tiles = d`` each compute warpgroup keeps the last d epilogue tiles of a
+    tile in registers and stores them under the next tile's first d k-steps (the last tile's
+    after the loop), so their waits for a free shared-memory slot overlap the tensor cores'
+    work instead of idling them between tiles.
+
     With ``swiglu`` (no transposes) B holds [gate | up] columns: each stage holds the gate and
     the up tile of the output columns, each compute warpgroup keeps a gate and an up
     accumulator, and the epilogue stores ``silu(gate) * up``.
@@ -186,8 +191,9 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
                 return tiles.store_tile(out.astype(out_dtype), out_smem.at[wg_idx], c,
                                         tile_dst(i), defer=defer)
 
-            no_tile = plgpu.layout_cast(jnp.zeros((c.epi_tile_m, c.epi_tile_n), out_dtype),
-                                        plgpu.Layout.WGMMA)
+            # before the first tile nothing is deferred (placeholders, never stored)
+            no_tile = defer and plgpu.layout_cast(
+                jnp.zeros((c.epi_tile_m, c.epi_tile_n), out_dtype), plgpu.Layout.WGMMA)
             deferred = lax.fori_loop(0, my_tiles, tile_body, (no_tile,) * defer)
             for j in range(defer):   # the last tile's
                 pl.when(my_tiles > 0)(functools.partial(store_deferred, my_tiles - 1, deferred, j))
