@@ -115,6 +115,9 @@ train_bench() {
 #   defer      deferred epilogue tiles, a repeat: the default and the 192 x 192 tiles without
 #              deferral against "auto" (which defers 1 on both) and cuBLAS on the attention
 #              shapes and the 8b MLP products at G = 16 (forward, dx; ~3 min)
+#   mlp8b      the 8b MLP products (gate_up, down; forward, dx), where cuBLAS led most in run
+#              s15_parity_all: "auto" (twice) against 256 x 128 tiles (plain and in 2-CTA clusters
+#              along n, cuBLAS's shape on 8b down), the clustered 192 x 192 tiles and cuBLAS
 # ab NAME LIMIT_S ARGS...: an interleaved grouped-matmul A/B (eval/bench_grouped_matmul.py --ab ...)
 # under a timeout (0: none), results in $OUT/NAME/, its A/B lines and failures shown.
 ab() {
@@ -296,6 +299,8 @@ for stage in "${stages[@]}"; do
     defer) ab defer 300 --ab auto,default_defer0,wg3_192x192_nodefer,xla_einsum --ab_groups 16 \
              --ab_products fwd,dx --ab_profile --ab_reps 3 \
              --ab_shapes 1b:qkv,1b:o,3b:qkv,3b:o,8b:o,8b:gate_up,8b:down ;;
+    mlp8b) ab mlp8b 400 --ab auto,auto#2,wg_m,wg_m_cn,wg3_192x192_cn,xla_einsum --ab_groups 16 \
+             --ab_products fwd,dx --ab_profile --ab_reps 3 --ab_shapes 8b:gate_up,8b:down ;;
     train_seq_remat) train_bench train_seq_remat 330 --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal
            train_bench train_seq_remat_16k 200 --tokens 16384 --reps 3 --impls auto \
@@ -306,7 +311,7 @@ for stage in "${stages[@]}"; do
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
-            "dw_auto, parity_all, pingpong_turn, defer)"
+            "dw_auto, parity_all, pingpong_turn, defer, mlp8b)"
        exit 2 ;;
   esac
 done
