@@ -85,6 +85,17 @@
 #   parity_all "auto" (timed twice: the run's spread) against cuBLAS on all 24 forward and dx
 #              products at G = 16, the issue's parity bar in one call (~3 min: run s15_parity_all,
 #              with default_defer1 in place of auto#2, took 137 s)
+#   pingpong_turn  ping-pong passing the turn once the main loop's last wgmma is issued (the
+#              default since this stage) against passing it once it is done: the three ping-pong
+#              configs' GPU tests, then a profiled A/B with "auto" and cuBLAS on the attention
+#              shapes (forward, dx) at G = 16 and the G = 1 products that select ping-pong
+#              (runs s15_pingpong_turn_g16 / _g1, 132 s)
+#   defer      deferred epilogue tiles, a repeat: the default and the 192 x 192 tiles without
+#              deferral against "auto" (which defers 1 on both) and cuBLAS on the attention
+#              shapes and the 8b MLP products at G = 16 (forward, dx; ~3 min)
+#   mlp8b      the 8b MLP products (gate_up, down; forward, dx), where cuBLAS led most in run
+#              s15_parity_all: "auto" (twice) against 256 x 128 tiles (plain and in 2-CTA clusters
+#              along n, cuBLAS's shape on 8b down), the clustered 192 x 192 tiles and cuBLAS
 # The stages that chose between JAX's pipelines and the ring of stages for the cooperative
 # schedule (ring, ring2, ring_all, ring_check, ring_cluster, ring_wg3, ring_swiglu; dw_variants,
 # dw_select, dw_3b) were removed with JAX's pipelines: their runs in
@@ -107,17 +118,6 @@ train_bench() {
   timeout "$limit" python3 -m eval.bench_train "$@" --out "$OUT/$name/train_bench.json" 2>&1 \
     | quiet | tee "$OUT/$name.txt" | grep -v "^| "
 }
-#   pingpong_turn  ping-pong passing the turn once the main loop's last wgmma is issued (the
-#              default since this stage) against passing it once it is done: the three ping-pong
-#              configs' GPU tests, then a profiled A/B with "auto" and cuBLAS on the attention
-#              shapes (forward, dx) at G = 16 and the G = 1 products that select ping-pong
-#              (runs s15_pingpong_turn_g16 / _g1, 132 s)
-#   defer      deferred epilogue tiles, a repeat: the default and the 192 x 192 tiles without
-#              deferral against "auto" (which defers 1 on both) and cuBLAS on the attention
-#              shapes and the 8b MLP products at G = 16 (forward, dx; ~3 min)
-#   mlp8b      the 8b MLP products (gate_up, down; forward, dx), where cuBLAS led most in run
-#              s15_parity_all: "auto" (twice) against 256 x 128 tiles (plain and in 2-CTA clusters
-#              along n, cuBLAS's shape on 8b down), the clustered 192 x 192 tiles and cuBLAS
 # ab NAME LIMIT_S ARGS...: an interleaved grouped-matmul A/B (eval/bench_grouped_matmul.py --ab ...)
 # under a timeout (0: none), results in $OUT/NAME/, its A/B lines and failures shown.
 ab() {

@@ -156,8 +156,8 @@ THREE_WG_MAX_COST_RATIO = 0.85
 # dw).
 # Their one slot makes each of a warpgroup's three epilogue stores wait for the last one's: the
 # third is stored under the next tile's first k-step (deferred_epi_tiles=1), which made the 1b
-# qkv / o forward and dx products at G = 16 1-2 % faster (run s15_defer_1b; 2 x 128 x 256
-# tiles deferring 2 or 4 of their 4 epilogue tiles were 4-10 % slower, run s15_defer_3b8b).
+# qkv / o forward and dx products at G = 16 1-2 % faster (run s15_defer_1b; the default 128 x
+# 256 tiles deferring 2 or 4 of their 4 epilogue tiles were 4-10 % slower, run s15_defer_3b8b).
 WIDE_THREE_WG_CONFIG = TuningConfig(tile_m=64, tile_n=192, wg_dimension=MatmulDimension.M,
                                     compute_wgs=3, epi_slots=1, deferred_epi_tiles=1)
 WIDE_THREE_WG_MIN_WAVES = 8

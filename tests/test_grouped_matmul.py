@@ -462,6 +462,22 @@ def test_deferred_epilogue_tiles(defer, k, cluster):
                             [(0, 3, 1), (1, 2, 0), (2, 2, 1)], max_offset=1)
 
 
+def test_deferred_epilogue_tiles_refused_where_not_implemented():
+    """Ping-pong (whose epilogue already runs under the other warpgroup's main loop) and a
+    negative count are refused, naming the field, not silently ignored."""
+    why = lambda c: mgpu_kernel.unsupported_reason(
+        (4, 1152, 2048), (4, 2048, 3072), jnp.bfloat16, jnp.bfloat16, config=c)
+    assert why(mgpu_kernel.PINGPONG_CONFIG) is None
+    assert "deferred" in why(dataclasses.replace(mgpu_kernel.PINGPONG_CONFIG,
+                                                 deferred_epi_tiles=1))
+    assert "deferred_epi_tiles=-1" in why(dataclasses.replace(mgpu_kernel.DEFAULT_CONFIG,
+                                                             deferred_epi_tiles=-1))
+    x, w = jnp.zeros((2, 64, 64), jnp.float32), jnp.zeros((2, 64, 128), jnp.float32)
+    with pytest.raises(ValueError, match="deferred"):
+        kernels.grouped_matmul(x, w, impl="interpret", config=dataclasses.replace(
+            ops.INTERPRET_CONFIG, pingpong=True, deferred_epi_tiles=1))
+
+
 @pytest.mark.parametrize("wgs", [2, 3])
 def test_warpgroups_split_rows_with_ragged_n(wgs):
     """Two or three compute warpgroups splitting a 128- or 192-row CTA tile, with a ragged last
