@@ -146,6 +146,7 @@ class Row:
     rel_err: float | None = None
     note: str = ""
     tflops_range: list[float] | None = None  # (min, max) over --ab rounds
+    device_us_range: list[float] | None = None  # (min, max) device us per call over --ab traces
 
 
 @functools.lru_cache(maxsize=None)
@@ -425,12 +426,28 @@ def _device_times(fn, args, calls=10):
     return per_call_seconds(times, calls)
 
 
+def device_summary(rounds: list[dict[str, float]], flops: float) -> tuple[str, float, float, float]:
+    """(note text, median, min, max device seconds per call) from the per-round traces of one
+    config ({kernel name: device seconds per call} each): the median round's total and its three
+    longest kernels, the range over the rounds."""
+    busy = [sum(r.values()) for r in rounds]
+    mid = sorted(range(len(busy)), key=busy.__getitem__)[len(busy) // 2]
+    top = sorted(rounds[mid].items(), key=lambda kv: -kv[1])[:3]
+    text = (f"device {busy[mid] * 1e6:.0f} us/call ({min(busy) * 1e6:.0f}-{max(busy) * 1e6:.0f}"
+            f" over {len(busy)} traces) = {flops / busy[mid] / 1e12:.0f} TF/s: "
+            + "; ".join(f"{name[:90]} {t * 1e6:.0f} us" for name, t in top))
+    return text, busy[mid], min(busy), max(busy)
+
+
 def ab_compare(shapes, cfg_names, active, reps, dense_tflops, key, rows, failures, g=16,
                profile=False, configs=None, impl="pallas", products=("fwd",)):
     """Interleaved A/B: every config (and XLA) of one shape is compiled and checked first,
     then timed once per round, ``reps`` rounds in rotated order, so slow drifts of the GPU's
     clock hit every config alike. Rows carry the median and the (min, max) over rounds. With
-    ``profile``, each is also traced once: device time per call by kernel (in the note).
+    ``profile`` (on a GPU), each is also traced in every round, right after its timing: device
+    time per call by kernel, the median round's in the note (``device_summary``), the range
+    over the rounds in ``device_us_range`` (a single trace of 10 calls read up to 4.5 % off
+    another config's on the 8b products in run s15_parity_all, while the wall clock disagreed).
     ``configs`` maps names to TuningConfigs (default SWEEP); "auto" names select_config's choice
     for the shape, "xla_einsum" XLA's plain batched matmul (full load only). ``products``: of
     PRODUCTS, "fwd" and the backward products "dx" / "dw" (rows named e.g. "o dx"; the SwiGLU
@@ -475,29 +492,31 @@ def ab_compare(shapes, cfg_names, active, reps, dense_tflops, key, rows, failure
                 fns[cfg_name] = fn
             except Exception as e:  # report and go on with the other configs
                 failures.append(f"ab {model} {name} {cfg_name}: {e!r}"[:2000])
+        traced = profile and jax.devices()[0].platform == "gpu"   # a CPU trace has no kernels
         samples = {c: [] for c in fns}
+        device = {c: [] for c in fns}   # per round: {kernel: device seconds per call}
         order = list(fns)
         for r in range(reps):
             for c in order[r % len(order):] + order[: r % len(order)]:
                 samples[c].append(_time(fns[c], a, b, lo, hi, runs=3))
+                if traced:
+                    device[c].append(_device_times(fns[c], (a, b, lo, hi)))
         flops = 2.0 * active * m * k * n
         for c, secs in samples.items():
             tfs = [flops / s_ / 1e12 for s_ in secs]
             sec = statistics.median(secs)
-            note = "ab " + c
-            if profile and jax.devices()[0].platform == "gpu":   # a CPU trace has no kernels
-                kernels_s = _device_times(fns[c], (a, b, lo, hi))
-                busy = sum(kernels_s.values())
-                top = sorted(kernels_s.items(), key=lambda kv: -kv[1])[:3]
-                note += (f" | device {busy * 1e6:.0f} us/call = {flops / busy / 1e12:.0f} TF/s: "
-                         + "; ".join(f"{nm[:90]} {t * 1e6:.0f} us" for nm, t in top))
+            note, device_range = "ab " + c, None
+            if device[c]:
+                text, _, fastest, slowest = device_summary(device[c], flops)
+                note += " | " + text
+                device_range = [fastest * 1e6, slowest * 1e6]
             variant = c.split("#")[0]
             kind = impl if (c in configs or variant in SWIGLU_VARIANTS) else "xla"
             rows.append(Row(model, name, m, k, n, g, active, kind,
                             sec, flops / sec / 1e12, flops / sec / 1e12 / dense_tflops,
                             config=str(configs.get(c) or SWIGLU_CONFIGS.get(variant) or ""),
-                            note=note,
-                            tflops_range=[min(tfs), max(tfs)]))
+                            note=note, tflops_range=[min(tfs), max(tfs)],
+                            device_us_range=device_range))
             print(f"  ab {model} {name:8s} {m}x{k}x{n} G={g:2d} act={active:2d} {c:22s}"
                   f" {flops / sec / 1e12:6.1f} TF/s ({min(tfs):.0f}-{max(tfs):.0f}) {note[3:]}",
                   flush=True)
@@ -571,7 +590,8 @@ def main(argv=None):
                    help="active groups of G for --ab (default: all)")
     p.add_argument("--ab_reps", type=int, default=5, help="rounds of --ab")
     p.add_argument("--ab_profile", action="store_true",
-                   help="--ab: also trace each config once (device time per kernel)")
+                   help="--ab: also trace each config in every round (device time per kernel:"
+                        " the median round's in the note, the range over the rounds)")
     p.add_argument(
         "--bwd", action="store_true", help="time the backward products (dx, dw) for 1b shapes"
     )

@@ -83,8 +83,9 @@
 #              "auto" (timed twice) against the default and cuBLAS on all twelve dw products at
 #              G = 16                                                             (~4 min)
 #   parity_all "auto" (timed twice: the run's spread) against cuBLAS on all 24 forward and dx
-#              products at G = 16, the issue's parity bar in one call (~3 min: run s15_parity_all,
-#              with default_defer1 in place of auto#2, took 137 s)
+#              products at G = 16, the issue's parity bar in one call (run s15_parity_all, with
+#              default_defer1 in place of auto#2 and one trace per config, took 137 s; with a
+#              trace in every round, since, longer: untimed, 560 s limit)
 #   pingpong_turn  ping-pong passing the turn once the main loop's last wgmma is issued (the
 #              default since this stage) against passing it once it is done: the three ping-pong
 #              configs' GPU tests, then a profiled A/B with "auto" and cuBLAS on the attention

@@ -253,6 +253,19 @@ def test_grouped_matmul_ab_compare_on_cpu():
     assert config_of["a dx", "auto#2"] == config_of["a dx", "auto"] != ""
 
 
+def test_device_summary_takes_the_median_trace():
+    """--ab_profile's note: the median round's device time and its longest kernels, the range
+    over the rounds; the note's figure is what device_us (and so the parity figure) reads."""
+    import eval.bench_grouped_matmul as gmm
+
+    rounds = [{"kernel": 300e-6, "concat": 1e-6}, {"kernel": 280e-6, "concat": 1e-6},
+              {"kernel": 350e-6, "concat": 2e-6}]
+    text, median, fastest, slowest = gmm.device_summary(rounds, flops=2.81e8)
+    assert (round(median * 1e6), round(fastest * 1e6), round(slowest * 1e6)) == (301, 281, 352)
+    assert text.startswith("device 301 us/call (281-352 over 3 traces) = 1 TF/s: kernel 300 us")
+    assert gmm.device_us("ab auto | " + text) == 301
+
+
 def test_gpu_session_names_only_known_configs():
     """Every config name eval/gpu_session.sh passes to the grouped-matmul benchmark (--ab lists,
     C= lists, wg3_variants' configs) exists, so no stage dies on an unknown name mid-session
