@@ -93,7 +93,7 @@
 #              (runs s15_pingpong_turn_g16 / _g1, 132 s)
 #   defer      deferred epilogue tiles, a repeat: the default and the 192 x 192 tiles without
 #              deferral against "auto" (which defers 1 on both) and cuBLAS on the attention
-#              shapes and the 8b MLP products at G = 16 (forward, dx; ~3 min)
+#              shapes and the 8b MLP products at G = 16 (forward, dx; 420 s limit)
 #   mlp8b      the 8b MLP products (gate_up, down; forward, dx), where cuBLAS led most in run
 #              s15_parity_all: "auto" (twice) against 256 x 128 tiles (plain and in 2-CTA clusters
 #              along n, cuBLAS's shape on 8b down), the clustered 192 x 192 tiles and cuBLAS
@@ -297,7 +297,7 @@ for stage in "${stages[@]}"; do
            ab pingpong_turn_g1 60 --ab auto,pingpong_delay1,pingpong_late_turn,xla_einsum \
              --ab_groups 1 --ab_products fwd --ab_profile --ab_reps 3 \
              --ab_shapes 1b:gate_up,3b:gate_up ;;
-    defer) ab defer 300 --ab auto,default_defer0,wg3_192x192_nodefer,xla_einsum --ab_groups 16 \
+    defer) ab defer 420 --ab auto,default_defer0,wg3_192x192_nodefer,xla_einsum --ab_groups 16 \
              --ab_products fwd,dx --ab_profile --ab_reps 3 \
              --ab_shapes 1b:qkv,1b:o,3b:qkv,3b:o,8b:o,8b:gate_up,8b:down ;;
     mlp8b) ab mlp8b 400 --ab auto,auto#2,wg_m,wg_m_cn,wg3_192x192_cn,xla_einsum --ab_groups 16 \
