@@ -142,6 +142,20 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
             wg_rows = pl.ds(wg_idx * tm, tm) if by_rows else slice(None)
             wg_cols = slice(None) if by_rows else pl.ds(wg_idx * tn, tn)
 
+            def mma(accs, slot):
+                """This warpgroup's wgmma groups on the stage in ``slot``."""
+                if transpose_lhs:
+                    a_op = a_smem.at[slot].at[:, wg_rows].transpose((1, 0))
+                else:
+                    a_op = a_smem.at[slot].at[wg_rows]
+                for j, acc_ref in enumerate(accs):
+                    b_op = b_smem.at[slot * num_b + j]
+                    if transpose_rhs:
+                        b_op = b_op.at[wg_cols, :].transpose((1, 0))
+                    else:
+                        b_op = b_op.at[:, wg_cols]
+                    plgpu.wgmma(acc_ref, a_op, b_op)
+
             epi = tiles.epilogue_tiles(c)
             defer = min(c.deferred_epi_tiles, len(epi), k_iters)
 
@@ -160,19 +174,6 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
             def tile_body(i, deferred):
                 """The CTA's i-th tile; ``deferred``: the previous tile's last epilogue tiles,
                 stored under this tile's first k-steps (their waits for free slots hidden)."""
-                def mma(accs, slot):
-                    if transpose_lhs:
-                        a_op = a_smem.at[slot].at[:, wg_rows].transpose((1, 0))
-                    else:
-                        a_op = a_smem.at[slot].at[wg_rows]
-                    for j, acc_ref in enumerate(accs):
-                        b_op = b_smem.at[slot * num_b + j]
-                        if transpose_rhs:
-                            b_op = b_op.at[wg_cols, :].transpose((1, 0))
-                        else:
-                            b_op = b_op.at[:, wg_cols]
-                        plgpu.wgmma(acc_ref, a_op, b_op)
-
                 under = [functools.partial(pl.when(i > 0), functools.partial(
                     store_deferred, i - 1, deferred, j)) for j in range(defer)]
 
