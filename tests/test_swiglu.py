@@ -206,12 +206,14 @@ def test_gpu_swiglu_auto_is_the_fused_kernel():
     assert rel_err_finite(narrow, want) <= 1e-2, info
 
 
-@pytest.mark.parametrize("name", ["rows_split", "columns_split", "wrap", "wrap_delay0"])
+@pytest.mark.parametrize("name", ["rows_split", "columns_split", "wrap", "wrap_delay0",
+                                  "deferred_epilogue"])
 def test_swiglu_tile_schedules(name):
     """The fused kernel (a gate and an up tile per stage) under the default's row split (two
     warpgroups of 64 rows, as in SWIGLU_CONFIG) and a column split, on 2 stages, and on 3
     stages (2 k-steps per tile, so the ring wraps across tiles) with and without one wgmma
-    group in flight, 4 simulated SMs with several tiles each."""
+    group in flight, and with the activation's last 32 x 32 epilogue tile of each warpgroup
+    stored under the next tile's first k-step, 4 simulated SMs with several tiles each."""
     rng, info = fresh_rng()
     rows_split = mgpu_kernel.TuningConfig(tile_m=64, tile_n=64,
                                           wg_dimension=mgpu_kernel.MatmulDimension.M,
@@ -221,6 +223,8 @@ def test_swiglu_tile_schedules(name):
         "columns_split": ops.INTERPRET_CONFIG,
         "wrap": dataclasses.replace(rows_split, max_concurrent_steps=3),
         "wrap_delay0": dataclasses.replace(rows_split, max_concurrent_steps=3, delay_release=0),
+        "deferred_epilogue": dataclasses.replace(rows_split, epi_tile_m=32, epi_tile_n=32,
+                                                 deferred_epi_tiles=1),
     }[name]
     x, w = _operands(rng, 3, 3, 200, 128, 256, jnp.float32)
     for lo, hi in [(0, 3), (1, 2)]:
