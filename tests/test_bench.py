@@ -266,6 +266,19 @@ def test_device_summary_takes_the_median_trace():
     assert gmm.device_us("ab auto | " + text) == 301
 
 
+def test_probe_tile_overhead_needs_a_gpu():
+    """eval/probe_tile_overhead.py times the Hopper kernel: off a GPU it stops with a message
+    saying so, before any work."""
+    import jax
+
+    import eval.probe_tile_overhead as probe
+
+    if jax.devices()[0].platform == "gpu":
+        pytest.skip("on a GPU the probe runs")
+    with pytest.raises(SystemExit, match="needs a GPU"):
+        probe.main()
+
+
 def test_gpu_session_names_only_known_configs():
     """Every config name eval/gpu_session.sh passes to the grouped-matmul benchmark (--ab lists,
     C= lists, wg3_variants' configs) exists, so no stage dies on an unknown name mid-session
