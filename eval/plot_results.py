@@ -165,7 +165,8 @@ def plot_train(report: dict, path: Path) -> None:
 def config_fields(text: str) -> dict[str, str] | None:
     """The fields of the TuningConfig a result row ran (``str(config)``), comparable with
     today's configs; None for a row without one (XLA). A field an older run did not write
-    (added since) takes its default, which that run ran. A row written while the cooperative
+    (added since) takes its default, which that run ran, but for ``early_turn``: the ping-pong
+    runs before it passed the turn late (``False``). A row written while the cooperative
     schedule had a second implementation on JAX's pipelines (it wrote ``chain_tiles``) that ran
     there (neither ``ring=True`` nor ping-pong) gets ``"schedule": "JAX pipelines"``, so it
     equals no config of today's kernel."""
@@ -174,7 +175,8 @@ def config_fields(text: str) -> dict[str, str] | None:
     if not text.startswith("TuningConfig(") or not text.endswith(")"):
         return None
     written = dict(item.split("=", 1) for item in text[len("TuningConfig("):-1].split(", "))
-    fields = {f.name: written.get(f.name, repr(f.default))
+    ran_before = {"early_turn": "False"}   # what a run that did not write the field ran
+    fields = {f.name: written.get(f.name, ran_before.get(f.name, repr(f.default)))
               for f in dataclasses.fields(TuningConfig)}
     if "chain_tiles" in written and "True" not in (written.get("ring"), written.get("pingpong")):
         fields["schedule"] = "JAX pipelines"

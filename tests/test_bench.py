@@ -184,6 +184,12 @@ def test_parity_points_take_todays_config_and_cublas():
     # the ping-pong kernel is the same before and after
     assert config_fields(written_before_s14(PINGPONG_CONFIG, False)) == config_fields(
         str(PINGPONG_CONFIG))
+    # but a ping-pong row written before early_turn existed passed the turn late
+    late = str(PINGPONG_CONFIG).replace(", early_turn=True", "")
+    assert late != str(PINGPONG_CONFIG)
+    assert config_fields(late) == config_fields(str(dataclasses.replace(PINGPONG_CONFIG,
+                                                                        early_turn=False)))
+    assert config_fields(late) != config_fields(str(PINGPONG_CONFIG))
 
 
 def test_profile_names_the_source_of_each_kernel():
