@@ -276,7 +276,8 @@ SWEEP = {  # named configs for --sweep / --ab (the default is select_config's ch
     # Every config but ping-pong runs on the ring of stages (kernels/ring_mgpu.py). The A/B runs
     # up to s14_* timed some of these names on JAX's pipelines (the configs they wrote say
     # chain_tiles=..., without ring=True).
-    "default": mgpu_kernel.DEFAULT_CONFIG,  # 128x256 CTA, 4 stages, one wgmma group in flight
+    # 128x256 CTA, 4 stages, one wgmma group in flight, one deferred epilogue tile
+    "default": mgpu_kernel.DEFAULT_CONFIG,
     "delay0": dataclasses.replace(mgpu_kernel.DEFAULT_CONFIG, delay_release=0),
     "stages3": mgpu_kernel.TuningConfig(max_concurrent_steps=3),
     "stages2": mgpu_kernel.TuningConfig(max_concurrent_steps=2),
@@ -579,8 +580,8 @@ def main(argv=None):
     p.add_argument("--ab", default=None,
                    help="comma-separated SWEEP config names for an interleaved A/B (with XLA);"
                         " also auto (select_config's), xla_einsum, swiglu / swiglu_delay0 /"
-                        " swiglu_unfused for gate_up shapes; NAME#2 times config NAME a second time, apart (the"
-                        " run's noise between identical configs)")
+                        " swiglu_unfused for gate_up shapes; NAME#2 times config NAME a second"
+                        " time, apart (the run's noise between identical configs)")
     p.add_argument("--ab_shapes", default="1b:qkv,1b:o,1b:gate_up,1b:down",
                    help="model:shape pairs for --ab")
     p.add_argument("--ab_groups", default="16", help="comma-separated G values for --ab")

@@ -141,13 +141,11 @@ def pingpong_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConf
             # Zero tiles of the idle output groups, continuing the round-robin of the matmul
             # tiles; the two warpgroups split each tile's epilogue tiles.
             def store(g, m_idx, n_idx):
-                epi_n_tiles = tn // c.epi_tile_n
-                for e in range((tm // c.epi_tile_m) * epi_n_tiles):
+                for e, (epi_mi, epi_ni) in enumerate(tiles.epilogue_tiles(c)):
                     @pl.when(wg_idx == e % 2)
                     def _store_zero():
-                        plgpu.copy_smem_to_gmem(
-                            out_smem.at[wg_idx, 0],
-                            out_epi(g, m_idx, n_idx, e // epi_n_tiles, e % epi_n_tiles))
+                        plgpu.copy_smem_to_gmem(out_smem.at[wg_idx, 0],
+                                                out_epi(g, m_idx, n_idx, epi_mi, epi_ni))
 
             tiles.store_zero_tiles(
                 out_smem.at[wg_idx], jnp.zeros((c.epi_tile_m, c.epi_tile_n), out_dtype), sm,

@@ -202,10 +202,9 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
             # Zero tiles of the idle output groups, continuing the round-robin of the matmul
             # tiles; each warpgroup stores its part of each.
             def store(g, m_idx, n_idx):
-                for epi_mi in range(tm // c.epi_tile_m):
-                    for epi_ni in range(tn // c.epi_tile_n):
-                        plgpu.copy_smem_to_gmem(out_smem.at[wg_idx, 0],
-                                                out_epi(g, m_idx, n_idx, wg_idx, epi_mi, epi_ni))
+                for epi_mi, epi_ni in epi:
+                    plgpu.copy_smem_to_gmem(out_smem.at[wg_idx, 0],
+                                            out_epi(g, m_idx, n_idx, wg_idx, epi_mi, epi_ni))
 
             tiles.store_zero_tiles(
                 out_smem.at[wg_idx], jnp.zeros((c.epi_tile_m, c.epi_tile_n), out_dtype), cta,
