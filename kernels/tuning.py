@@ -132,7 +132,7 @@ class TuningConfig:
 # The 128 x 128 tiles (NARROW_CONFIG; no diagonal shape takes them) were not timed on it.
 # CTA tile 128 x 256, 4 stages, one wgmma group in flight; the last of a warpgroup's 4 epilogue
 # tiles stored under the next tile's first k-step: faster than storing it in the epilogue on 15
-# of the 16 forward / dx products at G = 16 where both ran this tile, by 0.2-1.0 % (run
+# of the 16 forward / dx products at G = 16 where both ran this tile, by 0.1-1.0 % (run
 # s15_parity_all; the 16th, 8b gate_up dx, 4.5 % slower by device time, faster by wall clock).
 DEFAULT_CONFIG = TuningConfig(deferred_epi_tiles=1)
 NARROW_CONFIG = TuningConfig(tile_n=64, max_concurrent_steps=5)  # 128 x 128
