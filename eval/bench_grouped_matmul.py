@@ -287,10 +287,9 @@ SWEEP = {  # named configs for --sweep / --ab (the default is select_config's ch
     "grid_n4": mgpu_kernel.TuningConfig(grid_tile_width=4),
     "wg_m": mgpu_kernel.TuningConfig(wg_dimension=M_.M),
     # 256 x 128 CTA tiles (two 128 x 128 warpgroups splitting rows) in 2-CTA clusters along n
-    # (the A tile multicast), with the default's deferred epilogue tile: cuBLAS runs 8b down on
+    # (the A tile multicast; clusters take no deferred epilogue tiles): cuBLAS runs 8b down on
     # 256 x 128 cooperative tiles in 2-CTA clusters (nvjet ..._256x128_64x4_2x1_..._coopA)
-    "wg_m_cn": dataclasses.replace(mgpu_kernel.DEFAULT_CONFIG, wg_dimension=M_.M,
-                                   cluster_dimension=M_.N),
+    "wg_m_cn": mgpu_kernel.TuningConfig(wg_dimension=M_.M, cluster_dimension=M_.N),
     # 128 x 192 CTA tiles, split by rows between the two warpgroups (64 x 192 wgmma each):
     # n = 3072 gives 144 tiles per group instead of 108, fewer idle SMs in the last wave.
     "m64_n192": mgpu_kernel.TuningConfig(tile_m=64, tile_n=192, wg_dimension=M_.M),

@@ -170,8 +170,10 @@ WIDE_THREE_WG_MIN_WAVES = 8
 # 0.6-1.9 % slower where the cost is 1.037 (8b o, down). Along m it won on 8b down dx in one run
 # (+4.1 %) and lost in the next (-1.4 %; identical configs differed by up to 2.8 % in that run):
 # not chosen. On the 1b shapes neither beat the unclustered tiles (runs s11_*).
+# Without deferred epilogue tiles: with them, the clustered interpret-mode test hung in about
+# 1 of 15 runs (not understood; unsupported_reason refuses the pair).
 WIDE_CLUSTER_CONFIGS = tuple(
-    dataclasses.replace(WIDE_THREE_WG_CONFIG, cluster_dimension=dim)
+    dataclasses.replace(WIDE_THREE_WG_CONFIG, cluster_dimension=dim, deferred_epi_tiles=0)
     for dim in (MatmulDimension.N, MatmulDimension.M))
 WIDE_CLUSTER_N_CONFIG = WIDE_CLUSTER_CONFIGS[0]
 WIDE_CLUSTER_MAX_COST_RATIO = 1.01
@@ -367,6 +369,9 @@ def unsupported_reason(
         return "ping-pong: no fused SwiGLU, clusters or deferred epilogue tiles"
     if c.deferred_epi_tiles < 0:
         return f"deferred_epi_tiles={c.deferred_epi_tiles} < 0"
+    if c.deferred_epi_tiles and c.cluster_dimension is not None:
+        # a clustered interpret-mode run hung in about 1 of 15 (2026-11-30), not understood
+        return "deferred_epi_tiles with 2-CTA clusters (an interpret-mode run hung)"
     if c.smem_bytes(dtype.itemsize, out_dtype.itemsize, 1 + swiglu) > _SMEM_BYTES:
         return "config exceeds shared memory"
     if c.cluster_dimension == MatmulDimension.N and pl.cdiv(n, c.cta_tile_n) % 2:

@@ -233,7 +233,8 @@ def test_wide_cluster_choice():
     assert along_m.cluster_dimension == mgpu_kernel.MatmulDimension.M
     for c in (along_n, along_m):
         assert (c.cta_tile_m, c.cta_tile_n) == (192, 192)
-        assert dataclasses.replace(c, cluster_dimension=None) == mgpu_kernel.WIDE_THREE_WG_CONFIG
+        assert dataclasses.replace(c, cluster_dimension=None, deferred_epi_tiles=1) == (
+            mgpu_kernel.WIDE_THREE_WG_CONFIG)   # clusters take no deferred epilogue tiles
     default = mgpu_kernel.DEFAULT_CONFIG
     for g in (1, 8, 16):
         assert pick(g, 4224, 4096, 28672) == along_n, g         # 8b gate/up (28 waves at G = 1)
@@ -441,21 +442,18 @@ def test_pingpong_gradients_with_weight_offset(delay, early_turn):
                             [(0, 3, 2), (0, 2, 1), (1, 2, 0), (2, 2, 1)], max_offset=2)
 
 
-@pytest.mark.parametrize("defer, k, cluster", [(1, 256, None), (3, 256, None), (4, 256, None),
-                                               (4, 64, None), (1, 256, "N")],
-                         ids=["one", "three", "all_four", "more_than_the_k_steps", "clustered"])
-def test_deferred_epilogue_tiles(defer, k, cluster):
+@pytest.mark.parametrize("defer, k", [(1, 256), (3, 256), (4, 256), (4, 64)],
+                         ids=["one", "three", "all_four", "more_than_the_k_steps"])
+def test_deferred_epilogue_tiles(defer, k):
     """The cooperative schedule storing a tile's last epilogue tiles under the next tile's first
     k-steps (4 epilogue tiles of 32 x 32 per warpgroup, 2 slots): one, three or all of them
-    deferred, more than the tile's one k-step (clipped to it), and in 2-CTA clusters. The
-    forward and both gradients against float64 over windows that leave the 4 simulated SMs
-    several tiles, one, or none (the last tile's deferred stores come after the loop; a CTA
-    without tiles stores nothing), ragged m, idle groups zero."""
+    deferred, and more than the tile's one k-step (clipped to it). The forward and both
+    gradients against float64 over windows that leave the 4 simulated SMs several tiles, one,
+    or none (the last tile's deferred stores come after the loop; a CTA without tiles stores
+    nothing), ragged m, idle groups zero."""
     rng, info = fresh_rng()
-    cfg = dataclasses.replace(
-        ops.INTERPRET_CONFIG, max_concurrent_steps=3, epi_tile_m=32, epi_tile_n=32,
-        deferred_epi_tiles=defer,
-        cluster_dimension=cluster and mgpu_kernel.MatmulDimension[cluster])
+    cfg = dataclasses.replace(ops.INTERPRET_CONFIG, max_concurrent_steps=3, epi_tile_m=32,
+                              epi_tile_n=32, deferred_epi_tiles=defer)
     assert len(mgpu_tiles.epilogue_tiles(cfg)) == 4 and cfg.num_out_slots == 2
     # 3 x 2 tiles of 64 x 128 per group: 18, 6 and 0 tiles over 4 SMs, then a random window
     _check_window_gradients(cfg, rng, info, (3, 4, 136, k, 256),
@@ -463,8 +461,9 @@ def test_deferred_epilogue_tiles(defer, k, cluster):
 
 
 def test_deferred_epilogue_tiles_refused_where_not_implemented():
-    """Ping-pong (whose epilogue already runs under the other warpgroup's main loop) and a
-    negative count are refused, naming the field, not silently ignored."""
+    """Ping-pong (whose epilogue already runs under the other warpgroup's main loop), 2-CTA
+    clusters (with which an interpret-mode run hung) and a negative count are refused, naming
+    the field, not silently ignored."""
     why = lambda c: mgpu_kernel.unsupported_reason(
         (4, 1152, 2048), (4, 2048, 3072), jnp.bfloat16, jnp.bfloat16, config=c)
     assert why(mgpu_kernel.PINGPONG_CONFIG) is None
@@ -472,6 +471,9 @@ def test_deferred_epilogue_tiles_refused_where_not_implemented():
                                                  deferred_epi_tiles=1))
     assert "deferred_epi_tiles=-1" in why(dataclasses.replace(mgpu_kernel.DEFAULT_CONFIG,
                                                              deferred_epi_tiles=-1))
+    assert why(mgpu_kernel.WIDE_CLUSTER_N_CONFIG) is None
+    assert "clusters" in why(dataclasses.replace(mgpu_kernel.WIDE_CLUSTER_N_CONFIG,
+                                                 deferred_epi_tiles=1))
     x, w = jnp.zeros((2, 64, 64), jnp.float32), jnp.zeros((2, 64, 128), jnp.float32)
     with pytest.raises(ValueError, match="deferred"):
         kernels.grouped_matmul(x, w, impl="interpret", config=dataclasses.replace(
