@@ -166,7 +166,7 @@ def config_fields(text: str) -> dict[str, str] | None:
     """The fields of the TuningConfig a result row ran (``str(config)``), comparable with
     today's configs; None for a row without one (XLA). A field an older run did not write
     (added since) takes its default, which that run ran, but for ``early_turn``: the ping-pong
-    runs before it passed the turn late (``False``). A row written while the cooperative
+    runs before it passed the turn late (``False``); the cooperative schedule ignores it. A row written while the cooperative
     schedule had a second implementation on JAX's pipelines (it wrote ``chain_tiles``) that ran
     there (neither ``ring=True`` nor ping-pong) gets ``"schedule": "JAX pipelines"``, so it
     equals no config of today's kernel."""
@@ -178,6 +178,8 @@ def config_fields(text: str) -> dict[str, str] | None:
     ran_before = {"early_turn": "False"}   # what a run that did not write the field ran
     fields = {f.name: written.get(f.name, ran_before.get(f.name, repr(f.default)))
               for f in dataclasses.fields(TuningConfig)}
+    if fields["pingpong"] != "True":
+        fields["early_turn"] = "unused"   # a ping-pong option: the cooperative kernel ignores it
     if "chain_tiles" in written and "True" not in (written.get("ring"), written.get("pingpong")):
         fields["schedule"] = "JAX pipelines"
     return fields

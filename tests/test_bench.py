@@ -190,6 +190,9 @@ def test_parity_points_take_todays_config_and_cublas():
     assert config_fields(late) == config_fields(str(dataclasses.replace(PINGPONG_CONFIG,
                                                                         early_turn=False)))
     assert config_fields(late) != config_fields(str(PINGPONG_CONFIG))
+    # while a cooperative row from before then is today's config
+    assert config_fields(str(cluster).replace(", early_turn=True", "")) == config_fields(
+        str(cluster))
 
 
 def test_profile_names_the_source_of_each_kernel():
