@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from armt_jax import memory
 from armt_jax.armt import check_tokens, layer_weights, sequence_lengths
 from armt_jax.config import ArmtConfig, LlamaConfig
-from armt_jax.layers import (attention_output, embed, head, mlp, qkv_heads, rms_norm, rope_tables)
+from armt_jax.layers import (attention_output, dot_product_attention, embed, head, mlp, qkv_heads,
+                             rms_norm, rope_tables)
 from armt_jax.memory import MemoryState, state_dtype, zero_state
 from armt_jax.schedules import schedule_forward
 
@@ -127,8 +128,8 @@ def _decode_chunk(params, state: MemoryState, cache, x, pos0, cfg: LlamaConfig, 
         h = rms_norm(x, lp_l["attn_norm"][:, None, None, :], cfg.rms_norm_eps)
         q, k, v = qkv_heads(lp_l, h, cos, sin, cfg, gmm_impl=gmm_impl)
         k_cache, v_cache = write(k_cache, k, pos0), write(v_cache, v, pos0)
-        out = jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask,
-                                           scale=cfg.head_dim ** -0.5, implementation=attn_impl)
+        out = dot_product_attention(q, k_cache, v_cache, mask=mask, scale=cfg.head_dim ** -0.5,
+                                    implementation=attn_impl)
         x = x + attention_output(lp_l, out, 1, gmm_impl=gmm_impl)
         x = x + mlp(lp_l, rms_norm(x, lp_l["mlp_norm"][:, None, None, :], cfg.rms_norm_eps), cfg,
                     gmm_impl=gmm_impl)

@@ -23,9 +23,10 @@ from armt_jax.config import LlamaConfig
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """Hugging Face LlamaRMSNorm: normalise in float32, cast back, then scale."""
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    """Hugging Face LlamaRMSNorm: normalise in float32 (float64 for float64 activations), cast
+    back, then scale."""
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return weight * normed.astype(x.dtype)
 
 
@@ -62,6 +63,27 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos[..., None, :] + rotated * sin[..., None, :]
+
+
+def dot_product_attention(q, k, v, *, scale: float, is_causal: bool = False, mask=None,
+                          implementation=None) -> jax.Array:
+    """``jax.nn.dot_product_attention`` (q [B, S, H, hd]; k, v [B, Sk, K, hd], K dividing H), but
+    float64 inputs stay float64: JAX's softmax runs in float32 for every dtype, which would make
+    a float64 model (the tests' oracle for the schedules) no more exact than a float32 one."""
+    if q.dtype != jnp.float64:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=is_causal, mask=mask,
+                                            implementation=implementation)
+    B, S, H, hd = q.shape
+    K = k.shape[2]
+    logits = jnp.einsum("bskgd,btkd->bkgst", q.reshape(B, S, K, H // K, hd), k) * scale
+    keep = jnp.ones(logits.shape[-2:], bool)
+    if is_causal:   # query s sees keys t <= s (JAX's alignment)
+        keep = jnp.tril(keep)
+    if mask is not None:   # [B or 1, H or 1, S, Sk]
+        m = jnp.broadcast_to(mask, (mask.shape[0], H, S, logits.shape[-1]))
+        keep = keep & m.reshape(mask.shape[0], K, H // K, S, -1)
+    probs = jax.nn.softmax(jnp.where(keep, logits, -jnp.inf), axis=-1)
+    return jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(B, S, H, hd)
 
 
 def layer_window(a: jax.Array, layer_offset, groups: int) -> jax.Array:
@@ -107,8 +129,8 @@ def attention(lp: dict, x: jax.Array, cos, sin, cfg: LlamaConfig, *, active=None
     """Causal grouped-query self-attention of x [G, B, S, D] (already normalised)."""
     q, k, v = qkv_heads(lp, x, cos, sin, cfg, active=active, gmm_impl=gmm_impl,
                         layer_offset=layer_offset)
-    out = jax.nn.dot_product_attention(q, k, v, scale=cfg.head_dim ** -0.5, is_causal=True,
-                                       implementation=attn_impl)
+    out = dot_product_attention(q, k, v, scale=cfg.head_dim ** -0.5, is_causal=True,
+                                implementation=attn_impl)
     return attention_output(lp, out, x.shape[0], active=active, gmm_impl=gmm_impl,
                             layer_offset=layer_offset)
 

@@ -22,8 +22,8 @@ def grouped_matmul_reference(
     a: [G, M, K] ([G, K, M] if transpose_lhs); b: [Gb, K, N] ([Gb, N, K] if
     transpose_rhs), Gb >= G; bounds: (lo, hi) or (lo, hi, b_off, out_off);
     output [out_groups (default G), M, N]. bounds None: every group, no offsets, no
-    mask (a plain batched einsum). float32 accumulation; float32 inputs
-    use full float32 precision (no TF32). Idle groups are selected away after
+    mask (a plain batched einsum). float32 accumulation (float64 for float64
+    inputs); float32 inputs use full float32 precision (no TF32). Idle groups are selected away after
     the einsum, so NaN/Inf in idle inputs cannot leak into the result. All G
     groups are computed (idle groups cost full price on this path), and an
     offset into b is a copy of those G groups of b.
@@ -47,11 +47,12 @@ def grouped_matmul_reference(
     precision = (
         lax.Precision.HIGHEST if jnp.float32 in (jnp.dtype(a.dtype), jnp.dtype(b.dtype)) else None
     )
+    accumulate = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
     same_16bit = (jnp.dtype(a.dtype) == jnp.dtype(b.dtype) == out_dtype
                   and out_dtype.itemsize == 2)
     out = jnp.einsum(
         f"{lhs},{rhs}->gmn", a, b, precision=precision,
-        preferred_element_type=out_dtype if same_16bit else jnp.float32,
+        preferred_element_type=out_dtype if same_16bit else accumulate,
     )
     if masked:
         out = jnp.where(active_mask(num_groups, lo, hi)[:, None, None], out, 0)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
-from armt_jax import memory
+from armt_jax import layers, memory
 from armt_jax.config import ArmtConfig
 from armt_jax.sequential import sequential_forward
 from conftest import TINY, random_params
@@ -36,6 +36,50 @@ def test_sequential_matches_numpy(rng, correction, length, batch):
                 assert np.abs(A[l]).max() > 0
             assert ref.rel_err(got.state.A[l, b], A[l]) <= 1e-6
             assert ref.rel_err(got.state.z[l, b], z[l]) <= 1e-6
+
+
+def test_float64_model_matches_numpy_to_rounding(rng):
+    """With float64 parameters (under jax.enable_x64) the model computes in float64 throughout
+    (RMS norm, attention's softmax, the matmuls' accumulation, the memory) and meets the float64
+    NumPy reference to rounding: the oracle that the schedule tests compare in float64."""
+    acfg = ArmtConfig(segment_size=8, num_mem_tokens=4, d_mem=16)
+    params = random_params(rng, TINY, acfg)
+    tokens = rng.integers(0, TINY.vocab_size, (2, 29)).astype(np.int32)
+    with jax.enable_x64(True):
+        p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+        got = sequential_forward(p64, jnp.asarray(tokens), TINY, acfg)
+    assert got.out.dtype == got.state.A.dtype == jnp.float64
+    for b in range(2):
+        logits, A, z = ref.armt(params, tokens[b], TINY, acfg)
+        assert ref.rel_err(got.out[b], logits) <= 1e-12
+        for l in range(TINY.num_hidden_layers):
+            assert ref.rel_err(got.state.A[l, b], A[l]) <= 1e-12
+            assert ref.rel_err(got.state.z[l, b], z[l]) <= 1e-12
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_float64_attention_is_jax_attention_in_float64(rng, masked):
+    """layers.dot_product_attention keeps float64 in float64 (JAX's softmax is float32 for every
+    dtype) with JAX's semantics: grouped-query heads, causal alignment, a broadcast mask."""
+    B, S, H, K, hd = 2, 5, 4, 2, 8
+    q, k, v = (rng.standard_normal((B, S, n, hd)) for n in (H, K, K))
+    mask = rng.random((B, 1, S, S)) < 0.7 if masked else None
+    if masked:
+        mask[..., 0] = True   # every query sees a key
+    kw = dict(scale=hd ** -0.5, is_causal=not masked, mask=mask)
+    want = jax.nn.dot_product_attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), **kw)
+    with jax.enable_x64(True):
+        got = layers.dot_product_attention(*(jnp.asarray(a) for a in (q, k, v)), **kw)
+        assert got.dtype == jnp.float64
+        # in float64, to float64 rounding: the NumPy softmax over the kept keys
+        keep = np.tril(np.ones((S, S), bool)) if not masked else np.broadcast_to(mask, (B, 1, S, S))
+        logits = np.einsum("bshd,bthd->bhst", q, np.repeat(k, H // K, axis=2)) * hd ** -0.5
+        logits = np.where(keep, logits, -np.inf)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        exact = np.einsum("bhst,bthd->bshd", probs, np.repeat(v, H // K, axis=2))
+        assert ref.rel_err(got, exact) <= 1e-13
+    assert ref.rel_err(want, exact) <= 1e-6   # JAX's semantics (in float32)
 
 
 def test_memory_changes_outputs(rng):

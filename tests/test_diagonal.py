@@ -19,12 +19,68 @@ L = TINY.num_hidden_layers
 T = 6
 
 
-def check_same(got, want, tol):
-    assert got.out.shape == want.out.shape
-    assert ref.rel_err(got.out, want.out) <= tol
-    for l in range(want.state.A.shape[0]):
-        assert ref.rel_err(got.state.A[l], want.state.A[l]) <= tol
-        assert ref.rel_err(got.state.z[l], want.state.z[l]) <= tol
+# How far the diagonal schedule's float32 result may be from float64 on a draw that float32
+# cannot resolve to SPEC's 1e-5, in units of the sequential schedule's own float32 error there
+# (below). Measured on 20000 draws at L = 5 and 7 segments: at most 2.9.
+NOISE_FACTOR = 10
+
+
+def check_diagonal_equals_sequential(rng, params, tokens, cfg, acfg, **kw):
+    """diagonal_forward computes sequential_forward's function (SPEC §2.2), checked twice;
+    returns both float32 results.
+
+    float64 (x64; the model then computes in float64 throughout): to 1e-9, so any slip of the
+    schedule (a mask, a position, the first-segment rule, an idle slot) shows far above rounding.
+
+    float32: SPEC's 1e-5 on out, A and z. Some random draws cannot meet it with any change of
+    rounding: a memory read that divides by a tiny q.z blows up later hidden states, and both
+    schedules land up to 1e-4 from float64, each about as far as the other (20000 draws at
+    L = 5, 7 segments: 115 over 1e-5; CI, 2026-11-29: 1.07e-5). On such a draw the diagonal
+    result must be within NOISE_FACTOR x the sequential schedule's float32 error on it of the
+    float64 one. That error is the largest of four samples: the parameters as drawn, and three
+    times each moved one unit in the last place at random (with one sample, the measured ratio
+    reached 22.6; with four, 2.9). A precision slip (a bf16 or TF32 product) lands 100-1000x
+    above a typical draw's error, where the bound is SPEC's 1e-5."""
+    with jax.enable_x64(True):
+        p64 = as_float64(params)
+        exact = sequential_forward(p64, tokens, cfg, acfg, **kw)
+        check_quantities(diagonal_forward(p64, tokens, cfg, acfg, **kw), exact, 1e-9)
+        exact = jax.tree.map(np.asarray, exact)
+    want = sequential_forward(params, tokens, cfg, acfg, **kw)
+    got = diagonal_forward(params, tokens, cfg, acfg, **kw)
+    errs = rel_errs(got, want)
+    if max(errs.values()) > 1e-5:
+        def nudged():
+            return jax.tree.map(lambda a: np.nextafter(a, np.where(
+                rng.random(a.shape) < 0.5, -np.inf, np.inf).astype(a.dtype)), params)
+        samples = [want] + [sequential_forward(nudged(), tokens, cfg, acfg, **kw)
+                            for _ in range(3)]
+        noise = [rel_errs(r, exact) for r in samples]
+        for name, err in rel_errs(got, exact).items():
+            bound = NOISE_FACTOR * max(max(n[name] for n in noise), 1e-6)
+            assert err <= max(1e-5, bound), (name, err, [n[name] for n in noise], errs[name])
+    return got, want
+
+
+def as_float64(params):
+    """The parameters in float64 (inside ``jax.enable_x64``)."""
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+
+
+def rel_errs(got, want) -> dict:
+    """Relative error of the output (when there is one), of A and of z (worst layer)."""
+    errs = {} if got.out is None else {"out": ref.rel_err(got.out, want.out)}
+    for name in ("A", "z"):
+        errs[name] = max(ref.rel_err(g, w) for g, w in zip(getattr(got.state, name),
+                                                           getattr(want.state, name)))
+    return errs
+
+
+def check_quantities(got, want, tol):
+    assert (got.out is None) == (want.out is None)
+    assert got.out is None or got.out.shape == want.out.shape
+    errs = rel_errs(got, want)
+    assert max(errs.values()) <= tol, errs
 
 
 @pytest.mark.parametrize("num_segments", [1, 2, L - 1, L, L + 3, 3 * L])
@@ -34,51 +90,16 @@ def test_diagonal_equals_sequential(rng, num_segments, ragged):
     params = random_params(rng, TINY, acfg)
     n = num_segments * T - ragged
     tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (2, n)), jnp.int32)
-    want = sequential_forward(params, tokens, TINY, acfg)
-    got = diagonal_forward(params, tokens, TINY, acfg)
-    check_same_or_ill_conditioned(got, want, params, tokens, TINY, acfg)
+    got, _ = check_diagonal_equals_sequential(rng, params, tokens, TINY, acfg)
     if num_segments > 1:
         assert float(jnp.abs(got.state.A).max()) > 0
-
-
-def check_same_or_ill_conditioned(got, want, params, tokens, cfg, acfg):
-    """The diagonal result `got` equals the sequential `want` to SPEC's 1e-5, or the draw is one
-    that float32 cannot resolve (below)."""
-    try:
-        check_same(got, want, 1e-5)
-    except AssertionError:
-        check_ill_conditioned_draw(got, want, params, tokens, cfg, acfg)
-
-
-def check_ill_conditioned_draw(got, want, params, tokens, cfg, acfg):
-    """Where the schedules differ by more than SPEC's 1e-5, the draw must be one that float32
-    cannot resolve to 1e-5 at all: the sequential schedule's A is itself more than 1e-5 from
-    the float64 reference, and the diagonal one is then about as close to it. The memory divides
-    by k.z + 1e-5, which a key nearly orthogonal to z makes tiny: one draw of 31 at 9 segments
-    (CI, 2026-11-29) had the schedules 1.2e-5 apart, each 4.6e-5 / 5.8e-5 from float64, where
-    30 other draws stayed within 6e-7 of each other."""
-    layers = range(cfg.num_hidden_layers)
-    for b in range(tokens.shape[0]):
-        _, A64, z64 = ref.armt(params, np.asarray(tokens[b]), cfg, acfg)
-        for name, exact in (("A", A64), ("z", z64)):   # z too: keys follow the ill-conditioned reads
-            seq = [getattr(want.state, name)[l, b] for l in layers]
-            diag = [getattr(got.state, name)[l, b] for l in layers]
-            err_seq = max(ref.rel_err(seq[l], exact[l]) for l in layers)
-            err_diag = max(ref.rel_err(diag[l], exact[l]) for l in layers)
-            worst = max(ref.rel_err(diag[l], seq[l]) for l in layers)
-            # else: a real difference between the schedules
-            assert worst <= 1e-5 or err_seq > 1e-5, (name, b, worst, err_seq)
-            assert err_diag <= 2 * max(err_seq, 1e-5), (name, b, err_diag, err_seq)
-    assert ref.rel_err(got.out, want.out) <= 1e-5
 
 
 def test_correction_off_batch_one(rng):
     acfg = ArmtConfig(segment_size=T, num_mem_tokens=2, d_mem=16, correction=False)
     params = random_params(rng, TINY, acfg)
     tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (1, 5 * T - 1)), jnp.int32)
-    check_same_or_ill_conditioned(diagonal_forward(params, tokens, TINY, acfg),
-                                  sequential_forward(params, tokens, TINY, acfg), params, tokens,
-                                  TINY, acfg)
+    check_diagonal_equals_sequential(rng, params, tokens, TINY, acfg)
 
 
 @pytest.mark.parametrize("output", ["hidden", "last_logits", "none"])
@@ -86,17 +107,9 @@ def test_output_modes(rng, output):
     acfg = ArmtConfig(segment_size=T, num_mem_tokens=3, d_mem=16)
     params = random_params(rng, TINY, acfg)
     tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (2, 4 * T + 1)), jnp.int32)
-    want = sequential_forward(params, tokens, TINY, acfg, output=output)
-    got = diagonal_forward(params, tokens, TINY, acfg, output=output)
-    if output == "none":
-        assert got.out is None
-        got, want = got._replace(out=jnp.zeros(1)), want._replace(out=jnp.ones(1))
-        for l in range(L):
-            assert ref.rel_err(got.state.A[l], want.state.A[l]) <= 1e-5
-        return
-    if output == "last_logits":
-        assert got.out.shape == (2, 1, TINY.vocab_size)
-    check_same_or_ill_conditioned(got, want, params, tokens, TINY, acfg)
+    got, _ = check_diagonal_equals_sequential(rng, params, tokens, TINY, acfg, output=output)
+    shape = {"hidden": (2, 4 * T + 1, TINY.hidden_size), "last_logits": (2, 1, TINY.vocab_size)}
+    assert (got.out is None) if output == "none" else (got.out.shape == shape[output])
 
 
 def test_bf16_close_to_float32(rng):
@@ -126,20 +139,27 @@ def _errors(got, want):
 
 
 def test_idle_slots_cannot_leak_nan(rng):
-    """Start every slot filled with NaN: ramp-up slots are idle and must not touch results."""
+    """Start every slot filled with NaN: ramp-up slots are idle and must not touch results, in
+    float32 (finite) and in float64 (the sequential result, to rounding)."""
     acfg = ArmtConfig(segment_size=T, num_mem_tokens=3, d_mem=16)
     params = random_params(rng, TINY, acfg)
     n = (L + 1) * T - 2
     tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (2, n)), jnp.int32)
     padded = jnp.pad(tokens, ((0, 0), (0, diagonal.bucket_segments(L + 1) * T - n)))
-    out, state = diagonal._diagonal_core(params, padded, jnp.full((2,), n, jnp.int32), cfg=TINY,
-                                         armt=acfg,
-                                         output="logits", attn_impl=None, gmm_impl="auto",
-                                         idle_fill=float("nan"))
-    want = sequential_forward(params, tokens, TINY, acfg)
+
+    def nan_filled(params):
+        return diagonal._diagonal_core(params, padded, jnp.full((2,), n, jnp.int32), cfg=TINY,
+                                       armt=acfg, output="logits", attn_impl=None,
+                                       gmm_impl="auto", idle_fill=float("nan"))
+
+    out, state = nan_filled(params)
     assert bool(jnp.isfinite(out[:, :n]).all()) and bool(jnp.isfinite(state.A).all())
-    assert ref.rel_err(out[:, :n], want.out) <= 1e-5
-    assert ref.rel_err(state.A, want.state.A) <= 1e-5
+    with jax.enable_x64(True):
+        p64 = as_float64(params)
+        out, state = nan_filled(p64)
+        want = sequential_forward(p64, tokens, TINY, acfg)
+        assert ref.rel_err(out[:, :n], want.out) <= 1e-9
+        assert ref.rel_err(state.A, want.state.A) <= 1e-9
 
 
 def test_one_compilation_per_bucket(rng):
@@ -169,33 +189,31 @@ def test_window_rounding_with_five_layers(rng, num_segments):
     acfg = ArmtConfig(segment_size=4, num_mem_tokens=2, d_mem=16)
     params = random_params(rng, cfg, acfg)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 4 * num_segments - 1)), jnp.int32)
-    want = sequential_forward(params, tokens, cfg, acfg)
-    got = diagonal_forward(params, tokens, cfg, acfg)
-    check_same_or_ill_conditioned(got, want, params, tokens, cfg, acfg)
+    check_diagonal_equals_sequential(rng, params, tokens, cfg, acfg)
 
 
 @pytest.mark.parametrize("output", ["logits", "last_logits"])
 def test_per_sequence_lengths(rng, output):
     """Right-padded sequences of different lengths: each one must equal running it alone (NumPy
-    oracle), whatever the padding holds, in both schedules."""
+    oracle), whatever the padding holds, in both schedules (float64, to rounding)."""
     acfg = ArmtConfig(segment_size=T, num_mem_tokens=3, d_mem=16)
     params = random_params(rng, TINY, acfg)
     lengths = np.array([4 * T + 1, 2 * T - 2, 3])                   # 5, 2 and 1 segments
     tokens = rng.integers(0, TINY.vocab_size, (3, lengths.max())).astype(np.int32)
-    seq = sequential_forward(params, jnp.asarray(tokens), TINY, acfg, output=output,
-                             lengths=jnp.asarray(lengths))
-    dia = diagonal_forward(params, jnp.asarray(tokens), TINY, acfg, output=output,
-                           lengths=jnp.asarray(lengths))
+    with jax.enable_x64(True):
+        kw = dict(output=output, lengths=jnp.asarray(lengths))
+        results = [forward(as_float64(params), jnp.asarray(tokens), TINY, acfg, **kw)
+                   for forward in (sequential_forward, diagonal_forward)]
     for b, n in enumerate(lengths):
         logits, A, z = ref.armt(params, tokens[b, :n], TINY, acfg)
         t_last = n - (-(-n // T) - 1) * T
-        for got in (seq, dia):
+        for got in results:
             out = got.out[b, :n] if output == "logits" else got.out[b, :t_last]
             want = logits if output == "logits" else logits[n - t_last:]
-            assert ref.rel_err(out, want) <= 1e-5
+            assert ref.rel_err(out, want) <= 1e-9
             for l in range(L):
-                assert ref.rel_err(got.state.A[l, b], A[l]) <= 1e-5
-                assert ref.rel_err(got.state.z[l, b], z[l]) <= 1e-5
+                assert ref.rel_err(got.state.A[l, b], A[l]) <= 1e-9
+                assert ref.rel_err(got.state.z[l, b], z[l]) <= 1e-9
 
 
 def _kernel_case(rng, hidden, segment_size, dtype=jnp.bfloat16, d_mem=16):
@@ -232,7 +250,7 @@ def test_diagonal_through_the_kernel_float32_equals_sequential(rng):
     params, tokens, cfg, acfg = _kernel_case(rng, hidden=128, segment_size=56, dtype=jnp.float32)
     got = diagonal_forward(params, tokens, cfg, acfg, gmm_impl="interpret")
     want = sequential_forward(params, tokens, cfg, acfg, gmm_impl="xla")
-    check_same(got, want, 1e-5)
+    check_quantities(got, want, 1e-5)
 
 
 @pytest.mark.skipif(not kernels.on_hopper(), reason="needs a Hopper GPU")
