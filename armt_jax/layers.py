@@ -82,7 +82,8 @@ def dot_product_attention(q, k, v, *, scale: float, is_causal: bool = False, mas
     if mask is not None:   # [B or 1, H or 1, S, Sk]
         m = jnp.broadcast_to(mask, (mask.shape[0], H, S, logits.shape[-1]))
         keep = keep & m.reshape(mask.shape[0], K, H // K, S, -1)
-    probs = jax.nn.softmax(jnp.where(keep, logits, -jnp.inf), axis=-1)
+    # a large finite negative, as JAX masks: a row with no key left gets uniform weights, not NaN
+    probs = jax.nn.softmax(jnp.where(keep, logits, -0.7 * jnp.finfo(logits.dtype).max), axis=-1)
     return jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(B, S, H, hd)
 
 
