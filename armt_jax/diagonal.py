@@ -262,7 +262,7 @@ def _diagonal_loss_core(params, seg: Segmentation, seq_len, *, cfg: LlamaConfig,
     (_, state), finished = jax.lax.scan(body, _initial_carry(cfg, armt, B, dtype, 0.0),
                                         jnp.arange(N + L - 1))
     # Step k finishes segment k - (L-1): the first L-1 steps finish none.
-    zero = jnp.zeros((), jnp.float32)
+    zero = jnp.zeros((), state_dtype(dtype))   # float32 (float64 for a float64 model)
     (loss_sum, count), _ = jax.lax.scan(segment_loss, (zero, zero),
                                         (finished[L - 1:], seg.targets, seg.target_mask))
     return loss_sum, count, state

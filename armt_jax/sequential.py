@@ -90,7 +90,7 @@ def sequential_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, armt: 
 
     D, dk = cfg.hidden_size, armt.d_key
     init = (zero_state(cfg.num_hidden_layers, B, dk, D, state_dtype(dtype)),
-            jnp.zeros((B, T, D), dtype), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+            jnp.zeros((B, T, D), dtype), *[jnp.zeros((), state_dtype(dtype))] * 2)   # loss sums
     next_length = jnp.concatenate([seg.lengths[1:], jnp.zeros_like(seg.lengths[:1])])
     is_last = (seg.lengths > 0) & (next_length == 0)
     xs = (seg.tokens, seg.targets, seg.target_mask, seg.lengths, jnp.arange(N) == 0, is_last)
