@@ -171,7 +171,7 @@ WIDE_THREE_WG_MIN_WAVES = 8
 # (+4.1 %) and lost in the next (-1.4 %; identical configs differed by up to 2.8 % in that run):
 # not chosen. On the 1b shapes neither beat the unclustered tiles (runs s11_*).
 # Without deferred epilogue tiles: with them, the clustered interpret-mode test hung in about
-# 1 of 15 runs (not understood; unsupported_reason refuses the pair).
+# 1 of 15 runs on 2 CPU cores (unsupported_reason refuses the pair; see there).
 WIDE_CLUSTER_CONFIGS = tuple(
     dataclasses.replace(WIDE_THREE_WG_CONFIG, cluster_dimension=dim, deferred_epi_tiles=0)
     for dim in (MatmulDimension.N, MatmulDimension.M))
@@ -370,7 +370,12 @@ def unsupported_reason(
     if c.deferred_epi_tiles < 0:
         return f"deferred_epi_tiles={c.deferred_epi_tiles} < 0"
     if c.deferred_epi_tiles and c.cluster_dimension is not None:
-        # a clustered interpret-mode run hung in about 1 of 15 (2026-11-30), not understood
+        # The clustered interpret-mode test hung in about 1 of 15 runs on 2 CPU cores, so this
+        # pair has no CPU test. The hang follows the host's cores: pinned to one core, 4 of 4
+        # deferring runs hung in their first call, clustered or not, and 0 of 8 without
+        # deferral (2026-11-30), with the stuck simulated threads parked inside XLA's execution
+        # of their programs, not at a kernel barrier. That points to the interpreter starving
+        # its threads, not to a kernel race. Lifting this needs a CPU test that cannot hang.
         return "deferred_epi_tiles with 2-CTA clusters (an interpret-mode run hung)"
     if c.smem_bytes(dtype.itemsize, out_dtype.itemsize, 1 + swiglu) > _SMEM_BYTES:
         return "config exceeds shared memory"

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from conftest import assert_batch_invariant, fresh_rng, rel_err_finite
+from conftest import (assert_batch_invariant, fresh_rng, rel_err_finite,
+                      skip_deferral_on_one_core)
 from kernels import grouped_matmul_mgpu as mgpu_kernel
 from kernels import mgpu_tiles
 from kernels import ops
@@ -451,6 +452,7 @@ def test_deferred_epilogue_tiles(defer, k):
     gradients against float64 over windows that leave the 4 simulated SMs several tiles, one,
     or none (the last tile's deferred stores come after the loop; a CTA without tiles stores
     nothing), ragged m, idle groups zero."""
+    skip_deferral_on_one_core()
     rng, info = fresh_rng()
     cfg = dataclasses.replace(ops.INTERPRET_CONFIG, max_concurrent_steps=3, epi_tile_m=32,
                               epi_tile_n=32, deferred_epi_tiles=defer)
