@@ -73,6 +73,8 @@ def dot_product_attention(q, k, v, *, scale: float, is_causal: bool = False, mas
     if q.dtype != jnp.float64:
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=is_causal, mask=mask,
                                             implementation=implementation)
+    if implementation not in (None, "xla"):
+        raise ValueError(f"attention implementation={implementation!r} takes no float64 inputs")
     B, S, H, hd = q.shape
     K = k.shape[2]
     logits = jnp.einsum("bskgd,btkd->bkgst", q.reshape(B, S, K, H // K, hd), k) * scale

@@ -23,10 +23,10 @@ def grouped_matmul_reference(
     transpose_rhs), Gb >= G; bounds: (lo, hi) or (lo, hi, b_off, out_off);
     output [out_groups (default G), M, N]. bounds None: every group, no offsets, no
     mask (a plain batched einsum). float32 accumulation (float64 for float64
-    inputs); float32 inputs use full float32 precision (no TF32). Idle groups are selected away after
-    the einsum, so NaN/Inf in idle inputs cannot leak into the result. All G
-    groups are computed (idle groups cost full price on this path), and an
-    offset into b is a copy of those G groups of b.
+    inputs); float32 inputs use full float32 precision (no TF32). Idle groups are
+    selected away after the einsum, so NaN/Inf in idle inputs cannot leak into the
+    result. All G groups are computed (idle groups cost full price on this path),
+    and an offset into b is a copy of those G groups of b.
 
     Where inputs and output share a 16-bit dtype the einsum produces that dtype
     directly: XLA's GPU and CPU dots still accumulate in float32 and round once,

@@ -79,6 +79,9 @@ def test_float64_attention_is_jax_attention_in_float64(rng, masked):
         probs /= probs.sum(-1, keepdims=True)
         exact = np.einsum("bhst,bthd->bshd", probs, np.repeat(v, H // K, axis=2))
         assert ref.rel_err(got, exact) <= 1e-13
+        with pytest.raises(ValueError, match="cudnn"):   # not silently the XLA path
+            layers.dot_product_attention(*(jnp.asarray(a) for a in (q, k, v)), **kw,
+                                         implementation="cudnn")
     assert ref.rel_err(want, exact) <= 1e-6   # JAX's semantics (in float32)
 
 
