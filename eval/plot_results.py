@@ -166,10 +166,10 @@ def config_fields(text: str) -> dict[str, str] | None:
     """The fields of the TuningConfig a result row ran (``str(config)``), comparable with
     today's configs; None for a row without one (XLA). A field an older run did not write
     (added since) takes its default, which that run ran, but for ``early_turn``: the ping-pong
-    runs before it passed the turn late (``False``); the cooperative schedule ignores it. A row written while the cooperative
-    schedule had a second implementation on JAX's pipelines (it wrote ``chain_tiles``) that ran
-    there (neither ``ring=True`` nor ping-pong) gets ``"schedule": "JAX pipelines"``, so it
-    equals no config of today's kernel."""
+    runs before it passed the turn late (``False``); the cooperative schedule ignores it. A row
+    written while the cooperative schedule had a second implementation on JAX's pipelines (it
+    wrote ``chain_tiles``) that ran there (neither ``ring=True`` nor ping-pong) gets
+    ``"schedule": "JAX pipelines"``, so it equals no config of today's kernel."""
     from kernels.tuning import TuningConfig
 
     if not text.startswith("TuningConfig(") or not text.endswith(")"):

@@ -254,14 +254,16 @@ def select_config(
     5. Otherwise ``DEFAULT_CONFIG``: 128 x 256 tiles, 4 stages, one wgmma group in flight,
        the last epilogue tile of each warpgroup stored under the next tile's first k-step.
 
-    At full load (G = 16) this ran at 0.985-1.043x cuBLAS's speed on 21 of the 24 forward and dx
-    products of the Llama-1B/3B/8B diagonal shapes, 0.93-0.96x on 8b down, down dx and gate_up
-    dx (run s15_parity_all, one run), and at 0.91-1.03x on dw before the deferred epilogue
-    tiles. Tried and not chosen (within noise or slower): 3 stages, unchained tiles (on JAX's
-    pipelines), 128 x 128 tiles with 4 or 6 stages (cuBLAS's choice for the 1b attention
-    shapes), 256 x 128 and row-split 128 x 192 tiles, other grid orders, clusters on the
-    default tiles (also on the ring), a whole staged epilogue tile, 192 x 192 tiles with 3
-    stages, 64 x 32 epilogue tiles, 2 or 4 deferred epilogue tiles, ping-pong on dw, CTAs of one compute warpgroup (0.71-0.79x; removed), 192 x 256 tiles
+    At full load (G = 16) this ran at 0.985-1.025x cuBLAS's speed on 19 of the 24 forward and dx
+    products of the Llama-1B/3B/8B diagonal shapes and 0.93-0.96x on 8b down, down dx and
+    gate_up dx (run s15_parity_all, one run); the clustered 8b qkv / gate_up forward at
+    0.981-1.003x / 1.012-1.013x (runs s14_ring_cluster*, s15_confirm_8b); dw at 0.91-1.03x
+    before the deferred epilogue tiles. Tried and not chosen (within noise or slower): 3
+    stages, unchained tiles (on JAX's pipelines), 128 x 128 tiles with 4 or 6 stages (cuBLAS's
+    choice for the 1b attention shapes), 256 x 128 and row-split 128 x 192 tiles, other grid
+    orders, clusters on the default tiles (also on the ring), a whole staged epilogue tile,
+    192 x 192 tiles with 3 stages, 64 x 32 epilogue tiles, 2 or 4 deferred epilogue tiles,
+    ping-pong on dw, CTAs of one compute warpgroup (0.71-0.79x; removed), 192 x 256 tiles
     (failed on the GPU; removed) and a second, narrow kernel picked per call by ``lax.cond``
     (1b o, 1 of 16 groups active: 51 TF/s against 191).
     """

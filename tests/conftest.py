@@ -73,6 +73,11 @@ def skip_deferral_on_one_core():
         pytest.skip("deferred epilogue tiles in interpret mode hang on a single CPU core")
 
 
+def as_float64(params):
+    """The parameters in float64 (call inside ``jax.enable_x64``)."""
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+
+
 def fresh_rng() -> tuple[np.random.Generator, str]:
     """A generator on a fresh seed, and "seed=..." for assertion messages."""
     seed = int(np.random.SeedSequence().entropy % (2**63))

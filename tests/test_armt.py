@@ -10,7 +10,7 @@ import numpy_reference as ref
 from armt_jax import layers, memory
 from armt_jax.config import ArmtConfig
 from armt_jax.sequential import sequential_forward
-from conftest import TINY, random_params
+from conftest import TINY, as_float64, random_params
 
 
 def run_both(rng, cfg, acfg, batch, length, output="logits"):
@@ -46,8 +46,7 @@ def test_float64_model_matches_numpy_to_rounding(rng):
     params = random_params(rng, TINY, acfg)
     tokens = rng.integers(0, TINY.vocab_size, (2, 29)).astype(np.int32)
     with jax.enable_x64(True):
-        p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
-        got = sequential_forward(p64, jnp.asarray(tokens), TINY, acfg)
+        got = sequential_forward(as_float64(params), jnp.asarray(tokens), TINY, acfg)
     assert got.out.dtype == got.state.A.dtype == jnp.float64
     for b in range(2):
         logits, A, z = ref.armt(params, tokens[b], TINY, acfg)
