@@ -345,6 +345,12 @@ SWEEP = {  # named configs for --sweep / --ab (the default is select_config's ch
     **{f"{name}_nodefer": dataclasses.replace(mgpu_kernel.THREE_WG_VARIANTS[name],
                                               deferred_epi_tiles=0)
        for name in ("wg3_192x192", "wg3_192x192_cn")},
+    # the default tiles in other tile orders (planar_snake): stripes of 4 or 8 column tiles
+    # walked down m (gn4, gn8; the default walks one column at a time), or row stripes walked
+    # along n (gm1, gm4), for the 8b MLP products whose operands outgrow the L2 cache
+    **{f"default_g{dim.name.lower()}{width}": dataclasses.replace(
+        mgpu_kernel.DEFAULT_CONFIG, grid_minor_dim=dim, grid_tile_width=width)
+       for dim, width in ((M_.N, 4), (M_.N, 8), (M_.M, 1), (M_.M, 4))},
 }
 
 
