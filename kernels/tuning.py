@@ -133,7 +133,8 @@ class TuningConfig:
 # CTA tile 128 x 256, 4 stages, one wgmma group in flight; the last of a warpgroup's 4 epilogue
 # tiles stored under the next tile's first k-step: faster than storing it in the epilogue on 15
 # of the 16 forward / dx products at G = 16 where both ran this tile, by 0.1-1.0 % (run
-# s15_parity_all; the 16th, 8b gate_up dx, 4.5 % slower by device time, faster by wall clock).
+# s15_parity_all; the 16th, 8b gate_up dx, 4.5 % slower by device time, faster by wall clock),
+# and faster or level on all 9 in a repeat (run s17_defer, by 0-1.9 %).
 DEFAULT_CONFIG = TuningConfig(deferred_epi_tiles=1)
 NARROW_CONFIG = TuningConfig(tile_n=64, max_concurrent_steps=5)  # 128 x 128
 # Fused SwiGLU (gate and up tiles per k-step): 128 x 128 output tiles, each warpgroup
@@ -254,18 +255,17 @@ def select_config(
     5. Otherwise ``DEFAULT_CONFIG``: 128 x 256 tiles, 4 stages, one wgmma group in flight,
        the last epilogue tile of each warpgroup stored under the next tile's first k-step.
 
-    At full load (G = 16) this ran at 0.985-1.025x cuBLAS's speed on 19 of the 24 forward and dx
-    products of the Llama-1B/3B/8B diagonal shapes and 0.93-0.96x on 8b down, down dx and
-    gate_up dx (run s15_parity_all, one run); the clustered 8b qkv / gate_up forward at
-    0.981-1.003x / 1.012-1.013x (runs s14_ring_cluster*, s15_confirm_8b); dw at 0.91-1.03x
-    before the deferred epilogue tiles. Tried and not chosen (within noise or slower): 3
-    stages, unchained tiles (on JAX's pipelines), 128 x 128 tiles with 4 or 6 stages (cuBLAS's
-    choice for the 1b attention shapes), 256 x 128 and row-split 128 x 192 tiles, other grid
-    orders, clusters on the default tiles (also on the ring), a whole staged epilogue tile,
-    192 x 192 tiles with 3 stages, 64 x 32 epilogue tiles, 2 or 4 deferred epilogue tiles,
-    ping-pong on dw, CTAs of one compute warpgroup (0.71-0.79x; removed), 192 x 256 tiles
-    (failed on the GPU; removed) and a second, narrow kernel picked per call by ``lax.cond``
-    (1b o, 1 of 16 groups active: 51 TF/s against 191).
+    At full load (G = 16) this ran at or above cuBLAS's speed on 14 of the 24 forward and dx
+    products of the Llama-1B/3B/8B diagonal shapes, at 0.987-0.997x on 9 and at 0.961x on 8b
+    down dx (device time, medians over the forward / dx runs s17_*); dw at 0.89-1.01x (run
+    s17_dw_auto). Tried and not chosen (within noise or slower): 3 stages, unchained tiles (on
+    JAX's pipelines), 128 x 128 tiles with 4 or 6 stages (cuBLAS's choice for the 1b attention
+    shapes), 256 x 128 and row-split 128 x 192 tiles, other tile orders (also on the 8b
+    products, run s17_grid8b), clusters on the default tiles (also on the ring), a whole
+    staged epilogue tile, 192 x 192 tiles with 3 stages, 64 x 32 epilogue tiles, 2 or 4
+    deferred epilogue tiles, ping-pong on dw, CTAs of one compute warpgroup (0.71-0.79x;
+    removed), 192 x 256 tiles (failed on the GPU; removed) and a second, narrow kernel picked
+    per call by ``lax.cond`` (1b o, 1 of 16 groups active: 51 TF/s against 191).
     """
     if n % DEFAULT_CONFIG.cta_tile_n and n % NARROW_CONFIG.cta_tile_n == 0:
         return NARROW_CONFIG
