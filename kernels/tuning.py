@@ -168,8 +168,10 @@ WIDE_THREE_WG_MIN_WAVES = 8
 # first (along n) where the 192 x 192 tiles qualify but tile_cost puts them above the default's
 # time by at most WIDE_CLUSTER_MAX_COST_RATIO: on the H200 it was 1.6-8.0 % faster than the
 # default on the 8b qkv and gate/up forward products (G = 1, 8, 16; two runs at G = 16), and
-# 0.6-1.9 % slower where the cost is 1.037 (8b o, down). Along m it won on 8b down dx in one run
-# (+4.1 %) and lost in the next (-1.4 %; identical configs differed by up to 2.8 % in that run):
+# 0.6-1.9 % slower where the cost is 1.037 (8b o, down). Along m (the only cluster that pairs
+# 8b down dx's 75 column tiles) it won on 8b down dx in one run (+4.1 %), lost in the next
+# (-1.4 %; identical configs differed by up to 2.8 % in that run), won by 2.6 % in run
+# s17_mlp8b_cm and was level in 9 rounds (s17_down_dx_cm: -0.4 % at G = 16, +0.7 % at G = 4):
 # not chosen. On the 1b shapes neither beat the unclustered tiles (runs s11_*).
 # Without deferred epilogue tiles: with them, the clustered interpret-mode test hung in about
 # 1 of 15 runs on 2 CPU cores (unsupported_reason refuses the pair; see there).
@@ -256,7 +258,7 @@ def select_config(
        the last epilogue tile of each warpgroup stored under the next tile's first k-step.
 
     At full load (G = 16) this ran at or above cuBLAS's speed on 14 of the 24 forward and dx
-    products of the Llama-1B/3B/8B diagonal shapes, at 0.987-0.997x on 9 and at 0.961x on 8b
+    products of the Llama-1B/3B/8B diagonal shapes, at 0.987-0.997x on 9 and at 0.975x on 8b
     down dx (device time, medians over the forward / dx runs s17_*); dw at 0.89-1.01x (run
     s17_dw_auto). Tried and not chosen (within noise or slower): 3 stages, unchained tiles (on
     JAX's pipelines), 128 x 128 tiles with 4 or 6 stages (cuBLAS's choice for the 1b attention
