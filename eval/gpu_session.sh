@@ -97,6 +97,10 @@
 #   mlp8b      the 8b MLP products (gate_up, down; forward, dx), where cuBLAS led most in run
 #              s15_parity_all: "auto" (twice) against 256 x 128 tiles (plain and in 2-CTA clusters
 #              along n, cuBLAS's shape on 8b down), the clustered 192 x 192 tiles and cuBLAS
+#   grid8b     the default tiles in other tile orders (default_gn4 / gn8: stripes of column
+#              tiles walked down m; default_gm1 / gm4: row stripes walked along n) against "auto"
+#              and cuBLAS on the 8b qkv / down products (forward, dx) and 8b gate_up dx, G = 16,
+#              5 rounds (runs s17_grid8b, s17_grid8b_gu: 67 s and 22 s)
 # The stages that chose between JAX's pipelines and the ring of stages for the cooperative
 # schedule (ring, ring2, ring_all, ring_check, ring_cluster, ring_wg3, ring_swiglu; dw_variants,
 # dw_select, dw_3b) were removed with JAX's pipelines: their runs in
@@ -302,6 +306,10 @@ for stage in "${stages[@]}"; do
              --ab_shapes 1b:qkv,1b:o,3b:qkv,3b:o,8b:o,8b:gate_up,8b:down ;;
     mlp8b) ab mlp8b 400 --ab auto,auto#2,wg_m,wg_m_cn,wg3_192x192_cn,xla_einsum --ab_groups 16 \
              --ab_products fwd,dx --ab_profile --ab_reps 3 --ab_shapes 8b:gate_up,8b:down ;;
+    grid8b) ab grid8b 200 --ab auto,default_gn4,default_gn8,default_gm1,default_gm4,xla_einsum \
+             --ab_groups 16 --ab_products fwd,dx --ab_profile --ab_reps 5 --ab_shapes 8b:down,8b:qkv
+           ab grid8b_gu 100 --ab auto,default_gn4,default_gn8,xla_einsum --ab_groups 16 \
+             --ab_products dx --ab_profile --ab_reps 5 --ab_shapes 8b:gate_up ;;
     train_seq_remat) train_bench train_seq_remat 330 --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal
            train_bench train_seq_remat_16k 200 --tokens 16384 --reps 3 --impls auto \
@@ -312,7 +320,7 @@ for stage in "${stages[@]}"; do
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
-            "dw_auto, parity_all, pingpong_turn, defer, mlp8b)"
+            "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b)"
        exit 2 ;;
   esac
 done
