@@ -101,6 +101,10 @@
 #              tiles walked down m; default_gm1 / gm4: row stripes walked along n) against "auto"
 #              and cuBLAS on the 8b qkv / down products (forward, dx) and 8b gate_up dx, G = 16,
 #              5 rounds (runs s17_grid8b, s17_grid8b_gu: 67 s and 22 s)
+#   smfit      the dx products' column tiles sized to the SM count (192 x 96, 128 x 160:
+#              tuning.SM_FIT_DX_VARIANTS, cuBLAS's tiles at G = 1): their GPU tests under a
+#              timeout, then a profiled A/B against "auto" and cuBLAS on the 1b and 3b dx
+#              products at G = 1 (where the kernel's tiles fill under two waves) and G = 16
 # The stages that chose between JAX's pipelines and the ring of stages for the cooperative
 # schedule (ring, ring2, ring_all, ring_check, ring_cluster, ring_wg3, ring_swiglu; dw_variants,
 # dw_select, dw_3b) were removed with JAX's pipelines: their runs in
@@ -310,6 +314,10 @@ for stage in "${stages[@]}"; do
              --ab_groups 16 --ab_products fwd,dx --ab_profile --ab_reps 5 --ab_shapes 8b:down,8b:qkv
            ab grid8b_gu 100 --ab auto,default_gn4,default_gn8,xla_einsum --ab_groups 16 \
              --ab_products dx --ab_profile --ab_reps 5 --ab_shapes 8b:gate_up ;;
+    smfit) tests_pass smfit 240 2 tests/test_grouped_matmul.py "gpu_column_tiles_sized" || continue
+           ab smfit 300 --ab auto,wg3_192x96,wg2_128x160,xla_einsum --ab_groups 1,16 \
+             --ab_products dx --ab_profile --ab_reps 3 \
+             --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,3b:o,3b:gate_up,3b:down ;;
     train_seq_remat) train_bench train_seq_remat 330 --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal
            train_bench train_seq_remat_16k 200 --tokens 16384 --reps 3 --impls auto \
@@ -320,7 +328,7 @@ for stage in "${stages[@]}"; do
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
-            "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b)"
+            "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit)"
        exit 2 ;;
   esac
 done

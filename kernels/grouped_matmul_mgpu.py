@@ -78,6 +78,7 @@ from kernels.tuning import (  # noqa: F401
     NARROW_CONFIG,
     PINGPONG_CONFIG,
     PINGPONG_MIN_WAVE_GAIN,
+    SM_FIT_DX_VARIANTS,
     SWIGLU_CONFIG,
     THREE_WG_CONFIG,
     THREE_WG_VARIANTS,

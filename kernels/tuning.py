@@ -196,6 +196,18 @@ THREE_WG_VARIANTS = {
     # 2-CTA clusters along n / m (WIDE_CLUSTER_CONFIGS): "wg3_192x192_cn", "wg3_192x192_cm".
     **{f"wg3_192x192_c{c.cluster_dimension.name.lower()}": c for c in WIDE_CLUSTER_CONFIGS},
 }
+# Column tiles sized to the SM count, for the dx products (b stored k-minor, where they lower;
+# see unsupported_reason): at G = 1 cuBLAS runs 192 x 96 tiles on 1b o dx (6 x 22 = 132 tiles,
+# one full wave, against 96 of 192 x 128) and 128 x 160 on 1b qkv dx and gate_up dx, where the
+# kernel's tiles fill 0.73 of a wave and it runs at 0.79-0.85x of cuBLAS (run s17_g1_all).
+# 32-column epilogue tiles (64 does not divide 96 or 160). Interpret-mode tested and lowered
+# for CUDA; not yet run on a GPU, not chosen by select_config.
+SM_FIT_DX_VARIANTS = {
+    "wg3_192x96": TuningConfig(tile_m=64, tile_n=96, wg_dimension=MatmulDimension.M,
+                               compute_wgs=3, epi_tile_n=32, epi_slots=2),
+    "wg2_128x160": TuningConfig(tile_m=64, tile_n=160, wg_dimension=MatmulDimension.M,
+                                epi_tile_n=32, epi_slots=2),
+}
 # How much better the ping-pong schedule must fill the last wave of tiles than the default one
 # before select_config picks it: at equal fill it ran 1-2 % slower (3b qkv/o, 1b gate_up).
 PINGPONG_MIN_WAVE_GAIN = 0.025
@@ -363,6 +375,17 @@ def unsupported_reason(
         return f"n={n} not a multiple of {c.cta_tile_n} (ping-pong, fused SwiGLU)"
     if m < c.cta_tile_m // 2 or n < c.cta_tile_n:
         return f"m={m}, n={n} too small for the tile"
+    if c.tile_m % c.epi_tile_m or c.tile_n % c.epi_tile_n:
+        return (f"epilogue tiles of {c.epi_tile_m} x {c.epi_tile_n} do not divide the"
+                f" {c.tile_m} x {c.tile_n} warpgroup tile")
+    # b's shared-memory tile is swizzled in 128-byte rows along its minor dim. Stored k-minor
+    # (dx) any tile_n multiple of 8 lowers (96 and 160 columns: the dx products' SM-count
+    # tiles); stored n-minor (forward, dw, the fused SwiGLU) tile_n must be whole 128-byte
+    # rows: with 96 or 160 columns Mosaic GPU's layout inference fails (jax 0.11.2).
+    row_elems = 128 // dtype.itemsize
+    if c.tile_n % 8 or (not transpose_rhs and c.tile_n % row_elems):
+        return (f"tile_n={c.tile_n}: b stored n-minor needs a multiple of {row_elems} columns"
+                f" (128-byte rows), stored k-minor (transpose_rhs) a multiple of 8")
     if c.compute_wgs not in (2, 3) or (c.compute_wgs == 3 and (
             c.pingpong or swiglu or c.wg_dimension != MatmulDimension.M)):
         return f"compute_wgs={c.compute_wgs}: 2, or 3 splitting rows (no ping-pong, fused SwiGLU)"

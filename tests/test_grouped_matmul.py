@@ -496,6 +496,40 @@ def test_warpgroups_split_rows_with_ragged_n(wgs):
     _check_window_gradients(cfg, rng, info, (3, 4, 200, 320, 192), [(0, 3, 1)], max_offset=1)
 
 
+@pytest.mark.parametrize("name", list(mgpu_kernel.SM_FIT_DX_VARIANTS))
+def test_column_tiles_sized_to_the_sms(name):
+    """The 192 x 96 and 128 x 160 tiles (32-column epilogue tiles: 3 or 5 per warpgroup, 2
+    slots) on 2 stages, float32 (whose 128-byte rows are 32 elements, so the forward and dw
+    take them too): the forward and both gradients against float64, with ragged column tiles
+    on every product (n = 256, k = 448: 2.7 / 4.7 tiles of 96, 1.6 / 2.8 of 160) and ragged m,
+    at a weight offset; idle groups zero."""
+    rng, info = fresh_rng()
+    cfg = dataclasses.replace(mgpu_kernel.SM_FIT_DX_VARIANTS[name], max_concurrent_steps=2)
+    assert len(mgpu_tiles.epilogue_tiles(cfg)) == cfg.tile_n // 32
+    _check_window_gradients(cfg, rng, info, (3, 4, 200, 448, 256), [(0, 3, 1)], max_offset=1)
+
+
+def test_tiles_that_do_not_lower_or_cover_are_refused():
+    """bf16 column tiles of 96 or 160 serve the dx products (b stored k-minor) but not the
+    forward or dw (b stored n-minor, where Mosaic GPU's layout inference fails on them), and
+    epilogue tiles that do not divide the warpgroup tile (which would leave columns unwritten)
+    are refused, naming the sizes; through grouped_matmul as a ValueError."""
+    why = lambda c, **kw: mgpu_kernel.unsupported_reason(
+        (1, 1152, 2048), (1, 2048, 2048), jnp.bfloat16, jnp.bfloat16, config=c, **kw)
+    for cfg in mgpu_kernel.SM_FIT_DX_VARIANTS.values():
+        assert why(cfg, transpose_rhs=True) is None
+        assert f"tile_n={cfg.tile_n}" in why(cfg)
+        assert f"tile_n={cfg.tile_n}" in mgpu_kernel.unsupported_reason(   # dw: x^T @ dy
+            (1, 1152, 2048), (1, 1152, 2048), jnp.bfloat16, jnp.bfloat16, config=cfg,
+            transpose_lhs=True)
+        assert "epilogue tiles of 64 x 64" in why(dataclasses.replace(cfg, epi_tile_n=64),
+                                                  transpose_rhs=True)
+    x, w = jnp.zeros((2, 64, 64), jnp.float32), jnp.zeros((2, 64, 128), jnp.float32)
+    with pytest.raises(ValueError, match="epilogue tiles of 64 x 48"):
+        kernels.grouped_matmul(x, w, impl="interpret", config=dataclasses.replace(
+            ops.INTERPRET_CONFIG, epi_tile_n=48))
+
+
 @pytest.mark.parametrize("wgs", [2, 3])
 @pytest.mark.parametrize("dim", ["N", "M"])
 def test_two_cta_clusters_with_multicast(dim, wgs):
@@ -704,6 +738,31 @@ def test_gpu_pallas_matches_xla(shape):
 
 
 @on_gpu
+@pytest.mark.parametrize("name", list(mgpu_kernel.SM_FIT_DX_VARIANTS))
+def test_gpu_column_tiles_sized_to_the_sms(name):
+    """The dx-only 192 x 96 / 128 x 160 tiles compiled: dx = dy @ w^T at the 1b o dx shape (G
+    = 1; 2048 output columns, a ragged last tile) and the 1b qkv dx shape (G = 4, windows of 6
+    stacked weights at offsets), bf16, against the XLA path; idle groups zero."""
+    rng, info = fresh_rng()
+    cfg = mgpu_kernel.SM_FIT_DX_VARIANTS[name]
+    dx_fn = jax.jit(lambda dy, w, bounds: mgpu_kernel.grouped_matmul_mgpu(
+        dy, w, bounds, transpose_rhs=True, config=cfg))
+    for g, gw, m, n, k, windows in [(1, 1, 1152, 2048, 2048, [(0, 1, 0), (1, 1, 0)]),
+                                    (4, 6, 1152, 3072, 2048, [(0, 4, 2), (1, 3, 0), (2, 2, 1)])]:
+        dy = jnp.asarray(rng.standard_normal((g, m, n)), jnp.bfloat16)
+        w = jnp.asarray(rng.standard_normal((gw, k, n)), jnp.bfloat16)
+        for lo, hi, off in windows:
+            tag = f"{info} {name} G={g} lo={lo} hi={hi} off={off}"
+            bounds = jnp.array([lo, hi, off, 0], jnp.int32)
+            got = dx_fn(dy, w, bounds)
+            want = kernels.grouped_matmul_reference(dy, w, bounds, transpose_rhs=True)
+            assert got.shape == (g, m, k), tag
+            if hi > lo:
+                assert rel_err_finite(got, want) <= 1e-2, tag
+            _check_idle_zero(got, lo, hi, "dx", tag)
+
+
+@on_gpu
 def test_gpu_traced_range_one_compilation():
     rng, info = fresh_rng()
     x, w = _operands(rng, 4, 1152, 2048, 2048, jnp.bfloat16)
@@ -753,11 +812,13 @@ SWIGLU_GPU_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", [*GPU_CONFIGS, *SWIGLU_GPU_CONFIGS])
+@pytest.mark.parametrize("name", [*GPU_CONFIGS, *SWIGLU_GPU_CONFIGS,
+                                  *mgpu_kernel.SM_FIT_DX_VARIANTS])
 def test_every_config_lowers_for_the_gpu(name):
     """Every GPU tile schedule lowers to Mosaic GPU for CUDA, on any machine (cross-platform
     lowering): the forward and both backward products (transposed operand views) at the 1b qkv
-    shape, bf16, 132 SMs, and the fused SwiGLU.
+    shape, bf16, 132 SMs, where the config serves them (the SM-count column tiles: dx only),
+    and the fused SwiGLU.
     Lowering errors of a new schedule show up here in CPU CI, before any GPU time; compiling to
     PTX and running stay the GPU tests' job."""
     S = jax.ShapeDtypeStruct
@@ -769,7 +830,7 @@ def test_every_config_lowers_for_the_gpu(name):
                                                         S((g, k, 2 * n), jnp.bfloat16), False,
                                                         False)}
     else:
-        cfg = GPU_CONFIGS[name]
+        cfg = {**GPU_CONFIGS, **mgpu_kernel.SM_FIT_DX_VARIANTS}[name]
         cases = {"fwd": (S((g, m, k), jnp.bfloat16), S((g, k, n), jnp.bfloat16), False, False),
                  "dx": (S((g, m, n), jnp.bfloat16), S((g, k, n), jnp.bfloat16), False, True),
                  "dw": (S((g, m, k), jnp.bfloat16), S((g, m, n), jnp.bfloat16), True, False)}
