@@ -378,10 +378,11 @@ def unsupported_reason(
     if c.tile_m % c.epi_tile_m or c.tile_n % c.epi_tile_n:
         return (f"epilogue tiles of {c.epi_tile_m} x {c.epi_tile_n} do not divide the"
                 f" {c.tile_m} x {c.tile_n} warpgroup tile")
-    # b's shared-memory tile is swizzled in 128-byte rows along its minor dim. Stored k-minor
-    # (dx) any tile_n multiple of 8 lowers (96 and 160 columns: the dx products' SM-count
-    # tiles); stored n-minor (forward, dw, the fused SwiGLU) tile_n must be whole 128-byte
-    # rows: with 96 or 160 columns Mosaic GPU's layout inference fails (jax 0.11.2).
+    # b's shared-memory tile is swizzled along its minor dim. Stored k-minor (dx) its rows are
+    # the k-step's 64 elements (128 bytes) whatever tile_n, and 96- and 160-column tiles (the
+    # dx products' SM-count tiles) lower; stored n-minor (forward, dw, the fused SwiGLU) the
+    # rows are tile_n long, and with 32, 96 or 160 columns (a 64-byte swizzle) Mosaic GPU's
+    # layout inference fails on an assertion (jax 0.11.2, cross-platform lowering).
     row_elems = 128 // dtype.itemsize
     if c.tile_n % 8 or (not transpose_rhs and c.tile_n % row_elems):
         return (f"tile_n={c.tile_n}: b stored n-minor needs a multiple of {row_elems} columns"
