@@ -401,9 +401,11 @@ def unsupported_reason(
         # The clustered interpret-mode test hung in about 1 of 15 runs on 2 CPU cores, so this
         # pair has no CPU test. The hang follows the host's cores: pinned to one core, 4 of 4
         # deferring runs hung in their first call, clustered or not, and 0 of 8 without
-        # deferral (2026-11-30), with the stuck simulated threads parked inside XLA's execution
-        # of their programs, not at a kernel barrier. That points to the interpreter starving
-        # its threads, not to a kernel race. Lifting this needs a CPU test that cannot hang.
+        # deferral (2026-11-30). A stack dump of a hung one-core run: two of the four simulated
+        # threads wait at a kernel barrier inside their callbacks, running on XLA's CPU
+        # threads, and the other two block inside XLA's execute call with no callback of
+        # theirs running (the CPU idle). That points to the interpreter starving its threads, not to a kernel race.
+        # Lifting this needs a CPU test that cannot hang.
         return "deferred_epi_tiles with 2-CTA clusters (an interpret-mode run hung)"
     if c.smem_bytes(dtype.itemsize, out_dtype.itemsize, 1 + swiglu) > _SMEM_BYTES:
         return "config exceeds shared memory"

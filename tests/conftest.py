@@ -67,8 +67,9 @@ def rng():
 
 def skip_deferral_on_one_core():
     """Interpret-mode runs with deferred epilogue tiles hang on a single CPU core (pinned to one,
-    every one of them did, and none without deferral): the interpreter's simulated threads
-    starve inside XLA's execution of their programs (kernels/tuning.py, unsupported_reason)."""
+    every one of them did, and none without deferral): two simulated threads wait at a kernel
+    barrier inside callbacks on XLA's CPU threads while the other two block inside XLA's
+    execute call, the CPU idle (kernels/tuning.py, unsupported_reason)."""
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("deferred epilogue tiles in interpret mode hang on a single CPU core")
 
