@@ -404,8 +404,8 @@ def unsupported_reason(
         # deferral (2026-11-30). A stack dump of a hung one-core run: two of the four simulated
         # threads wait at a kernel barrier inside their callbacks, running on XLA's CPU
         # threads, and the other two block inside XLA's execute call with no callback of
-        # theirs running (the CPU idle). That points to the interpreter starving its threads, not to a kernel race.
-        # Lifting this needs a CPU test that cannot hang.
+        # theirs running (the CPU idle). That points to the interpreter starving its threads,
+        # not to a kernel race. Lifting this needs a CPU test that cannot hang.
         return "deferred_epi_tiles with 2-CTA clusters (an interpret-mode run hung)"
     if c.smem_bytes(dtype.itemsize, out_dtype.itemsize, 1 + swiglu) > _SMEM_BYTES:
         return "config exceeds shared memory"
