@@ -200,14 +200,23 @@ THREE_WG_VARIANTS = {
 # see unsupported_reason): at G = 1 cuBLAS runs 192 x 96 tiles on 1b o dx (6 x 22 = 132 tiles,
 # one full wave, against 96 of 192 x 128) and 128 x 160 on 1b qkv dx and gate_up dx, where the
 # kernel's tiles fill 0.73 of a wave and it runs at 0.79-0.85x of cuBLAS (run s17_g1_all).
-# 32-column epilogue tiles (64 does not divide 96 or 160). Interpret-mode tested and lowered
-# for CUDA; not yet run on a GPU, not chosen by select_config.
+# 32-column epilogue tiles (64 does not divide 96 or 160).
+# On the H200 (run s18_smfit, device time against select_config's choice before them):
+# 128 x 160 was 1.12-1.13x on 1b qkv / o / gate_up dx at G = 1 (tile_cost 0.83 of the 192 x 128
+# tiles'), 1.00-1.10x on the 3b dx products at G = 1 (cost 0.94 of the default's), 0.90x on
+# 1b down dx at G = 1 (cost 1.11) and 0.87-0.96x on every 1b / 3b dx product at G = 16 (cost
+# 1.04-1.05); select_config takes it for dx where tile_cost promises at most
+# SM_FIT_MAX_COST_RATIO of its other choice's time. 192 x 96 was slower than 128 x 160 on 7 of
+# those 8 dx products at G = 1 (faster on 1b o dx, 16 against 17 us) and on all 8 at G = 16:
+# not chosen.
 SM_FIT_DX_VARIANTS = {
     "wg3_192x96": TuningConfig(tile_m=64, tile_n=96, wg_dimension=MatmulDimension.M,
                                compute_wgs=3, epi_tile_n=32, epi_slots=2),
     "wg2_128x160": TuningConfig(tile_m=64, tile_n=160, wg_dimension=MatmulDimension.M,
                                 epi_tile_n=32, epi_slots=2),
 }
+SM_FIT_DX_CONFIG = SM_FIT_DX_VARIANTS["wg2_128x160"]
+SM_FIT_MAX_COST_RATIO = 0.94
 # How much better the ping-pong schedule must fill the last wave of tiles than the default one
 # before select_config picks it: at equal fill it ran 1-2 % slower (3b qkv/o, 1b gate_up).
 PINGPONG_MIN_WAVE_GAIN = 0.025
@@ -268,6 +277,10 @@ def select_config(
        at G = 4, 1b and 3b gate_up at G = 1); at equal fill it ran 1-2 % slower.
     5. Otherwise ``DEFAULT_CONFIG``: 128 x 256 tiles, 4 stages, one wgmma group in flight,
        the last epilogue tile of each warpgroup stored under the next tile's first k-step.
+    6. For dx products (b stored k-minor), ``SM_FIT_DX_CONFIG`` (128 x 160 tiles) in place of
+       the choice above where ``tile_cost`` promises at most ``SM_FIT_MAX_COST_RATIO`` of its
+       time: the 1b qkv / o / gate_up and 3b dx products at G = 1, whose tiles above fill
+       under two waves.
 
     At full load (G = 16) this ran at or above cuBLAS's speed on 14 of the 24 forward and dx
     products of the Llama-1B/3B/8B diagonal shapes, at 0.987-0.997x on 9 and at 0.975x on 8b
@@ -281,8 +294,6 @@ def select_config(
     removed), 192 x 256 tiles (failed on the GPU; removed) and a second, narrow kernel picked
     per call by ``lax.cond`` (1b o, 1 of 16 groups active: 51 TF/s against 191).
     """
-    if n % DEFAULT_CONFIG.cta_tile_n and n % NARROW_CONFIG.cta_tile_n == 0:
-        return NARROW_CONFIG
     num_sms = num_sms_of_device() if num_sms is None else num_sms
     a_shape = (num_groups, k, m) if transpose_lhs else (num_groups, m, k)
     b_shape = (num_groups, n, k) if transpose_rhs else (num_groups, k, n)
@@ -290,6 +301,19 @@ def select_config(
                                           transpose_lhs=transpose_lhs,
                                           transpose_rhs=transpose_rhs) is None
     cost = lambda c: tile_cost(c, num_groups, m, n, num_sms)
+    choice = _choose_by_tile_fill(num_groups, m, n, transpose_lhs, transpose_rhs, num_sms,
+                                  serves, cost)
+    if (transpose_rhs and not transpose_lhs
+            and cost(SM_FIT_DX_CONFIG) <= SM_FIT_MAX_COST_RATIO * cost(choice)
+            and serves(SM_FIT_DX_CONFIG)):
+        return SM_FIT_DX_CONFIG
+    return choice
+
+
+def _choose_by_tile_fill(num_groups, m, n, transpose_lhs, transpose_rhs, num_sms, serves, cost):
+    """select_config's rules 1-5 (see there)."""
+    if n % DEFAULT_CONFIG.cta_tile_n and n % NARROW_CONFIG.cta_tile_n == 0:
+        return NARROW_CONFIG
     if cost(THREE_WG_CONFIG) <= THREE_WG_MAX_COST_RATIO * cost(DEFAULT_CONFIG) and serves(
             THREE_WG_CONFIG):
         return THREE_WG_CONFIG

@@ -146,7 +146,7 @@ def test_wave_fill_and_the_ping_pong_choice():
     # checked first, take it: test_wide_three_warpgroup_choice.)
     assert pick(4, 1152, 2048, 3072) == pp
     assert pick(4, 1152, 2048, 3072, transpose_lhs=True) == default
-    assert pick(4, 1152, 2048, 3072, transpose_rhs=True) == default
+    assert pick(4, 1152, 2048, 3072, transpose_rhs=True) != pp   # 128 x 160 (a test below)
     assert pick(1, 1152, 2048, 16384) == pp and pick(1, 2176, 3072, 16384) == pp
     for dims in [(16, 1152, 2048, 16384), (16, 2176, 3072, 5120), (16, 2176, 3072, 3072),
                  (16, 4224, 4096, 4096), (1, 1152, 2048, 3072), (32, 4224, 4096, 4096)]:
@@ -167,7 +167,8 @@ def test_three_warpgroup_choice():
     assert three.cta_tile_m == 192 and three.cta_tile_n == 128
     assert pick(1, 1152, 2048, 2048) == three                      # 1b o: 96 vs 72 tiles
     assert pick(1, 1152, 8192, 2048) == three                      # 1b down
-    assert pick(1, 1152, 16384, 2048, tr=True) == three            # 1b gate/up dx
+    assert pick(4, 1152, 16384, 2048, tr=True) == three            # 1b gate/up dx (G = 1, 2:
+    #                                                   128 x 160, test_sm_fit_dx_choice)
     assert pick(1, 1152, 2048, 8192, tr=True) == three             # 1b down dx
     assert pick(1, 2048, 1152, 3072, tl=True) == three             # 1b qkv dw: 264 vs 192 tiles
     assert pick(1, 3072, 2176, 3072, tl=True) == three             # 3b o dw
@@ -507,6 +508,38 @@ def test_column_tiles_sized_to_the_sms(name):
     cfg = dataclasses.replace(mgpu_kernel.SM_FIT_DX_VARIANTS[name], max_concurrent_steps=2)
     assert len(mgpu_tiles.epilogue_tiles(cfg)) == cfg.tile_n // 32
     _check_window_gradients(cfg, rng, info, (3, 4, 200, 448, 256), [(0, 3, 1)], max_offset=1)
+
+
+def test_sm_fit_dx_choice():
+    """select_config takes the 128 x 160 tiles for dx products where tile_cost promises at most
+    0.94 of its other choice's time: the 1b qkv / o / gate_up dx products at G <= 2 (cost 0.83
+    of the 192 x 128 tiles'; 1.12-1.13x in the H200 A/B at G = 1) and the 3b dx products at
+    G = 1 (cost 0.88-0.94; 1.00-1.10x); not 1b down dx at G = 1 (cost 1.11; 0.90x), not G = 16
+    (cost 1.04-1.05; 0.87-0.96x), never the forward or dw products (where they do not lower)."""
+    pick = lambda *dims, tl=False, tr=False: mgpu_kernel.select_config(
+        *dims, transpose_lhs=tl, transpose_rhs=tr, num_sms=132)
+    fit = mgpu_kernel.SM_FIT_DX_CONFIG
+    assert (fit.cta_tile_m, fit.cta_tile_n) == (128, 160)
+    cost = lambda c, g, m, n: mgpu_kernel.tile_cost(c, g, m, n, 132)
+    # 1b dx at G = 1: 9 x 13 = 117 tiles of 128 x 160 (one wave) against 96 of 192 x 128
+    assert cost(fit, 1, 1152, 2048) / cost(mgpu_kernel.THREE_WG_CONFIG, 1, 1152, 2048) == (
+        pytest.approx(160 * 128 / (192 * 128)))
+    for g in (1, 2):
+        for k in (3072, 2048, 16384):                            # 1b qkv, o, gate/up dx
+            assert pick(g, 1152, k, 2048, tr=True) == fit, (g, k)
+    for k, n in [(5120, 3072), (3072, 3072), (16384, 3072), (3072, 8192)]:
+        assert pick(1, 2176, k, n, tr=True) == fit, (k, n)       # 3b qkv, o, gate/up, down dx
+    assert pick(1, 1152, 2048, 8192, tr=True) == mgpu_kernel.THREE_WG_CONFIG   # 1b down dx
+    assert pick(2, 2176, 3072, 8192, tr=True) == mgpu_kernel.DEFAULT_CONFIG    # cost 0.97
+    assert pick(4, 1152, 2048, 2048, tr=True) == mgpu_kernel.THREE_WG_CONFIG   # 4 waves vs 3
+    for dims in [(16, 1152, 2048, 2048), (16, 2176, 3072, 3072), (16, 2176, 3072, 8192),
+                 (1, 4224, 4096, 4096), (1, 4224, 4096, 14336)]:
+        assert pick(*dims, tr=True) != fit, dims                 # G = 16; 8b at G = 1
+    assert pick(1, 1152, 2048, 2048) != fit                      # forward: b n-minor
+    assert pick(1, 2048, 1152, 2048, tl=True) != fit             # dw
+    # the rule follows the SM count: 78 SMs take 1b o dx's 117 tiles in two waves
+    assert mgpu_kernel.select_config(1, 1152, 2048, 2048, transpose_rhs=True,
+                                     num_sms=78) != fit
 
 
 def test_tiles_that_do_not_lower_or_cover_are_refused():
