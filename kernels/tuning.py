@@ -203,12 +203,14 @@ THREE_WG_VARIANTS = {
 # 32-column epilogue tiles (64 does not divide 96 or 160).
 # On the H200 (run s18_smfit, device time against select_config's choice before them):
 # 128 x 160 was 1.12-1.13x on 1b qkv / o / gate_up dx at G = 1 (tile_cost 0.83 of the 192 x 128
-# tiles'), 1.00-1.10x on the 3b dx products at G = 1 (cost 0.94 of the default's), 0.90x on
-# 1b down dx at G = 1 (cost 1.11) and 0.87-0.96x on every 1b / 3b dx product at G = 16 (cost
-# 1.04-1.05); select_config takes it for dx where tile_cost promises at most
-# SM_FIT_MAX_COST_RATIO of its other choice's time. 192 x 96 was slower than 128 x 160 on 7 of
-# those 8 dx products at G = 1 (faster on 1b o dx, 16 against 17 us) and on all 8 at G = 16:
-# not chosen.
+# tiles'), 1.00-1.02x on 3b qkv / o / gate_up dx at G = 1 (cost 0.94 of the default's), 1.10x
+# on 3b down dx (cost 0.88), 0.90x on 1b down dx at G = 1 (cost 1.11) and 0.87-0.96x on every
+# 1b / 3b dx product at G = 16 (cost 1.02-1.05). select_config takes it for dx where tile_cost
+# promises at most SM_FIT_MAX_COST_RATIO of its other choice's time; so chosen (run
+# s18_smfit_select) it was 1.13-1.18x the choice before on 1b qkv / o / gate_up dx at G = 1, 2,
+# 1.01-1.09x on 3b qkv / o / down dx at G = 1 and qkv / o dx at G = 2, and 0.987-0.988x on 3b
+# gate_up dx (k = 16384) at G = 1, 2. 192 x 96 was slower than 128 x 160 on 7 of the 8 dx
+# products at G = 1 (faster on 1b o dx, 16 against 17 us) and on all 8 at G = 16: not chosen.
 SM_FIT_DX_VARIANTS = {
     "wg3_192x96": TuningConfig(tile_m=64, tile_n=96, wg_dimension=MatmulDimension.M,
                                compute_wgs=3, epi_tile_n=32, epi_slots=2),
@@ -279,8 +281,8 @@ def select_config(
        the last epilogue tile of each warpgroup stored under the next tile's first k-step.
     6. For dx products (b stored k-minor), ``SM_FIT_DX_CONFIG`` (128 x 160 tiles) in place of
        the choice above where ``tile_cost`` promises at most ``SM_FIT_MAX_COST_RATIO`` of its
-       time: the 1b qkv / o / gate_up and 3b dx products at G = 1, whose tiles above fill
-       under two waves.
+       time: the 1b qkv / o / gate_up dx products at G <= 2 and the 3b dx products at G = 1
+       (qkv / o / gate_up also at G = 2), whose tiles above fill the last wave poorly.
 
     At full load (G = 16) this ran at or above cuBLAS's speed on 14 of the 24 forward and dx
     products of the Llama-1B/3B/8B diagonal shapes, at 0.987-0.997x on 9 and at 0.975x on 8b
