@@ -113,6 +113,9 @@
 #              o, gate_up dx products at G = 2, 4, where cuBLAS runs 192 x 192 clusters (run
 #              s18_smfit_select's kernel names): against "auto" and cuBLAS (a product with an odd
 #              number of column tiles is refused along n and reported as a failure: 1b)
+#   wide_select  select_config's 192 x 192 choice for dx (rule 7: wherever tile_cost promises
+#              no more than the other choice's time) on the 1b / 3b dx products at G = 1, 2, 4, 8:
+#              "auto" against the choices before it (128 x 160, 192 x 128, default) and cuBLAS
 # The stages that chose between JAX's pipelines and the ring of stages for the cooperative
 # schedule (ring, ring2, ring_all, ring_check, ring_cluster, ring_wg3, ring_swiglu; dw_variants,
 # dw_select, dw_3b) were removed with JAX's pipelines: their runs in
@@ -332,6 +335,9 @@ for stage in "${stages[@]}"; do
     wide_small_g) ab wide_small_g 300 --ab auto,wg3_192x192,wg3_192x192_cm,wg3_192x192_cn,xla_einsum \
              --ab_groups 2,4 --ab_products dx --ab_profile --ab_reps 3 \
              --ab_shapes 1b:qkv,1b:o,1b:gate_up,3b:qkv,3b:o,3b:gate_up ;;
+    wide_select) ab wide_select 420 --ab auto,wg2_128x160,wg3_192x128,default,xla_einsum \
+             --ab_groups 1,2,4,8 --ab_products dx --ab_profile --ab_reps 3 \
+             --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,3b:o,3b:gate_up,3b:down ;;
     train_seq_remat) train_bench train_seq_remat 330 --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal
            train_bench train_seq_remat_16k 200 --tokens 16384 --reps 3 --impls auto \
@@ -342,7 +348,7 @@ for stage in "${stages[@]}"; do
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
-            "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit, smfit_select, wide_small_g)"
+            "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit, smfit_select, wide_small_g, wide_select)"
        exit 2 ;;
   esac
 done

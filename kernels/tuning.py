@@ -283,6 +283,10 @@ def select_config(
        the choice above where ``tile_cost`` promises at most ``SM_FIT_MAX_COST_RATIO`` of its
        time: the 1b qkv / o / gate_up dx products at G <= 2 and the 3b dx products at G = 1
        (qkv / o / gate_up also at G = 2), whose tiles above fill the last wave poorly.
+    7. For dx products, ``WIDE_THREE_WG_CONFIG`` (192 x 192 tiles) in place of the choice
+       above where ``tile_cost`` promises no more than its time, with ragged rows and at any
+       number of waves (rule 3's conditions for the forward products): the 1b and 3b qkv / o /
+       gate_up dx products at G = 2 and 4 (and 1b at G = 8, 16; 1b down dx at G <= 8).
 
     At full load (G = 16) this ran at or above cuBLAS's speed on 14 of the 24 forward and dx
     products of the Llama-1B/3B/8B diagonal shapes, at 0.987-0.997x on 9 and at 0.975x on 8b
@@ -305,10 +309,12 @@ def select_config(
     cost = lambda c: tile_cost(c, num_groups, m, n, num_sms)
     choice = _choose_by_tile_fill(num_groups, m, n, transpose_lhs, transpose_rhs, num_sms,
                                   serves, cost)
-    if (transpose_rhs and not transpose_lhs
-            and cost(SM_FIT_DX_CONFIG) <= SM_FIT_MAX_COST_RATIO * cost(choice)
-            and serves(SM_FIT_DX_CONFIG)):
-        return SM_FIT_DX_CONFIG
+    if transpose_rhs and not transpose_lhs:   # dx
+        if (cost(SM_FIT_DX_CONFIG) <= SM_FIT_MAX_COST_RATIO * cost(choice)
+                and serves(SM_FIT_DX_CONFIG)):
+            choice = SM_FIT_DX_CONFIG
+        if cost(WIDE_THREE_WG_CONFIG) <= cost(choice) and serves(WIDE_THREE_WG_CONFIG):
+            choice = WIDE_THREE_WG_CONFIG
     return choice
 
 

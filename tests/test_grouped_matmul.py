@@ -167,9 +167,9 @@ def test_three_warpgroup_choice():
     assert three.cta_tile_m == 192 and three.cta_tile_n == 128
     assert pick(1, 1152, 2048, 2048) == three                      # 1b o: 96 vs 72 tiles
     assert pick(1, 1152, 8192, 2048) == three                      # 1b down
-    assert pick(4, 1152, 16384, 2048, tr=True) == three            # 1b gate/up dx (G = 1, 2:
-    #                                                   128 x 160, test_sm_fit_dx_choice)
-    assert pick(1, 1152, 2048, 8192, tr=True) == three             # 1b down dx
+    # a dx product (128 x 160 / 192 x 192 tiles would cost 1.25 / 1.5 of these; the diagonal
+    # shapes' dx products take those: test_sm_fit_dx_choice, test_wide_dx_choice)
+    assert pick(1, 1152, 2048, 5120, tr=True) == three
     assert pick(1, 2048, 1152, 3072, tl=True) == three             # 1b qkv dw: 264 vs 192 tiles
     assert pick(1, 3072, 2176, 3072, tl=True) == three             # 3b o dw
     assert pick(1, 2048, 1152, 2048, tl=True) != three             # 1b o dw: 2 waves vs 1
@@ -217,6 +217,36 @@ def test_wide_three_warpgroup_choice():
     why = lambda w_shape, tr: mgpu_kernel.unsupported_reason(
         (16, 1152, 2048), w_shape, jnp.bfloat16, jnp.bfloat16, transpose_rhs=tr, config=wide)
     assert why((16, 2048, 3072), False) is None and why((16, 3072, 2048), True) is None
+
+
+def test_wide_dx_choice():
+    """For dx products select_config takes the 192 x 192 tiles wherever tile_cost promises no
+    more than its other choice's time, ragged rows and few waves included (the forward products
+    need whole 192-row tiles and 8 waves of default tiles): in the H200 A/B (run
+    s18_wide_small_g) 1.07-1.21x the choice before on the 1b and 3b qkv / o / gate_up dx
+    products at G = 2 (cost 0.90 of the 128 x 160 tiles') and 1.03-1.07x at G = 4 (cost 0.96 of
+    the default's on 3b, 1.0 of the 192 x 128 tiles' on 1b). Not at G = 1 (1b: 66 tiles, cost
+    1.8; 3b: 1.2), not 3b at G >= 8 or 8b (cost 1.004-1.09)."""
+    pick = lambda *dims: mgpu_kernel.select_config(*dims, transpose_rhs=True, num_sms=132)
+    wide = mgpu_kernel.WIDE_THREE_WG_CONFIG
+    for g in (2, 4, 8, 16):
+        for k in (3072, 2048, 16384):                            # 1b qkv, o, gate/up dx
+            assert pick(g, 1152, k, 2048) == wide, (g, k)
+    for g in (2, 4):
+        for k in (5120, 3072, 16384):                            # 3b qkv, o, gate/up dx
+            assert pick(g, 2176, k, 3072) == wide, (g, k)        # 12 row tiles, the last 64
+    for g in (1, 8, 16):
+        assert pick(g, 2176, 3072, 3072) != wide, g              # cost 1.2, 1.04, 1.08
+    assert pick(1, 1152, 2048, 2048) == mgpu_kernel.SM_FIT_DX_CONFIG          # cost 1.8
+    assert pick(16, 1152, 2048, 8192) == mgpu_kernel.DEFAULT_CONFIG           # cost 1.03
+    for g in (1, 2, 4, 8, 16):
+        for k, n in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:   # 8b dx
+            assert pick(g, 4224, k, n) == mgpu_kernel.DEFAULT_CONFIG, (g, k, n)
+    # the forward products keep rule 3's conditions (1b qkv at G = 2: 1.6 waves of defaults)
+    assert mgpu_kernel.select_config(2, 1152, 2048, 3072, num_sms=132) != wide
+    cost = lambda c, g, m, n: mgpu_kernel.tile_cost(c, g, m, n, 132)
+    assert cost(wide, 2, 1152, 2048) == 36864                    # 132 tiles: one wave
+    assert cost(wide, 2, 2176, 3072) == 3 * 36864                # 384 tiles: 2.9 waves
 
 
 def test_wide_cluster_choice():
@@ -512,10 +542,11 @@ def test_column_tiles_sized_to_the_sms(name):
 
 def test_sm_fit_dx_choice():
     """select_config takes the 128 x 160 tiles for dx products where tile_cost promises at most
-    0.94 of its other choice's time: the 1b qkv / o / gate_up dx products at G <= 2 (cost 0.83
-    of the 192 x 128 tiles'; 1.12-1.13x in the H200 A/B at G = 1) and the 3b dx products at
-    G = 1 (cost 0.88-0.94; 1.00-1.10x); not 1b down dx at G = 1 (cost 1.11; 0.90x), not G = 16
-    (cost 1.04-1.05; 0.87-0.96x), never the forward or dw products (where they do not lower)."""
+    0.94 of its other choice's time (and the 192 x 192 tiles no less): the 1b qkv / o / gate_up
+    dx products at G = 1 (cost 0.83 of the 192 x 128 tiles'; 1.12-1.13x in the H200 A/B) and
+    the 3b dx products at G = 1 (cost 0.88-0.94; 1.00-1.10x); not 1b down dx at G = 1 (cost
+    1.11; 0.90x), not G = 16 (cost 1.02-1.05; 0.87-0.96x), never the forward or dw products
+    (where they do not lower)."""
     pick = lambda *dims, tl=False, tr=False: mgpu_kernel.select_config(
         *dims, transpose_lhs=tl, transpose_rhs=tr, num_sms=132)
     fit = mgpu_kernel.SM_FIT_DX_CONFIG
@@ -524,14 +555,12 @@ def test_sm_fit_dx_choice():
     # 1b dx at G = 1: 9 x 13 = 117 tiles of 128 x 160 (one wave) against 96 of 192 x 128
     assert cost(fit, 1, 1152, 2048) / cost(mgpu_kernel.THREE_WG_CONFIG, 1, 1152, 2048) == (
         pytest.approx(160 * 128 / (192 * 128)))
-    for g in (1, 2):
-        for k in (3072, 2048, 16384):                            # 1b qkv, o, gate/up dx
-            assert pick(g, 1152, k, 2048, tr=True) == fit, (g, k)
+    for k in (3072, 2048, 16384):                                # 1b qkv, o, gate/up dx
+        assert pick(1, 1152, k, 2048, tr=True) == fit, k
     for k, n in [(5120, 3072), (3072, 3072), (16384, 3072), (3072, 8192)]:
         assert pick(1, 2176, k, n, tr=True) == fit, (k, n)       # 3b qkv, o, gate/up, down dx
-    assert pick(1, 1152, 2048, 8192, tr=True) == mgpu_kernel.THREE_WG_CONFIG   # 1b down dx
-    assert pick(2, 2176, 3072, 8192, tr=True) == mgpu_kernel.DEFAULT_CONFIG    # cost 0.97
-    assert pick(4, 1152, 2048, 2048, tr=True) == mgpu_kernel.THREE_WG_CONFIG   # 4 waves vs 3
+    assert pick(1, 1152, 2048, 8192, tr=True) != fit             # 1b down dx: cost 1.11
+    assert pick(4, 1152, 2048, 2048, tr=True) != fit             # 4 waves against 3
     for dims in [(16, 1152, 2048, 2048), (16, 2176, 3072, 3072), (16, 2176, 3072, 8192),
                  (1, 4224, 4096, 4096), (1, 4224, 4096, 14336)]:
         assert pick(*dims, tr=True) != fit, dims                 # G = 16; 8b at G = 1
