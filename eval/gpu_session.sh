@@ -116,6 +116,9 @@
 #   wide_select  select_config's 192 x 192 choice for dx (rule 7: wherever tile_cost promises
 #              no more than the other choice's time) on the 1b / 3b dx products at G = 1, 2, 4, 8:
 #              "auto" against the choices before it (128 x 160, 192 x 128, default) and cuBLAS
+#   wide_fwd   192 x 192 tiles on the forward products select_config's rule 3 leaves to other
+#              tiles at G = 2, 4, 8 (1b qkv / o, 3b: under 8 waves of default tiles or ragged
+#              rows): against "auto" and cuBLAS, the evidence a forward rule 7 would need
 # The stages that chose between JAX's pipelines and the ring of stages for the cooperative
 # schedule (ring, ring2, ring_all, ring_check, ring_cluster, ring_wg3, ring_swiglu; dw_variants,
 # dw_select, dw_3b) were removed with JAX's pipelines: their runs in
@@ -338,6 +341,9 @@ for stage in "${stages[@]}"; do
     wide_select) ab wide_select 420 --ab auto,wg2_128x160,wg3_192x128,default,xla_einsum \
              --ab_groups 1,2,4,8 --ab_products dx --ab_profile --ab_reps 3 \
              --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,3b:o,3b:gate_up,3b:down ;;
+    wide_fwd) ab wide_fwd 200 --ab auto,wg3_192x192,xla_einsum --ab_groups 2,4,8 \
+             --ab_products fwd --ab_profile --ab_reps 3 \
+             --ab_shapes 1b:qkv,1b:o,3b:qkv,3b:o,3b:gate_up,3b:down ;;
     train_seq_remat) train_bench train_seq_remat 330 --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal
            train_bench train_seq_remat_16k 200 --tokens 16384 --reps 3 --impls auto \
@@ -348,7 +354,7 @@ for stage in "${stages[@]}"; do
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
-            "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit, smfit_select, wide_small_g, wide_select)"
+            "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit, smfit_select, wide_small_g, wide_select, wide_fwd)"
        exit 2 ;;
   esac
 done
