@@ -153,8 +153,13 @@ THREE_WG_MAX_COST_RATIO = 0.85
 # ``tile_cost`` promises at most the default's time and the product spans at least
 # WIDE_THREE_WG_MIN_WAVES waves of default tiles: where they were measured faster (the 1b shapes
 # at G = 16, three runs; 1b gate_up at G = 2, 4 and down dx at G = 4, 8, one run), and not where
-# they were slower (3b / 8b at G = 16: ragged rows or cost 1.01-1.04; every 1b product at G = 1;
-# dw).
+# they were slower (3b / 8b at G = 16: ragged rows or cost 1.01-1.04; dw). Off full load
+# (select_config's rule 7) it also takes them wherever tile_cost promises no more than its other
+# choice's time, ragged rows and few waves included: measured 1.02-1.25x the choice before on
+# every forward and dx product of the 1b / 3b shapes where that rule changed it (runs
+# s18_wide_small_g, s18_wide_select, s18_wide_fwd; forward 1b down at G = 2-8 not timed), and
+# slower where the cost was higher (1b at G = 1: cost 1.5-1.8; forward 1b qkv at G = 2 and 3b
+# gate_up at G = 4, 8: cost 1.07-1.13, 0.90-0.97x).
 # Their one slot makes each of a warpgroup's three epilogue stores wait for the last one's: the
 # third is stored under the next tile's first k-step (deferred_epi_tiles=1), which made the 1b
 # qkv / o forward and dx products at G = 16 1-2 % faster (run s15_defer_1b; the default 128 x
@@ -265,9 +270,9 @@ def select_config(
 
     1. ``NARROW_CONFIG`` (128 x 128 tiles) where n is no multiple of 256 but of 128.
     2. ``THREE_WG_CONFIG`` (192 x 128 tiles of three warpgroups) where ``tile_cost`` promises
-       at most ``THREE_WG_MAX_COST_RATIO`` of the default's time: few-tile products, e.g. the
-       1b products with n = 2048 at G <= 4, with n = 8192 at G = 1, and the 1b qkv and 3b o
-       dw at G = 1 (1.2-1.3x the default's speed at G = 1).
+       at most ``THREE_WG_MAX_COST_RATIO`` of the default's time: few-tile products (1.2-1.3x
+       the default's speed at G = 1), of which rules 6 and 7 leave 1b o and down at G = 1 and
+       the 1b qkv and 3b o dw at G = 1.
     3. Forward and dx products with whole 192-row tiles spanning >= ``WIDE_THREE_WG_MIN_WAVES``
        waves of default tiles: ``WIDE_THREE_WG_CONFIG`` (192 x 192 tiles) where
        ``tile_cost`` is at most the default's (the 1b shapes at G = 16), else
@@ -275,18 +280,23 @@ def select_config(
        it is at most ``WIDE_CLUSTER_MAX_COST_RATIO`` of it and the column tiles pair up (8b qkv
        and gate/up).
     4. ``PINGPONG_CONFIG`` for forward products where its half-size work items fill the last
-       wave of tiles at least ``PINGPONG_MIN_WAVE_GAIN`` better than the default's (e.g. 1b qkv
-       at G = 4, 1b and 3b gate_up at G = 1); at equal fill it ran 1-2 % slower.
+       wave of tiles at least ``PINGPONG_MIN_WAVE_GAIN`` better than the default's (3b qkv
+       at G = 2, 4, 3b gate_up at G = 1, 2, 3b o and down at G = 4, 8 after rule 7); at
+       equal fill it ran 1-2 % slower.
     5. Otherwise ``DEFAULT_CONFIG``: 128 x 256 tiles, 4 stages, one wgmma group in flight,
        the last epilogue tile of each warpgroup stored under the next tile's first k-step.
     6. For dx products (b stored k-minor), ``SM_FIT_DX_CONFIG`` (128 x 160 tiles) in place of
        the choice above where ``tile_cost`` promises at most ``SM_FIT_MAX_COST_RATIO`` of its
-       time: the 1b qkv / o / gate_up dx products at G <= 2 and the 3b dx products at G = 1
-       (qkv / o / gate_up also at G = 2), whose tiles above fill the last wave poorly.
-    7. For dx products, ``WIDE_THREE_WG_CONFIG`` (192 x 192 tiles) in place of the choice
-       above where ``tile_cost`` promises no more than its time, with ragged rows and at any
-       number of waves (rule 3's conditions for the forward products): the 1b and 3b qkv / o /
-       gate_up dx products at G = 2 and 4 (and 1b at G = 8, 16; 1b down dx at G <= 8).
+       time: the 1b qkv / o / gate_up and the 3b dx products at G = 1, whose tiles above
+       fill the last wave poorly (at G = 2 rule 7 takes them on).
+    7. For forward and dx products, ``WIDE_THREE_WG_CONFIG`` (192 x 192 tiles) in place of
+       the choice above (unless that is the same tiles in clusters) where ``tile_cost``
+       promises no more than its time, with ragged rows and at any number of waves (where rule
+       3 asks for whole rows and 8 waves): the 1b dx products at G = 2-8 (1b down dx also at
+       G = 1), the 3b dx products at G = 2 and all but down at G = 4; forward 1b o and down at
+       G = 2-8, 1b qkv at G = 4 and 8, 1b gate_up at G = 1, 3b o and down at G = 2. Bigger
+       tiles run faster per area than the cost model counts: at equal cost the 192 x 192
+       tiles were 3.8-8 % faster (runs s18_wide_select, s18_wide_fwd).
 
     At full load (G = 16) this ran at or above cuBLAS's speed on 14 of the 24 forward and dx
     products of the Llama-1B/3B/8B diagonal shapes, at 0.987-0.997x on 9 and at 0.975x on 8b
@@ -309,12 +319,13 @@ def select_config(
     cost = lambda c: tile_cost(c, num_groups, m, n, num_sms)
     choice = _choose_by_tile_fill(num_groups, m, n, transpose_lhs, transpose_rhs, num_sms,
                                   serves, cost)
-    if transpose_rhs and not transpose_lhs:   # dx
-        if (cost(SM_FIT_DX_CONFIG) <= SM_FIT_MAX_COST_RATIO * cost(choice)
-                and serves(SM_FIT_DX_CONFIG)):
-            choice = SM_FIT_DX_CONFIG
-        if cost(WIDE_THREE_WG_CONFIG) <= cost(choice) and serves(WIDE_THREE_WG_CONFIG):
-            choice = WIDE_THREE_WG_CONFIG
+    if (transpose_rhs and not transpose_lhs   # dx
+            and cost(SM_FIT_DX_CONFIG) <= SM_FIT_MAX_COST_RATIO * cost(choice)
+            and serves(SM_FIT_DX_CONFIG)):
+        choice = SM_FIT_DX_CONFIG
+    if (not transpose_lhs and choice not in WIDE_CLUSTER_CONFIGS
+            and cost(WIDE_THREE_WG_CONFIG) <= cost(choice) and serves(WIDE_THREE_WG_CONFIG)):
+        choice = WIDE_THREE_WG_CONFIG
     return choice
 
 

@@ -132,22 +132,25 @@ def test_default_hopper_tiles_in_interpret_mode():
 
 
 def test_wave_fill_and_the_ping_pong_choice():
-    """select_config picks the ping-pong schedule exactly where its half-size work items fill
-    the SMs' last wave clearly better than the default CTA tiles (the H200 A/B of
-    grouped_matmul_h200.md: 1b qkv at G = 16, 1b and 3b gate_up at G = 1), and never for the
-    backward products (not measured) or narrow n."""
+    """select_config picks the ping-pong schedule where its half-size work items fill the SMs'
+    last wave clearly better than the default CTA tiles (the H200 A/B of grouped_matmul_h200.md)
+    and the 192 x 192 tiles would cost more (e.g. 3b qkv at G = 2, 3b gate_up at G = 1), and
+    never for the backward products (not measured) or narrow n."""
     fill = mgpu_kernel.wave_fill
     assert fill(0, 132) == 1.0 and fill(132, 132) == 1.0 and fill(264, 132) == 1.0
     assert fill(133, 132) == pytest.approx(133 / 264) and fill(66, 132) == 0.5
     pick = lambda *dims, **kw: mgpu_kernel.select_config(*dims, num_sms=132, **kw)
     pp, default = mgpu_kernel.PINGPONG_CONFIG, mgpu_kernel.DEFAULT_CONFIG
-    # 4 x 9 x 12 = 432 CTA tiles: 3.27 waves (fill 0.818); 864 items: 6.5 (fill 0.935). (At
-    # G = 16, 1b qkv's 1728 tiles fill 0.935 against ping-pong's 0.970, but the 192 x 192 tiles,
-    # checked first, take it: test_wide_three_warpgroup_choice.)
-    assert pick(4, 1152, 2048, 3072) == pp
-    assert pick(4, 1152, 2048, 3072, transpose_lhs=True) == default
-    assert pick(4, 1152, 2048, 3072, transpose_rhs=True) != pp   # 128 x 160 (a test below)
-    assert pick(1, 1152, 2048, 16384) == pp and pick(1, 2176, 3072, 16384) == pp
+    # 3b qkv at G = 2: 2 x 17 x 20 = 680 CTA tiles, 5.15 waves (fill 0.859); 1360 items: 10.3
+    # (fill 0.937); 192 x 192 tiles: 384, cost 1.02 of ping-pong's
+    assert pick(2, 2176, 3072, 5120) == pp and pick(1, 2176, 3072, 16384) == pp
+    assert pick(2, 2176, 3072, 5120, transpose_lhs=True) != pp
+    assert pick(2, 2176, 3072, 5120, transpose_rhs=True) != pp
+    # ping-pong's choices before the 192 x 192 tiles took them (no more cost: 1b qkv at G = 4,
+    # 1b gate_up at G = 1; test_wide_choice_off_full_load); at G = 16 1b qkv's 1728 tiles fill
+    # 0.935 against ping-pong's 0.970, but 192 x 192 tiles take it (rule 3)
+    for dims in [(4, 1152, 2048, 3072), (1, 1152, 2048, 16384), (16, 1152, 2048, 3072)]:
+        assert pick(*dims) == mgpu_kernel.WIDE_THREE_WG_CONFIG, dims
     for dims in [(16, 1152, 2048, 16384), (16, 2176, 3072, 5120), (16, 2176, 3072, 3072),
                  (16, 4224, 4096, 4096), (1, 1152, 2048, 3072), (32, 4224, 4096, 4096)]:
         assert pick(*dims) == default, dims
@@ -160,7 +163,8 @@ def test_three_warpgroup_choice():
     """select_config takes 192 x 128 tiles of three warpgroups where tile_cost (waves x tile
     area) promises at most 0.85 of the default's time, at any G and for every product: the 1b
     products with few tiles (the H200 A/B: 1.20-1.30x the default's speed at G = 1), and no
-    others (where the model promised no gain, the A/B found none)."""
+    others (where the model promised no gain, the A/B found none); unless rules 6 / 7 take
+    128 x 160 or 192 x 192 tiles in their place."""
     pick = lambda *dims, tl=False, tr=False: mgpu_kernel.select_config(
         *dims, transpose_lhs=tl, transpose_rhs=tr, num_sms=132)
     three = mgpu_kernel.THREE_WG_CONFIG
@@ -174,8 +178,9 @@ def test_three_warpgroup_choice():
     assert pick(1, 3072, 2176, 3072, tl=True) == three             # 3b o dw
     assert pick(1, 2048, 1152, 2048, tl=True) != three             # 1b o dw: 2 waves vs 1
     assert pick(1, 1152, 2048, 3072) != three                      # 144 tiles: two waves
-    assert pick(1, 1152, 2048, 16384) == mgpu_kernel.PINGPONG_CONFIG   # cost 0.9: ping-pong
-    assert pick(4, 1152, 2048, 2048) == three                      # 384 vs 288 tiles: 3 waves
+    assert pick(1, 1152, 2048, 16384) != three                     # cost 0.9 (192 x 192 tiles)
+    # 1b o at G = 4: 384 tiles against 288, 3 waves each; 264 of 192 x 192, 2 waves, no more cost
+    assert pick(4, 1152, 2048, 2048) == mgpu_kernel.WIDE_THREE_WG_CONFIG
     assert pick(8, 1152, 2048, 2048) != three                      # 6 vs 5 waves: cost 0.9
     assert pick(16, 1152, 2048, 2048) != three                     # even waves
     assert pick(1, 64, 2048, 2048) != three                        # too few rows to serve
@@ -195,7 +200,8 @@ def test_wide_three_warpgroup_choice():
     whole 192-row tiles that span >= 8 waves of default tiles where tile_cost promises no more
     than the default's time:
     the 1b products at G = 16 (1-3 % faster than the choice before in two H200 A/B runs), not
-    the 3b / 8b ones (cost 1.01-1.08, 0.3-5.6 % slower), not dw (slower), not G <= 8."""
+    the 3b / 8b ones (cost 1.01-1.08, 0.3-5.6 % slower), not dw (slower). (Off full load,
+    rule 7 takes them where they cost no more: test_wide_choice_off_full_load.)"""
     pick = lambda *dims, tl=False, tr=False: mgpu_kernel.select_config(
         *dims, transpose_lhs=tl, transpose_rhs=tr, num_sms=132)
     wide = mgpu_kernel.WIDE_THREE_WG_CONFIG
@@ -210,8 +216,7 @@ def test_wide_three_warpgroup_choice():
     for dims in [(16, 2176, 3072, 5120), (16, 2176, 3072, 3072), (16, 4224, 4096, 6144),
                  (16, 4224, 4096, 4096), (16, 4224, 14336, 4096)]:
         assert pick(*dims) != wide, dims                          # 3b, 8b (clusters: below)
-    for g in (1, 2, 4, 8):
-        assert pick(g, 1152, 2048, 2048) != wide                  # under 8 waves
+    assert pick(1, 1152, 2048, 2048) != wide                      # 66 tiles (G = 2-8: rule 7)
     assert pick(1, 2176, 3072, 16384) != wide                     # 3b gate/up: ragged rows
     assert mgpu_kernel.tile_cost(wide, 16, 1152, 2048, 132) == 8 * 192 * 192
     why = lambda w_shape, tr: mgpu_kernel.unsupported_reason(
@@ -219,16 +224,30 @@ def test_wide_three_warpgroup_choice():
     assert why((16, 2048, 3072), False) is None and why((16, 3072, 2048), True) is None
 
 
-def test_wide_dx_choice():
-    """For dx products select_config takes the 192 x 192 tiles wherever tile_cost promises no
-    more than its other choice's time, ragged rows and few waves included (the forward products
-    need whole 192-row tiles and 8 waves of default tiles): in the H200 A/B (run
-    s18_wide_small_g) 1.07-1.21x the choice before on the 1b and 3b qkv / o / gate_up dx
-    products at G = 2 (cost 0.90 of the 128 x 160 tiles') and 1.03-1.07x at G = 4 (cost 0.96 of
-    the default's on 3b, 1.0 of the 192 x 128 tiles' on 1b). Not at G = 1 (1b: 66 tiles, cost
-    1.8; 3b: 1.2), not 3b at G >= 8 or 8b (cost 1.004-1.09)."""
+def test_wide_choice_off_full_load():
+    """For forward and dx products select_config takes the 192 x 192 tiles wherever tile_cost
+    promises no more than its other choice's time, ragged rows and few waves included (rule 7;
+    rule 3 asks for whole 192-row tiles and 8 waves of default tiles). In the H200 A/B runs
+    s18_wide_select and s18_wide_fwd: on dx 1.02-1.20x the choice before at G = 2, 1.05-1.08x at
+    G = 4, 1.11-1.13x at G = 8 (1b); forward 1.04-1.25x (1b qkv, o at G = 2-8; 3b o, down at
+    G = 2). Not at G = 1 (1b: 66 tiles, cost 1.8; 3b: 1.2), not 3b at G >= 8 or 8b (cost
+    1.004-1.09), not where it cost more on the forward products (1b qkv at G = 2: 1.125, 0.90x;
+    3b gate_up at G = 4: 1.09, 0.95x), never for dw, never over the clustered 192 x 192 tiles."""
     pick = lambda *dims: mgpu_kernel.select_config(*dims, transpose_rhs=True, num_sms=132)
+    fwd = lambda *dims: mgpu_kernel.select_config(*dims, num_sms=132)
     wide = mgpu_kernel.WIDE_THREE_WG_CONFIG
+    for g in (2, 4, 8):
+        assert fwd(g, 1152, 2048, 2048) == wide, g               # 1b o (cost 0.75, 1.0, 1.0)
+        assert fwd(g, 1152, 8192, 2048) == wide, g               # 1b down (same m, n)
+    for g in (4, 8):
+        assert fwd(g, 1152, 2048, 3072) == wide, g               # 1b qkv (cost 0.96)
+    assert fwd(2, 1152, 2048, 3072) != wide                      # cost 1.125
+    assert fwd(2, 2176, 3072, 3072) == wide and fwd(2, 2176, 8192, 3072) == wide   # 3b o, down
+    for g in (4, 8):
+        assert fwd(g, 2176, 3072, 16384) != wide, g              # 3b gate_up: cost 1.07-1.09
+    assert fwd(16, 4224, 4096, 6144) == mgpu_kernel.WIDE_CLUSTER_N_CONFIG   # 8b qkv: clusters
+    assert mgpu_kernel.select_config(2, 2048, 1152, 2048, transpose_lhs=True,
+                                     num_sms=132) != wide        # dw
     for g in (2, 4, 8, 16):
         for k in (3072, 2048, 16384):                            # 1b qkv, o, gate/up dx
             assert pick(g, 1152, k, 2048) == wide, (g, k)
