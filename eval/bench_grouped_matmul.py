@@ -330,9 +330,9 @@ SWEEP = {  # named configs for --sweep / --ab (the default is select_config's ch
     # tiles on the 1b n = 2048 products at G = 1, where 128 x 256 gives 72 for 132 SMs), 192 x
     # 192 (cuBLAS's tile on 8b gate/up) and its 3-stage variants with more epilogue slots
     **mgpu_kernel.THREE_WG_VARIANTS,
-    # column tiles sized to the SM count for the dx products (b stored k-minor; refused on the
-    # forward and dw products): 192 x 96 and 128 x 160, cuBLAS's tiles at G = 1
-    **mgpu_kernel.SM_FIT_DX_VARIANTS,
+    # column tiles sized to the SM count: 192 x 96 and 128 x 160, cuBLAS's tiles at G = 1 (on
+    # the forward and dw products, b stored n-minor, with a 64-byte swizzle on both operands)
+    **mgpu_kernel.SM_FIT_VARIANTS,
     # narrower epilogue tiles (64 x 32) in as much shared memory, so more of them are in flight:
     # 192 x 192 tiles with 2 slots per warpgroup (not 1 of 64 x 64), the default with 4 (not 2);
     # without deferred epilogue tiles, as measured (runs s15_epi_*: level or slower)

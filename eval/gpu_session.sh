@@ -102,7 +102,7 @@
 #              and cuBLAS on the 8b qkv / down products (forward, dx) and 8b gate_up dx, G = 16,
 #              5 rounds (runs s17_grid8b, s17_grid8b_gu: 67 s and 22 s)
 #   smfit      the dx products' column tiles sized to the SM count (192 x 96, 128 x 160:
-#              tuning.SM_FIT_DX_VARIANTS, cuBLAS's tiles at G = 1): their GPU tests under a
+#              tuning.SM_FIT_VARIANTS, cuBLAS's tiles at G = 1): their GPU tests under a
 #              timeout, then a profiled A/B against "auto" and cuBLAS on the 1b and 3b dx
 #              products at G = 1 (where the kernel's tiles fill under two waves) and G = 16
 #   smfit_select  select_config's 128 x 160 choice for dx (SM_FIT_DX_CONFIG where tile_cost
@@ -119,6 +119,11 @@
 #   wide_fwd   192 x 192 tiles on the forward products select_config's rule 3 leaves to other
 #              tiles at G = 2, 4, 8 (1b qkv / o, 3b: under 8 waves of default tiles or ragged
 #              rows): against "auto" and cuBLAS, the evidence a forward rule 7 would need
+#   smfit_fwd  the 192 x 96 / 128 x 160 tiles on the forward and dw products (b stored n-minor:
+#              a 64-byte swizzle on both operands, first run on a GPU with this stage): their GPU
+#              tests (all three products) under a timeout, then a profiled A/B against "auto" and
+#              cuBLAS on the 1b / 3b shapes at G = 1 and 2, where cuBLAS runs these tiles on 1b o
+#              and down (run s17_g1_all)
 # The stages that chose between JAX's pipelines and the ring of stages for the cooperative
 # schedule (ring, ring2, ring_all, ring_check, ring_cluster, ring_wg3, ring_swiglu; dw_variants,
 # dw_select, dw_3b) were removed with JAX's pipelines: their runs in
@@ -344,6 +349,11 @@ for stage in "${stages[@]}"; do
     wide_fwd) ab wide_fwd 200 --ab auto,wg3_192x192,xla_einsum --ab_groups 2,4,8 \
              --ab_products fwd --ab_profile --ab_reps 3 \
              --ab_shapes 1b:qkv,1b:o,3b:qkv,3b:o,3b:gate_up,3b:down ;;
+    smfit_fwd) tests_pass smfit_fwd 300 2 tests/test_grouped_matmul.py "gpu_column_tiles_sized" \
+             || continue
+           ab smfit_fwd 300 --ab auto,wg3_192x96,wg2_128x160,xla_einsum --ab_groups 1,2 \
+             --ab_products fwd,dw --ab_profile --ab_reps 3 \
+             --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,3b:o,3b:gate_up,3b:down ;;
     train_seq_remat) train_bench train_seq_remat 330 --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal
            train_bench train_seq_remat_16k 200 --tokens 16384 --reps 3 --impls auto \
@@ -354,7 +364,7 @@ for stage in "${stages[@]}"; do
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
-            "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit, smfit_select, wide_small_g, wide_select, wide_fwd)"
+            "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit, smfit_select, wide_small_g, wide_select, wide_fwd, smfit_fwd)"
        exit 2 ;;
   esac
 done

@@ -79,7 +79,7 @@ from kernels.tuning import (  # noqa: F401
     PINGPONG_CONFIG,
     PINGPONG_MIN_WAVE_GAIN,
     SM_FIT_DX_CONFIG,
-    SM_FIT_DX_VARIANTS,
+    SM_FIT_VARIANTS,
     SM_FIT_MAX_COST_RATIO,
     SWIGLU_CONFIG,
     THREE_WG_CONFIG,

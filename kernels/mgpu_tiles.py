@@ -12,11 +12,22 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels.tuning import TuningConfig
 
 
-def smem_transforms(dtype, minor_elems):
+def smem_transforms(dtype, minor_elems, max_swizzle: int = 128):
     """Tiling and 128-byte (or narrower) swizzle of a shared-memory tile."""
-    swizzle = plgpu.find_swizzle(minor_elems * jnp.dtype(dtype).itemsize * 8)
+    swizzle = min(max_swizzle, plgpu.find_swizzle(minor_elems * jnp.dtype(dtype).itemsize * 8))
     swizzle_elems = swizzle // jnp.dtype(dtype).itemsize
     return (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(swizzle))
+
+
+def operand_transforms(dtype, a_minor_elems, b_minor_elems):
+    """(A's, B's) shared-memory transforms with one swizzle, the wider one both minor dims
+    allow: Mosaic GPU's wgmma takes its two operands with the same swizzle (layout inference
+    fails otherwise). 128 bytes but where a minor dim of 96 or 160 bf16 elements (192, 320
+    bytes: B stored n-minor in column tiles sized to the SM count) allows only 64."""
+    swizzle = min(plgpu.find_swizzle(e * jnp.dtype(dtype).itemsize * 8)
+                  for e in (a_minor_elems, b_minor_elems))
+    return (smem_transforms(dtype, a_minor_elems, swizzle),
+            smem_transforms(dtype, b_minor_elems, swizzle))
 
 
 def tile_coords(lin_idx, per_group: int, iters: tuple[int, int], c: TuningConfig):

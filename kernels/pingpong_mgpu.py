@@ -60,12 +60,12 @@ def pingpong_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConf
         return out_gmem.at[g, pl.ds(m_idx * tm + epi_mi * c.epi_tile_m, c.epi_tile_m),
                            pl.ds(n_idx * tn + epi_ni * c.epi_tile_n, c.epi_tile_n)]
 
+    a_transforms, b_transforms = tiles.operand_transforms(dtype, a_block[1], b_block[1])
+
     @functools.partial(
         pl.run_scoped,
-        a_smem=plgpu.SMEM((stages, *a_block), dtype,
-                          transforms=tiles.smem_transforms(dtype, a_block[1])),
-        b_smem=plgpu.SMEM((stages, *b_block), dtype,
-                          transforms=tiles.smem_transforms(dtype, b_block[1])),
+        a_smem=plgpu.SMEM((stages, *a_block), dtype, transforms=a_transforms),
+        b_smem=plgpu.SMEM((stages, *b_block), dtype, transforms=b_transforms),
         out_smem=plgpu.SMEM((2, c.num_out_slots, c.epi_tile_m, c.epi_tile_n), out_dtype,
                             transforms=out_transforms),
         loaded=plgpu.Barrier(num_arrivals=2, num_barriers=2 * stages),

@@ -80,12 +80,12 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
         col = n_idx * cta_n + (0 if by_rows else wg * tn) + epi_ni * c.epi_tile_n
         return out_gmem.at[g, pl.ds(row, c.epi_tile_m), pl.ds(col, c.epi_tile_n)]
 
+    a_transforms, b_transforms = tiles.operand_transforms(dtype, a_block[1], b_block[1])
+
     @functools.partial(
         pl.run_scoped,
-        a_smem=plgpu.SMEM((stages, *a_block), dtype,
-                          transforms=tiles.smem_transforms(dtype, a_block[1])),
-        b_smem=plgpu.SMEM((stages * num_b, *b_block), dtype,
-                          transforms=tiles.smem_transforms(dtype, b_block[1])),
+        a_smem=plgpu.SMEM((stages, *a_block), dtype, transforms=a_transforms),
+        b_smem=plgpu.SMEM((stages * num_b, *b_block), dtype, transforms=b_transforms),
         out_smem=plgpu.SMEM((wgs, c.num_out_slots, c.epi_tile_m, c.epi_tile_n), out_dtype,
                             transforms=tiles.smem_transforms(out_dtype, c.epi_tile_n)),
         loaded=plgpu.Barrier(num_arrivals=1 + num_b, num_barriers=stages),

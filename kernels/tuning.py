@@ -201,11 +201,13 @@ THREE_WG_VARIANTS = {
     # 2-CTA clusters along n / m (WIDE_CLUSTER_CONFIGS): "wg3_192x192_cn", "wg3_192x192_cm".
     **{f"wg3_192x192_c{c.cluster_dimension.name.lower()}": c for c in WIDE_CLUSTER_CONFIGS},
 }
-# Column tiles sized to the SM count, for the dx products (b stored k-minor, where they lower;
-# see unsupported_reason): at G = 1 cuBLAS runs 192 x 96 tiles on 1b o dx (6 x 22 = 132 tiles,
-# one full wave, against 96 of 192 x 128) and 128 x 160 on 1b qkv dx and gate_up dx, where the
-# kernel's tiles fill 0.73 of a wave and it runs at 0.79-0.85x of cuBLAS (run s17_g1_all).
-# 32-column epilogue tiles (64 does not divide 96 or 160).
+# Column tiles sized to the SM count: at G = 1 cuBLAS runs 192 x 96 tiles on 1b o and o dx (6 x
+# 22 = 132 tiles, one full wave, against 96 of 192 x 128) and 128 x 160 on 1b qkv dx, gate_up dx
+# and down, where the kernel's tiles fill 0.73 of a wave and it runs at 0.79-0.85x of cuBLAS
+# (run s17_g1_all). 32-column epilogue tiles (64 does not divide 96 or 160). With b stored
+# n-minor (forward, dw) they take a 64-byte swizzle on both operands (mgpu_tiles.
+# operand_transforms); so they lower for CUDA (test_every_config_lowers_for_the_gpu) but have
+# not yet run on a GPU with b n-minor (test_gpu_column_tiles_sized_to_the_sms covers that).
 # On the H200 (run s18_smfit, device time against select_config's choice before them):
 # 128 x 160 was 1.12-1.13x on 1b qkv / o / gate_up dx at G = 1 (tile_cost 0.83 of the 192 x 128
 # tiles'), 1.00-1.02x on 3b qkv / o / gate_up dx at G = 1 (cost 0.94 of the default's), 1.10x
@@ -216,13 +218,13 @@ THREE_WG_VARIANTS = {
 # 1.01-1.09x on 3b qkv / o / down dx at G = 1 and qkv / o dx at G = 2, and 0.987-0.988x on 3b
 # gate_up dx (k = 16384) at G = 1, 2. 192 x 96 was slower than 128 x 160 on 7 of the 8 dx
 # products at G = 1 (faster on 1b o dx, 16 against 17 us) and on all 8 at G = 16: not chosen.
-SM_FIT_DX_VARIANTS = {
+SM_FIT_VARIANTS = {
     "wg3_192x96": TuningConfig(tile_m=64, tile_n=96, wg_dimension=MatmulDimension.M,
                                compute_wgs=3, epi_tile_n=32, epi_slots=2),
     "wg2_128x160": TuningConfig(tile_m=64, tile_n=160, wg_dimension=MatmulDimension.M,
                                 epi_tile_n=32, epi_slots=2),
 }
-SM_FIT_DX_CONFIG = SM_FIT_DX_VARIANTS["wg2_128x160"]
+SM_FIT_DX_CONFIG = SM_FIT_VARIANTS["wg2_128x160"]
 SM_FIT_MAX_COST_RATIO = 0.94
 # How much better the ping-pong schedule must fill the last wave of tiles than the default one
 # before select_config picks it: at equal fill it ran 1-2 % slower (3b qkv/o, 1b gate_up).
@@ -285,7 +287,7 @@ def select_config(
        equal fill it ran 1-2 % slower.
     5. Otherwise ``DEFAULT_CONFIG``: 128 x 256 tiles, 4 stages, one wgmma group in flight,
        the last epilogue tile of each warpgroup stored under the next tile's first k-step.
-    6. For dx products (b stored k-minor), ``SM_FIT_DX_CONFIG`` (128 x 160 tiles) in place of
+    6. For dx products, ``SM_FIT_DX_CONFIG`` (128 x 160 tiles) in place of
        the choice above where ``tile_cost`` promises at most ``SM_FIT_MAX_COST_RATIO`` of its
        time: the 1b qkv / o / gate_up and the 3b dx products at G = 1, whose tiles above
        fill the last wave poorly (at G = 2 rule 7 takes them on).
@@ -422,14 +424,14 @@ def unsupported_reason(
         return (f"epilogue tiles of {c.epi_tile_m} x {c.epi_tile_n} do not divide the"
                 f" {c.tile_m} x {c.tile_n} warpgroup tile")
     # b's shared-memory tile is swizzled along its minor dim. Stored k-minor (dx) its rows are
-    # the k-step's 64 elements (128 bytes) whatever tile_n, and 96- and 160-column tiles (the
-    # dx products' SM-count tiles) lower; stored n-minor (forward, dw, the fused SwiGLU) the
-    # rows are tile_n long, and with 32, 96 or 160 columns (a 64-byte swizzle) Mosaic GPU's
-    # layout inference fails on an assertion (jax 0.11.2, cross-platform lowering).
-    row_elems = 128 // dtype.itemsize
+    # the k-step's 64 elements (128 bytes) whatever tile_n; stored n-minor (forward, dw, the
+    # fused SwiGLU) they are tile_n long: 96 or 160 bf16 columns (192, 320 bytes) take a
+    # 64-byte swizzle, and a and b then share it (mgpu_tiles.operand_transforms). With a
+    # 128-byte swizzle on a, Mosaic GPU's layout inference failed on them (jax 0.11.2).
+    row_elems = 64 // dtype.itemsize
     if c.tile_n % 8 or (not transpose_rhs and c.tile_n % row_elems):
         return (f"tile_n={c.tile_n}: b stored n-minor needs a multiple of {row_elems} columns"
-                f" (128-byte rows), stored k-minor (transpose_rhs) a multiple of 8")
+                f" (64-byte rows), stored k-minor (transpose_rhs) a multiple of 8")
     if c.compute_wgs not in (2, 3) or (c.compute_wgs == 3 and (
             c.pingpong or swiglu or c.wg_dimension != MatmulDimension.M)):
         return f"compute_wgs={c.compute_wgs}: 2, or 3 splitting rows (no ping-pong, fused SwiGLU)"

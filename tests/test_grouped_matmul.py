@@ -19,6 +19,7 @@ import pytest
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 import kernels
 from conftest import (assert_batch_invariant, fresh_rng, rel_err_finite,
@@ -546,7 +547,7 @@ def test_warpgroups_split_rows_with_ragged_n(wgs):
     _check_window_gradients(cfg, rng, info, (3, 4, 200, 320, 192), [(0, 3, 1)], max_offset=1)
 
 
-@pytest.mark.parametrize("name", list(mgpu_kernel.SM_FIT_DX_VARIANTS))
+@pytest.mark.parametrize("name", list(mgpu_kernel.SM_FIT_VARIANTS))
 def test_column_tiles_sized_to_the_sms(name):
     """The 192 x 96 and 128 x 160 tiles (32-column epilogue tiles: 3 or 5 per warpgroup, 2
     slots) on 2 stages, float32 (whose 128-byte rows are 32 elements, so the forward and dw
@@ -554,9 +555,36 @@ def test_column_tiles_sized_to_the_sms(name):
     on every product (n = 256, k = 448: 2.7 / 4.7 tiles of 96, 1.6 / 2.8 of 160) and ragged m,
     at a weight offset; idle groups zero."""
     rng, info = fresh_rng()
-    cfg = dataclasses.replace(mgpu_kernel.SM_FIT_DX_VARIANTS[name], max_concurrent_steps=2)
+    cfg = dataclasses.replace(mgpu_kernel.SM_FIT_VARIANTS[name], max_concurrent_steps=2)
     assert len(mgpu_tiles.epilogue_tiles(cfg)) == cfg.tile_n // 32
     _check_window_gradients(cfg, rng, info, (3, 4, 200, 448, 256), [(0, 3, 1)], max_offset=1)
+
+
+@pytest.mark.parametrize("name", list(mgpu_kernel.SM_FIT_VARIANTS))
+def test_column_tiles_sized_to_the_sms_bf16(name):
+    """The same tiles in bf16, where b stored n-minor (forward, dw) has 192- or 320-byte rows and
+    both operands take a 64-byte swizzle: every product in interpret mode against the XLA path
+    (2 groups of 192 x 448 x 320: ragged column tiles; forward and dx at a weight offset),
+    idle groups zero."""
+    rng, info = fresh_rng()
+    cfg = dataclasses.replace(mgpu_kernel.SM_FIT_VARIANTS[name], max_concurrent_steps=2)
+    g, gw, m, k, n = 2, 3, 192, 448, 320
+    x = jnp.asarray(rng.standard_normal((g, m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((gw, k, n)), jnp.bfloat16)
+    dy = jnp.asarray(rng.standard_normal((g, m, n)), jnp.bfloat16)
+    products = {"fwd": (x, w, False, False), "dx": (dy, w, False, True),
+                "dw": (x, dy, True, False)}
+    for lo, hi, off in [(0, 2, 1), (1, 2, 0)]:
+        for product, (a, b, tl, tr) in products.items():
+            bounds = jnp.array([lo, hi, 0 if product == "dw" else off, 0], jnp.int32)
+            tag = f"{info} {name} {product} lo={lo} hi={hi}"
+            got = mgpu_kernel.grouped_matmul_mgpu(
+                a, b, bounds, transpose_lhs=tl, transpose_rhs=tr, config=cfg,
+                interpret=plgpu.InterpretGPUParams(), num_sms=4)
+            want = kernels.grouped_matmul_reference(a, b, bounds, transpose_lhs=tl,
+                                                    transpose_rhs=tr)
+            assert rel_err_finite(got, want) <= 1e-2, tag
+            _check_idle_zero(got, lo, hi, product, tag)
 
 
 def test_sm_fit_dx_choice():
@@ -564,8 +592,8 @@ def test_sm_fit_dx_choice():
     0.94 of its other choice's time (and the 192 x 192 tiles no less): the 1b qkv / o / gate_up
     dx products at G = 1 (cost 0.83 of the 192 x 128 tiles'; 1.12-1.13x in the H200 A/B) and
     the 3b dx products at G = 1 (cost 0.88-0.94; 1.00-1.10x); not 1b down dx at G = 1 (cost
-    1.11; 0.90x), not G = 16 (cost 1.02-1.05; 0.87-0.96x), never the forward or dw products
-    (where they do not lower)."""
+    1.11; 0.90x), not G = 16 (cost 1.02-1.05; 0.87-0.96x), not (yet) the forward or dw
+    products (b stored n-minor: not timed on a GPU)."""
     pick = lambda *dims, tl=False, tr=False: mgpu_kernel.select_config(
         *dims, transpose_lhs=tl, transpose_rhs=tr, num_sms=132)
     fit = mgpu_kernel.SM_FIT_DX_CONFIG
@@ -583,7 +611,7 @@ def test_sm_fit_dx_choice():
     for dims in [(16, 1152, 2048, 2048), (16, 2176, 3072, 3072), (16, 2176, 3072, 8192),
                  (1, 4224, 4096, 4096), (1, 4224, 4096, 14336)]:
         assert pick(*dims, tr=True) != fit, dims                 # G = 16; 8b at G = 1
-    assert pick(1, 1152, 2048, 2048) != fit                      # forward: b n-minor
+    assert pick(1, 1152, 2048, 2048) != fit                      # forward
     assert pick(1, 2048, 1152, 2048, tl=True) != fit             # dw
     # the rule follows the SM count: 78 SMs take 1b o dx's 117 tiles in two waves
     assert mgpu_kernel.select_config(1, 1152, 2048, 2048, transpose_rhs=True,
@@ -591,20 +619,28 @@ def test_sm_fit_dx_choice():
 
 
 def test_tiles_that_do_not_lower_or_cover_are_refused():
-    """bf16 column tiles of 96 or 160 serve the dx products (b stored k-minor) but not the
-    forward or dw (b stored n-minor, where Mosaic GPU's layout inference fails on them), and
-    epilogue tiles that do not divide the warpgroup tile (which would leave columns unwritten)
-    are refused, naming the sizes; through grouped_matmul as a ValueError."""
+    """bf16 column tiles of 96 or 160 serve every product (b stored n-minor: a 64-byte swizzle
+    on both operands), column tiles whose rows are no multiple of 64 bytes do not with b stored
+    n-minor (forward, dw), and epilogue tiles that do not divide the warpgroup tile (which
+    would leave columns unwritten) are refused, naming the sizes; through grouped_matmul as a
+    ValueError."""
     why = lambda c, **kw: mgpu_kernel.unsupported_reason(
         (1, 1152, 2048), (1, 2048, 2048), jnp.bfloat16, jnp.bfloat16, config=c, **kw)
-    for cfg in mgpu_kernel.SM_FIT_DX_VARIANTS.values():
-        assert why(cfg, transpose_rhs=True) is None
-        assert f"tile_n={cfg.tile_n}" in why(cfg)
-        assert f"tile_n={cfg.tile_n}" in mgpu_kernel.unsupported_reason(   # dw: x^T @ dy
+    for cfg in mgpu_kernel.SM_FIT_VARIANTS.values():
+        assert why(cfg, transpose_rhs=True) is None and why(cfg) is None
+        assert mgpu_kernel.unsupported_reason(   # dw: x^T @ dy
             (1, 1152, 2048), (1, 1152, 2048), jnp.bfloat16, jnp.bfloat16, config=cfg,
-            transpose_lhs=True)
+            transpose_lhs=True) is None
         assert "epilogue tiles of 64 x 64" in why(dataclasses.replace(cfg, epi_tile_n=64),
                                                   transpose_rhs=True)
+    odd = dataclasses.replace(mgpu_kernel.SM_FIT_DX_CONFIG, tile_n=48, epi_tile_n=16)
+    assert why(odd, transpose_rhs=True) is None          # k-minor rows: the k-step's 128 bytes
+    assert "tile_n=48" in why(odd) and "64-byte rows" in why(odd)   # 96-byte rows
+    # a and b share the swizzle their minor dims both allow
+    swizzles = lambda a, b: [t[1].swizzle for t in mgpu_tiles.operand_transforms(
+        jnp.bfloat16, a, b)]
+    assert swizzles(64, 256) == [128, 128] and swizzles(64, 96) == [64, 64]
+    assert swizzles(192, 160) == [64, 64] and swizzles(64, 64) == [128, 128]
     x, w = jnp.zeros((2, 64, 64), jnp.float32), jnp.zeros((2, 64, 128), jnp.float32)
     with pytest.raises(ValueError, match="epilogue tiles of 64 x 48"):
         kernels.grouped_matmul(x, w, impl="interpret", config=dataclasses.replace(
@@ -819,28 +855,38 @@ def test_gpu_pallas_matches_xla(shape):
 
 
 @on_gpu
-@pytest.mark.parametrize("name", list(mgpu_kernel.SM_FIT_DX_VARIANTS))
+@pytest.mark.parametrize("name", list(mgpu_kernel.SM_FIT_VARIANTS))
 def test_gpu_column_tiles_sized_to_the_sms(name):
-    """The dx-only 192 x 96 / 128 x 160 tiles compiled: dx = dy @ w^T at the 1b o dx shape (G
-    = 1; 2048 output columns, a ragged last tile) and the 1b qkv dx shape (G = 4, windows of 6
-    stacked weights at offsets), bf16, against the XLA path; idle groups zero."""
+    """The 192 x 96 / 128 x 160 tiles compiled, bf16, against the XLA path, idle groups zero:
+    all three products at the 1b o shape (G = 1; 2048 columns, a ragged last column tile) and
+    the 1b qkv shape (G = 4; forward and dx read windows of 6 stacked weights at offsets, dw
+    lands at its own groups). The forward and dw read b n-minor through a 64-byte swizzle on
+    both operands (mgpu_tiles.operand_transforms)."""
     rng, info = fresh_rng()
-    cfg = mgpu_kernel.SM_FIT_DX_VARIANTS[name]
-    dx_fn = jax.jit(lambda dy, w, bounds: mgpu_kernel.grouped_matmul_mgpu(
-        dy, w, bounds, transpose_rhs=True, config=cfg))
-    for g, gw, m, n, k, windows in [(1, 1, 1152, 2048, 2048, [(0, 1, 0), (1, 1, 0)]),
-                                    (4, 6, 1152, 3072, 2048, [(0, 4, 2), (1, 3, 0), (2, 2, 1)])]:
-        dy = jnp.asarray(rng.standard_normal((g, m, n)), jnp.bfloat16)
+    cfg = mgpu_kernel.SM_FIT_VARIANTS[name]
+    products = {"fwd": (False, False), "dx": (False, True), "dw": (True, False)}
+    fns = {p: jax.jit(lambda a, b, bounds, tl=tl, tr=tr: mgpu_kernel.grouped_matmul_mgpu(
+        a, b, bounds, transpose_lhs=tl, transpose_rhs=tr, config=cfg))
+        for p, (tl, tr) in products.items()}
+    for g, gw, m, k, n, windows in [(1, 1, 1152, 2048, 2048, [(0, 1, 0), (1, 1, 0)]),
+                                    (4, 6, 1152, 2048, 3072, [(0, 4, 2), (1, 3, 0), (2, 2, 1)])]:
+        x = jnp.asarray(rng.standard_normal((g, m, k)), jnp.bfloat16)
         w = jnp.asarray(rng.standard_normal((gw, k, n)), jnp.bfloat16)
+        dy = jnp.asarray(rng.standard_normal((g, m, n)), jnp.bfloat16)
+        operands = {"fwd": (x, w, (g, m, n)), "dx": (dy, w, (g, m, k)), "dw": (x, dy, (g, k, n))}
         for lo, hi, off in windows:
-            tag = f"{info} {name} G={g} lo={lo} hi={hi} off={off}"
-            bounds = jnp.array([lo, hi, off, 0], jnp.int32)
-            got = dx_fn(dy, w, bounds)
-            want = kernels.grouped_matmul_reference(dy, w, bounds, transpose_rhs=True)
-            assert got.shape == (g, m, k), tag
-            if hi > lo:
-                assert rel_err_finite(got, want) <= 1e-2, tag
-            _check_idle_zero(got, lo, hi, "dx", tag)
+            for product, (a, b, out_shape) in operands.items():
+                tl, tr = products[product]
+                b_off = 0 if product == "dw" else off
+                tag = f"{info} {name} {product} G={g} lo={lo} hi={hi} off={b_off}"
+                bounds = jnp.array([lo, hi, b_off, 0], jnp.int32)
+                got = fns[product](a, b, bounds)
+                want = kernels.grouped_matmul_reference(a, b, bounds, transpose_lhs=tl,
+                                                        transpose_rhs=tr)
+                assert got.shape == out_shape, tag
+                if hi > lo:
+                    assert rel_err_finite(got, want) <= 1e-2, tag
+                _check_idle_zero(got, lo, hi, product, tag)
 
 
 @on_gpu
@@ -894,11 +940,11 @@ SWIGLU_GPU_CONFIGS = {
 
 
 @pytest.mark.parametrize("name", [*GPU_CONFIGS, *SWIGLU_GPU_CONFIGS,
-                                  *mgpu_kernel.SM_FIT_DX_VARIANTS])
+                                  *mgpu_kernel.SM_FIT_VARIANTS])
 def test_every_config_lowers_for_the_gpu(name):
     """Every GPU tile schedule lowers to Mosaic GPU for CUDA, on any machine (cross-platform
     lowering): the forward and both backward products (transposed operand views) at the 1b qkv
-    shape, bf16, 132 SMs, where the config serves them (the SM-count column tiles: dx only),
+    shape, bf16, 132 SMs, where the config serves them (e.g. not the 192-column tiles on dx),
     and the fused SwiGLU.
     Lowering errors of a new schedule show up here in CPU CI, before any GPU time; compiling to
     PTX and running stay the GPU tests' job."""
@@ -911,7 +957,7 @@ def test_every_config_lowers_for_the_gpu(name):
                                                         S((g, k, 2 * n), jnp.bfloat16), False,
                                                         False)}
     else:
-        cfg = {**GPU_CONFIGS, **mgpu_kernel.SM_FIT_DX_VARIANTS}[name]
+        cfg = {**GPU_CONFIGS, **mgpu_kernel.SM_FIT_VARIANTS}[name]
         cases = {"fwd": (S((g, m, k), jnp.bfloat16), S((g, k, n), jnp.bfloat16), False, False),
                  "dx": (S((g, m, n), jnp.bfloat16), S((g, k, n), jnp.bfloat16), False, True),
                  "dw": (S((g, m, k), jnp.bfloat16), S((g, m, n), jnp.bfloat16), True, False)}
