@@ -12,7 +12,8 @@
   tokens; eval/results/train_h200_diagonal.json);
 * grouped_matmul_h200.parity.png: the kernel's speed over cuBLAS's (XLA's plain batched matmul)
   on every diagonal product at full load, one dot per profiled A/B run that timed today's
-  `select_config` choice for it (eval/results/grouped_matmul_h200.ab.json).
+  `select_config` choice for it (eval/results/grouped_matmul_h200.ab.json);
+* grouped_matmul_h200.parity_off_full_load.png: the same at G = 1, 2, 4, 8.
 
     python -m eval.plot_results                 # reads and writes eval/results/
 """
@@ -217,22 +218,20 @@ def parity_points(report: dict, num_sms: int = 132) -> list[dict]:
     return points
 
 
-def plot_parity(report: dict, path: Path, groups: int = 16) -> None:
-    """One dot per run and product (`parity_points` at G = groups), runs in date order; a
-    product that no run timed with today's choice keeps its column, in gray, marked so."""
+def _parity_panel(ax, report: dict, points: list[dict], groups: int) -> None:
+    """One parity panel: a column per diagonal product, a dot per run that timed today's
+    choice for it at G = groups (runs in date order, coloured oldest to newest), bars at the
+    medians; a product no run timed keeps its column, in gray, marked so."""
     from eval.bench_grouped_matmul import MODELS, PRODUCTS, product_name
 
     plt = _pyplot()
-    points = [p for p in parity_points(report) if p["G"] == groups]
-    if not points:
-        raise ValueError(f"no A/B run timed today's select_config choice and cuBLAS at G = {groups}")
+    points = [p for p in points if p["G"] == groups]
     products = [f"{model} {product_name(shape, p)}" for model, shapes in MODELS.items()
                 for shape, *_ in shapes for p in PRODUCTS]
     timed = {q["product"] for q in points}
     runs = sorted({p["run"] for p in points}, key=lambda r: report["runs"][r].get("date", ""))
     shade = [i / max(len(runs) - 1, 1) for i in range(len(runs))]   # 0..1, oldest to newest
     colours = plt.get_cmap("viridis")(shade)
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.5 * len(products)) + 3.5, 4.4))
     for i, run in enumerate(runs):
         mine = [p for p in points if p["run"] == run]
         offset = 0.3 * (shade[i] - 0.5)   # runs side by side within a product's column
@@ -251,16 +250,46 @@ def plot_parity(report: dict, path: Path, groups: int = 16) -> None:
     for label in ax.get_xticklabels():
         if label.get_text() not in timed:
             label.set_color("gray")
-    ax.set_ylabel("kernel speed / cuBLAS speed (device time)")
+    ax.set_ylabel("kernel speed / cuBLAS speed (device time)", fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="A/B run (UTC)",
               title_fontsize=7)
+
+
+def plot_parity(report: dict, path: Path, groups: int = 16) -> None:
+    """Today's select_config choice against cuBLAS at full load (`parity_points` at G =
+    groups): one dot per run and product, bars at the medians."""
+    plt = _pyplot()
+    points = parity_points(report)
+    if not any(p["G"] == groups for p in points):
+        raise ValueError(f"no A/B run timed today's select_config choice and cuBLAS at G = {groups}")
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.5 * 36) + 3.5, 4.4))
+    _parity_panel(ax, report, points, groups)
     ax.set_title(f"Grouped matmul at full load (G = {groups}): today's select_config choice against"
                  f" cuBLAS, each dot one profiled A/B run (with that day's kernel code); bars:"
                  f" medians ({report.get('device', '')}, jax {report.get('jax_version', '?')})",
                  fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_parity_off_full_load(report: dict, path: Path, groups=(1, 2, 4, 8)) -> None:
+    """The parity figure's panels at G = 1, 2, 4, 8, all groups active (the sequential schedule
+    and training run G = 1; not the issue's bar): which products today's choices were timed on
+    against cuBLAS, and how they stood."""
+    plt = _pyplot()
+    points = parity_points(report)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(21.5, 4.4 * len(groups)))
+    for ax, g in zip(axes, groups):
+        _parity_panel(ax, report, points, g)
+        ax.set_title(f"G = {g}, all groups active", fontsize=9)
+    fig.suptitle(f"Grouped matmul off full load: today's select_config choice against cuBLAS,"
+                 f" each dot one profiled A/B run (with that day's kernel code); bars: medians"
+                 f" ({report.get('device', '')}, jax {report.get('jax_version', '?')})",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -279,7 +308,9 @@ def main(argv=None) -> int:
             ("grouped_matmul_h200.big.json", "grouped_matmul_h200.8b.png",
              functools.partial(plot_grouped_matmul, model="8b")),
             ("train_h200_diagonal.json", "train_h200_diagonal.png", plot_train),
-            ("grouped_matmul_h200.ab.json", "grouped_matmul_h200.parity.png", plot_parity))
+            ("grouped_matmul_h200.ab.json", "grouped_matmul_h200.parity.png", plot_parity),
+            ("grouped_matmul_h200.ab.json", "grouped_matmul_h200.parity_off_full_load.png",
+             plot_parity_off_full_load))
     for name, figure, plot in jobs:
         source = args.results / name
         if not source.exists():
