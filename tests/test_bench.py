@@ -123,12 +123,14 @@ def test_plot_results_from_the_committed_json(tmp_path):
     assert plot_results.main(["--out", str(tmp_path)]) == 0
     for name in ("inference_h200.png", "grouped_matmul_h200.png", "grouped_matmul_h200.3b.png",
                  "grouped_matmul_h200.8b.png", "train_h200_diagonal.png",
-                 "grouped_matmul_h200.parity.png"):
+                 "grouped_matmul_h200.parity.png", "grouped_matmul_h200.parity_off_full_load.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     with pytest.raises(ValueError, match="no main-run rows for model '70b'"):
         plot_results.plot_grouped_matmul({"rows": []}, tmp_path / "x.png", model="70b")
     with pytest.raises(ValueError, match="no training rows"):
         plot_results.plot_train({"rows": []}, tmp_path / "y.png")
+    with pytest.raises(ValueError, match="at G = 16"):
+        plot_results.plot_parity({"runs": {}}, tmp_path / "z.png")
 
 
 def test_parity_points_take_todays_config_and_cublas():
