@@ -256,40 +256,28 @@ def _parity_panel(ax, report: dict, points: list[dict], groups: int) -> None:
               title_fontsize=7)
 
 
-def plot_parity(report: dict, path: Path, groups: int = 16) -> None:
-    """Today's select_config choice against cuBLAS at full load (`parity_points` at G =
-    groups): one dot per run and product, bars at the medians."""
+def plot_parity(report: dict, path: Path, groups: tuple[int, ...] = (16,)) -> None:
+    """Today's select_config choice against cuBLAS (`parity_points`), all groups active: a
+    panel per G in ``groups`` (G = 16: the issue's full-load bar; 1, 2, 4, 8: the sequential
+    schedule and training at G = 1, the benchmark's grid), one dot per run and product."""
     plt = _pyplot()
     points = parity_points(report)
-    if not any(p["G"] == groups for p in points):
-        raise ValueError(f"no A/B run timed today's select_config choice and cuBLAS at G = {groups}")
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.5 * 36) + 3.5, 4.4))
-    _parity_panel(ax, report, points, groups)
-    ax.set_title(f"Grouped matmul at full load (G = {groups}): today's select_config choice against"
-                 f" cuBLAS, each dot one profiled A/B run (with that day's kernel code); bars:"
-                 f" medians ({report.get('device', '')}, jax {report.get('jax_version', '?')})",
+    for g in groups:
+        if not any(p["G"] == g for p in points):
+            raise ValueError(f"no A/B run timed today's select_config choice and cuBLAS at G = {g}")
+    fig, axes = plt.subplots(len(groups), 1, figsize=(21.5, 4.4 * len(groups)), squeeze=False)
+    for ax, g in zip(axes[:, 0], groups):
+        _parity_panel(ax, report, points, g)
+        if len(groups) > 1:
+            ax.set_title(f"G = {g}", fontsize=9)
+    where = ("at full load (G = 16)" if groups == (16,) else
+             f"at G = {', '.join(map(str, groups))}, all groups active")
+    fig.suptitle(f"Grouped matmul {where}: today's select_config choice against cuBLAS, each dot"
+                 f" one profiled A/B run (with that day's kernel code); bars: medians"
+                 f" ({report.get('device', '')}, jax {report.get('jax_version', '?')})",
                  fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_parity_off_full_load(report: dict, path: Path, groups=(1, 2, 4, 8)) -> None:
-    """The parity figure's panels at G = 1, 2, 4, 8, all groups active (the sequential schedule
-    and training run G = 1; not the issue's bar): which products today's choices were timed on
-    against cuBLAS, and how they stood."""
-    plt = _pyplot()
-    points = parity_points(report)
-    fig, axes = plt.subplots(len(groups), 1, figsize=(21.5, 4.4 * len(groups)))
-    for ax, g in zip(axes, groups):
-        _parity_panel(ax, report, points, g)
-        ax.set_title(f"G = {g}, all groups active", fontsize=9)
-    fig.suptitle(f"Grouped matmul off full load: today's select_config choice against cuBLAS,"
-                 f" each dot one profiled A/B run (with that day's kernel code); bars: medians"
-                 f" ({report.get('device', '')}, jax {report.get('jax_version', '?')})",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=120 if len(groups) == 1 else 100)
     plt.close(fig)
 
 
@@ -310,7 +298,7 @@ def main(argv=None) -> int:
             ("train_h200_diagonal.json", "train_h200_diagonal.png", plot_train),
             ("grouped_matmul_h200.ab.json", "grouped_matmul_h200.parity.png", plot_parity),
             ("grouped_matmul_h200.ab.json", "grouped_matmul_h200.parity_off_full_load.png",
-             plot_parity_off_full_load))
+             functools.partial(plot_parity, groups=(1, 2, 4, 8))))
     for name, figure, plot in jobs:
         source = args.results / name
         if not source.exists():
