@@ -157,7 +157,8 @@ THREE_WG_MAX_COST_RATIO = 0.85
 # (select_config's rule 7) it also takes them wherever tile_cost promises no more than its other
 # choice's time, ragged rows and few waves included: measured 1.02-1.25x the choice before on
 # every forward and dx product of the 1b / 3b shapes where that rule changed it (runs
-# s18_wide_small_g, s18_wide_select, s18_wide_fwd; forward 1b down at G = 2-8 not timed), and
+# s18_wide_small_g, s18_wide_select, s18_wide_fwd; not timed: forward 1b down at G = 2-8, 1b
+# gate_up at G = 1, where run s8_wg3_g1_g16_profiled had them level with ping-pong), and
 # slower where the cost was higher (1b at G = 1: cost 1.5-1.8; forward 1b qkv at G = 2 and 3b
 # gate_up at G = 4, 8: cost 1.07-1.13, 0.90-0.97x).
 # Their one slot makes each of a warpgroup's three epilogue stores wait for the last one's: the
