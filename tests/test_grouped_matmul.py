@@ -173,7 +173,7 @@ def test_three_warpgroup_choice():
     assert pick(1, 1152, 2048, 2048) == three                      # 1b o: 96 vs 72 tiles
     assert pick(1, 1152, 8192, 2048) == three                      # 1b down
     # a dx product (128 x 160 / 192 x 192 tiles would cost 1.25 / 1.5 of these; the diagonal
-    # shapes' dx products take those: test_sm_fit_dx_choice, test_wide_dx_choice)
+    # shapes' dx products take those: test_sm_fit_dx_choice, test_wide_choice_off_full_load)
     assert pick(1, 1152, 2048, 5120, tr=True) == three
     assert pick(1, 2048, 1152, 3072, tl=True) == three             # 1b qkv dw: 264 vs 192 tiles
     assert pick(1, 3072, 2176, 3072, tl=True) == three             # 3b o dw
@@ -565,7 +565,8 @@ def test_column_tiles_sized_to_the_sms_bf16(name):
     """The same tiles in bf16, where b stored n-minor (forward, dw) has 192- or 320-byte rows and
     both operands take a 64-byte swizzle: every product in interpret mode against the XLA path
     (2 groups of 192 x 448 x 320: ragged column tiles; forward and dx at a weight offset),
-    idle groups zero."""
+    idle groups zero. (Whether the compiled kernel reads the swizzled tiles right is the GPU
+    test's to check: test_gpu_column_tiles_sized_to_the_sms.)"""
     rng, info = fresh_rng()
     cfg = dataclasses.replace(mgpu_kernel.SM_FIT_VARIANTS[name], max_concurrent_steps=2)
     g, gw, m, k, n = 2, 3, 192, 448, 320
@@ -973,6 +974,8 @@ def test_every_config_lowers_for_the_gpu(name):
         assert "mosaic_gpu" in text, f"{name} {case}: no Mosaic GPU kernel in the lowering"
         lowered += 1
     assert lowered >= 1
+    if name in mgpu_kernel.SM_FIT_VARIANTS:   # forward and dw too: a 64-byte swizzle on a and b
+        assert lowered == 3
 
 
 @on_gpu
