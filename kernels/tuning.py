@@ -74,8 +74,8 @@ class TuningConfig:
     # Compute warpgroups of a cooperative CTA (2 or 3; three split the rows). 192-row CTA tiles
     # divide the diagonal shapes' m = 1152 / 4224 and change the tile count: 1b o at G = 1 gets
     # 96 tiles of 192 x 128 where 128 x 256 gives 72 for 132 SMs, 8b gate/up 52800 tiles of
-    # 192 x 192 at G = 16 (400 full waves). (64 x 96 warpgroup tiles, cuBLAS's 192 x 96, do not
-    # lower: Mosaic finds no layout for a 96-column B tile stored n-minor.)
+    # 192 x 192 at G = 16 (400 full waves). (64 x 96 warpgroup tiles, cuBLAS's 192 x 96, lower
+    # with B stored n-minor only with a 64-byte swizzle on both operands: SM_FIT_VARIANTS.)
     compute_wgs: int = 2
 
     @property
