@@ -124,6 +124,9 @@
 #              tests (all three products) under a timeout, then a profiled A/B against "auto" and
 #              cuBLAS on the 1b / 3b shapes at G = 1 and 2, where cuBLAS runs these tiles on 1b o
 #              and down (run s17_g1_all)
+#   wide_rest  rule 7's choices no run has timed: the forward 1b down at G = 2, 4, 8 (192 x 192
+#              in place of 192 x 128 / ping-pong) and 1b gate_up at G = 1 (in place of ping-pong):
+#              "auto" against those and cuBLAS
 # The stages that chose between JAX's pipelines and the ring of stages for the cooperative
 # schedule (ring, ring2, ring_all, ring_check, ring_cluster, ring_wg3, ring_swiglu; dw_variants,
 # dw_select, dw_3b) were removed with JAX's pipelines: their runs in
@@ -354,6 +357,8 @@ for stage in "${stages[@]}"; do
            ab smfit_fwd 300 --ab auto,wg3_192x96,wg2_128x160,xla_einsum --ab_groups 1,2 \
              --ab_products fwd,dw --ab_profile --ab_reps 3 \
              --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,3b:o,3b:gate_up,3b:down ;;
+    wide_rest) ab wide_rest 240 --ab auto,wg3_192x128,pingpong_delay1,xla_einsum --ab_groups 1,2,4,8 \
+             --ab_products fwd --ab_profile --ab_reps 3 --ab_shapes 1b:gate_up,1b:down ;;
     train_seq_remat) train_bench train_seq_remat 330 --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal
            train_bench train_seq_remat_16k 200 --tokens 16384 --reps 3 --impls auto \
@@ -364,7 +369,7 @@ for stage in "${stages[@]}"; do
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
-            "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit, smfit_select, wide_small_g, wide_select, wide_fwd, smfit_fwd)"
+            "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit, smfit_select, wide_small_g, wide_select, wide_fwd, smfit_fwd, wide_rest)"
        exit 2 ;;
   esac
 done
