@@ -158,9 +158,9 @@ THREE_WG_MAX_COST_RATIO = 0.85
 # choice's time, ragged rows and few waves included: measured 1.02-1.25x the choice before on
 # every forward and dx product of the 1b / 3b shapes where that rule changed it (runs
 # s18_wide_small_g, s18_wide_select, s18_wide_fwd; not timed: forward 1b down at G = 2-8, 1b
-# gate_up at G = 1, where run s8_wg3_g1_g16_profiled had them level with ping-pong), and
-# slower where the cost was higher (1b at G = 1: cost 1.5-1.8; forward 1b qkv at G = 2 and 3b
-# gate_up at G = 4, 8: cost 1.07-1.13, 0.90-0.97x).
+# gate_up at G = 1, which run s8_wg3_g1_g16_profiled had level with ping-pong), and
+# slower where the cost was higher (1b at G = 1: cost 1.5-1.8, runs s7_* / s8_*; forward 1b
+# qkv at G = 2 and 3b gate_up at G = 4, 8: cost 1.07-1.13, 0.90-0.97x).
 # Their one slot makes each of a warpgroup's three epilogue stores wait for the last one's: the
 # third is stored under the next tile's first k-step (deferred_epi_tiles=1), which made the 1b
 # qkv / o forward and dx products at G = 16 1-2 % faster (run s15_defer_1b; the default 128 x
@@ -299,7 +299,7 @@ def select_config(
        G = 1), the 3b dx products at G = 2 and all but down at G = 4; forward 1b o and down at
        G = 2-8, 1b qkv at G = 4 and 8, 1b gate_up at G = 1, 3b o and down at G = 2. Bigger
        tiles run faster per area than the cost model counts: at equal cost the 192 x 192
-       tiles were 3.8-8 % faster (runs s18_wide_select, s18_wide_fwd).
+       tiles were 2-8 % faster (runs s18_wide_select, s18_wide_fwd).
 
     At full load (G = 16) this ran at or above cuBLAS's speed on 14 of the 24 forward and dx
     products of the Llama-1B/3B/8B diagonal shapes, at 0.987-0.997x on 9 and at 0.975x on 8b

@@ -230,8 +230,9 @@ def test_wide_choice_off_full_load():
     promises no more than its other choice's time, ragged rows and few waves included (rule 7;
     rule 3 asks for whole 192-row tiles and 8 waves of default tiles). In the H200 A/B runs
     s18_wide_select and s18_wide_fwd: on dx 1.02-1.20x the choice before at G = 2, 1.05-1.08x at
-    G = 4, 1.11-1.13x at G = 8 (1b); forward 1.04-1.25x (1b qkv, o at G = 2-8; 3b o, down at
-    G = 2). Not at G = 1 (1b: 66 tiles, cost 1.8; 3b: 1.2), not 3b at G >= 8 or 8b (cost
+    G = 4, 1.11-1.13x at G = 8 (1b); forward 1.04-1.25x (1b qkv at G = 4, 8, 1b o at G = 2-8;
+    3b o, down at G = 2). Not at G = 1 but on 1b down dx (1b: 66 tiles, cost 1.8; 3b: 1.2),
+    not 3b at G >= 8 or 8b (cost
     1.004-1.09), not where it cost more on the forward products (1b qkv at G = 2: 1.125, 0.90x;
     3b gate_up at G = 4: 1.09, 0.95x), never for dw, never over the clustered 192 x 192 tiles."""
     pick = lambda *dims: mgpu_kernel.select_config(*dims, transpose_rhs=True, num_sms=132)
@@ -550,14 +551,39 @@ def test_warpgroups_split_rows_with_ragged_n(wgs):
 @pytest.mark.parametrize("name", list(mgpu_kernel.SM_FIT_VARIANTS))
 def test_column_tiles_sized_to_the_sms(name):
     """The 192 x 96 and 128 x 160 tiles (32-column epilogue tiles: 3 or 5 per warpgroup, 2
-    slots) on 2 stages, float32 (whose 128-byte rows are 32 elements, so the forward and dw
-    take them too): the forward and both gradients against float64, with ragged column tiles
+    slots) on 2 stages, float32 (96 / 160 columns are 384 / 640-byte rows: the 128-byte
+    swizzle; bf16 below): the forward and both gradients against float64, with ragged column tiles
     on every product (n = 256, k = 448: 2.7 / 4.7 tiles of 96, 1.6 / 2.8 of 160) and ragged m,
     at a weight offset; idle groups zero."""
     rng, info = fresh_rng()
     cfg = dataclasses.replace(mgpu_kernel.SM_FIT_VARIANTS[name], max_concurrent_steps=2)
     assert len(mgpu_tiles.epilogue_tiles(cfg)) == cfg.tile_n // 32
     _check_window_gradients(cfg, rng, info, (3, 4, 200, 448, 256), [(0, 3, 1)], max_offset=1)
+
+
+def _check_every_product(run, rng, tag, dims, windows):
+    """The forward, dx (w read transposed) and dw (x read transposed) products of
+    ``run(a, b, bounds, transpose_lhs, transpose_rhs)`` against the XLA path on fresh bf16
+    operands, dims = (G, Gw, m, k, n): for each (lo, hi, off) window, forward and dx read the
+    weights at offset off, dw lands at its own groups; idle groups exactly zero."""
+    g, gw, m, k, n = dims
+    x = jnp.asarray(rng.standard_normal((g, m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((gw, k, n)), jnp.bfloat16)
+    dy = jnp.asarray(rng.standard_normal((g, m, n)), jnp.bfloat16)
+    products = {"fwd": (x, w, False, False, (g, m, n)), "dx": (dy, w, False, True, (g, m, k)),
+                "dw": (x, dy, True, False, (g, k, n))}
+    for lo, hi, off in windows:
+        for product, (a, b, tl, tr, out_shape) in products.items():
+            b_off = 0 if product == "dw" else off
+            where = f"{tag} {product} G={g} lo={lo} hi={hi} off={b_off}"
+            bounds = jnp.array([lo, hi, b_off, 0], jnp.int32)
+            got = run(a, b, bounds, tl, tr)
+            want = kernels.grouped_matmul_reference(a, b, bounds, transpose_lhs=tl,
+                                                    transpose_rhs=tr)
+            assert got.shape == out_shape, where
+            if hi > lo:
+                assert rel_err_finite(got, want) <= 1e-2, where
+            _check_idle_zero(got, lo, hi, product, where)
 
 
 @pytest.mark.parametrize("name", list(mgpu_kernel.SM_FIT_VARIANTS))
@@ -569,23 +595,10 @@ def test_column_tiles_sized_to_the_sms_bf16(name):
     test's to check: test_gpu_column_tiles_sized_to_the_sms.)"""
     rng, info = fresh_rng()
     cfg = dataclasses.replace(mgpu_kernel.SM_FIT_VARIANTS[name], max_concurrent_steps=2)
-    g, gw, m, k, n = 2, 3, 192, 448, 320
-    x = jnp.asarray(rng.standard_normal((g, m, k)), jnp.bfloat16)
-    w = jnp.asarray(rng.standard_normal((gw, k, n)), jnp.bfloat16)
-    dy = jnp.asarray(rng.standard_normal((g, m, n)), jnp.bfloat16)
-    products = {"fwd": (x, w, False, False), "dx": (dy, w, False, True),
-                "dw": (x, dy, True, False)}
-    for lo, hi, off in [(0, 2, 1), (1, 2, 0)]:
-        for product, (a, b, tl, tr) in products.items():
-            bounds = jnp.array([lo, hi, 0 if product == "dw" else off, 0], jnp.int32)
-            tag = f"{info} {name} {product} lo={lo} hi={hi}"
-            got = mgpu_kernel.grouped_matmul_mgpu(
-                a, b, bounds, transpose_lhs=tl, transpose_rhs=tr, config=cfg,
-                interpret=plgpu.InterpretGPUParams(), num_sms=4)
-            want = kernels.grouped_matmul_reference(a, b, bounds, transpose_lhs=tl,
-                                                    transpose_rhs=tr)
-            assert rel_err_finite(got, want) <= 1e-2, tag
-            _check_idle_zero(got, lo, hi, product, tag)
+    run = lambda a, b, bounds, tl, tr: mgpu_kernel.grouped_matmul_mgpu(
+        a, b, bounds, transpose_lhs=tl, transpose_rhs=tr, config=cfg,
+        interpret=plgpu.InterpretGPUParams(), num_sms=4)
+    _check_every_product(run, rng, f"{info} {name}", (2, 3, 192, 448, 320), [(0, 2, 1), (1, 2, 0)])
 
 
 def test_sm_fit_dx_choice():
@@ -865,29 +878,14 @@ def test_gpu_column_tiles_sized_to_the_sms(name):
     both operands (mgpu_tiles.operand_transforms)."""
     rng, info = fresh_rng()
     cfg = mgpu_kernel.SM_FIT_VARIANTS[name]
-    products = {"fwd": (False, False), "dx": (False, True), "dw": (True, False)}
-    fns = {p: jax.jit(lambda a, b, bounds, tl=tl, tr=tr: mgpu_kernel.grouped_matmul_mgpu(
+    fns = {(tl, tr): jax.jit(lambda a, b, bounds, tl=tl, tr=tr: mgpu_kernel.grouped_matmul_mgpu(
         a, b, bounds, transpose_lhs=tl, transpose_rhs=tr, config=cfg))
-        for p, (tl, tr) in products.items()}
-    for g, gw, m, k, n, windows in [(1, 1, 1152, 2048, 2048, [(0, 1, 0), (1, 1, 0)]),
-                                    (4, 6, 1152, 2048, 3072, [(0, 4, 2), (1, 3, 0), (2, 2, 1)])]:
-        x = jnp.asarray(rng.standard_normal((g, m, k)), jnp.bfloat16)
-        w = jnp.asarray(rng.standard_normal((gw, k, n)), jnp.bfloat16)
-        dy = jnp.asarray(rng.standard_normal((g, m, n)), jnp.bfloat16)
-        operands = {"fwd": (x, w, (g, m, n)), "dx": (dy, w, (g, m, k)), "dw": (x, dy, (g, k, n))}
-        for lo, hi, off in windows:
-            for product, (a, b, out_shape) in operands.items():
-                tl, tr = products[product]
-                b_off = 0 if product == "dw" else off
-                tag = f"{info} {name} {product} G={g} lo={lo} hi={hi} off={b_off}"
-                bounds = jnp.array([lo, hi, b_off, 0], jnp.int32)
-                got = fns[product](a, b, bounds)
-                want = kernels.grouped_matmul_reference(a, b, bounds, transpose_lhs=tl,
-                                                        transpose_rhs=tr)
-                assert got.shape == out_shape, tag
-                if hi > lo:
-                    assert rel_err_finite(got, want) <= 1e-2, tag
-                _check_idle_zero(got, lo, hi, product, tag)
+        for tl, tr in [(False, False), (False, True), (True, False)]}
+    run = lambda a, b, bounds, tl, tr: fns[tl, tr](a, b, bounds)
+    _check_every_product(run, rng, f"{info} {name}", (1, 1, 1152, 2048, 2048),
+                         [(0, 1, 0), (1, 1, 0)])
+    _check_every_product(run, rng, f"{info} {name}", (4, 6, 1152, 2048, 3072),
+                         [(0, 4, 2), (1, 3, 0), (2, 2, 1)])
 
 
 @on_gpu
