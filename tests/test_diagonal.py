@@ -375,18 +375,28 @@ def test_diagonal_gradients_through_the_kernel_equal_sequential(rng):
 @pytest.mark.skipif(not kernels.on_hopper(), reason="needs a Hopper GPU")
 def test_diagonal_gradients_through_the_kernel_on_gpu(rng):
     """bf16 training through the compiled kernels (grouped matmul and fused gate/up VJPs at
-    window offsets, with remat) against the same schedule on XLA matmuls. SPEC gives no
-    tolerance for bf16 gradients; the loss is held to 1e-2 (under SPEC's 2e-2 for bf16 outputs)
-    and every gradient to 5e-2. 64-dimensional memory keys: with 16, sparse DPFP queries nearly
-    orthogonal to z amplify bf16 rounding in W_mq's gradient (7.4 % between the two paths on one
-    H200 draw, the layers' gradients within 3 %); with 64 the test passed on the H200 at 5e-2,
-    a bound not tightened since (no GPU run with a tighter one)."""
+    window offsets, with remat) against float32 gradients of the same schedule on XLA matmuls,
+    beside the bf16 XLA path's own error. SPEC gives no tolerance for bf16 gradients, and a
+    fixed bound between the two bf16 paths fails on draws that amplify bf16 rounding (W_mk's
+    gradient: 5.2 % apart on one H200 draw at 8dc745d, the bound then 5 %; W_mq's 7.4 % with
+    16-dimensional keys). A wrong tile, active range or weight offset makes the kernel path's
+    error far exceed the XLA path's, so each gradient's error may be at most twice XLA's (+1e-3);
+    the loss is held to 1e-2 of float32's (under SPEC's 2e-2 for bf16 outputs)."""
     params, tokens, cfg, acfg = _kernel_case(rng, hidden=256, segment_size=120, d_mem=64)
-    loss_k, grads_k = _loss_and_grads(diagonal_forward, params, tokens, cfg, acfg,
-                                      gmm_impl="pallas")
-    loss_x, grads_x = _loss_and_grads(diagonal_forward, params, tokens, cfg, acfg, gmm_impl="xla")
-    assert abs(float(loss_k) / float(loss_x) - 1) <= 1e-2
-    _check_same_gradients(grads_k, grads_x, 5e-2)
+    params32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+    with jax.default_matmul_precision("highest"):    # no TF32 in the reference
+        loss_r, grads_r = _loss_and_grads(diagonal_forward, params32, tokens, cfg, acfg,
+                                          gmm_impl="xla")
+    errors = {}
+    for impl in ("pallas", "xla"):
+        loss, grads = _loss_and_grads(diagonal_forward, params, tokens, cfg, acfg, gmm_impl=impl)
+        assert abs(float(loss) / float(loss_r) - 1) <= 1e-2, impl
+        flat = dict(jax.tree_util.tree_leaves_with_path(grads))
+        for path, want in jax.tree_util.tree_leaves_with_path(grads_r):
+            assert float(jnp.linalg.norm(want)) > 0, path     # a live gradient
+            errors.setdefault(jax.tree_util.keystr(path), {})[impl] = ref.rel_err(flat[path], want)
+    worse = {name: e for name, e in errors.items() if not e["pallas"] <= 2 * e["xla"] + 1e-3}
+    assert not worse, worse
 
 
 def test_diagonal_loss_of_padded_tokens_with_lengths(rng):
