@@ -2,7 +2,7 @@
 # Re-checks and re-measures everything GPU-specific on an H200, in stages (one device command may
 # run 10 minutes, so the stages are split over two calls):
 #   tests      the kernels' GPU tests (every config compiled: weight offsets, tile schedules,
-#              fused SwiGLU; 384 s with 21 weight-offset configs at 983461d, 14 since: untimed)
+#              fused SwiGLU; 351 s at 8dc745d, 51 passed)
 #   tests_model  the diagonal schedule and training steps through the kernels on the GPU (~3 min)
 #   bench      the inference benchmark, every schedule and length                 (~9 min)
 #   agreement  model-scale agreement of the schedules, XLA and kernel paths        (> 3 min)
@@ -120,13 +120,13 @@
 #              tiles at G = 2, 4, 8 (1b qkv / o, 3b: under 8 waves of default tiles or ragged
 #              rows): against "auto" and cuBLAS, the evidence a forward rule 7 would need
 #   smfit_fwd  the 192 x 96 / 128 x 160 tiles on the forward and dw products (b stored n-minor:
-#              a 64-byte swizzle on both operands, first run on a GPU with this stage): their GPU
-#              tests (all three products) under a timeout, then a profiled A/B against "auto" and
-#              cuBLAS on the 1b / 3b shapes at G = 1 and 2, where cuBLAS runs these tiles on 1b o
-#              and down (run s17_g1_all)
-#   wide_rest  rule 7's choices no run has timed: the forward 1b down at G = 2, 4, 8 (192 x 192
-#              in place of 192 x 128 / ping-pong) and 1b gate_up at G = 1 (in place of ping-pong):
-#              "auto" against those and cuBLAS
+#              a 64-byte swizzle on both operands; 0.61-0.90x "auto" in run s19_smfit_fwd):
+#              their GPU tests (all three products) under a timeout, then a profiled A/B against
+#              "auto" and cuBLAS on the 1b / 3b shapes at G = 1 and 2, where cuBLAS runs these
+#              tiles on 1b o and down (run s17_g1_all)
+#   wide_rest  rule 7's choices s18_wide_fwd left untimed: the forward 1b down at G = 2, 4, 8
+#              (192 x 192 in place of 192 x 128 / ping-pong) and 1b gate_up at G = 1 (in place
+#              of ping-pong): "auto" against those and cuBLAS
 # The stages that chose between JAX's pipelines and the ring of stages for the cooperative
 # schedule (ring, ring2, ring_all, ring_check, ring_cluster, ring_wg3, ring_swiglu; dw_variants,
 # dw_select, dw_3b) were removed with JAX's pipelines: their runs in

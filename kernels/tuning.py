@@ -157,8 +157,8 @@ THREE_WG_MAX_COST_RATIO = 0.85
 # (select_config's rule 7) it also takes them wherever tile_cost promises no more than its other
 # choice's time, ragged rows and few waves included: measured 1.02-1.25x the choice before on
 # every forward and dx product of the 1b / 3b shapes where that rule changed it (runs
-# s18_wide_small_g, s18_wide_select, s18_wide_fwd; not timed: forward 1b down at G = 2-8, 1b
-# gate_up at G = 1, which run s8_wg3_g1_g16_profiled had level with ping-pong), and
+# s18_wide_small_g, s18_wide_select, s18_wide_fwd, s19_wide_rest: forward 1b down at G = 2, 4,
+# 8 1.30x, 1.04x, 1.06x, 1b gate_up at G = 1 1.02x), and
 # slower where the cost was higher (1b at G = 1: cost 1.5-1.8, runs s7_* / s8_*; forward 1b
 # qkv at G = 2 and 3b gate_up at G = 4, 8: cost 1.07-1.13, 0.90-0.97x).
 # Their one slot makes each of a warpgroup's three epilogue stores wait for the last one's: the
@@ -207,8 +207,9 @@ THREE_WG_VARIANTS = {
 # and down, where the kernel's tiles fill 0.73 of a wave and it runs at 0.79-0.85x of cuBLAS
 # (run s17_g1_all). 32-column epilogue tiles (64 does not divide 96 or 160). With b stored
 # n-minor (forward, dw) they take a 64-byte swizzle on both operands (mgpu_tiles.
-# operand_transforms); so they lower for CUDA (test_every_config_lowers_for_the_gpu) but have
-# not yet run on a GPU with b n-minor (test_gpu_column_tiles_sized_to_the_sms covers that).
+# operand_transforms); so they compute correctly on the H200 (test_gpu_column_tiles_sized_to_
+# the_sms) but ran at 0.65-0.90x (128 x 160) and 0.61-0.86x (192 x 96) select_config's choice
+# on every 1b / 3b forward and dw product at G = 1, 2 (run s19_smfit_fwd): used for dx only.
 # On the H200 (run s18_smfit, device time against select_config's choice before them):
 # 128 x 160 was 1.12-1.13x on 1b qkv / o / gate_up dx at G = 1 (tile_cost 0.83 of the 192 x 128
 # tiles'), 1.00-1.02x on 3b qkv / o / gate_up dx at G = 1 (cost 0.94 of the default's), 1.10x
@@ -299,7 +300,7 @@ def select_config(
        G = 1), the 3b dx products at G = 2 and all but down at G = 4; forward 1b o and down at
        G = 2-8, 1b qkv at G = 4 and 8, 1b gate_up at G = 1, 3b o and down at G = 2. Bigger
        tiles run faster per area than the cost model counts: at equal cost the 192 x 192
-       tiles were 2-8 % faster (runs s18_wide_select, s18_wide_fwd).
+       tiles were 2-8 % faster (runs s18_wide_select, s18_wide_fwd, s19_wide_rest).
 
     At full load (G = 16) this ran at or above cuBLAS's speed on 14 of the 24 forward and dx
     products of the Llama-1B/3B/8B diagonal shapes, at 0.987-0.997x on 9 and at 0.975x on 8b
