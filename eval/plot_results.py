@@ -13,7 +13,9 @@
 * grouped_matmul_h200.parity.png: the kernel's speed over cuBLAS's (XLA's plain batched matmul)
   on every diagonal product at full load, one dot per profiled A/B run that timed today's
   `select_config` choice for it (eval/results/grouped_matmul_h200.ab.json);
-* grouped_matmul_h200.parity_off_full_load.png: the same at G = 1, 2, 4, 8.
+* grouped_matmul_h200.parity_off_full_load.png: the same at G = 1, 2, 4, 8;
+* grouped_matmul_h200.parity.md: those figures' points as tables (per product: timings,
+  median, range; a count of the products at or above cuBLAS).
 
     python -m eval.plot_results                 # reads and writes eval/results/
 """
@@ -281,11 +283,57 @@ def plot_parity(report: dict, path: Path, groups: tuple[int, ...] = (16,)) -> No
     plt.close(fig)
 
 
+def parity_table(report: dict, groups: tuple[int, ...] = (16, 1, 2, 4, 8)) -> str:
+    """`parity_points` as markdown: per G, every diagonal product's timings of today's choice
+    against cuBLAS, with their median and range, and a count of the products whose median is at
+    or above cuBLAS's speed (the forward and dx products, which the issue's full-load bar
+    covers, apart from dw). The median over runs is the statistic the parity figure draws."""
+    from eval.bench_grouped_matmul import MODELS, PRODUCTS, product_name
+
+    points = parity_points(report)
+    lines = [f"# Grouped matmul against cuBLAS, today's select_config choice "
+             f"({report.get('device', '')}, jax {report.get('jax_version', '?')})", "",
+             "Written by `python -m eval.plot_results` from `grouped_matmul_h200.ab.json`: "
+             "per product, cuBLAS's device time over the kernel's in each profiled A/B run that "
+             "timed both (with that run's kernel code; `parity_points`), all groups active.", ""]
+    for g in groups:
+        mine = [p for p in points if p["G"] == g]
+        if not mine:
+            continue
+        lines += [f"## G = {g}", "",
+                  "| product | timings | median | min-max | runs |", "|---|---:|---:|---:|---|"]
+        medians = {}
+        for model, shapes in MODELS.items():
+            for shape, *_ in shapes:
+                for kind in PRODUCTS:
+                    product = f"{model} {product_name(shape, kind)}"
+                    ratios = [p["speed_vs_cublas"] for p in mine if p["product"] == product]
+                    if not ratios:
+                        lines.append(f"| {product} | 0 | not timed | | |")
+                        continue
+                    medians[product] = statistics.median(ratios)
+                    runs = ", ".join(sorted({p["run"] for p in mine if p["product"] == product}))
+                    lines.append(f"| {product} | {len(ratios)} | {medians[product]:.3f} | "
+                                 f"{min(ratios):.3f}-{max(ratios):.3f} | {runs} |")
+        for label, wanted in (("forward and dx", lambda q: not q.endswith(" dw")),
+                              ("dw", lambda q: q.endswith(" dw"))):
+            chosen = {q: v for q, v in medians.items() if wanted(q)}
+            if chosen:
+                lowest = min(chosen, key=chosen.get)
+                lines += ["", f"{label}: median at or above cuBLAS on "
+                              f"{sum(v >= 1.0 for v in chosen.values())} of the {len(chosen)} "
+                              f"timed products, at or above 0.99 on "
+                              f"{sum(v >= 0.99 for v in chosen.values())} (lowest: {lowest}, "
+                              f"{chosen[lowest]:.3f})"]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval.plot_results",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder with the JSON results")
-    ap.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default --results)")
+    ap.add_argument("--out", type=Path, default=None, help="folder for the PNGs and the parity table (default --results)")
     args = ap.parse_args(argv)
     out = args.out or args.results
     out.mkdir(parents=True, exist_ok=True)
@@ -306,6 +354,10 @@ def main(argv=None) -> int:
             continue
         plot(json.loads(source.read_text()), out / figure)
         print(f"wrote {out / figure}")
+    ab = args.results / "grouped_matmul_h200.ab.json"
+    if ab.exists():
+        (out / "grouped_matmul_h200.parity.md").write_text(parity_table(json.loads(ab.read_text())))
+        print(f"wrote {out / 'grouped_matmul_h200.parity.md'}")
     return 0
 
 

@@ -125,6 +125,8 @@ def test_plot_results_from_the_committed_json(tmp_path):
                  "grouped_matmul_h200.8b.png", "train_h200_diagonal.png",
                  "grouped_matmul_h200.parity.png", "grouped_matmul_h200.parity_off_full_load.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    table = (tmp_path / "grouped_matmul_h200.parity.md").read_text()
+    assert "## G = 16" in table and "forward and dx: median at or above cuBLAS on" in table
     with pytest.raises(ValueError, match="no main-run rows for model '70b'"):
         plot_results.plot_grouped_matmul({"rows": []}, tmp_path / "x.png", model="70b")
     with pytest.raises(ValueError, match="no training rows"):
@@ -142,7 +144,7 @@ def test_parity_points_take_todays_config_and_cublas():
     loads are left out."""
     import dataclasses
 
-    from eval.plot_results import config_fields, parity_points
+    from eval.plot_results import config_fields, parity_points, parity_table
     from kernels.tuning import (DEFAULT_CONFIG, PINGPONG_CONFIG, WIDE_CLUSTER_N_CONFIG,
                                 WIDE_THREE_WG_CONFIG, select_config)
 
@@ -181,6 +183,12 @@ def test_parity_points_take_todays_config_and_cublas():
     got = {p["product"]: p["speed_vs_cublas"] for p in parity_points(report)}
     assert got == pytest.approx({"1b qkv": 294 / 305, "1b down dx": 808 / 800,
                                  "8b gate_up": 21800 / 22000})
+    # the same points as a table: median and range per product, the count at or above cuBLAS
+    table = parity_table(report, groups=(16, 1))
+    assert f"| 1b qkv | 1 | {294 / 305:.3f} | {294 / 305:.3f}-{294 / 305:.3f} | r1 |" in table
+    assert "| 1b o | 0 | not timed | | |" in table and "## G = 1\n" not in table
+    assert ("forward and dx: median at or above cuBLAS on 1 of the 3 timed products, at or "
+            f"above 0.99 on 2 (lowest: 1b qkv, {294 / 305:.3f})") in table
     assert config_fields("") is None
     assert config_fields(no_epi_slots) == config_fields(str(DEFAULT_CONFIG))
     # the ping-pong kernel is the same before and after
