@@ -127,6 +127,10 @@
 #   wide_rest  rule 7's choices s18_wide_fwd left untimed: the forward 1b down at G = 2, 4, 8
 #              (192 x 192 in place of 192 x 128 / ping-pong) and 1b gate_up at G = 1 (in place
 #              of ping-pong): "auto" against those and cuBLAS
+#   dw_cluster the dw products at G = 16 (0.90-1.01x of cuBLAS, which runs them in 2-CTA
+#              clusters: 128 x 256 on 8b down dw, 256 x 128 on 3b down dw, 128 x 160 on 1b qkv
+#              dw) with clustered and 192 x 192 tiles, none of them timed on dw since the ring
+#              of stages: "auto" (timed twice) against them and cuBLAS
 # The stages that chose between JAX's pipelines and the ring of stages for the cooperative
 # schedule (ring, ring2, ring_all, ring_check, ring_cluster, ring_wg3, ring_swiglu; dw_variants,
 # dw_select, dw_3b) were removed with JAX's pipelines: their runs in
@@ -359,6 +363,9 @@ for stage in "${stages[@]}"; do
              --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,3b:o,3b:gate_up,3b:down ;;
     wide_rest) ab wide_rest 240 --ab auto,wg3_192x128,pingpong_delay1,xla_einsum --ab_groups 1,2,4,8 \
              --ab_products fwd --ab_profile --ab_reps 3 --ab_shapes 1b:gate_up,1b:down ;;
+    dw_cluster) S=$(for m in 1b 3b 8b; do for p in qkv o gate_up down; do printf "%s:%s," $m $p; done; done)
+           ab dw_cluster 560 --ab auto,auto#2,cluster_n,wg_m_cn,wg3_192x192,wg3_192x192_cn,xla_einsum \
+             --ab_groups 16 --ab_products dw --ab_profile --ab_reps 3 --ab_shapes "${S%,}" ;;
     train_seq_remat) train_bench train_seq_remat 330 --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal
            train_bench train_seq_remat_16k 200 --tokens 16384 --reps 3 --impls auto \
@@ -369,7 +376,7 @@ for stage in "${stages[@]}"; do
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
-            "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit, smfit_select, wide_small_g, wide_select, wide_fwd, smfit_fwd, wide_rest)"
+            "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit, smfit_select, wide_small_g, wide_select, wide_fwd, smfit_fwd, wide_rest, dw_cluster)"
        exit 2 ;;
   esac
 done
