@@ -333,7 +333,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval.plot_results",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder with the JSON results")
-    ap.add_argument("--out", type=Path, default=None, help="folder for the PNGs and the parity table (default --results)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="folder for the PNGs and the parity table (default --results)")
     args = ap.parse_args(argv)
     out = args.out or args.results
     out.mkdir(parents=True, exist_ok=True)

@@ -155,10 +155,10 @@ THREE_WG_MAX_COST_RATIO = 0.85
 # at G = 16, three runs; 1b gate_up at G = 2, 4 and down dx at G = 4, 8, one run), and not where
 # they were slower (3b / 8b at G = 16: ragged rows or cost 1.01-1.04; dw). Off full load
 # (select_config's rule 7) it also takes them wherever tile_cost promises no more than its other
-# choice's time, ragged rows and few waves included: measured 1.02-1.25x the choice before on
+# choice's time, ragged rows and few waves included: measured 1.02-1.30x the choice before on
 # every forward and dx product of the 1b / 3b shapes where that rule changed it (runs
-# s18_wide_small_g, s18_wide_select, s18_wide_fwd, s19_wide_rest: forward 1b down at G = 2, 4,
-# 8 1.30x, 1.04x, 1.06x, 1b gate_up at G = 1 1.02x), and
+# s18_wide_small_g, s18_wide_select, s18_wide_fwd, s19_wide_rest; the last: forward 1b down at
+# G = 2, 4, 8: 1.30x, 1.04x, 1.06x; 1b gate_up at G = 1: 1.02x), and
 # slower where the cost was higher (1b at G = 1: cost 1.5-1.8, runs s7_* / s8_*; forward 1b
 # qkv at G = 2 and 3b gate_up at G = 4, 8: cost 1.07-1.13, 0.90-0.97x).
 # Their one slot makes each of a warpgroup's three epilogue stores wait for the last one's: the
