@@ -333,6 +333,9 @@ SWEEP = {  # named configs for --sweep / --ab (the default is select_config's ch
     # column tiles sized to the SM count: 192 x 96 and 128 x 160, cuBLAS's tiles at G = 1 (on
     # the forward and dw products, b stored n-minor, with a 64-byte swizzle on both operands)
     **mgpu_kernel.SM_FIT_VARIANTS,
+    # 192 x 192 tiles of two warpgroups splitting the columns (192 x 96 each): cuBLAS's tile on
+    # 8b down dx (nvjet ..._192x192_64x4_1x2_h_bz_coopB)
+    **mgpu_kernel.COLUMN_SPLIT_VARIANTS,
     # narrower epilogue tiles (64 x 32) in as much shared memory, so more of them are in flight:
     # 192 x 192 tiles with 2 slots per warpgroup (not 1 of 64 x 64), the default with 4 (not 2);
     # without deferred epilogue tiles, as measured (runs s15_epi_*: level or slower)

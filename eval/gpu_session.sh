@@ -131,6 +131,10 @@
 #              clusters: 128 x 256 on 8b down dw, 256 x 128 on 3b down dw, 128 x 160 on 1b qkv
 #              dw) with clustered and 192 x 192 tiles, none of them timed on dw since the ring
 #              of stages: "auto" (timed twice) against them and cuBLAS
+#   split_cols 192 x 192 tiles of two warpgroups splitting the columns (192 x 96 each; cuBLAS's
+#              coopB kernel on 8b down dx), first on a GPU with this stage: its GPU test under
+#              a timeout, then a profiled A/B against "auto" (twice), the three-warpgroup 192 x
+#              192 tiles and cuBLAS on the G = 16 products below 0.99x of cuBLAS and the 8b ones
 # The stages that chose between JAX's pipelines and the ring of stages for the cooperative
 # schedule (ring, ring2, ring_all, ring_check, ring_cluster, ring_wg3, ring_swiglu; dw_variants,
 # dw_select, dw_3b) were removed with JAX's pipelines: their runs in
@@ -366,6 +370,11 @@ for stage in "${stages[@]}"; do
     dw_cluster) S=$(for m in 1b 3b 8b; do for p in qkv o gate_up down; do printf "%s:%s," $m $p; done; done)
            ab dw_cluster 560 --ab auto,auto#2,cluster_n,wg_m_cn,wg3_192x192,wg3_192x192_cn,xla_einsum \
              --ab_groups 16 --ab_products dw --ab_profile --ab_reps 3 --ab_shapes "${S%,}" ;;
+    split_cols) tests_pass split_cols 240 1 tests/test_grouped_matmul.py \
+             "gpu_weight_offset and wg2_192x192" || continue
+           ab split_cols 360 --ab auto,auto#2,wg2_192x192,wg3_192x192,xla_einsum --ab_groups 16 \
+             --ab_products fwd,dx --ab_profile --ab_reps 3 \
+             --ab_shapes 3b:qkv,8b:qkv,8b:o,8b:gate_up,8b:down ;;
     train_seq_remat) train_bench train_seq_remat 330 --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal
            train_bench train_seq_remat_16k 200 --tokens 16384 --reps 3 --impls auto \
@@ -376,7 +385,7 @@ for stage in "${stages[@]}"; do
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
-            "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit, smfit_select, wide_small_g, wide_select, wide_fwd, smfit_fwd, wide_rest, dw_cluster)"
+            "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit, smfit_select, wide_small_g, wide_select, wide_fwd, smfit_fwd, wide_rest, dw_cluster, split_cols)"
        exit 2 ;;
   esac
 done

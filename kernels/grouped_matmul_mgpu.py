@@ -73,6 +73,7 @@ from kernels.ring_mgpu import ring_kernel
 
 # The tuning names are part of this module's interface (callers write mgpu_kernel.TuningConfig).
 from kernels.tuning import (  # noqa: F401
+    COLUMN_SPLIT_VARIANTS,
     DEFAULT_CONFIG,
     H100_NUM_SMS,
     NARROW_CONFIG,

@@ -80,7 +80,12 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
         col = n_idx * cta_n + (0 if by_rows else wg * tn) + epi_ni * c.epi_tile_n
         return out_gmem.at[g, pl.ds(row, c.epi_tile_m), pl.ds(col, c.epi_tile_n)]
 
-    a_transforms, b_transforms = tiles.operand_transforms(dtype, a_block[1], b_block[1])
+    # The swizzle must suit each warpgroup's slice of a tile where the slice runs along the
+    # tile's minor dim: a stored m-minor (dw) split by rows, b stored n-minor split by columns.
+    a_transforms, b_transforms = tiles.operand_transforms(
+        dtype, a_block[1], b_block[1],
+        a_slice=tm if transpose_lhs and by_rows else None,
+        b_slice=tn if not transpose_rhs and not by_rows else None)
 
     @functools.partial(
         pl.run_scoped,

@@ -202,6 +202,18 @@ THREE_WG_VARIANTS = {
     # 2-CTA clusters along n / m (WIDE_CLUSTER_CONFIGS): "wg3_192x192_cn", "wg3_192x192_cm".
     **{f"wg3_192x192_c{c.cluster_dimension.name.lower()}": c for c in WIDE_CLUSTER_CONFIGS},
 }
+# 192 x 192 CTA tiles of two warpgroups splitting the columns (192 x 96 each): cuBLAS's kernel
+# for 8b down dx at G = 16 (nvjet ..._192x192_64x4_1x2_h_bz_coopB: 4 stages, the consumer
+# warpgroups splitting B), where select_config's 128 x 256 tiles run at 0.973x of it (median of
+# 7 runs) and three warpgroups of 64 x 192 at 0.97-1.00x (runs s17_*). Each warpgroup keeps 192
+# x 96 accumulators, 144 registers a thread (the default's 128 x 128: 128). With b stored
+# n-minor (forward, dw) the 96-column slices take a 64-byte swizzle on both operands (mgpu_tiles.
+# operand_transforms). Lowered for CUDA and checked in interpret mode; not yet run on a GPU, not
+# chosen by select_config.
+COLUMN_SPLIT_VARIANTS = {
+    "wg2_192x192": TuningConfig(tile_m=192, tile_n=96, wg_dimension=MatmulDimension.N,
+                                epi_tile_n=32, deferred_epi_tiles=1),
+}
 # Column tiles sized to the SM count: at G = 1 cuBLAS runs 192 x 96 tiles on 1b o and o dx (6 x
 # 22 = 132 tiles, one full wave, against 96 of 192 x 128) and 128 x 160 on 1b qkv dx, gate_up dx
 # and down, where the kernel's tiles fill 0.73 of a wave and it runs at 0.79-0.85x of cuBLAS

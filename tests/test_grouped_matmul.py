@@ -586,15 +586,19 @@ def _check_every_product(run, rng, tag, dims, windows):
             _check_idle_zero(got, lo, hi, product, where)
 
 
-@pytest.mark.parametrize("name", list(mgpu_kernel.SM_FIT_VARIANTS))
+NARROW_COLUMN_VARIANTS = {**mgpu_kernel.SM_FIT_VARIANTS, **mgpu_kernel.COLUMN_SPLIT_VARIANTS}
+
+
+@pytest.mark.parametrize("name", list(NARROW_COLUMN_VARIANTS))
 def test_column_tiles_sized_to_the_sms_bf16(name):
-    """The same tiles in bf16, where b stored n-minor (forward, dw) has 192- or 320-byte rows and
-    both operands take a 64-byte swizzle: every product in interpret mode against the XLA path
+    """The same tiles in bf16, and 192 x 192 tiles split into two 192 x 96 warpgroup tiles, where
+    b stored n-minor (forward, dw) has 192- or 320-byte rows (or 96-column slices) and both
+    operands take a 64-byte swizzle: every product in interpret mode against the XLA path
     (2 groups of 192 x 448 x 320: ragged column tiles; forward and dx at a weight offset),
     idle groups zero. (Whether the compiled kernel reads the swizzled tiles right is the GPU
-    test's to check: test_gpu_column_tiles_sized_to_the_sms.)"""
+    tests' to check: test_gpu_column_tiles_sized_to_the_sms, test_gpu_weight_offset.)"""
     rng, info = fresh_rng()
-    cfg = dataclasses.replace(mgpu_kernel.SM_FIT_VARIANTS[name], max_concurrent_steps=2)
+    cfg = dataclasses.replace(NARROW_COLUMN_VARIANTS[name], max_concurrent_steps=2)
     run = lambda a, b, bounds, tl, tr: mgpu_kernel.grouped_matmul_mgpu(
         a, b, bounds, transpose_lhs=tl, transpose_rhs=tr, config=cfg,
         interpret=plgpu.InterpretGPUParams(), num_sms=4)
@@ -654,6 +658,11 @@ def test_tiles_that_do_not_lower_or_cover_are_refused():
     swizzles = lambda a, b: [t[1].swizzle for t in mgpu_tiles.operand_transforms(
         jnp.bfloat16, a, b)]
     assert swizzles(64, 256) == [128, 128] and swizzles(64, 96) == [64, 64]
+    # and that a warpgroup's slice along the minor dim allows: 96 of 192 columns
+    slices = lambda **kw: [t[1].swizzle for t in mgpu_tiles.operand_transforms(
+        jnp.bfloat16, 64, 192, **kw)]
+    assert slices() == [128, 128] and slices(b_slice=96) == [64, 64]
+    assert slices(a_slice=64, b_slice=128) == [128, 128]
     assert swizzles(192, 160) == [64, 64] and swizzles(64, 64) == [128, 128]
     x, w = jnp.zeros((2, 64, 64), jnp.float32), jnp.zeros((2, 64, 128), jnp.float32)
     with pytest.raises(ValueError, match="epilogue tiles of 64 x 48"):
@@ -929,6 +938,8 @@ GPU_CONFIGS = {
     # three compute warpgroups (192-row CTA tiles; ragged n at the 1b shapes' n = 2048), the
     # 192 x 192 ones also in clusters along n and m
     **mgpu_kernel.THREE_WG_VARIANTS,
+    # two warpgroups splitting 192 x 192 tiles by columns (a 64-byte swizzle with b n-minor)
+    **mgpu_kernel.COLUMN_SPLIT_VARIANTS,
 }
 
 
@@ -972,7 +983,7 @@ def test_every_config_lowers_for_the_gpu(name):
         assert "mosaic_gpu" in text, f"{name} {case}: no Mosaic GPU kernel in the lowering"
         lowered += 1
     assert lowered >= 1
-    if name in mgpu_kernel.SM_FIT_VARIANTS:   # forward and dw too: a 64-byte swizzle on a and b
+    if name in NARROW_COLUMN_VARIANTS:   # forward and dw too: a 64-byte swizzle on a and b
         assert lowered == 3
 
 
