@@ -111,6 +111,14 @@ PRODUCTS = {"fwd": lambda m, k, n: ((m, k, n), None),
             "dw": lambda m, k, n: ((k, m, n), (True, False))}
 
 
+# The forward product computed transposed, y^T = w^T @ x^T (w read m-minor as the left operand,
+# x k-minor as the right one): at G = 1 its output tiles can match the SM count with 128-byte
+# swizzles on both operands (1b o: 11 x 12 tiles of 192 x 96), where the forward product's
+# can only with a 64-byte one (run s19_smfit_fwd: 0.65-0.90x); a consumer would read y^T.
+# Timed by name (--ab_products fwd_t); not among the figures' products.
+TRANSPOSED_PRODUCTS = {"fwd_t": lambda m, k, n: ((n, k, m), (True, True))}
+
+
 def product_name(shape: str, product: str) -> str:
     """A row's shape name for a product: "qkv", "qkv dx", "qkv dw"."""
     return shape if product == "fwd" else f"{shape} {product}"
@@ -465,7 +473,7 @@ def ab_compare(shapes, cfg_names, active, reps, dense_tflops, key, rows, failure
     PRODUCTS, "fwd" and the backward products "dx" / "dw" (rows named e.g. "o dx"; the SwiGLU
     variants are forward-only)."""
     configs = dict(SWEEP if configs is None else configs)
-    todo = [(model, product_name(name, p), *PRODUCTS[p](m, k, n))
+    todo = [(model, product_name(name, p), *{**PRODUCTS, **TRANSPOSED_PRODUCTS}[p](m, k, n))
             for model, name, m, k, n in shapes for p in products]
     active = g if active is None else active
     for model, name, (m, k, n), transpose in todo:
@@ -597,7 +605,8 @@ def main(argv=None):
                    help="model:shape pairs for --ab")
     p.add_argument("--ab_groups", default="16", help="comma-separated G values for --ab")
     p.add_argument("--ab_products", default="fwd",
-                   help="comma-separated products for --ab: fwd, dx (dy @ w^T), dw (x^T @ dy)")
+                   help="comma-separated products for --ab: fwd, dx (dy @ w^T), dw (x^T @ dy),"
+                        " fwd_t (w^T @ x^T)")
     p.add_argument("--ab_active", type=int, default=None,
                    help="active groups of G for --ab (default: all)")
     p.add_argument("--ab_reps", type=int, default=5, help="rounds of --ab")

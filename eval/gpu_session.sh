@@ -135,6 +135,9 @@
 #              coopB kernel on 8b down dx), first on a GPU with this stage: its GPU test under
 #              a timeout, then a profiled A/B against "auto" (twice), the three-warpgroup 192 x
 #              192 tiles and cuBLAS on the G = 16 products below 0.99x of cuBLAS and the 8b ones
+#   fwd_t      the G = 1 forward products computed transposed (w^T @ x^T, both operands read
+#              transposed: 128-byte swizzles with tiles sized to the SMs) against the forward
+#              itself ("auto") and cuBLAS, on the 1b / 3b shapes where "auto" trails cuBLAS
 # The stages that chose between JAX's pipelines and the ring of stages for the cooperative
 # schedule (ring, ring2, ring_all, ring_check, ring_cluster, ring_wg3, ring_swiglu; dw_variants,
 # dw_select, dw_3b) were removed with JAX's pipelines: their runs in
@@ -375,6 +378,9 @@ for stage in "${stages[@]}"; do
            ab split_cols 360 --ab auto,auto#2,wg2_192x192,wg3_192x192,xla_einsum --ab_groups 16 \
              --ab_products fwd,dx --ab_profile --ab_reps 3 \
              --ab_shapes 3b:qkv,8b:qkv,8b:o,8b:gate_up,8b:down ;;
+    fwd_t) ab fwd_t 300 --ab auto,wg3_192x96,wg2_128x160,wg3_192x128,xla_einsum --ab_groups 1 \
+             --ab_products fwd,fwd_t --ab_profile --ab_reps 3 \
+             --ab_shapes 1b:qkv,1b:o,1b:down,3b:qkv,3b:o,3b:down ;;
     train_seq_remat) train_bench train_seq_remat 330 --tokens 65536 --reps 3 --impls auto \
              --schedules sequential diagonal
            train_bench train_seq_remat_16k 200 --tokens 16384 --reps 3 --impls auto \
@@ -385,7 +391,7 @@ for stage in "${stages[@]}"; do
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
-            "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit, smfit_select, wide_small_g, wide_select, wide_fwd, smfit_fwd, wide_rest, dw_cluster, split_cols)"
+            "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit, smfit_select, wide_small_g, wide_select, wide_fwd, smfit_fwd, wide_rest, dw_cluster, split_cols, fwd_t)"
        exit 2 ;;
   esac
 done

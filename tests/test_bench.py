@@ -256,16 +256,18 @@ def test_grouped_matmul_ab_compare_on_cpu():
     table = gmm.markdown_ab(rows)
     assert "| smoke | a 72x128x256 | 4 of 4 | interp |" in table
     assert table.count("\n") == 7   # header, rule, six rows
-    # the backward products (transposed operand views): checked against the XLA path too
+    # the backward products and the transposed forward (transposed operand views): checked
+    # against the XLA path too
     rows, failures = [], []
-    gmm.ab_compare([("smoke", "a", 72, 128, 256)],
+    gmm.ab_compare([("smoke", "a", 136, 128, 256)],
                    ["interp", "auto", "auto#2", "xla_einsum", "swiglu"], None, 1, 1.0,
                    jax.random.key(1), rows, failures, g=2, configs=configs, impl="interpret",
-                   products=("dx", "dw"))
+                   products=("dx", "dw", "fwd_t"))
     assert not failures, failures
     got = {(r.shape, r.m, r.k, r.n, r.note[3:]) for r in rows}
-    assert got == {(f"a {p}", *dims, c) for p, dims in (("dx", (72, 256, 128)),
-                                                         ("dw", (128, 72, 256)))
+    assert got == {(f"a {p}", *dims, c) for p, dims in (("dx", (136, 256, 128)),
+                                                         ("dw", (128, 136, 256)),
+                                                         ("fwd_t", (256, 128, 136)))
                    for c in ("xla", "interp", "auto", "auto#2", "xla_einsum")}, got
     # "auto#2" is "auto" timed a second time: the same config, its own row
     config_of = {(r.shape, r.note[3:]): r.config for r in rows}

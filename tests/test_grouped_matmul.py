@@ -562,19 +562,21 @@ def test_column_tiles_sized_to_the_sms(name):
 
 
 def _check_every_product(run, rng, tag, dims, windows):
-    """The forward, dx (w read transposed) and dw (x read transposed) products of
-    ``run(a, b, bounds, transpose_lhs, transpose_rhs)`` against the XLA path on fresh bf16
-    operands, dims = (G, Gw, m, k, n): for each (lo, hi, off) window, forward and dx read the
-    weights at offset off, dw lands at its own groups; idle groups exactly zero."""
+    """The forward, dx (w read transposed), dw (x read transposed) and transposed forward
+    (w^T @ x^T: both read transposed) products of ``run(a, b, bounds, transpose_lhs,
+    transpose_rhs)`` against the XLA path on fresh bf16 operands, dims = (G, Gw, m, k, n): for
+    each (lo, hi, off) window, forward and dx read the weights at offset off, dw and the
+    transposed forward (whose weights are the left operand) land at their own groups; idle
+    groups exactly zero."""
     g, gw, m, k, n = dims
     x = jnp.asarray(rng.standard_normal((g, m, k)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((gw, k, n)), jnp.bfloat16)
     dy = jnp.asarray(rng.standard_normal((g, m, n)), jnp.bfloat16)
     products = {"fwd": (x, w, False, False, (g, m, n)), "dx": (dy, w, False, True, (g, m, k)),
-                "dw": (x, dy, True, False, (g, k, n))}
+                "dw": (x, dy, True, False, (g, k, n)), "fwd_t": (w[:g], x, True, True, (g, n, m))}
     for lo, hi, off in windows:
         for product, (a, b, tl, tr, out_shape) in products.items():
-            b_off = 0 if product == "dw" else off
+            b_off = off if product in ("fwd", "dx") else 0
             where = f"{tag} {product} G={g} lo={lo} hi={hi} off={b_off}"
             bounds = jnp.array([lo, hi, b_off, 0], jnp.int32)
             got = run(a, b, bounds, tl, tr)
@@ -881,7 +883,7 @@ def test_gpu_pallas_matches_xla(shape):
 @pytest.mark.parametrize("name", list(mgpu_kernel.SM_FIT_VARIANTS))
 def test_gpu_column_tiles_sized_to_the_sms(name):
     """The 192 x 96 / 128 x 160 tiles compiled, bf16, against the XLA path, idle groups zero:
-    all three products at the 1b o shape (G = 1; 2048 columns, a ragged last column tile) and
+    all four products (the transposed forward w^T @ x^T too) at the 1b o shape (G = 1; 2048 columns, a ragged last column tile) and
     the 1b qkv shape (G = 4; forward and dx read windows of 6 stacked weights at offsets, dw
     lands at its own groups). The forward and dw read b n-minor through a 64-byte swizzle on
     both operands (mgpu_tiles.operand_transforms)."""
@@ -889,7 +891,7 @@ def test_gpu_column_tiles_sized_to_the_sms(name):
     cfg = mgpu_kernel.SM_FIT_VARIANTS[name]
     fns = {(tl, tr): jax.jit(lambda a, b, bounds, tl=tl, tr=tr: mgpu_kernel.grouped_matmul_mgpu(
         a, b, bounds, transpose_lhs=tl, transpose_rhs=tr, config=cfg))
-        for tl, tr in [(False, False), (False, True), (True, False)]}
+        for tl, tr in [(False, False), (False, True), (True, False), (True, True)]}
     run = lambda a, b, bounds, tl, tr: fns[tl, tr](a, b, bounds)
     _check_every_product(run, rng, f"{info} {name}", (1, 1, 1152, 2048, 2048),
                          [(0, 1, 0), (1, 1, 0)])
@@ -953,8 +955,8 @@ SWIGLU_GPU_CONFIGS = {
                                   *mgpu_kernel.SM_FIT_VARIANTS])
 def test_every_config_lowers_for_the_gpu(name):
     """Every GPU tile schedule lowers to Mosaic GPU for CUDA, on any machine (cross-platform
-    lowering): the forward and both backward products (transposed operand views) at the 1b qkv
-    shape, bf16, 132 SMs, where the config serves them (e.g. not the 192-column tiles on dx),
+    lowering): the forward, both backward products and the transposed forward (w^T @ x^T;
+    transposed operand views) at the 1b qkv shape, bf16, 132 SMs, where the config serves them (e.g. not the 192-column tiles on dx),
     and the fused SwiGLU.
     Lowering errors of a new schedule show up here in CPU CI, before any GPU time; compiling to
     PTX and running stay the GPU tests' job."""
@@ -970,7 +972,8 @@ def test_every_config_lowers_for_the_gpu(name):
         cfg = {**GPU_CONFIGS, **mgpu_kernel.SM_FIT_VARIANTS}[name]
         cases = {"fwd": (S((g, m, k), jnp.bfloat16), S((g, k, n), jnp.bfloat16), False, False),
                  "dx": (S((g, m, n), jnp.bfloat16), S((g, k, n), jnp.bfloat16), False, True),
-                 "dw": (S((g, m, k), jnp.bfloat16), S((g, m, n), jnp.bfloat16), True, False)}
+                 "dw": (S((g, m, k), jnp.bfloat16), S((g, m, n), jnp.bfloat16), True, False),
+                 "fwd_t": (S((g, k, n), jnp.bfloat16), S((g, m, k), jnp.bfloat16), True, True)}
     lowered = 0
     for case, (a, b, tl, tr) in cases.items():
         if mgpu_kernel.unsupported_reason(a.shape, b.shape, a.dtype, a.dtype, transpose_lhs=tl,
@@ -984,7 +987,7 @@ def test_every_config_lowers_for_the_gpu(name):
         lowered += 1
     assert lowered >= 1
     if name in NARROW_COLUMN_VARIANTS:   # forward and dw too: a 64-byte swizzle on a and b
-        assert lowered == 3
+        assert lowered == 4
 
 
 @on_gpu
