@@ -883,9 +883,9 @@ def test_gpu_pallas_matches_xla(shape):
 @pytest.mark.parametrize("name", list(mgpu_kernel.SM_FIT_VARIANTS))
 def test_gpu_column_tiles_sized_to_the_sms(name):
     """The 192 x 96 / 128 x 160 tiles compiled, bf16, against the XLA path, idle groups zero:
-    all four products (the transposed forward w^T @ x^T too) at the 1b o shape (G = 1; 2048 columns, a ragged last column tile) and
-    the 1b qkv shape (G = 4; forward and dx read windows of 6 stacked weights at offsets, dw
-    lands at its own groups). The forward and dw read b n-minor through a 64-byte swizzle on
+    all four products (the transposed forward w^T @ x^T too) at the 1b o shape (G = 1; 2048
+    columns, a ragged last column tile) and the 1b qkv shape (G = 4; forward and dx read
+    windows of 6 stacked weights at offsets, dw lands at its own groups). The forward and dw read b n-minor through a 64-byte swizzle on
     both operands (mgpu_tiles.operand_transforms)."""
     rng, info = fresh_rng()
     cfg = mgpu_kernel.SM_FIT_VARIANTS[name]
@@ -956,8 +956,8 @@ SWIGLU_GPU_CONFIGS = {
 def test_every_config_lowers_for_the_gpu(name):
     """Every GPU tile schedule lowers to Mosaic GPU for CUDA, on any machine (cross-platform
     lowering): the forward, both backward products and the transposed forward (w^T @ x^T;
-    transposed operand views) at the 1b qkv shape, bf16, 132 SMs, where the config serves them (e.g. not the 192-column tiles on dx),
-    and the fused SwiGLU.
+    transposed operand views) at the 1b qkv shape, bf16, 132 SMs, where the config serves
+    them (e.g. not the 192-column tiles on dx), and the fused SwiGLU.
     Lowering errors of a new schedule show up here in CPU CI, before any GPU time; compiling to
     PTX and running stay the GPU tests' job."""
     S = jax.ShapeDtypeStruct
