@@ -885,8 +885,8 @@ def test_gpu_column_tiles_sized_to_the_sms(name):
     """The 192 x 96 / 128 x 160 tiles compiled, bf16, against the XLA path, idle groups zero:
     all four products (the transposed forward w^T @ x^T too) at the 1b o shape (G = 1; 2048
     columns, a ragged last column tile) and the 1b qkv shape (G = 4; forward and dx read
-    windows of 6 stacked weights at offsets, dw lands at its own groups). The forward and dw read b n-minor through a 64-byte swizzle on
-    both operands (mgpu_tiles.operand_transforms)."""
+    windows of 6 stacked weights at offsets, dw lands at its own groups). The forward and dw
+    read b n-minor through a 64-byte swizzle on both operands (mgpu_tiles.operand_transforms)."""
     rng, info = fresh_rng()
     cfg = mgpu_kernel.SM_FIT_VARIANTS[name]
     fns = {(tl, tr): jax.jit(lambda a, b, bounds, tl=tl, tr=tr: mgpu_kernel.grouped_matmul_mgpu(
