@@ -473,7 +473,8 @@ def ab_compare(shapes, cfg_names, active, reps, dense_tflops, key, rows, failure
     PRODUCTS, "fwd" and the backward products "dx" / "dw" (rows named e.g. "o dx"; the SwiGLU
     variants are forward-only)."""
     configs = dict(SWEEP if configs is None else configs)
-    todo = [(model, product_name(name, p), *{**PRODUCTS, **TRANSPOSED_PRODUCTS}[p](m, k, n))
+    kinds = {**PRODUCTS, **TRANSPOSED_PRODUCTS}
+    todo = [(model, product_name(name, p), *kinds[p](m, k, n))
             for model, name, m, k, n in shapes for p in products]
     active = g if active is None else active
     for model, name, (m, k, n), transpose in todo:

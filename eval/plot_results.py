@@ -220,16 +220,22 @@ def parity_points(report: dict, num_sms: int = 132) -> list[dict]:
     return points
 
 
+def _diagonal_products() -> list[str]:
+    """Every product of the benchmark's diagonal shapes, as parity_points names them
+    ("1b qkv", "1b qkv dx", "1b qkv dw", ...), in the figures' order."""
+    from eval.bench_grouped_matmul import MODELS, PRODUCTS, product_name
+
+    return [f"{model} {product_name(shape, p)}" for model, shapes in MODELS.items()
+            for shape, *_ in shapes for p in PRODUCTS]
+
+
 def _parity_panel(ax, report: dict, points: list[dict], groups: int) -> None:
     """One parity panel: a column per diagonal product, a dot per run that timed today's
     choice for it at G = groups (runs in date order, coloured oldest to newest), bars at the
     medians; a product no run timed keeps its column, in gray, marked so."""
-    from eval.bench_grouped_matmul import MODELS, PRODUCTS, product_name
-
     plt = _pyplot()
     points = [p for p in points if p["G"] == groups]
-    products = [f"{model} {product_name(shape, p)}" for model, shapes in MODELS.items()
-                for shape, *_ in shapes for p in PRODUCTS]
+    products = _diagonal_products()
     timed = {q["product"] for q in points}
     runs = sorted({p["run"] for p in points}, key=lambda r: report["runs"][r].get("date", ""))
     shade = [i / max(len(runs) - 1, 1) for i in range(len(runs))]   # 0..1, oldest to newest
@@ -288,8 +294,6 @@ def parity_table(report: dict, groups: tuple[int, ...] = (16, 1, 2, 4, 8)) -> st
     against cuBLAS, with their median and range, and a count of the products whose median is at
     or above cuBLAS's speed (the forward and dx products, which the issue's full-load bar
     covers, apart from dw). The median over runs is the statistic the parity figure draws."""
-    from eval.bench_grouped_matmul import MODELS, PRODUCTS, product_name
-
     points = parity_points(report)
     lines = [f"# Grouped matmul against cuBLAS, today's select_config choice "
              f"({report.get('device', '')}, jax {report.get('jax_version', '?')})", "",
@@ -303,18 +307,15 @@ def parity_table(report: dict, groups: tuple[int, ...] = (16, 1, 2, 4, 8)) -> st
         lines += [f"## G = {g}", "",
                   "| product | timings | median | min-max | runs |", "|---|---:|---:|---:|---|"]
         medians = {}
-        for model, shapes in MODELS.items():
-            for shape, *_ in shapes:
-                for kind in PRODUCTS:
-                    product = f"{model} {product_name(shape, kind)}"
-                    ratios = [p["speed_vs_cublas"] for p in mine if p["product"] == product]
-                    if not ratios:
-                        lines.append(f"| {product} | 0 | not timed | | |")
-                        continue
-                    medians[product] = statistics.median(ratios)
-                    runs = ", ".join(sorted({p["run"] for p in mine if p["product"] == product}))
-                    lines.append(f"| {product} | {len(ratios)} | {medians[product]:.3f} | "
-                                 f"{min(ratios):.3f}-{max(ratios):.3f} | {runs} |")
+        for product in _diagonal_products():
+            ratios = [p["speed_vs_cublas"] for p in mine if p["product"] == product]
+            if not ratios:
+                lines.append(f"| {product} | 0 | not timed | | |")
+                continue
+            medians[product] = statistics.median(ratios)
+            runs = ", ".join(sorted({p["run"] for p in mine if p["product"] == product}))
+            lines.append(f"| {product} | {len(ratios)} | {medians[product]:.3f} | "
+                         f"{min(ratios):.3f}-{max(ratios):.3f} | {runs} |")
         for label, wanted in (("forward and dx", lambda q: not q.endswith(" dw")),
                               ("dw", lambda q: q.endswith(" dw"))):
             chosen = {q: v for q, v in medians.items() if wanted(q)}

@@ -205,7 +205,8 @@ THREE_WG_VARIANTS = {
 # 192 x 192 CTA tiles of two warpgroups splitting the columns (192 x 96 each): cuBLAS's kernel
 # for 8b down dx at G = 16 (nvjet ..._192x192_64x4_1x2_h_bz_coopB: 4 stages, the consumer
 # warpgroups splitting B), where select_config's 128 x 256 tiles run at 0.973x of it (median of
-# 7 runs) and three warpgroups of 64 x 192 at 0.97-1.00x (runs s17_*). Each warpgroup keeps 192
+# 7 runs, grouped_matmul_h200.parity.md) and three warpgroups of 64 x 192 at 0.95-0.98x, plain
+# or in clusters along m (runs s17_defer, s17_mlp8b_cm, s17_down_dx_cm). Each warpgroup keeps 192
 # x 96 accumulators, 144 registers a thread (the default's 128 x 128: 128). With b stored
 # n-minor (forward, dw) the 96-column slices take a 64-byte swizzle on both operands (mgpu_tiles.
 # operand_transforms). Lowered for CUDA and checked in interpret mode; not yet run on a GPU, not

@@ -232,9 +232,9 @@ def test_wide_choice_off_full_load():
     s18_wide_select and s18_wide_fwd: on dx 1.02-1.20x the choice before at G = 2, 1.05-1.08x at
     G = 4, 1.11-1.13x at G = 8 (1b); forward 1.04-1.25x (1b qkv at G = 4, 8, 1b o at G = 2-8;
     3b o, down at G = 2). Not at G = 1 but on 1b down dx (1b: 66 tiles, cost 1.8; 3b: 1.2),
-    not 3b at G >= 8 or 8b (cost
-    1.004-1.09), not where it cost more on the forward products (1b qkv at G = 2: 1.125, 0.90x;
-    3b gate_up at G = 4: 1.09, 0.95x), never for dw, never over the clustered 192 x 192 tiles."""
+    not 3b at G >= 8 or 8b (cost 1.004-1.09), not where it cost more on the forward products
+    (1b qkv at G = 2: 1.125, 0.90x; 3b gate_up at G = 4: 1.09, 0.95x), never for dw, never
+    over the clustered 192 x 192 tiles."""
     pick = lambda *dims: mgpu_kernel.select_config(*dims, transpose_rhs=True, num_sms=132)
     fwd = lambda *dims: mgpu_kernel.select_config(*dims, num_sms=132)
     wide = mgpu_kernel.WIDE_THREE_WG_CONFIG
