@@ -126,7 +126,8 @@ def test_plot_results_from_the_committed_json(tmp_path):
                  "grouped_matmul_h200.parity.png", "grouped_matmul_h200.parity_off_full_load.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     table = (tmp_path / "grouped_matmul_h200.parity.md").read_text()
-    assert "## G = 16" in table and "forward and dx: median at or above cuBLAS on" in table
+    assert "## Against cuBLAS, G = 16" in table and "## Against the XLA path, G = 16" in table
+    assert "forward and dx: median at or above cuBLAS on" in table
     with pytest.raises(ValueError, match="no main-run rows for model '70b'"):
         plot_results.plot_grouped_matmul({"rows": []}, tmp_path / "x.png", model="70b")
     with pytest.raises(ValueError, match="no training rows"):
@@ -140,8 +141,8 @@ def test_parity_points_take_todays_config_and_cublas():
     and a kernel config equal to today's select_config choice (by the rows' device times; a dx
     product's choice is the one for the transposed weights; a config written before a field
     existed takes that field's default); other configs, configs that ran the cooperative
-    schedule on JAX's pipelines (rows written with chain_tiles, without ring=True) and partial
-    loads are left out."""
+    schedule on JAX's pipelines (rows written with chain_tiles, without ring=True), partial
+    loads and the transposed forward (no schedule's product) are left out."""
     import dataclasses
 
     from eval.plot_results import config_fields, parity_points, parity_table
@@ -178,17 +179,31 @@ def test_parity_points_take_todays_config_and_cublas():
             row("gate_up", 4224, 4096, 28672, "xla_einsum", None, 21800, model="8b"),
             row("down", 4224, 14336, 4096, "auto", written_before_s14(DEFAULT_CONFIG, False),
                 10000, model="8b"),
-            row("down", 4224, 14336, 4096, "xla_einsum", None, 10900, model="8b")]
+            row("down", 4224, 14336, 4096, "xla_einsum", None, 10900, model="8b"),
+            row("qkv fwd_t", 3072, 2048, 1152, "auto", select_config(16, 3072, 2048, 1152), 90),
+            row("qkv fwd_t", 3072, 2048, 1152, "xla_einsum", None, 80)]
     report = {"runs": {"r1": {"date": "2026-11-29T17:00", "code": "abc", "rows": rows}}}
-    got = {p["product"]: p["speed_vs_cublas"] for p in parity_points(report)}
+    got = {p["product"]: p["speedup"] for p in parity_points(report)}
     assert got == pytest.approx({"1b qkv": 294 / 305, "1b down dx": 808 / 800,
                                  "8b gate_up": 21800 / 22000})
-    # the same points as a table: median and range per product, the count at or above cuBLAS
+    # against the library's XLA path ("xla" rows), where a run timed it
+    rows += [row("qkv", 1152, 2048, 3072, "xla", None, 366),
+             row("down", 4224, 14336, 4096, "xla", None, 12000, model="8b")]
+    got = {p["product"]: p["speedup"] for p in parity_points(report, baseline="xla")}
+    assert got == pytest.approx({"1b qkv": 366 / 305})
+    # the same points as tables: median and range per product, the count at or above
     table = parity_table(report, groups=(16, 1))
+    assert "## Against cuBLAS, G = 16\n" in table and "## Against cuBLAS, G = 1\n" not in table
     assert f"| 1b qkv | 1 | {294 / 305:.3f} | {294 / 305:.3f}-{294 / 305:.3f} | r1 |" in table
-    assert "| 1b o | 0 | not timed | | |" in table and "## G = 1\n" not in table
+    assert "| 1b o | 0 | not timed | | |" in table
     assert ("forward and dx: median at or above cuBLAS on 1 of the 3 timed products, at or "
             f"above 0.99 on 2 (lowest: 1b qkv, {294 / 305:.3f})") in table
+    against_xla_path = table.split("## Against the XLA path, G = 16\n")[1]
+    assert f"| 1b qkv | 1 | {366 / 305:.3f} |" in against_xla_path
+    assert ("forward and dx: median at or above the XLA path on 1 of the 1 timed products"
+            in against_xla_path)
+    assert ("(16 x 1152 x 2048 -> 3072 / 2048, forward; its bar: >= 1.2): "
+            f"1b qkv {366 / 305:.3f}") in against_xla_path
     assert config_fields("") is None
     assert config_fields(no_epi_slots) == config_fields(str(DEFAULT_CONFIG))
     # the ping-pong kernel is the same before and after
