@@ -85,7 +85,7 @@
 #   parity_all "auto" (timed twice: the run's spread) against cuBLAS on all 24 forward and dx
 #              products at G = 16, the issue's parity bar in one call (run s15_parity_all, with
 #              default_defer1 in place of auto#2 and one trace per config, took 137 s; with a
-#              trace in every round, since, longer: untimed, 560 s limit)
+#              trace in every round, since: 130 s, runs s20_parity_all, s20_parity_all2)
 #   pingpong_turn  ping-pong passing the turn once the main loop's last wgmma is issued (the
 #              default since this stage) against passing it once it is done: the three ping-pong
 #              configs' GPU tests, then a profiled A/B with "auto" and cuBLAS on the attention
@@ -130,14 +130,18 @@
 #   dw_cluster the dw products at G = 16 (0.90-1.01x of cuBLAS, which runs them in 2-CTA
 #              clusters: 128 x 256 on 8b down dw, 256 x 128 on 3b down dw, 128 x 160 on 1b qkv
 #              dw) with clustered and 192 x 192 tiles, none of them timed on dw since the ring
-#              of stages: "auto" (timed twice) against them and cuBLAS
+#              of stages: "auto" (timed twice) against them and cuBLAS (run as two calls of
+#              the 3b / 8b and the 1b shapes, without auto#2: s20_dw_cluster*, 91 + 39 s; the
+#              fastest other config was within 2.3 % of "auto" on every product)
 #   split_cols 192 x 192 tiles of two warpgroups splitting the columns (192 x 96 each; cuBLAS's
-#              coopB kernel on 8b down dx), first on a GPU with this stage: its GPU test under
-#              a timeout, then a profiled A/B against "auto" (twice), the three-warpgroup 192 x
-#              192 tiles and cuBLAS on the G = 16 products below 0.99x of cuBLAS and the 8b ones
+#              coopB kernel on 8b down dx): its GPU test under a timeout, then a profiled A/B
+#              against "auto" (twice), the three-warpgroup 192 x 192 tiles and cuBLAS on the
+#              G = 16 products below 0.99x of cuBLAS and the 8b ones (run s20_split_cols, 150 s:
+#              0.83-0.92x "auto")
 #   fwd_t      the G = 1 forward products computed transposed (w^T @ x^T, both operands read
 #              transposed: 128-byte swizzles with tiles sized to the SMs) against the forward
 #              itself ("auto") and cuBLAS, on the 1b / 3b shapes where "auto" trails cuBLAS
+#              (run s20_fwd_t, 96 s: 1.19x / 1.10x the forward on 1b o / down, <= 1.03x else)
 # The stages that chose between JAX's pipelines and the ring of stages for the cooperative
 # schedule (ring, ring2, ring_all, ring_check, ring_cluster, ring_wg3, ring_swiglu; dw_variants,
 # dw_select, dw_3b) were removed with JAX's pipelines: their runs in

@@ -209,8 +209,11 @@ THREE_WG_VARIANTS = {
 # or in clusters along m (runs s17_defer, s17_mlp8b_cm, s17_down_dx_cm). Each warpgroup keeps 192
 # x 96 accumulators, 144 registers a thread (the default's 128 x 128: 128). With b stored
 # n-minor (forward, dw) the 96-column slices take a 64-byte swizzle on both operands (mgpu_tiles.
-# operand_transforms). Lowered for CUDA and checked in interpret mode; not yet run on a GPU, not
-# chosen by select_config.
+# operand_transforms). Correct on the H200 (its GPU test), but 0.83-0.92x select_config's choice
+# on the ten G = 16 products timed, 0.91x on 8b down dx itself (run s20_split_cols): each
+# warpgroup's three 64 x 96 wgmmas a k-step read the A tile from shared memory three times where
+# the row split's one 64 x 192 reads it once. Not chosen by select_config; kept as a measured
+# variant (--ab wg2_192x192).
 COLUMN_SPLIT_VARIANTS = {
     "wg2_192x192": TuningConfig(tile_m=192, tile_n=96, wg_dimension=MatmulDimension.N,
                                 epi_tile_n=32, deferred_epi_tiles=1),
