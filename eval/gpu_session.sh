@@ -131,8 +131,9 @@
 #              clusters: 128 x 256 on 8b down dw, 256 x 128 on 3b down dw, 128 x 160 on 1b qkv
 #              dw) with clustered and 192 x 192 tiles, none of them timed on dw since the ring
 #              of stages: "auto" (timed twice) against them and cuBLAS (run as two calls of
-#              the 3b / 8b and the 1b shapes, without auto#2: s20_dw_cluster*, 91 + 39 s; the
-#              fastest other config was within 2.3 % of "auto" on every product)
+#              the 3b / 8b and the 1b shapes, without auto#2: s20_dw_cluster*, 91 + 39 s; with
+#              3b o dw timed again, whose first "auto" median was one slow round's, the fastest
+#              other config was within 2.3 % of "auto" on every product)
 #   split_cols 192 x 192 tiles of two warpgroups splitting the columns (192 x 96 each; cuBLAS's
 #              coopB kernel on 8b down dx): its GPU test under a timeout, then a profiled A/B
 #              against "auto" (twice), the three-warpgroup 192 x 192 tiles and cuBLAS on the
