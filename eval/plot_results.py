@@ -199,9 +199,10 @@ def parity_points(report: dict, num_sms: int = 132, baseline: str = "xla_einsum"
     """Per A/B run and product at full load: the baseline's device time over the kernel's
     ("speedup"), where the run timed the baseline (BASELINES: "xla_einsum", XLA's plain einsum,
     which runs cuBLAS; or "xla", the library's XLA path, which adds the select that zeroes idle
-    groups) and a kernel config equal to today's `select_config` choice for the product (`config_fields`; several such rows in one run: their mean time). Device
-    times come from the rows' profiled notes ("device N us/call"); rows without one, and
-    products no schedule runs (the transposed forward "fwd_t"), are skipped."""
+    groups) and a kernel config equal to today's `select_config` choice for the product
+    (`config_fields`; several such rows in one run: their mean time). Device times come from
+    the rows' profiled notes ("device N us/call"); rows without one, and products no schedule
+    runs (the transposed forward "fwd_t"), are skipped."""
     from eval.bench_grouped_matmul import device_us
     from kernels.tuning import select_config
 
