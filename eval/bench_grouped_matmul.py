@@ -344,6 +344,15 @@ SWEEP = {  # named configs for --sweep / --ab (the default is select_config's ch
     # 192 x 192 tiles of two warpgroups splitting the columns (192 x 96 each): cuBLAS's tile on
     # 8b down dx (nvjet ..._192x192_64x4_1x2_h_bz_coopB)
     **mgpu_kernel.COLUMN_SPLIT_VARIANTS,
+    # and with 4 epilogue slots (e4), 3 stages (s3, s3e4), no deferred epilogue tile (d0), in
+    # 2-CTA clusters along m without one (cm), row stripes walked along n (gm): run
+    # s20_wg2_variants on 8b down / gate_up dx at G = 16 (only d0 and cm near "auto")
+    **{f"wg2_{name}": dataclasses.replace(mgpu_kernel.COLUMN_SPLIT_VARIANTS["wg2_192x192"], **kw)
+       for name, kw in {"e4": dict(epi_slots=4), "s3": dict(max_concurrent_steps=3),
+                        "s3e4": dict(max_concurrent_steps=3, epi_slots=4),
+                        "d0": dict(deferred_epi_tiles=0),
+                        "cm": dict(cluster_dimension=M_.M, deferred_epi_tiles=0),
+                        "gm": dict(grid_minor_dim=M_.M)}.items()},
     # narrower epilogue tiles (64 x 32) in as much shared memory, so more of them are in flight:
     # 192 x 192 tiles with 2 slots per warpgroup (not 1 of 64 x 64), the default with 4 (not 2);
     # without deferred epilogue tiles, as measured (runs s15_epi_*: level or slower)

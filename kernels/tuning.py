@@ -205,15 +205,18 @@ THREE_WG_VARIANTS = {
 # 192 x 192 CTA tiles of two warpgroups splitting the columns (192 x 96 each): cuBLAS's kernel
 # for 8b down dx at G = 16 (nvjet ..._192x192_64x4_1x2_h_bz_coopB: 4 stages, the consumer
 # warpgroups splitting B), where select_config's 128 x 256 tiles run at 0.973x of it (median of
-# 7 runs, grouped_matmul_h200.parity.md) and three warpgroups of 64 x 192 at 0.95-0.98x, plain
+# 11 runs, grouped_matmul_h200.parity.md) and three warpgroups of 64 x 192 at 0.95-0.98x, plain
 # or in clusters along m (runs s17_defer, s17_mlp8b_cm, s17_down_dx_cm). Each warpgroup keeps 192
 # x 96 accumulators, 144 registers a thread (the default's 128 x 128: 128). With b stored
 # n-minor (forward, dw) the 96-column slices take a 64-byte swizzle on both operands (mgpu_tiles.
 # operand_transforms). Correct on the H200 (its GPU test), but 0.83-0.92x select_config's choice
-# on the ten G = 16 products timed, 0.91x on 8b down dx itself (run s20_split_cols): each
-# warpgroup's three 64 x 96 wgmmas a k-step read the A tile from shared memory three times where
-# the row split's one 64 x 192 reads it once. Not chosen by select_config; kept as a measured
-# variant (--ab wg2_192x192).
+# on the ten G = 16 products timed (run s20_split_cols). Its deferred epilogue tile (one 64 x 32
+# of nine) costs it 6 % there; without it, in 2-CTA clusters along m, it was level with that
+# choice on 8b down dx and 0.93x on 8b gate_up dx (run s20_wg2_variants, the wg2_* configs of
+# eval/bench_grouped_matmul.py). A warpgroup's three 64-row wgmmas a k-step each read its 96
+# columns of B, and both warpgroups read all of A: 0.026 operand elements from shared memory
+# per multiply-add, against 0.023 (default) and 0.021 (three warpgroups of 64 x 192); counted,
+# not profiled. Not chosen by select_config.
 COLUMN_SPLIT_VARIANTS = {
     "wg2_192x192": TuningConfig(tile_m=192, tile_n=96, wg_dimension=MatmulDimension.N,
                                 epi_tile_n=32, deferred_epi_tiles=1),
