@@ -321,17 +321,20 @@ def select_config(
        tiles run faster per area than the cost model counts: at equal cost the 192 x 192
        tiles were 2-8 % faster (runs s18_wide_select, s18_wide_fwd, s19_wide_rest).
 
-    At full load (G = 16) this ran at or above cuBLAS's speed on 14 of the 24 forward and dx
-    products of the Llama-1B/3B/8B diagonal shapes, at 0.987-0.997x on 9 and at 0.975x on 8b
-    down dx (device time, medians over the forward / dx runs s17_*); dw at 0.89-1.01x (run
-    s17_dw_auto). Tried and not chosen (within noise or slower): 3 stages, unchained tiles (on
+    At full load (G = 16) this runs at or above cuBLAS's speed on 13 of the 24 forward and dx
+    products of the Llama-1B/3B/8B diagonal shapes, at or above 0.99x on 21, and at 0.988x (3b
+    qkv), 0.983x (8b down) and 0.973x (8b down dx) on the others; dw at 0.90-1.01x (device
+    time, medians over every H200 run of these choices up to s20_*:
+    eval/results/grouped_matmul_h200.parity.md). Tried and not chosen (within noise or slower): 3 stages, unchained tiles (on
     JAX's pipelines), 128 x 128 tiles with 4 or 6 stages (cuBLAS's choice for the 1b attention
     shapes), 256 x 128 and row-split 128 x 192 tiles, other tile orders (also on the 8b
     products, run s17_grid8b), clusters on the default tiles (also on the ring), a whole
     staged epilogue tile, 192 x 192 tiles with 3 stages, 64 x 32 epilogue tiles, 2 or 4
     deferred epilogue tiles, ping-pong on dw, CTAs of one compute warpgroup (0.71-0.79x;
-    removed), 192 x 256 tiles (failed on the GPU; removed) and a second, narrow kernel picked
-    per call by ``lax.cond`` (1b o, 1 of 16 groups active: 51 TF/s against 191).
+    removed), 192 x 256 tiles (failed on the GPU; removed), 192 x 192 tiles of two warpgroups
+    splitting the columns (COLUMN_SPLIT_VARIANTS), 2-CTA clusters and 192 x 192 tiles on dw
+    (runs s20_dw_cluster*) and a second, narrow kernel picked per call by ``lax.cond`` (1b o,
+    1 of 16 groups active: 51 TF/s against 191).
     """
     num_sms = num_sms_of_device() if num_sms is None else num_sms
     a_shape = (num_groups, k, m) if transpose_lhs else (num_groups, m, k)
