@@ -1,0 +1,178 @@
+"""Hardware counters of the grouped-matmul kernel and cuBLAS on chosen products (Nsight Compute).
+
+Where the kernel trails cuBLAS by a few percent at full load (8b down dx, 8b down, 3b qkv), the
+device time alone does not say why: fewer cycles lost or a faster clock, tensor cores idle in the
+main loop or in the epilogue, shared-memory bank conflicts, L2 / DRAM traffic. This script runs
+each (product, config) once between cudaProfilerStart / Stop, so Nsight Compute profiles exactly
+those launches, and writes the launch order to a manifest; ``--summarize`` reads the report back
+and prints the chosen metrics side by side.
+
+    ncu --profile-from-start off --clock-control none --set full -o OUT/products \\
+        python3 eval/ncu_products.py --products 8b:down:dx,8b:down --configs auto,xla_einsum \\
+        --manifest OUT/manifest.json
+    python3 eval/ncu_products.py --summarize OUT/products.ncu-rep --manifest OUT/manifest.json
+
+``--clock-control none`` leaves the GPU's clocks as they are (the card's settings are not ours
+to change), so the SM clock each kernel ran at is one of the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import glob
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Metrics printed by --summarize (regular expressions over the raw page's metric names), in order.
+SUMMARY_METRICS = (
+    r"gpu__time_duration\.sum",
+    r"sm__cycles_elapsed\.avg\.per_second",
+    r"sm__cycles_elapsed\.max",
+    r"sm__throughput\.avg\.pct_of_peak_sustained_elapsed",
+    r"sm__pipe_tensor_op_gmma_cycles_active\.avg\.pct_of_peak_sustained_(active|elapsed)",
+    r"sm__inst_executed_pipe_tensor_op_gmma\.sum",
+    r"dram__bytes_(read|write)\.sum",
+    r"lts__t_bytes\.sum",
+    r"lts__t_sector_hit_rate\.pct",
+    r"l1tex__data_bank_conflicts_pipe_lsu_mem_shared.*\.sum",
+    r"smsp__inst_executed\.sum",
+    r"smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio",
+    r"launch__(grid_size|block_size|cluster_.*|registers_per_thread|shared_mem_per_block_dynamic)",
+    r"power__.*",
+)
+
+
+def profiler_library():
+    """cudart, found beside the CUDA wheels JAX loads (or on the loader's path)."""
+    candidates = []
+    for root in sys.path:
+        candidates += glob.glob(os.path.join(root, "nvidia", "**", "libcudart.so*"), recursive=True)
+    candidates += ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]
+    for name in candidates:
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    raise OSError(f"no libcudart found (tried {candidates})")
+
+
+def run_products(products, config_names, manifest_path, seed=0):
+    """Compile, check and warm up every (product, config), then run each once inside a profiler
+    window. The manifest lists, in launch order, (product, config, the kernel's name pattern)."""
+    import jax
+    import jax.numpy as jnp
+
+    from eval import bench_grouped_matmul as bench
+    from kernels import grouped_matmul_mgpu as mgpu_kernel
+
+    shapes = {(model, name): (m, k, n) for model, rows in bench.MODELS.items()
+              for name, m, k, n in rows}
+    calls = []
+    key = jax.random.PRNGKey(seed)
+    for spec in products:
+        model, shape, *rest = spec.split(":")
+        product = rest[0] if rest else "fwd"
+        if (model, shape) not in shapes or product not in bench.PRODUCTS:
+            raise SystemExit(f"--products: unknown {spec!r} (model:shape[:fwd|dx|dw], e.g."
+                             f" 8b:down:dx; shapes {sorted(shapes)})")
+        (m, k, n), transpose = bench.PRODUCTS[product](*shapes[model, shape])
+        tl, tr = transpose or (False, False)
+        g = 16
+        key, sub = jax.random.split(key)
+        a, b = bench._product_operands(sub, g, m, k, n, transpose)
+        lo, hi = jnp.int32(0), jnp.int32(g)
+        want = bench._make_fn("xla", None, transpose)(a, b, lo, hi)
+        for name in config_names:
+            if name == "xla_einsum":
+                fn = bench._make_fn("xla_einsum", None, transpose)
+            else:
+                config = (mgpu_kernel.select_config(g, m, k, n, transpose_lhs=tl, transpose_rhs=tr)
+                          if name == "auto" else bench.SWEEP[name])
+                why = mgpu_kernel.unsupported_reason(a.shape, b.shape, a.dtype, a.dtype,
+                                                     transpose_lhs=tl, transpose_rhs=tr,
+                                                     config=config)
+                if why:
+                    print(f"skipped {spec} {name}: {why}", flush=True)
+                    continue
+                fn = bench._make_fn("pallas", config, transpose)
+            try:   # a config that fails to compile or compute is reported, not profiled
+                err = bench._rel_err(fn(a, b, lo, hi), want)
+                if not err <= 1e-2:
+                    raise AssertionError(f"rel_err={err:.3g}")
+            except Exception as e:
+                print(f"failed {spec} {name}: {e!r}"[:500], flush=True)
+                continue
+            for _ in range(3):
+                jax.block_until_ready(fn(a, b, lo, hi))
+            calls.append((f"{model} {bench.product_name(shape, product)}", name, fn, (a, b, lo, hi)))
+    cudart = profiler_library()
+    manifest = []
+    for product, name, fn, args in calls:
+        if cudart.cudaProfilerStart() != 0:
+            raise RuntimeError("cudaProfilerStart failed")
+        jax.block_until_ready(fn(*args))
+        cudart.cudaProfilerStop()
+        manifest.append({"product": product, "config": name,
+                         "kernel": "nvjet|gemm|cutlass" if name == "xla_einsum" else "mosaic"})
+        print(f"profiled {product} {name}", flush=True)
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f, indent=1)
+
+
+def read_raw(report_path):
+    """The report's raw page: one dict per profiled kernel, metric name -> value string."""
+    text = subprocess.run(["ncu", "--import", report_path, "--page", "raw", "--csv"],
+                          check=True, capture_output=True, text=True).stdout
+    rows = list(csv.reader(io.StringIO(text)))
+    header, units, body = rows[0], rows[1], rows[2:]
+    return [dict(zip(header, r)) for r in body], dict(zip(header, units))
+
+
+def summarize(report_path, manifest_path):
+    kernels, units = read_raw(report_path)
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    labelled, rest = [], list(kernels)
+    for entry in manifest:   # each window's launches, in order: the first matching kernel
+        for i, k in enumerate(rest):
+            if re.search(entry["kernel"], k.get("Kernel Name", ""), re.I):
+                labelled.append((f"{entry['product']} / {entry['config']}", k))
+                rest = rest[i + 1:]
+                break
+        else:
+            print(f"no kernel matching {entry['kernel']!r} for {entry}", file=sys.stderr)
+    names = [n for pattern in SUMMARY_METRICS for n in sorted(units) if re.fullmatch(pattern, n)]
+    print("| metric | unit | " + " | ".join(label for label, _ in labelled) + " |")
+    print("|---|---|" + "---|" * len(labelled))
+    for n in dict.fromkeys(names):
+        print(f"| {n} | {units[n]} | " + " | ".join(k.get(n, "") for _, k in labelled) + " |")
+    for label, k in labelled:
+        print(f"{label}: {k.get('Kernel Name', '')[:160]}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--products", default="8b:down:dx,8b:down,3b:qkv",
+                   help="comma-separated model:shape[:fwd|dx|dw], G = 16, all groups active")
+    p.add_argument("--configs", default="auto,xla_einsum",
+                   help="auto (select_config's choice), xla_einsum (cuBLAS) or SWEEP names")
+    p.add_argument("--manifest", required=True, help="JSON: the profiled launches, in order")
+    p.add_argument("--summarize", default=None, metavar="REPORT",
+                   help="print SUMMARY_METRICS of an .ncu-rep written by a profiled run")
+    args = p.parse_args(argv)
+    if args.summarize:
+        summarize(args.summarize, args.manifest)
+    else:
+        run_products(args.products.split(","), args.configs.split(","), args.manifest)
+
+
+if __name__ == "__main__":
+    main()

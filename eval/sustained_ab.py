@@ -1,0 +1,198 @@
+"""Sustained-load A/B of grouped-matmul configs and cuBLAS, with the GPU's clock and power.
+
+At full load the 8b products run at the H200's power limit, where the SM clock, and so the time
+per call, follows the energy a kernel spends per cycle (Nsight Compute, run s21_ncu_*: on 8b
+down dx the kernel took 0.5 % more cycles than cuBLAS but ran at a 2-4 % lower clock, reading
+1.8x the DRAM bytes). The bench's profiled A/B (eval/bench_grouped_matmul.py --ab) times bursts
+of a few calls, whose clock depends on what ran just before: identical configs read up to 5 %
+apart there. This script instead runs each config back to back for ``--seconds`` per round (a
+window long enough for the clock to settle), rounds in rotated order, while ``nvidia-smi`` samples
+the SM clock and the power draw; per window it reports the time per call, the mean clock and
+power over the window's settled part, the cycles per call (time x clock) and the energy per call.
+
+    python3 eval/sustained_ab.py --products 8b:down:dx,8b:down \\
+        --configs auto,xla_einsum,default_gn4 --seconds 2 --rounds 3 --out OUT/sustained.json
+
+Needs a GPU and nvidia-smi. Configs: "auto" (select_config's choice), "xla_einsum" (cuBLAS: XLA's
+plain batched einsum) or names of eval/bench_grouped_matmul.py's SWEEP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Samples in a window's first SETTLE_S seconds are left out: the clock is still moving there.
+SETTLE_S = 0.4
+SMI_FIELDS = ("clocks.sm", "power.draw.instant", "temperature.gpu")
+
+
+class GpuSampler:
+    """nvidia-smi's clock / power / temperature samples every ``period_ms``, each stamped with
+    the host's ``time.perf_counter()`` on arrival (a few ms late, the same for every config)."""
+
+    def __init__(self, period_ms: int = 20):
+        self.samples: list[tuple[float, float, float, float]] = []
+        fields = list(SMI_FIELDS)
+        query = lambda: ["nvidia-smi", f"--query-gpu={','.join(fields)}",
+                         "--format=csv,noheader,nounits"]
+        if subprocess.run(query(), capture_output=True).returncode:
+            fields[1] = "power.draw"   # drivers without the instantaneous reading
+            subprocess.run(query(), check=True, capture_output=True)
+        self.fields = tuple(fields)
+        self._proc = subprocess.Popen(query() + ["-lms", str(period_ms)], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self):
+        for line in self._proc.stdout:
+            try:
+                values = [float(v) for v in line.split(",")]
+            except ValueError:   # "[N/A]" or a message: not a sample
+                continue
+            self.samples.append((time.perf_counter(), *values))
+
+    def window(self, t0: float, t1: float) -> dict:
+        inside = [s for s in self.samples if t0 + SETTLE_S <= s[0] <= t1]
+        if not inside:
+            raise RuntimeError(f"no nvidia-smi samples in a {t1 - t0:.2f} s window"
+                               f" ({len(self.samples)} samples in all)")
+        mean = lambda i: statistics.fmean(s[i] for s in inside)
+        return {"clock_mhz": mean(1), "power_w": mean(2), "temp_c": mean(3), "samples": len(inside)}
+
+    def close(self):
+        self._proc.terminate()
+        self._proc.wait()
+
+
+def run_window(fn, args, seconds: float, sampler: GpuSampler) -> dict:
+    """Calls fn back to back for about ``seconds`` (a sync every 8 calls keeps the queue short);
+    the time per call and the window's clock and power."""
+    import jax
+
+    calls, t0 = 0, time.perf_counter()
+    while True:
+        out = fn(*args)
+        calls += 1
+        if calls % 8 == 0:
+            jax.block_until_ready(out)
+            if time.perf_counter() - t0 >= seconds:
+                break
+    t1 = time.perf_counter()
+    ms = (t1 - t0) / calls * 1e3
+    gpu = sampler.window(t0, t1)
+    return {"ms_per_call": ms, "calls": calls, **gpu,
+            "mcycles_per_call": ms * gpu["clock_mhz"] / 1e3,
+            "joules_per_call": ms * gpu["power_w"] / 1e3}
+
+
+def summarize(results: list[dict], baseline: str = "xla_einsum") -> str:
+    """Markdown: per product and config, medians over the rounds, and the baseline's median time
+    over the config's (>1: the config is faster)."""
+    keys = list(dict.fromkeys((r["product"], r["config"]) for r in results))
+    median = lambda p, c, f: statistics.median(
+        r[f] for r in results if (r["product"], r["config"]) == (p, c))
+    lines = ["| product | config | ms/call | range | clock MHz | power W | Mcycles/call |"
+             " J/call | speedup vs cuBLAS | rounds |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for p, c in keys:
+        times = [r["ms_per_call"] for r in results if (r["product"], r["config"]) == (p, c)]
+        base = ((median(p, baseline, "ms_per_call") / median(p, c, "ms_per_call"))
+                if (p, baseline) in keys else None)
+        lines.append(
+            f"| {p} | {c} | {median(p, c, 'ms_per_call'):.3f} | {min(times):.3f}-{max(times):.3f} |"
+            f" {median(p, c, 'clock_mhz'):.0f} | {median(p, c, 'power_w'):.0f} |"
+            f" {median(p, c, 'mcycles_per_call'):.3f} | {median(p, c, 'joules_per_call'):.2f} |"
+            f" {'' if base is None else f'{base:.3f}'} | {len(times)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--products", default="8b:down:dx,8b:down",
+                   help="comma-separated model:shape[:fwd|dx|dw], G = 16, all groups active")
+    p.add_argument("--configs", default="auto,xla_einsum")
+    p.add_argument("--seconds", type=float, default=2.0, help="length of one config's window")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", required=True, help="JSON: every window, and the run's metadata")
+    args = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+
+    from eval import bench_grouped_matmul as bench
+    from kernels import grouped_matmul_mgpu as mgpu_kernel
+
+    shapes = {(model, name): (m, k, n) for model, rows in bench.MODELS.items()
+              for name, m, k, n in rows}
+    sampler = GpuSampler()
+    results, skipped = [], []
+    key = jax.random.PRNGKey(0)
+    try:
+        for spec in args.products.split(","):
+            model, shape, *rest = spec.split(":")
+            product = rest[0] if rest else "fwd"
+            if (model, shape) not in shapes or product not in bench.PRODUCTS:
+                raise SystemExit(f"--products: unknown {spec!r} (model:shape[:fwd|dx|dw])")
+            (m, k, n), transpose = bench.PRODUCTS[product](*shapes[model, shape])
+            tl, tr = transpose or (False, False)
+            g = 16
+            key, sub = jax.random.split(key)
+            a, b = bench._product_operands(sub, g, m, k, n, transpose)
+            lo, hi = jnp.int32(0), jnp.int32(g)
+            want = bench._make_fn("xla", None, transpose)(a, b, lo, hi)
+            fns = {}
+            for name in args.configs.split(","):
+                if name == "xla_einsum":
+                    fns[name] = bench._make_fn("xla_einsum", None, transpose)
+                    continue
+                config = (mgpu_kernel.select_config(g, m, k, n, transpose_lhs=tl,
+                                                    transpose_rhs=tr)
+                          if name == "auto" else bench.SWEEP[name])
+                why = mgpu_kernel.unsupported_reason(a.shape, b.shape, a.dtype, a.dtype,
+                                                     transpose_lhs=tl, transpose_rhs=tr,
+                                                     config=config)
+                if why:
+                    skipped.append(f"{spec} {name}: {why}")
+                    continue
+                fns[name] = bench._make_fn("pallas", config, transpose)
+            for name, fn in fns.items():   # compile and check before any window
+                err = bench._rel_err(fn(a, b, lo, hi), want)
+                if not err <= 1e-2:
+                    raise AssertionError(f"{spec} {name}: rel_err={err:.3g}")
+            order = list(fns)
+            label = f"{model} {bench.product_name(shape, product)}"
+            for r in range(args.rounds):
+                for name in order[r % len(order):] + order[:r % len(order)]:
+                    row = {"product": label, "config": name, "round": r,
+                           **run_window(fns[name], (a, b, lo, hi), args.seconds, sampler)}
+                    results.append(row)
+                    print(f"{label:12s} {name:16s} round {r}: {row['ms_per_call']:.3f} ms/call"
+                          f" at {row['clock_mhz']:.0f} MHz, {row['power_w']:.0f} W,"
+                          f" {row['mcycles_per_call']:.3f} Mcycles", flush=True)
+            del a, b, want
+    finally:
+        sampler.close()
+    table = summarize(results)
+    print(table)
+    for line in skipped:
+        print("skipped", line)
+    with open(args.out, "w") as f:
+        json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                   "command": "python3 " + " ".join(sys.argv), "device": jax.devices()[0].device_kind,
+                   "jax_version": jax.__version__, "settle_s": SETTLE_S, "smi_fields": sampler.fields,
+                   "skipped": skipped,
+                   "windows": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
