@@ -377,6 +377,32 @@ SWEEP = {  # named configs for --sweep / --ab (the default is select_config's ch
 }
 
 
+_ORDER_SUFFIX = re.compile(r"@g([nm])(\d+)$")
+
+
+def resolve_config(name: str, g: int, m: int, k: int, n: int, transpose_lhs: bool = False,
+                   transpose_rhs: bool = False):
+    """The TuningConfig a config name stands for: "auto" (select_config's choice for the
+    product) or a SWEEP name, optionally in another tile order: "auto@gn12" walks stripes of 12
+    column tiles down m (grid_minor_dim N, grid_tile_width 12), "auto@gm11" stripes of 11 row
+    tiles along n (kernels/mgpu_tiles.tile_coords)."""
+    order = _ORDER_SUFFIX.search(name)
+    base = name[:order.start()] if order else name
+    if base == "auto":
+        config = mgpu_kernel.select_config(g, m, k, n, transpose_lhs=transpose_lhs,
+                                           transpose_rhs=transpose_rhs)
+    elif base in SWEEP:
+        config = SWEEP[base]
+    else:
+        raise KeyError(f"config {name!r}: not auto or a SWEEP name (optionally with a tile-order"
+                       f" suffix like @gn12); SWEEP: {', '.join(sorted(SWEEP))}")
+    if order:
+        dim = M_.N if order.group(1) == "n" else M_.M
+        config = dataclasses.replace(config, grid_minor_dim=dim,
+                                     grid_tile_width=int(order.group(2)))
+    return config
+
+
 def markdown_sweep(rows):
     lines = [
         "| shape | config | G | active | pallas TF/s | frac | xla TF/s |",

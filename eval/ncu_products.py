@@ -94,8 +94,7 @@ def run_products(products, config_names, manifest_path, seed=0):
             if name == "xla_einsum":
                 fn = bench._make_fn("xla_einsum", None, transpose)
             else:
-                config = (mgpu_kernel.select_config(g, m, k, n, transpose_lhs=tl, transpose_rhs=tr)
-                          if name == "auto" else bench.SWEEP[name])
+                config = bench.resolve_config(name, g, m, k, n, tl, tr)
                 why = mgpu_kernel.unsupported_reason(a.shape, b.shape, a.dtype, a.dtype,
                                                      transpose_lhs=tl, transpose_rhs=tr,
                                                      config=config)
@@ -163,7 +162,9 @@ def main(argv=None):
     p.add_argument("--products", default="8b:down:dx,8b:down,3b:qkv",
                    help="comma-separated model:shape[:fwd|dx|dw], G = 16, all groups active")
     p.add_argument("--configs", default="auto,xla_einsum",
-                   help="auto (select_config's choice), xla_einsum (cuBLAS) or SWEEP names")
+                   help="auto (select_config's choice), xla_einsum (cuBLAS) or SWEEP names,"
+                        " each optionally in another tile order (auto@gn12:"
+                        " bench_grouped_matmul.resolve_config)")
     p.add_argument("--manifest", required=True, help="JSON: the profiled launches, in order")
     p.add_argument("--summarize", default=None, metavar="REPORT",
                    help="print SUMMARY_METRICS of an .ncu-rep written by a profiled run")

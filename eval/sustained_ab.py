@@ -120,7 +120,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--products", default="8b:down:dx,8b:down",
                    help="comma-separated model:shape[:fwd|dx|dw], G = 16, all groups active")
-    p.add_argument("--configs", default="auto,xla_einsum")
+    p.add_argument("--configs", default="auto,xla_einsum",
+                   help="auto (select_config's choice), xla_einsum (cuBLAS) or SWEEP names,"
+                        " each optionally in another tile order (auto@gn12:"
+                        " bench_grouped_matmul.resolve_config)")
     p.add_argument("--seconds", type=float, default=2.0, help="length of one config's window")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", required=True, help="JSON: every window, and the run's metadata")
@@ -155,9 +158,7 @@ def main(argv=None):
                 if name == "xla_einsum":
                     fns[name] = bench._make_fn("xla_einsum", None, transpose)
                     continue
-                config = (mgpu_kernel.select_config(g, m, k, n, transpose_lhs=tl,
-                                                    transpose_rhs=tr)
-                          if name == "auto" else bench.SWEEP[name])
+                config = bench.resolve_config(name, g, m, k, n, tl, tr)
                 why = mgpu_kernel.unsupported_reason(a.shape, b.shape, a.dtype, a.dtype,
                                                      transpose_lhs=tl, transpose_rhs=tr,
                                                      config=config)
