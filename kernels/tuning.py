@@ -247,6 +247,24 @@ SM_FIT_VARIANTS = {
 }
 SM_FIT_DX_CONFIG = SM_FIT_VARIANTS["wg2_128x160"]
 SM_FIT_MAX_COST_RATIO = 0.94
+# The default tiles in row stripes of ROW_STRIPE_TILES row tiles walked along n (planar snake,
+# minor dimension m), where a group spans at least ROW_STRIPE_MIN_ROW_TILES row tiles (the 8b
+# shapes' m = 4224: 33; 3b: 17, 1b: 9). The default order walks one column tile down all rows,
+# so a wave of 132 tiles reads 33 row panels of A and 4 column panels of B; in stripes of 12
+# rows it reads 12 and 11, and the stripe's A panels stay in the L2 cache while it moves along n.
+# At full load the 8b products run at the H200's power limit, where the clock follows the energy
+# per cycle and DRAM traffic is a part of it (Nsight Compute, runs s21_ncu_*: the default order
+# read 13.2 GB of DRAM per 8b down dx call, cuBLAS 7.1 GB, and ran 0.5 % more cycles than cuBLAS
+# at a 2-4 % lower clock). Sustained-load A/B (eval/sustained_ab.py, seconds of back-to-back calls
+# per window, runs s21_sustained*), against cuBLAS, default order -> row stripes of 12:
+# 8b down dx 0.984-0.988 -> 1.000-1.003, 8b down 0.997-1.000 -> 1.009-1.010, gate_up dx
+# 1.011-1.013 -> 1.022-1.027, o dx 1.004 -> 1.014, qkv dx 1.003 -> 1.012, o 0.993 -> 1.004; on
+# the 3b shapes 0.4-0.5 % slower (gate_up dx, down): not taken there. Stripes of 8 and 16 rows
+# and of 4, 8, 12 columns walked down m were slower than 12 rows on 8b down dx and down.
+ROW_STRIPE_TILES = 12
+ROW_STRIPE_MIN_ROW_TILES = 24
+ROW_STRIPE_CONFIG = dataclasses.replace(DEFAULT_CONFIG, grid_minor_dim=MatmulDimension.M,
+                                        grid_tile_width=ROW_STRIPE_TILES)
 # How much better the ping-pong schedule must fill the last wave of tiles than the default one
 # before select_config picks it: at equal fill it ran 1-2 % slower (3b qkv/o, 1b gate_up).
 PINGPONG_MIN_WAVE_GAIN = 0.025
@@ -320,6 +338,10 @@ def select_config(
        G = 2-8, 1b qkv at G = 4 and 8, 1b gate_up at G = 1, 3b o and down at G = 2. Bigger
        tiles run faster per area than the cost model counts: at equal cost the 192 x 192
        tiles were 2-8 % faster (runs s18_wide_select, s18_wide_fwd, s19_wide_rest).
+    8. For forward and dx products on the default tiles, ``ROW_STRIPE_CONFIG`` (the same tiles
+       in row stripes of 12 tiles walked along n) where a group spans at least
+       ``ROW_STRIPE_MIN_ROW_TILES`` row tiles: the 8b shapes, whose operands outgrow the L2
+       cache; 0.9-1.6 % faster than the default order under sustained load.
 
     At full load (G = 16) this runs at or above cuBLAS's speed on 13 of the 24 forward and dx
     products of the Llama-1B/3B/8B diagonal shapes, at or above 0.99x on 21, and at 0.988x (3b
@@ -352,6 +374,9 @@ def select_config(
     if (not transpose_lhs and choice not in WIDE_CLUSTER_CONFIGS
             and cost(WIDE_THREE_WG_CONFIG) <= cost(choice) and serves(WIDE_THREE_WG_CONFIG)):
         choice = WIDE_THREE_WG_CONFIG
+    if (not transpose_lhs and choice == DEFAULT_CONFIG
+            and pl.cdiv(m, DEFAULT_CONFIG.cta_tile_m) >= ROW_STRIPE_MIN_ROW_TILES):
+        choice = ROW_STRIPE_CONFIG
     return choice
 
 
