@@ -333,6 +333,53 @@ def test_every_choice_serves_its_product():
                     assert why is None, (model, name, product, g, cfg, why)
 
 
+def test_row_stripe_choice():
+    """select_config's rule 8: forward and dx products on the default tiles whose groups span at
+    least 24 row tiles (the 8b shapes' m = 4224: 33) walk row stripes of 12 tiles along n; the 3b
+    shapes (17 row tiles), dw and the clustered 8b forward products keep their choice."""
+    pick = lambda *dims, tl=False, tr=False: mgpu_kernel.select_config(
+        *dims, transpose_lhs=tl, transpose_rhs=tr, num_sms=132)
+    stripes = mgpu_kernel.ROW_STRIPE_CONFIG
+    assert (stripes.grid_minor_dim, stripes.grid_tile_width) == (mgpu_kernel.MatmulDimension.M, 12)
+    assert dataclasses.replace(stripes, grid_minor_dim=mgpu_kernel.MatmulDimension.N,
+                               grid_tile_width=1) == mgpu_kernel.DEFAULT_CONFIG
+    for g in (1, 16):
+        assert pick(g, 4224, 14336, 4096) == stripes                 # 8b down
+        assert pick(g, 4224, 4096, 14336, tr=True) == stripes        # 8b down dx
+        assert pick(g, 4224, 4096, 4096) == stripes                  # 8b o
+    assert pick(16, 4224, 4096, 28672) == mgpu_kernel.WIDE_CLUSTER_N_CONFIG   # 8b gate/up
+    assert pick(16, 2176, 8192, 3072) == mgpu_kernel.DEFAULT_CONFIG  # 3b down: 17 row tiles
+    assert pick(16, 14336, 4224, 4096, tl=True) == mgpu_kernel.DEFAULT_CONFIG   # 8b down dw
+
+
+@pytest.mark.parametrize("dim", list(mgpu_kernel.MatmulDimension), ids=str)
+def test_tile_orders_cover_every_tile(dim):
+    """The planar snake visits every (m, n) tile of a group exactly once for stripe widths that
+    leave a narrower last stripe (33 x 56 tiles in stripes of 12: 8b down dx under
+    ROW_STRIPE_CONFIG), and the interpret-mode kernel in stripes of 2 row (column) tiles computes
+    the forward and dx products of 5 ragged row tiles x 3 column tiles like the XLA path."""
+    for shape, width in (((33, 56), 12), ((33, 16), 12), ((5, 3), 2)):
+        coords = jax.vmap(lambda i: jnp.stack(plgpu.planar_snake(i, shape, dim, width)))(
+            jnp.arange(shape[0] * shape[1], dtype=jnp.int32))
+        seen = {tuple(c) for c in np.asarray(coords).tolist()}
+        assert seen == {(i, j) for i in range(shape[0]) for j in range(shape[1])}, (shape, width)
+
+    rng, info = fresh_rng()
+    config = dataclasses.replace(ops.INTERPRET_CONFIG, grid_minor_dim=dim, grid_tile_width=2)
+    g, m, k, n = 3, 5 * 64 - 8, 128, 384    # 5 x 3 CTA tiles of 64 x 128, the last row ragged
+    x, w = _operands(rng, g, m, k, n, jnp.float32)
+    _check_ranges_against_xla(x, w, config, rng, info)
+    dy = jnp.asarray(rng.standard_normal((g, m, n)), jnp.float32)
+    for lo, hi in [(0, g), _random_range(rng, g)]:
+        dx = mgpu_kernel.grouped_matmul_mgpu(
+            dy, w, jnp.array([lo, hi], jnp.int32), transpose_rhs=True, config=config,
+            interpret=plgpu.InterpretGPUParams(), num_sms=ops.INTERPRET_NUM_SMS)
+        want = jnp.einsum("gmn,gkn->gmk", dy[lo:hi], w[lo:hi],
+                          precision=jax.lax.Precision.HIGHEST)
+        assert rel_err_finite(dx[lo:hi], want) <= 1e-5, f"{info} dx lo={lo} hi={hi}"
+        _check_idle_zero(dx, lo, hi, "dx", info)
+
+
 def test_ring_of_stages_wraps_across_tiles():
     """The cooperative schedule's one ring of stages runs on across a CTA's tiles at any number
     of k-steps: the dw products' (the diagonal's rows / 64: 18, 34, 66, which select_config runs
