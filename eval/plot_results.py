@@ -362,6 +362,56 @@ def _parity_sections(points: list[dict], groups: tuple[int, ...], against: str) 
     return lines
 
 
+def sustained_points(report: dict, num_sms: int = 132) -> list[dict]:
+    """Per sustained-load run (``sustained_h200.json``, eval/sustained_ab.py) and product:
+    cuBLAS's median time per call over the kernel's, over the run's rounds, where the run timed
+    cuBLAS and a config equal to today's `select_config` choice (its windows' "tuning" fields);
+    with the kernel's and cuBLAS's median SM clock."""
+    from eval.bench_grouped_matmul import MODELS, PRODUCTS, product_name
+    from kernels.tuning import select_config
+
+    dims = {f"{model} {product_name(name, p)}": PRODUCTS[p](m, k, n)
+            for model, shapes in MODELS.items() for name, m, k, n in shapes for p in PRODUCTS}
+    points = []
+    for run_name, run in report["runs"].items():
+        by_product = {}
+        for w in run["windows"]:
+            by_product.setdefault(w["product"], []).append(w)
+        for product, windows in by_product.items():
+            (m, k, n), transpose = dims[product]
+            tl, tr = transpose or (False, False)
+            today = config_fields(str(select_config(16, m, k, n, transpose_lhs=tl,
+                                                    transpose_rhs=tr, num_sms=num_sms)))
+            kernel = [w for w in windows if config_fields(w.get("tuning", "")) == today]
+            base = [w for w in windows if w["config"] == "xla_einsum"]
+            if not (kernel and base):
+                continue
+            med = lambda ws, f: statistics.median(w[f] for w in ws)
+            points.append({"product": product, "run": run_name, "code": run.get("code"),
+                           "config": kernel[0]["config"],
+                           "speedup": med(base, "ms_per_call") / med(kernel, "ms_per_call"),
+                           "clock_mhz": med(kernel, "clock_mhz"),
+                           "base_clock_mhz": med(base, "clock_mhz"), "rounds": len(kernel)})
+    return points
+
+
+def sustained_table(report: dict) -> str:
+    """`sustained_points` as a markdown section for the parity table."""
+    points = sustained_points(report)
+    lines = ["## Against cuBLAS under sustained load, G = 16", "",
+             "From `sustained_h200.json` (`eval/sustained_ab.py`): each config run back to back "
+             "for seconds per window, rounds in rotated order, so each settles at its own clock "
+             "under the H200's power limit (the profiled A/B above times bursts of 10 calls, whose "
+             "clock depends on what ran before). Per run: cuBLAS's median time per call over "
+             "today's choice's (named as the run named it), and both median SM clocks.", "",
+             "| product | run | config (as run) | speedup | rounds | clock MHz | cuBLAS clock MHz |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for p in sorted(points, key=lambda p: (_diagonal_products().index(p["product"]), p["run"])):
+        lines.append(f"| {p['product']} | {p['run']} | {p['config']} | {p['speedup']:.3f} |"
+                     f" {p['rounds']} | {p['clock_mhz']:.0f} | {p['base_clock_mhz']:.0f} |")
+    return "\n".join(lines + [""])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval.plot_results",
                                  description=__doc__.split("\n\n")[0])
@@ -390,7 +440,11 @@ def main(argv=None) -> int:
         print(f"wrote {out / figure}")
     ab = args.results / "grouped_matmul_h200.ab.json"
     if ab.exists():
-        (out / "grouped_matmul_h200.parity.md").write_text(parity_table(json.loads(ab.read_text())))
+        table = parity_table(json.loads(ab.read_text()))
+        sustained = args.results / "sustained_h200.json"
+        if sustained.exists():
+            table += "\n" + sustained_table(json.loads(sustained.read_text()))
+        (out / "grouped_matmul_h200.parity.md").write_text(table)
         print(f"wrote {out / 'grouped_matmul_h200.parity.md'}")
     return 0
 

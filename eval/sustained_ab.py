@@ -153,10 +153,10 @@ def main(argv=None):
             a, b = bench._product_operands(sub, g, m, k, n, transpose)
             lo, hi = jnp.int32(0), jnp.int32(g)
             want = bench._make_fn("xla", None, transpose)(a, b, lo, hi)
-            fns = {}
+            fns, configs = {}, {}
             for name in args.configs.split(","):
                 if name == "xla_einsum":
-                    fns[name] = bench._make_fn("xla_einsum", None, transpose)
+                    fns[name], configs[name] = bench._make_fn("xla_einsum", None, transpose), ""
                     continue
                 config = bench.resolve_config(name, g, m, k, n, tl, tr)
                 why = mgpu_kernel.unsupported_reason(a.shape, b.shape, a.dtype, a.dtype,
@@ -165,7 +165,7 @@ def main(argv=None):
                 if why:
                     skipped.append(f"{spec} {name}: {why}")
                     continue
-                fns[name] = bench._make_fn("pallas", config, transpose)
+                fns[name], configs[name] = bench._make_fn("pallas", config, transpose), str(config)
             for name, fn in fns.items():   # compile and check before any window
                 err = bench._rel_err(fn(a, b, lo, hi), want)
                 if not err <= 1e-2:
@@ -174,7 +174,7 @@ def main(argv=None):
             label = f"{model} {bench.product_name(shape, product)}"
             for r in range(args.rounds):
                 for name in order[r % len(order):] + order[:r % len(order)]:
-                    row = {"product": label, "config": name, "round": r,
+                    row = {"product": label, "config": name, "tuning": configs[name], "round": r,
                            **run_window(fns[name], (a, b, lo, hi), args.seconds, sampler)}
                     results.append(row)
                     print(f"{label:12s} {name:16s} round {r}: {row['ms_per_call']:.3f} ms/call"

@@ -377,3 +377,39 @@ def test_reproducibility_summary_counts_outcomes_and_differing_choices():
     for bad in ("--xla_flag", "--xla_gpu_deterministic_ops=true", "=--xla_flag"):
         with pytest.raises(argparse.ArgumentTypeError, match="NAME=XLA_FLAGS"):
             parse_variant(bad)
+
+
+def test_sustained_points_take_todays_config_and_cublas():
+    """eval.plot_results.sustained_points: per sustained-load run and product, cuBLAS's median
+    time per call over that of the config equal to today's select_config choice (the windows'
+    "tuning"), whatever the run named it; other configs, and products without a cuBLAS window,
+    are left out; the markdown section lists each point."""
+    import dataclasses
+
+    from eval.plot_results import sustained_points, sustained_table
+    from kernels.tuning import DEFAULT_CONFIG, ROW_STRIPE_CONFIG
+
+    def window(product, name, tuning, ms, clock=1400):
+        return {"product": product, "config": name, "tuning": str(tuning) if tuning else "",
+                "ms_per_call": ms, "clock_mhz": clock}
+
+    gn4 = dataclasses.replace(DEFAULT_CONFIG, grid_tile_width=4)
+    windows = [window("8b down dx", "auto", DEFAULT_CONFIG, 12.0),       # the order before
+               window("8b down dx", "auto@gm12", ROW_STRIPE_CONFIG, 11.7, 1437),
+               window("8b down dx", "auto@gm12", ROW_STRIPE_CONFIG, 11.6, 1437),
+               window("8b down dx", "auto@gm12", ROW_STRIPE_CONFIG, 11.9, 1437),
+               window("8b down dx", "auto@gn4", gn4, 11.5),
+               window("8b down dx", "xla_einsum", None, 11.7, 1449),
+               window("8b down dx", "xla_einsum", None, 11.8, 1449),
+               window("3b down", "auto", DEFAULT_CONFIG, 2.6),
+               window("3b down", "xla_einsum", None, 2.63),
+               window("8b o", "auto@gm12", ROW_STRIPE_CONFIG, 3.4)]    # no cuBLAS window
+    report = {"runs": {"s": {"code": "abc", "windows": windows}}}
+    got = {p["product"]: p for p in sustained_points(report)}
+    assert set(got) == {"8b down dx", "3b down"}
+    assert got["8b down dx"]["speedup"] == pytest.approx(11.75 / 11.7)
+    assert got["8b down dx"]["config"] == "auto@gm12" and got["8b down dx"]["rounds"] == 3
+    assert (got["8b down dx"]["clock_mhz"], got["8b down dx"]["base_clock_mhz"]) == (1437, 1449)
+    assert got["3b down"]["speedup"] == pytest.approx(2.63 / 2.6)
+    table = sustained_table(report)
+    assert f"| 8b down dx | s | auto@gm12 | {11.75 / 11.7:.3f} | 3 | 1437 | 1449 |" in table
