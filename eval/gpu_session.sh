@@ -147,6 +147,12 @@
 # schedule (ring, ring2, ring_all, ring_check, ring_cluster, ring_wg3, ring_swiglu; dw_variants,
 # dw_select, dw_3b) were removed with JAX's pipelines: their runs in
 # eval/results/grouped_matmul_h200.ab.json name the code revision that has them.
+#   ncu        Nsight Compute counters (eval/ncu_products.py; cycles, SM clock, DRAM / L2 bytes,
+#              warp stalls) of "auto" and cuBLAS on 8b down dx / down, 3b qkv and 1b gate_up, G = 16,
+#              one launch each (run s21_ncu_full: 48 s), with the report's summary and details
+#   sustained  sustained-load A/B (eval/sustained_ab.py: 1.5 s windows of back-to-back calls, 3
+#              rounds, nvidia-smi's clock and power) of "auto", the default tile order and cuBLAS
+#              on the eight 8b / 3b products of runs s21_sustained* (~4 min)
 #   run: bash eval/gpu_session.sh tests; bash eval/gpu_session.sh tests_model fused;
 #        bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
@@ -390,13 +396,26 @@ for stage in "${stages[@]}"; do
              --schedules sequential diagonal
            train_bench train_seq_remat_16k 200 --tokens 16384 --reps 3 --impls auto \
              --schedules sequential ;;
+    ncu) P=8b:down:dx,8b:down,3b:qkv,1b:gate_up
+           XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 300 ncu --profile-from-start off \
+             --clock-control none --set full --import-source no --kernel-name regex:"mosaic|nvjet" \
+             -f -o "$OUT/ncu" python3 eval/ncu_products.py --products $P --manifest "$OUT/ncu.json" \
+             2>&1 | quiet | grep -v "^==PROF=="
+           python3 eval/ncu_products.py --summarize "$OUT/ncu.ncu-rep" --manifest "$OUT/ncu.json" \
+             | tee "$OUT/ncu_summary.md"
+           ncu --import "$OUT/ncu.ncu-rep" --page details > "$OUT/ncu_details.txt" ;;
+    sustained) timeout 400 python3 eval/sustained_ab.py \
+             --products 8b:down:dx,8b:down,8b:gate_up:dx,8b:o:dx,8b:qkv:dx,8b:o,3b:gate_up:dx,3b:down \
+             --configs auto,default,xla_einsum --seconds 1.5 --rounds 3 --out "$OUT/sustained.json" \
+             2>&1 | quiet | grep -v " round " ;;
     *) echo "unknown stage $stage (tests, tests_model, bench, agreement, kernel, kernel_big, fused, diagonal," \
             "train, profile, pingpong, pingpong2, select, train_products, train_profile," \
             "train_zero_init, wg3, select3, pingpong_bwd, reproducibility, wg3_repeat," \
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
-            "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit, smfit_select, wide_small_g, wide_select, wide_fwd, smfit_fwd, wide_rest, dw_cluster, split_cols, fwd_t)"
+            "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit, smfit_select, wide_small_g, wide_select, wide_fwd, smfit_fwd, wide_rest, dw_cluster, split_cols, fwd_t," \
+            "ncu, sustained)"
        exit 2 ;;
   esac
 done

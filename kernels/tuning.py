@@ -343,11 +343,13 @@ def select_config(
        ``ROW_STRIPE_MIN_ROW_TILES`` row tiles: the 8b shapes, whose operands outgrow the L2
        cache; 0.9-1.6 % faster than the default order under sustained load.
 
-    At full load (G = 16) this runs at or above cuBLAS's speed on 13 of the 24 forward and dx
+    At full load (G = 16) this runs at or above cuBLAS's speed on 16 of the 24 forward and dx
     products of the Llama-1B/3B/8B diagonal shapes, at or above 0.99x on 21, and at 0.988x (3b
-    qkv), 0.983x (8b down) and 0.973x (8b down dx) on the others; dw at 0.90-1.01x (device
-    time, medians over every H200 run of these choices up to s20_*:
-    eval/results/grouped_matmul_h200.parity.md). Tried and not chosen (within noise or slower): 3 stages, unchained tiles (on
+    qkv, 8b down dx) and 0.972x (8b down) on the others; dw at 0.90-1.01x (device time of
+    bursts of calls, medians over every H200 run of these choices up to s21_*:
+    eval/results/grouped_matmul_h200.parity.md). Under sustained load (eval/sustained_ab.py)
+    at 1.000-1.027x on the eight 8b / 3b products timed, 8b down and down dx included. Tried
+    and not chosen (within noise or slower): 3 stages, unchained tiles (on
     JAX's pipelines), 128 x 128 tiles with 4 or 6 stages (cuBLAS's choice for the 1b attention
     shapes), 256 x 128 and row-split 128 x 192 tiles, other tile orders (also on the 8b
     products, run s17_grid8b), clusters on the default tiles (also on the ring), a whole
