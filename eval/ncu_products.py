@@ -135,12 +135,12 @@ def read_raw(report_path):
     return [dict(zip(header, r)) for r in body], dict(zip(header, units))
 
 
-def summarize(report_path, manifest_path):
-    kernels, units = read_raw(report_path)
-    with open(manifest_path) as f:
-        manifest = json.load(f)
+def label_kernels(kernels, manifest):
+    """[(label, kernel)]: for each manifest entry in launch order, the first profiled kernel after
+    the previous entry's whose name matches the entry's pattern ("product / config"); entries
+    without one are reported on stderr and left out."""
     labelled, rest = [], list(kernels)
-    for entry in manifest:   # each window's launches, in order: the first matching kernel
+    for entry in manifest:
         for i, k in enumerate(rest):
             if re.search(entry["kernel"], k.get("Kernel Name", ""), re.I):
                 labelled.append((f"{entry['product']} / {entry['config']}", k))
@@ -148,6 +148,13 @@ def summarize(report_path, manifest_path):
                 break
         else:
             print(f"no kernel matching {entry['kernel']!r} for {entry}", file=sys.stderr)
+    return labelled
+
+
+def summarize(report_path, manifest_path):
+    kernels, units = read_raw(report_path)
+    with open(manifest_path) as f:
+        labelled = label_kernels(kernels, json.load(f))
     names = [n for pattern in SUMMARY_METRICS for n in sorted(units) if re.fullmatch(pattern, n)]
     print("| metric | unit | " + " | ".join(label for label, _ in labelled) + " |")
     print("|---|---|" + "---|" * len(labelled))

@@ -317,8 +317,9 @@ def test_probe_tile_overhead_needs_a_gpu():
 
 def test_gpu_session_names_only_known_configs():
     """Every config name eval/gpu_session.sh passes to the grouped-matmul benchmark (--ab lists,
-    C= lists, wg3_variants' configs) exists, so no stage dies on an unknown name mid-session
-    (the benchmark refuses one up front: checked with a stale name)."""
+    C= lists, wg3_variants' configs) or to ncu_products.py / sustained_ab.py (--configs; a
+    tile-order suffix like @gm12 allowed) exists, so no stage dies on an unknown name
+    mid-session (the benchmark refuses one up front: checked with a stale name)."""
     import re
     from pathlib import Path
 
@@ -327,10 +328,12 @@ def test_gpu_session_names_only_known_configs():
     known = {*SWEEP, "auto", "xla_einsum", *SWIGLU_VARIANTS}
     script = (Path(__file__).parents[1] / "eval" / "gpu_session.sh").read_text()
     lists = [*re.findall(r"--ab ([\w#,$]+)", script), *re.findall(r"\bC=([\w#,$]+)", script),
-             *re.findall(r'wg3_variants \w+ "[^"]*" ([\w,]+)', script)]
+             *re.findall(r'wg3_variants \w+ "[^"]*" ([\w,]+)', script),
+             *re.findall(r"--configs ([\w#@,$]+)", script)]
     names = {n for lst in lists for n in lst.split(",") if not n.startswith("$")}
-    assert len(names) > 10 and "auto" in names
-    assert sorted(n for n in names if n.split("#")[0] not in known) == []
+    assert len(names) > 10 and "auto" in names and "default" in names
+    base = lambda n: re.sub(r"@g[nm]\d+$", "", n.split("#")[0])
+    assert sorted(n for n in names if base(n) not in known) == []
     with pytest.raises(SystemExit):
         main(["--ab", "auto,ring", "--models", ""])
 
@@ -413,3 +416,23 @@ def test_sustained_points_take_todays_config_and_cublas():
     assert got["3b down"]["speedup"] == pytest.approx(2.63 / 2.6)
     table = sustained_table(report)
     assert f"| 8b down dx | s | auto@gm12 | {11.75 / 11.7:.3f} | 3 | 1437 | 1449 |" in table
+
+
+def test_ncu_kernels_are_labelled_in_launch_order():
+    """eval/ncu_products.label_kernels: each manifest entry takes the first profiled kernel
+    after the previous entry's whose name matches its pattern, so helper kernels between them
+    (a fusion beside the Mosaic GPU kernel) and repeated names map right; an entry with no
+    match is left out, not given a later entry's kernel."""
+    from eval.ncu_products import label_kernels
+
+    kernels = [{"Kernel Name": n, "ID": str(i)} for i, n in enumerate(
+        ["input_concatenate_fusion", "anonymous_mosaic_gpu_kernel", "nvjet_sm90_tst_x",
+         "anonymous_mosaic_gpu_kernel", "nvjet_sm90_tst_y"])]
+    manifest = [{"product": "8b down dx", "config": "auto", "kernel": "mosaic"},
+                {"product": "8b down dx", "config": "xla_einsum", "kernel": "nvjet|gemm"},
+                {"product": "8b down", "config": "auto", "kernel": "mosaic"},
+                {"product": "8b down", "config": "auto@gm12", "kernel": "mosaic"},
+                {"product": "8b down", "config": "xla_einsum", "kernel": "nvjet|gemm"}]
+    got = [(label, k["ID"]) for label, k in label_kernels(kernels, manifest)]
+    assert got == [("8b down dx / auto", "1"), ("8b down dx / xla_einsum", "2"),
+                   ("8b down / auto", "3"), ("8b down / xla_einsum", "4")]
