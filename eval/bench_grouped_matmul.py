@@ -403,6 +403,47 @@ def resolve_config(name: str, g: int, m: int, k: int, n: int, transpose_lhs: boo
     return config
 
 
+def full_load_calls(spec: str, config_names, key, g: int = 16):
+    """One product at full load for the profiling scripts (eval/ncu_products.py,
+    eval/sustained_ab.py): spec "model:shape[:fwd|dx|dw]" (e.g. "8b:down:dx"). Returns its label
+    ("8b down dx"), the call's arguments (a, b, lo, hi), {config name: (jitted call, str of its
+    TuningConfig, "" for cuBLAS)} for the configs (``resolve_config`` names or "xla_einsum") that
+    serve it and compute it like the XLA path (relative error <= 1e-2), and [(name, why)] for
+    the others."""
+    shapes = {(model, name): (m, k, n) for model, rows in MODELS.items() for name, m, k, n in rows}
+    model, shape, *rest = spec.split(":")
+    product = rest[0] if rest else "fwd"
+    if (model, shape) not in shapes or product not in PRODUCTS or len(rest) > 1:
+        raise SystemExit(f"unknown product {spec!r}: model:shape[:fwd|dx|dw], e.g. 8b:down:dx;"
+                         f" shapes {', '.join(f'{m}:{s}' for m, s in shapes)}")
+    (m, k, n), transpose = PRODUCTS[product](*shapes[model, shape])
+    tl, tr = transpose or (False, False)
+    a, b = _product_operands(key, g, m, k, n, transpose)
+    args = (a, b, jnp.int32(0), jnp.int32(g))
+    want = _make_fn("xla", None, transpose)(*args)
+    calls, failed = {}, []
+    for name in config_names:
+        if name == "xla_einsum":
+            calls[name] = (_make_fn("xla_einsum", None, transpose), "")
+            continue
+        config = resolve_config(name, g, m, k, n, tl, tr)
+        why = mgpu_kernel.unsupported_reason(a.shape, b.shape, a.dtype, a.dtype, transpose_lhs=tl,
+                                             transpose_rhs=tr, config=config)
+        if why:
+            failed.append((name, why))
+            continue
+        fn = _make_fn("pallas", config, transpose)
+        try:
+            err = _rel_err(fn(*args), want)
+            if not err <= 1e-2:
+                raise AssertionError(f"rel_err={err:.3g}")
+        except Exception as e:   # a config that fails to compile or compute is reported
+            failed.append((name, repr(e)[:500]))
+            continue
+        calls[name] = (fn, str(config))
+    return f"{model} {product_name(shape, product)}", args, calls, failed
+
+
 def markdown_sweep(rows):
     lines = [
         "| shape | config | G | active | pallas TF/s | frac | xla TF/s |",

@@ -68,50 +68,20 @@ def run_products(products, config_names, manifest_path, seed=0):
     """Compile, check and warm up every (product, config), then run each once inside a profiler
     window. The manifest lists, in launch order, (product, config, the kernel's name pattern)."""
     import jax
-    import jax.numpy as jnp
 
     from eval import bench_grouped_matmul as bench
-    from kernels import grouped_matmul_mgpu as mgpu_kernel
 
-    shapes = {(model, name): (m, k, n) for model, rows in bench.MODELS.items()
-              for name, m, k, n in rows}
     calls = []
     key = jax.random.PRNGKey(seed)
     for spec in products:
-        model, shape, *rest = spec.split(":")
-        product = rest[0] if rest else "fwd"
-        if (model, shape) not in shapes or product not in bench.PRODUCTS:
-            raise SystemExit(f"--products: unknown {spec!r} (model:shape[:fwd|dx|dw], e.g."
-                             f" 8b:down:dx; shapes {sorted(shapes)})")
-        (m, k, n), transpose = bench.PRODUCTS[product](*shapes[model, shape])
-        tl, tr = transpose or (False, False)
-        g = 16
         key, sub = jax.random.split(key)
-        a, b = bench._product_operands(sub, g, m, k, n, transpose)
-        lo, hi = jnp.int32(0), jnp.int32(g)
-        want = bench._make_fn("xla", None, transpose)(a, b, lo, hi)
-        for name in config_names:
-            if name == "xla_einsum":
-                fn = bench._make_fn("xla_einsum", None, transpose)
-            else:
-                config = bench.resolve_config(name, g, m, k, n, tl, tr)
-                why = mgpu_kernel.unsupported_reason(a.shape, b.shape, a.dtype, a.dtype,
-                                                     transpose_lhs=tl, transpose_rhs=tr,
-                                                     config=config)
-                if why:
-                    print(f"skipped {spec} {name}: {why}", flush=True)
-                    continue
-                fn = bench._make_fn("pallas", config, transpose)
-            try:   # a config that fails to compile or compute is reported, not profiled
-                err = bench._rel_err(fn(a, b, lo, hi), want)
-                if not err <= 1e-2:
-                    raise AssertionError(f"rel_err={err:.3g}")
-            except Exception as e:
-                print(f"failed {spec} {name}: {e!r}"[:500], flush=True)
-                continue
+        label, args, fns, failed = bench.full_load_calls(spec, config_names, sub)
+        for name, why in failed:
+            print(f"not profiled: {label} {name}: {why}", flush=True)
+        for name, (fn, _) in fns.items():
             for _ in range(3):
-                jax.block_until_ready(fn(a, b, lo, hi))
-            calls.append((f"{model} {bench.product_name(shape, product)}", name, fn, (a, b, lo, hi)))
+                jax.block_until_ready(fn(*args))
+            calls.append((label, name, fn, args))
     cudart = profiler_library()
     manifest = []
     for product, name, fn, args in calls:

@@ -130,57 +130,32 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import jax
-    import jax.numpy as jnp
 
     from eval import bench_grouped_matmul as bench
-    from kernels import grouped_matmul_mgpu as mgpu_kernel
 
-    shapes = {(model, name): (m, k, n) for model, rows in bench.MODELS.items()
-              for name, m, k, n in rows}
     sampler = GpuSampler()
     results, skipped = [], []
     key = jax.random.PRNGKey(0)
     try:
         for spec in args.products.split(","):
-            model, shape, *rest = spec.split(":")
-            product = rest[0] if rest else "fwd"
-            if (model, shape) not in shapes or product not in bench.PRODUCTS:
-                raise SystemExit(f"--products: unknown {spec!r} (model:shape[:fwd|dx|dw])")
-            (m, k, n), transpose = bench.PRODUCTS[product](*shapes[model, shape])
-            tl, tr = transpose or (False, False)
-            g = 16
             key, sub = jax.random.split(key)
-            a, b = bench._product_operands(sub, g, m, k, n, transpose)
-            lo, hi = jnp.int32(0), jnp.int32(g)
-            want = bench._make_fn("xla", None, transpose)(a, b, lo, hi)
-            fns, configs = {}, {}
-            for name in args.configs.split(","):
-                if name == "xla_einsum":
-                    fns[name], configs[name] = bench._make_fn("xla_einsum", None, transpose), ""
-                    continue
-                config = bench.resolve_config(name, g, m, k, n, tl, tr)
-                why = mgpu_kernel.unsupported_reason(a.shape, b.shape, a.dtype, a.dtype,
-                                                     transpose_lhs=tl, transpose_rhs=tr,
-                                                     config=config)
-                if why:
-                    skipped.append(f"{spec} {name}: {why}")
-                    continue
-                fns[name], configs[name] = bench._make_fn("pallas", config, transpose), str(config)
-            for name, fn in fns.items():   # compile and check before any window
-                err = bench._rel_err(fn(a, b, lo, hi), want)
-                if not err <= 1e-2:
-                    raise AssertionError(f"{spec} {name}: rel_err={err:.3g}")
+            label, call_args, calls, failed = bench.full_load_calls(
+                spec, args.configs.split(","), sub)
+            for name, why in failed:
+                skipped.append(f"{label} {name}: {why}")
+                print(f"not timed: {label} {name}: {why}", flush=True)
+            fns = {name: fn for name, (fn, _) in calls.items()}
+            configs = {name: tuning for name, (_, tuning) in calls.items()}
             order = list(fns)
-            label = f"{model} {bench.product_name(shape, product)}"
             for r in range(args.rounds):
                 for name in order[r % len(order):] + order[:r % len(order)]:
                     row = {"product": label, "config": name, "tuning": configs[name], "round": r,
-                           **run_window(fns[name], (a, b, lo, hi), args.seconds, sampler)}
+                           **run_window(fns[name], call_args, args.seconds, sampler)}
                     results.append(row)
                     print(f"{label:12s} {name:16s} round {r}: {row['ms_per_call']:.3f} ms/call"
                           f" at {row['clock_mhz']:.0f} MHz, {row['power_w']:.0f} W,"
                           f" {row['mcycles_per_call']:.3f} Mcycles", flush=True)
-            del a, b, want
+            del call_args, calls, fns
     finally:
         sampler.close()
     table = summarize(results)

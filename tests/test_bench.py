@@ -436,3 +436,24 @@ def test_ncu_kernels_are_labelled_in_launch_order():
     got = [(label, k["ID"]) for label, k in label_kernels(kernels, manifest)]
     assert got == [("8b down dx / auto", "1"), ("8b down dx / xla_einsum", "2"),
                    ("8b down / auto", "3"), ("8b down / xla_einsum", "4")]
+
+
+def test_full_load_calls_parse_check_and_report():
+    """eval/bench_grouped_matmul.full_load_calls (the profiling scripts' products): a spec names
+    a diagonal product ("1b:o:dx"), an unknown one stops with the known shapes; cuBLAS's call
+    computes the product like the XLA path; a config that cannot run here (the Pallas kernel on
+    a CPU) is reported with its error, not timed."""
+    import jax
+
+    from eval.bench_grouped_matmul import full_load_calls
+
+    with pytest.raises(SystemExit, match="8b:down"):
+        full_load_calls("8b:downn:dx", ["xla_einsum"], jax.random.PRNGKey(0))
+    label, (a, b, lo, hi), calls, failed = full_load_calls(
+        "1b:o:dx", ["xla_einsum", "auto@gm12"], jax.random.PRNGKey(0), g=1)
+    assert label == "1b o dx" and a.shape == (1, 1152, 2048) and b.shape == (1, 2048, 2048)
+    assert list(calls) == ["xla_einsum"] and calls["xla_einsum"][1] == ""
+    want = np.einsum("gmn,gkn->gmk", np.asarray(a, np.float32), np.asarray(b, np.float32))
+    got = np.asarray(calls["xla_einsum"][0](a, b, lo, hi), np.float32)
+    assert np.linalg.norm(got - want) <= 1e-2 * np.linalg.norm(want)
+    assert [name for name, _ in failed] == ["auto@gm12"] and failed[0][1]
