@@ -403,6 +403,16 @@ def resolve_config(name: str, g: int, m: int, k: int, n: int, transpose_lhs: boo
     return config
 
 
+def add_product_arguments(parser, default_products: str) -> None:
+    """--products and --configs of the profiling scripts (see ``full_load_calls``)."""
+    parser.add_argument("--products", default=default_products,
+                        help="comma-separated model:shape[:fwd|dx|dw], G = 16, all groups active")
+    parser.add_argument("--configs", default="auto,xla_einsum",
+                        help="auto (select_config's choice), xla_einsum (cuBLAS) or SWEEP names,"
+                             " each optionally in another tile order (auto@gn12:"
+                             " resolve_config)")
+
+
 def full_load_calls(spec: str, config_names, key, g: int = 16):
     """One product at full load for the profiling scripts (eval/ncu_products.py,
     eval/sustained_ab.py): spec "model:shape[:fwd|dx|dw]" (e.g. "8b:down:dx"). Returns its label

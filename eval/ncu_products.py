@@ -31,6 +31,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from eval import bench_grouped_matmul as bench  # noqa: E402
+
 # Metrics printed by --summarize (regular expressions over the raw page's metric names), in order.
 SUMMARY_METRICS = (
     r"gpu__time_duration\.sum",
@@ -69,7 +71,6 @@ def run_products(products, config_names, manifest_path, seed=0):
     window. The manifest lists, in launch order, (product, config, the kernel's name pattern)."""
     import jax
 
-    from eval import bench_grouped_matmul as bench
 
     calls = []
     key = jax.random.PRNGKey(seed)
@@ -136,12 +137,7 @@ def summarize(report_path, manifest_path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--products", default="8b:down:dx,8b:down,3b:qkv",
-                   help="comma-separated model:shape[:fwd|dx|dw], G = 16, all groups active")
-    p.add_argument("--configs", default="auto,xla_einsum",
-                   help="auto (select_config's choice), xla_einsum (cuBLAS) or SWEEP names,"
-                        " each optionally in another tile order (auto@gn12:"
-                        " bench_grouped_matmul.resolve_config)")
+    bench.add_product_arguments(p, "8b:down:dx,8b:down,3b:qkv")
     p.add_argument("--manifest", required=True, help="JSON: the profiled launches, in order")
     p.add_argument("--summarize", default=None, metavar="REPORT",
                    help="print SUMMARY_METRICS of an .ncu-rep written by a profiled run")

@@ -31,6 +31,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from eval import bench_grouped_matmul as bench  # noqa: E402
+
 # Samples in a window's first SETTLE_S seconds are left out: the clock is still moving there.
 SETTLE_S = 0.4
 SMI_FIELDS = ("clocks.sm", "power.draw.instant", "temperature.gpu")
@@ -118,12 +120,7 @@ def summarize(results: list[dict], baseline: str = "xla_einsum") -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--products", default="8b:down:dx,8b:down",
-                   help="comma-separated model:shape[:fwd|dx|dw], G = 16, all groups active")
-    p.add_argument("--configs", default="auto,xla_einsum",
-                   help="auto (select_config's choice), xla_einsum (cuBLAS) or SWEEP names,"
-                        " each optionally in another tile order (auto@gn12:"
-                        " bench_grouped_matmul.resolve_config)")
+    bench.add_product_arguments(p, "8b:down:dx,8b:down")
     p.add_argument("--seconds", type=float, default=2.0, help="length of one config's window")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", required=True, help="JSON: every window, and the run's metadata")
@@ -131,7 +128,6 @@ def main(argv=None):
 
     import jax
 
-    from eval import bench_grouped_matmul as bench
 
     sampler = GpuSampler()
     results, skipped = [], []
