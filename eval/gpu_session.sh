@@ -153,6 +153,10 @@
 #   sustained  sustained-load A/B (eval/sustained_ab.py: 1.5 s windows of back-to-back calls, 3
 #              rounds, nvidia-smi's clock and power) of "auto", the default tile order and cuBLAS
 #              on the eight 8b / 3b products of runs s21_sustained* (~4 min)
+#   sustained_fwd_dx  "auto" against cuBLAS under sustained load on all 24 forward and dx
+#              products at G = 16 (1.2 s windows, 3 rounds; ~15 s a product: ~6 min; the JSON
+#              is rewritten after every product, so a timeout keeps what was timed)
+#   sustained_dw  the same on the 12 dw products (~3 min)
 #   run: bash eval/gpu_session.sh tests; bash eval/gpu_session.sh tests_model fused;
 #        bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
@@ -408,6 +412,13 @@ for stage in "${stages[@]}"; do
              --products 8b:down:dx,8b:down,8b:gate_up:dx,8b:o:dx,8b:qkv:dx,8b:o,3b:gate_up:dx,3b:down \
              --configs auto,default,xla_einsum --seconds 1.5 --rounds 3 --out "$OUT/sustained.json" \
              2>&1 | quiet | grep -v " round " ;;
+    sustained_fwd_dx|sustained_dw)
+           kinds=$([ "$stage" = sustained_dw ] && echo dw || echo "fwd dx")
+           P=$(for m in 1b 3b 8b; do for s in qkv o gate_up down; do for k in $kinds; do
+                 printf "%s:%s:%s," $m $s $k; done; done; done)
+           timeout 560 python3 eval/sustained_ab.py --products "${P%,}" \
+             --configs auto,xla_einsum --seconds 1.2 --rounds 3 --out "$OUT/$stage.json" \
+             2>&1 | quiet | grep -v " round " ;;
     *) echo "unknown stage $stage (tests, tests_model, bench, agreement, kernel, kernel_big, fused, diagonal," \
             "train, profile, pingpong, pingpong2, select, train_products, train_profile," \
             "train_zero_init, wg3, select3, pingpong_bwd, reproducibility, wg3_repeat," \
@@ -415,7 +426,7 @@ for stage in "${stages[@]}"; do
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
             "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit, smfit_select, wide_small_g, wide_select, wide_fwd, smfit_fwd, wide_rest, dw_cluster, split_cols, fwd_t," \
-            "ncu, sustained)"
+            "ncu, sustained, sustained_fwd_dx, sustained_dw)"
        exit 2 ;;
   esac
 done

@@ -131,6 +131,15 @@ def main(argv=None):
 
     sampler = GpuSampler()
     results, skipped = [], []
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat()
+
+    def write():
+        with open(args.out, "w") as f:
+            json.dump({"date": date, "command": "python3 " + " ".join(sys.argv),
+                       "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
+                       "settle_s": SETTLE_S, "smi_fields": sampler.fields, "skipped": skipped,
+                       "windows": results}, f, indent=1)
+
     key = jax.random.PRNGKey(0)
     try:
         for spec in args.products.split(","):
@@ -152,18 +161,12 @@ def main(argv=None):
                           f" at {row['clock_mhz']:.0f} MHz, {row['power_w']:.0f} W,"
                           f" {row['mcycles_per_call']:.3f} Mcycles", flush=True)
             del call_args, calls, fns
+            write()   # after every product: a run cut short by a timeout keeps what it timed
     finally:
         sampler.close()
-    table = summarize(results)
-    print(table)
+    print(summarize(results))
     for line in skipped:
         print("skipped", line)
-    with open(args.out, "w") as f:
-        json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                   "command": "python3 " + " ".join(sys.argv), "device": jax.devices()[0].device_kind,
-                   "jax_version": jax.__version__, "settle_s": SETTLE_S, "smi_fields": sampler.fields,
-                   "skipped": skipped,
-                   "windows": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -457,3 +457,36 @@ def test_full_load_calls_parse_check_and_report():
     got = np.asarray(calls["xla_einsum"][0](a, b, lo, hi), np.float32)
     assert np.linalg.norm(got - want) <= 1e-2 * np.linalg.norm(want)
     assert [name for name, _ in failed] == ["auto@gm12"] and failed[0][1]
+
+
+def test_sustained_windows_and_summary():
+    """eval/sustained_ab.py on a CPU: a window runs its call back to back for about the asked
+    seconds, the sampler's clock and power over the window's settled part (samples before
+    SETTLE_S and after the window left out) give the cycles and energy per call; the summary
+    gives cuBLAS's median time over each config's."""
+    import time
+
+    import jax
+
+    from eval import sustained_ab
+
+    fn, x = jax.jit(lambda x: x @ x), jax.numpy.ones((64, 64))
+    sampler = object.__new__(sustained_ab.GpuSampler)   # no nvidia-smi here: planted samples
+    now = time.perf_counter()
+    sampler.samples = [(now + t, clock, power, 50.0) for t, clock, power in
+                       [(0.1, 1900, 300), (sustained_ab.SETTLE_S + 0.25, 1400, 700),
+                        (sustained_ab.SETTLE_S + 0.35, 1500, 690), (60.0, 100, 100)]]
+    row = sustained_ab.run_window(fn, (x,), 1.0, sampler)
+    assert row["calls"] >= 8 and row["calls"] % 8 == 0
+    assert (row["clock_mhz"], row["power_w"], row["samples"]) == (1450, 695, 2)
+    assert row["mcycles_per_call"] == pytest.approx(row["ms_per_call"] * 1.45)
+    assert row["joules_per_call"] == pytest.approx(row["ms_per_call"] * 0.695)
+    with pytest.raises(RuntimeError, match="no nvidia-smi samples"):
+        sampler.window(now + 100, now + 101)
+    rows = [{"product": "8b down", "config": c, "ms_per_call": ms, "clock_mhz": 1400,
+             "power_w": 690, "mcycles_per_call": 1, "joules_per_call": 1}
+            for c, ms in [("auto", 11.5), ("xla_einsum", 11.6), ("auto", 11.7),
+                          ("xla_einsum", 11.8), ("auto", 11.6), ("xla_einsum", 11.7)]]
+    table = sustained_ab.summarize(rows)
+    assert "| 8b down | auto | 11.600 | 11.500-11.700 | 1400 | 690 |" in table
+    assert f"| {11.7 / 11.6:.3f} | 3 |" in table
