@@ -241,10 +241,12 @@ def _diagonal_products() -> list[str]:
             for shape, *_ in shapes for p in PRODUCTS]
 
 
-def _parity_panel(ax, report: dict, points: list[dict], groups: int) -> None:
+def _parity_panel(ax, report: dict, points: list[dict], groups: int,
+                  sustained: list[dict] = ()) -> None:
     """One parity panel: a column per diagonal product, a dot per run that timed today's
     choice for it at G = groups (runs in date order, coloured oldest to newest), bars at the
-    medians; a product no run timed keeps its column, in gray, marked so."""
+    medians of those dots; a product no run timed keeps its column, in gray, marked so.
+    ``sustained``: `sustained_points` (G = 16), drawn as red diamonds beside the dots."""
     plt = _pyplot()
     points = [p for p in points if p["G"] == groups]
     products = _diagonal_products()
@@ -258,6 +260,11 @@ def _parity_panel(ax, report: dict, points: list[dict], groups: int) -> None:
         ax.scatter([products.index(p["product"]) + offset for p in mine],
                    [p["speedup"] for p in mine], s=18, color=colours[i],
                    label=f"{run} ({report['runs'][run].get('date', '')[:16]})")
+    if sustained:
+        ax.scatter([products.index(p["product"]) + 0.38 for p in sustained],
+                   [p["speedup"] for p in sustained], s=26, marker="D", color="tab:red",
+                   edgecolor="black", linewidth=0.4, zorder=3,
+                   label="sustained load (seconds of back-to-back calls a window)")
     for x, product in enumerate(products):
         if product not in timed:
             ax.text(x, 0.03, "not timed", transform=ax.get_xaxis_transform(), rotation=90,
@@ -276,10 +283,12 @@ def _parity_panel(ax, report: dict, points: list[dict], groups: int) -> None:
               title_fontsize=7)
 
 
-def plot_parity(report: dict, path: Path, groups: tuple[int, ...] = (16,)) -> None:
+def plot_parity(report: dict, path: Path, groups: tuple[int, ...] = (16,),
+                sustained: dict | None = None) -> None:
     """Today's select_config choice against cuBLAS (`parity_points`), all groups active: a
     panel per G in ``groups`` (G = 16: the issue's full-load bar; 1, 2, 4, 8: the sequential
-    schedule and training at G = 1, the benchmark's grid), one dot per run and product."""
+    schedule and training at G = 1, the benchmark's grid), one dot per run and product; with
+    ``sustained`` (the sustained-load report), its points on the G = 16 panel."""
     plt = _pyplot()
     points = parity_points(report)
     for g in groups:
@@ -287,13 +296,15 @@ def plot_parity(report: dict, path: Path, groups: tuple[int, ...] = (16,)) -> No
             raise ValueError(f"no A/B run timed today's select_config choice and cuBLAS at G = {g}")
     fig, axes = plt.subplots(len(groups), 1, figsize=(21.5, 4.4 * len(groups)), squeeze=False)
     for ax, g in zip(axes[:, 0], groups):
-        _parity_panel(ax, report, points, g)
+        _parity_panel(ax, report, points, g,
+                      sustained_points(sustained) if sustained and g == 16 else ())
         if len(groups) > 1:
             ax.set_title(f"G = {g}", fontsize=9)
     where = ("at full load (G = 16)" if groups == (16,) else
              f"at G = {', '.join(map(str, groups))}, all groups active")
     fig.suptitle(f"Grouped matmul {where}: today's select_config choice against cuBLAS, each dot"
-                 f" one profiled A/B run (with that day's kernel code); bars: medians"
+                 f" one profiled A/B run of bursts of calls (with that day's kernel code); bars:"
+                 f" their medians{'; diamonds: sustained-load runs' if sustained else ''}"
                  f" ({report.get('device', '')}, jax {report.get('jax_version', '?')})",
                  fontsize=8)
     fig.tight_layout()
@@ -412,6 +423,10 @@ def sustained_table(report: dict) -> str:
     return "\n".join(lines + [""])
 
 
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval.plot_results",
                                  description=__doc__.split("\n\n")[0])
@@ -428,7 +443,8 @@ def main(argv=None) -> int:
             ("grouped_matmul_h200.big.json", "grouped_matmul_h200.8b.png",
              functools.partial(plot_grouped_matmul, model="8b")),
             ("train_h200_diagonal.json", "train_h200_diagonal.png", plot_train),
-            ("grouped_matmul_h200.ab.json", "grouped_matmul_h200.parity.png", plot_parity),
+            ("grouped_matmul_h200.ab.json", "grouped_matmul_h200.parity.png",
+             functools.partial(plot_parity, sustained=_load(args.results / "sustained_h200.json"))),
             ("grouped_matmul_h200.ab.json", "grouped_matmul_h200.parity_off_full_load.png",
              functools.partial(plot_parity, groups=(1, 2, 4, 8))))
     for name, figure, plot in jobs:
@@ -441,9 +457,9 @@ def main(argv=None) -> int:
     ab = args.results / "grouped_matmul_h200.ab.json"
     if ab.exists():
         table = parity_table(json.loads(ab.read_text()))
-        sustained = args.results / "sustained_h200.json"
-        if sustained.exists():
-            table += "\n" + sustained_table(json.loads(sustained.read_text()))
+        sustained = _load(args.results / "sustained_h200.json")
+        if sustained:
+            table += "\n" + sustained_table(sustained)
         (out / "grouped_matmul_h200.parity.md").write_text(table)
         print(f"wrote {out / 'grouped_matmul_h200.parity.md'}")
     return 0

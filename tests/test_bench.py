@@ -128,6 +128,8 @@ def test_plot_results_from_the_committed_json(tmp_path):
     table = (tmp_path / "grouped_matmul_h200.parity.md").read_text()
     assert "## Against cuBLAS, G = 16" in table and "## Against the XLA path, G = 16" in table
     assert "forward and dx: median at or above cuBLAS on" in table
+    assert "## Against cuBLAS under sustained load, G = 16" in table
+    assert "| 8b down dx | s21_sustained_orders2 | auto@gm12 |" in table
     with pytest.raises(ValueError, match="no main-run rows for model '70b'"):
         plot_results.plot_grouped_matmul({"rows": []}, tmp_path / "x.png", model="70b")
     with pytest.raises(ValueError, match="no training rows"):
