@@ -251,7 +251,8 @@ SM_FIT_MAX_COST_RATIO = 0.94
 # minor dimension m), where a group spans at least ROW_STRIPE_MIN_ROW_TILES row tiles (the 8b
 # shapes' m = 4224: 33; 3b: 17, 1b: 9). The default order walks one column tile down all rows,
 # so a wave of 132 tiles reads 33 row panels of A and 4 column panels of B; in stripes of 12
-# rows it reads 12 and 11, and the stripe's A panels stay in the L2 cache while it moves along n.
+# rows it reads 12 and 11, and a stripe's 12 A panels can stay in the L2 cache while it moves
+# along n (that its DRAM traffic falls is inferred from the clock, not yet counted).
 # At full load the 8b products run at the H200's power limit, where the clock follows the energy
 # per cycle and DRAM traffic is a part of it (Nsight Compute, runs s21_ncu_*: the default order
 # read 13.2 GB of DRAM per 8b down dx call, cuBLAS 7.1 GB, and ran 0.5 % more cycles than cuBLAS
@@ -260,7 +261,9 @@ SM_FIT_MAX_COST_RATIO = 0.94
 # 8b down dx 0.984-0.988 -> 1.000-1.003, 8b down 0.997-1.000 -> 1.009-1.010, gate_up dx
 # 1.011-1.013 -> 1.022-1.027, o dx 1.004 -> 1.014, qkv dx 1.003 -> 1.012, o 0.993 -> 1.004; on
 # the 3b shapes 0.4-0.5 % slower (gate_up dx, down): not taken there. Stripes of 8 and 16 rows
-# and of 4, 8, 12 columns walked down m were slower than 12 rows on 8b down dx and down.
+# and of 4, 8, 12 columns walked down m were slower than 12 rows on 8b down dx and down (4
+# columns by 0.1-0.8 %), but 4 columns were 0.6-0.7 % faster on 8b gate_up dx: one rule for
+# all. Measured at G = 16 only.
 ROW_STRIPE_TILES = 12
 ROW_STRIPE_MIN_ROW_TILES = 24
 ROW_STRIPE_CONFIG = dataclasses.replace(DEFAULT_CONFIG, grid_minor_dim=MatmulDimension.M,
@@ -341,7 +344,7 @@ def select_config(
     8. For forward and dx products on the default tiles, ``ROW_STRIPE_CONFIG`` (the same tiles
        in row stripes of 12 tiles walked along n) where a group spans at least
        ``ROW_STRIPE_MIN_ROW_TILES`` row tiles: the 8b shapes, whose operands outgrow the L2
-       cache; 0.9-1.6 % faster than the default order under sustained load.
+       cache; 0.9-1.6 % faster than the default order under sustained load at G = 16.
 
     At full load (G = 16) this runs at or above cuBLAS's speed on 16 of the 24 forward and dx
     products of the Llama-1B/3B/8B diagonal shapes, at or above 0.99x on 21, and at 0.988x (3b
