@@ -262,7 +262,7 @@ SM_FIT_MAX_COST_RATIO = 0.94
 # 1.011-1.013 -> 1.022-1.027, o dx 1.004 -> 1.014, qkv dx 1.003 -> 1.012, o 0.993 -> 1.004; on
 # the 3b shapes 0.4-0.5 % slower (gate_up dx, down): not taken there. Stripes of 8 and 16 rows
 # and of 4, 8, 12 columns walked down m were slower than 12 rows on 8b down dx and down (4
-# columns by 0.1-0.8 %), but 4 columns were 0.6-0.7 % faster on 8b gate_up dx: one rule for
+# columns by 0.1-0.6 %), but 4 columns were 0.6-0.7 % faster on 8b gate_up dx: one rule for
 # all. Measured at G = 16 only.
 ROW_STRIPE_TILES = 12
 ROW_STRIPE_MIN_ROW_TILES = 24
