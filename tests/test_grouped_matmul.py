@@ -984,6 +984,9 @@ GPU_CONFIGS = {
     # the last 2 of 4 epilogue tiles of a tile stored under the next tile's first k-steps (the
     # 192 x 192 tiles below defer 1 of 3)
     "default_defer2": dataclasses.replace(mgpu_kernel.DEFAULT_CONFIG, deferred_epi_tiles=2),
+    # the default tiles in row stripes of 12 tiles (select_config's rule 8; at the test shapes'
+    # few row tiles a single stripe narrower than 12)
+    "row_stripes": mgpu_kernel.ROW_STRIPE_CONFIG,
     # three compute warpgroups (192-row CTA tiles; ragged n at the 1b shapes' n = 2048), the
     # 192 x 192 ones also in clusters along n and m
     **mgpu_kernel.THREE_WG_VARIANTS,
