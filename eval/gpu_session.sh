@@ -157,6 +157,10 @@
 #              products at G = 16 (1.2 s windows, 3 rounds; ~15 s a product: ~6 min; the JSON
 #              is rewritten after every product, so a timeout keeps what was timed)
 #   sustained_dw  the same on the 12 dw products (~3 min)
+#   sustained_dw_orders  dw products whose operands outgrow the L2 cache, in other tile orders:
+#              8b down dw (x^T: 112 row tiles of 1 MB panels, re-read for every ~1.2 column
+#              tiles in the default order), 8b gate_up / o / qkv dw, 3b down dw; "auto" against
+#              row stripes of 12 and column stripes of 4 and cuBLAS (1.2 s windows, ~5 min)
 #   run: bash eval/gpu_session.sh tests; bash eval/gpu_session.sh tests_model fused;
 #        bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
@@ -412,6 +416,10 @@ for stage in "${stages[@]}"; do
              --products 8b:down:dx,8b:down,8b:gate_up:dx,8b:o:dx,8b:qkv:dx,8b:o,3b:gate_up:dx,3b:down \
              --configs auto,default,xla_einsum --seconds 1.5 --rounds 3 --out "$OUT/sustained.json" \
              2>&1 | quiet | grep -v " round " ;;
+    sustained_dw_orders) timeout 560 python3 eval/sustained_ab.py \
+             --products 8b:down:dw,8b:gate_up:dw,8b:o:dw,8b:qkv:dw,3b:down:dw \
+             --configs auto,auto@gm12,auto@gn4,xla_einsum --seconds 1.2 --rounds 3 \
+             --out "$OUT/$stage.json" 2>&1 | quiet | grep -v " round " ;;
     sustained_fwd_dx|sustained_dw)
            kinds=$([ "$stage" = sustained_dw ] && echo dw || echo "fwd dx")
            P=$(for m in 1b 3b 8b; do for s in qkv o gate_up down; do for k in $kinds; do
@@ -426,7 +434,7 @@ for stage in "${stages[@]}"; do
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
             "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit, smfit_select, wide_small_g, wide_select, wide_fwd, smfit_fwd, wide_rest, dw_cluster, split_cols, fwd_t," \
-            "ncu, sustained, sustained_fwd_dx, sustained_dw)"
+            "ncu, sustained, sustained_fwd_dx, sustained_dw, sustained_dw_orders)"
        exit 2 ;;
   esac
 done
