@@ -153,8 +153,10 @@ def test_wave_fill_and_the_ping_pong_choice():
     for dims in [(4, 1152, 2048, 3072), (1, 1152, 2048, 16384), (16, 1152, 2048, 3072)]:
         assert pick(*dims) == mgpu_kernel.WIDE_THREE_WG_CONFIG, dims
     for dims in [(16, 1152, 2048, 16384), (16, 2176, 3072, 5120), (16, 2176, 3072, 3072),
-                 (16, 4224, 4096, 4096), (1, 1152, 2048, 3072), (32, 4224, 4096, 4096)]:
+                 (1, 1152, 2048, 3072)]:
         assert pick(*dims) == default, dims
+    for dims in [(16, 4224, 4096, 4096), (32, 4224, 4096, 4096)]:   # the default tiles, in
+        assert pick(*dims) == mgpu_kernel.ROW_STRIPE_CONFIG, dims   # rule 8's row stripes
     assert pick(16, 1152, 2048, 384) == mgpu_kernel.NARROW_CONFIG   # n no multiple of 256
     # the rule follows the SM count: 108 SMs (an A100-sized part) fill 1b qkv's tiles alike
     assert mgpu_kernel.select_config(16, 1152, 2048, 3072, num_sms=108) == default
@@ -261,8 +263,8 @@ def test_wide_choice_off_full_load():
     assert pick(1, 1152, 2048, 2048) == mgpu_kernel.SM_FIT_DX_CONFIG          # cost 1.8
     assert pick(16, 1152, 2048, 8192) == mgpu_kernel.DEFAULT_CONFIG           # cost 1.03
     for g in (1, 2, 4, 8, 16):
-        for k, n in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:   # 8b dx
-            assert pick(g, 4224, k, n) == mgpu_kernel.DEFAULT_CONFIG, (g, k, n)
+        for k, n in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:   # 8b dx:
+            assert pick(g, 4224, k, n) == mgpu_kernel.ROW_STRIPE_CONFIG, (g, k, n)   # rule 8
     # the forward products keep rule 3's conditions (1b qkv at G = 2: 1.6 waves of defaults)
     assert mgpu_kernel.select_config(2, 1152, 2048, 3072, num_sms=132) != wide
     cost = lambda c, g, m, n: mgpu_kernel.tile_cost(c, g, m, n, 132)
@@ -288,7 +290,7 @@ def test_wide_cluster_choice():
         assert (c.cta_tile_m, c.cta_tile_n) == (192, 192)
         assert dataclasses.replace(c, cluster_dimension=None, deferred_epi_tiles=1) == (
             mgpu_kernel.WIDE_THREE_WG_CONFIG)   # clusters take no deferred epilogue tiles
-    default = mgpu_kernel.DEFAULT_CONFIG
+    default = mgpu_kernel.ROW_STRIPE_CONFIG   # the default tiles on the 8b shapes (rule 8)
     for g in (1, 8, 16):
         assert pick(g, 4224, 4096, 28672) == along_n, g         # 8b gate/up (28 waves at G = 1)
     for g in (8, 16):
@@ -300,6 +302,7 @@ def test_wide_cluster_choice():
         assert pick(*dims) == default, dims
     for dims in [(16, 4224, 6144, 4096), (16, 4224, 4096, 4096), (16, 4224, 28672, 4096)]:
         assert pick(*dims, tr=True) == default, dims            # 8b qkv, o, gate/up dx
+    default = mgpu_kernel.DEFAULT_CONFIG                        # dw, 1b / 3b: the default order
     assert pick(16, 4096, 4224, 6144, tl=True) == default       # 8b qkv dw
     assert pick(16, 2176, 3072, 16384) == default               # 3b gate/up: ragged rows
     assert pick(16, 1152, 2048, 16384) == default               # 1b gate/up: cost 1.0125
