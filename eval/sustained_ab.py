@@ -1,9 +1,9 @@
 """Sustained-load A/B of grouped-matmul configs and cuBLAS, with the GPU's clock and power.
 
 At full load the 8b products run at the H200's power limit, where the SM clock, and so the time
-per call, follows the energy a kernel spends per cycle (Nsight Compute, run s21_ncu_*: on 8b
-down dx the kernel took 0.5 % more cycles than cuBLAS but ran at a 2-4 % lower clock, reading
-1.8x the DRAM bytes). The bench's profiled A/B (eval/bench_grouped_matmul.py --ab) times bursts
+per call, follows the energy a kernel spends per cycle (Nsight Compute, runs s21_ncu_*: on 8b
+down dx the kernel took 0.3-0.5 % more cycles than cuBLAS but ran at a 3-4 % lower clock,
+reading 1.7-1.9x the DRAM bytes). The bench's profiled A/B (eval/bench_grouped_matmul.py --ab) times bursts
 of a few calls, whose clock depends on what ran just before: identical configs read up to 5 %
 apart there. This script instead runs each config back to back for ``--seconds`` per round (a
 window long enough for the clock to settle), rounds in rotated order, while ``nvidia-smi`` samples
@@ -14,7 +14,8 @@ power over the window's settled part, the cycles per call (time x clock) and the
         --configs auto,xla_einsum,default_gn4 --seconds 2 --rounds 3 --out OUT/sustained.json
 
 Needs a GPU and nvidia-smi. Configs: "auto" (select_config's choice), "xla_einsum" (cuBLAS: XLA's
-plain batched einsum) or names of eval/bench_grouped_matmul.py's SWEEP.
+plain batched einsum) or names of eval/bench_grouped_matmul.py's SWEEP, each optionally in
+another tile order ("auto@gm12": bench_grouped_matmul.resolve_config).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class GpuSampler:
             subprocess.run(query(), check=True, capture_output=True)
         self.fields = tuple(fields)
         self._proc = subprocess.Popen(query() + ["-lms", str(period_ms)], stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True)
+                                      stderr=subprocess.DEVNULL, text=True)
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
