@@ -255,8 +255,8 @@ SM_FIT_MAX_COST_RATIO = 0.94
 # along n (that its DRAM traffic falls is inferred from the clock, not yet counted).
 # At full load the 8b products run at the H200's power limit, where the clock follows the energy
 # per cycle and DRAM traffic is a part of it (Nsight Compute, runs s21_ncu_*: the default order
-# read 13.2 GB of DRAM per 8b down dx call, cuBLAS 7.1 GB, and ran 0.5 % more cycles than cuBLAS
-# at a 2-4 % lower clock). Sustained-load A/B (eval/sustained_ab.py, seconds of back-to-back calls
+# read 12.4-13.2 GB of DRAM per 8b down dx call, cuBLAS 7.1-7.2 GB, and ran 0.3-0.5 % more
+# cycles than cuBLAS at a 3-4 % lower clock). Sustained-load A/B (eval/sustained_ab.py, seconds of back-to-back calls
 # per window, runs s21_sustained*), against cuBLAS, default order -> row stripes of 12:
 # 8b down dx 0.984-0.988 -> 1.000-1.003, 8b down 0.997-1.000 -> 1.009-1.010, gate_up dx
 # 1.011-1.013 -> 1.022-1.027, o dx 1.004 -> 1.014, qkv dx 1.003 -> 1.012, o 0.993 -> 1.004; on
