@@ -157,6 +157,10 @@
 #              products at G = 16 (1.2 s windows, 3 rounds; ~15 s a product: ~6 min; the JSON
 #              is rewritten after every product, so a timeout keeps what was timed)
 #   sustained_dw  the same on the 12 dw products (~3 min)
+#   sustained_attention  the products below cuBLAS by the burst A/B but not yet timed under
+#              sustained load (1b qkv, 1b o dx, 3b qkv / o / o dx): "auto" against ping-pong
+#              (3b qkv: its half tiles fill 0.993 of the last wave, the default's 0.981), row
+#              stripes of 4 and cuBLAS (1.2 s windows, ~3 min)
 #   sustained_dw_orders  dw products whose operands outgrow the L2 cache, in other tile orders:
 #              8b down dw (x^T: 112 row tiles of 1 MB panels, re-read for every ~1.2 column
 #              tiles in the default order), 8b gate_up / o / qkv dw, 3b down dw; "auto" against
@@ -416,6 +420,10 @@ for stage in "${stages[@]}"; do
              --products 8b:down:dx,8b:down,8b:gate_up:dx,8b:o:dx,8b:qkv:dx,8b:o,3b:gate_up:dx,3b:down \
              --configs auto,default,xla_einsum --seconds 1.5 --rounds 3 --out "$OUT/sustained.json" \
              2>&1 | quiet | grep -v " round " ;;
+    sustained_attention) timeout 400 python3 eval/sustained_ab.py \
+             --products 1b:qkv,1b:o:dx,3b:qkv,3b:o,3b:o:dx \
+             --configs auto,pingpong_delay1,auto@gm4,xla_einsum --seconds 1.2 --rounds 3 \
+             --out "$OUT/$stage.json" 2>&1 | quiet | grep -v " round " ;;
     sustained_dw_orders) timeout 560 python3 eval/sustained_ab.py \
              --products 8b:down:dw,8b:gate_up:dw,8b:o:dw,8b:qkv:dw,3b:down:dw \
              --configs auto,auto@gm12,auto@gn4,xla_einsum --seconds 1.2 --rounds 3 \
@@ -434,7 +442,8 @@ for stage in "${stages[@]}"; do
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
             "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit, smfit_select, wide_small_g, wide_select, wide_fwd, smfit_fwd, wide_rest, dw_cluster, split_cols, fwd_t," \
-            "ncu, sustained, sustained_fwd_dx, sustained_dw, sustained_dw_orders)"
+            "ncu, sustained, sustained_fwd_dx, sustained_dw, sustained_attention," \
+            "sustained_dw_orders)"
        exit 2 ;;
   esac
 done
