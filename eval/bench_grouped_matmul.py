@@ -111,6 +111,14 @@ PRODUCTS = {"fwd": lambda m, k, n: ((m, k, n), None),
             "dw": lambda m, k, n: ((k, m, n), (True, False))}
 
 
+def diagonal_products() -> dict[str, tuple]:
+    """Every product of the diagonal shapes, in MODELS order, by name ("1b qkv", "1b qkv dx",
+    "1b qkv dw", ...): its (m, k, n) and (transpose_lhs, transpose_rhs) (None: forward), as
+    PRODUCTS gives them."""
+    return {f"{model} {product_name(name, p)}": kind(m, k, n) for model, rows in MODELS.items()
+            for name, m, k, n in rows for p, kind in PRODUCTS.items()}
+
+
 # The forward product computed transposed, y^T = w^T @ x^T (w read m-minor as the left operand,
 # x k-minor as the right one): at G = 1 its output tiles can match the SM count with 128-byte
 # swizzles on both operands (1b o: 11 x 12 tiles of 192 x 96), where the forward product's
@@ -420,13 +428,14 @@ def full_load_calls(spec: str, config_names, key, g: int = 16):
     TuningConfig, "" for cuBLAS)} for the configs (``resolve_config`` names or "xla_einsum") that
     serve it and compute it like the XLA path (relative error <= 1e-2), and [(name, why)] for
     the others."""
-    shapes = {(model, name): (m, k, n) for model, rows in MODELS.items() for name, m, k, n in rows}
     model, shape, *rest = spec.split(":")
     product = rest[0] if rest else "fwd"
-    if (model, shape) not in shapes or product not in PRODUCTS or len(rest) > 1:
+    label = f"{model} {product_name(shape, product)}"
+    products = diagonal_products()
+    if product not in PRODUCTS or len(rest) > 1 or label not in products:
         raise SystemExit(f"unknown product {spec!r}: model:shape[:fwd|dx|dw], e.g. 8b:down:dx;"
-                         f" shapes {', '.join(f'{m}:{s}' for m, s in shapes)}")
-    (m, k, n), transpose = PRODUCTS[product](*shapes[model, shape])
+                         f" shapes {', '.join(f'{m}:{r[0]}' for m in MODELS for r in MODELS[m])}")
+    (m, k, n), transpose = products[label]
     tl, tr = transpose or (False, False)
     a, b = _product_operands(key, g, m, k, n, transpose)
     args = (a, b, jnp.int32(0), jnp.int32(g))
@@ -451,7 +460,7 @@ def full_load_calls(spec: str, config_names, key, g: int = 16):
             failed.append((name, repr(e)[:500]))
             continue
         calls[name] = (fn, str(config))
-    return f"{model} {product_name(shape, product)}", args, calls, failed
+    return label, args, calls, failed
 
 
 def markdown_sweep(rows):

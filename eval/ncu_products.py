@@ -31,6 +31,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
+
 from eval import bench_grouped_matmul as bench  # noqa: E402
 
 # Metrics printed by --summarize (regular expressions over the raw page's metric names), in order.
@@ -66,8 +68,6 @@ def profiler_library():
 def run_products(products, config_names, manifest_path, seed=0):
     """Compile, check and warm up every (product, config), then run each once inside a profiler
     window. The manifest lists, in launch order, (product, config, the kernel's name pattern)."""
-    import jax
-
     calls = []
     key = jax.random.PRNGKey(seed)
     for spec in products:

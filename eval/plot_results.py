@@ -235,10 +235,9 @@ def parity_points(report: dict, num_sms: int = 132, baseline: str = "xla_einsum"
 def _diagonal_products() -> list[str]:
     """Every product of the benchmark's diagonal shapes, as parity_points names them
     ("1b qkv", "1b qkv dx", "1b qkv dw", ...), in the figures' order."""
-    from eval.bench_grouped_matmul import MODELS, PRODUCTS, product_name
+    from eval.bench_grouped_matmul import diagonal_products
 
-    return [f"{model} {product_name(shape, p)}" for model, shapes in MODELS.items()
-            for shape, *_ in shapes for p in PRODUCTS]
+    return list(diagonal_products())
 
 
 def _parity_panel(ax, report: dict, points: list[dict], groups: int,
@@ -378,11 +377,10 @@ def sustained_points(report: dict, num_sms: int = 132) -> list[dict]:
     cuBLAS's median time per call over the kernel's, over the run's rounds, where the run timed
     cuBLAS and a config equal to today's `select_config` choice (its windows' "tuning" fields);
     with the kernel's and cuBLAS's median SM clock."""
-    from eval.bench_grouped_matmul import MODELS, PRODUCTS, product_name
+    from eval.bench_grouped_matmul import diagonal_products
     from kernels.tuning import select_config
 
-    dims = {f"{model} {product_name(name, p)}": PRODUCTS[p](m, k, n)
-            for model, shapes in MODELS.items() for name, m, k, n in shapes for p in PRODUCTS}
+    dims = diagonal_products()
     points = []
     for run_name, run in report["runs"].items():
         by_product = {}
@@ -417,7 +415,8 @@ def sustained_table(report: dict) -> str:
              "today's choice's (named as the run named it), and both median SM clocks.", "",
              "| product | run | config (as run) | speedup | rounds | clock MHz | cuBLAS clock MHz |",
              "|---|---|---|---:|---:|---:|---:|"]
-    for p in sorted(points, key=lambda p: (_diagonal_products().index(p["product"]), p["run"])):
+    order = {product: i for i, product in enumerate(_diagonal_products())}
+    for p in sorted(points, key=lambda p: (order[p["product"]], p["run"])):
         lines.append(f"| {p['product']} | {p['run']} | {p['config']} | {p['speedup']:.3f} |"
                      f" {p['rounds']} | {p['clock_mhz']:.0f} | {p['base_clock_mhz']:.0f} |")
     return "\n".join(lines + [""])
@@ -436,6 +435,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = args.out or args.results
     out.mkdir(parents=True, exist_ok=True)
+    sustained = _load(args.results / "sustained_h200.json")   # figure and table
     jobs = (("inference_h200.json", "inference_h200.png", plot_inference),
             ("grouped_matmul_h200.json", "grouped_matmul_h200.png", plot_grouped_matmul),
             ("grouped_matmul_h200.big.json", "grouped_matmul_h200.3b.png",
@@ -444,7 +444,7 @@ def main(argv=None) -> int:
              functools.partial(plot_grouped_matmul, model="8b")),
             ("train_h200_diagonal.json", "train_h200_diagonal.png", plot_train),
             ("grouped_matmul_h200.ab.json", "grouped_matmul_h200.parity.png",
-             functools.partial(plot_parity, sustained=_load(args.results / "sustained_h200.json"))),
+             functools.partial(plot_parity, sustained=sustained)),
             ("grouped_matmul_h200.ab.json", "grouped_matmul_h200.parity_off_full_load.png",
              functools.partial(plot_parity, groups=(1, 2, 4, 8))))
     for name, figure, plot in jobs:
@@ -457,7 +457,6 @@ def main(argv=None) -> int:
     ab = args.results / "grouped_matmul_h200.ab.json"
     if ab.exists():
         table = parity_table(json.loads(ab.read_text()))
-        sustained = _load(args.results / "sustained_h200.json")
         if sustained:
             table += "\n" + sustained_table(sustained)
         (out / "grouped_matmul_h200.parity.md").write_text(table)

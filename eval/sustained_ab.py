@@ -32,6 +32,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
+
 from eval import bench_grouped_matmul as bench  # noqa: E402
 
 # Samples in a window's first SETTLE_S seconds are left out: the clock is still moving there.
@@ -81,8 +83,6 @@ class GpuSampler:
 def run_window(fn, args, seconds: float, sampler: GpuSampler) -> dict:
     """Calls fn back to back for about ``seconds`` (a sync every 8 calls keeps the queue short);
     the time per call and the window's clock and power."""
-    import jax
-
     calls, t0 = 0, time.perf_counter()
     while True:
         out = fn(*args)
@@ -126,10 +126,6 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", required=True, help="JSON: every window, and the run's metadata")
     args = p.parse_args(argv)
-
-    import jax
-
-
     sampler = GpuSampler()
     results, skipped = [], []
     date = datetime.datetime.now(datetime.timezone.utc).isoformat()
