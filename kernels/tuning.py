@@ -268,6 +268,16 @@ ROW_STRIPE_TILES = 12
 ROW_STRIPE_MIN_ROW_TILES = 24
 ROW_STRIPE_CONFIG = dataclasses.replace(DEFAULT_CONFIG, grid_minor_dim=MatmulDimension.M,
                                         grid_tile_width=ROW_STRIPE_TILES)
+# dw products (x^T @ dy) take the row stripes where the k x m operand (the diagonal step's
+# token rows times dw's rows) holds at least DW_ROW_STRIPE_MIN_LHS_ELEMENTS: 3b down dw (17.8 Mi
+# elements) and the 8b dw products (17.3-60.6 Mi), not 1b down dw (9.4 Mi) or the 3b attention
+# and gate/up dw (6.7 Mi). Sustained-load A/B at G = 16 (runs s22_dw_orders*), against cuBLAS,
+# default order -> row stripes of 12: 8b down dw 0.925 -> 0.991 (clock 1281 -> 1399 MHz at
+# 696 -> 693 W, cuBLAS 1434), 3b down dw 0.951 -> 0.984, 8b qkv dw 0.992 -> 0.999, o dw 0.994
+# -> 0.999, gate/up dw 1.016 -> 1.020; below the threshold they were 0.3-1.8 % slower (3b o,
+# gate/up; 1b down, gate/up) or 0.6 % faster (3b qkv dw). The threshold lies between the two
+# sets (9.4 and 17.3 Mi); measured on bf16 at G = 16 only.
+DW_ROW_STRIPE_MIN_LHS_ELEMENTS = 12 * 2**20
 # How much better the ping-pong schedule must fill the last wave of tiles than the default one
 # before select_config picks it: at equal fill it ran 1-2 % slower (3b qkv/o, 1b gate_up).
 PINGPONG_MIN_WAVE_GAIN = 0.025
@@ -344,7 +354,9 @@ def select_config(
     8. For forward and dx products on the default tiles, ``ROW_STRIPE_CONFIG`` (the same tiles
        in row stripes of 12 tiles walked along n) where a group spans at least
        ``ROW_STRIPE_MIN_ROW_TILES`` row tiles: the 8b shapes, whose operands outgrow the L2
-       cache; 0.9-1.6 % faster than the default order under sustained load at G = 16.
+       cache; 0.9-1.6 % faster than the default order under sustained load at G = 16. For dw
+       products the same where the k x m operand holds at least
+       ``DW_ROW_STRIPE_MIN_LHS_ELEMENTS``: the 8b dw products and 3b down dw, 0.4-7.2 % faster.
 
     At full load (G = 16) this runs at or above cuBLAS's speed on 16 of the 24 forward and dx
     products of the Llama-1B/3B/8B diagonal shapes, at or above 0.99x on 21, and at 0.988x (3b
@@ -379,8 +391,9 @@ def select_config(
     if (not transpose_lhs and choice not in WIDE_CLUSTER_CONFIGS
             and cost(WIDE_THREE_WG_CONFIG) <= cost(choice) and serves(WIDE_THREE_WG_CONFIG)):
         choice = WIDE_THREE_WG_CONFIG
-    if (not transpose_lhs and choice == DEFAULT_CONFIG
-            and pl.cdiv(m, DEFAULT_CONFIG.cta_tile_m) >= ROW_STRIPE_MIN_ROW_TILES):
+    if choice == DEFAULT_CONFIG and (
+            pl.cdiv(m, DEFAULT_CONFIG.cta_tile_m) >= ROW_STRIPE_MIN_ROW_TILES if not transpose_lhs
+            else m * k >= DW_ROW_STRIPE_MIN_LHS_ELEMENTS):
         choice = ROW_STRIPE_CONFIG
     return choice
 

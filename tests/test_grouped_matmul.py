@@ -302,8 +302,8 @@ def test_wide_cluster_choice():
         assert pick(*dims) == default, dims
     for dims in [(16, 4224, 6144, 4096), (16, 4224, 4096, 4096), (16, 4224, 28672, 4096)]:
         assert pick(*dims, tr=True) == default, dims            # 8b qkv, o, gate/up dx
-    default = mgpu_kernel.DEFAULT_CONFIG                        # dw, 1b / 3b: the default order
-    assert pick(16, 4096, 4224, 6144, tl=True) == default       # 8b qkv dw
+    assert pick(16, 4096, 4224, 6144, tl=True) == default       # 8b qkv dw (rule 8's dw part)
+    default = mgpu_kernel.DEFAULT_CONFIG                        # 1b / 3b: the default order
     assert pick(16, 2176, 3072, 16384) == default               # 3b gate/up: ragged rows
     assert pick(16, 1152, 2048, 16384) == default               # 1b gate/up: cost 1.0125
     assert pick(16, 1152, 2048, 3072) == mgpu_kernel.WIDE_THREE_WG_CONFIG   # 1b qkv: 0.96
@@ -339,7 +339,10 @@ def test_every_choice_serves_its_product():
 def test_row_stripe_choice():
     """select_config's rule 8: forward and dx products on the default tiles whose groups span at
     least 24 row tiles (the 8b shapes' m = 4224: 33) walk row stripes of 12 tiles along n; the 3b
-    shapes (17 row tiles), dw and the clustered 8b forward products keep their choice."""
+    shapes (17 row tiles) and the clustered 8b forward products keep their choice. dw products
+    take the stripes where their k x m operand (token rows x dw's rows) holds >= 12 Mi elements:
+    the 8b dw products (17.3-60.6 Mi) and 3b down dw (17.8 Mi), not 1b down dw (9.4 Mi) or the
+    other 3b dw products (6.7 Mi)."""
     pick = lambda *dims, tl=False, tr=False: mgpu_kernel.select_config(
         *dims, transpose_lhs=tl, transpose_rhs=tr, num_sms=132)
     stripes = mgpu_kernel.ROW_STRIPE_CONFIG
@@ -352,7 +355,15 @@ def test_row_stripe_choice():
         assert pick(g, 4224, 4096, 4096) == stripes                  # 8b o
     assert pick(16, 4224, 4096, 28672) == mgpu_kernel.WIDE_CLUSTER_N_CONFIG   # 8b gate/up
     assert pick(16, 2176, 8192, 3072) == mgpu_kernel.DEFAULT_CONFIG  # 3b down: 17 row tiles
-    assert pick(16, 14336, 4224, 4096, tl=True) == mgpu_kernel.DEFAULT_CONFIG   # 8b down dw
+    dw = lambda g, m, k, n: pick(g, m, k, n, tl=True)      # (G, dw's rows, token rows, n)
+    for g in (1, 16):
+        assert dw(g, 14336, 4224, 4096) == stripes                   # 8b down dw
+        assert dw(g, 4096, 4224, 28672) == stripes                   # 8b gate/up dw
+        assert dw(g, 8192, 2176, 3072) == stripes                    # 3b down dw
+    for m, k, n in [(8192, 1152, 2048), (3072, 2176, 3072), (3072, 2176, 16384)]:
+        assert dw(16, m, k, n) == mgpu_kernel.DEFAULT_CONFIG, (m, k, n)   # 1b down, 3b o, gate/up
+    # the bound itself: one token row fewer than 12 Mi elements keeps the default order
+    assert dw(16, 4096, 3072, 4096) == stripes and dw(16, 4096, 3071, 4096) != stripes
 
 
 @pytest.mark.parametrize("dim", list(mgpu_kernel.MatmulDimension), ids=str)
@@ -392,7 +403,8 @@ def test_ring_of_stages_wraps_across_tiles():
     pick = lambda *dims: mgpu_kernel.select_config(*dims, transpose_lhs=True, num_sms=132)
     for dims in [(16, 2048, 1152, 3072), (16, 8192, 2176, 3072), (16, 14336, 4224, 4096),
                  (1, 14336, 4224, 4096), (1, 2048, 1152, 2048)]:
-        assert pick(*dims) == mgpu_kernel.DEFAULT_CONFIG, dims   # dw: 18 / 34 / 66 k-steps
+        assert pick(*dims) in (mgpu_kernel.DEFAULT_CONFIG,       # dw: 18 / 34 / 66 k-steps,
+                               mgpu_kernel.ROW_STRIPE_CONFIG), dims   # any tile order
     why = lambda c: mgpu_kernel.unsupported_reason(
         (16, 1152, 2048), (16, 1152, 3072), jnp.bfloat16, jnp.bfloat16, transpose_lhs=True,
         config=c)
