@@ -125,21 +125,30 @@ def store_tile(out, out_smem_wg, c: TuningConfig, dst, defer: int = 0):
     return tuple(epilogue_part(out, c, *ij) for ij in epi[len(epi) - defer:])
 
 
-def fill_ring(total, stages: int, consumed, load_step):
-    """The memory warpgroup's side of a ring of ``stages`` shared-memory stages: ``total``
-    k-steps in order, step s into slot s % stages once the step that last used the slot has
-    released it (``consumed[slot]``); ``load_step(step, slot)`` issues its TMA copies. Ends by
-    awaiting the last releases, so that no barrier is left mid-phase."""
+def fill_ring(num_tiles, k_iters: int, stages: int, consumed, tile_loads):
+    """The memory warpgroup's side of a ring of ``stages`` shared-memory stages: the k_iters
+    k-steps of each of ``num_tiles`` tiles in order, ring step s into slot s % stages once the
+    step that last used the slot has released it (``consumed[slot]``). ``tile_loads(i)`` does
+    the i-th tile's own work (its coordinates: once per tile, not per k-step) and returns
+    ``load_step(kk, slot)``, which issues k-step kk's TMA copies. Ends by awaiting the last
+    releases, so that no barrier is left mid-phase."""
 
-    @pl.loop(0, total)
-    def _load(step):
-        slot = lax.rem(step, stages)
+    @pl.loop(0, num_tiles)
+    def _tile(i):
+        load_step = tile_loads(i)
 
-        @pl.when(step >= stages)
-        def _wait_free():
-            plgpu.barrier_wait(consumed.at[slot])
+        @pl.loop(0, k_iters)
+        def _load(kk):
+            step = i * k_iters + kk
+            slot = lax.rem(step, stages)
 
-        load_step(step, slot)
+            @pl.when(step >= stages)
+            def _wait_free():
+                plgpu.barrier_wait(consumed.at[slot])
+
+            load_step(kk, slot)
+
+    total = num_tiles * k_iters
 
     @pl.loop(jnp.maximum(total - stages, 0), total)
     def _quiesce(step):

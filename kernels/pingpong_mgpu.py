@@ -88,15 +88,19 @@ def pingpong_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConf
         def _memory_wg():
             plgpu.set_max_registers(40, action="decrease")
 
-            def load_step(step, slot):
-                i, kk = lax.div(step, k_iters), lax.rem(step, k_iters)
+            def tile_loads(i):
                 g_ord, m_idx, n_idx = tile_coords(sm + i * num_sms)
-                barrier = loaded.at[lax.rem(i, 2) * stages + slot]
-                plgpu.copy_gmem_to_smem(a_tile(lo + g_ord, m_idx, kk), a_smem.at[slot], barrier)
-                plgpu.copy_gmem_to_smem(b_tile(lo + g_ord + b_offset, n_idx, kk),
-                                        b_smem.at[slot], barrier)
+                first_barrier = lax.rem(i, 2) * stages   # the tile's warpgroup's barriers
 
-            tiles.fill_ring(my_tiles * k_iters, stages, consumed, load_step)
+                def load_step(kk, slot):
+                    barrier = loaded.at[first_barrier + slot]
+                    plgpu.copy_gmem_to_smem(a_tile(lo + g_ord, m_idx, kk), a_smem.at[slot],
+                                            barrier)
+                    plgpu.copy_gmem_to_smem(b_tile(lo + g_ord + b_offset, n_idx, kk),
+                                            b_smem.at[slot], barrier)
+                return load_step
+
+            tiles.fill_ring(my_tiles, k_iters, stages, consumed, tile_loads)
 
         @pl.when(wg_idx < 2)
         def _compute_wg():

@@ -129,17 +129,20 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
         def _memory_wg():
             plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
 
-            def load_step(step, slot):
-                i, kk = lax.div(step, k_iters), lax.rem(step, k_iters)
+            def tile_loads(i):
                 g_ord, m_idx, n_idx = my_tile(i)
-                plgpu.copy_gmem_to_smem(a_tile(lo + g_ord, m_idx, kk), a_smem.at[slot],
-                                        loaded.at[slot], collective_axes=a_multicast)
-                for j in range(num_b):   # the up tiles start at column n, n_iters tiles on
-                    plgpu.copy_gmem_to_smem(b_tile(lo + g_ord + b_offset, n_idx + j * n_iters, kk),
-                                            b_smem.at[slot * num_b + j], loaded.at[slot],
-                                            collective_axes=b_multicast)
 
-            tiles.fill_ring(my_tiles * k_iters, stages, consumed, load_step)
+                def load_step(kk, slot):
+                    plgpu.copy_gmem_to_smem(a_tile(lo + g_ord, m_idx, kk), a_smem.at[slot],
+                                            loaded.at[slot], collective_axes=a_multicast)
+                    for j in range(num_b):   # the up tiles start at column n, n_iters tiles on
+                        plgpu.copy_gmem_to_smem(
+                            b_tile(lo + g_ord + b_offset, n_idx + j * n_iters, kk),
+                            b_smem.at[slot * num_b + j], loaded.at[slot],
+                            collective_axes=b_multicast)
+                return load_step
+
+            tiles.fill_ring(my_tiles, k_iters, stages, consumed, tile_loads)
 
         @pl.when(wg_idx < wgs)
         def _compute_wg():
