@@ -252,7 +252,8 @@ SM_FIT_MAX_COST_RATIO = 0.94
 # shapes' m = 4224: 33; 3b: 17, 1b: 9). The default order walks one column tile down all rows,
 # so a wave of 132 tiles reads 33 row panels of A and 4 column panels of B; in stripes of 12
 # rows it reads 12 and 11, and a stripe's 12 A panels can stay in the L2 cache while it moves
-# along n (that its DRAM traffic falls is inferred from the clock, not yet counted).
+# along n (Nsight Compute, run s22_ncu_rows: 8.2 GB of DRAM read per 8b down dx call against
+# 12.0 in the default order and 7.3 for cuBLAS; 8b down dw 11.9 against 26.2 and 9.3).
 # At full load the 8b products run at the H200's power limit, where the clock follows the energy
 # per cycle and DRAM traffic is a part of it (Nsight Compute, runs s21_ncu_*: the default order
 # read 12.4-13.2 GB of DRAM per 8b down dx call, cuBLAS 7.1-7.2 GB, and ran 0.3-0.5 % more
@@ -269,14 +270,14 @@ ROW_STRIPE_MIN_ROW_TILES = 24
 ROW_STRIPE_CONFIG = dataclasses.replace(DEFAULT_CONFIG, grid_minor_dim=MatmulDimension.M,
                                         grid_tile_width=ROW_STRIPE_TILES)
 # dw products (x^T @ dy) take the row stripes where the k x m operand (the diagonal step's
-# token rows times dw's rows) holds at least DW_ROW_STRIPE_MIN_LHS_ELEMENTS: 3b down dw (17.8 Mi
-# elements) and the 8b dw products (17.3-60.6 Mi), not 1b down dw (9.4 Mi) or the 3b attention
-# and gate/up dw (6.7 Mi). Sustained-load A/B at G = 16 (runs s22_dw_orders*), against cuBLAS,
+# token rows times dw's rows) holds at least DW_ROW_STRIPE_MIN_LHS_ELEMENTS: 3b down dw (17.0 Mi
+# elements) and the 8b dw products (16.5-57.8 Mi), not 1b down dw (9.0 Mi) or the 3b attention
+# and gate/up dw (6.4 Mi). Sustained-load A/B at G = 16 (runs s22_dw_orders*), against cuBLAS,
 # default order -> row stripes of 12: 8b down dw 0.925 -> 0.991 (clock 1281 -> 1399 MHz at
 # 696 -> 693 W, cuBLAS 1434), 3b down dw 0.951 -> 0.984, 8b qkv dw 0.992 -> 0.999, o dw 0.994
 # -> 0.999, gate/up dw 1.016 -> 1.020; below the threshold they were 0.3-1.8 % slower (3b o,
 # gate/up; 1b down, gate/up) or 0.6 % faster (3b qkv dw). The threshold lies between the two
-# sets (9.4 and 17.3 Mi); measured on bf16 at G = 16 only.
+# sets (9.0 and 16.5 Mi); measured on bf16 at G = 16 only.
 DW_ROW_STRIPE_MIN_LHS_ELEMENTS = 12 * 2**20
 # How much better the ping-pong schedule must fill the last wave of tiles than the default one
 # before select_config picks it: at equal fill it ran 1-2 % slower (3b qkv/o, 1b gate_up).
@@ -358,12 +359,12 @@ def select_config(
        products the same where the k x m operand holds at least
        ``DW_ROW_STRIPE_MIN_LHS_ELEMENTS``: the 8b dw products and 3b down dw, 0.4-7.2 % faster.
 
-    At full load (G = 16) this runs at or above cuBLAS's speed on 16 of the 24 forward and dx
-    products of the Llama-1B/3B/8B diagonal shapes, at or above 0.99x on 21, and at 0.988x (3b
-    qkv, 8b down dx) and 0.972x (8b down) on the others; dw at 0.90-1.01x (device time of
-    bursts of calls, medians over every H200 run of these choices up to s21_*:
-    eval/results/grouped_matmul_h200.parity.md). Under sustained load (eval/sustained_ab.py)
-    at 1.000-1.027x on the eight 8b / 3b products timed, 8b down and down dx included. Tried
+    At full load (G = 16), under sustained load (eval/sustained_ab.py: seconds of back-to-back
+    calls per config; run s22_sustained_fwd_dx), this runs at or above cuBLAS's speed on 23 of
+    the 24 forward and dx products of the Llama-1B/3B/8B diagonal shapes (1.006-1.036x) and at
+    0.996-0.997x on 3b qkv; the dw products at 0.962-1.022x (run s22_sustained_dw: 8b gate/up
+    and down dw above cuBLAS, 1b dw lowest). Device time of bursts of 10 calls reads a few
+    percent noisier (eval/results/grouped_matmul_h200.parity.md: every H200 run). Tried
     and not chosen (within noise or slower): 3 stages, unchained tiles (on
     JAX's pipelines), 128 x 128 tiles with 4 or 6 stages (cuBLAS's choice for the 1b attention
     shapes), 256 x 128 and row-split 128 x 192 tiles, other tile orders (also on the 8b

@@ -341,8 +341,8 @@ def test_row_stripe_choice():
     least 24 row tiles (the 8b shapes' m = 4224: 33) walk row stripes of 12 tiles along n; the 3b
     shapes (17 row tiles) and the clustered 8b forward products keep their choice. dw products
     take the stripes where their k x m operand (token rows x dw's rows) holds >= 12 Mi elements:
-    the 8b dw products (17.3-60.6 Mi) and 3b down dw (17.8 Mi), not 1b down dw (9.4 Mi) or the
-    other 3b dw products (6.7 Mi)."""
+    the 8b dw products (16.5-57.8 Mi) and 3b down dw (17.0 Mi), not 1b down dw (9.0 Mi) or the
+    other 3b dw products (6.4 Mi)."""
     pick = lambda *dims, tl=False, tr=False: mgpu_kernel.select_config(
         *dims, transpose_lhs=tl, transpose_rhs=tr, num_sms=132)
     stripes = mgpu_kernel.ROW_STRIPE_CONFIG
