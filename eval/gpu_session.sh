@@ -154,17 +154,19 @@
 #              rounds, nvidia-smi's clock and power) of "auto", the default tile order and cuBLAS
 #              on the eight 8b / 3b products of runs s21_sustained* (~4 min)
 #   sustained_fwd_dx  "auto" against cuBLAS under sustained load on all 24 forward and dx
-#              products at G = 16 (1.2 s windows, 3 rounds; ~15 s a product: ~6 min; the JSON
-#              is rewritten after every product, so a timeout keeps what was timed)
-#   sustained_dw  the same on the 12 dw products (~3 min)
+#              products at G = 16 (1.2 s windows, 3 rounds; run s22_sustained_fwd_dx: 247 s; the
+#              JSON is rewritten after every product, so a timeout keeps what was timed)
+#   sustained_dw  the same on the 12 dw products (run s22_sustained_dw: 158 s)
 #   sustained_attention  the products below cuBLAS by the burst A/B but not yet timed under
 #              sustained load (1b qkv, 1b o dx, 3b qkv / o / o dx): "auto" against ping-pong
 #              (3b qkv: its half tiles fill 0.993 of the last wave, the default's 0.981), row
-#              stripes of 4 and cuBLAS (1.2 s windows, ~3 min)
-#   sustained_dw_orders  dw products whose operands outgrow the L2 cache, in other tile orders:
-#              8b down dw (x^T: 112 row tiles of 1 MB panels, re-read for every ~1.2 column
-#              tiles in the default order), 8b gate_up / o / qkv dw, 3b down dw; "auto" against
-#              row stripes of 12 and column stripes of 4 and cuBLAS (1.2 s windows, ~5 min)
+#              stripes of 4 and cuBLAS (1.2 s windows, ~3 min; run s22_attention timed four of
+#              them with 1 s windows)
+#   sustained_dw_orders  rule 8's dw part again: "auto" (row stripes of 12 on 8b down / gate_up
+#              / o / qkv dw and 3b down dw since a8acb49; the default order on 3b qkv dw and
+#              1b down dw, the products nearest below its bound) against the default order,
+#              column stripes of 4 and cuBLAS (1.2 s windows, ~4 min; runs s22_dw_orders* timed
+#              these orders before the rule)
 #   run: bash eval/gpu_session.sh tests; bash eval/gpu_session.sh tests_model fused;
 #        bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
@@ -425,8 +427,8 @@ for stage in "${stages[@]}"; do
              --configs auto,pingpong_delay1,auto@gm4,xla_einsum --seconds 1.2 --rounds 3 \
              --out "$OUT/$stage.json" 2>&1 | quiet | grep -v " round " ;;
     sustained_dw_orders) timeout 560 python3 eval/sustained_ab.py \
-             --products 8b:down:dw,8b:gate_up:dw,8b:o:dw,8b:qkv:dw,3b:down:dw \
-             --configs auto,auto@gm12,auto@gn4,xla_einsum --seconds 1.2 --rounds 3 \
+             --products 8b:down:dw,8b:gate_up:dw,8b:o:dw,8b:qkv:dw,3b:down:dw,3b:qkv:dw,1b:down:dw \
+             --configs auto,default,auto@gn4,xla_einsum --seconds 1.2 --rounds 3 \
              --out "$OUT/$stage.json" 2>&1 | quiet | grep -v " round " ;;
     sustained_fwd_dx|sustained_dw)
            kinds=$([ "$stage" = sustained_dw ] && echo dw || echo "fwd dx")
