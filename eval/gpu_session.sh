@@ -150,6 +150,9 @@
 #   ncu        Nsight Compute counters (eval/ncu_products.py; cycles, SM clock, DRAM / L2 bytes,
 #              warp stalls) of "auto" and cuBLAS on 8b down dx / down, 3b qkv and 1b gate_up, G = 16,
 #              one launch each (run s21_ncu_full: 48 s), with the report's summary and details
+#   ncu_dw     the same on the dw products where the kernel takes the most cycles over cuBLAS's
+#              (1b qkv / down dw, 3b qkv dw: 4-11 % more under sustained load, run
+#              s22_sustained_dw_before), 6 launches: where a short tile (18 / 34 k-steps) loses
 #   sustained  sustained-load A/B (eval/sustained_ab.py: 1.5 s windows of back-to-back calls, 3
 #              rounds, nvidia-smi's clock and power) of "auto", the default tile order and cuBLAS
 #              on the eight 8b / 3b products of runs s21_sustained* (~4 min)
@@ -211,6 +214,20 @@ wg3_variants() {
   ab "$1" 250 --ab "auto,auto#2,$3,xla_einsum" \
     --ab_groups 16 --ab_products fwd,dx --ab_profile --ab_reps 3 \
     --ab_shapes "${4:-1b:qkv,1b:o,1b:down,8b:qkv,8b:o}"
+}
+# ncu_profile NAME PRODUCTS: Nsight Compute's full set on one launch each of "auto" and cuBLAS
+# per product (eval/ncu_products.py; the clocks left as found), the chosen metrics side by side in
+# $OUT/NAME_summary.md and the report's details page in $OUT/NAME_details.txt (the ~25 MB a
+# product report itself is too big to bring back).
+ncu_profile() {
+  local name=$1 products=$2
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 300 ncu --profile-from-start off \
+    --clock-control none --set full --import-source no --kernel-name regex:"mosaic|nvjet|gemm|cutlass" \
+    -f -o "$OUT/$name" python3 eval/ncu_products.py --products "$products" \
+    --manifest "$OUT/$name.json" 2>&1 | quiet | grep -v "^==PROF=="
+  python3 eval/ncu_products.py --summarize "$OUT/$name.ncu-rep" --manifest "$OUT/$name.json" \
+    | tee "$OUT/${name}_summary.md"
+  ncu --import "$OUT/$name.ncu-rep" --page details > "$OUT/${name}_details.txt"
 }
 # gpu_tests NAME LIMIT_S FILES...: the GPU tests of FILES under a timeout, verbose into
 # $OUT/NAME.txt (what passed survives a timeout); shown: failures, the summary, the slowest.
@@ -410,14 +427,8 @@ for stage in "${stages[@]}"; do
              --schedules sequential diagonal
            train_bench train_seq_remat_16k 200 --tokens 16384 --reps 3 --impls auto \
              --schedules sequential ;;
-    ncu) P=8b:down:dx,8b:down,3b:qkv,1b:gate_up
-           XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 300 ncu --profile-from-start off \
-             --clock-control none --set full --import-source no --kernel-name regex:"mosaic|nvjet" \
-             -f -o "$OUT/ncu" python3 eval/ncu_products.py --products $P --manifest "$OUT/ncu.json" \
-             2>&1 | quiet | grep -v "^==PROF=="
-           python3 eval/ncu_products.py --summarize "$OUT/ncu.ncu-rep" --manifest "$OUT/ncu.json" \
-             | tee "$OUT/ncu_summary.md"
-           ncu --import "$OUT/ncu.ncu-rep" --page details > "$OUT/ncu_details.txt" ;;
+    ncu) ncu_profile ncu 8b:down:dx,8b:down,3b:qkv,1b:gate_up ;;
+    ncu_dw) ncu_profile ncu_dw 1b:qkv:dw,1b:down:dw,3b:qkv:dw ;;
     sustained) timeout 400 python3 eval/sustained_ab.py \
              --products 8b:down:dx,8b:down,8b:gate_up:dx,8b:o:dx,8b:qkv:dx,8b:o,3b:gate_up:dx,3b:down \
              --configs auto,default,xla_einsum --seconds 1.5 --rounds 3 --out "$OUT/sustained.json" \
@@ -444,7 +455,7 @@ for stage in "${stages[@]}"; do
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
             "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit, smfit_select, wide_small_g, wide_select, wide_fwd, smfit_fwd, wide_rest, dw_cluster, split_cols, fwd_t," \
-            "ncu, sustained, sustained_fwd_dx, sustained_dw, sustained_attention," \
+            "ncu, ncu_dw, sustained, sustained_fwd_dx, sustained_dw, sustained_attention," \
             "sustained_dw_orders)"
        exit 2 ;;
   esac
