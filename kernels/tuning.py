@@ -357,7 +357,7 @@ def select_config(
        ``ROW_STRIPE_MIN_ROW_TILES`` row tiles: the 8b shapes, whose operands outgrow the L2
        cache; 0.9-1.6 % faster than the default order under sustained load at G = 16. For dw
        products the same where the k x m operand holds at least
-       ``DW_ROW_STRIPE_MIN_LHS_ELEMENTS``: the 8b dw products and 3b down dw, 0.4-7.2 % faster.
+       ``DW_ROW_STRIPE_MIN_LHS_ELEMENTS``: the 8b dw products and 3b down dw, 0.4-7.1 % faster.
 
     At full load (G = 16), under sustained load (eval/sustained_ab.py: seconds of back-to-back
     calls per config; run s22_sustained_fwd_dx), this runs at or above cuBLAS's speed on 23 of
