@@ -245,7 +245,8 @@ def _parity_panel(ax, report: dict, points: list[dict], groups: int,
     """One parity panel: a column per diagonal product, a dot per run that timed today's
     choice for it at G = groups (runs in date order, coloured oldest to newest), bars at the
     medians of those dots; a product no run timed keeps its column, in gray, marked so.
-    ``sustained``: `sustained_points` (G = 16), drawn as red diamonds beside the dots."""
+    ``sustained``: `sustained_points` (G = 16), drawn as red diamonds beside the dots (a
+    product timed only that way is marked "no burst run", its name in black)."""
     plt = _pyplot()
     points = [p for p in points if p["G"] == groups]
     products = _diagonal_products()
@@ -264,17 +265,19 @@ def _parity_panel(ax, report: dict, points: list[dict], groups: int,
                    [p["speedup"] for p in sustained], s=26, marker="D", color="tab:red",
                    edgecolor="black", linewidth=0.4, zorder=3,
                    label="sustained load (seconds of back-to-back calls a window)")
+    sustained_only = {p["product"] for p in sustained} - timed
     for x, product in enumerate(products):
-        if product not in timed:
-            ax.text(x, 0.03, "not timed", transform=ax.get_xaxis_transform(), rotation=90,
-                    ha="center", va="bottom", fontsize=6, color="gray")
+        if product not in timed:   # no burst run of today's choice (maybe sustained ones)
+            ax.text(x, 0.03, "no burst run" if product in sustained_only else "not timed",
+                    transform=ax.get_xaxis_transform(), rotation=90, ha="center",
+                    va="bottom", fontsize=6, color="gray")
             continue
         median = statistics.median(p["speedup"] for p in points if p["product"] == product)
         ax.plot([x - 0.3, x + 0.3], [median, median], color="black", lw=1.5)
     ax.axhline(1.0, color="tab:red", ls="--", lw=1, label="cuBLAS (XLA's batched matmul)")
     ax.set_xticks(range(len(products)), products, rotation=60, ha="right", fontsize=8)
     for label in ax.get_xticklabels():
-        if label.get_text() not in timed:
+        if label.get_text() not in timed | sustained_only:
             label.set_color("gray")
     ax.set_ylabel("kernel speed / cuBLAS speed (device time)", fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
