@@ -170,6 +170,10 @@
 #              1b down dw, the products nearest below its bound) against the default order,
 #              column stripes of 4 and cuBLAS (1.2 s windows, ~4 min; runs s22_dw_orders* timed
 #              these orders before the rule)
+#   sustained_trace  the sustained windows' time per call against traced device time per call
+#              (--trace_calls 64) on 1b qkv / o dw, 3b qkv and 8b down dx, "auto" and cuBLAS: are
+#              there gaps between calls, or does nvidia-smi's clock overstate the effective one
+#              (time x clock read 9-24 % above ncu's counted cycles in session 22)? (~2 min)
 #   sustained_dw_variants  the dw products with the most cycles over cuBLAS's (1b qkv / down dw,
 #              3b qkv dw; short tiles of 18 / 34 k-steps) under sustained load: "auto" against
 #              more deferred epilogue tiles (2, 4), 64 x 32 epilogue tiles in 4 slots, 192 x 128
@@ -446,6 +450,10 @@ for stage in "${stages[@]}"; do
              --products 8b:down:dw,8b:gate_up:dw,8b:o:dw,8b:qkv:dw,3b:down:dw,3b:qkv:dw,1b:down:dw \
              --configs auto,default,auto@gn4,xla_einsum --seconds 1.2 --rounds 3 \
              --out "$OUT/$stage.json" 2>&1 | quiet | grep -v " round " ;;
+    sustained_trace) timeout 300 python3 eval/sustained_ab.py \
+             --products 1b:qkv:dw,1b:o:dw,3b:qkv,8b:down:dx --configs auto,xla_einsum \
+             --seconds 1.0 --rounds 2 --trace_calls 64 --out "$OUT/$stage.json" 2>&1 | quiet \
+             | grep -v " round " ;;
     sustained_dw_variants) timeout 400 python3 eval/sustained_ab.py \
              --products 1b:qkv:dw,1b:down:dw,3b:qkv:dw \
              --configs auto,default_defer2,default_defer4,default_e32,wg3_192x128,pingpong_delay1,xla_einsum \
@@ -465,7 +473,7 @@ for stage in "${stages[@]}"; do
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
             "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit, smfit_select, wide_small_g, wide_select, wide_fwd, smfit_fwd, wide_rest, dw_cluster, split_cols, fwd_t," \
             "ncu, ncu_dw, sustained, sustained_fwd_dx, sustained_dw, sustained_attention," \
-            "sustained_dw_orders, sustained_dw_variants)"
+            "sustained_dw_orders, sustained_dw_variants, sustained_trace)"
        exit 2 ;;
   esac
 done

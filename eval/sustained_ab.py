@@ -9,6 +9,10 @@ apart there. This script instead runs each config back to back for ``--seconds``
 window long enough for the clock to settle), rounds in rotated order, while ``nvidia-smi`` samples
 the SM clock and the power draw; per window it reports the time per call, the mean clock and
 power over the window's settled part, the cycles per call (time x clock) and the energy per call.
+With ``--trace_calls N`` it then traces N back-to-back calls of each config (``traced_window``):
+the device time per call against the wall time per call, to tell gaps between calls from the
+kernels' own time (the windows' cycles per call read 9-24 % above ncu's counted cycles in
+session 22).
 
     python3 eval/sustained_ab.py --products 8b:down:dx,8b:down \\
         --configs auto,xla_einsum,default_gn4 --seconds 2 --rounds 3 --out OUT/sustained.json
@@ -99,6 +103,38 @@ def run_window(fn, args, seconds: float, sampler: GpuSampler) -> dict:
             "joules_per_call": ms * gpu["power_w"] / 1e3}
 
 
+def traced_window(fn, args, calls: int) -> dict:
+    """``calls`` calls back to back as in run_window (a sync every 8 calls) under jax.profiler,
+    after a throwaway trace of 8: the device time per call (every kernel of a call, medians over
+    the calls: bench_grouped_matmul.per_call_seconds; None where the trace holds no device
+    kernels, as on a CPU) and the traced stretch's wall time per call. A window's ms_per_call
+    well above the device time means the GPU idled between calls; time x nvidia-smi's clock
+    well above ncu's counted cycles without such gaps would point at the clock reading."""
+    from eval.profile import traced_kernel_times
+
+    def stretch(n):
+        count, stamps = [0], []
+
+        def run_once():
+            if not count[0]:
+                stamps.append(time.perf_counter())
+            out = fn(*args)
+            count[0] += 1
+            if count[0] % 8 == 0 or count[0] == n:
+                jax.block_until_ready(out)
+            if count[0] == n:
+                stamps.append(time.perf_counter())
+
+        times, _ = traced_kernel_times(run_once, n)
+        return times, (stamps[1] - stamps[0]) / n
+
+    stretch(8)
+    times, wall_s = stretch(calls)
+    device_s = sum(bench.per_call_seconds(times, calls).values()) if times else None
+    return {"device_ms_per_call": None if device_s is None else device_s * 1e3,
+            "traced_ms_per_call": wall_s * 1e3, "traced_calls": calls}
+
+
 def summarize(results: list[dict], baseline: str = "xla_einsum") -> str:
     """Markdown: per product and config, medians over the rounds, and the baseline's median time
     over the config's (>1: the config is faster)."""
@@ -125,9 +161,12 @@ def main(argv=None):
     p.add_argument("--seconds", type=float, default=2.0, help="length of one config's window")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", required=True, help="JSON: every window, and the run's metadata")
+    p.add_argument("--trace_calls", type=int, default=0,
+                   help="after a product's rounds, trace this many back-to-back calls of each"
+                        " config: device time per call against wall time per call (0: off)")
     args = p.parse_args(argv)
     sampler = GpuSampler()
-    results, skipped = [], []
+    results, skipped, traces = [], [], []
     date = datetime.datetime.now(datetime.timezone.utc).isoformat()
 
     def write():
@@ -135,7 +174,7 @@ def main(argv=None):
             json.dump({"date": date, "command": "python3 " + " ".join(sys.argv),
                        "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
                        "settle_s": SETTLE_S, "smi_fields": sampler.fields, "skipped": skipped,
-                       "windows": results}, f, indent=1)
+                       "windows": results, "traces": traces}, f, indent=1)
 
     key = jax.random.PRNGKey(0)
     try:
@@ -157,6 +196,14 @@ def main(argv=None):
                     print(f"{label:12s} {name:16s} round {r}: {row['ms_per_call']:.3f} ms/call"
                           f" at {row['clock_mhz']:.0f} MHz, {row['power_w']:.0f} W,"
                           f" {row['mcycles_per_call']:.3f} Mcycles", flush=True)
+            for name in order if args.trace_calls else ():
+                trace = {"product": label, "config": name,
+                         **traced_window(fns[name], call_args, args.trace_calls)}
+                traces.append(trace)
+                device = trace["device_ms_per_call"]
+                print(f"{label:12s} {name:16s} traced: device "
+                      f"{'-' if device is None else f'{device:.3f}'} ms/call, wall"
+                      f" {trace['traced_ms_per_call']:.3f} ms/call", flush=True)
             del call_args, calls, fns
             write()   # after every product: a run cut short by a timeout keeps what it timed
     finally:

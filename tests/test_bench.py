@@ -473,7 +473,8 @@ def test_sustained_windows_and_summary():
     """eval/sustained_ab.py on a CPU: a window runs its call back to back for about the asked
     seconds, the sampler's clock and power over the window's settled part (samples before
     SETTLE_S and after the window left out) give the cycles and energy per call; the summary
-    gives cuBLAS's median time over each config's."""
+    gives cuBLAS's median time over each config's; a traced stretch gives the wall time per
+    call (and on a GPU the device time)."""
     import time
 
     import jax
@@ -500,3 +501,11 @@ def test_sustained_windows_and_summary():
     table = sustained_ab.summarize(rows)
     assert "| 8b down | auto | 11.600 | 11.500-11.700 | 1400 | 690 |" in table
     assert f"| {11.7 / 11.6:.3f} | 3 |" in table
+    # a traced stretch: wall time per call always; device time only where the trace holds
+    # device kernels (none on a CPU)
+    trace = sustained_ab.traced_window(fn, (x,), 16)
+    assert trace["traced_calls"] == 16 and 0 < trace["traced_ms_per_call"] < 1e3
+    if jax.devices()[0].platform == "cpu":
+        assert trace["device_ms_per_call"] is None
+    else:
+        assert 0 < trace["device_ms_per_call"] <= 1.5 * trace["traced_ms_per_call"]
