@@ -286,11 +286,11 @@ def _parity_panel(ax, report: dict, points: list[dict], groups: int,
 
 
 def plot_parity(report: dict, path: Path, groups: tuple[int, ...] = (16,),
-                sustained: dict | None = None) -> None:
+                sustained: list[dict] = ()) -> None:
     """Today's select_config choice against cuBLAS (`parity_points`), all groups active: a
     panel per G in ``groups`` (G = 16: the issue's full-load bar; 1, 2, 4, 8: the sequential
     schedule and training at G = 1, the benchmark's grid), one dot per run and product; with
-    ``sustained`` (the sustained-load report), its points on the G = 16 panel."""
+    ``sustained`` (`sustained_points`), those on the G = 16 panel."""
     plt = _pyplot()
     points = parity_points(report)
     for g in groups:
@@ -298,8 +298,7 @@ def plot_parity(report: dict, path: Path, groups: tuple[int, ...] = (16,),
             raise ValueError(f"no A/B run timed today's select_config choice and cuBLAS at G = {g}")
     fig, axes = plt.subplots(len(groups), 1, figsize=(21.5, 4.4 * len(groups)), squeeze=False)
     for ax, g in zip(axes[:, 0], groups):
-        _parity_panel(ax, report, points, g,
-                      sustained_points(sustained) if sustained and g == 16 else ())
+        _parity_panel(ax, report, points, g, sustained if g == 16 else ())
         if len(groups) > 1:
             ax.set_title(f"G = {g}", fontsize=9)
     where = ("at full load (G = 16)" if groups == (16,) else
@@ -411,9 +410,8 @@ def sustained_points(report: dict, num_sms: int = 132) -> list[dict]:
     return points
 
 
-def sustained_table(report: dict) -> str:
+def sustained_table(points: list[dict]) -> str:
     """`sustained_points` as a markdown section for the parity table."""
-    points = sustained_points(report)
     lines = ["## Against cuBLAS under sustained load, G = 16", "",
              "From `sustained_h200.json` (`eval/sustained_ab.py`): each config run back to back "
              "for seconds per window, rounds in rotated order, so each settles at its own clock "
@@ -453,7 +451,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = args.out or args.results
     out.mkdir(parents=True, exist_ok=True)
-    sustained = _load(args.results / "sustained_h200.json")   # figure and table
+    report = _load(args.results / "sustained_h200.json")
+    sustained = sustained_points(report) if report else []   # figure and table
     jobs = (("inference_h200.json", "inference_h200.png", plot_inference),
             ("grouped_matmul_h200.json", "grouped_matmul_h200.png", plot_grouped_matmul),
             ("grouped_matmul_h200.big.json", "grouped_matmul_h200.3b.png",
@@ -465,16 +464,18 @@ def main(argv=None) -> int:
              functools.partial(plot_parity, sustained=sustained)),
             ("grouped_matmul_h200.ab.json", "grouped_matmul_h200.parity_off_full_load.png",
              functools.partial(plot_parity, groups=(1, 2, 4, 8))))
+    reports = {}   # each JSON read once (the A/B report feeds two figures and the table)
     for name, figure, plot in jobs:
-        source = args.results / name
-        if not source.exists():
+        if name not in reports:
+            reports[name] = _load(args.results / name)
+        if reports[name] is None:
             print(f"skipped {name}: not found in {args.results}")
             continue
-        plot(json.loads(source.read_text()), out / figure)
+        plot(reports[name], out / figure)
         print(f"wrote {out / figure}")
-    ab = args.results / "grouped_matmul_h200.ab.json"
-    if ab.exists():
-        table = parity_table(json.loads(ab.read_text()))
+    ab = reports["grouped_matmul_h200.ab.json"]
+    if ab is not None:
+        table = parity_table(ab)
         if sustained:
             table += "\n" + sustained_table(sustained)
         (out / "grouped_matmul_h200.parity.md").write_text(table)

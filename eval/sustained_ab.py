@@ -84,18 +84,23 @@ class GpuSampler:
         self._proc.wait()
 
 
-def run_window(fn, args, seconds: float, sampler: GpuSampler) -> dict:
-    """Calls fn back to back for about ``seconds`` (a sync every 8 calls keeps the queue short);
-    the time per call and the window's clock and power."""
-    calls, t0 = 0, time.perf_counter()
+def back_to_back(fn, args, *, calls: int | None = None, seconds: float | None = None):
+    """Calls fn back to back, a sync every 8 calls (keeps the queue short), for ``calls`` calls
+    or until a sync finds ``seconds`` passed; (calls made, start, end) in perf_counter time."""
+    made, t0 = 0, time.perf_counter()
     while True:
         out = fn(*args)
-        calls += 1
-        if calls % 8 == 0:
+        made += 1
+        if made % 8 == 0 or made == calls:
             jax.block_until_ready(out)
-            if time.perf_counter() - t0 >= seconds:
-                break
-    t1 = time.perf_counter()
+            if made == calls or (seconds is not None and time.perf_counter() - t0 >= seconds):
+                return made, t0, time.perf_counter()
+
+
+def run_window(fn, args, seconds: float, sampler: GpuSampler) -> dict:
+    """Calls fn back to back for about ``seconds``; the time per call and the window's clock
+    and power."""
+    calls, t0, t1 = back_to_back(fn, args, seconds=seconds)
     ms = (t1 - t0) / calls * 1e3
     gpu = sampler.window(t0, t1)
     return {"ms_per_call": ms, "calls": calls, **gpu,
@@ -104,35 +109,22 @@ def run_window(fn, args, seconds: float, sampler: GpuSampler) -> dict:
 
 
 def traced_window(fn, args, calls: int) -> dict:
-    """``calls`` calls back to back as in run_window (a sync every 8 calls) under jax.profiler,
-    after a throwaway trace of 8: the device time per call (every kernel of a call, medians over
-    the calls: bench_grouped_matmul.per_call_seconds; None where the trace holds no device
-    kernels, as on a CPU) and the traced stretch's wall time per call. A window's ms_per_call
-    well above the device time means the GPU idled between calls; time x nvidia-smi's clock
-    well above ncu's counted cycles without such gaps would point at the clock reading."""
+    """``calls`` calls back to back as in run_window under jax.profiler, after a throwaway
+    trace of 8: the device time per call (every kernel of a call, medians over the calls:
+    bench_grouped_matmul.per_call_seconds; None where the trace holds no device kernels, as on
+    a CPU) and the traced stretch's wall time per call. A window's ms_per_call well above the
+    device time means the GPU idled between calls; time x nvidia-smi's clock well above ncu's
+    counted cycles without such gaps would point at the clock reading."""
     from eval.profile import traced_kernel_times
 
-    def stretch(n):
-        count, stamps = [0], []
-
-        def run_once():
-            if not count[0]:
-                stamps.append(time.perf_counter())
-            out = fn(*args)
-            count[0] += 1
-            if count[0] % 8 == 0 or count[0] == n:
-                jax.block_until_ready(out)
-            if count[0] == n:
-                stamps.append(time.perf_counter())
-
-        times, _ = traced_kernel_times(run_once, n)
-        return times, (stamps[1] - stamps[0]) / n
-
-    stretch(8)
-    times, wall_s = stretch(calls)
+    traced_kernel_times(lambda: back_to_back(fn, args, calls=8), 1)
+    stretch = []
+    times, _ = traced_kernel_times(
+        lambda: stretch.append(back_to_back(fn, args, calls=calls)), 1)
+    (_, t0, t1), = stretch
     device_s = sum(bench.per_call_seconds(times, calls).values()) if times else None
     return {"device_ms_per_call": None if device_s is None else device_s * 1e3,
-            "traced_ms_per_call": wall_s * 1e3, "traced_calls": calls}
+            "traced_ms_per_call": (t1 - t0) / calls * 1e3, "traced_calls": calls}
 
 
 def summarize(results: list[dict], baseline: str = "xla_einsum") -> str:

@@ -416,14 +416,14 @@ def test_sustained_points_take_todays_config_and_cublas():
     assert got["8b down dx"]["config"] == "auto@gm12" and got["8b down dx"]["rounds"] == 3
     assert (got["8b down dx"]["clock_mhz"], got["8b down dx"]["base_clock_mhz"]) == (1437, 1449)
     assert got["3b down"]["speedup"] == pytest.approx(2.63 / 2.6)
-    table = sustained_table(report)
+    table = sustained_table(sustained_points(report))
     assert f"| 8b down dx | s | auto@gm12 | {11.75 / 11.7:.3f} | 3 | 1437 | 1449 |" in table
     assert ("forward and dx: at or above cuBLAS in every run on 2 of the 2 timed products, at or"
             f" above 0.99 on 2 (lowest: 8b down dx, {11.75 / 11.7:.3f}-{11.75 / 11.7:.3f})") in table
     # a product counts by its slowest run; no dw product timed: no dw line
     slow = {"code": "abd", "windows": [window("3b down", "auto", DEFAULT_CONFIG, 2.65),
                                        window("3b down", "xla_einsum", None, 2.63)]}
-    table = sustained_table({"runs": {"s": report["runs"]["s"], "t": slow}})
+    table = sustained_table(sustained_points({"runs": {"s": report["runs"]["s"], "t": slow}}))
     assert (f"on 1 of the 2 timed products, at or above 0.99 on 2 (lowest: 3b down,"
             f" {2.63 / 2.65:.3f}-{2.63 / 2.6:.3f})") in table and "\ndw:" not in table
 

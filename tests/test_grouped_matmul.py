@@ -362,7 +362,7 @@ def test_row_stripe_choice():
         assert dw(g, 8192, 2176, 3072) == stripes                    # 3b down dw
     for m, k, n in [(8192, 1152, 2048), (3072, 2176, 3072), (3072, 2176, 16384)]:
         assert dw(16, m, k, n) == mgpu_kernel.DEFAULT_CONFIG, (m, k, n)   # 1b down, 3b o, gate/up
-    # the bound itself: one token row fewer than 12 Mi elements keeps the default order
+    # the bound itself: 4096 x 3072 is 12 Mi elements; one token row fewer keeps the default
     assert dw(16, 4096, 3072, 4096) == stripes and dw(16, 4096, 3071, 4096) != stripes
 
 
