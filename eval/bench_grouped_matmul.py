@@ -382,6 +382,9 @@ SWEEP = {  # named configs for --sweep / --ab (the default is select_config's ch
     **{f"default_g{dim.name.lower()}{width}": dataclasses.replace(
         mgpu_kernel.DEFAULT_CONFIG, grid_minor_dim=dim, grid_tile_width=width)
        for dim, width in ((M_.N, 4), (M_.N, 8), (M_.M, 1), (M_.M, 4))},
+    # select_config's rule 8 (row stripes of 12, one deferred epilogue tile; rule 9 makes it
+    # DW_ROW_STRIPE_CONFIG on dw)
+    "row_stripes": mgpu_kernel.ROW_STRIPE_CONFIG,
 }
 
 

@@ -178,7 +178,16 @@
 #              3b qkv dw; short tiles of 18 / 34 k-steps) under sustained load: "auto" against
 #              more deferred epilogue tiles (2, 4), 64 x 32 epilogue tiles in 4 slots, 192 x 128
 #              tiles of three warpgroups, ping-pong and cuBLAS (all compiled and tested on the
-#              GPU before; only burst A/Bs timed them on dw) (~3 min)
+#              GPU before; only burst A/Bs timed them on dw) (~3 min; run s23_dw_variants: 4
+#              deferred tiles fastest on all three)
+#   sustained_dw_defer  4 deferred epilogue tiles on every dw product (their GPU tests first):
+#              "auto" against them in the default order and in row stripes, and cuBLAS (1 s
+#              windows, 3 rounds, ~4 min; run s23_dw_defer, which select_config's rule 9 took)
+#   dw_tests   rule 9's dw configs' GPU tests (test_gpu_weight_offset[dw, dw_row_stripes])
+#   dw_small_g rule 9 off full load: burst A/B of "auto" against rules 5 and 8 (1 deferred
+#              tile) and cuBLAS on five dw products at G = 1 and 4 (~90 s)
+#   Never pipe a stage through head: a closed pipe ends the script while a profiled process
+#   may run on and hold the GPU (an ncu_dw call of session 23 returned nothing).
 #   run: bash eval/gpu_session.sh tests; bash eval/gpu_session.sh tests_model fused;
 #        bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel
@@ -458,6 +467,16 @@ for stage in "${stages[@]}"; do
              --products 1b:qkv:dw,1b:down:dw,3b:qkv:dw \
              --configs auto,default_defer2,default_defer4,default_e32,wg3_192x128,pingpong_delay1,xla_einsum \
              --seconds 1.0 --rounds 3 --out "$OUT/$stage.json" 2>&1 | quiet | grep -v " round " ;;
+    sustained_dw_defer) tests_pass dw_defer 200 2 tests/test_grouped_matmul.py "default_defer4" \
+             || continue
+           P=$(for m in 1b 3b 8b; do for s in qkv o gate_up down; do printf "%s:%s:dw," $m $s; done
+               done)
+           timeout 560 python3 eval/sustained_ab.py --products "${P%,}" \
+             --configs auto,default_defer4,default_defer4@gm12,xla_einsum --seconds 1.0 --rounds 3 \
+             --out "$OUT/$stage.json" 2>&1 | quiet | grep -v " round " ;;
+    dw_small_g) ab dw_small_g 220 --ab auto,default,row_stripes,xla_einsum --ab_groups 1,4 \
+             --ab_products dw --ab_profile --ab_reps 3 --ab_shapes 1b:qkv,1b:down,3b:o,3b:down,8b:down ;;
+    dw_tests) tests_pass dw_tests 150 2 tests/test_grouped_matmul.py "gpu_weight_offset and dw" ;;
     sustained_fwd_dx|sustained_dw)
            kinds=$([ "$stage" = sustained_dw ] && echo dw || echo "fwd dx")
            P=$(for m in 1b 3b 8b; do for s in qkv o gate_up down; do for k in $kinds; do
@@ -473,7 +492,8 @@ for stage in "${stages[@]}"; do
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
             "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit, smfit_select, wide_small_g, wide_select, wide_fwd, smfit_fwd, wide_rest, dw_cluster, split_cols, fwd_t," \
             "ncu, ncu_dw, sustained, sustained_fwd_dx, sustained_dw, sustained_attention," \
-            "sustained_dw_orders, sustained_dw_variants, sustained_trace)"
+            "sustained_dw_orders, sustained_dw_variants, sustained_trace, sustained_dw_defer," \
+            "dw_small_g, dw_tests)"
        exit 2 ;;
   esac
 done

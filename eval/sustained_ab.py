@@ -12,7 +12,8 @@ power over the window's settled part, the cycles per call (time x clock) and the
 With ``--trace_calls N`` it then traces N back-to-back calls of each config (``traced_window``):
 the device time per call against the wall time per call, to tell gaps between calls from the
 kernels' own time (the windows' cycles per call read 9-24 % above ncu's counted cycles in
-session 22).
+session 22; run s23_sustained_trace found the GPU idle 14-19 % of a traced loop's time between
+calls on the 0.2-0.4 ms 1b qkv / o dw products, for the kernel and cuBLAS alike).
 
     python3 eval/sustained_ab.py --products 8b:down:dx,8b:down \\
         --configs auto,xla_einsum,default_gn4 --seconds 2 --rounds 3 --out OUT/sustained.json

@@ -279,6 +279,20 @@ ROW_STRIPE_CONFIG = dataclasses.replace(DEFAULT_CONFIG, grid_minor_dim=MatmulDim
 # gate/up; 1b down, gate/up) or 0.6 % faster (3b qkv dw). The threshold lies between the two
 # sets (9.0 and 16.5 Mi); measured on bf16 at G = 16 only.
 DW_ROW_STRIPE_MIN_LHS_ELEMENTS = 12 * 2**20
+# dw products reduce over the diagonal step's rows: 18 / 34 / 66 k-steps (1b / 3b / 8b), short
+# loops beside which a tile's epilogue (4 epilogue tiles per warpgroup) weighs much more than
+# on the forward and dx products (128-448 k-steps). On the default tiles and the row stripes
+# they store all 4 under the next tile's first 4 k-steps. Sustained-load A/B at G = 16 against
+# cuBLAS (run s23_dw_defer), 1 deferred tile -> 4: 1b qkv / o / gate_up / down dw 0.984 /
+# 1.004 / 0.960 / 0.955 -> 1.020 / 1.023 / 1.014 / 0.990, 3b qkv / o / gate_up dw 0.987 /
+# 0.991 / 0.993 -> 1.018 / 1.018 / 1.031; in row stripes 3b down dw 0.978 -> 1.013, 8b qkv /
+# o / gate_up / down dw 0.982 / 0.993 / 1.022 / 0.992 -> 1.009 / 1.009 / 1.041 / 1.010
+# (the default order deferring 4 on 8b down dw: 0.930). On the forward and dx products 2 or 4
+# deferred tiles were 4-10 % slower (run s15_defer_3b8b). Measured at G = 16 only.
+DW_DEFERRED_EPI_TILES = 4
+DW_CONFIG = dataclasses.replace(DEFAULT_CONFIG, deferred_epi_tiles=DW_DEFERRED_EPI_TILES)
+DW_ROW_STRIPE_CONFIG = dataclasses.replace(ROW_STRIPE_CONFIG,
+                                           deferred_epi_tiles=DW_DEFERRED_EPI_TILES)
 # How much better the ping-pong schedule must fill the last wave of tiles than the default one
 # before select_config picks it: at equal fill it ran 1-2 % slower (3b qkv/o, 1b gate_up).
 PINGPONG_MIN_WAVE_GAIN = 0.025
@@ -358,12 +372,18 @@ def select_config(
        cache; 0.9-1.6 % faster than the default order under sustained load at G = 16. For dw
        products the same where the k x m operand holds at least
        ``DW_ROW_STRIPE_MIN_LHS_ELEMENTS``: the 8b dw products and 3b down dw, 0.4-7.1 % faster.
+    9. For dw products on the default tiles or the row stripes, ``DW_CONFIG`` or
+       ``DW_ROW_STRIPE_CONFIG``: all ``DW_DEFERRED_EPI_TILES`` epilogue tiles of a warpgroup
+       stored under the next tile's first k-steps (dw's k-loops are short); 1.5-5.8 % faster
+       than deferring one under sustained load at G = 16.
 
     At full load (G = 16), under sustained load (eval/sustained_ab.py: seconds of back-to-back
     calls per config; run s22_sustained_fwd_dx), this runs at or above cuBLAS's speed on 23 of
     the 24 forward and dx products of the Llama-1B/3B/8B diagonal shapes (1.006-1.036x) and at
-    0.996-0.997x on 3b qkv; the dw products at 0.962-1.022x (run s22_sustained_dw: 8b gate/up
-    and down dw above cuBLAS, 1b dw lowest). Device time of bursts of 10 calls reads a few
+    0.996-0.997x on 3b qkv; 11 of the 12 dw products at 1.004-1.042x and 1b down dw at 0.988x
+    (run s23_sustained_dw, with rule 9; on 1b qkv / o dw, 0.2-0.4 ms a call, the GPU idled
+    14-19 % of a traced loop's time between calls, run s23_sustained_trace, and in device time of bursts
+    cuBLAS still leads the dw products by 0-6 %). Device time of bursts of 10 calls reads a few
     percent noisier (eval/results/grouped_matmul_h200.parity.md: every H200 run). Tried
     and not chosen (within noise or slower): 3 stages, unchained tiles (on
     JAX's pipelines), 128 x 128 tiles with 4 or 6 stages (cuBLAS's choice for the 1b attention
@@ -396,6 +416,8 @@ def select_config(
             pl.cdiv(m, DEFAULT_CONFIG.cta_tile_m) >= ROW_STRIPE_MIN_ROW_TILES if not transpose_lhs
             else m * k >= DW_ROW_STRIPE_MIN_LHS_ELEMENTS):
         choice = ROW_STRIPE_CONFIG
+    if transpose_lhs and choice in (DEFAULT_CONFIG, ROW_STRIPE_CONFIG):
+        choice = DW_CONFIG if choice == DEFAULT_CONFIG else DW_ROW_STRIPE_CONFIG
     return choice
 
 

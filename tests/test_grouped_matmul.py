@@ -302,7 +302,7 @@ def test_wide_cluster_choice():
         assert pick(*dims) == default, dims
     for dims in [(16, 4224, 6144, 4096), (16, 4224, 4096, 4096), (16, 4224, 28672, 4096)]:
         assert pick(*dims, tr=True) == default, dims            # 8b qkv, o, gate/up dx
-    assert pick(16, 4096, 4224, 6144, tl=True) == default       # 8b qkv dw (rule 8's dw part)
+    assert pick(16, 4096, 4224, 6144, tl=True) == mgpu_kernel.DW_ROW_STRIPE_CONFIG  # 8b qkv dw
     default = mgpu_kernel.DEFAULT_CONFIG                        # 1b / 3b: the default order
     assert pick(16, 2176, 3072, 16384) == default               # 3b gate/up: ragged rows
     assert pick(16, 1152, 2048, 16384) == default               # 1b gate/up: cost 1.0125
@@ -342,7 +342,7 @@ def test_row_stripe_choice():
     shapes (17 row tiles) and the clustered 8b forward products keep their choice. dw products
     take the stripes where their k x m operand (token rows x dw's rows) holds >= 12 Mi elements:
     the 8b dw products (16.5-57.8 Mi) and 3b down dw (17.0 Mi), not 1b down dw (9.0 Mi) or the
-    other 3b dw products (6.4 Mi)."""
+    other 3b dw products (6.4 Mi); rule 9 then defers all their epilogue tiles."""
     pick = lambda *dims, tl=False, tr=False: mgpu_kernel.select_config(
         *dims, transpose_lhs=tl, transpose_rhs=tr, num_sms=132)
     stripes = mgpu_kernel.ROW_STRIPE_CONFIG
@@ -356,14 +356,43 @@ def test_row_stripe_choice():
     assert pick(16, 4224, 4096, 28672) == mgpu_kernel.WIDE_CLUSTER_N_CONFIG   # 8b gate/up
     assert pick(16, 2176, 8192, 3072) == mgpu_kernel.DEFAULT_CONFIG  # 3b down: 17 row tiles
     dw = lambda g, m, k, n: pick(g, m, k, n, tl=True)      # (G, dw's rows, token rows, n)
+    dw_stripes = mgpu_kernel.DW_ROW_STRIPE_CONFIG
+    assert dw_stripes == dataclasses.replace(stripes, deferred_epi_tiles=4)
     for g in (1, 16):
-        assert dw(g, 14336, 4224, 4096) == stripes                   # 8b down dw
-        assert dw(g, 4096, 4224, 28672) == stripes                   # 8b gate/up dw
-        assert dw(g, 8192, 2176, 3072) == stripes                    # 3b down dw
+        assert dw(g, 14336, 4224, 4096) == dw_stripes                # 8b down dw
+        assert dw(g, 4096, 4224, 28672) == dw_stripes                # 8b gate/up dw
+        assert dw(g, 8192, 2176, 3072) == dw_stripes                 # 3b down dw
     for m, k, n in [(8192, 1152, 2048), (3072, 2176, 3072), (3072, 2176, 16384)]:
-        assert dw(16, m, k, n) == mgpu_kernel.DEFAULT_CONFIG, (m, k, n)   # 1b down, 3b o, gate/up
-    # the bound itself: 4096 x 3072 is 12 Mi elements; one token row fewer keeps the default
-    assert dw(16, 4096, 3072, 4096) == stripes and dw(16, 4096, 3071, 4096) != stripes
+        assert dw(16, m, k, n) == mgpu_kernel.DW_CONFIG, (m, k, n)   # 1b down, 3b o, gate/up
+    # the bound itself: 4096 x 3072 is 12 Mi elements; one token row fewer keeps the default order
+    assert dw(16, 4096, 3072, 4096) == dw_stripes
+    assert dw(16, 4096, 3071, 4096) == mgpu_kernel.DW_CONFIG
+
+
+def test_dw_defers_all_epilogue_tiles():
+    """select_config's rule 9: dw products (18-66 k-steps per tile) on the default tiles or the
+    row stripes store all 4 epilogue tiles of a warpgroup under the next tile's first k-steps;
+    the forward and dx products of the same sizes keep 1, and dw products that rules 2-7 give
+    other tiles keep those."""
+    pick = lambda *dims, tl=False, tr=False: mgpu_kernel.select_config(
+        *dims, transpose_lhs=tl, transpose_rhs=tr, num_sms=132)
+    dw_default = mgpu_kernel.DW_CONFIG
+    assert dw_default == dataclasses.replace(mgpu_kernel.DEFAULT_CONFIG, deferred_epi_tiles=4)
+    epilogue_tiles = (dw_default.tile_m * dw_default.tile_n
+                      // (dw_default.epi_tile_m * dw_default.epi_tile_n))
+    assert dw_default.deferred_epi_tiles == epilogue_tiles == 4
+    from eval.bench_grouped_matmul import diagonal_products
+
+    products = diagonal_products()   # the 36 products of the Llama-1B/3B/8B diagonal shapes
+    assert sum(label.endswith(" dw") for label in products) == 12
+    for label, ((m, k, n), transpose) in products.items():
+        tl, tr = transpose or (False, False)
+        cfg = pick(16, m, k, n, tl=tl, tr=tr)
+        if label.endswith(" dw"):
+            assert tl and cfg in (dw_default, mgpu_kernel.DW_ROW_STRIPE_CONFIG), (label, cfg)
+        else:
+            assert cfg.deferred_epi_tiles <= 1, (label, cfg)
+    assert pick(1, 2048, 1152, 3072, tl=True) == mgpu_kernel.THREE_WG_CONFIG   # 1b qkv dw, G = 1
 
 
 @pytest.mark.parametrize("dim", list(mgpu_kernel.MatmulDimension), ids=str)
@@ -403,8 +432,8 @@ def test_ring_of_stages_wraps_across_tiles():
     pick = lambda *dims: mgpu_kernel.select_config(*dims, transpose_lhs=True, num_sms=132)
     for dims in [(16, 2048, 1152, 3072), (16, 8192, 2176, 3072), (16, 14336, 4224, 4096),
                  (1, 14336, 4224, 4096), (1, 2048, 1152, 2048)]:
-        assert pick(*dims) in (mgpu_kernel.DEFAULT_CONFIG,       # dw: 18 / 34 / 66 k-steps,
-                               mgpu_kernel.ROW_STRIPE_CONFIG), dims   # any tile order
+        assert pick(*dims) in (mgpu_kernel.DW_CONFIG,            # dw: 18 / 34 / 66 k-steps,
+                               mgpu_kernel.DW_ROW_STRIPE_CONFIG), dims   # any tile order
     why = lambda c: mgpu_kernel.unsupported_reason(
         (16, 1152, 2048), (16, 1152, 3072), jnp.bfloat16, jnp.bfloat16, transpose_lhs=True,
         config=c)
@@ -1002,6 +1031,9 @@ GPU_CONFIGS = {
     # the default tiles in row stripes of 12 tiles (select_config's rule 8; at the test shapes'
     # few row tiles a single stripe narrower than 12)
     "row_stripes": mgpu_kernel.ROW_STRIPE_CONFIG,
+    # dw's choices (rule 9): all 4 epilogue tiles deferred, in both tile orders
+    "dw": mgpu_kernel.DW_CONFIG,
+    "dw_row_stripes": mgpu_kernel.DW_ROW_STRIPE_CONFIG,
     # three compute warpgroups (192-row CTA tiles; ragged n at the 1b shapes' n = 2048), the
     # 192 x 192 ones also in clusters along n and m
     **mgpu_kernel.THREE_WG_VARIANTS,
