@@ -186,6 +186,9 @@
 #   dw_tests   rule 9's dw configs' GPU tests (test_gpu_weight_offset[dw, dw_row_stripes])
 #   dw_small_g rule 9 off full load: burst A/B of "auto" against rules 5 and 8 (1 deferred
 #              tile) and cuBLAS on five dw products at G = 1 and 4 (~90 s)
+#   sustained_chain  the sustained A/B with 8 products per dispatch (sustained_ab.py --chain 8:
+#              no host gaps between products) on the short 1b products and 3b qkv, then 16
+#              traced dispatches (device time per product, launches per dispatch) (~3 min)
 #   Never pipe a stage through head: a closed pipe ends the script while a profiled process
 #   may run on and hold the GPU (an ncu_dw call of session 23 returned nothing).
 #   run: bash eval/gpu_session.sh tests; bash eval/gpu_session.sh tests_model fused;
@@ -476,6 +479,10 @@ for stage in "${stages[@]}"; do
              --out "$OUT/$stage.json" 2>&1 | quiet | grep -v " round " ;;
     dw_small_g) ab dw_small_g 220 --ab auto,default,row_stripes,xla_einsum --ab_groups 1,4 \
              --ab_products dw --ab_profile --ab_reps 3 --ab_shapes 1b:qkv,1b:down,3b:o,3b:down,8b:down ;;
+    sustained_chain) timeout 400 python3 eval/sustained_ab.py \
+             --products 1b:qkv:dw,1b:o:dw,1b:down:dw,1b:qkv,3b:qkv --configs auto,xla_einsum \
+             --seconds 1.0 --rounds 3 --chain 8 --trace_calls 16 --out "$OUT/$stage.json" 2>&1 \
+             | quiet | grep -v " round " ;;
     dw_tests) tests_pass dw_tests 150 2 tests/test_grouped_matmul.py "gpu_weight_offset and dw" ;;
     sustained_fwd_dx|sustained_dw)
            kinds=$([ "$stage" = sustained_dw ] && echo dw || echo "fwd dx")
@@ -493,7 +500,7 @@ for stage in "${stages[@]}"; do
             "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit, smfit_select, wide_small_g, wide_select, wide_fwd, smfit_fwd, wide_rest, dw_cluster, split_cols, fwd_t," \
             "ncu, ncu_dw, sustained, sustained_fwd_dx, sustained_dw, sustained_attention," \
             "sustained_dw_orders, sustained_dw_variants, sustained_trace, sustained_dw_defer," \
-            "dw_small_g, dw_tests)"
+            "dw_small_g, dw_tests, sustained_chain)"
        exit 2 ;;
   esac
 done

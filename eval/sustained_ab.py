@@ -13,7 +13,10 @@ With ``--trace_calls N`` it then traces N back-to-back calls of each config (``t
 the device time per call against the wall time per call, to tell gaps between calls from the
 kernels' own time (the windows' cycles per call read 9-24 % above ncu's counted cycles in
 session 22; run s23_sustained_trace found the GPU idle 14-19 % of a traced loop's time between
-calls on the 0.2-0.4 ms 1b qkv / o dw products, for the kernel and cuBLAS alike).
+calls on the 0.2-0.4 ms 1b qkv / o dw products, for the kernel and cuBLAS alike). With
+``--chain K`` every dispatch runs K products one after another in one jitted call (``chained``),
+so the host's per-call work falls between dispatches of K products, not between products; times
+per call are then per product.
 
     python3 eval/sustained_ab.py --products 8b:down:dx,8b:down \\
         --configs auto,xla_einsum,default_gn4 --seconds 2 --rounds 3 --out OUT/sustained.json
@@ -38,6 +41,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 from eval import bench_grouped_matmul as bench  # noqa: E402
 
@@ -85,6 +89,29 @@ class GpuSampler:
         self._proc.wait()
 
 
+def chained(fn, k: int):
+    """One jitted call running ``fn(*args)`` k times in sequence: (the last result, the sum of
+    every result's first element). Each call's operands pass through ``lax.optimization_barrier``
+    together with the previous call's result, so XLA can neither merge the k identical calls nor
+    start one before the previous one is done; the sum keeps every call's result in use (else
+    all but the last are dead code). The device runs the k products back to back without
+    waiting on the host between them, plus one tiny kernel for the sum."""
+    if k < 1:
+        raise ValueError(f"chain of {k} calls: needs at least 1")
+    first = lambda y: y[(0,) * y.ndim].astype(jnp.float32)
+
+    def run(*args):
+        out = fn(*args)
+        check = first(out)
+        for _ in range(k - 1):
+            args, out = jax.lax.optimization_barrier((args, out))
+            out = fn(*args)
+            check = check + first(out)
+        return out, check
+
+    return jax.jit(run)
+
+
 def back_to_back(fn, args, *, calls: int | None = None, seconds: float | None = None):
     """Calls fn back to back, a sync every 8 calls (keeps the queue short), for ``calls`` calls
     or until a sync finds ``seconds`` passed; (calls made, start, end) in perf_counter time."""
@@ -98,24 +125,26 @@ def back_to_back(fn, args, *, calls: int | None = None, seconds: float | None = 
                 return made, t0, time.perf_counter()
 
 
-def run_window(fn, args, seconds: float, sampler: GpuSampler) -> dict:
-    """Calls fn back to back for about ``seconds``; the time per call and the window's clock
-    and power."""
+def run_window(fn, args, seconds: float, sampler: GpuSampler, products_per_call: int = 1) -> dict:
+    """Calls fn back to back for about ``seconds``; the time per product (``products_per_call``
+    of them in each call: ``chained``) and the window's clock and power."""
     calls, t0, t1 = back_to_back(fn, args, seconds=seconds)
-    ms = (t1 - t0) / calls * 1e3
+    ms = (t1 - t0) / (calls * products_per_call) * 1e3
     gpu = sampler.window(t0, t1)
     return {"ms_per_call": ms, "calls": calls, **gpu,
             "mcycles_per_call": ms * gpu["clock_mhz"] / 1e3,
             "joules_per_call": ms * gpu["power_w"] / 1e3}
 
 
-def traced_window(fn, args, calls: int) -> dict:
+def traced_window(fn, args, calls: int, products_per_call: int = 1) -> dict:
     """``calls`` calls back to back as in run_window under jax.profiler, after a throwaway
     trace of 8: the device time per call (every kernel of a call, medians over the calls:
     bench_grouped_matmul.per_call_seconds; None where the trace holds no device kernels, as on
     a CPU) and the traced stretch's wall time per call. A window's ms_per_call well above the
     device time means the GPU idled between calls; time x nvidia-smi's clock well above ncu's
-    counted cycles without such gaps would point at the clock reading."""
+    counted cycles without such gaps would point at the clock reading. Both per product where
+    each call runs ``products_per_call`` of them (``chained``); the kernel launches per call
+    show that a chain ran all of its products."""
     from eval.profile import traced_kernel_times
 
     traced_kernel_times(lambda: back_to_back(fn, args, calls=8), 1)
@@ -124,8 +153,10 @@ def traced_window(fn, args, calls: int) -> dict:
         lambda: stretch.append(back_to_back(fn, args, calls=calls)), 1)
     (_, t0, t1), = stretch
     device_s = sum(bench.per_call_seconds(times, calls).values()) if times else None
-    return {"device_ms_per_call": None if device_s is None else device_s * 1e3,
-            "traced_ms_per_call": (t1 - t0) / calls * 1e3, "traced_calls": calls}
+    per_product = 1e3 / products_per_call
+    return {"device_ms_per_call": None if device_s is None else device_s * per_product,
+            "traced_ms_per_call": (t1 - t0) / calls * per_product, "traced_calls": calls,
+            "launches_per_call": sum(map(len, times.values())) / calls if times else None}
 
 
 def summarize(results: list[dict], baseline: str = "xla_einsum") -> str:
@@ -157,7 +188,12 @@ def main(argv=None):
     p.add_argument("--trace_calls", type=int, default=0,
                    help="after a product's rounds, trace this many back-to-back calls of each"
                         " config: device time per call against wall time per call (0: off)")
+    p.add_argument("--chain", type=int, default=1,
+                   help="products per dispatch, run back to back in one jitted call; times"
+                        " are per product (1: one product per dispatch)")
     args = p.parse_args(argv)
+    if args.chain < 1:
+        p.error(f"--chain {args.chain}: needs at least 1 product per dispatch")
     sampler = GpuSampler()
     results, skipped, traces = [], [], []
     date = datetime.datetime.now(datetime.timezone.utc).isoformat()
@@ -166,8 +202,8 @@ def main(argv=None):
         with open(args.out, "w") as f:
             json.dump({"date": date, "command": "python3 " + " ".join(sys.argv),
                        "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
-                       "settle_s": SETTLE_S, "smi_fields": sampler.fields, "skipped": skipped,
-                       "windows": results, "traces": traces}, f, indent=1)
+                       "settle_s": SETTLE_S, "chain": args.chain, "smi_fields": sampler.fields,
+                       "skipped": skipped, "windows": results, "traces": traces}, f, indent=1)
 
     key = jax.random.PRNGKey(0)
     try:
@@ -178,25 +214,28 @@ def main(argv=None):
             for name, why in failed:
                 skipped.append(f"{label} {name}: {why}")
                 print(f"not timed: {label} {name}: {why}", flush=True)
-            fns = {name: fn for name, (fn, _) in calls.items()}
+            fns = {name: fn if args.chain == 1 else chained(fn, args.chain)
+                   for name, (fn, _) in calls.items()}
             configs = {name: tuning for name, (_, tuning) in calls.items()}
             order = list(fns)
             for r in range(args.rounds):
                 for name in order[r % len(order):] + order[:r % len(order)]:
                     row = {"product": label, "config": name, "tuning": configs[name], "round": r,
-                           **run_window(fns[name], call_args, args.seconds, sampler)}
+                           **run_window(fns[name], call_args, args.seconds, sampler,
+                                        args.chain)}
                     results.append(row)
                     print(f"{label:12s} {name:16s} round {r}: {row['ms_per_call']:.3f} ms/call"
                           f" at {row['clock_mhz']:.0f} MHz, {row['power_w']:.0f} W,"
                           f" {row['mcycles_per_call']:.3f} Mcycles", flush=True)
             for name in order if args.trace_calls else ():
                 trace = {"product": label, "config": name,
-                         **traced_window(fns[name], call_args, args.trace_calls)}
+                         **traced_window(fns[name], call_args, args.trace_calls, args.chain)}
                 traces.append(trace)
                 device = trace["device_ms_per_call"]
                 print(f"{label:12s} {name:16s} traced: device "
                       f"{'-' if device is None else f'{device:.3f}'} ms/call, wall"
-                      f" {trace['traced_ms_per_call']:.3f} ms/call", flush=True)
+                      f" {trace['traced_ms_per_call']:.3f} ms/call,"
+                      f" {trace['launches_per_call']} launches per dispatch", flush=True)
             del call_args, calls, fns
             write()   # after every product: a run cut short by a timeout keeps what it timed
     finally:

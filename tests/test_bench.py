@@ -509,3 +509,40 @@ def test_sustained_windows_and_summary():
         assert trace["device_ms_per_call"] is None
     else:
         assert 0 < trace["device_ms_per_call"] <= 1.5 * trace["traced_ms_per_call"]
+
+
+def test_chained_products_run_in_sequence_in_one_call():
+    """sustained_ab.chained: k products in one jitted call, each one's operands tied to the
+    previous result by an optimization barrier, so XLA keeps all k (no common-subexpression
+    merge of the identical calls) and the result is the product's; a window of chained calls
+    reports the time per product."""
+    import time
+
+    import jax
+
+    from eval import sustained_ab
+
+    rng = np.random.default_rng()
+    a, b = (jax.numpy.asarray(rng.standard_normal((48, 48)), jax.numpy.float32) for _ in "ab")
+    fn = jax.jit(lambda a, b: a @ b)
+    want = np.asarray(a) @ np.asarray(b)
+    for k in (1, 3):
+        run = sustained_ab.chained(fn, k)
+        out, check = run(a, b)
+        np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
+        assert float(check) == pytest.approx(k * want[0, 0], rel=1e-5)
+        hlo = run.lower(a, b).compile().as_text()
+        assert hlo.count(" dot(") == k, (k, hlo)   # neither merged nor dropped
+    with pytest.raises(ValueError, match="at least 1"):
+        sustained_ab.chained(fn, 0)
+    sampler = object.__new__(sustained_ab.GpuSampler)
+    now = time.perf_counter()   # planted samples every 50 ms over the two windows
+    sampler.samples = [(now + 0.05 * i, 1400, 700, 50.0) for i in range(60)]
+    one = sustained_ab.run_window(fn, (a, b), 0.5, sampler)
+    three = sustained_ab.run_window(sustained_ab.chained(fn, 3), (a, b), 0.5, sampler, 3)
+    for row in (one, three):
+        assert row["ms_per_call"] > 0 and row["calls"] % 8 == 0
+    trace = sustained_ab.traced_window(sustained_ab.chained(fn, 3), (a, b), 8, 3)
+    assert trace["traced_calls"] == 8 and trace["traced_ms_per_call"] > 0
+    if jax.devices()[0].platform != "cpu":   # 3 products and the sum per dispatch
+        assert trace["launches_per_call"] >= 3
