@@ -125,7 +125,8 @@ def back_to_back(fn, args, *, calls: int | None = None, seconds: float | None = 
                 return made, t0, time.perf_counter()
 
 
-def run_window(fn, args, seconds: float, sampler: GpuSampler, products_per_call: int = 1) -> dict:
+def run_window(fn, args, seconds: float, sampler: GpuSampler,
+               products_per_call: int = 1) -> dict:
     """Calls fn back to back for about ``seconds``; the time per product (``products_per_call``
     of them in each call: ``chained``) and the window's clock and power."""
     calls, t0, t1 = back_to_back(fn, args, seconds=seconds)

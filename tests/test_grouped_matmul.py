@@ -374,6 +374,8 @@ def test_dw_defers_all_epilogue_tiles():
     row stripes store all 4 epilogue tiles of a warpgroup under the next tile's first k-steps;
     the forward and dx products of the same sizes keep 1, and dw products that rules 2-7 give
     other tiles keep those."""
+    from eval.bench_grouped_matmul import diagonal_products
+
     pick = lambda *dims, tl=False, tr=False: mgpu_kernel.select_config(
         *dims, transpose_lhs=tl, transpose_rhs=tr, num_sms=132)
     dw_default = mgpu_kernel.DW_CONFIG
@@ -381,8 +383,6 @@ def test_dw_defers_all_epilogue_tiles():
     epilogue_tiles = (dw_default.tile_m * dw_default.tile_n
                       // (dw_default.epi_tile_m * dw_default.epi_tile_n))
     assert dw_default.deferred_epi_tiles == epilogue_tiles == 4
-    from eval.bench_grouped_matmul import diagonal_products
-
     products = diagonal_products()   # the 36 products of the Llama-1B/3B/8B diagonal shapes
     assert sum(label.endswith(" dw") for label in products) == 12
     for label, ((m, k, n), transpose) in products.items():
