@@ -180,7 +180,7 @@
 #              tiles of three warpgroups, ping-pong and cuBLAS (all compiled and tested on the
 #              GPU before; only burst A/Bs timed them on dw) (~3 min; run s23_dw_variants: 4
 #              deferred tiles fastest on all three)
-#   sustained_dw_defer  4 deferred epilogue tiles on every dw product (their GPU tests first):
+#   sustained_dw_defer  4 deferred epilogue tiles on every dw product (rule 9's GPU tests first):
 #              "auto" against them in the default order and in row stripes, and cuBLAS (1 s
 #              windows, 3 rounds, ~4 min; run s23_dw_defer, which select_config's rule 9 took)
 #   dw_tests   rule 9's dw configs' GPU tests (test_gpu_weight_offset[dw, dw_row_stripes])
@@ -261,6 +261,24 @@ gpu_tests() {
   echo "$name: exit $?, $(grep -c PASSED "$OUT/$name.txt") passed"
   grep -E "FAILED|ERROR|s call|passed|failed" "$OUT/$name.txt" | quiet | tail -14
 }
+# sustained_ab LIMIT_S ARGS...: eval/sustained_ab.py under a timeout, its JSON in
+# $OUT/$stage.json; the per-round lines are left out of the log (the summary has their medians).
+sustained_ab() {
+  local limit=$1; shift
+  timeout "$limit" python3 eval/sustained_ab.py "$@" --out "$OUT/$stage.json" 2>&1 | quiet \
+    | grep -v " round "
+}
+# diagonal_products KIND...: the 1b / 3b / 8b diagonal shapes' products of these kinds (fwd, dx,
+# dw) as sustained_ab.py's --products list.
+diagonal_products() {
+  local m s k list=""
+  for m in 1b 3b 8b; do for s in qkv o gate_up down; do for k in "$@"; do
+    list+="$m:$s:$k,"; done; done; done
+  echo "${list%,}"
+}
+# dw_tests: rule 9's dw configs on the GPU (test_gpu_weight_offset[dw, dw_row_stripes]:
+# forward, dx and dw against float64); succeeds if both passed.
+dw_tests() { tests_pass dw_tests 150 2 tests/test_grouped_matmul.py "gpu_weight_offset and dw"; }
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests tests_model bench agreement kernel)
 for stage in "${stages[@]}"; do
@@ -450,47 +468,31 @@ for stage in "${stages[@]}"; do
              --schedules sequential ;;
     ncu) ncu_profile ncu 8b:down:dx,8b:down,3b:qkv,1b:gate_up ;;
     ncu_dw) ncu_profile ncu_dw 1b:qkv:dw,1b:down:dw,3b:qkv:dw ;;
-    sustained) timeout 400 python3 eval/sustained_ab.py \
+    sustained) sustained_ab 400 \
              --products 8b:down:dx,8b:down,8b:gate_up:dx,8b:o:dx,8b:qkv:dx,8b:o,3b:gate_up:dx,3b:down \
-             --configs auto,default,xla_einsum --seconds 1.5 --rounds 3 --out "$OUT/sustained.json" \
-             2>&1 | quiet | grep -v " round " ;;
-    sustained_attention) timeout 400 python3 eval/sustained_ab.py \
-             --products 1b:qkv,1b:o:dx,3b:qkv,3b:o,3b:o:dx \
-             --configs auto,pingpong_delay1,auto@gm4,xla_einsum --seconds 1.2 --rounds 3 \
-             --out "$OUT/$stage.json" 2>&1 | quiet | grep -v " round " ;;
-    sustained_dw_orders) timeout 560 python3 eval/sustained_ab.py \
+             --configs auto,default,xla_einsum --seconds 1.5 --rounds 3 ;;
+    sustained_attention) sustained_ab 400 --products 1b:qkv,1b:o:dx,3b:qkv,3b:o,3b:o:dx \
+             --configs auto,pingpong_delay1,auto@gm4,xla_einsum --seconds 1.2 --rounds 3 ;;
+    sustained_dw_orders) sustained_ab 560 \
              --products 8b:down:dw,8b:gate_up:dw,8b:o:dw,8b:qkv:dw,3b:down:dw,3b:qkv:dw,1b:down:dw \
-             --configs auto,default,auto@gn4,xla_einsum --seconds 1.2 --rounds 3 \
-             --out "$OUT/$stage.json" 2>&1 | quiet | grep -v " round " ;;
-    sustained_trace) timeout 300 python3 eval/sustained_ab.py \
-             --products 1b:qkv:dw,1b:o:dw,3b:qkv,8b:down:dx --configs auto,xla_einsum \
-             --seconds 1.0 --rounds 2 --trace_calls 64 --out "$OUT/$stage.json" 2>&1 | quiet \
-             | grep -v " round " ;;
-    sustained_dw_variants) timeout 400 python3 eval/sustained_ab.py \
-             --products 1b:qkv:dw,1b:down:dw,3b:qkv:dw \
+             --configs auto,default,auto@gn4,xla_einsum --seconds 1.2 --rounds 3 ;;
+    sustained_trace) sustained_ab 300 --products 1b:qkv:dw,1b:o:dw,3b:qkv,8b:down:dx \
+             --configs auto,xla_einsum --seconds 1.0 --rounds 2 --trace_calls 64 ;;
+    sustained_dw_variants) sustained_ab 400 --products 1b:qkv:dw,1b:down:dw,3b:qkv:dw \
              --configs auto,default_defer2,default_defer4,default_e32,wg3_192x128,pingpong_delay1,xla_einsum \
-             --seconds 1.0 --rounds 3 --out "$OUT/$stage.json" 2>&1 | quiet | grep -v " round " ;;
-    sustained_dw_defer) tests_pass dw_defer 200 2 tests/test_grouped_matmul.py "default_defer4" \
-             || continue
-           P=$(for m in 1b 3b 8b; do for s in qkv o gate_up down; do printf "%s:%s:dw," $m $s; done
-               done)
-           timeout 560 python3 eval/sustained_ab.py --products "${P%,}" \
-             --configs auto,default_defer4,default_defer4@gm12,xla_einsum --seconds 1.0 --rounds 3 \
-             --out "$OUT/$stage.json" 2>&1 | quiet | grep -v " round " ;;
+             --seconds 1.0 --rounds 3 ;;
+    sustained_dw_defer) dw_tests || continue
+           sustained_ab 560 --products "$(diagonal_products dw)" \
+             --configs auto,default_defer4,default_defer4@gm12,xla_einsum --seconds 1.0 --rounds 3 ;;
     dw_small_g) ab dw_small_g 220 --ab auto,default,row_stripes,xla_einsum --ab_groups 1,4 \
              --ab_products dw --ab_profile --ab_reps 3 --ab_shapes 1b:qkv,1b:down,3b:o,3b:down,8b:down ;;
-    sustained_chain) timeout 400 python3 eval/sustained_ab.py \
-             --products 1b:qkv:dw,1b:o:dw,1b:down:dw,1b:qkv,3b:qkv --configs auto,xla_einsum \
-             --seconds 1.0 --rounds 3 --chain 8 --trace_calls 16 --out "$OUT/$stage.json" 2>&1 \
-             | quiet | grep -v " round " ;;
-    dw_tests) tests_pass dw_tests 150 2 tests/test_grouped_matmul.py "gpu_weight_offset and dw" ;;
-    sustained_fwd_dx|sustained_dw)
-           kinds=$([ "$stage" = sustained_dw ] && echo dw || echo "fwd dx")
-           P=$(for m in 1b 3b 8b; do for s in qkv o gate_up down; do for k in $kinds; do
-                 printf "%s:%s:%s," $m $s $k; done; done; done)
-           timeout 560 python3 eval/sustained_ab.py --products "${P%,}" \
-             --configs auto,xla_einsum --seconds 1.2 --rounds 3 --out "$OUT/$stage.json" \
-             2>&1 | quiet | grep -v " round " ;;
+    sustained_chain) sustained_ab 400 --products 1b:qkv:dw,1b:o:dw,1b:down:dw,1b:qkv,3b:qkv \
+             --configs auto,xla_einsum --seconds 1.0 --rounds 3 --chain 8 --trace_calls 16 ;;
+    dw_tests) dw_tests ;;
+    sustained_fwd_dx) sustained_ab 560 --products "$(diagonal_products fwd dx)" \
+             --configs auto,xla_einsum --seconds 1.2 --rounds 3 ;;
+    sustained_dw) sustained_ab 560 --products "$(diagonal_products dw)" \
+             --configs auto,xla_einsum --seconds 1.2 --rounds 3 ;;
     *) echo "unknown stage $stage (tests, tests_model, bench, agreement, kernel, kernel_big, fused, diagonal," \
             "train, profile, pingpong, pingpong2, select, train_products, train_profile," \
             "train_zero_init, wg3, select3, pingpong_bwd, reproducibility, wg3_repeat," \

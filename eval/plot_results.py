@@ -342,6 +342,22 @@ PRODUCT_KINDS = (("forward and dx", lambda product: not product.endswith(" dw"))
                  ("dw", lambda product: product.endswith(" dw")))
 
 
+def _kind_summaries(scores: dict[str, float], claim: str, lowest_detail) -> list[str]:
+    """A line per PRODUCT_KINDS kind with timed products: how many of them score >= 1 ("{label}:
+    {claim} on N of the M timed products") and >= 0.99, and the lowest one with
+    ``lowest_detail(product)``."""
+    lines = []
+    for label, wanted in PRODUCT_KINDS:
+        chosen = {q: v for q, v in scores.items() if wanted(q)}
+        if chosen:
+            lowest = min(chosen, key=chosen.get)
+            lines += ["", f"{label}: {claim} on {sum(v >= 1.0 for v in chosen.values())} of the"
+                          f" {len(chosen)} timed products, at or above 0.99 on"
+                          f" {sum(v >= 0.99 for v in chosen.values())} (lowest: {lowest},"
+                          f" {lowest_detail(lowest)})"]
+    return lines
+
+
 def _parity_sections(points: list[dict], groups: tuple[int, ...], against: str) -> list[str]:
     """parity_table's sections for one baseline (``against``: its name), one per G."""
     lines = []
@@ -361,15 +377,8 @@ def _parity_sections(points: list[dict], groups: tuple[int, ...], against: str) 
             runs = ", ".join(sorted({p["run"] for p in mine if p["product"] == product}))
             lines.append(f"| {product} | {len(ratios)} | {medians[product]:.3f} | "
                          f"{min(ratios):.3f}-{max(ratios):.3f} | {runs} |")
-        for label, wanted in PRODUCT_KINDS:
-            chosen = {q: v for q, v in medians.items() if wanted(q)}
-            if chosen:
-                lowest = min(chosen, key=chosen.get)
-                lines += ["", f"{label}: median at or above {against} on "
-                              f"{sum(v >= 1.0 for v in chosen.values())} of the {len(chosen)} "
-                              f"timed products, at or above 0.99 on "
-                              f"{sum(v >= 0.99 for v in chosen.values())} (lowest: {lowest}, "
-                              f"{chosen[lowest]:.3f})"]
+        lines += _kind_summaries(medians, f"median at or above {against}",
+                                 lambda q: f"{medians[q]:.3f}")
         attention = [f"{q} {medians[q]:.3f}" for q in ATTENTION_BAR_PRODUCTS if q in medians]
         if attention and g == 16:   # the bar is at full load of the issue's 16 groups
             lines += ["", "the issue's attention-projection shapes (16 x 1152 x 2048 -> 3072 / "
@@ -424,17 +433,12 @@ def sustained_table(points: list[dict]) -> str:
     for p in sorted(points, key=lambda p: (order[p["product"]], p["run"])):
         lines.append(f"| {p['product']} | {p['run']} | {p['config']} | {p['speedup']:.3f} |"
                      f" {p['rounds']} | {p['clock_mhz']:.0f} | {p['base_clock_mhz']:.0f} |")
-    for label, wanted in PRODUCT_KINDS:   # a product counts by its slowest run
-        runs = {}
-        for p in points:
-            if wanted(p["product"]):
-                runs.setdefault(p["product"], []).append(p["speedup"])
-        if runs:
-            lowest = min(runs, key=lambda q: min(runs[q]))
-            lines += ["", f"{label}: at or above cuBLAS in every run on "
-                          f"{sum(min(v) >= 1.0 for v in runs.values())} of the {len(runs)} timed "
-                          f"products, at or above 0.99 on {sum(min(v) >= 0.99 for v in runs.values())}"
-                          f" (lowest: {lowest}, {min(runs[lowest]):.3f}-{max(runs[lowest]):.3f})"]
+    runs = {}
+    for p in points:
+        runs.setdefault(p["product"], []).append(p["speedup"])
+    lines += _kind_summaries({q: min(v) for q, v in runs.items()},   # by its slowest run
+                             "at or above cuBLAS in every run",
+                             lambda q: f"{min(runs[q]):.3f}-{max(runs[q]):.3f}")
     return "\n".join(lines + [""])
 
 
