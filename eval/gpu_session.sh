@@ -240,12 +240,28 @@ wg3_variants() {
 # per product (eval/ncu_products.py; the clocks left as found), the chosen metrics side by side in
 # $OUT/NAME_summary.md and the report's details page in $OUT/NAME_details.txt (the ~25 MB a
 # product report itself is too big to bring back).
+# ncu's log goes to $OUT/NAME_ncu.txt, not through a pipe: a profiled process that outlives a
+# killed ncu would hold the pipe open and stall the script (one ncu_dw call in session 24 ran
+# past its limit with no output, then completed in 32 s on the same machine; cause unknown).
+# timeout's signal does not reach the profiled process: ncu runs it under its own launcher
+# (TreeLauncherSubreaper), which outlived a timed-out ncu in session 24. So on a timeout
+# (NCU_LIMIT_S, default 240 s) the stage shows what is still running, kills it and stops.
 ncu_profile() {
-  local name=$1 products=$2
-  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 300 ncu --profile-from-start off \
+  local name=$1 products=$2 rc
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -k 10 "${NCU_LIMIT_S:-240}" ncu --profile-from-start off \
     --clock-control none --set full --import-source no --kernel-name regex:"mosaic|nvjet|gemm|cutlass" \
     -f -o "$OUT/$name" python3 eval/ncu_products.py --products "$products" \
-    --manifest "$OUT/$name.json" 2>&1 | quiet | grep -v "^==PROF=="
+    --manifest "$OUT/$name.json" > "$OUT/${name}_ncu.txt" 2>&1
+  rc=$?
+  quiet < "$OUT/${name}_ncu.txt" | grep -v "^==PROF==\|^$"
+  if [ $rc -ne 0 ]; then
+    echo "$name: ncu exit $rc (stopped at the ${NCU_LIMIT_S:-240} s limit: 124, 137, or 139 when" \
+      "ncu crashes on the signal, as seen); last lines and processes left:"
+    tail -3 "$OUT/${name}_ncu.txt"
+    ps -eo pid,stat,wchan:24,etime,cmd | grep "[n]cu_products.py --products" | cut -c1-160
+    pkill -9 -f "ncu_products.py --products"
+    return 1
+  fi
   python3 eval/ncu_products.py --summarize "$OUT/$name.ncu-rep" --manifest "$OUT/$name.json" \
     | tee "$OUT/${name}_summary.md"
   ncu --import "$OUT/$name.ncu-rep" --page details > "$OUT/${name}_details.txt"

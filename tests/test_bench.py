@@ -514,8 +514,8 @@ def test_sustained_windows_and_summary():
 def test_chained_products_run_in_sequence_in_one_call():
     """sustained_ab.chained: k products in one jitted call, each one's operands tied to the
     previous result by an optimization barrier, so XLA keeps all k (no common-subexpression
-    merge of the identical calls) and the result is the product's; a window of chained calls
-    reports the time per product."""
+    merge of the identical calls) and the result is the product's; compiled_calls compiles a
+    chain before the windows; a window of chained calls reports the time per product."""
     import time
 
     import jax
@@ -538,8 +538,12 @@ def test_chained_products_run_in_sequence_in_one_call():
     sampler = object.__new__(sustained_ab.GpuSampler)
     now = time.perf_counter()   # planted samples every 50 ms over the two windows
     sampler.samples = [(now + 0.05 * i, 1400, 700, 50.0) for i in range(60)]
+    # the windows' calls, compiled before any window (a chain is a new jitted function)
+    fns = sustained_ab.compiled_calls({"mm": (fn, None)}, (a, b), 3)
+    assert fns["mm"]._cache_size() == 1
+    assert sustained_ab.compiled_calls({"mm": (fn, None)}, (a, b))["mm"] is fn
     one = sustained_ab.run_window(fn, (a, b), 0.5, sampler)
-    three = sustained_ab.run_window(sustained_ab.chained(fn, 3), (a, b), 0.5, sampler, 3)
+    three = sustained_ab.run_window(fns["mm"], (a, b), 0.5, sampler, 3)
     for row, per_call in ((one, 1), (three, 3)):   # per product: times x products = window
         assert row["calls"] % 8 == 0
         assert 0.5 <= row["ms_per_call"] * row["calls"] * per_call / 1e3 < 1.0, (per_call, row)
