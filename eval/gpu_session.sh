@@ -79,9 +79,9 @@
 #              the second one reading the first one's cache                     (~5 min)
 #   train_4096  both schedules' training steps with the kernels at 4096 tokens (one diagonal of
 #              16 layers needs 16 segments; here there are 4), after the per-window remat  (~4 min)
-#   dw_auto    select_config's dw choices (3 stages on 1b / 8b, one wgmma group in flight on 3b):
+#   dw_auto    select_config's dw choices (rule 9 since 163d4f4: 4 deferred epilogue tiles):
 #              "auto" (timed twice) against the default and cuBLAS on all twelve dw products at
-#              G = 16                                                             (~4 min)
+#              G = 16                                         (run s24_dw_auto: 78 s)
 #   parity_all "auto" (timed twice: the run's spread) against cuBLAS on all 24 forward and dx
 #              products at G = 16, the issue's parity bar in one call (run s15_parity_all, with
 #              default_defer1 in place of auto#2 and one trace per config, took 137 s; with a
@@ -152,7 +152,8 @@
 #              one launch each (run s21_ncu_full: 48 s), with the report's summary and details
 #   ncu_dw     the same on the dw products where the kernel takes the most cycles over cuBLAS's
 #              (1b qkv / down dw, 3b qkv dw: 4-11 % more under sustained load, run
-#              s22_sustained_dw_before), 6 launches: where a short tile (18 / 34 k-steps) loses
+#              s22_sustained_dw_before), 6 launches (run s24_ncu_dw: 32 s; one call of the
+#              same stage ran past 300 s with no output): where a short tile (18 / 34 k-steps) loses
 #   sustained  sustained-load A/B (eval/sustained_ab.py: 1.5 s windows of back-to-back calls, 3
 #              rounds, nvidia-smi's clock and power) of "auto", the default tile order and cuBLAS
 #              on the eight 8b / 3b products of runs s21_sustained* (~4 min)
@@ -188,9 +189,11 @@
 #              tile) and cuBLAS on five dw products at G = 1 and 4 (~90 s)
 #   sustained_chain  the sustained A/B with 8 products per dispatch (sustained_ab.py --chain 8:
 #              no host gaps between products) on the short 1b products and 3b qkv, then 16
-#              traced dispatches (device time per product, launches per dispatch) (~3 min)
+#              traced dispatches (device time per product, launches per dispatch; run
+#              s24_sustained_chain: 51 s, 17 launches per dispatch)
 #   Never pipe a stage through head: a closed pipe ends the script while a profiled process
 #   may run on and hold the GPU (an ncu_dw call of session 23 returned nothing).
+#   NCU_LIMIT_S (default 240) limits ncu in the ncu stages.
 #   run: bash eval/gpu_session.sh tests; bash eval/gpu_session.sh tests_model fused;
 #        bash eval/gpu_session.sh bench;
 #        bash eval/gpu_session.sh agreement kernel

@@ -382,19 +382,23 @@ def select_config(
     the 24 forward and dx products of the Llama-1B/3B/8B diagonal shapes (1.006-1.036x) and at
     0.996-0.997x on 3b qkv; 11 of the 12 dw products at 1.004-1.042x and 1b down dw at 0.988x
     (run s23_sustained_dw, with rule 9; on 1b qkv / o dw, 0.2-0.4 ms a call, the GPU idled
-    14-19 % of a traced loop's time between calls, run s23_sustained_trace, and in device
-    time of bursts cuBLAS still leads the dw products by 0-6 %). Device time of bursts of 10
-    calls reads a few percent noisier (eval/results/grouped_matmul_h200.parity.md: every H200
-    run). Tried and not chosen (within noise or slower): 3 stages, unchained tiles (on
-    JAX's pipelines), 128 x 128 tiles with 4 or 6 stages (cuBLAS's choice for the 1b attention
-    shapes), 256 x 128 and row-split 128 x 192 tiles, other tile orders (also on the 8b
-    products, run s17_grid8b), clusters on the default tiles (also on the ring), a whole
-    staged epilogue tile, 192 x 192 tiles with 3 stages, 64 x 32 epilogue tiles, 2 or 4
-    deferred epilogue tiles on forward and dx, ping-pong on dw, CTAs of one compute warpgroup (0.71-0.79x;
-    removed), 192 x 256 tiles (failed on the GPU; removed), 192 x 192 tiles of two warpgroups
-    splitting the columns (COLUMN_SPLIT_VARIANTS), 2-CTA clusters and 192 x 192 tiles on dw
-    (runs s20_dw_cluster*) and a second, narrow kernel picked per call by ``lax.cond`` (1b o,
-    1 of 16 groups active: 51 TF/s against 191).
+    14-19 % of a traced loop's time between calls, run s23_sustained_trace; with 8 products per
+    dispatch the short products read 0.985-1.007x, run s24_sustained_chain). In device time of
+    bursts cuBLAS leads the dw products by 0-6 % at G = 1 and 4 (run s23_dw_small_g); at G = 16
+    the kernel is ahead on 6 of 12 and at most 2.0 % behind (run s24_dw_auto). Nsight Compute
+    counts 2.5-5.9 % more cycles than cuBLAS on 1b qkv / down and 3b qkv dw, at a 2.4-3.6 %
+    higher clock (run s24_ncu_dw). Device time of bursts of 10 calls reads a few percent noisier
+    (eval/results/grouped_matmul_h200.parity.md: every H200 run). Tried and not chosen (within
+    noise or slower): 3 stages, unchained tiles (on JAX's pipelines), 128 x 128 tiles with 4 or
+    6 stages (cuBLAS's choice for the 1b attention shapes), 256 x 128 and row-split 128 x 192
+    tiles, other tile orders (also on the 8b products, run s17_grid8b; with rule 9 on 1b qkv /
+    down and 3b qkv dw, run s24_dw_orders), clusters on the default tiles (also on the ring), a
+    whole staged epilogue tile, 192 x 192 tiles with 3 stages, 64 x 32 epilogue tiles, 2 or 4
+    deferred epilogue tiles on forward and dx, ping-pong on dw, CTAs of one compute warpgroup
+    (0.71-0.79x; removed), 192 x 256 tiles (failed on the GPU; removed), 192 x 192 tiles of two
+    warpgroups splitting the columns (COLUMN_SPLIT_VARIANTS), 2-CTA clusters and 192 x 192 tiles
+    on dw (runs s20_dw_cluster*) and a second, narrow kernel picked per call by ``lax.cond`` (1b
+    o, 1 of 16 groups active: 51 TF/s against 191).
     """
     num_sms = num_sms_of_device() if num_sms is None else num_sms
     a_shape = (num_groups, k, m) if transpose_lhs else (num_groups, m, k)
