@@ -18,14 +18,19 @@ import sys
 import time
 from pathlib import Path
 
+from armt_jax.cli_args import (float_at_least, int_at_least, int_in, non_negative_int,
+                              positive_int, probability)
+from armt_jax.config import ConfigError
+
 
 def add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="run a small random ARMT over a long input, print tokens/s")
-    p.add_argument("--tokens", type=int, default=32768, help="input length")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--segment-size", type=int, default=512)
-    p.add_argument("--num-mem-tokens", type=int, default=16)
+    p.add_argument("--tokens", type=positive_int, default=32768, help="input length")
+    p.add_argument("--layers", type=positive_int, default=4)
+    p.add_argument("--hidden", type=int_at_least(64), default=256,
+                   help="hidden size (heads of 64)")
+    p.add_argument("--segment-size", type=positive_int, default=512)
+    p.add_argument("--num-mem-tokens", type=positive_int, default=16)
     p.set_defaults(func=run_demo)
 
 
@@ -75,11 +80,11 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="Hugging Face tokenizer.json (default: <checkpoint>/tokenizer.json); "
                         "without one the prompt file holds whitespace-separated token ids")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--schedule", choices=("diagonal", "sequential"), default="diagonal")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--temperature", type=float_at_least(0.0), default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=positive_int, default=None)
+    p.add_argument("--top-p", type=probability, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_generate)
 
@@ -129,20 +134,23 @@ def _add_babilong_arguments(p) -> None:
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="Hugging Face tokenizer.json (default: <checkpoint>/tokenizer.json); "
                         "context lengths are counted in its tokens")
-    p.add_argument("--tasks", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    p.add_argument("--tasks", type=int_in(1, 20), nargs="+", default=[1, 2, 3, 4, 5],
+                   help="bAbI tasks (qa1-qa20)")
 
 
 def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="finetune a checkpoint on BABILong (bAbI facts in book text)")
     _add_babilong_arguments(p)
-    p.add_argument("--context-tokens", type=int, default=1024, help="BABILong context length")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--accum-steps", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--context-tokens", type=non_negative_int, default=1024,
+                   help="BABILong context length")
+    p.add_argument("--steps", type=positive_int, default=1000)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--accum-steps", type=positive_int, default=1, help="micro-batches per step")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--warmup", type=non_negative_int, default=100)
+    p.add_argument("--checkpoint-every", type=non_negative_int, default=0,
+                   help="steps between checkpoints (0: only the last)")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16: mixed precision (float32 master weights and optimizer state,"
                         " bf16 matmuls: the Pallas kernels on a Hopper GPU)")
@@ -201,10 +209,10 @@ def run_train(args) -> int:
 def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="BABILong accuracy per task and context length")
     _add_babilong_arguments(p)
-    p.add_argument("--lengths", type=int, nargs="+", default=[0, 1024, 4096, 16384])
-    p.add_argument("--samples", type=int, default=50, help="questions per task and length")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--lengths", type=non_negative_int, nargs="+", default=[0, 1024, 4096, 16384])
+    p.add_argument("--samples", type=positive_int, default=50, help="questions per task and length")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=positive_int, default=16)
     p.add_argument("--schedule", choices=("diagonal", "sequential"), default="diagonal")
     p.add_argument("--out", type=Path, required=True, help="babilong.{json,md,png} go here")
     p.add_argument("--seed", type=int, default=0)
@@ -285,7 +293,10 @@ def main(argv=None) -> int:
     add_eval_parser(sub)
     add_bench_parser(sub)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ConfigError as e:   # a bad config.json or option: its message, no traceback
+        parser.exit(2, f"armt {args.command}: error: {e}\n")
 
 
 if __name__ == "__main__":

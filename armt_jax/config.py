@@ -48,6 +48,8 @@ class LlamaConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.head_dim % 2:   # rotary embeddings rotate pairs of dimensions
+            raise ConfigError(f"head_dim must be even (rotary embeddings), got {self.head_dim}")
 
     @property
     def q_size(self) -> int:

@@ -46,6 +46,7 @@ def test_hf_dict_round_trip(tmp_path):
     ({"rope_scaling": {"rope_type": "llama3", "factor": 4.0}}, "low_freq_factor"),
     ({"num_key_value_heads": 3}, "num_key_value_heads"),
     ({"pretraining_tp": 2}, "pretraining_tp"),
+    ({"head_dim": 63}, "head_dim must be even"),
 ])
 def test_unsupported_configs_name_the_field(change, field):
     with pytest.raises(ConfigError, match=field):

@@ -76,6 +76,31 @@ def test_cli_generate_names_missing_files(tmp_path):
         cli.main(["generate", str(tmp_path), str(tmp_path / "missing.txt")])
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["demo", "--tokens", "0"], "argument --tokens: must be at least 1, got 0"),
+    (["demo", "--tokens", "many"], "argument --tokens: invalid int >= 1 value: 'many'"),
+    (["demo", "--hidden", "65", "--layers", "1"], "head_dim must be even"),
+    (["generate", "ckpt", "p.txt", "--top-p", "1.5"], "argument --top-p: must be in (0, 1]"),
+    (["generate", "ckpt", "p.txt", "--temperature", "-1"], "--temperature: must be at least 0"),
+    (["train", "ckpt", "--babi", "b", "--books", "k", "--out", "o", "--tasks", "1", "21"],
+     "argument --tasks: must be in 1..20, got 21"),
+    (["train", "ckpt", "--babi", "b", "--books", "k", "--out", "o", "--accum-steps", "0"],
+     "argument --accum-steps: must be at least 1"),
+    (["eval", "ckpt", "--babi", "b", "--books", "k", "--out", "o", "--lengths", "0", "-1"],
+     "argument --lengths: must be at least 0, got -1"),
+    (["convert", "--from", "hf", "--to", "orbax", "in", "out", "--d-mem", "0"],
+     "argument --d-mem: must be at least 1, got 0"),
+])
+def test_cli_refuses_bad_numbers_naming_the_option(argv, message, capsys):
+    """A bad numeric option stops the command before anything loads or compiles, with one line
+    naming the option and the allowed range (argparse's exit status 2), not a traceback."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and f"armt {argv[0]}: error:" in err and "Traceback" not in err
+
+
 def test_cli_demo(capsys):
     assert cli.main(["demo", "--tokens", "300", "--layers", "2", "--hidden", "64",
                      "--segment-size", "64", "--num-mem-tokens", "4"]) == 0

@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from armt_jax.cli_args import positive_int
 from armt_jax.config import ArmtConfig, LlamaConfig
 
 FORMATS = ("hf", "armt", "orbax")
@@ -35,13 +36,13 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--config-dir", type=Path, default=None,
                    help="directory with the base model's Hugging Face config.json (--from armt; default: "
                         "the input directory if it has one)")
-    g.add_argument("--segment-size", type=int, default=None, help="text tokens per segment (T)")
-    g.add_argument("--num-mem-tokens", type=int, default=None,
+    g.add_argument("--segment-size", type=positive_int, default=None, help="text tokens per segment (T)")
+    g.add_argument("--num-mem-tokens", type=positive_int, default=None,
                    help="memory tokens M (--from armt: default read off the checkpoint)")
-    g.add_argument("--d-mem", type=int, default=None,
+    g.add_argument("--d-mem", type=positive_int, default=None,
                    help="memory key size (--from armt: default read off the checkpoint)")
     g.add_argument("--no-correction", action="store_true", help="ARMT without the delta-rule correction")
-    g.add_argument("--lora-r", type=int, default=None, help="LoRA rank, to merge PEFT adapters")
+    g.add_argument("--lora-r", type=positive_int, default=None, help="LoRA rank, to merge PEFT adapters")
     g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha, to merge PEFT adapters")
     g.add_argument("--with-memory", action="store_true",
                    help="--from hf: attach freshly initialised ARMT memory parameters (implied by --to armt)")
