@@ -295,8 +295,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:   # a bad config.json or option: its message, no traceback
-        parser.exit(2, f"armt {args.command}: error: {e}\n")
+    except (ConfigError, FileNotFoundError) as e:   # a bad option, config.json or path: the
+        parser.exit(2, f"armt {args.command}: error: {e}\n")   # message names it; no traceback
 
 
 if __name__ == "__main__":

@@ -71,9 +71,16 @@ def test_cli_generate_from_checkpoint(rng, tmp_path, capsys):
     assert printed == [int(t) for t in want.tokens[0, :int(want.lengths[0])]]
 
 
-def test_cli_generate_names_missing_files(tmp_path):
+def test_cli_generate_names_missing_files(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no prompt file"):
         cli.main(["generate", str(tmp_path), str(tmp_path / "missing.txt")])
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("1 2 3")
+    with pytest.raises(SystemExit) as stop:   # one line naming the checkpoint, no traceback
+        cli.main(["generate", str(tmp_path / "no_checkpoint"), str(prompt)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "armt generate: error: no armt-jax checkpoint at" in err and "no_checkpoint" in err
 
 
 @pytest.mark.parametrize("argv,message", [
