@@ -18,8 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from armt_jax.cli_args import (float_at_least, int_at_least, int_in, non_negative_int,
-                              positive_int, probability)
+from armt_jax.cli_args import bounded, non_negative_int, positive_int, probability
 from armt_jax.config import ConfigError
 
 
@@ -27,7 +26,7 @@ def add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="run a small random ARMT over a long input, print tokens/s")
     p.add_argument("--tokens", type=positive_int, default=32768, help="input length")
     p.add_argument("--layers", type=positive_int, default=4)
-    p.add_argument("--hidden", type=int_at_least(64), default=256,
+    p.add_argument("--hidden", type=bounded(int, 64), default=256,
                    help="hidden size (heads of 64)")
     p.add_argument("--segment-size", type=positive_int, default=512)
     p.add_argument("--num-mem-tokens", type=positive_int, default=16)
@@ -82,7 +81,7 @@ def add_generate_parser(sub) -> None:
                         "without one the prompt file holds whitespace-separated token ids")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--schedule", choices=("diagonal", "sequential"), default="diagonal")
-    p.add_argument("--temperature", type=float_at_least(0.0), default=0.0, help="0: greedy")
+    p.add_argument("--temperature", type=bounded(float, 0.0), default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=positive_int, default=None)
     p.add_argument("--top-p", type=probability, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -134,7 +133,7 @@ def _add_babilong_arguments(p) -> None:
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="Hugging Face tokenizer.json (default: <checkpoint>/tokenizer.json); "
                         "context lengths are counted in its tokens")
-    p.add_argument("--tasks", type=int_in(1, 20), nargs="+", default=[1, 2, 3, 4, 5],
+    p.add_argument("--tasks", type=bounded(int, 1, 20), nargs="+", default=[1, 2, 3, 4, 5],
                    help="bAbI tasks (qa1-qa20)")
 
 

@@ -7,36 +7,17 @@ from __future__ import annotations
 import argparse
 
 
-def int_at_least(low: int):
-    """An int >= low."""
-    def parse(text: str) -> int:
-        value = int(text)   # a ValueError reads "invalid int >= low value: 'text'"
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+def bounded(convert, low, high=None):
+    """``convert(text)`` (int or float) within [low, high] (no upper bound where high is None)."""
+    def parse(text: str):
+        value = convert(text)   # a ValueError reads "invalid int >= 1 value: 'text'"
+        if not (low <= value and (high is None or value <= high)):   # also refuses nan
+            raise argparse.ArgumentTypeError(
+                f"must be at least {low}, got {value}" if high is None
+                else f"must be in {low}..{high}, got {value}")
         return value
-    parse.__name__ = f"int >= {low}"
-    return parse
-
-
-def int_in(low: int, high: int):
-    """An int in [low, high]."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {value}")
-        return value
-    parse.__name__ = f"int in {low}..{high}"
-    return parse
-
-
-def float_at_least(low: float):
-    """A float >= low."""
-    def parse(text: str) -> float:
-        value = float(text)
-        if not value >= low:   # also refuses nan
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-    parse.__name__ = f"float >= {low}"
+    parse.__name__ = (f"{convert.__name__} >= {low}" if high is None
+                      else f"{convert.__name__} in {low}..{high}")
     return parse
 
 
@@ -48,5 +29,5 @@ def probability(text: str) -> float:
     return value
 
 
-positive_int = int_at_least(1)
-non_negative_int = int_at_least(0)
+positive_int = bounded(int, 1)
+non_negative_int = bounded(int, 0)
