@@ -250,10 +250,11 @@ wg3_variants() {
 # (TreeLauncherSubreaper), which outlived a timed-out ncu in session 24. So on a timeout
 # (NCU_LIMIT_S, default 240 s) the stage shows what is still running, kills it and stops.
 ncu_profile() {
-  local name=$1 products=$2 rc
+  local name=$1 products=$2 configs=${3:-auto,xla_einsum} rc
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -k 10 "${NCU_LIMIT_S:-240}" ncu --profile-from-start off \
-    --clock-control none --set full --import-source no --kernel-name regex:"mosaic|nvjet|gemm|cutlass" \
-    -f -o "$OUT/$name" python3 eval/ncu_products.py --products "$products" \
+    --clock-control none ${NCU_SECTIONS:---set full} --import-source no \
+    --kernel-name regex:"mosaic|nvjet|gemm|cutlass" \
+    -f -o "$OUT/$name" python3 eval/ncu_products.py --products "$products" --configs "$configs" \
     --manifest "$OUT/$name.json" > "$OUT/${name}_ncu.txt" 2>&1
   rc=$?
   quiet < "$OUT/${name}_ncu.txt" | grep -v "^==PROF==\|^$"
@@ -487,6 +488,14 @@ for stage in "${stages[@]}"; do
              --schedules sequential ;;
     ncu) ncu_profile ncu 8b:down:dx,8b:down,3b:qkv,1b:gate_up ;;
     ncu_dw) ncu_profile ncu_dw 1b:qkv:dw,1b:down:dw,3b:qkv:dw ;;
+    ncu_dw_gm4) ncu_profile ncu_dw_gm4 1b:down:dw auto,auto@gm4,xla_einsum ;;
+    ncu_source) NCU_SECTIONS="--section SourceCounters --section WarpStateStats --section SpeedOfLight" \
+             ncu_profile ncu_source 1b:down:dw "${NCU_CONFIGS:-auto,xla_einsum}" || continue
+           ncu --import "$OUT/ncu_source.ncu-rep" --page source --csv --print-source sass \
+             > "$OUT/ncu_source_sass.csv" 2> "$OUT/ncu_source_sass.err"
+           echo "source page: exit $?, $(wc -l < "$OUT/ncu_source_sass.csv") lines"; head -c 600 "$OUT/ncu_source_sass.err"
+           gzip -f "$OUT/ncu_source_sass.csv"; ls -la "$OUT" | cut -c1-120
+           rm -f "$OUT/ncu_source.ncu-rep" ;;
     sustained) sustained_ab 400 \
              --products 8b:down:dx,8b:down,8b:gate_up:dx,8b:o:dx,8b:qkv:dx,8b:o,3b:gate_up:dx,3b:down \
              --configs auto,default,xla_einsum --seconds 1.5 --rounds 3 ;;
@@ -508,6 +517,10 @@ for stage in "${stages[@]}"; do
     sustained_chain) sustained_ab 400 --products 1b:qkv:dw,1b:o:dw,1b:down:dw,1b:qkv,3b:qkv \
              --configs auto,xla_einsum --seconds 1.0 --rounds 3 --chain 8 --trace_calls 16 ;;
     dw_tests) dw_tests ;;
+    sustained_dw_feed) sustained_ab 400 --products 1b:down:dw,1b:qkv:dw,3b:qkv:dw \
+             --configs auto,dw_k32,dw_cm,dw_cn,dw_k32_cm,xla_einsum --seconds 1.0 --rounds 3 ;;
+    sustained_dw_feed2) sustained_ab 400 --products 1b:down:dw,1b:qkv:dw,3b:qkv:dw \
+             --configs auto,dw_delay0,dw_128x128_s6,auto@gm4,xla_einsum --seconds 1.0 --rounds 3 ;;
     sustained_fwd_dx) sustained_ab 560 --products "$(diagonal_products fwd dx)" \
              --configs auto,xla_einsum --seconds 1.2 --rounds 3 ;;
     sustained_dw) sustained_ab 560 --products "$(diagonal_products dw)" \
@@ -519,7 +532,7 @@ for stage in "${stages[@]}"; do
             "train_diagonal_long, train_diagonal_profile, wg3_epilogue, train_windows," \
             "wg3_cluster, train_seq_remat, parity_rest, select_cluster, compile_cache, train_4096," \
             "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit, smfit_select, wide_small_g, wide_select, wide_fwd, smfit_fwd, wide_rest, dw_cluster, split_cols, fwd_t," \
-            "ncu, ncu_dw, sustained, sustained_fwd_dx, sustained_dw, sustained_attention," \
+            "ncu, ncu_dw, ncu_source, sustained, sustained_fwd_dx, sustained_dw, sustained_attention," \
             "sustained_dw_orders, sustained_dw_variants, sustained_trace, sustained_dw_defer," \
             "dw_small_g, dw_tests, sustained_chain)"
        exit 2 ;;

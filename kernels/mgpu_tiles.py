@@ -19,15 +19,18 @@ def smem_transforms(dtype, minor_elems, max_swizzle: int = 128):
     return (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(swizzle))
 
 
-def operand_transforms(dtype, a_minor_elems, b_minor_elems, a_slice=None, b_slice=None):
+def operand_transforms(dtype, a_minor_elems, b_minor_elems, a_slice=None, b_slice=None,
+                       tile_k=None):
     """(A's, B's) shared-memory transforms with one swizzle, the wider one both minor dims
     allow: Mosaic GPU's wgmma takes its two operands with the same swizzle (layout inference
     fails otherwise). 128 bytes but where a minor dim of 96 or 160 bf16 elements (192, 320
     bytes: B stored n-minor in column tiles sized to the SM count) allows only 64. a_slice,
     b_slice: the width of each warpgroup's slice along that minor dim, where warpgroups split
     a tile along it (a slice must start on a swizzle boundary: 96 columns of a 192-wide tile
-    take a 64-byte swizzle)."""
-    widths = (a_minor_elems, b_minor_elems, *(s for s in (a_slice, b_slice) if s))
+    take a 64-byte swizzle). tile_k: the k-step, where an operand is stored k-major (its k
+    rows: wgmma reads such an operand in k-groups of one swizzle's width, so 32-element
+    k-steps of bf16 take a 64-byte swizzle)."""
+    widths = (a_minor_elems, b_minor_elems, *(s for s in (a_slice, b_slice, tile_k) if s))
     swizzle = min(plgpu.find_swizzle(e * jnp.dtype(dtype).itemsize * 8) for e in widths)
     return (smem_transforms(dtype, a_minor_elems, swizzle),
             smem_transforms(dtype, b_minor_elems, swizzle))

@@ -536,7 +536,7 @@ def unsupported_reason(
         return "ping-pong: no fused SwiGLU, clusters or deferred epilogue tiles"
     if c.deferred_epi_tiles < 0:
         return f"deferred_epi_tiles={c.deferred_epi_tiles} < 0"
-    if c.deferred_epi_tiles and c.cluster_dimension is not None:
+    if c.deferred_epi_tiles and c.cluster_dimension is not None and interpret:
         # The clustered interpret-mode test hung in about 1 of 15 runs on 2 CPU cores, so this
         # pair has no CPU test. The hang follows the host's cores: pinned to one core, 4 of 4
         # deferring runs hung in their first call, clustered or not, and 0 of 8 without
