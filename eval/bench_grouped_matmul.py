@@ -385,21 +385,18 @@ SWEEP = {  # named configs for --sweep / --ab (the default is select_config's ch
     # select_config's rule 8 (row stripes of 12, one deferred epilogue tile; rule 9 makes it
     # DW_ROW_STRIPE_CONFIG on dw)
     "row_stripes": mgpu_kernel.ROW_STRIPE_CONFIG,
-    # rule 9's dw tiles fed differently (PC sampling of 1b down dw, run s25_ncu_source: the
-    # compute warps waited on a stage's loads at 20 % of their samples, cuBLAS's hardly at
-    # all): k-steps of 32 in 8 stages (dw's operands are k-major, so the swizzle stays 128
-    # bytes; two of eight stages held by the compute warpgroups instead of two of four, so 1.5x
-    # the bytes in flight), and 2-CTA clusters multicasting the B tile (along m) or the A tile
-    # (along n), as cuBLAS's dw kernels run (nvjet ..._2x1_...)
+    # rule 9's dw tiles (DW_CONFIG) fed differently, where PC sampling of 1b down dw showed its
+    # compute warps waiting on a stage's loads at 12-14 % of all samples, cuBLAS's at about 1 %
+    # (runs s25_ncu_source*): k-steps of 32 in 8 stages (1.5x the bytes in flight; a 64-byte
+    # swizzle), no wgmma group in flight, and 128 x 128 tiles in 6 stages (cuBLAS's nvjet
+    # ..._128x128_64x6_...). Under sustained load at G = 16 on 1b down / qkv and 3b qkv dw
+    # (runs s25_dw_feed*): 0.92x, 0.996-1.003x and 0.76-0.84x "auto"'s speed; 2-CTA clusters
+    # with the 4 deferred tiles (code 1480caf) 0.99-1.00x.
     **{f"dw_{name}": dataclasses.replace(mgpu_kernel.DW_CONFIG, **kw)
        for name, kw in {"k32": dict(tile_k=32, max_concurrent_steps=8),
-                        "cm": dict(cluster_dimension=M_.M),
-                        "cn": dict(cluster_dimension=M_.N),
-                        "k32_cm": dict(tile_k=32, max_concurrent_steps=8,
-                                       cluster_dimension=M_.M),
                         "delay0": dict(delay_release=0),
                         "128x128_s6": dict(tile_m=64, tile_n=128, wg_dimension=M_.M,
-                                           max_concurrent_steps=6, deferred_epi_tiles=2)
+                                           max_concurrent_steps=6, deferred_epi_tiles=2),
                         }.items()},
 }
 

@@ -154,6 +154,12 @@
 #              (1b qkv / down dw, 3b qkv dw: 4-11 % more under sustained load, run
 #              s22_sustained_dw_before), 6 launches (run s24_ncu_dw: 32 s; one call of the
 #              same stage ran past 300 s with no output): where a short tile (18 / 34 k-steps) loses
+#   ncu_source Nsight Compute's source counters (sampled warp stalls per SASS instruction) on
+#              1b down dw, "auto" and cuBLAS (NCU_CONFIGS: others), the report's SASS page as
+#              $OUT/ncu_source_sass.csv.gz; `python3 eval/ncu_products.py --sass FILE` lists the
+#              instructions with the most samples (run s25_ncu_source: 18 s, 50 s held)
+#   ncu_dw_gm4 ncu_dw's counters on 1b down dw in row stripes of 4 ("auto@gm4"), against "auto"
+#              and cuBLAS: does reading A once (DRAM bytes) close the cycle gap? (run s25_ncu_dw_gm4)
 #   sustained  sustained-load A/B (eval/sustained_ab.py: 1.5 s windows of back-to-back calls, 3
 #              rounds, nvidia-smi's clock and power) of "auto", the default tile order and cuBLAS
 #              on the eight 8b / 3b products of runs s21_sustained* (~4 min)
@@ -191,6 +197,9 @@
 #              no host gaps between products) on the short 1b products and 3b qkv, then 16
 #              traced dispatches (device time per product, launches per dispatch; run
 #              s24_sustained_chain: 51 s, 17 launches per dispatch)
+#   sustained_dw_feed  rule 9's dw tiles fed differently (k-steps of 32 in 8 stages, no wgmma
+#              group in flight, 128 x 128 tiles in 6 stages, row stripes of 4) against "auto" and
+#              cuBLAS on 1b down / qkv and 3b qkv dw (~100 s; runs s25_dw_feed*: none faster)
 #   Never pipe a stage through head: a closed pipe ends the script while a profiled process
 #   may run on and hold the GPU (an ncu_dw call of session 23 returned nothing).
 #   NCU_LIMIT_S (default 240) limits ncu in the ncu stages.
@@ -239,8 +248,9 @@ wg3_variants() {
     --ab_groups 16 --ab_products fwd,dx --ab_profile --ab_reps 3 \
     --ab_shapes "${4:-1b:qkv,1b:o,1b:down,8b:qkv,8b:o}"
 }
-# ncu_profile NAME PRODUCTS: Nsight Compute's full set on one launch each of "auto" and cuBLAS
-# per product (eval/ncu_products.py; the clocks left as found), the chosen metrics side by side in
+# ncu_profile NAME PRODUCTS [CONFIGS]: Nsight Compute's full set (or the sections in
+# NCU_SECTIONS) on one launch each of CONFIGS (default "auto" and cuBLAS) per product
+# (eval/ncu_products.py; the clocks left as found), the chosen metrics side by side in
 # $OUT/NAME_summary.md and the report's details page in $OUT/NAME_details.txt (the ~25 MB a
 # product report itself is too big to bring back).
 # ncu's log goes to $OUT/NAME_ncu.txt, not through a pipe: a profiled process that outlives a
@@ -518,9 +528,8 @@ for stage in "${stages[@]}"; do
              --configs auto,xla_einsum --seconds 1.0 --rounds 3 --chain 8 --trace_calls 16 ;;
     dw_tests) dw_tests ;;
     sustained_dw_feed) sustained_ab 400 --products 1b:down:dw,1b:qkv:dw,3b:qkv:dw \
-             --configs auto,dw_k32,dw_cm,dw_cn,dw_k32_cm,xla_einsum --seconds 1.0 --rounds 3 ;;
-    sustained_dw_feed2) sustained_ab 400 --products 1b:down:dw,1b:qkv:dw,3b:qkv:dw \
-             --configs auto,dw_delay0,dw_128x128_s6,auto@gm4,xla_einsum --seconds 1.0 --rounds 3 ;;
+             --configs auto,dw_k32,dw_delay0,dw_128x128_s6,auto@gm4,xla_einsum --seconds 1.0 \
+             --rounds 3 ;;
     sustained_fwd_dx) sustained_ab 560 --products "$(diagonal_products fwd dx)" \
              --configs auto,xla_einsum --seconds 1.2 --rounds 3 ;;
     sustained_dw) sustained_ab 560 --products "$(diagonal_products dw)" \
@@ -534,7 +543,7 @@ for stage in "${stages[@]}"; do
             "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit, smfit_select, wide_small_g, wide_select, wide_fwd, smfit_fwd, wide_rest, dw_cluster, split_cols, fwd_t," \
             "ncu, ncu_dw, ncu_source, sustained, sustained_fwd_dx, sustained_dw, sustained_attention," \
             "sustained_dw_orders, sustained_dw_variants, sustained_trace, sustained_dw_defer," \
-            "dw_small_g, dw_tests, sustained_chain)"
+            "dw_small_g, dw_tests, sustained_chain, ncu_dw_gm4, sustained_dw_feed)"
        exit 2 ;;
   esac
 done

@@ -12,6 +12,9 @@ and prints the chosen metrics side by side.
         --manifest OUT/manifest.json
     python3 eval/ncu_products.py --summarize OUT/products.ncu-rep --manifest OUT/manifest.json
 
+``--sass`` reads the source page (sampled warp stalls per SASS instruction) exported as CSV
+(``bash eval/gpu_session.sh ncu_source``) and lists where each kernel's warps waited.
+
 ``--clock-control none`` leaves the GPU's clocks as they are (the card's settings are not ours
 to change), so the SM clock each kernel ran at is one of the figures.
 """
@@ -22,6 +25,7 @@ import argparse
 import csv
 import ctypes
 import glob
+import gzip
 import io
 import json
 import os
@@ -131,14 +135,58 @@ def summarize(report_path, manifest_path):
         print(f"{label}: {k.get('Kernel Name', '')[:160]}")
 
 
+def read_sass(path):
+    """[(kernel name, [row dict])] from the source page exported as CSV (``ncu --import REPORT
+    --page source --csv --print-source sass``, optionally gzipped): one block per profiled
+    kernel, each starting with a "Kernel Name" line."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        blocks = f.read().split('"Kernel Name",')[1:]
+    kernels = []
+    for block in blocks:
+        name, body = block.split("\n", 1)
+        rows = list(csv.reader(io.StringIO(body)))
+        header = rows[0]
+        kernels.append((name.strip('",'), [dict(zip(header, r)) for r in rows[1:]
+                                           if len(r) == len(header)]))
+    return kernels
+
+
+def summarize_sass(path, top: int = 12):
+    """For each kernel of a source-page CSV, the ``top`` SASS instructions with the most sampled
+    warp stalls: offset, executions, share of the kernel's samples and the main stall reasons.
+    Samples the page's per-reason columns leave out (it has no column for waits on the wgmma
+    unit, which the kernel-wide metrics count) show as "unlisted"."""
+    for name, rows in read_sass(path):
+        samples = lambda r: int(r["Warp Stall Sampling (All Samples)"] or 0)
+        total = sum(map(samples, rows)) or 1
+        base = int(rows[0]["Address"], 16)
+        reasons = [c for c in rows[0] if c.startswith("stall_") and "(Not Issued)" not in c]
+        print(f"\n{name}: {len(rows)} instructions, {total} samples\n")
+        print("| offset | executed | samples | share | instruction | stall reasons |")
+        print("|---|---:|---:|---:|---|---|")
+        for r in sorted(rows, key=samples, reverse=True)[:top]:
+            counts = {c[len("stall_"):]: int(r[c] or 0) for c in reasons}
+            counts["unlisted"] = samples(r) - sum(counts.values())
+            main = sorted(((v, c) for c, v in counts.items() if v), reverse=True)[:3]
+            print(f"| {int(r['Address'], 16) - base:x} | {r['Instructions Executed']} |"
+                  f" {samples(r)} | {100 * samples(r) / total:.1f} % | `{r['Source'].strip()}` |"
+                  f" {', '.join(f'{c} {v}' for v, c in main)} |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     bench.add_product_arguments(p, "8b:down:dx,8b:down,3b:qkv")
     p.add_argument("--manifest", required=True, help="JSON: the profiled launches, in order")
     p.add_argument("--summarize", default=None, metavar="REPORT",
                    help="print SUMMARY_METRICS of an .ncu-rep written by a profiled run")
+    p.add_argument("--sass", default=None, metavar="CSV",
+                   help="print the instructions with the most sampled stalls from a source"
+                        " page exported as CSV (gpu_session.sh ncu_source), kernel by kernel")
     args = p.parse_args(argv)
-    if args.summarize:
+    if args.sass:
+        summarize_sass(args.sass)
+    elif args.summarize:
         summarize(args.summarize, args.manifest)
     else:
         run_products(args.products.split(","), args.configs.split(","), args.manifest)

@@ -27,9 +27,10 @@ def operand_transforms(dtype, a_minor_elems, b_minor_elems, a_slice=None, b_slic
     bytes: B stored n-minor in column tiles sized to the SM count) allows only 64. a_slice,
     b_slice: the width of each warpgroup's slice along that minor dim, where warpgroups split
     a tile along it (a slice must start on a swizzle boundary: 96 columns of a 192-wide tile
-    take a 64-byte swizzle). tile_k: the k-step, where an operand is stored k-major (its k
-    rows: wgmma reads such an operand in k-groups of one swizzle's width, so 32-element
-    k-steps of bf16 take a 64-byte swizzle)."""
+    take a 64-byte swizzle). tile_k: the k-step, which bounds it too where an operand is stored
+    k-major (k along its rows: wgmma reads such an operand in k-groups of one swizzle's width,
+    so 32-element k-steps of bf16 take a 64-byte swizzle; a k-minor operand's minor dim is the
+    k-step itself)."""
     widths = (a_minor_elems, b_minor_elems, *(s for s in (a_slice, b_slice, tile_k) if s))
     swizzle = min(plgpu.find_swizzle(e * jnp.dtype(dtype).itemsize * 8) for e in widths)
     return (smem_transforms(dtype, a_minor_elems, swizzle),

@@ -60,7 +60,8 @@ def pingpong_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConf
         return out_gmem.at[g, pl.ds(m_idx * tm + epi_mi * c.epi_tile_m, c.epi_tile_m),
                            pl.ds(n_idx * tn + epi_ni * c.epi_tile_n, c.epi_tile_n)]
 
-    a_transforms, b_transforms = tiles.operand_transforms(dtype, a_block[1], b_block[1])
+    a_transforms, b_transforms = tiles.operand_transforms(dtype, a_block[1], b_block[1],
+                                                          tile_k=tk)
 
     @functools.partial(
         pl.run_scoped,

@@ -86,7 +86,7 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
         dtype, a_block[1], b_block[1],
         a_slice=tm if transpose_lhs and by_rows else None,
         b_slice=tn if not transpose_rhs and not by_rows else None,
-        tile_k=tk if transpose_lhs or not transpose_rhs else None)
+        tile_k=tk)
 
     @functools.partial(
         pl.run_scoped,

@@ -387,7 +387,9 @@ def select_config(
     bursts cuBLAS leads the dw products by 0-6 % at G = 1 and 4 (run s23_dw_small_g); at G = 16
     the kernel is ahead on 6 of 12 and at most 2.0 % behind (run s24_dw_auto). Nsight Compute
     counts 2.5-5.9 % more cycles than cuBLAS on 1b qkv / down and 3b qkv dw, at a 2.4-3.6 %
-    higher clock (run s24_ncu_dw). Device time of bursts of 10 calls reads a few percent noisier
+    higher clock (run s24_ncu_dw); its compute warps wait on a stage's loads at 13.5 % of the
+    sampled stalls on 1b down dw, cuBLAS's at about 1 % (run s25_ncu_source). Device time of
+    bursts of 10 calls reads a few percent noisier
     (eval/results/grouped_matmul_h200.parity.md: every H200 run). Tried and not chosen (within
     noise or slower): 3 stages, unchained tiles (on JAX's pipelines), 128 x 128 tiles with 4 or
     6 stages (cuBLAS's choice for the 1b attention shapes), 256 x 128 and row-split 128 x 192
@@ -397,8 +399,10 @@ def select_config(
     deferred epilogue tiles on forward and dx, ping-pong on dw, CTAs of one compute warpgroup
     (0.71-0.79x; removed), 192 x 256 tiles (failed on the GPU; removed), 192 x 192 tiles of two
     warpgroups splitting the columns (COLUMN_SPLIT_VARIANTS), 2-CTA clusters and 192 x 192 tiles
-    on dw (runs s20_dw_cluster*) and a second, narrow kernel picked per call by ``lax.cond`` (1b
-    o, 1 of 16 groups active: 51 TF/s against 191).
+    on dw (runs s20_dw_cluster*), on rule 9's dw tiles k-steps of 32 in 8 stages, no wgmma group
+    in flight, 128 x 128 tiles in 6 stages and 2-CTA clusters (runs s25_dw_feed*: 0.76-1.00x)
+    and a second, narrow kernel picked per call by ``lax.cond`` (1b o, 1 of 16 groups active: 51
+    TF/s against 191).
     """
     num_sms = num_sms_of_device() if num_sms is None else num_sms
     a_shape = (num_groups, k, m) if transpose_lhs else (num_groups, m, k)
@@ -536,7 +540,7 @@ def unsupported_reason(
         return "ping-pong: no fused SwiGLU, clusters or deferred epilogue tiles"
     if c.deferred_epi_tiles < 0:
         return f"deferred_epi_tiles={c.deferred_epi_tiles} < 0"
-    if c.deferred_epi_tiles and c.cluster_dimension is not None and interpret:
+    if c.deferred_epi_tiles and c.cluster_dimension is not None:
         # The clustered interpret-mode test hung in about 1 of 15 runs on 2 CPU cores, so this
         # pair has no CPU test. The hang follows the host's cores: pinned to one core, 4 of 4
         # deferring runs hung in their first call, clustered or not, and 0 of 8 without

@@ -331,7 +331,8 @@ def test_gpu_session_names_only_known_configs():
     script = (Path(__file__).parents[1] / "eval" / "gpu_session.sh").read_text()
     lists = [*re.findall(r"--ab ([\w#,$]+)", script), *re.findall(r"\bC=([\w#,$]+)", script),
              *re.findall(r'wg3_variants \w+ "[^"]*" ([\w,]+)', script),
-             *re.findall(r"--configs ([\w#@,$]+)", script)]
+             *re.findall(r"--configs ([\w#@,$]+)", script),
+             *re.findall(r"(?m)^[^#\n]*ncu_profile \w+ \S+ ([\w@,]+)", script)]
     names = {n for lst in lists for n in lst.split(",") if not n.startswith("$")}
     assert len(names) > 10 and "auto" in names and "default" in names
     base = lambda n: re.sub(r"@g[nm]\d+$", "", n.split("#")[0])
@@ -446,6 +447,44 @@ def test_ncu_kernels_are_labelled_in_launch_order():
     got = [(label, k["ID"]) for label, k in label_kernels(kernels, manifest)]
     assert got == [("8b down dx / auto", "1"), ("8b down dx / xla_einsum", "2"),
                    ("8b down / auto", "3"), ("8b down / xla_einsum", "4")]
+
+
+def test_ncu_sass_summary_ranks_instructions_by_samples(tmp_path, capsys):
+    """eval/ncu_products.summarize_sass (the source page exported as CSV, gzipped): per kernel,
+    instructions by sampled stalls, largest first, with their share of the kernel's samples and
+    main reasons; samples without a per-reason column (waits on the wgmma unit) show as
+    "unlisted"; two kernels of one name stay apart."""
+    import gzip
+
+    from eval.ncu_products import summarize_sass
+
+    rng = np.random.default_rng()
+    header = ('"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed",'
+              '"stall_long_sb","stall_barrier","stall_long_sb (Not Issued)"')
+    waits, mma, depbar = (int(v) for v in rng.integers(10, 1000, 3))
+    unlisted = int(rng.integers(1, mma))
+    kernel = lambda name, rows: f'"Kernel Name","{name}",\n{header}\n' + "".join(
+        f'"{hex(0x7f00 + 16 * i)}","{src}","{n}","64","{lsb}","{bar}","0"\n'
+        for i, (src, n, lsb, bar) in enumerate(rows))
+    text = (kernel("mosaic", [("BRA 0x1", waits, waits, 0), ("HGMMA.64x128x16", mma, 0,
+                                                                 mma - unlisted),
+                              ("DEPBAR", depbar, 0, depbar)])
+            + kernel("mosaic", [("NOP", 5, 5, 0)]))
+    path = tmp_path / "sass.csv.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(text)
+    summarize_sass(str(path))
+    out = capsys.readouterr().out
+    first, second = out.split("mosaic: ")[1:]
+    total = waits + mma + depbar
+    assert first.startswith(f"3 instructions, {total} samples")
+    lines = [ln for ln in first.splitlines() if ln.startswith("| ") and "`" in ln]
+    order = sorted([(waits, "BRA"), (mma, "HGMMA"), (depbar, "DEPBAR")], reverse=True)
+    assert [ln.split("`")[1].split()[0].split(".")[0] for ln in lines] == [n for _, n in order]
+    hgmma = next(ln for ln in lines if "HGMMA" in ln)
+    assert f"| 10 | 64 | {mma} | {100 * mma / total:.1f} % |" in hgmma
+    assert f"unlisted {unlisted}" in hgmma and "long_sb" not in hgmma
+    assert second.startswith("1 instructions, 5 samples") and "long_sb 5" in second
 
 
 def test_full_load_calls_parse_check_and_report():

@@ -1034,6 +1034,9 @@ GPU_CONFIGS = {
     # dw's choices (rule 9): all 4 epilogue tiles deferred, in both tile orders
     "dw": mgpu_kernel.DW_CONFIG,
     "dw_row_stripes": mgpu_kernel.DW_ROW_STRIPE_CONFIG,
+    # k-steps of 32 elements (8 stages): B stored k-major (forward, dw) and A stored k-major
+    # (dw) take a 64-byte swizzle, as wgmma reads them in k-groups of one swizzle's width
+    "k32": dataclasses.replace(mgpu_kernel.DW_CONFIG, tile_k=32, max_concurrent_steps=8),
     # three compute warpgroups (192-row CTA tiles; ragged n at the 1b shapes' n = 2048), the
     # 192 x 192 ones also in clusters along n and m
     **mgpu_kernel.THREE_WG_VARIANTS,
