@@ -162,7 +162,7 @@ def summarize_sass(path, top: int = 12):
         total = sum(map(samples, rows)) or 1
         base = int(rows[0]["Address"], 16)
         reasons = [c for c in rows[0] if c.startswith("stall_") and "(Not Issued)" not in c]
-        print(f"\n{name}: {len(rows)} instructions, {total} samples\n")
+        print(f"\n{name}: samples {total}, instructions {len(rows)}\n")
         print("| offset | executed | samples | share | instruction | stall reasons |")
         print("|---|---:|---:|---:|---|---|")
         for r in sorted(rows, key=samples, reverse=True)[:top]:

@@ -461,7 +461,7 @@ def test_ncu_sass_summary_ranks_instructions_by_samples(tmp_path, capsys):
     rng = np.random.default_rng()
     header = ('"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed",'
               '"stall_long_sb","stall_barrier","stall_long_sb (Not Issued)"')
-    waits, mma, depbar = (int(v) for v in rng.integers(10, 1000, 3))
+    waits, mma, depbar = (int(v) for v in rng.choice(np.arange(10, 1000), 3, replace=False))
     unlisted = int(rng.integers(1, mma))
     kernel = lambda name, rows: f'"Kernel Name","{name}",\n{header}\n' + "".join(
         f'"{hex(0x7f00 + 16 * i)}","{src}","{n}","64","{lsb}","{bar}","0"\n'
@@ -477,14 +477,14 @@ def test_ncu_sass_summary_ranks_instructions_by_samples(tmp_path, capsys):
     out = capsys.readouterr().out
     first, second = out.split("mosaic: ")[1:]
     total = waits + mma + depbar
-    assert first.startswith(f"3 instructions, {total} samples")
+    assert first.startswith(f"samples {total}, instructions 3")
     lines = [ln for ln in first.splitlines() if ln.startswith("| ") and "`" in ln]
     order = sorted([(waits, "BRA"), (mma, "HGMMA"), (depbar, "DEPBAR")], reverse=True)
     assert [ln.split("`")[1].split()[0].split(".")[0] for ln in lines] == [n for _, n in order]
     hgmma = next(ln for ln in lines if "HGMMA" in ln)
     assert f"| 10 | 64 | {mma} | {100 * mma / total:.1f} % |" in hgmma
     assert f"unlisted {unlisted}" in hgmma and "long_sb" not in hgmma
-    assert second.startswith("1 instructions, 5 samples") and "long_sb 5" in second
+    assert second.startswith("samples 5, instructions 1") and "long_sb 5" in second
 
 
 def test_full_load_calls_parse_check_and_report():
