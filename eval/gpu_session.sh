@@ -530,6 +530,8 @@ for stage in "${stages[@]}"; do
     sustained_dw_feed) sustained_ab 400 --products 1b:down:dw,1b:qkv:dw,3b:qkv:dw \
              --configs auto,dw_k32,dw_delay0,dw_128x128_s6,auto@gm4,xla_einsum --seconds 1.0 \
              --rounds 3 ;;
+    sustained_dw_prefetch) sustained_ab 400 --products 1b:down:dw,1b:qkv:dw,3b:qkv:dw,1b:gate_up:dw \
+             --configs auto,dw_pf2,dw_pf4,dw_pf8,xla_einsum --seconds 1.0 --rounds 3 ;;
     sustained_fwd_dx) sustained_ab 560 --products "$(diagonal_products fwd dx)" \
              --configs auto,xla_einsum --seconds 1.2 --rounds 3 ;;
     sustained_dw) sustained_ab 560 --products "$(diagonal_products dw)" \

@@ -114,6 +114,7 @@ def grouped_matmul_mgpu(
     num_sms: int | None = None,
     interpret=None,
     swiglu: bool = False,
+    _probe: frozenset[str] = frozenset(),
 ):
     """``out[g + out_off] = op(a[g]) @ op(b[g + b_off])`` for g in ``[lo, hi)``.
 
@@ -126,6 +127,8 @@ def grouped_matmul_mgpu(
     With ``swiglu`` (no transposes), b is [Gb, K, 2 N] holding [gate | up] columns and
     the result is ``silu(a[g] @ gate) * (a[g] @ up)``, [out_groups, M, N]: a Llama
     MLP's gate/up projection and activation in one pass, from float32 accumulators.
+
+    ``_probe``: eval/probe_ring.py's diagnostics (``ring_kernel``'s ``probe``; a wrong product).
     """
     dims = problem_dims(a.shape, b.shape, transpose_lhs, transpose_rhs, swiglu)
     g, m, k, n = dims
@@ -161,13 +164,15 @@ def grouped_matmul_mgpu(
     else:
         grid = dict(grid=(num_sms // 2,), grid_names=("cluster_grid",), cluster=(2,),
                     cluster_names=("cluster",))
+    if _probe and (config.pingpong or interpret is not None):
+        raise ValueError(f"grouped matmul: probe {sorted(_probe)} runs the ring schedule on a GPU")
     if config.pingpong:
         body = functools.partial(pingpong_kernel, config=config, dims=dims,
                                  transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs)
     else:
         body = functools.partial(ring_kernel, config=config, dims=dims,
                                  transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs,
-                                 swiglu=swiglu)
+                                 swiglu=swiglu, probe=frozenset(_probe))
     f = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((out_groups, m, n), a.dtype),

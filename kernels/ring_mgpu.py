@@ -18,7 +18,8 @@ _MEMORY_REGISTERS = 40
 
 
 def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, dims,
-                transpose_lhs: bool, transpose_rhs: bool, swiglu: bool = False):
+                transpose_lhs: bool, transpose_rhs: bool, swiglu: bool = False,
+                probe: frozenset[str] = frozenset()):
     """The cooperative schedule: the compute warpgroups share each CTA tile (each owns its
     tile_m x tile_n part), fed by a pipeline written out by hand: the memory warpgroup fills
     one ring of stages with the k-steps of all the CTA's tiles in order, so the next tile's
@@ -45,6 +46,10 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
     stage, so each sees every phase) and ``consumed[slot]``, one arrival per compute warpgroup,
     waited on by the memory warpgroup; in a cluster an arrival counts on both CTAs' barrier,
     since the peer's multicast refills this CTA's stage too.
+
+    ``probe`` (eval/probe_ring.py only; the library never sets it, and the product is then
+    wrong): "no_loads" signals each stage loaded without loading it, "no_mma" issues no wgmma,
+    so that timing the rest of the kernel splits its time between feeding and computing.
     """
     num_groups, m, k, n = dims
     num_out_groups = out_gmem.shape[0]
@@ -134,6 +139,10 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
                 g_ord, m_idx, n_idx = my_tile(i)
 
                 def load_step(kk, slot):
+                    if "no_loads" in probe:   # the arrivals the copies would make, no bytes
+                        for _ in range(1 + num_b):
+                            plgpu.barrier_arrive(loaded.at[slot])
+                        return
                     plgpu.copy_gmem_to_smem(a_tile(lo + g_ord, m_idx, kk), a_smem.at[slot],
                                             loaded.at[slot], collective_axes=a_multicast)
                     for j in range(num_b):   # the up tiles start at column n, n_iters tiles on
@@ -143,7 +152,18 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
                             collective_axes=b_multicast)
                 return load_step
 
-            tiles.fill_ring(my_tiles, k_iters, stages, consumed, tile_loads)
+            def tile_prefetches(i):
+                g_ord, m_idx, n_idx = my_tile(i)
+
+                def prefetch_step(kk):   # into L2 only: no stage, no barrier
+                    plgpu.async_prefetch(a_tile(lo + g_ord, m_idx, kk))
+                    for j in range(num_b):
+                        plgpu.async_prefetch(b_tile(lo + g_ord + b_offset, n_idx + j * n_iters,
+                                                    kk))
+                return prefetch_step
+
+            tiles.fill_ring(my_tiles, k_iters, stages, consumed, tile_loads, tile_prefetches,
+                            min(c.l2_prefetch_steps, k_iters))
 
         @pl.when(wg_idx < wgs)
         def _compute_wg():
@@ -153,6 +173,8 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
 
             def mma(accs, slot):
                 """This warpgroup's wgmma groups on the stage in ``slot``."""
+                if "no_mma" in probe:
+                    return
                 if transpose_lhs:
                     a_op = a_smem.at[slot].at[:, wg_rows].transpose((1, 0))
                 else:

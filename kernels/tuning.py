@@ -77,6 +77,10 @@ class TuningConfig:
     # 192 x 192 at G = 16 (400 full waves). (64 x 96 warpgroup tiles, cuBLAS's 192 x 96, lower
     # with B stored n-minor only with a 64-byte swizzle on both operands: SM_FIT_VARIANTS.)
     compute_wgs: int = 2
+    # Cooperative schedule: the memory warpgroup also prefetches into the L2 cache the operand
+    # tiles of the k-step this many ring steps past the one it loads (across tile boundaries),
+    # so that a DRAM miss starts before the ring's few stages reach it (0: none).
+    l2_prefetch_steps: int = 0
 
     @property
     def num_compute_wgs(self) -> int:
@@ -536,8 +540,11 @@ def unsupported_reason(
     if c.delay_release not in (0, 1) or c.delay_release >= c.max_concurrent_steps:
         return (f"delay_release={c.delay_release}: 0 or 1 wgmma groups in flight, fewer than"
                 f" the {c.max_concurrent_steps} stages")
-    if c.pingpong and (swiglu or c.cluster_dimension is not None or c.deferred_epi_tiles):
-        return "ping-pong: no fused SwiGLU, clusters or deferred epilogue tiles"
+    if c.pingpong and (swiglu or c.cluster_dimension is not None or c.deferred_epi_tiles
+                       or c.l2_prefetch_steps):
+        return "ping-pong: no fused SwiGLU, clusters, deferred epilogue tiles or L2 prefetches"
+    if c.l2_prefetch_steps < 0:
+        return f"l2_prefetch_steps={c.l2_prefetch_steps} < 0"
     if c.deferred_epi_tiles < 0:
         return f"deferred_epi_tiles={c.deferred_epi_tiles} < 0"
     if c.deferred_epi_tiles and c.cluster_dimension is not None:

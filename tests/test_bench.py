@@ -317,6 +317,19 @@ def test_probe_tile_overhead_needs_a_gpu():
         probe.main()
 
 
+def test_probe_ring_needs_a_gpu():
+    """eval/probe_ring.py times the ring kernel with and without its loads and wgmma: off a GPU
+    it stops with a message saying so, before any work."""
+    import jax
+
+    import eval.probe_ring as probe
+
+    if jax.devices()[0].platform == "gpu":
+        pytest.skip("on a GPU the probe runs")
+    with pytest.raises(SystemExit, match="needs a GPU"):
+        probe.main([])
+
+
 def test_gpu_session_names_only_known_configs():
     """Every config name eval/gpu_session.sh passes to the grouped-matmul benchmark (--ab lists,
     C= lists, wg3_variants' configs) or to ncu_products.py / sustained_ab.py (--configs; a

@@ -1090,6 +1090,32 @@ def test_every_config_lowers_for_the_gpu(name):
         assert lowered == 4
 
 
+def test_ring_probes_lower_for_the_gpu_and_stay_off_interpret_mode():
+    """eval/probe_ring.py's diagnostics (the ring kernel without its loads, without its wgmma,
+    without both) lower to Mosaic GPU for CUDA on any machine, so a GPU session does not find a
+    broken probe; they compute a wrong product, so interpret mode (the CPU path) and ping-pong
+    refuse them, naming the probe."""
+    S = jax.ShapeDtypeStruct
+    a, b, bounds = (S((4, 1152, 2048), jnp.bfloat16), S((4, 1152, 3072), jnp.bfloat16),
+                    S((2,), jnp.int32))
+    for probe in ({"no_loads"}, {"no_mma"}, {"no_loads", "no_mma"}):
+        f = jax.jit(lambda a, b, bd, probe=frozenset(probe): mgpu_kernel.grouped_matmul_mgpu(
+            a, b, bd, transpose_lhs=True, config=mgpu_kernel.DW_CONFIG, num_sms=132,
+            _probe=probe))
+        text = f.trace(a, b, bounds).lower(lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in text, probe
+    x, w = jnp.zeros((2, 64, 64), jnp.float32), jnp.zeros((2, 64, 128), jnp.float32)
+    with pytest.raises(ValueError, match="no_loads"):
+        mgpu_kernel.grouped_matmul_mgpu(x, w, jnp.array([0, 2], jnp.int32),
+                                        config=ops.INTERPRET_CONFIG, interpret=True,
+                                        _probe=frozenset({"no_loads"}))
+    with pytest.raises(ValueError, match="no_mma"):
+        jax.jit(lambda a, b, bd: mgpu_kernel.grouped_matmul_mgpu(
+            a, b, bd, config=mgpu_kernel.PINGPONG_CONFIG, num_sms=132,
+            _probe=frozenset({"no_mma"}))).trace(
+                S((4, 1152, 2048), jnp.bfloat16), S((4, 2048, 3072), jnp.bfloat16), bounds)
+
+
 @on_gpu
 def test_gpu_auto_runs_plain_single_group_matmuls_on_the_kernel():
     """"auto" on a Hopper GPU keeps single-group products without a range (the sequential
