@@ -397,7 +397,6 @@ SWEEP = {  # named configs for --sweep / --ab (the default is select_config's ch
                         "delay0": dict(delay_release=0),
                         "128x128_s6": dict(tile_m=64, tile_n=128, wg_dimension=M_.M,
                                            max_concurrent_steps=6, deferred_epi_tiles=2),
-                        **{f"pf{p}": dict(l2_prefetch_steps=p) for p in (2, 4, 8)},
                         }.items()},
 }
 

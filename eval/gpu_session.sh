@@ -200,6 +200,9 @@
 #   sustained_dw_feed  rule 9's dw tiles fed differently (k-steps of 32 in 8 stages, no wgmma
 #              group in flight, 128 x 128 tiles in 6 stages, row stripes of 4) against "auto" and
 #              cuBLAS on 1b down / qkv and 3b qkv dw (~100 s; runs s25_dw_feed*: none faster)
+#   probe_ring the ring kernel without its loads, without its wgmma, without both, against itself
+#              and cuBLAS (eval/probe_ring.py, device time; run s25_probe_ring: 33 s): is a
+#              product's loss in feeding the tensor cores or in computing?
 #   Never pipe a stage through head: a closed pipe ends the script while a profiled process
 #   may run on and hold the GPU (an ncu_dw call of session 23 returned nothing).
 #   NCU_LIMIT_S (default 240) limits ncu in the ncu stages.
@@ -530,8 +533,8 @@ for stage in "${stages[@]}"; do
     sustained_dw_feed) sustained_ab 400 --products 1b:down:dw,1b:qkv:dw,3b:qkv:dw \
              --configs auto,dw_k32,dw_delay0,dw_128x128_s6,auto@gm4,xla_einsum --seconds 1.0 \
              --rounds 3 ;;
-    sustained_dw_prefetch) sustained_ab 400 --products 1b:down:dw,1b:qkv:dw,3b:qkv:dw,1b:gate_up:dw \
-             --configs auto,dw_pf2,dw_pf4,dw_pf8,xla_einsum --seconds 1.0 --rounds 3 ;;
+    probe_ring) timeout 300 python3 eval/probe_ring.py --products 1b:down:dw,1b:qkv:dw,3b:qkv:dw,1b:down \
+             2>&1 | quiet | tee "$OUT/probe_ring.md" ;;
     sustained_fwd_dx) sustained_ab 560 --products "$(diagonal_products fwd dx)" \
              --configs auto,xla_einsum --seconds 1.2 --rounds 3 ;;
     sustained_dw) sustained_ab 560 --products "$(diagonal_products dw)" \
@@ -545,7 +548,7 @@ for stage in "${stages[@]}"; do
             "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit, smfit_select, wide_small_g, wide_select, wide_fwd, smfit_fwd, wide_rest, dw_cluster, split_cols, fwd_t," \
             "ncu, ncu_dw, ncu_source, sustained, sustained_fwd_dx, sustained_dw, sustained_attention," \
             "sustained_dw_orders, sustained_dw_variants, sustained_trace, sustained_dw_defer," \
-            "dw_small_g, dw_tests, sustained_chain, ncu_dw_gm4, sustained_dw_feed)"
+            "dw_small_g, dw_tests, sustained_chain, ncu_dw_gm4, sustained_dw_feed, probe_ring)"
        exit 2 ;;
   esac
 done

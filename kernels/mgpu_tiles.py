@@ -129,26 +129,17 @@ def store_tile(out, out_smem_wg, c: TuningConfig, dst, defer: int = 0):
     return tuple(epilogue_part(out, c, *ij) for ij in epi[len(epi) - defer:])
 
 
-def fill_ring(num_tiles, k_iters: int, stages: int, consumed, tile_loads,
-              tile_prefetches=None, prefetch_steps: int = 0):
+def fill_ring(num_tiles, k_iters: int, stages: int, consumed, tile_loads):
     """The memory warpgroup's side of a ring of ``stages`` shared-memory stages: the k_iters
     k-steps of each of ``num_tiles`` tiles in order, ring step s into slot s % stages once the
     step that last used the slot has released it (``consumed[slot]``). ``tile_loads(i)`` does
     the i-th tile's own work (its coordinates: once per tile, not per k-step) and returns
     ``load_step(kk, slot)``, which issues k-step kk's TMA copies. Ends by awaiting the last
-    releases, so that no barrier is left mid-phase.
-
-    With ``prefetch_steps`` = p > 0, each ring step s also prefetches ring step s + p into the
-    L2 cache (``tile_prefetches(i)`` returns ``prefetch_step(kk)`` for tile i, like
-    ``tile_loads``), into the next tile where s + p passes the end of this one, so that a
-    DRAM miss starts p steps before its stage is loaded (p <= k_iters)."""
-    assert 0 <= prefetch_steps <= k_iters, (prefetch_steps, k_iters)
+    releases, so that no barrier is left mid-phase."""
 
     @pl.loop(0, num_tiles)
     def _tile(i):
         load_step = tile_loads(i)
-        if prefetch_steps:
-            prefetch_this, prefetch_next = tile_prefetches(i), tile_prefetches(i + 1)
 
         @pl.loop(0, k_iters)
         def _load(kk):
@@ -160,11 +151,6 @@ def fill_ring(num_tiles, k_iters: int, stages: int, consumed, tile_loads,
                 plgpu.barrier_wait(consumed.at[slot])
 
             load_step(kk, slot)
-            if prefetch_steps:
-                ahead = kk + prefetch_steps
-                pl.when(ahead < k_iters)(lambda: prefetch_this(ahead))
-                pl.when((ahead >= k_iters) & (i + 1 < num_tiles))(
-                    lambda: prefetch_next(ahead - k_iters))
 
     total = num_tiles * k_iters
 

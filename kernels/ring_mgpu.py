@@ -152,18 +152,7 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
                             collective_axes=b_multicast)
                 return load_step
 
-            def tile_prefetches(i):
-                g_ord, m_idx, n_idx = my_tile(i)
-
-                def prefetch_step(kk):   # into L2 only: no stage, no barrier
-                    plgpu.async_prefetch(a_tile(lo + g_ord, m_idx, kk))
-                    for j in range(num_b):
-                        plgpu.async_prefetch(b_tile(lo + g_ord + b_offset, n_idx + j * n_iters,
-                                                    kk))
-                return prefetch_step
-
-            tiles.fill_ring(my_tiles, k_iters, stages, consumed, tile_loads, tile_prefetches,
-                            min(c.l2_prefetch_steps, k_iters))
+            tiles.fill_ring(my_tiles, k_iters, stages, consumed, tile_loads)
 
         @pl.when(wg_idx < wgs)
         def _compute_wg():

@@ -77,10 +77,6 @@ class TuningConfig:
     # 192 x 192 at G = 16 (400 full waves). (64 x 96 warpgroup tiles, cuBLAS's 192 x 96, lower
     # with B stored n-minor only with a 64-byte swizzle on both operands: SM_FIT_VARIANTS.)
     compute_wgs: int = 2
-    # Cooperative schedule: the memory warpgroup also prefetches into the L2 cache the operand
-    # tiles of the k-step this many ring steps past the one it loads (across tile boundaries),
-    # so that a DRAM miss starts before the ring's few stages reach it (0: none).
-    l2_prefetch_steps: int = 0
 
     @property
     def num_compute_wgs(self) -> int:
@@ -392,8 +388,9 @@ def select_config(
     the kernel is ahead on 6 of 12 and at most 2.0 % behind (run s24_dw_auto). Nsight Compute
     counts 2.5-5.9 % more cycles than cuBLAS on 1b qkv / down and 3b qkv dw, at a 2.4-3.6 %
     higher clock (run s24_ncu_dw); its compute warps wait on a stage's loads at 13.5 % of the
-    sampled stalls on 1b down dw, cuBLAS's at about 1 % (run s25_ncu_source). Device time of
-    bursts of 10 calls reads a few percent noisier
+    sampled stalls on 1b down dw, cuBLAS's at about 1 % (run s25_ncu_source), and without its
+    loads it runs at 1.08-1.11x cuBLAS's speed (eval/probe_ring.py, run s25_probe_ring). Device
+    time of bursts of 10 calls reads a few percent noisier
     (eval/results/grouped_matmul_h200.parity.md: every H200 run). Tried and not chosen (within
     noise or slower): 3 stages, unchained tiles (on JAX's pipelines), 128 x 128 tiles with 4 or
     6 stages (cuBLAS's choice for the 1b attention shapes), 256 x 128 and row-split 128 x 192
@@ -403,10 +400,11 @@ def select_config(
     deferred epilogue tiles on forward and dx, ping-pong on dw, CTAs of one compute warpgroup
     (0.71-0.79x; removed), 192 x 256 tiles (failed on the GPU; removed), 192 x 192 tiles of two
     warpgroups splitting the columns (COLUMN_SPLIT_VARIANTS), 2-CTA clusters and 192 x 192 tiles
-    on dw (runs s20_dw_cluster*), on rule 9's dw tiles k-steps of 32 in 8 stages, no wgmma group
-    in flight, 128 x 128 tiles in 6 stages and 2-CTA clusters (runs s25_dw_feed*: 0.76-1.00x)
-    and a second, narrow kernel picked per call by ``lax.cond`` (1b o, 1 of 16 groups active: 51
-    TF/s against 191).
+    on dw (runs s20_dw_cluster*); on rule 9's dw tiles, k-steps of 32 in 8 stages, no wgmma
+    group in flight, 128 x 128 tiles in 6 stages, 2-CTA clusters (runs s25_dw_feed*:
+    0.76-1.00x) and L2 prefetches ahead of the ring (run s25_dw_prefetch: 0.91-0.94x); and a
+    second, narrow kernel picked per call by ``lax.cond`` (1b o, 1 of 16 groups active: 51 TF/s
+    against 191).
     """
     num_sms = num_sms_of_device() if num_sms is None else num_sms
     a_shape = (num_groups, k, m) if transpose_lhs else (num_groups, m, k)
@@ -540,11 +538,8 @@ def unsupported_reason(
     if c.delay_release not in (0, 1) or c.delay_release >= c.max_concurrent_steps:
         return (f"delay_release={c.delay_release}: 0 or 1 wgmma groups in flight, fewer than"
                 f" the {c.max_concurrent_steps} stages")
-    if c.pingpong and (swiglu or c.cluster_dimension is not None or c.deferred_epi_tiles
-                       or c.l2_prefetch_steps):
-        return "ping-pong: no fused SwiGLU, clusters, deferred epilogue tiles or L2 prefetches"
-    if c.l2_prefetch_steps < 0:
-        return f"l2_prefetch_steps={c.l2_prefetch_steps} < 0"
+    if c.pingpong and (swiglu or c.cluster_dimension is not None or c.deferred_epi_tiles):
+        return "ping-pong: no fused SwiGLU, clusters or deferred epilogue tiles"
     if c.deferred_epi_tiles < 0:
         return f"deferred_epi_tiles={c.deferred_epi_tiles} < 0"
     if c.deferred_epi_tiles and c.cluster_dimension is not None:
