@@ -166,6 +166,11 @@ def plot_train(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# Fields a run wrote that today's TuningConfig no longer has, with the value today's kernel runs:
+# a row with another value ran a kernel that no longer exists.
+REMOVED_FIELDS = {"l2_prefetch_steps": "0"}   # L2 prefetches ahead of the ring (4b3cc2c)
+
+
 def config_fields(text: str) -> dict[str, str] | None:
     """The fields of the TuningConfig a result row ran (``str(config)``), comparable with
     today's configs; None for a row without one (XLA). A field an older run did not write
@@ -173,7 +178,8 @@ def config_fields(text: str) -> dict[str, str] | None:
     runs before it passed the turn late (``False``); the cooperative schedule ignores it. A row
     written while the cooperative schedule had a second implementation on JAX's pipelines (it
     wrote ``chain_tiles``) that ran there (neither ``ring=True`` nor ping-pong) gets
-    ``"schedule": "JAX pipelines"``, so it equals no config of today's kernel."""
+    ``"schedule": "JAX pipelines"``, so it equals no config of today's kernel; so does a row
+    with a ``REMOVED_FIELDS`` field at another value than today's kernel runs."""
     from kernels.tuning import TuningConfig
 
     if not text.startswith("TuningConfig(") or not text.endswith(")"):
@@ -186,6 +192,9 @@ def config_fields(text: str) -> dict[str, str] | None:
         fields["early_turn"] = "unused"   # a ping-pong option: the cooperative kernel ignores it
     if "chain_tiles" in written and "True" not in (written.get("ring"), written.get("pingpong")):
         fields["schedule"] = "JAX pipelines"
+    for name, today in REMOVED_FIELDS.items():
+        if written.get(name, today) != today:
+            fields["removed"] = f"{name}={written[name]}"
     return fields
 
 

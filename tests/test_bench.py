@@ -220,6 +220,11 @@ def test_parity_points_take_todays_config_and_cublas():
     # while a cooperative row from before then is today's config
     assert config_fields(str(cluster).replace(", early_turn=True", "")) == config_fields(
         str(cluster))
+    # a row that ran a since-removed option (L2 prefetches) is no config of today's, but one
+    # that wrote the option off is
+    with_field = lambda v: str(DEFAULT_CONFIG)[:-1] + f", l2_prefetch_steps={v})"
+    assert config_fields(with_field(0)) == config_fields(str(DEFAULT_CONFIG))
+    assert config_fields(with_field(4)) != config_fields(str(DEFAULT_CONFIG))
 
 
 def test_profile_names_the_source_of_each_kernel():
