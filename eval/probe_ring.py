@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from armt_jax.cli_args import positive_int  # noqa: E402
 from eval import bench_grouped_matmul as bench  # noqa: E402
 from kernels import grouped_matmul_mgpu as mgpu  # noqa: E402
 
@@ -63,7 +64,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--products", default="1b:down:dw,1b:qkv:dw,3b:qkv:dw,1b:down",
                    help="comma-separated model:shape[:fwd|dx|dw], G = 16, all groups active")
-    p.add_argument("--rounds", type=int, default=3, help="rounds in rotated order (>= 1)")
+    p.add_argument("--rounds", type=positive_int, default=3, help="rounds in rotated order")
     args = p.parse_args(argv)
     if jax.devices()[0].platform != "gpu":
         raise SystemExit("probe_ring times the Hopper kernel: it needs a GPU")

@@ -164,6 +164,8 @@ def grouped_matmul_mgpu(
     else:
         grid = dict(grid=(num_sms // 2,), grid_names=("cluster_grid",), cluster=(2,),
                     cluster_names=("cluster",))
+    if unknown := set(_probe) - {"no_loads", "no_mma"}:
+        raise ValueError(f"grouped matmul: unknown probes {sorted(unknown)} (no_loads, no_mma)")
     if _probe and (config.pingpong or interpret is not None):
         raise ValueError(f"grouped matmul: probe {sorted(_probe)} runs the ring schedule on a GPU")
     if config.pingpong:

@@ -333,6 +333,8 @@ def test_probe_ring_needs_a_gpu():
         pytest.skip("on a GPU the probe runs")
     with pytest.raises(SystemExit, match="needs a GPU"):
         probe.main([])
+    with pytest.raises(SystemExit):   # argparse: --rounds must be at least 1
+        probe.main(["--rounds", "0"])
 
 
 def test_gpu_session_names_only_known_configs():

@@ -1094,7 +1094,7 @@ def test_ring_probes_lower_for_the_gpu_and_stay_off_interpret_mode():
     """eval/probe_ring.py's diagnostics (the ring kernel without its loads, without its wgmma,
     without both) lower to Mosaic GPU for CUDA on any machine, so a GPU session does not find a
     broken probe; they compute a wrong product, so interpret mode (the CPU path) and ping-pong
-    refuse them, naming the probe."""
+    refuse them, naming the probe, and a misspelt probe is refused, not ignored."""
     S = jax.ShapeDtypeStruct
     a, b, bounds = (S((4, 1152, 2048), jnp.bfloat16), S((4, 1152, 3072), jnp.bfloat16),
                     S((2,), jnp.int32))
@@ -1109,6 +1109,10 @@ def test_ring_probes_lower_for_the_gpu_and_stay_off_interpret_mode():
         mgpu_kernel.grouped_matmul_mgpu(x, w, jnp.array([0, 2], jnp.int32),
                                         config=ops.INTERPRET_CONFIG, interpret=True,
                                         _probe=frozenset({"no_loads"}))
+    with pytest.raises(ValueError, match="unknown probes.*no_load'"):
+        mgpu_kernel.grouped_matmul_mgpu(x, w, jnp.array([0, 2], jnp.int32),
+                                        config=ops.INTERPRET_CONFIG, interpret=True,
+                                        _probe=frozenset({"no_load"}))
     with pytest.raises(ValueError, match="no_mma"):
         jax.jit(lambda a, b, bd: mgpu_kernel.grouped_matmul_mgpu(
             a, b, bd, config=mgpu_kernel.PINGPONG_CONFIG, num_sms=132,
