@@ -389,7 +389,7 @@ def select_config(
     counts 2.5-5.9 % more cycles than cuBLAS on 1b qkv / down and 3b qkv dw, at a 2.4-3.6 %
     higher clock (run s24_ncu_dw); its compute warps wait on a stage's loads at 13.5 % of the
     sampled stalls on 1b down dw, cuBLAS's at about 1 % (run s25_ncu_source), and without its
-    loads it runs at 1.08-1.11x cuBLAS's speed (eval/probe_ring.py, run s25_probe_ring). Device
+    loads it runs at 1.08-1.24x cuBLAS's speed (eval/probe_ring.py, run s25_probe_ring). Device
     time of bursts of 10 calls reads a few percent noisier
     (eval/results/grouped_matmul_h200.parity.md: every H200 run). Tried and not chosen (within
     noise or slower): 3 stages, unchained tiles (on JAX's pipelines), 128 x 128 tiles with 4 or
