@@ -1,6 +1,7 @@
-"""Where does a product's time go in the ring kernel: feeding the tensor cores, or computing?
+"""Where does a product's time go in the kernel: feeding the tensor cores, or computing?
 
-Times select_config's choice on the ring of stages (kernels/ring_mgpu.py) as it is, without its
+Times select_config's choice (or a named config: on the ring of stages, kernels/ring_mgpu.py,
+or ping-pong, kernels/pingpong_mgpu.py) as it is, without its
 loads (the memory warpgroup signals each stage without loading it: the compute warpgroups run
 their wgmma on whatever the stage holds), without its wgmma (the loads, barriers and epilogue
 stores alone), without both (barriers and stores), and cuBLAS through XLA's einsum, all at
@@ -9,12 +10,13 @@ without loads runs at cuBLAS's time, its loss is in feeding; where it does not, 
 warpgroups' own work. The probes compute a wrong product, so nothing else may use them. Run on a
 GPU:
 
-    python3 eval/probe_ring.py --products 1b:down:dw,1b:qkv:dw,1b:down
+    python3 eval/probe_ring.py --products 1b:down:dw,1b:qkv:dw,1b:down --configs auto,pingpong_delay1
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -35,8 +37,9 @@ VARIANTS = {"kernel": frozenset(), "no loads": frozenset({"no_loads"}),
             "cuBLAS": None}
 
 
-def product_calls(spec: str, key):
-    """(label, config, args, {variant: jitted call}) for a product "model:shape[:fwd|dx|dw]"."""
+def product_calls(spec: str, config_name: str, key):
+    """(label, config, args, {variant: jitted call}) for a product "model:shape[:fwd|dx|dw]"
+    and a config ("auto" or a SWEEP name of eval/bench_grouped_matmul.py)."""
     model, shape, *rest = spec.split(":")
     label = f"{model} {bench.product_name(shape, rest[0] if rest else 'fwd')}"
     products = bench.diagonal_products()
@@ -44,9 +47,7 @@ def product_calls(spec: str, key):
         raise SystemExit(f"unknown product {spec!r} (e.g. 1b:down:dw)")
     (m, k, n), transpose = products[label]
     tl, tr = transpose or (False, False)
-    config = mgpu.select_config(GROUPS, m, k, n, transpose_lhs=tl, transpose_rhs=tr)
-    if config.pingpong:
-        raise SystemExit(f"{label}: select_config picks ping-pong, which the probes do not cover")
+    config = bench.resolve_config(config_name, GROUPS, m, k, n, tl, tr)
     a, b = bench._product_operands(key, GROUPS, m, k, n, transpose)
     bounds = jnp.array([0, GROUPS], jnp.int32)
     calls = {}
@@ -64,17 +65,22 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--products", default="1b:down:dw,1b:qkv:dw,3b:qkv:dw,1b:down",
                    help="comma-separated model:shape[:fwd|dx|dw], G = 16, all groups active")
+    p.add_argument("--configs", default="auto",
+                   help="comma-separated: auto (select_config's choice) or SWEEP names")
     p.add_argument("--rounds", type=positive_int, default=3, help="rounds in rotated order")
     args = p.parse_args(argv)
     if jax.devices()[0].platform != "gpu":
         raise SystemExit("probe_ring times the Hopper kernel: it needs a GPU")
-    print("| product | tile | " + " | ".join(f"{v} us" for v in VARIANTS)
+    print("| product | config | tile | " + " | ".join(f"{v} us" for v in VARIANTS)
           + " | speed vs cuBLAS: kernel | no loads |")
-    print("|---|---|" + "---:|" * (len(VARIANTS) + 2))
+    print("|---|---|---|" + "---:|" * (len(VARIANTS) + 2))
     key = jax.random.key(0)
-    for spec in args.products.split(","):
+    for spec, config_name in itertools.product(args.products.split(","),
+                                                args.configs.split(",")):
         key, sub = jax.random.split(key)
-        label, config, call_args, calls = product_calls(spec, sub)
+        label, config, call_args, calls = product_calls(spec, config_name, sub)
+        tile = (f"{config.tile_m}x{config.tile_n} ping-pong" if config.pingpong
+                else f"{config.cta_tile_m}x{config.cta_tile_n}")
         names = list(calls)
         us = {name: [] for name in names}
         for r in range(args.rounds):
@@ -83,7 +89,7 @@ def main(argv=None):
                 # the cuBLAS call also launches a memset, the kernel's nothing else
                 us[name].append(1e6 * max(times.values()))
         med = {name: statistics.median(v) for name, v in us.items()}
-        print(f"| {label} | {config.cta_tile_m}x{config.cta_tile_n} | "
+        print(f"| {label} | {config_name} | {tile} | "
               + " | ".join(f"{med[n]:.0f}" for n in names)
               + f" | {med['cuBLAS'] / med['kernel']:.3f} | {med['cuBLAS'] / med['no loads']:.3f} |",
               flush=True)

@@ -166,11 +166,12 @@ def grouped_matmul_mgpu(
                     cluster_names=("cluster",))
     if unknown := set(_probe) - {"no_loads", "no_mma"}:
         raise ValueError(f"grouped matmul: unknown probes {sorted(unknown)} (no_loads, no_mma)")
-    if _probe and (config.pingpong or interpret is not None):
-        raise ValueError(f"grouped matmul: probe {sorted(_probe)} runs the ring schedule on a GPU")
+    if _probe and interpret is not None:
+        raise ValueError(f"grouped matmul: probe {sorted(_probe)} runs on a GPU only")
     if config.pingpong:
         body = functools.partial(pingpong_kernel, config=config, dims=dims,
-                                 transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs)
+                                 transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs,
+                                 probe=frozenset(_probe))
     else:
         body = functools.partial(ring_kernel, config=config, dims=dims,
                                  transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs,

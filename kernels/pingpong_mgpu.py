@@ -14,7 +14,8 @@ from kernels.tuning import TuningConfig
 
 
 def pingpong_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, dims,
-                     transpose_lhs: bool, transpose_rhs: bool):
+                     transpose_lhs: bool, transpose_rhs: bool,
+                     probe: frozenset[str] = frozenset()):
     """The ping-pong schedule (``TuningConfig.pingpong``): the two compute warpgroups of a CTA
     work on different (tile_m, tile_n) output tiles (the even and odd tiles of the CTA's share
     of the work list) and take turns on the tensor cores: while one runs the main loop of its
@@ -38,6 +39,8 @@ def pingpong_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConf
     ``consumed[slot]`` (waited on by the memory warpgroup only) and ``turn``, a rendezvous of
     the two compute warpgroups: each passes it after its main loop and after its epilogue, and
     warpgroup 1 once more at the start, so their main loops alternate.
+
+    ``probe``: as in ``ring_mgpu.ring_kernel`` (eval/probe_ring.py only; a wrong product).
     """
     num_groups, m, k, n = dims
     num_out_groups = out_gmem.shape[0]
@@ -95,6 +98,10 @@ def pingpong_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConf
 
                 def load_step(kk, slot):
                     barrier = loaded.at[first_barrier + slot]
+                    if "no_loads" in probe:   # the arrivals the copies would make, no bytes
+                        plgpu.barrier_arrive(barrier)
+                        plgpu.barrier_arrive(barrier)
+                        return
                     plgpu.copy_gmem_to_smem(a_tile(lo + g_ord, m_idx, kk), a_smem.at[slot],
                                             barrier)
                     plgpu.copy_gmem_to_smem(b_tile(lo + g_ord + b_offset, n_idx, kk),
@@ -126,7 +133,9 @@ def pingpong_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConf
                 def main_loop(acc_ref):
                     # the other warpgroup's main loop starts: with early_turn once this one's
                     # last wgmma is issued, so the tensor cores never drain between the two
-                    tiles.consume_ring(lambda slot: plgpu.wgmma(acc_ref, *operands(slot)),
+                    mma = (lambda slot: None) if "no_mma" in probe else (
+                        lambda slot: plgpu.wgmma(acc_ref, *operands(slot)))
+                    tiles.consume_ring(mma,
                                        i * k_iters, k_iters, stages, delay,
                                        lambda slot: loaded.at[wg_idx * stages + slot], consumed,
                                        on_issued=rendezvous if c.early_turn else None)

@@ -13,6 +13,7 @@ GPU tests (impl="pallas") skip unless the default device is a Hopper GPU.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
@@ -1090,20 +1091,23 @@ def test_every_config_lowers_for_the_gpu(name):
         assert lowered == 4
 
 
-def test_ring_probes_lower_for_the_gpu_and_stay_off_interpret_mode():
-    """eval/probe_ring.py's diagnostics (the ring kernel without its loads, without its wgmma,
+def test_kernel_probes_lower_for_the_gpu_and_stay_off_interpret_mode():
+    """eval/probe_ring.py's diagnostics (the kernel without its loads, without its wgmma,
     without both) lower to Mosaic GPU for CUDA on any machine, so a GPU session does not find a
-    broken probe; they compute a wrong product, so interpret mode (the CPU path) and ping-pong
-    refuse them, naming the probe, and a misspelt probe is refused, not ignored."""
+    broken probe, on the ring and on ping-pong; they compute a wrong product, so interpret mode
+    (the CPU path) refuses them, naming the probe, and a misspelt probe is refused, not
+    ignored."""
     S = jax.ShapeDtypeStruct
     a, b, bounds = (S((4, 1152, 2048), jnp.bfloat16), S((4, 1152, 3072), jnp.bfloat16),
                     S((2,), jnp.int32))
-    for probe in ({"no_loads"}, {"no_mma"}, {"no_loads", "no_mma"}):
-        f = jax.jit(lambda a, b, bd, probe=frozenset(probe): mgpu_kernel.grouped_matmul_mgpu(
-            a, b, bd, transpose_lhs=True, config=mgpu_kernel.DW_CONFIG, num_sms=132,
-            _probe=probe))
+    for probe, config in itertools.product(
+            ({"no_loads"}, {"no_mma"}, {"no_loads", "no_mma"}),
+            (mgpu_kernel.DW_CONFIG, mgpu_kernel.PINGPONG_CONFIG)):
+        f = jax.jit(lambda a, b, bd, probe=frozenset(probe), config=config:
+                    mgpu_kernel.grouped_matmul_mgpu(a, b, bd, transpose_lhs=True, config=config,
+                                                    num_sms=132, _probe=probe))
         text = f.trace(a, b, bounds).lower(lowering_platforms=("cuda",)).as_text()
-        assert "mosaic_gpu" in text, probe
+        assert "mosaic_gpu" in text, (probe, config)
     x, w = jnp.zeros((2, 64, 64), jnp.float32), jnp.zeros((2, 64, 128), jnp.float32)
     with pytest.raises(ValueError, match="no_loads"):
         mgpu_kernel.grouped_matmul_mgpu(x, w, jnp.array([0, 2], jnp.int32),
@@ -1113,11 +1117,6 @@ def test_ring_probes_lower_for_the_gpu_and_stay_off_interpret_mode():
         mgpu_kernel.grouped_matmul_mgpu(x, w, jnp.array([0, 2], jnp.int32),
                                         config=ops.INTERPRET_CONFIG, interpret=True,
                                         _probe=frozenset({"no_load"}))
-    with pytest.raises(ValueError, match="no_mma"):
-        jax.jit(lambda a, b, bd: mgpu_kernel.grouped_matmul_mgpu(
-            a, b, bd, config=mgpu_kernel.PINGPONG_CONFIG, num_sms=132,
-            _probe=frozenset({"no_mma"}))).trace(
-                S((4, 1152, 2048), jnp.bfloat16), S((4, 2048, 3072), jnp.bfloat16), bounds)
 
 
 @on_gpu
