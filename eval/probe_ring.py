@@ -1,16 +1,16 @@
 """Where does a product's time go in the kernel: feeding the tensor cores, or computing?
 
-Times select_config's choice (or a named config: on the ring of stages, kernels/ring_mgpu.py,
-or ping-pong, kernels/pingpong_mgpu.py) as it is, without its
-loads (the memory warpgroup signals each stage without loading it: the compute warpgroups run
-their wgmma on whatever the stage holds), without its wgmma (the loads, barriers and epilogue
-stores alone), without both (barriers and stores), and cuBLAS through XLA's einsum, all at
-G = 16, by device time (profiler traces, median over rounds in rotated order). Where the kernel
-without loads runs at cuBLAS's time, its loss is in feeding; where it does not, in the compute
-warpgroups' own work. The probes compute a wrong product, so nothing else may use them. Run on a
-GPU:
+Times select_config's choice, or named configs (on the ring of stages, kernels/ring_mgpu.py, or
+ping-pong, kernels/pingpong_mgpu.py), as it is; without its loads (the memory warpgroup signals
+each stage without loading it, so the compute warpgroups run their wgmma on whatever the stage
+holds); without its wgmma (the loads, barriers and epilogue stores alone); without both
+(barriers and stores); and cuBLAS through XLA's einsum. All at G = 16, by device time (profiler
+traces, median over rounds in rotated order). Where the kernel without loads runs at cuBLAS's
+time, its loss is in feeding; where it does not, in the compute warpgroups' own work. The
+probes compute a wrong product, so nothing else may use them. Run on a GPU:
 
-    python3 eval/probe_ring.py --products 1b:down:dw,1b:qkv:dw,1b:down --configs auto,pingpong_delay1
+    python3 eval/probe_ring.py --products 1b:down:dw,1b:qkv:dw,1b:down
+    python3 eval/probe_ring.py --products 1b:down:dw --configs auto,pingpong_delay1
 """
 
 from __future__ import annotations
