@@ -131,12 +131,11 @@ def pingpong_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConf
                             b_op.transpose((1, 0)) if transpose_rhs else b_op)
 
                 def main_loop(acc_ref):
-                    # the other warpgroup's main loop starts: with early_turn once this one's
-                    # last wgmma is issued, so the tensor cores never drain between the two
                     mma = (lambda slot: None) if "no_mma" in probe else (
                         lambda slot: plgpu.wgmma(acc_ref, *operands(slot)))
-                    tiles.consume_ring(mma,
-                                       i * k_iters, k_iters, stages, delay,
+                    # the other warpgroup's main loop starts: with early_turn once this one's
+                    # last wgmma is issued, so the tensor cores never drain between the two
+                    tiles.consume_ring(mma, i * k_iters, k_iters, stages, delay,
                                        lambda slot: loaded.at[wg_idx * stages + slot], consumed,
                                        on_issued=rendezvous if c.early_turn else None)
                     return acc_ref[...]
