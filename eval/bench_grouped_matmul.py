@@ -437,13 +437,10 @@ def add_product_arguments(parser, default_products: str) -> None:
                              " resolve_config)")
 
 
-def full_load_calls(spec: str, config_names, key, g: int = 16):
-    """One product at full load for the profiling scripts (eval/ncu_products.py,
-    eval/sustained_ab.py): spec "model:shape[:fwd|dx|dw]" (e.g. "8b:down:dx"). Returns its label
-    ("8b down dx"), the call's arguments (a, b, lo, hi), {config name: (jitted call, str of its
-    TuningConfig, "" for cuBLAS)} for the configs (``resolve_config`` names or "xla_einsum") that
-    serve it and compute it like the XLA path (relative error <= 1e-2), and [(name, why)] for
-    the others."""
+def product_spec(spec: str):
+    """(label, (m, k, n), transpose) of a diagonal product named "model:shape[:fwd|dx|dw]" (e.g.
+    "8b:down:dx" -> "8b down dx"), as ``diagonal_products`` gives it; an unknown name stops with
+    the known shapes."""
     model, shape, *rest = spec.split(":")
     product = rest[0] if rest else "fwd"
     label = f"{model} {product_name(shape, product)}"
@@ -451,7 +448,17 @@ def full_load_calls(spec: str, config_names, key, g: int = 16):
     if product not in PRODUCTS or len(rest) > 1 or label not in products:
         raise SystemExit(f"unknown product {spec!r}: model:shape[:fwd|dx|dw], e.g. 8b:down:dx;"
                          f" shapes {', '.join(f'{m}:{r[0]}' for m in MODELS for r in MODELS[m])}")
-    (m, k, n), transpose = products[label]
+    return (label, *products[label])
+
+
+def full_load_calls(spec: str, config_names, key, g: int = 16):
+    """One product at full load for the profiling scripts (eval/ncu_products.py,
+    eval/sustained_ab.py): spec "model:shape[:fwd|dx|dw]" (e.g. "8b:down:dx"). Returns its label
+    ("8b down dx"), the call's arguments (a, b, lo, hi), {config name: (jitted call, str of its
+    TuningConfig, "" for cuBLAS)} for the configs (``resolve_config`` names or "xla_einsum") that
+    serve it and compute it like the XLA path (relative error <= 1e-2), and [(name, why)] for
+    the others."""
+    label, (m, k, n), transpose = product_spec(spec)
     tl, tr = transpose or (False, False)
     a, b = _product_operands(key, g, m, k, n, transpose)
     args = (a, b, jnp.int32(0), jnp.int32(g))

@@ -31,7 +31,7 @@ from eval import bench_grouped_matmul as bench  # noqa: E402
 from kernels import grouped_matmul_mgpu as mgpu  # noqa: E402
 
 GROUPS = 16
-# name -> the ring kernel's probe set (None: cuBLAS)
+# name -> the kernel's probe set (grouped_matmul_mgpu.PROBES; None: cuBLAS)
 VARIANTS = {"kernel": frozenset(), "no loads": frozenset({"no_loads"}),
             "no wgmma": frozenset({"no_mma"}), "neither": frozenset({"no_loads", "no_mma"}),
             "cuBLAS": None}
@@ -40,12 +40,7 @@ VARIANTS = {"kernel": frozenset(), "no loads": frozenset({"no_loads"}),
 def product_calls(spec: str, config_name: str, key):
     """(label, config, args, {variant: jitted call}) for a product "model:shape[:fwd|dx|dw]"
     and a config ("auto" or a SWEEP name of eval/bench_grouped_matmul.py)."""
-    model, shape, *rest = spec.split(":")
-    label = f"{model} {bench.product_name(shape, rest[0] if rest else 'fwd')}"
-    products = bench.diagonal_products()
-    if label not in products:
-        raise SystemExit(f"unknown product {spec!r} (e.g. 1b:down:dw)")
-    (m, k, n), transpose = products[label]
+    label, (m, k, n), transpose = bench.product_spec(spec)
     tl, tr = transpose or (False, False)
     config = bench.resolve_config(config_name, GROUPS, m, k, n, tl, tr)
     a, b = bench._product_operands(key, GROUPS, m, k, n, transpose)
@@ -86,7 +81,8 @@ def main(argv=None):
         for r in range(args.rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 times = bench._device_times(calls[name], call_args)
-                # the cuBLAS call also launches a memset, the kernel's nothing else
+                # one big launch per call beside small ones (cuBLAS's memset, the kernel
+                # call's bounds concatenation): the big one
                 us[name].append(1e6 * max(times.values()))
         med = {name: statistics.median(v) for name, v in us.items()}
         print(f"| {label} | {config_name} | {tile} | "

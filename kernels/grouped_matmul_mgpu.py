@@ -102,6 +102,10 @@ from kernels.tuning import (  # noqa: F401
 )
 
 
+# eval/probe_ring.py's diagnostics (``_probe``): the kernel without its loads, without its wgmma.
+PROBES = ("no_loads", "no_mma")
+
+
 def grouped_matmul_mgpu(
     a,
     b,
@@ -164,8 +168,8 @@ def grouped_matmul_mgpu(
     else:
         grid = dict(grid=(num_sms // 2,), grid_names=("cluster_grid",), cluster=(2,),
                     cluster_names=("cluster",))
-    if unknown := set(_probe) - {"no_loads", "no_mma"}:
-        raise ValueError(f"grouped matmul: unknown probes {sorted(unknown)} (no_loads, no_mma)")
+    if unknown := set(_probe) - set(PROBES):
+        raise ValueError(f"grouped matmul: unknown probes {sorted(unknown)} ({', '.join(PROBES)})")
     if _probe and interpret is not None:
         raise ValueError(f"grouped matmul: probe {sorted(_probe)} runs on a GPU only")
     if config.pingpong:

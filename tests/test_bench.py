@@ -333,8 +333,9 @@ def test_probe_ring_needs_a_gpu():
         pytest.skip("on a GPU the probe runs")
     with pytest.raises(SystemExit, match="needs a GPU"):
         probe.main([])
-    with pytest.raises(SystemExit):   # argparse: --rounds must be at least 1
+    with pytest.raises(SystemExit) as stop:   # argparse (status 2): --rounds must be >= 1
         probe.main(["--rounds", "0"])
+    assert stop.value.code == 2
 
 
 def test_gpu_session_names_only_known_configs():
