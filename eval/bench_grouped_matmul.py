@@ -309,6 +309,11 @@ SWEEP = {  # named configs for --sweep / --ab (the default is select_config's ch
     # 128 x 192 CTA tiles, split by rows between the two warpgroups (64 x 192 wgmma each):
     # n = 3072 gives 144 tiles per group instead of 108, fewer idle SMs in the last wave.
     "m64_n192": mgpu_kernel.TuningConfig(tile_m=64, tile_n=192, wg_dimension=M_.M),
+    # the default's 128 x 256 CTA tiles split by rows (one 64 x 256 wgmma per k16 and warpgroup,
+    # CUTLASS's cooperative split) rather than by columns (two 64 x 128 ones, each reading its
+    # B slice again): a sixth less shared-memory reading per k-step
+    "rows_64x256": dataclasses.replace(mgpu_kernel.DEFAULT_CONFIG, tile_m=64, tile_n=256,
+                                       wg_dimension=M_.M),
     # clusters of 2 CTAs on neighbouring column (row) tiles, the A (B) tile multicast to both
     **{f"cluster_{d.name.lower()}": mgpu_kernel.TuningConfig(cluster_dimension=d) for d in M_},
     # the whole 128 x 128 warpgroup tile staged for the epilogue (no waits on earlier TMA
@@ -397,6 +402,7 @@ SWEEP = {  # named configs for --sweep / --ab (the default is select_config's ch
                         "delay0": dict(delay_release=0),
                         "128x128_s6": dict(tile_m=64, tile_n=128, wg_dimension=M_.M,
                                            max_concurrent_steps=6, deferred_epi_tiles=2),
+                        "rows": dict(tile_m=64, tile_n=256, wg_dimension=M_.M),
                         }.items()},
 }
 

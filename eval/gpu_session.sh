@@ -203,6 +203,11 @@
 #   probe_ring the ring kernel without its loads, without its wgmma, without both, against itself
 #              and cuBLAS (eval/probe_ring.py, device time; run s25_probe_ring: 33 s): is a
 #              product's loss in feeding the tensor cores or in computing?
+#   rows_tests the default's 128 x 256 tiles split by rows between the warpgroups (a 64 x 256
+#              wgmma each; SWEEP rows_64x256, dw_rows): their GPU tests (weight offsets)
+#   rows_probe probe_ring on 1b down / qkv dw: "auto", dw_rows and ping-pong
+#   sustained_rows_dw, sustained_rows_fwd  the row split under sustained load against "auto"
+#              and cuBLAS: five dw products; seven forward / dx products on the default tiles
 #   Never pipe a stage through head: a closed pipe ends the script while a profiled process
 #   may run on and hold the GPU (an ncu_dw call of session 23 returned nothing).
 #   NCU_LIMIT_S (default 240) limits ncu in the ncu stages.
@@ -535,6 +540,15 @@ for stage in "${stages[@]}"; do
              --rounds 3 ;;
     probe_ring) timeout 300 python3 eval/probe_ring.py --products 1b:down:dw,1b:qkv:dw,3b:qkv:dw,1b:down \
              2>&1 | quiet | tee "$OUT/probe_ring.md" ;;
+    rows_tests) tests_pass rows_tests 200 2 tests/test_grouped_matmul.py \
+             "gpu_weight_offset and rows_64x256" ;;
+    rows_probe) timeout 240 python3 eval/probe_ring.py --products 1b:down:dw,1b:qkv:dw \
+             --configs auto,dw_rows,pingpong_delay1 2>&1 | quiet | tee "$OUT/rows_probe.md" ;;
+    sustained_rows_dw) sustained_ab 300 --products 1b:down:dw,1b:qkv:dw,1b:o:dw,3b:qkv:dw,3b:gate_up:dw \
+             --configs auto,dw_rows,xla_einsum --seconds 1.0 --rounds 3 ;;
+    sustained_rows_fwd) sustained_ab 400 \
+             --products 1b:gate_up,3b:qkv,3b:o,3b:down,1b:down:dx,3b:qkv:dx,3b:gate_up:dx \
+             --configs auto,rows_64x256,xla_einsum --seconds 1.0 --rounds 3 ;;
     sustained_fwd_dx) sustained_ab 560 --products "$(diagonal_products fwd dx)" \
              --configs auto,xla_einsum --seconds 1.2 --rounds 3 ;;
     sustained_dw) sustained_ab 560 --products "$(diagonal_products dw)" \
@@ -548,7 +562,8 @@ for stage in "${stages[@]}"; do
             "dw_auto, parity_all, pingpong_turn, defer, mlp8b, grid8b, smfit, smfit_select, wide_small_g, wide_select, wide_fwd, smfit_fwd, wide_rest, dw_cluster, split_cols, fwd_t," \
             "ncu, ncu_dw, ncu_source, sustained, sustained_fwd_dx, sustained_dw, sustained_attention," \
             "sustained_dw_orders, sustained_dw_variants, sustained_trace, sustained_dw_defer," \
-            "dw_small_g, dw_tests, sustained_chain, ncu_dw_gm4, sustained_dw_feed, probe_ring)"
+            "dw_small_g, dw_tests, sustained_chain, ncu_dw_gm4, sustained_dw_feed, probe_ring, rows_tests," \
+            "rows_probe, sustained_rows_dw, sustained_rows_fwd)"
        exit 2 ;;
   esac
 done

@@ -1019,6 +1019,12 @@ GPU_CONFIGS = {
     "delay0": dataclasses.replace(mgpu_kernel.DEFAULT_CONFIG, delay_release=0),
     "rows_split_64x192": mgpu_kernel.TuningConfig(
         tile_m=64, tile_n=192, wg_dimension=mgpu_kernel.MatmulDimension.M),
+    # the default's 128 x 256 CTA tiles split by rows (a 64 x 256 wgmma per warpgroup), and so
+    # with dw's 4 deferred epilogue tiles
+    "rows_64x256": dataclasses.replace(mgpu_kernel.DEFAULT_CONFIG, tile_m=64, tile_n=256,
+                                       wg_dimension=mgpu_kernel.MatmulDimension.M),
+    "dw_rows_64x256": dataclasses.replace(mgpu_kernel.DW_CONFIG, tile_m=64, tile_n=256,
+                                          wg_dimension=mgpu_kernel.MatmulDimension.M),
     "narrow": mgpu_kernel.NARROW_CONFIG,
     # 2-CTA clusters (the shared operand tile multicast) on the default tiles
     "cluster_n": mgpu_kernel.TuningConfig(cluster_dimension=mgpu_kernel.MatmulDimension.N),
