@@ -397,8 +397,11 @@ SWEEP = {  # named configs for --sweep / --ab (the default is select_config's ch
     # ..._128x128_64x6_...). Under sustained load at G = 16 on 1b down / qkv and 3b qkv dw
     # (runs s25_dw_feed*): 0.92x, 0.996-1.003x and 0.76-0.84x "auto"'s speed; 2-CTA clusters
     # with the 4 deferred tiles (code 1480caf) 0.99-1.00x.
-    **{f"dw_{name}": dataclasses.replace(mgpu_kernel.DW_CONFIG, **kw)
-       for name, kw in {"k32": dict(tile_k=32, max_concurrent_steps=8),
+    # These vary rule 9's tiles as they were up to s25 (DW_COLUMN_SPLIT_CONFIG, "dw_columns");
+    # "dw_rows" is today's DW_CONFIG, the same tiles split by rows (runs s26_rows_*).
+    **{f"dw_{name}": dataclasses.replace(mgpu_kernel.DW_COLUMN_SPLIT_CONFIG, **kw)
+       for name, kw in {"columns": {},
+                        "k32": dict(tile_k=32, max_concurrent_steps=8),
                         "delay0": dict(delay_release=0),
                         "128x128_s6": dict(tile_m=64, tile_n=128, wg_dimension=M_.M,
                                            max_concurrent_steps=6, deferred_epi_tiles=2),

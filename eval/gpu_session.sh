@@ -208,6 +208,9 @@
 #   rows_probe probe_ring on 1b down / qkv dw: "auto", dw_rows and ping-pong
 #   sustained_rows_dw, sustained_rows_fwd  the row split under sustained load against "auto"
 #              and cuBLAS: five dw products; seven forward / dx products on the default tiles
+#   sustained_rows_all_dw  rule 9 split by rows ("auto" since s26) against its column split of
+#              s25 (dw_columns, in both tile orders), the row stripes and cuBLAS on all 12 dw
+#              products, after dw_tests
 #   Never pipe a stage through head: a closed pipe ends the script while a profiled process
 #   may run on and hold the GPU (an ncu_dw call of session 23 returned nothing).
 #   NCU_LIMIT_S (default 240) limits ncu in the ncu stages.
@@ -314,9 +317,9 @@ diagonal_products() {
     list+="$m:$s:$k,"; done; done; done
   echo "${list%,}"
 }
-# dw_tests: rule 9's dw configs on the GPU (test_gpu_weight_offset[dw, dw_row_stripes]:
-# forward, dx and dw against float64); succeeds if both passed.
-dw_tests() { tests_pass dw_tests 150 2 tests/test_grouped_matmul.py "gpu_weight_offset and dw"; }
+# dw_tests: rule 9's dw configs on the GPU (test_gpu_weight_offset[dw, dw_row_stripes,
+# dw_columns]: forward, dx and dw against float64); succeeds if all three passed.
+dw_tests() { tests_pass dw_tests 200 3 tests/test_grouped_matmul.py "gpu_weight_offset and dw"; }
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests tests_model bench agreement kernel)
 for stage in "${stages[@]}"; do
@@ -540,12 +543,15 @@ for stage in "${stages[@]}"; do
              --rounds 3 ;;
     probe_ring) timeout 300 python3 eval/probe_ring.py --products 1b:down:dw,1b:qkv:dw,3b:qkv:dw,1b:down \
              2>&1 | quiet | tee "$OUT/probe_ring.md" ;;
-    rows_tests) tests_pass rows_tests 200 2 tests/test_grouped_matmul.py \
-             "gpu_weight_offset and rows_64x256" ;;
+    rows_tests) tests_pass rows_tests 240 4 tests/test_grouped_matmul.py \
+             "gpu_weight_offset and (rows_64x256 or dw)" ;;
     rows_probe) timeout 240 python3 eval/probe_ring.py --products 1b:down:dw,1b:qkv:dw \
              --configs auto,dw_rows,pingpong_delay1 2>&1 | quiet | tee "$OUT/rows_probe.md" ;;
     sustained_rows_dw) sustained_ab 300 --products 1b:down:dw,1b:qkv:dw,1b:o:dw,3b:qkv:dw,3b:gate_up:dw \
              --configs auto,dw_rows,xla_einsum --seconds 1.0 --rounds 3 ;;
+    sustained_rows_all_dw) dw_tests || continue
+           sustained_ab 560 --products "$(diagonal_products dw)" \
+             --configs auto,dw_columns,dw_columns@gm12,auto@gm12,xla_einsum --seconds 0.8 --rounds 3 ;;
     sustained_rows_fwd) sustained_ab 400 \
              --products 1b:gate_up,3b:qkv,3b:o,3b:down,1b:down:dx,3b:qkv:dx,3b:gate_up:dx \
              --configs auto,rows_64x256,xla_einsum --seconds 1.0 --rounds 3 ;;
@@ -563,7 +569,7 @@ for stage in "${stages[@]}"; do
             "ncu, ncu_dw, ncu_source, sustained, sustained_fwd_dx, sustained_dw, sustained_attention," \
             "sustained_dw_orders, sustained_dw_variants, sustained_trace, sustained_dw_defer," \
             "dw_small_g, dw_tests, sustained_chain, ncu_dw_gm4, sustained_dw_feed, probe_ring, rows_tests," \
-            "rows_probe, sustained_rows_dw, sustained_rows_fwd)"
+            "rows_probe, sustained_rows_dw, sustained_rows_fwd, sustained_rows_all_dw)"
        exit 2 ;;
   esac
 done

@@ -75,6 +75,7 @@ from kernels.ring_mgpu import ring_kernel
 from kernels.tuning import (  # noqa: F401
     COLUMN_SPLIT_VARIANTS,
     DEFAULT_CONFIG,
+    DW_COLUMN_SPLIT_CONFIG,
     DW_CONFIG,
     DW_ROW_STRIPE_CONFIG,
     H100_NUM_SMS,

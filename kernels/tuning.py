@@ -290,9 +290,17 @@ DW_ROW_STRIPE_MIN_LHS_ELEMENTS = 12 * 2**20
 # (the default order deferring 4 on 8b down dw: 0.930). On the forward and dx products 2 or 4
 # deferred tiles were 4-10 % slower (run s15_defer_3b8b). Measured at G = 16 only.
 DW_DEFERRED_EPI_TILES = 4
-DW_CONFIG = dataclasses.replace(DEFAULT_CONFIG, deferred_epi_tiles=DW_DEFERRED_EPI_TILES)
-DW_ROW_STRIPE_CONFIG = dataclasses.replace(ROW_STRIPE_CONFIG,
-                                           deferred_epi_tiles=DW_DEFERRED_EPI_TILES)
+# Rule 9 up to s25: the default's split, each warpgroup 128 x 128 (two 64 x 128 wgmma per k16,
+# each reading its B slice again). Kept for the A/B runs that compare against it.
+DW_COLUMN_SPLIT_CONFIG = dataclasses.replace(DEFAULT_CONFIG,
+                                             deferred_epi_tiles=DW_DEFERRED_EPI_TILES)
+# Since s26 the same 128 x 256 CTA tiles split by rows: each warpgroup one 64 x 256 wgmma per
+# k16 (CUTLASS's cooperative split), a sixth less shared memory read per k-step, and its slice
+# of dw's m-minor A one 128-byte swizzle wide. PLACEHOLDER_DW_ROWS
+DW_CONFIG = dataclasses.replace(DW_COLUMN_SPLIT_CONFIG, tile_m=64, tile_n=256,
+                                wg_dimension=MatmulDimension.M)
+DW_ROW_STRIPE_CONFIG = dataclasses.replace(DW_CONFIG, grid_minor_dim=MatmulDimension.M,
+                                           grid_tile_width=ROW_STRIPE_TILES)
 # How much better the ping-pong schedule must fill the last wave of tiles than the default one
 # before select_config picks it: at equal fill it ran 1-2 % slower (3b qkv/o, 1b gate_up).
 PINGPONG_MIN_WAVE_GAIN = 0.025

@@ -358,7 +358,9 @@ def test_row_stripe_choice():
     assert pick(16, 2176, 8192, 3072) == mgpu_kernel.DEFAULT_CONFIG  # 3b down: 17 row tiles
     dw = lambda g, m, k, n: pick(g, m, k, n, tl=True)      # (G, dw's rows, token rows, n)
     dw_stripes = mgpu_kernel.DW_ROW_STRIPE_CONFIG
-    assert dw_stripes == dataclasses.replace(stripes, deferred_epi_tiles=4)
+    assert dw_stripes == dataclasses.replace(
+        stripes, deferred_epi_tiles=4, tile_m=64, tile_n=256,
+        wg_dimension=mgpu_kernel.MatmulDimension.M)
     for g in (1, 16):
         assert dw(g, 14336, 4224, 4096) == dw_stripes                # 8b down dw
         assert dw(g, 4096, 4224, 28672) == dw_stripes                # 8b gate/up dw
@@ -380,7 +382,10 @@ def test_dw_defers_all_epilogue_tiles():
     pick = lambda *dims, tl=False, tr=False: mgpu_kernel.select_config(
         *dims, transpose_lhs=tl, transpose_rhs=tr, num_sms=132)
     dw_default = mgpu_kernel.DW_CONFIG
-    assert dw_default == dataclasses.replace(mgpu_kernel.DEFAULT_CONFIG, deferred_epi_tiles=4)
+    assert dw_default == dataclasses.replace(   # the default's CTA tiles, split by rows
+        mgpu_kernel.DEFAULT_CONFIG, deferred_epi_tiles=4, tile_m=64, tile_n=256,
+        wg_dimension=mgpu_kernel.MatmulDimension.M)
+    assert (dw_default.cta_tile_m, dw_default.cta_tile_n) == (128, 256)
     epilogue_tiles = (dw_default.tile_m * dw_default.tile_n
                       // (dw_default.epi_tile_m * dw_default.epi_tile_n))
     assert dw_default.deferred_epi_tiles == epilogue_tiles == 4
@@ -1019,12 +1024,10 @@ GPU_CONFIGS = {
     "delay0": dataclasses.replace(mgpu_kernel.DEFAULT_CONFIG, delay_release=0),
     "rows_split_64x192": mgpu_kernel.TuningConfig(
         tile_m=64, tile_n=192, wg_dimension=mgpu_kernel.MatmulDimension.M),
-    # the default's 128 x 256 CTA tiles split by rows (a 64 x 256 wgmma per warpgroup), and so
-    # with dw's 4 deferred epilogue tiles
+    # the default's 128 x 256 CTA tiles split by rows (a 64 x 256 wgmma per warpgroup; dw's
+    # choice since s26, "dw" below)
     "rows_64x256": dataclasses.replace(mgpu_kernel.DEFAULT_CONFIG, tile_m=64, tile_n=256,
                                        wg_dimension=mgpu_kernel.MatmulDimension.M),
-    "dw_rows_64x256": dataclasses.replace(mgpu_kernel.DW_CONFIG, tile_m=64, tile_n=256,
-                                          wg_dimension=mgpu_kernel.MatmulDimension.M),
     "narrow": mgpu_kernel.NARROW_CONFIG,
     # 2-CTA clusters (the shared operand tile multicast) on the default tiles
     "cluster_n": mgpu_kernel.TuningConfig(cluster_dimension=mgpu_kernel.MatmulDimension.N),
@@ -1038,12 +1041,15 @@ GPU_CONFIGS = {
     # the default tiles in row stripes of 12 tiles (select_config's rule 8; at the test shapes'
     # few row tiles a single stripe narrower than 12)
     "row_stripes": mgpu_kernel.ROW_STRIPE_CONFIG,
-    # dw's choices (rule 9): all 4 epilogue tiles deferred, in both tile orders
+    # dw's choices (rule 9): all 4 epilogue tiles deferred, in both tile orders, split by rows;
+    # and split by columns, as up to s25
     "dw": mgpu_kernel.DW_CONFIG,
     "dw_row_stripes": mgpu_kernel.DW_ROW_STRIPE_CONFIG,
+    "dw_columns": mgpu_kernel.DW_COLUMN_SPLIT_CONFIG,
     # k-steps of 32 elements (8 stages): B stored k-major (forward, dw) and A stored k-major
     # (dw) take a 64-byte swizzle, as wgmma reads them in k-groups of one swizzle's width
-    "k32": dataclasses.replace(mgpu_kernel.DW_CONFIG, tile_k=32, max_concurrent_steps=8),
+    "k32": dataclasses.replace(mgpu_kernel.DW_COLUMN_SPLIT_CONFIG, tile_k=32,
+                               max_concurrent_steps=8),
     # three compute warpgroups (192-row CTA tiles; ragged n at the 1b shapes' n = 2048), the
     # 192 x 192 ones also in clusters along n and m
     **mgpu_kernel.THREE_WG_VARIANTS,
