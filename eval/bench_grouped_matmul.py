@@ -311,7 +311,8 @@ SWEEP = {  # named configs for --sweep / --ab (the default is select_config's ch
     "m64_n192": mgpu_kernel.TuningConfig(tile_m=64, tile_n=192, wg_dimension=M_.M),
     # the default's 128 x 256 CTA tiles split by rows (one 64 x 256 wgmma per k16 and warpgroup,
     # CUTLASS's cooperative split) rather than by columns (two 64 x 128 ones, each reading its
-    # B slice again): a sixth less shared-memory reading per k-step
+    # B slice again): a sixth less shared-memory reading per k-step. On dw rule 9's choice since
+    # s26 ("dw_rows" below); on seven forward / dx products 0.98-1.00x "auto" (run s26_rows_fwd)
     "rows_64x256": dataclasses.replace(mgpu_kernel.DEFAULT_CONFIG, tile_m=64, tile_n=256,
                                        wg_dimension=M_.M),
     # clusters of 2 CTAs on neighbouring column (row) tiles, the A (B) tile multicast to both
@@ -390,15 +391,16 @@ SWEEP = {  # named configs for --sweep / --ab (the default is select_config's ch
     # select_config's rule 8 (row stripes of 12, one deferred epilogue tile; rule 9 makes it
     # DW_ROW_STRIPE_CONFIG on dw)
     "row_stripes": mgpu_kernel.ROW_STRIPE_CONFIG,
-    # rule 9's dw tiles (DW_CONFIG) fed differently, where PC sampling of 1b down dw showed its
-    # compute warps waiting on a stage's loads at 12-14 % of all samples, cuBLAS's at about 1 %
-    # (runs s25_ncu_source*): k-steps of 32 in 8 stages (1.5x the bytes in flight; a 64-byte
-    # swizzle), no wgmma group in flight, and 128 x 128 tiles in 6 stages (cuBLAS's nvjet
-    # ..._128x128_64x6_...). Under sustained load at G = 16 on 1b down / qkv and 3b qkv dw
-    # (runs s25_dw_feed*): 0.92x, 0.996-1.003x and 0.76-0.84x "auto"'s speed; 2-CTA clusters
-    # with the 4 deferred tiles (code 1480caf) 0.99-1.00x.
-    # These vary rule 9's tiles as they were up to s25 (DW_COLUMN_SPLIT_CONFIG, "dw_columns");
-    # "dw_rows" is today's DW_CONFIG, the same tiles split by rows (runs s26_rows_*).
+    # rule 9's dw tiles as of s25 (DW_COLUMN_SPLIT_CONFIG) fed differently, where PC sampling
+    # of 1b down dw showed its compute warps waiting on a stage's loads at 12-14 % of all
+    # samples, cuBLAS's at about 1 % (runs s25_ncu_source*): k-steps of 32 in 8 stages (1.5x
+    # the bytes in flight; a 64-byte swizzle), no wgmma group in flight, and 128 x 128 tiles in
+    # 6 stages (cuBLAS's nvjet ..._128x128_64x6_...). Under sustained load at G = 16 on 1b down
+    # / qkv and 3b qkv dw (runs s25_dw_feed*): 0.92x, 0.996-1.003x and 0.76-0.84x the speed of
+    # "auto" then (the column split); 2-CTA clusters with the 4 deferred tiles (code 1480caf)
+    # 0.99-1.00x. "dw_columns" is that split itself; "dw_rows" is today's DW_CONFIG, the same
+    # tiles split by rows (runs s26_rows_*: 0.2-2.1 % faster than "dw_columns" on the seven dw
+    # products timed in the default order).
     **{f"dw_{name}": dataclasses.replace(mgpu_kernel.DW_COLUMN_SPLIT_CONFIG, **kw)
        for name, kw in {"columns": {},
                         "k32": dict(tile_k=32, max_concurrent_steps=8),

@@ -290,17 +290,25 @@ DW_ROW_STRIPE_MIN_LHS_ELEMENTS = 12 * 2**20
 # (the default order deferring 4 on 8b down dw: 0.930). On the forward and dx products 2 or 4
 # deferred tiles were 4-10 % slower (run s15_defer_3b8b). Measured at G = 16 only.
 DW_DEFERRED_EPI_TILES = 4
-# Rule 9 up to s25: the default's split, each warpgroup 128 x 128 (two 64 x 128 wgmma per k16,
-# each reading its B slice again). Kept for the A/B runs that compare against it.
+# Rule 9 in the default order up to s25: the default's split of the 128 x 256 CTA tile by
+# columns, each warpgroup 128 x 128 (two 64 x 128 wgmma per k16, each reading the warpgroup's B
+# slice again).
 DW_COLUMN_SPLIT_CONFIG = dataclasses.replace(DEFAULT_CONFIG,
                                              deferred_epi_tiles=DW_DEFERRED_EPI_TILES)
-# Since s26 the same 128 x 256 CTA tiles split by rows: each warpgroup one 64 x 256 wgmma per
-# k16 (CUTLASS's cooperative split), a sixth less shared memory read per k-step, and its slice
-# of dw's m-minor A one 128-byte swizzle wide. PLACEHOLDER_DW_ROWS
+# Since s26 the same CTA tiles split by rows in the default order: each warpgroup one 64 x 256
+# wgmma per k16 (CUTLASS's cooperative split), which reads a sixth less shared memory per k-step.
+# Sustained-load A/B at G = 16, column split -> row split, speed against cuBLAS (runs
+# s26_rows_dw, s26_rows_all_dw): 1b qkv dw 1.001 / 1.006 -> 1.018 / 1.027, o 1.019 / 1.010 ->
+# 1.026 / 1.028, gate_up 1.019 -> 1.029, down 0.996 / 1.000 -> 1.007 / 1.012, 3b qkv 1.009 /
+# 1.012 -> 1.020 / 1.022, o 1.019 -> 1.028, gate_up 1.035 / 1.029 -> 1.037 / 1.037. In row
+# stripes the split made no difference (3b down and the 8b dw products: -0.8 to +0.9 % in two
+# runs, s26_rows_dw_stripes and s26_rows_all_dw), so the stripes keep the column split; on the
+# forward and dx products on the default tiles it was level or slower (0.98-1.00x, seven
+# products, run s26_rows_fwd). Measured at G = 16 only.
 DW_CONFIG = dataclasses.replace(DW_COLUMN_SPLIT_CONFIG, tile_m=64, tile_n=256,
                                 wg_dimension=MatmulDimension.M)
-DW_ROW_STRIPE_CONFIG = dataclasses.replace(DW_CONFIG, grid_minor_dim=MatmulDimension.M,
-                                           grid_tile_width=ROW_STRIPE_TILES)
+DW_ROW_STRIPE_CONFIG = dataclasses.replace(ROW_STRIPE_CONFIG,
+                                           deferred_epi_tiles=DW_DEFERRED_EPI_TILES)
 # How much better the ping-pong schedule must fill the last wave of tiles than the default one
 # before select_config picks it: at equal fill it ran 1-2 % slower (3b qkv/o, 1b gate_up).
 PINGPONG_MIN_WAVE_GAIN = 0.025
@@ -383,22 +391,27 @@ def select_config(
     9. For dw products on the default tiles or the row stripes, ``DW_CONFIG`` or
        ``DW_ROW_STRIPE_CONFIG``: all ``DW_DEFERRED_EPI_TILES`` epilogue tiles of a warpgroup
        stored under the next tile's first k-steps (dw's k-loops are short); 1.6-5.6 % faster
-       than deferring one under sustained load at G = 16.
+       than deferring one under sustained load at G = 16. In the default order (since s26) the
+       CTA tile is split by rows, a 64 x 256 wgmma per warpgroup: 0.2-2.1 % faster than the
+       column split under sustained load at G = 16 (runs s26_rows_dw, s26_rows_all_dw).
 
     At full load (G = 16), under sustained load (eval/sustained_ab.py: seconds of back-to-back
     calls per config; run s22_sustained_fwd_dx), this runs at or above cuBLAS's speed on 23 of
     the 24 forward and dx products of the Llama-1B/3B/8B diagonal shapes (1.006-1.036x) and at
-    0.996-0.997x on 3b qkv; 11 of the 12 dw products at 1.004-1.042x and 1b down dw at 0.988x
-    (run s23_sustained_dw, with rule 9; on 1b qkv / o dw, 0.2-0.4 ms a call, the GPU idled
-    14-19 % of a traced loop's time between calls, run s23_sustained_trace; with 8 products per
-    dispatch the short products read 0.985-1.007x, run s24_sustained_chain). In device time of
-    bursts cuBLAS leads the dw products by 0-6 % at G = 1 and 4 (run s23_dw_small_g); at G = 16
-    the kernel is ahead on 6 of 12 and at most 2.0 % behind (run s24_dw_auto). Nsight Compute
-    counts 2.5-5.9 % more cycles than cuBLAS on 1b qkv / down and 3b qkv dw, at a 2.4-3.6 %
-    higher clock (run s24_ncu_dw); its compute warps wait on a stage's loads at 13.5 % of the
-    sampled stalls on 1b down dw, cuBLAS's at about 1 % (run s25_ncu_source), and without its
-    loads it runs at 1.08-1.24x cuBLAS's speed (eval/probe_ring.py, run s25_probe_ring). Device
-    time of bursts of 10 calls reads a few percent noisier
+    0.996-0.997x on 3b qkv. On the 12 dw products, with rule 9 as of s26, it ran at 0.997-1.038x
+    cuBLAS's speed (run s26_sustained_dw; 1b down dw 0.997-1.012x over four runs, the other 11
+    at or above cuBLAS in every run that timed today's choice: grouped_matmul_h200.parity.md);
+    before the row split 1b down dw stayed at 0.985-0.997x. On 1b qkv / o dw, 0.2-0.4 ms a
+    call, the GPU idled 14-19 % of a traced loop's time between calls (run
+    s23_sustained_trace; with 8 products per dispatch the short products read 0.985-1.007x
+    on the column split, run s24_sustained_chain). In device time of bursts, on the column
+    split, cuBLAS led the dw products by 0-6 % at G = 1 and 4 (run s23_dw_small_g; the row
+    split is not timed there). Nsight Compute counted 2.5-5.9 % more cycles than cuBLAS on 1b
+    qkv / down and 3b qkv dw on the column split, at a 2.4-3.6 % higher clock (run
+    s24_ncu_dw); its compute warps waited on a stage's loads at 13.5 % of the sampled stalls
+    on 1b down dw, cuBLAS's at about 1 % (run s25_ncu_source), and without its loads it ran
+    at 1.08-1.24x cuBLAS's speed (eval/probe_ring.py, run s25_probe_ring). Device time of
+    bursts of 10 calls reads a few percent noisier
     (eval/results/grouped_matmul_h200.parity.md: every H200 run). Tried and not chosen (within
     noise or slower): 3 stages, unchained tiles (on JAX's pipelines), 128 x 128 tiles with 4 or
     6 stages (cuBLAS's choice for the 1b attention shapes), 256 x 128 and row-split 128 x 192
@@ -408,9 +421,10 @@ def select_config(
     deferred epilogue tiles on forward and dx, ping-pong on dw, CTAs of one compute warpgroup
     (0.71-0.79x; removed), 192 x 256 tiles (failed on the GPU; removed), 192 x 192 tiles of two
     warpgroups splitting the columns (COLUMN_SPLIT_VARIANTS), 2-CTA clusters and 192 x 192 tiles
-    on dw (runs s20_dw_cluster*); on rule 9's dw tiles, k-steps of 32 in 8 stages, no wgmma
-    group in flight, 128 x 128 tiles in 6 stages, 2-CTA clusters (runs s25_dw_feed*:
-    0.76-1.00x) and L2 prefetches ahead of the ring (run s25_dw_prefetch: 0.91-0.94x); and a
+    on dw (runs s20_dw_cluster*); on rule 9's dw tiles (column split), k-steps of 32 in 8
+    stages, no wgmma group in flight, 128 x 128 tiles in 6 stages, 2-CTA clusters (runs s25_dw_feed*:
+    0.76-1.00x) and L2 prefetches ahead of the ring (run s25_dw_prefetch: 0.91-0.94x); the
+    default tiles split by rows on forward and dx (run s26_rows_fwd: 0.98-1.00x); and a
     second, narrow kernel picked per call by ``lax.cond`` (1b o, 1 of 16 groups active: 51 TF/s
     against 191).
     """
