@@ -609,6 +609,22 @@ def test_deferred_epilogue_tiles(defer, k):
                             [(0, 3, 1), (1, 2, 0), (2, 2, 1)], max_offset=1)
 
 
+def test_row_split_with_all_epilogue_tiles_deferred():
+    """Rule 9's dw tiles in miniature: the CTA tile split by rows between the warpgroups (64-row
+    slices; on dw, of an operand stored m-minor, so each slice is a column slice of the shared
+    tile) with all 4 epilogue tiles of a warpgroup deferred. The forward and both gradients
+    against float64 over windows that leave the 4 simulated SMs several tiles, one, or none;
+    ragged m, idle groups zero."""
+    skip_deferral_on_one_core()
+    rng, info = fresh_rng()
+    cfg = dataclasses.replace(mgpu_kernel.DW_CONFIG, tile_n=128, max_concurrent_steps=3,
+                              epi_tile_m=32)
+    assert cfg.wg_dimension == mgpu_kernel.MatmulDimension.M and cfg.cta_tile_m == 128
+    assert len(mgpu_tiles.epilogue_tiles(cfg)) == cfg.deferred_epi_tiles == 4
+    _check_window_gradients(cfg, rng, info, (3, 4, 200, 256, 256),
+                            [(0, 3, 1), (1, 2, 0), (2, 2, 1)], max_offset=1)
+
+
 def test_deferred_epilogue_tiles_refused_where_not_implemented():
     """Ping-pong (whose epilogue already runs under the other warpgroup's main loop), 2-CTA
     clusters (with which an interpret-mode run hung) and a negative count are refused, naming
