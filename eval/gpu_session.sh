@@ -208,9 +208,10 @@
 #   rows_probe probe_ring on 1b down / qkv dw: "auto", dw_rows and ping-pong
 #   sustained_rows_dw, sustained_rows_fwd  the row split under sustained load against "auto"
 #              and cuBLAS: five dw products; seven forward / dx products on the default tiles
-#   sustained_rows_all_dw  rule 9 split by rows ("auto" since s26) against its column split of
-#              s25 (dw_columns, in both tile orders), the row stripes and cuBLAS on all 12 dw
-#              products, after dw_tests
+#   sustained_rows_all_dw  "auto" against rule 9's column split of s25 (dw_columns, in both
+#              tile orders), the row stripes and cuBLAS on all 12 dw products, after dw_tests
+#              (run s26_rows_all_dw at 5f7f9db, where "auto" split every dw tile by rows, the
+#              stripes' too; today's rule 9 keeps the column split in the stripes)
 #   Never pipe a stage through head: a closed pipe ends the script while a profiled process
 #   may run on and hold the GPU (an ncu_dw call of session 23 returned nothing).
 #   NCU_LIMIT_S (default 240) limits ncu in the ncu stages.

@@ -257,8 +257,8 @@ SM_FIT_MAX_COST_RATIO = 0.94
 # At full load the 8b products run at the H200's power limit, where the clock follows the energy
 # per cycle and DRAM traffic is a part of it (Nsight Compute, runs s21_ncu_*: the default order
 # read 12.4-13.2 GB of DRAM per 8b down dx call, cuBLAS 7.1-7.2 GB, and ran 0.3-0.5 % more
-# cycles than cuBLAS at a 3-4 % lower clock). Sustained-load A/B (eval/sustained_ab.py, seconds of back-to-back calls
-# per window, runs s21_sustained*), against cuBLAS, default order -> row stripes of 12:
+# cycles than cuBLAS at a 3-4 % lower clock). Sustained-load A/B (eval/sustained_ab.py,
+# seconds of back-to-back calls per window, runs s21_sustained*), against cuBLAS, default order -> row stripes of 12:
 # 8b down dx 0.984-0.988 -> 1.000-1.003, 8b down 0.997-1.000 -> 1.009-1.010, gate_up dx
 # 1.011-1.013 -> 1.022-1.027, o dx 1.004 -> 1.014, qkv dx 1.003 -> 1.012, o 0.993 -> 1.004; on
 # the 3b shapes 0.4-0.5 % slower (gate_up dx, down): not taken there. Stripes of 8 and 16 rows
@@ -398,10 +398,10 @@ def select_config(
     At full load (G = 16), under sustained load (eval/sustained_ab.py: seconds of back-to-back
     calls per config; run s22_sustained_fwd_dx), this runs at or above cuBLAS's speed on 23 of
     the 24 forward and dx products of the Llama-1B/3B/8B diagonal shapes (1.006-1.036x) and at
-    0.996-0.997x on 3b qkv. On the 12 dw products, with rule 9 as of s26, it ran at 0.997-1.038x
-    cuBLAS's speed (run s26_sustained_dw; 1b down dw 0.997-1.012x over four runs, the other 11
-    at or above cuBLAS in every run that timed today's choice: grouped_matmul_h200.parity.md);
-    before the row split 1b down dw stayed at 0.985-0.997x. On 1b qkv / o dw, 0.2-0.4 ms a
+    0.996-0.997x on 3b qkv. Of the 12 dw products, over every sustained run that timed today's
+    choice (grouped_matmul_h200.parity.md), 11 were at or above cuBLAS in every run and 1b down
+    dw ran at 0.997-1.012x over four runs (before the row split: 0.985-0.997x in every run,
+    s23-s25). On 1b qkv / o dw, 0.2-0.4 ms a
     call, the GPU idled 14-19 % of a traced loop's time between calls (run
     s23_sustained_trace; with 8 products per dispatch the short products read 0.985-1.007x
     on the column split, run s24_sustained_chain). In device time of bursts, on the column
@@ -422,9 +422,10 @@ def select_config(
     (0.71-0.79x; removed), 192 x 256 tiles (failed on the GPU; removed), 192 x 192 tiles of two
     warpgroups splitting the columns (COLUMN_SPLIT_VARIANTS), 2-CTA clusters and 192 x 192 tiles
     on dw (runs s20_dw_cluster*); on rule 9's dw tiles (column split), k-steps of 32 in 8
-    stages, no wgmma group in flight, 128 x 128 tiles in 6 stages, 2-CTA clusters (runs s25_dw_feed*:
-    0.76-1.00x) and L2 prefetches ahead of the ring (run s25_dw_prefetch: 0.91-0.94x); the
-    default tiles split by rows on forward and dx (run s26_rows_fwd: 0.98-1.00x); and a
+    stages, no wgmma group in flight, 128 x 128 tiles in 6 stages, 2-CTA clusters (runs
+    s25_dw_feed*: 0.76-1.00x) and L2 prefetches ahead of the ring (run s25_dw_prefetch:
+    0.91-0.94x); the default tiles split by rows on forward and dx (run s26_rows_fwd:
+    0.98-1.00x); and a
     second, narrow kernel picked per call by ``lax.cond`` (1b o, 1 of 16 groups active: 51 TF/s
     against 191).
     """

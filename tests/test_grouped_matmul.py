@@ -1055,8 +1055,8 @@ GPU_CONFIGS = {
     # the default tiles in row stripes of 12 tiles (select_config's rule 8; at the test shapes'
     # few row tiles a single stripe narrower than 12)
     "row_stripes": mgpu_kernel.ROW_STRIPE_CONFIG,
-    # dw's choices (rule 9): all 4 epilogue tiles deferred, in both tile orders, split by rows;
-    # and split by columns, as up to s25
+    # dw's choices (rule 9): all 4 epilogue tiles deferred; in the default order split by rows
+    # (since s26), in row stripes by columns; and the default order split by columns (to s25)
     "dw": mgpu_kernel.DW_CONFIG,
     "dw_row_stripes": mgpu_kernel.DW_ROW_STRIPE_CONFIG,
     "dw_columns": mgpu_kernel.DW_COLUMN_SPLIT_CONFIG,
