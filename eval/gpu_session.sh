@@ -212,6 +212,9 @@
 #              tile orders), the row stripes and cuBLAS on all 12 dw products, after dw_tests
 #              (run s26_rows_all_dw at 5f7f9db, where "auto" split every dw tile by rows, the
 #              stripes' too; today's rule 9 keeps the column split in the stripes)
+#   rows_bursts  the row split off full load and in bursts: profiled A/B of "auto" against the
+#              column split (dw_columns) and cuBLAS on the seven dw products in the default
+#              tile order at G = 1, 4 and 16 (s26 timed it at G = 16 under sustained load only)
 #   Never pipe a stage through head: a closed pipe ends the script while a profiled process
 #   may run on and hold the GPU (an ncu_dw call of session 23 returned nothing).
 #   NCU_LIMIT_S (default 240) limits ncu in the ncu stages.
@@ -553,6 +556,9 @@ for stage in "${stages[@]}"; do
     sustained_rows_all_dw) dw_tests || continue
            sustained_ab 560 --products "$(diagonal_products dw)" \
              --configs auto,dw_columns,dw_columns@gm12,auto@gm12,xla_einsum --seconds 0.8 --rounds 3 ;;
+    rows_bursts) ab rows_bursts 400 --ab auto,dw_columns,xla_einsum --ab_groups 1,4,16 \
+             --ab_products dw --ab_profile --ab_reps 3 \
+             --ab_shapes 1b:qkv,1b:o,1b:gate_up,1b:down,3b:qkv,3b:o,3b:gate_up ;;
     sustained_rows_fwd) sustained_ab 400 \
              --products 1b:gate_up,3b:qkv,3b:o,3b:down,1b:down:dx,3b:qkv:dx,3b:gate_up:dx \
              --configs auto,rows_64x256,xla_einsum --seconds 1.0 --rounds 3 ;;
@@ -570,7 +576,7 @@ for stage in "${stages[@]}"; do
             "ncu, ncu_dw, ncu_source, sustained, sustained_fwd_dx, sustained_dw, sustained_attention," \
             "sustained_dw_orders, sustained_dw_variants, sustained_trace, sustained_dw_defer," \
             "dw_small_g, dw_tests, sustained_chain, ncu_dw_gm4, sustained_dw_feed, probe_ring, rows_tests," \
-            "rows_probe, sustained_rows_dw, sustained_rows_fwd, sustained_rows_all_dw)"
+            "rows_probe, sustained_rows_dw, sustained_rows_fwd, sustained_rows_all_dw, rows_bursts)"
        exit 2 ;;
   esac
 done
