@@ -313,8 +313,7 @@ SWEEP = {  # named configs for --sweep / --ab (the default is select_config's ch
     # CUTLASS's cooperative split) rather than by columns (two 64 x 128 ones, each reading its
     # B slice again): a sixth less shared-memory reading per k-step. On dw rule 9's choice since
     # s26 ("dw_rows" below); on seven forward / dx products 0.98-1.00x "auto" (run s26_rows_fwd)
-    "rows_64x256": dataclasses.replace(mgpu_kernel.DEFAULT_CONFIG, tile_m=64, tile_n=256,
-                                       wg_dimension=M_.M),
+    "rows_64x256": mgpu_kernel.ROW_SPLIT_CONFIG,
     # clusters of 2 CTAs on neighbouring column (row) tiles, the A (B) tile multicast to both
     **{f"cluster_{d.name.lower()}": mgpu_kernel.TuningConfig(cluster_dimension=d) for d in M_},
     # the whole 128 x 128 warpgroup tile staged for the epilogue (no waits on earlier TMA
@@ -407,8 +406,8 @@ SWEEP = {  # named configs for --sweep / --ab (the default is select_config's ch
                         "delay0": dict(delay_release=0),
                         "128x128_s6": dict(tile_m=64, tile_n=128, wg_dimension=M_.M,
                                            max_concurrent_steps=6, deferred_epi_tiles=2),
-                        "rows": dict(tile_m=64, tile_n=256, wg_dimension=M_.M),
                         }.items()},
+    "dw_rows": mgpu_kernel.DW_CONFIG,
 }
 
 

@@ -208,6 +208,8 @@
 #   rows_probe probe_ring on 1b down / qkv dw: "auto", dw_rows and ping-pong
 #   sustained_rows_dw, sustained_rows_fwd  the row split under sustained load against "auto"
 #              and cuBLAS: five dw products; seven forward / dx products on the default tiles
+#              (rows_probe and sustained_rows_dw ran at 8c2c145, where "auto" on dw was the
+#              column split; today "auto" is dw_rows there, so compare dw_columns instead)
 #   sustained_rows_all_dw  "auto" against rule 9's column split of s25 (dw_columns, in both
 #              tile orders), the row stripes and cuBLAS on all 12 dw products, after dw_tests
 #              (run s26_rows_all_dw at 5f7f9db, where "auto" split every dw tile by rows, the

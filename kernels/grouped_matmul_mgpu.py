@@ -82,6 +82,7 @@ from kernels.tuning import (  # noqa: F401
     NARROW_CONFIG,
     PINGPONG_CONFIG,
     PINGPONG_MIN_WAVE_GAIN,
+    ROW_SPLIT_CONFIG,
     ROW_STRIPE_CONFIG,
     SM_FIT_DX_CONFIG,
     SM_FIT_VARIANTS,

@@ -258,7 +258,8 @@ SM_FIT_MAX_COST_RATIO = 0.94
 # per cycle and DRAM traffic is a part of it (Nsight Compute, runs s21_ncu_*: the default order
 # read 12.4-13.2 GB of DRAM per 8b down dx call, cuBLAS 7.1-7.2 GB, and ran 0.3-0.5 % more
 # cycles than cuBLAS at a 3-4 % lower clock). Sustained-load A/B (eval/sustained_ab.py,
-# seconds of back-to-back calls per window, runs s21_sustained*), against cuBLAS, default order -> row stripes of 12:
+# seconds of back-to-back calls per window, runs s21_sustained*), against cuBLAS, default
+# order -> row stripes of 12:
 # 8b down dx 0.984-0.988 -> 1.000-1.003, 8b down 0.997-1.000 -> 1.009-1.010, gate_up dx
 # 1.011-1.013 -> 1.022-1.027, o dx 1.004 -> 1.014, qkv dx 1.003 -> 1.012, o 0.993 -> 1.004; on
 # the 3b shapes 0.4-0.5 % slower (gate_up dx, down): not taken there. Stripes of 8 and 16 rows
@@ -295,8 +296,12 @@ DW_DEFERRED_EPI_TILES = 4
 # slice again).
 DW_COLUMN_SPLIT_CONFIG = dataclasses.replace(DEFAULT_CONFIG,
                                              deferred_epi_tiles=DW_DEFERRED_EPI_TILES)
-# Since s26 the same CTA tiles split by rows in the default order: each warpgroup one 64 x 256
-# wgmma per k16 (CUTLASS's cooperative split), which reads a sixth less shared memory per k-step.
+# The default's CTA tiles split by rows: each warpgroup one 64 x 256 wgmma per k16 (CUTLASS's
+# cooperative split), which reads a sixth less shared memory per k-step. Level or slower on the
+# forward and dx products (run s26_rows_fwd); dw's choice in the default order.
+ROW_SPLIT_CONFIG = dataclasses.replace(DEFAULT_CONFIG, tile_m=64, tile_n=256,
+                                       wg_dimension=MatmulDimension.M)
+# Since s26 rule 9 takes the row split in the default order.
 # Sustained-load A/B at G = 16, column split -> row split, speed against cuBLAS (runs
 # s26_rows_dw, s26_rows_all_dw): 1b qkv dw 1.001 / 1.006 -> 1.018 / 1.027, o 1.019 / 1.010 ->
 # 1.026 / 1.028, gate_up 1.019 -> 1.029, down 0.996 / 1.000 -> 1.007 / 1.012, 3b qkv 1.009 /
@@ -305,8 +310,7 @@ DW_COLUMN_SPLIT_CONFIG = dataclasses.replace(DEFAULT_CONFIG,
 # runs, s26_rows_dw_stripes and s26_rows_all_dw), so the stripes keep the column split; on the
 # forward and dx products on the default tiles it was level or slower (0.98-1.00x, seven
 # products, run s26_rows_fwd). Measured at G = 16 only.
-DW_CONFIG = dataclasses.replace(DW_COLUMN_SPLIT_CONFIG, tile_m=64, tile_n=256,
-                                wg_dimension=MatmulDimension.M)
+DW_CONFIG = dataclasses.replace(ROW_SPLIT_CONFIG, deferred_epi_tiles=DW_DEFERRED_EPI_TILES)
 DW_ROW_STRIPE_CONFIG = dataclasses.replace(ROW_STRIPE_CONFIG,
                                            deferred_epi_tiles=DW_DEFERRED_EPI_TILES)
 # How much better the ping-pong schedule must fill the last wave of tiles than the default one
@@ -401,17 +405,16 @@ def select_config(
     0.996-0.997x on 3b qkv. Of the 12 dw products, over every sustained run that timed today's
     choice (grouped_matmul_h200.parity.md), 11 were at or above cuBLAS in every run and 1b down
     dw ran at 0.997-1.012x over four runs (before the row split: 0.985-0.997x in every run,
-    s23-s25). On 1b qkv / o dw, 0.2-0.4 ms a
-    call, the GPU idled 14-19 % of a traced loop's time between calls (run
-    s23_sustained_trace; with 8 products per dispatch the short products read 0.985-1.007x
-    on the column split, run s24_sustained_chain). In device time of bursts, on the column
-    split, cuBLAS led the dw products by 0-6 % at G = 1 and 4 (run s23_dw_small_g; the row
-    split is not timed there). Nsight Compute counted 2.5-5.9 % more cycles than cuBLAS on 1b
-    qkv / down and 3b qkv dw on the column split, at a 2.4-3.6 % higher clock (run
-    s24_ncu_dw); its compute warps waited on a stage's loads at 13.5 % of the sampled stalls
-    on 1b down dw, cuBLAS's at about 1 % (run s25_ncu_source), and without its loads it ran
-    at 1.08-1.24x cuBLAS's speed (eval/probe_ring.py, run s25_probe_ring). Device time of
-    bursts of 10 calls reads a few percent noisier
+    s23-s25). On 1b qkv / o dw, 0.2-0.4 ms a call, the GPU idled 14-19 % of a traced loop's
+    time between calls (run s23_sustained_trace; with 8 products per dispatch the short
+    products read 0.985-1.007x on the column split, run s24_sustained_chain). In device time
+    of bursts, on the column split, cuBLAS led the dw products by 0-6 % at G = 1 and 4 (run
+    s23_dw_small_g; the row split is not timed there). Nsight Compute counted 2.5-5.9 % more
+    cycles than cuBLAS on 1b qkv / down and 3b qkv dw on the column split, at a 2.4-3.6 %
+    higher clock (run s24_ncu_dw); its compute warps waited on a stage's loads at 13.5 % of the
+    sampled stalls on 1b down dw, cuBLAS's at about 1 % (run s25_ncu_source), and without its
+    loads it ran at 1.08-1.24x cuBLAS's speed (eval/probe_ring.py, run s25_probe_ring). Device
+    time of bursts of 10 calls reads a few percent noisier
     (eval/results/grouped_matmul_h200.parity.md: every H200 run). Tried and not chosen (within
     noise or slower): 3 stages, unchained tiles (on JAX's pipelines), 128 x 128 tiles with 4 or
     6 stages (cuBLAS's choice for the 1b attention shapes), 256 x 128 and row-split 128 x 192
@@ -425,9 +428,8 @@ def select_config(
     stages, no wgmma group in flight, 128 x 128 tiles in 6 stages, 2-CTA clusters (runs
     s25_dw_feed*: 0.76-1.00x) and L2 prefetches ahead of the ring (run s25_dw_prefetch:
     0.91-0.94x); the default tiles split by rows on forward and dx (run s26_rows_fwd:
-    0.98-1.00x); and a
-    second, narrow kernel picked per call by ``lax.cond`` (1b o, 1 of 16 groups active: 51 TF/s
-    against 191).
+    0.98-1.00x); and a second, narrow kernel picked per call by ``lax.cond`` (1b o, 1 of 16
+    groups active: 51 TF/s against 191).
     """
     num_sms = num_sms_of_device() if num_sms is None else num_sms
     a_shape = (num_groups, k, m) if transpose_lhs else (num_groups, m, k)

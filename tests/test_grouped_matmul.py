@@ -1040,8 +1040,7 @@ GPU_CONFIGS = {
         tile_m=64, tile_n=192, wg_dimension=mgpu_kernel.MatmulDimension.M),
     # the default's 128 x 256 CTA tiles split by rows (a 64 x 256 wgmma per warpgroup; dw's
     # choice since s26, "dw" below)
-    "rows_64x256": dataclasses.replace(mgpu_kernel.DEFAULT_CONFIG, tile_m=64, tile_n=256,
-                                       wg_dimension=mgpu_kernel.MatmulDimension.M),
+    "rows_64x256": mgpu_kernel.ROW_SPLIT_CONFIG,
     "narrow": mgpu_kernel.NARROW_CONFIG,
     # 2-CTA clusters (the shared operand tile multicast) on the default tiles
     "cluster_n": mgpu_kernel.TuningConfig(cluster_dimension=mgpu_kernel.MatmulDimension.N),
