@@ -217,6 +217,10 @@
 #   rows_bursts  the row split off full load and in bursts: profiled A/B of "auto" against the
 #              column split (dw_columns) and cuBLAS on the seven dw products in the default
 #              tile order at G = 1, 4 and 16 (s26 timed it at G = 16 under sustained load only)
+#   borderline the three products that dipped below cuBLAS in some sustained run up to s26 (3b
+#              qkv, 8b down dx, 1b down dw): "auto" against cuBLAS, 10 rounds of 1 s windows,
+#              so that their ratio has a spread of its own, not one of 3 rounds (~2 min);
+#              PRODUCTS=... ROUNDS=... time others the same way
 #   Never pipe a stage through head: a closed pipe ends the script while a profiled process
 #   may run on and hold the GPU (an ncu_dw call of session 23 returned nothing).
 #   NCU_LIMIT_S (default 240) limits ncu in the ncu stages.
@@ -564,6 +568,8 @@ for stage in "${stages[@]}"; do
     sustained_rows_fwd) sustained_ab 400 \
              --products 1b:gate_up,3b:qkv,3b:o,3b:down,1b:down:dx,3b:qkv:dx,3b:gate_up:dx \
              --configs auto,rows_64x256,xla_einsum --seconds 1.0 --rounds 3 ;;
+    borderline) sustained_ab 300 --products "${PRODUCTS:-3b:qkv,8b:down:dx,1b:down:dw}" \
+             --configs auto,xla_einsum --seconds 1.0 --rounds "${ROUNDS:-10}" ;;
     sustained_fwd_dx) sustained_ab 560 --products "$(diagonal_products fwd dx)" \
              --configs auto,xla_einsum --seconds 1.2 --rounds 3 ;;
     sustained_dw) sustained_ab 560 --products "$(diagonal_products dw)" \
@@ -578,7 +584,7 @@ for stage in "${stages[@]}"; do
             "ncu, ncu_dw, ncu_source, sustained, sustained_fwd_dx, sustained_dw, sustained_attention," \
             "sustained_dw_orders, sustained_dw_variants, sustained_trace, sustained_dw_defer," \
             "dw_small_g, dw_tests, sustained_chain, ncu_dw_gm4, sustained_dw_feed, probe_ring, rows_tests," \
-            "rows_probe, sustained_rows_dw, sustained_rows_fwd, sustained_rows_all_dw, rows_bursts)"
+            "rows_probe, sustained_rows_dw, sustained_rows_fwd, sustained_rows_all_dw, rows_bursts, borderline)"
        exit 2 ;;
   esac
 done

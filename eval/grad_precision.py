@@ -8,14 +8,20 @@ kept a state or a sum in a narrower dtype would show a larger error than the oth
 compare schedules through one first-step gradient norm, which rounding alone moves by a factor of
 two and more on this model (eval/results/reproducibility_h200.md), so this is where the
 schedules' precision is compared. XLA matmuls (the kernels' precision is checked against XLA
-in tests/test_grouped_matmul.py).
+in tests/test_grouped_matmul.py). On a GPU the float32 gradients are computed at the "highest"
+matmul precision (XLA's default there rounds float32 matmul inputs to TF32).
 
     python -m eval.grad_precision --size mid --tokens 4096     # CPU: ~5 minutes
+    python -m eval.grad_precision --size 1b --tokens 16384     # H200: over 6 minutes
+
+(On the H200 the 1b model's sequential float32 step took 69 s, its diagonal one over 290 s,
+compile included; train_h200.md.)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 
@@ -32,7 +38,10 @@ def gradients(schedule: str, dtype, cfg, armt, params, batch):
                        loss_mask=batch["loss_mask"], lengths=batch["lengths"], remat=True,
                        gmm_impl="xla").loss
 
-    return jax.jit(jax.value_and_grad(loss))(params)
+    precision = (jax.default_matmul_precision("highest") if dtype == jax.numpy.float32
+                 else contextlib.nullcontext())
+    with precision:
+        return jax.jit(jax.value_and_grad(loss))(params)
 
 
 def main(argv=None) -> int:
@@ -55,8 +64,10 @@ def main(argv=None) -> int:
     for schedule, dtype in variants:
         t0 = time.perf_counter()
         loss, g = gradients(schedule, dtype, cfg, armt, params, batch)
-        grads[schedule, dtype] = jax.tree.map(lambda a: np.asarray(a, np.float64), g)
-        norm = np.sqrt(sum(float((a ** 2).sum()) for a in jax.tree.leaves(grads[schedule, dtype])))
+        # Kept on the device in float32: the 1b model's four gradients would take 40 GB as
+        # float64 on the host, and float32 resolves the ~1e-6 differences compared here.
+        grads[schedule, dtype] = g = jax.tree.map(lambda a: a.astype(jnp.float32), g)
+        norm = np.sqrt(sum(float(jnp.vdot(a, a)) for a in jax.tree.leaves(g)))
         print(f"{schedule:10s} {jnp.dtype(dtype).name:8s} loss {float(loss):.6f}"
               f"  gradient norm {norm:.4f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     ref = grads["sequential", jnp.float32]
@@ -67,8 +78,8 @@ def main(argv=None) -> int:
     others = [grads[v] for v in variants[1:]]
     for (path, r), *got in zip(jax.tree_util.tree_leaves_with_path(ref),
                                *map(jax.tree.leaves, others), strict=True):
-        norm = float(np.linalg.norm(r))
-        errs = [float(np.linalg.norm(g - r)) / max(norm, 1e-30) for g in got]
+        norm = float(jnp.linalg.norm(r))
+        errs = [float(jnp.linalg.norm(g - r)) / max(norm, 1e-30) for g in got]
         print(f"| {jax.tree_util.keystr(path)} | {norm:.4g} | "
               + " | ".join(f"{e:.2e}" for e in errs) + " |")
     return 0
