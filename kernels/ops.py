@@ -13,7 +13,8 @@ Implementations (``impl``):
 * ``"xla"``: ``jnp.einsum`` over all groups, then idle groups selected to zero
   (the oracle; idle groups cost full price here).
 * ``"pallas"``: the Hopper Mosaic GPU kernel (grouped_matmul_mgpu.py); idle
-  groups launch no matmul work. Raises ValueError for problems it cannot serve.
+  groups launch no matmul work. Raises ValueError for problems it cannot serve
+  and off a Hopper GPU.
 * ``"interpret"``: the same Mosaic GPU kernel run by Pallas' GPU interpret mode
   (on CPU; small default tiles), for tests.
 * ``"auto"``: ``"pallas"`` on a Hopper GPU when the kernel serves the problem
@@ -122,13 +123,20 @@ def _kernel_serves(a, b, out_dtype, transpose_lhs, transpose_rhs, impl, cfg, str
         config=cfg, interpret=impl == "interpret", swiglu=swiglu)
     if impl == "auto":
         return reason is None and on_hopper()
+    op = "grouped_matmul_swiglu" if swiglu else "grouped_matmul"
     if reason is not None and strict:
-        op = "grouped_matmul_swiglu" if swiglu else "grouped_matmul"
         raise ValueError(
             f"{op}(impl={impl!r}): the Mosaic GPU kernel cannot serve"
             f" a {tuple(a.shape)} {a.dtype} @ b {tuple(b.shape)} {b.dtype}"
             f" -> {jnp.dtype(out_dtype)} (transpose_lhs={transpose_lhs},"
             f" transpose_rhs={transpose_rhs}): {reason}"
+        )
+    if reason is None and impl == "pallas" and not on_hopper():
+        # Otherwise Pallas fails in lowering with a message that names neither op nor fix.
+        raise ValueError(
+            f"{op}(impl='pallas'): the Mosaic GPU kernel needs a Hopper (sm_90) GPU, and the"
+            f" default device is {jax.devices()[0].device_kind!r}; use impl='auto' (XLA off"
+            f" Hopper) or impl='interpret' (the kernel simulated on the CPU)"
         )
     return reason is None
 

@@ -941,6 +941,11 @@ def test_errors():
         kernels.grouped_matmul(x, jnp.zeros((2, 64, 1), jnp.bfloat16), impl="interpret")
     with pytest.raises(ValueError, match="float32"):
         kernels.grouped_matmul(x.astype(jnp.float32), w.astype(jnp.float32), impl="pallas")
+    if not kernels.on_hopper():    # a shape the kernel serves, off Hopper: an error naming the fix
+        xs, ws = jnp.zeros((2, 128, 64), jnp.bfloat16), jnp.zeros((2, 64, 512), jnp.bfloat16)
+        for op in (kernels.grouped_matmul, kernels.grouped_matmul_swiglu):
+            with pytest.raises(ValueError, match=r"impl='pallas'.*Hopper.*impl='interpret'"):
+                op(xs, ws, impl="pallas")
     with pytest.raises(ValueError, match="active"):
         kernels.grouped_matmul(x, w, active=3)
     with pytest.raises(ValueError, match=r"Gw >= G.*\(1, 64, 128\)"):
