@@ -32,6 +32,9 @@ class ArmtOutput(NamedTuple):
 
 def layer_weights(params: dict) -> tuple[dict, dict]:
     """Per-layer Llama weights and per-layer memory weights (both stacked [L, ...])."""
+    if "memory" not in params:
+        raise ValueError("params have no 'memory' (ARMT) weights, only a plain Llama's: make them"
+                         " with init_params(key, cfg, armt) or load_hf(path, armt=armt)")
     mp = {k: v for k, v in params["memory"].items() if k != "mem_tokens"}
     return params["layers"], mp
 
@@ -130,6 +133,3 @@ def check_output(output: str) -> None:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
 
 
-def check_tokens(tokens: jax.Array) -> None:
-    if not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")

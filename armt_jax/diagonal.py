@@ -33,11 +33,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from armt_jax.armt import (ArmtOutput, Segmentation, armt_layer_group, check_output, check_tokens,
+from armt_jax.armt import (ArmtOutput, Segmentation, armt_layer_group, check_output,
                            cross_entropy_sums, layer_weights, segment, segment_input,
                            sequence_lengths)
 from armt_jax.config import ArmtConfig, LlamaConfig
-from armt_jax.layers import head, rope_tables
+from armt_jax.layers import check_tokens, head, rope_tables
 from armt_jax.memory import state_dtype, zero_state
 
 
@@ -69,7 +69,7 @@ def diagonal_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, armt: Ar
     segment count).
     """
     check_output(output)
-    check_tokens(tokens)
+    check_tokens(tokens, cfg.vocab_size)
     B, n = tokens.shape
     if n == 0:
         raise ValueError("tokens has length 0")

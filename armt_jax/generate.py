@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from armt_jax import memory
-from armt_jax.armt import check_tokens, layer_weights, sequence_lengths
+from armt_jax.armt import layer_weights, sequence_lengths
 from armt_jax.config import ArmtConfig, LlamaConfig
-from armt_jax.layers import (attention_output, dot_product_attention, embed, head, mlp, qkv_heads,
-                             rms_norm, rope_tables)
+from armt_jax.layers import (attention_output, check_tokens, dot_product_attention, embed, head,
+                             mlp, qkv_heads, rms_norm, rope_tables)
 from armt_jax.memory import MemoryState, state_dtype, zero_state
 from armt_jax.schedules import schedule_forward
 
@@ -46,7 +46,7 @@ def generate(params, tokens, cfg: LlamaConfig, armt: ArmtConfig, *, max_new_toke
     Greedy when temperature == 0, else sampling with optional top-k / top-p (then `key` is
     required). Stops a sequence at any of eos_token_ids (default: the config's) or after
     max_new_tokens."""
-    check_tokens(tokens)
+    check_tokens(tokens, cfg.vocab_size)
     B, n = tokens.shape
     if n == 0:
         raise ValueError("generate needs a non-empty context")

@@ -165,6 +165,24 @@ def decoder_layer_group(lp: dict, x: jax.Array, cos, sin, cfg: LlamaConfig, *, a
                    layer_offset=layer_offset)
 
 
+def check_tokens(tokens: jax.Array, vocab_size: int | None = None) -> None:
+    """tokens: integer ids [batch, length]. Ids outside [0, vocab_size) are refused where the
+    tokens are concrete; under jit they cannot be checked, and the embedding lookup then reads
+    NaN for them (JAX's out-of-bounds gather), which spreads through attention."""
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, length], got shape {tuple(tokens.shape)}")
+    if vocab_size is None or isinstance(tokens, jax.core.Tracer) or tokens.size == 0:
+        return
+    ids = np.asarray(tokens)
+    outside = (ids < 0) | (ids >= vocab_size)
+    if outside.any():
+        b, i = np.argwhere(outside)[0]
+        raise ValueError(f"token id {ids[b, i]} at [{b}, {i}] is outside the vocabulary"
+                         f" [0, {vocab_size}) ({int(outside.sum())} such ids)")
+
+
 def embed(params: dict, tokens: jax.Array) -> jax.Array:
     return jnp.take(params["embed"], tokens, axis=0)
 
@@ -210,6 +228,7 @@ def llama_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, *, output: 
                   attn_impl=None, gmm_impl="auto") -> jax.Array:
     """Plain Llama over the whole input (full attention): the Hugging Face model's function, and
     the baseline long-context users would otherwise pick."""
+    check_tokens(tokens, cfg.vocab_size)
     x = embed(params, tokens)[None]                                     # [1, B, n, D]
     cos, sin = rope_tables(cfg, jnp.arange(tokens.shape[1]), x.dtype)
 

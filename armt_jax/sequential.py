@@ -9,10 +9,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from armt_jax.armt import (ArmtOutput, armt_layer_group, check_output, check_tokens,
+from armt_jax.armt import (ArmtOutput, armt_layer_group, check_output,
                            cross_entropy_sums, layer_weights, segment, segment_input)
 from armt_jax.config import ArmtConfig, LlamaConfig
-from armt_jax.layers import head, rope_tables
+from armt_jax.layers import check_tokens, head, rope_tables
 from armt_jax.memory import MemoryState, state_dtype, zero_state
 
 
@@ -33,7 +33,7 @@ def sequential_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, armt: 
     its loss, in the backward pass (it keeps N x the memory state and each segment's output).
     """
     check_output(output)
-    check_tokens(tokens)
+    check_tokens(tokens, cfg.vocab_size)
     T, M = armt.segment_size, armt.num_mem_tokens
     B, n = tokens.shape
     seg = segment(tokens, T, loss_mask, lengths)

@@ -229,3 +229,37 @@ def test_lengths_are_validated(rng):
     with pytest.raises(ValueError, match=r"lengths must lie in \[0, 9\].*\[-1, 10\]"):
         sequential_forward(params, jnp.zeros((2, 9), jnp.int32), TINY, acfg,
                            lengths=jnp.array([-1, 10]))
+
+
+def test_token_ids_are_validated(rng):
+    """Every entry point refuses concrete ids outside the vocabulary (JAX's out-of-bounds gather
+    would read NaN embeddings, which attention spreads to every output), non-[B, n] tokens, and
+    params without the memory's weights, each naming what is wrong."""
+    from armt_jax.diagonal import diagonal_forward
+    from armt_jax.generate import generate
+
+    acfg = ArmtConfig(segment_size=8, num_mem_tokens=2, d_mem=16)
+    params = random_params(rng, TINY, acfg)
+    V = TINY.vocab_size
+    tokens = np.asarray(rng.integers(0, V, (2, 11)), np.int32)
+    entry_points = {
+        "sequential": lambda t, p=params: sequential_forward(p, t, TINY, acfg),
+        "diagonal": lambda t, p=params: diagonal_forward(p, t, TINY, acfg),
+        "generate": lambda t, p=params: generate(p, t, TINY, acfg, max_new_tokens=1),
+        "llama": lambda t, p=params: layers.llama_forward(p, t, TINY),
+    }
+    edge = tokens.copy()
+    edge[1, 7], edge[0, 3] = V - 1, 0        # the vocabulary's ends are ids like any other
+    for name, run in entry_points.items():
+        run(jnp.asarray(edge))
+        for bad, (b, i) in ((V, (1, 7)), (-1, (0, 3))):
+            t = tokens.copy()
+            t[b, i] = bad
+            with pytest.raises(ValueError, match=rf"token id {bad} at \[{b}, {i}\].*\[0, {V}\)"):
+                run(jnp.asarray(t))
+        with pytest.raises(ValueError, match=r"\[batch, length\].*\(11,\)"):
+            run(jnp.asarray(tokens[0]))
+    plain = {k: v for k, v in params.items() if k != "memory"}
+    for name in ("sequential", "diagonal", "generate"):
+        with pytest.raises(ValueError, match="no 'memory'.*init_params"):
+            entry_points[name](jnp.asarray(tokens), plain)
