@@ -250,7 +250,7 @@ def test_token_ids_are_validated(rng):
     }
     edge = tokens.copy()
     edge[1, 7], edge[0, 3] = V - 1, 0        # the vocabulary's ends are ids like any other
-    for name, run in entry_points.items():
+    for run in entry_points.values():
         run(jnp.asarray(edge))
         for bad, (b, i) in ((V, (1, 7)), (-1, (0, 3))):
             t = tokens.copy()
