@@ -98,9 +98,8 @@ class Segmentation(NamedTuple):
 def segment(tokens: jax.Array, segment_size: int, loss_mask: jax.Array | None = None,
             lengths: jax.Array | None = None) -> Segmentation:
     """Cut [B, n] tokens into left-aligned segments of T; a sequence's last one may be shorter.
-    lengths [B]: real tokens of each sequence (default n); later positions are padding."""
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    lengths [B]: real tokens of each sequence (default n); later positions are padding. The
+    callers have checked tokens (layers.check_tokens)."""
     B, n = tokens.shape
     if n == 0:
         raise ValueError("tokens has length 0")
