@@ -408,6 +408,9 @@ SWEEP = {  # named configs for --sweep / --ab (the default is select_config's ch
                                            max_concurrent_steps=6, deferred_epi_tiles=2),
                         }.items()},
     "dw_rows": mgpu_kernel.DW_CONFIG,
+    # 128 x 320 tiles split by rows, two wgmma accumulators a warpgroup (256 + 64 columns):
+    # 3b qkv's n = 5120 in 16 column tiles, 33 full waves at G = 16
+    **mgpu_kernel.WIDE_ROW_SPLIT_VARIANTS,
 }
 
 

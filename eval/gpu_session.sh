@@ -221,6 +221,14 @@
 #              qkv, 8b down dx, 1b down dw): "auto" against cuBLAS, 10 rounds of 1 s windows,
 #              so that their ratio has a spread of its own, not one of 3 rounds (~2 min);
 #              PRODUCTS=... ROUNDS=... time others the same way
+#   wide_tests the 128 x 320 tiles split by rows (two wgmma accumulators a warpgroup; SWEEP
+#              rows_128x320*): their GPU tests (weight offsets; forward and both gradients)
+#   sustained_wide  after wide_tests, the 128 x 320 tiles under sustained load against "auto"
+#              and cuBLAS on 3b qkv and 3b qkv dw (n = 5120: 33 full waves of 128 x 320 tiles
+#              at G = 16, against 41.2 of the default's), 1 s windows, 6 rounds (~2 min)
+#   wide_n192  the 128 x 320 tiles' registers and spills (eval/ptxas_report.py) beside "auto"'s,
+#              then under sustained load on 3b qkv with chunks of 192 + 128 columns (with and
+#              without the deferred epilogue tile), after all five wide configs' GPU tests
 #   Never pipe a stage through head: a closed pipe ends the script while a profiled process
 #   may run on and hold the GPU (an ncu_dw call of session 23 returned nothing).
 #   NCU_LIMIT_S (default 240) limits ncu in the ncu stages.
@@ -570,6 +578,21 @@ for stage in "${stages[@]}"; do
              --configs auto,rows_64x256,xla_einsum --seconds 1.0 --rounds 3 ;;
     borderline) sustained_ab 300 --products "${PRODUCTS:-3b:qkv,8b:down:dx,1b:down:dw}" \
              --configs auto,xla_einsum --seconds 1.0 --rounds "${ROUNDS:-10}" ;;
+    wide_tests) tests_pass wide_tests 300 3 tests/test_grouped_matmul.py \
+             "gpu_weight_offset and 320" ;;
+    sustained_wide) tests_pass wide_tests 300 3 tests/test_grouped_matmul.py \
+             "gpu_weight_offset and 320" || continue
+           sustained_ab 400 --products 3b:qkv,3b:qkv:dw \
+             --configs auto,rows_128x320,rows_128x320_k32,rows_128x320_dw,xla_einsum \
+             --seconds 1.0 --rounds "${ROUNDS:-6}" ;;
+    wide_n192) tests_pass wide_tests 300 5 tests/test_grouped_matmul.py \
+             "gpu_weight_offset and 320" || continue
+           timeout 200 python3 eval/ptxas_report.py --products 3b:qkv \
+             --configs auto,rows_64x256,rows_128x320,rows_128x320_dw,rows_128x320_n192,rows_128x320_n192_d0 \
+             2>&1 | quiet | tee "$OUT/wide_ptxas.md"
+           sustained_ab 300 --products 3b:qkv \
+             --configs auto,rows_128x320_n192,rows_128x320_n192_d0,xla_einsum \
+             --seconds 1.0 --rounds "${ROUNDS:-5}" ;;
     sustained_fwd_dx) sustained_ab 560 --products "$(diagonal_products fwd dx)" \
              --configs auto,xla_einsum --seconds 1.2 --rounds 3 ;;
     sustained_dw) sustained_ab 560 --products "$(diagonal_products dw)" \
@@ -584,7 +607,8 @@ for stage in "${stages[@]}"; do
             "ncu, ncu_dw, ncu_source, sustained, sustained_fwd_dx, sustained_dw, sustained_attention," \
             "sustained_dw_orders, sustained_dw_variants, sustained_trace, sustained_dw_defer," \
             "dw_small_g, dw_tests, sustained_chain, ncu_dw_gm4, sustained_dw_feed, probe_ring, rows_tests," \
-            "rows_probe, sustained_rows_dw, sustained_rows_fwd, sustained_rows_all_dw, rows_bursts, borderline)"
+            "rows_probe, sustained_rows_dw, sustained_rows_fwd, sustained_rows_all_dw, rows_bursts, borderline," \
+            "wide_tests, sustained_wide, wide_n192)"
        exit 2 ;;
   esac
 done

@@ -43,6 +43,9 @@ Structure (after jax's ``pallas/ops/gpu/hopper_matmul_mgpu.py``):
   the SMs' waves clearly better, and 192 x 192 tiles on products of many tiles
   where they cost no more than the default (the 1b shapes at G = 16) or, in
   2-CTA clusters along n, at most 1 % more (8b qkv and gate/up);
+* a warpgroup tile wider than one wgmma (``tile_n`` > 256: the 128 x 320 tiles of
+  ``WIDE_ROW_SPLIT_VARIANTS``, measured, not chosen) keeps its accumulator in column chunks,
+  one wgmma per chunk and k-step;
 * with ``pingpong`` (``pingpong_mgpu.py``) the two compute warpgroups work on
   different tiles instead and take turns on the tensor cores, each one's
   epilogue under the other's main loop; ``select_config`` picks it where its
@@ -92,6 +95,8 @@ from kernels.tuning import (  # noqa: F401
     THREE_WG_VARIANTS,
     WIDE_CLUSTER_CONFIGS,
     WIDE_CLUSTER_N_CONFIG,
+    WIDE_ROW_SPLIT_CONFIG,
+    WIDE_ROW_SPLIT_VARIANTS,
     WIDE_THREE_WG_CONFIG,
     MatmulDimension,
     TuningConfig,

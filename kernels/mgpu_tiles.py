@@ -98,10 +98,15 @@ def epilogue_tiles(c: TuningConfig):
             for ni in range(c.tile_n // c.epi_tile_n)]
 
 
-def epilogue_part(tile, c: TuningConfig, epi_mi, epi_ni):
-    """Epilogue tile (epi_mi, epi_ni) of a warpgroup's (tile_m, tile_n) output value."""
-    return tile[epi_mi * c.epi_tile_m:(epi_mi + 1) * c.epi_tile_m,
-                epi_ni * c.epi_tile_n:(epi_ni + 1) * c.epi_tile_n]
+def epilogue_part(chunks, c: TuningConfig, epi_mi, epi_ni):
+    """Epilogue tile (epi_mi, epi_ni) of a warpgroup's (tile_m, tile_n) output value, given
+    as the values of its wgmma column chunks (``c.n_chunks``; each epilogue tile lies in one)."""
+    col = epi_ni * c.epi_tile_n
+    for (offset, width), chunk in zip(c.n_chunks, chunks, strict=True):
+        if offset <= col < offset + width:
+            return chunk[epi_mi * c.epi_tile_m:(epi_mi + 1) * c.epi_tile_m,
+                         col - offset:col - offset + c.epi_tile_n]
+    raise AssertionError((col, c.n_chunks))
 
 
 def store_epilogue_tile(part, out_smem_wg, c: TuningConfig, e: int, dst):
@@ -116,17 +121,18 @@ def store_epilogue_tile(part, out_smem_wg, c: TuningConfig, e: int, dst):
     plgpu.copy_smem_to_gmem(out_smem_wg.at[slot], dst)
 
 
-def store_tile(out, out_smem_wg, c: TuningConfig, dst, defer: int = 0):
-    """TMA-stores a warpgroup's (tile_m, tile_n) tile (already cast) through its shared-memory
-    slots, epilogue tile by epilogue tile; dst(epi_mi, epi_ni) is the destination in GMEM.
+def store_tile(chunks, out_smem_wg, c: TuningConfig, dst, defer: int = 0):
+    """TMA-stores a warpgroup's (tile_m, tile_n) tile (already cast; the values of its wgmma
+    column chunks, ``c.n_chunks``) through its shared-memory slots, epilogue tile by epilogue
+    tile; dst(epi_mi, epi_ni) is the destination in GMEM.
     The last ``defer`` epilogue tiles are not stored but returned (a tuple of values), for
     ``store_epilogue_tile`` to store later."""
     epi = epilogue_tiles(c)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     for e, (epi_mi, epi_ni) in enumerate(epi[:len(epi) - defer]):
-        store_epilogue_tile(epilogue_part(out, c, epi_mi, epi_ni), out_smem_wg, c, e,
+        store_epilogue_tile(epilogue_part(chunks, c, epi_mi, epi_ni), out_smem_wg, c, e,
                             dst(epi_mi, epi_ni))
-    return tuple(epilogue_part(out, c, *ij) for ij in epi[len(epi) - defer:])
+    return tuple(epilogue_part(chunks, c, *ij) for ij in epi[len(epi) - defer:])
 
 
 def fill_ring(num_tiles, k_iters: int, stages: int, consumed, tile_loads):

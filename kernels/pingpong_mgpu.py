@@ -144,7 +144,7 @@ def pingpong_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConf
                 if not c.early_turn:
                     rendezvous()   # once its last wgmma is done
                 dst = lambda mi, ni: out_epi(lo + g_ord + out_offset, m_idx, n_idx, mi, ni)
-                tiles.store_tile(acc.astype(out_dtype), out_smem.at[wg_idx], c, dst)
+                tiles.store_tile((acc.astype(out_dtype),), out_smem.at[wg_idx], c, dst)
                 rendezvous()   # and ends before this one's next main loop
 
             # Both pass the rendezvous equally often: 2 per tile, and 1 more for warpgroup 1 at

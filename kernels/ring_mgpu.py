@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax.numpy as jnp
 from jax import lax
@@ -38,6 +39,9 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
     the up tile of the output columns, each compute warpgroup keeps a gate and an up
     accumulator, and the epilogue stores ``silu(gate) * up``.
 
+    A warpgroup tile wider than one wgmma (``tile_n`` > 256) keeps one accumulator per column
+    chunk (``config.n_chunks``) and issues one wgmma per chunk and k-step.
+
     With ``cluster_dimension`` the CTAs run in clusters of two on neighbouring tiles along it
     (the work items are the pairs), and the operand tile they share (A along n, B along m) is
     loaded once by TMA multicast into both CTAs' stage.
@@ -61,6 +65,7 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
     m_iters, n_iters, k_iters = pl.cdiv(m, cta_m), pl.cdiv(n, cta_n), pl.cdiv(k, tk)
     tiles_per_group = m_iters * n_iters
     num_b = 2 if swiglu else 1   # B tiles per stage: (w,) or (gate, up)
+    chunks = c.n_chunks   # a warpgroup's accumulators: one per column chunk, or (gate, up)
     a_block = (tk, cta_m) if transpose_lhs else (cta_m, tk)
     b_block = (cta_n, tk) if transpose_rhs else (tk, cta_n)
     by_rows = c.wg_dimension == MatmulDimension.M
@@ -86,11 +91,13 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
         return out_gmem.at[g, pl.ds(row, c.epi_tile_m), pl.ds(col, c.epi_tile_n)]
 
     # The swizzle must suit each warpgroup's slice of a tile where the slice runs along the
-    # tile's minor dim: a stored m-minor (dw) split by rows, b stored n-minor split by columns.
+    # tile's minor dim: a stored m-minor (dw) split by rows, b stored n-minor split by columns
+    # or into column chunks.
+    b_slices = ([] if by_rows else [tn]) + ([w for _, w in chunks] if len(chunks) > 1 else [])
     a_transforms, b_transforms = tiles.operand_transforms(
         dtype, a_block[1], b_block[1],
         a_slice=tm if transpose_lhs and by_rows else None,
-        b_slice=tn if not transpose_rhs and not by_rows else None,
+        b_slice=math.gcd(*b_slices) if b_slices and not transpose_rhs else None,
         tile_k=tk)
 
     @functools.partial(
@@ -159,6 +166,14 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
             plgpu.set_max_registers(compute_registers, action="increase")
             wg_rows = pl.ds(wg_idx * tm, tm) if by_rows else slice(None)
             wg_cols = slice(None) if by_rows else pl.ds(wg_idx * tn, tn)
+            wg_col0 = 0 if by_rows else wg_idx * tn
+            if swiglu:   # (gate, up): the same columns of the stage's two B tiles
+                acc_shapes = [(tm, tn)] * 2
+                acc_b = [(j, wg_cols) for j in range(2)]
+            else:
+                acc_shapes = [(tm, width) for _, width in chunks]
+                acc_b = [(0, wg_cols if len(chunks) == 1 else pl.ds(wg_col0 + off, width))
+                         for off, width in chunks]
 
             def mma(accs, slot):
                 """This warpgroup's wgmma groups on the stage in ``slot``."""
@@ -168,12 +183,12 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
                     a_op = a_smem.at[slot].at[:, wg_rows].transpose((1, 0))
                 else:
                     a_op = a_smem.at[slot].at[wg_rows]
-                for j, acc_ref in enumerate(accs):
+                for acc_ref, (j, cols) in zip(accs, acc_b, strict=True):
                     b_op = b_smem.at[slot * num_b + j]
                     if transpose_rhs:
-                        b_op = b_op.at[wg_cols, :].transpose((1, 0))
+                        b_op = b_op.at[cols, :].transpose((1, 0))
                     else:
-                        b_op = b_op.at[:, wg_cols]
+                        b_op = b_op.at[:, cols]
                     plgpu.wgmma(acc_ref, a_op, b_op)
 
             epi = tiles.epilogue_tiles(c)
@@ -203,14 +218,13 @@ def ring_kernel(bounds_gmem, a_gmem, b_gmem, out_gmem, *, config: TuningConfig, 
                                        under_steps=under)
                     return [acc_ref[...] for acc_ref in accs]
 
-                accs = pl.run_scoped(main_loop, *[plgpu.ACC((tm, tn), jnp.float32)] * num_b)
+                accs = pl.run_scoped(main_loop, *[plgpu.ACC(shape, jnp.float32)
+                                                  for shape in acc_shapes])
                 if swiglu:
                     gate, up = accs
-                    out = gate / (1.0 + jnp.exp(-gate)) * up   # silu(gate) * up
-                else:
-                    (out,) = accs
-                return tiles.store_tile(out.astype(out_dtype), out_smem.at[wg_idx], c,
-                                        tile_dst(i), defer=defer)
+                    accs = [gate / (1.0 + jnp.exp(-gate)) * up]   # silu(gate) * up
+                return tiles.store_tile(tuple(acc.astype(out_dtype) for acc in accs),
+                                        out_smem.at[wg_idx], c, tile_dst(i), defer=defer)
 
             # before the first tile nothing is deferred (placeholders, never stored)
             no_tile = defer and plgpu.layout_cast(

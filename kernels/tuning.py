@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 H100_NUM_SMS = 132  # H100 SXM and H200 SXM.
+WGMMA_MAX_N = 256  # the widest wgmma instruction (m64nNk16, N <= 256)
 _SMEM_BYTES = 227 * 1024  # Hopper's per-block dynamic shared memory limit.
 
 
@@ -77,6 +78,9 @@ class TuningConfig:
     # 192 x 192 at G = 16 (400 full waves). (64 x 96 warpgroup tiles, cuBLAS's 192 x 96, lower
     # with B stored n-minor only with a 64-byte swizzle on both operands: SM_FIT_VARIANTS.)
     compute_wgs: int = 2
+    # The widest wgmma a warpgroup issues (<= WGMMA_MAX_N): a wider warpgroup tile keeps its
+    # accumulator in column chunks of this width and the remainder (n_chunks).
+    wgmma_n: int = WGMMA_MAX_N
 
     @property
     def num_compute_wgs(self) -> int:
@@ -94,6 +98,13 @@ class TuningConfig:
     @property
     def cta_tile_n(self) -> int:
         return self.tile_n * (self._split if self.wg_dimension == MatmulDimension.N else 1)
+
+    @property
+    def n_chunks(self) -> tuple[tuple[int, int], ...]:
+        """(column offset, width) of each wgmma accumulator of a warpgroup tile: one unless
+        tile_n exceeds ``wgmma_n``, then chunks of that width and the remainder."""
+        return tuple((off, min(self.wgmma_n, self.tile_n - off))
+                     for off in range(0, self.tile_n, self.wgmma_n))
 
     @property
     def num_out_slots(self) -> int:
@@ -311,6 +322,29 @@ ROW_SPLIT_CONFIG = dataclasses.replace(DEFAULT_CONFIG, tile_m=64, tile_n=256,
 # forward and dx products on the default tiles it was level or slower (0.98-1.00x, seven
 # products, run s26_rows_fwd). Measured at G = 16 only.
 DW_CONFIG = dataclasses.replace(ROW_SPLIT_CONFIG, deferred_epi_tiles=DW_DEFERRED_EPI_TILES)
+# 128 x 320 CTA tiles split by rows: each warpgroup 64 x 320, one 64 x 256 and one 64 x 64 wgmma
+# per k16 into two accumulators (160 registers a thread; TuningConfig.n_chunks), 3 stages of
+# 56 KiB. For 3b qkv (n = 5120 = 16 x 320) at G = 16: 4352 tiles fill 33 waves of 132 SMs to
+# 99.9 %, the default's 5440 fill 42 to 98.1 % (tile_cost 0.982 of the default's); cuBLAS runs
+# it on 128 x 160 tiles (65.9 waves). "_k32": k-steps of 32 in 6 stages (as many bytes in
+# flight, twice the barrier waits); "_dw": on dw, 2 of a warpgroup's 5 epilogue tiles deferred;
+# "_n192": chunks of 192 + 128 columns (a 64 x 64 wgmma reads 4 KiB of shared memory per
+# 64 cycles, both warpgroups together 128 B a cycle, all the SM has; 192 + 128: 96, as the
+# default's column split), "_n192_d0": without the deferred epilogue tile (16 registers less).
+# Under sustained load on 3b qkv (runs s28_wide, s28_wide_n192), speed against cuBLAS: "auto"
+# 0.999 / 0.991, these 0.914, 0.875, 0.868, 0.890 and 0.987 (2.7 % more cycles than "auto" at a
+# higher clock); on 3b qkv dw "auto" 1.022, these 0.958 / 0.859 / 0.964. Not chosen: the slots
+# the fill saves are lost to 3 stages and, with a deferred tile, to register pressure.
+WIDE_ROW_SPLIT_CONFIG = dataclasses.replace(ROW_SPLIT_CONFIG, tile_n=320, max_concurrent_steps=3)
+WIDE_ROW_SPLIT_VARIANTS = {
+    "rows_128x320": WIDE_ROW_SPLIT_CONFIG,
+    "rows_128x320_k32": dataclasses.replace(WIDE_ROW_SPLIT_CONFIG, tile_k=32,
+                                            max_concurrent_steps=6),
+    "rows_128x320_dw": dataclasses.replace(WIDE_ROW_SPLIT_CONFIG, deferred_epi_tiles=2),
+    "rows_128x320_n192": dataclasses.replace(WIDE_ROW_SPLIT_CONFIG, wgmma_n=192),
+    "rows_128x320_n192_d0": dataclasses.replace(WIDE_ROW_SPLIT_CONFIG, wgmma_n=192,
+                                                deferred_epi_tiles=0),
+}
 DW_ROW_STRIPE_CONFIG = dataclasses.replace(ROW_STRIPE_CONFIG,
                                            deferred_epi_tiles=DW_DEFERRED_EPI_TILES)
 # How much better the ping-pong schedule must fill the last wave of tiles than the default one
@@ -428,7 +462,8 @@ def select_config(
     stages, no wgmma group in flight, 128 x 128 tiles in 6 stages, 2-CTA clusters (runs
     s25_dw_feed*: 0.76-1.00x) and L2 prefetches ahead of the ring (run s25_dw_prefetch:
     0.91-0.94x); the default tiles split by rows on forward and dx (run s26_rows_fwd:
-    0.98-1.00x); and a second, narrow kernel picked per call by ``lax.cond`` (1b o, 1 of 16
+    0.98-1.00x); 128 x 320 tiles on 3b qkv (WIDE_ROW_SPLIT_VARIANTS, their last wave 99.9 %
+    full: 0.87-0.99x cuBLAS where "auto" read 0.99-1.00x, runs s28_wide*); and a second, narrow kernel picked per call by ``lax.cond`` (1b o, 1 of 16
     groups active: 51 TF/s against 191).
     """
     num_sms = num_sms_of_device() if num_sms is None else num_sms
@@ -548,6 +583,12 @@ def unsupported_reason(
     if c.tile_m % c.epi_tile_m or c.tile_n % c.epi_tile_n:
         return (f"epilogue tiles of {c.epi_tile_m} x {c.epi_tile_n} do not divide the"
                 f" {c.tile_m} x {c.tile_n} warpgroup tile")
+    if not 0 < c.wgmma_n <= WGMMA_MAX_N or c.wgmma_n % 64:
+        return f"wgmma_n={c.wgmma_n}: a multiple of 64 up to {WGMMA_MAX_N}"
+    if c.tile_n > c.wgmma_n and (c.pingpong or swiglu or c.wgmma_n % c.epi_tile_n):
+        return (f"tile_n={c.tile_n} > wgmma_n={c.wgmma_n} (accumulators in column chunks):"
+                f" the cooperative schedule only, no fused SwiGLU, epilogue tiles dividing"
+                f" {c.wgmma_n}")
     # b's shared-memory tile is swizzled along its minor dim. Stored k-minor (dx) its rows are
     # the k-step's 64 elements (128 bytes) whatever tile_n; stored n-minor (forward, dw, the
     # fused SwiGLU) they are tile_n long: 96 or 160 bf16 columns (192, 320 bytes) take a

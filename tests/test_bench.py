@@ -338,6 +338,23 @@ def test_probe_ring_needs_a_gpu():
     assert stop.value.code == 2
 
 
+def test_ptxas_report_reads_registers_and_spills():
+    """eval/ptxas_report.py: registers and spill bytes from ptxas' verbose lines (every kernel
+    of a compile, comma-joined; "?" where ptxas said nothing); off a GPU it stops, saying so."""
+    import jax
+
+    import eval.ptxas_report as report
+
+    text = ("ptxas info    : Compiling entry function 'mosaic_gpu_body' for 'sm_90a'\n"
+            "ptxas info    : Used 168 registers, used 1 barriers\n"
+            "ptxas info    : 16 bytes stack frame, 212 bytes spill stores, 180 bytes spill loads\n")
+    assert report.ptxas_lines(text) == ("168", "212/180")
+    assert report.ptxas_lines("") == ("?", "?")
+    if jax.devices()[0].platform != "gpu":
+        with pytest.raises(SystemExit, match="needs one"):
+            report.main(["--configs", "auto"])
+
+
 def test_gpu_session_names_only_known_configs():
     """Every config name eval/gpu_session.sh passes to the grouped-matmul benchmark (--ab lists,
     C= lists, wg3_variants' configs) or to ncu_products.py / sustained_ab.py (--configs; a

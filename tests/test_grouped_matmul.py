@@ -672,6 +672,29 @@ def test_column_tiles_sized_to_the_sms(name):
     _check_window_gradients(cfg, rng, info, (3, 4, 200, 448, 256), [(0, 3, 1)], max_offset=1)
 
 
+def test_warpgroup_tiles_wider_than_one_wgmma():
+    """128 x 320 CTA tiles split by rows: each warpgroup's 64 x 320 tile in two wgmma
+    accumulators (columns 0-191 and 192-319 here; 0-255 and 256-319 in the bf16 test below),
+    each stored to its own columns. The forward and both gradients against float64, float32
+    (k-steps of 32, 2 stages, for shared memory), with ragged column tiles on every product
+    (n = 704: 2.2 tiles of 320, the last one's second chunk wholly past n; dx's n = k = 384:
+    1.2) and ragged m, at a weight offset; idle groups zero. Unsupported where one accumulator
+    is assumed (ping-pong, the fused SwiGLU), and chunks no wgmma takes."""
+    rng, info = fresh_rng()
+    cfg = dataclasses.replace(mgpu_kernel.WIDE_ROW_SPLIT_CONFIG, tile_k=32,
+                              max_concurrent_steps=2, wgmma_n=192)
+    assert cfg.n_chunks == ((0, 192), (192, 128)) and (cfg.cta_tile_m, cfg.cta_tile_n) == (128, 320)
+    _check_window_gradients(cfg, rng, info, (3, 4, 200, 384, 704), [(0, 3, 1)], max_offset=1)
+    why = lambda c, **kw: mgpu_kernel.unsupported_reason(
+        (1, 256, 256), (1, 256, 1280), jnp.bfloat16, jnp.bfloat16, config=c, **kw)
+    assert why(mgpu_kernel.WIDE_ROW_SPLIT_CONFIG) is None and why(cfg) is None
+    assert "tile_n=320 > wgmma_n=256" in why(mgpu_kernel.WIDE_ROW_SPLIT_CONFIG, swiglu=True)
+    assert "tile_n=320 > wgmma_n=256" in why(dataclasses.replace(
+        mgpu_kernel.PINGPONG_CONFIG, tile_m=64, tile_n=320, max_concurrent_steps=3))
+    for bad in (0, 96, 320):
+        assert f"wgmma_n={bad}" in why(dataclasses.replace(cfg, wgmma_n=bad))
+
+
 def _check_every_product(run, rng, tag, dims, windows):
     """The forward, dx (w read transposed), dw (x read transposed) and transposed forward
     (w^T @ x^T: both read transposed) products of ``run(a, b, bounds, transpose_lhs,
@@ -700,6 +723,20 @@ def _check_every_product(run, rng, tag, dims, windows):
 
 
 NARROW_COLUMN_VARIANTS = {**mgpu_kernel.SM_FIT_VARIANTS, **mgpu_kernel.COLUMN_SPLIT_VARIANTS}
+
+
+def test_warpgroup_tiles_wider_than_one_wgmma_bf16():
+    """The 128 x 320 tiles as the GPU runs them (bf16, k-steps of 64, 3 stages; b stored n-minor
+    sliced at column 256 for the second wgmma): every product in interpret mode against the
+    XLA path, 2 groups of 360 x 384 x 704 (ragged rows and column tiles, on the transposed
+    forward too; forward and dx at a weight offset), idle groups zero."""
+    rng, info = fresh_rng()
+    cfg = mgpu_kernel.WIDE_ROW_SPLIT_CONFIG
+    run = lambda a, b, bounds, tl, tr: mgpu_kernel.grouped_matmul_mgpu(
+        a, b, bounds, transpose_lhs=tl, transpose_rhs=tr, config=cfg,
+        interpret=plgpu.InterpretGPUParams(), num_sms=4)
+    _check_every_product(run, rng, f"{info} rows_128x320", (2, 3, 360, 384, 704),
+                         [(0, 2, 1), (1, 2, 0)])
 
 
 @pytest.mark.parametrize("name", list(NARROW_COLUMN_VARIANTS))
@@ -1073,6 +1110,9 @@ GPU_CONFIGS = {
     **mgpu_kernel.THREE_WG_VARIANTS,
     # two warpgroups splitting 192 x 192 tiles by columns (a 64-byte swizzle with b n-minor)
     **mgpu_kernel.COLUMN_SPLIT_VARIANTS,
+    # 128 x 320 tiles split by rows, two wgmma accumulators per warpgroup (ragged column tiles
+    # at the test shape's n = 3072)
+    **mgpu_kernel.WIDE_ROW_SPLIT_VARIANTS,
 }
 
 
