@@ -104,7 +104,7 @@ def run_generate(args) -> int:
             raise SystemExit(f"armt generate: no tokenizer file {tok_path}")
         from tokenizers import Tokenizer
         tokenizer = Tokenizer.from_file(str(tok_path))
-        ids = tokenizer.encode(text).ids
+        ids = prompt_encoder(tokenizer, model.cfg)(text)
     else:
         try:
             ids = [int(t) for t in text.split()]
@@ -176,7 +176,7 @@ def run_train(args) -> int:
     from train.step import default_compiler_options
 
     params, cfg, armt, tokenizer = _load_for_text(args, "train")
-    encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids   # BOS: qa_example
     count = lambda text: len(encode(text))
     samples = {t: read_babi(args.babi, t, "train") for t in args.tasks}
     books = read_books(args.books)
@@ -185,7 +185,8 @@ def run_train(args) -> int:
     def make_example(rng):
         task = args.tasks[int(rng.integers(len(args.tasks)))]
         sample = samples[task][int(rng.integers(len(samples[task])))]
-        return qa_example(build_sample(sample, books, args.context_tokens, count, rng), encode, eos)
+        return qa_example(build_sample(sample, books, args.context_tokens, count, rng), encode, eos,
+                          cfg.bos_token_id)
 
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(args.warmup, 1),
                                                   max(args.steps, args.warmup + 1))
@@ -218,6 +219,14 @@ def add_eval_parser(sub) -> None:
     p.set_defaults(func=run_eval)
 
 
+def prompt_encoder(tokenizer, cfg):
+    """text -> token ids of a prompt, as `armt generate`, `train` and `eval` all build it: the
+    model's BOS (config.json's bos_token_id, if any), then the text without the tokenizer's own
+    special tokens (whether its post-processor adds a BOS differs between tokenizer files)."""
+    bos = [] if cfg.bos_token_id is None else [cfg.bos_token_id]
+    return lambda text: bos + tokenizer.encode(text, add_special_tokens=False).ids
+
+
 def _load_for_text(args, command: str):
     """(params, cfg, armt, tokenizer) from a checkpoint with memory and a tokenizer file."""
     from tokenizers import Tokenizer
@@ -239,7 +248,7 @@ def run_eval(args) -> int:
 
     params, cfg, armt, tokenizer = _load_for_text(args, "eval")
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids
-    answer = model_answer_fn(params, cfg, armt, encode, tokenizer.decode,
+    answer = model_answer_fn(params, cfg, armt, prompt_encoder(tokenizer, cfg), tokenizer.decode,
                              max_new_tokens=args.max_new_tokens, schedule=args.schedule)
     rows = evaluate(answer, args.babi, read_books(args.books), args.tasks, args.lengths,
                     lambda text: len(encode(text)), samples=args.samples,

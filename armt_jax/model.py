@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from armt_jax.armt import ArmtOutput
-from armt_jax.config import ArmtConfig, LlamaConfig
+from armt_jax.config import ArmtConfig, ConfigError, LlamaConfig
 from armt_jax.generate import GenerateOutput, generate
 from armt_jax.layers import llama_forward
 from armt_jax.params import check_shapes, init_params
@@ -54,6 +54,13 @@ class LlamaModel(_ParamsModule):
     def __call__(self, tokens: jax.Array, *, output: str = "logits", **kwargs) -> jax.Array:
         return llama_forward(self.param_tree(), tokens, self.cfg, output=output, **kwargs)
 
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> "LlamaModel":
+        """The Llama of an Orbax checkpoint (its ARMT memory, if any, left out)."""
+        from armt_jax.checkpoint import load_checkpoint
+        params, cfg, _ = load_checkpoint(path)
+        return cls(cfg, params=params)
+
 
 class ArmtModel(_ParamsModule):
     """Llama with a per-layer associative memory.
@@ -65,6 +72,9 @@ class ArmtModel(_ParamsModule):
 
     def __init__(self, cfg: LlamaConfig, armt: ArmtConfig, *, rngs: nnx.Rngs | None = None,
                  params: dict | None = None, dtype=jnp.float32):
+        if not isinstance(armt, ArmtConfig):   # None would pass check_shapes with memoryless params
+            raise ConfigError(f"ArmtModel needs an ArmtConfig, got {armt!r} (a plain Llama: "
+                              f"LlamaModel)")
         params = _initial_params("ArmtModel", cfg, armt, rngs, params, dtype)
         check_shapes(params, cfg, armt)
         self.cfg, self.armt = cfg, armt
@@ -87,6 +97,10 @@ class ArmtModel(_ParamsModule):
         """An Orbax checkpoint written by `save` (configs stored beside the arrays)."""
         from armt_jax.checkpoint import load_checkpoint
         params, cfg, armt = load_checkpoint(path)
+        if armt is None:
+            raise ConfigError(f"checkpoint {path} holds a plain Llama, no ARMT memory: convert it "
+                              f"with memory (armt convert --with-memory) or load it with "
+                              f"LlamaModel.from_checkpoint")
         return cls(cfg, armt, params=params)
 
     def save(self, path: str | Path) -> None:

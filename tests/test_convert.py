@@ -469,6 +469,38 @@ def test_infer_armt_config(tmp_path, rng):
     assert got == armt
 
 
+def test_armt_config_travels_in_the_file(tmp_path, rng):
+    """save_armt stores the ArmtConfig in the safetensors metadata, so the segment size and the
+    correction flag (in no tensor's shape) come back; overrides still win. A file without it (the
+    PyTorch code's) needs the segment size given, and metadata that contradicts the tensors'
+    shapes is an error naming both."""
+    cfg = CONFIGS["gqa_untied"]
+    armt = ArmtConfig(segment_size=int(rng.integers(2, 64)), num_mem_tokens=int(rng.integers(1, 8)),
+                      d_mem=int(rng.integers(2, 9)), correction=False)
+    path = save_armt(tmp_path / "a.safetensors", random_params(rng, cfg, armt), cfg, armt, progress=False)
+    assert infer_armt_config(path) == armt
+    assert infer_armt_config(path, segment_size=armt.segment_size + 1, correction=None) == ArmtConfig(
+        **{**armt.to_dict(), "segment_size": armt.segment_size + 1})
+    with safe_open(str(path), framework="numpy") as f:   # what PyTorch's loaders look for
+        assert f.metadata()["format"] == "pt"
+
+    tensors = {k: f.get_tensor(k) for f in [safe_open(str(path), framework="numpy")] for k in f.keys()}
+    save_file(tensors, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ConversionError, match=r"plain\.safetensors: the segment size .* 1008"):
+        infer_armt_config(tmp_path / "plain.safetensors")
+    assert infer_armt_config(tmp_path / "plain.safetensors", segment_size=7) == ArmtConfig(
+        segment_size=7, num_mem_tokens=armt.num_mem_tokens, d_mem=armt.d_mem)   # correction on
+
+    lying = {**armt.to_dict(), "d_mem": armt.d_mem + 1}
+    save_file(tensors, str(tmp_path / "lying.safetensors"),
+              metadata={"armt_config": json.dumps(lying)})
+    with pytest.raises(ConversionError, match=rf"metadata says d_mem={armt.d_mem + 1}, .* d_mem={armt.d_mem}"):
+        infer_armt_config(tmp_path / "lying.safetensors")
+    save_file(tensors, str(tmp_path / "junk.safetensors"), metadata={"armt_config": "{\"T\": 5}"})
+    with pytest.raises(ConversionError, match=r"junk\.safetensors: its metadata 'armt_config' is no ArmtConfig"):
+        infer_armt_config(tmp_path / "junk.safetensors")
+
+
 def test_bin_without_torch_is_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "armt.bin").write_bytes(b"not really a pickle")
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
@@ -507,5 +539,19 @@ def test_cli_round_trip(tmp_path, rng):
     from armt_jax.checkpoint import load_checkpoint
     p2, cfg2, armt2 = load_checkpoint(tmp_path / "ck2")
     assert cfg2 == cfg and armt2 == ArmtConfig(num_mem_tokens=3, d_mem=2, correction=False)
+    # orbax -> armt -> orbax keeps the settings no tensor holds (segment size, correction)
+    assert convert_main(["--from", "orbax", "--to", "armt", str(tmp_path / "ck2"), str(tmp_path / "armt3"),
+                         "--no-progress"]) == 0
+    assert convert_main(["--from", "armt", "--to", "orbax", str(tmp_path / "armt3"), str(tmp_path / "ck3"),
+                         "--no-progress"]) == 0
+    assert load_checkpoint(tmp_path / "ck3")[2] == armt2
+    # a PyTorch state dict without the segment size: named, no traceback
+    with pytest.raises(SystemExit, match="armt convert: error: .*segment size.*--segment-size"):
+        convert_main(["--from", "armt", "--to", "orbax", str(tmp_path / "armt.safetensors"),
+                      str(tmp_path / "ck4"), "--config-dir", str(tmp_path / "base"), "--no-progress"])
+    # memory settings without memory to apply them to
+    with pytest.raises(SystemExit, match="--num-mem-tokens, --no-correction configure ARMT memory"):
+        convert_main(["--from", "hf", "--to", "orbax", str(tmp_path / "hf"), str(tmp_path / "ck5"),
+                      "--num-mem-tokens", "3", "--no-correction", "--no-progress"])
     assert p2["embed"].dtype == np.float32 and p2["memory"]["w_mq"].shape == (2, 24, 2)
     np.testing.assert_array_equal(p2["embed"], params["embed"].astype(np.float32))

@@ -1,5 +1,6 @@
 """The NNX module and the `armt` command."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -71,6 +72,37 @@ def test_cli_generate_from_checkpoint(rng, tmp_path, capsys):
     assert printed == [int(t) for t in want.tokens[0, :int(want.lengths[0])]]
 
 
+def test_prompts_start_with_one_bos_whatever_the_tokenizer(rng, tmp_path, capsys):
+    """`armt generate`, `train` and `eval` build a prompt alike (cli.prompt_encoder): the
+    config's BOS, then the text without the tokenizer's special tokens, so a tokenizer file
+    whose post-processor adds a BOS (Llama 3's) gives one BOS, as one without does; generate's
+    output is the functional core's on those ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = ["[UNK]", "<s>", "mary", "went", "to", "the", "garden"]
+    cfg = dataclasses.replace(TINY, bos_token_id=1)
+    for post in (False, True):
+        tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        if post:
+            tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                               special_tokens=[("<s>", 1)])
+            assert tok.encode("mary went").ids == [1, 2, 3]
+        assert cli.prompt_encoder(tok, cfg)("mary went to the garden") == [1, 2, 3, 4, 5, 6]
+    assert cli.prompt_encoder(tok, TINY)("mary went") == [2, 3]   # no BOS in the config
+
+    params = random_params(rng, cfg, ACFG)
+    ArmtModel(cfg, ACFG, params=params).save(tmp_path / "ckpt")
+    tok.save(str(tmp_path / "ckpt" / "tokenizer.json"))
+    (tmp_path / "prompt.txt").write_text("mary went to the garden mary went to")
+    assert cli.main(["generate", str(tmp_path / "ckpt"), str(tmp_path / "prompt.txt"),
+                     "--max-new-tokens", "4"]) == 0
+    want = generate(params, jnp.asarray([[1, 2, 3, 4, 5, 6, 2, 3, 4]], jnp.int32), cfg, ACFG,
+                    max_new_tokens=4)
+    assert capsys.readouterr().out.strip() == tok.decode(
+        [int(t) for t in want.tokens[0, :int(want.lengths[0])]])
+
+
 def test_cli_generate_names_missing_files(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no prompt file"):
         cli.main(["generate", str(tmp_path), str(tmp_path / "missing.txt")])
@@ -81,6 +113,32 @@ def test_cli_generate_names_missing_files(tmp_path, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "armt generate: error: no armt-jax checkpoint at" in err and "no_checkpoint" in err
+
+
+def test_a_plain_llama_is_no_armt_model(rng, tmp_path, capsys):
+    """A checkpoint without memory (`armt convert --from hf` without --with-memory) loads as a
+    LlamaModel; as an ArmtModel, and so in `armt generate`, it is an error saying what to do
+    (it was an AttributeError deep in generate), as is an ArmtModel without an ArmtConfig."""
+    from armt_jax.config import ConfigError
+    from armt_jax.layers import llama_forward
+    from armt_jax.model import LlamaModel
+
+    params = {k: v for k, v in random_params(rng, TINY, ACFG).items() if k != "memory"}
+    from armt_jax.checkpoint import save_checkpoint
+    save_checkpoint(tmp_path / "llama", params, TINY, None)
+    tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (1, 9)), jnp.int32)
+    np.testing.assert_array_equal(LlamaModel.from_checkpoint(tmp_path / "llama")(tokens),
+                                  llama_forward(params, tokens, TINY))
+    with pytest.raises(ConfigError, match="holds a plain Llama, no ARMT memory.*--with-memory"):
+        ArmtModel.from_checkpoint(tmp_path / "llama")
+    with pytest.raises(ConfigError, match="ArmtModel needs an ArmtConfig, got None"):
+        ArmtModel(TINY, None, params=params)
+    (tmp_path / "prompt.txt").write_text("1 2 3")
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["generate", str(tmp_path / "llama"), str(tmp_path / "prompt.txt")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "armt generate: error: checkpoint" in err and "no ARMT memory" in err
 
 
 @pytest.mark.parametrize("argv,message", [

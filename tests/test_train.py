@@ -42,6 +42,9 @@ def test_pad_batch_and_qa_example():
     ex = qa_example({"input": "ab", "question": "q?", "target": "yes"}, encode, eos_id=7)
     assert ex.tokens[-1] == 7 and sum(ex.loss_mask) == len(" yes") + 1
     assert ex.loss_mask[-5:] == (1, 1, 1, 1, 1) and ex.loss_mask[0] == 0
+    with_bos = qa_example({"input": "ab", "question": "q?", "target": "yes"}, encode, eos_id=7,
+                          bos_id=5)
+    assert with_bos.tokens == (5, *ex.tokens) and with_bos.loss_mask == (0, *ex.loss_mask)
     b = pad_batch([ex, Example((1, 2, 3), (0, 1, 1))], multiple=8)
     assert b["tokens"].shape[1] % 8 == 0 and list(b["lengths"]) == [len(ex.tokens), 3]
     assert b["loss_mask"][1, 3:].sum() == 0

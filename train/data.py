@@ -1,7 +1,7 @@
 """Training examples and batches for BABILong finetuning.
 
-An example is the prompt (context, question) followed by the answer and EOS; only the answer and
-EOS count in the loss. Batches are right-padded to a multiple of the segment size with per-sequence
+An example is BOS, the prompt (context, question), the answer and EOS; only the answer and EOS
+count in the loss. Batches are right-padded to a multiple of the segment size with per-sequence
 lengths, so a handful of shapes (hence compilations) cover every batch.
 """
 
@@ -21,9 +21,12 @@ class Example:
     loss_mask: tuple[int, ...]    # 1 where the token is a target of the loss
 
 
-def qa_example(row: dict, encode: Callable[[str], list[int]], eos_id: int | None) -> Example:
-    """A BABILong row {input, question, target} -> prompt tokens + answer tokens (+ EOS)."""
-    prompt = encode(PROMPT.format(input=row["input"], question=row["question"]))
+def qa_example(row: dict, encode: Callable[[str], list[int]], eos_id: int | None,
+               bos_id: int | None = None) -> Example:
+    """A BABILong row {input, question, target} -> (BOS +) prompt tokens + answer tokens (+ EOS);
+    ``encode`` adds no special tokens."""
+    prompt = ([bos_id] if bos_id is not None else []) + encode(
+        PROMPT.format(input=row["input"], question=row["question"]))
     answer = encode(" " + row["target"]) + ([eos_id] if eos_id is not None else [])
     return Example(tuple(prompt + answer), (0,) * len(prompt) + (1,) * len(answer))
 

@@ -13,6 +13,7 @@ Writing uses `ARMT_TABLE` backwards (merged weights, no LoRA); the per-layer pre
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -80,7 +81,7 @@ def _rename(source: TensorSource, pattern: str, repl: str, *, merge_equal: bool)
                                       f"{a.origin}; the two spellings must hold the same tensor")
             return x
         entries[new] = SourceTensor(other.shape, load, other.origin)
-    return TensorSource(entries, source.description)
+    return TensorSource(entries, source.description, source.metadata)
 
 
 def _merge_lora(source: TensorSource, lora_r: int | None, lora_alpha: float | None) -> TensorSource:
@@ -102,7 +103,7 @@ def _merge_lora(source: TensorSource, lora_r: int | None, lora_alpha: float | No
             raise ConversionError(f"{source.description}: {t.origin} and {entries[new].origin} name the same tensor")
         entries[new] = t
     if not lora:
-        return TensorSource(entries, source.description)
+        return TensorSource(entries, source.description, source.metadata)
     if lora_r is None or lora_alpha is None:
         example = source.origin(next(iter(next(iter(lora.values())).values())))
         raise ConversionError(f"{source.description} holds LoRA adapters (e.g. {example}); pass lora_r and "
@@ -133,7 +134,7 @@ def _merge_lora(source: TensorSource, lora_r: int | None, lora_alpha: float | No
             delta = b.load().astype(np.float32) @ a.load().astype(np.float32)
             return (w0.astype(np.float32) + np.float32(scale) * delta).astype(w0.dtype)
         entries[base_key] = SourceTensor(base.shape, load, base.origin)
-    return TensorSource(entries, source.description)
+    return TensorSource(entries, source.description, source.metadata)
 
 
 def canonicalize(source: TensorSource, *, lora_r: int | None = None,
@@ -198,24 +199,51 @@ def armt_tensors_from_params(params: Mapping, cfg: LlamaConfig, armt: ArmtConfig
     return out
 
 
+# The safetensors metadata key under which `save_armt` stores the ArmtConfig (as JSON): the
+# segment size and the correction flag are in no tensor's shape.
+ARMT_CONFIG_METADATA = "armt_config"
+
+
 def save_armt(path: str | os.PathLike, params: Mapping, cfg: LlamaConfig, armt: ArmtConfig, *,
               layer_prefix: str = "model", progress: bool | None = None) -> Path:
-    """Write an ARMT state dict as one safetensors file (a directory gets `model.safetensors`)."""
+    """Write an ARMT state dict as one safetensors file (a directory gets `model.safetensors`),
+    with the ArmtConfig as JSON in its metadata (`ARMT_CONFIG_METADATA`), which
+    `infer_armt_config` reads back; PyTorch's loaders ignore it."""
     path = Path(path)
     if path.is_dir() or path.suffix != ".safetensors":
         path.mkdir(parents=True, exist_ok=True)
         path = path / "model.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors(path, armt_tensors_from_params(params, cfg, armt, layer_prefix=layer_prefix,
-                                                    progress=progress))
+                                                    progress=progress),
+                     metadata={"format": "pt", ARMT_CONFIG_METADATA: json.dumps(armt.to_dict())})
     return path
 
 
+def _stored_armt_config(source: TensorSource) -> dict:
+    """The ArmtConfig fields `save_armt` wrote into the file's metadata ({} if none)."""
+    text = source.metadata.get(ARMT_CONFIG_METADATA)
+    if text is None:
+        return {}
+    try:
+        stored = json.loads(text)
+        ArmtConfig.from_dict(stored)   # unknown fields, bad values
+    except (ValueError, TypeError) as e:
+        raise ConversionError(f"{source.description}: its metadata {ARMT_CONFIG_METADATA!r} is no "
+                              f"ArmtConfig ({e}): {text[:200]}") from None
+    return stored
+
+
 def infer_armt_config(source: TensorSource | str | os.PathLike, **overrides) -> ArmtConfig:
-    """An ArmtConfig whose num_mem_tokens and d_mem are read off the checkpoint's shapes
-    (`memory_cell.memory` [M, D], `W_mq.weight` [d_mem, D]); `overrides` (not None) win."""
+    """The ArmtConfig of an ARMT checkpoint: `overrides` (those not None) first, then what
+    `save_armt` stored in the file's metadata, then num_mem_tokens and d_mem read off the shapes
+    (`memory_cell.memory` [M, D], `W_mq.weight` [d_mem, D]; they must agree with the metadata).
+    The segment size is in no shape: a file without the metadata (the PyTorch code's, e.g. the
+    published checkpoints: 1008 text tokens) needs ``segment_size`` given, else ConversionError.
+    ``correction`` defaults to on, as the published checkpoints used."""
     if not isinstance(source, TensorSource):
         source = open_armt(source)
+    stored = _stored_armt_config(source)
     source = _rename(_rename(source, *PEFT_PREFIX, merge_equal=False), *LAYER_ALIAS, merge_equal=True)
     found = {}
     if "memory_cell.memory" in source:
@@ -224,5 +252,14 @@ def infer_armt_config(source: TensorSource | str | os.PathLike, **overrides) -> 
         if key in source:
             found["d_mem"] = source.shape(key)[0]
             break
-    found.update({k: v for k, v in overrides.items() if v is not None})
-    return ArmtConfig(**found)
+    for name, value in found.items():
+        if name in stored and stored[name] != value:
+            raise ConversionError(f"{source.description}: its metadata says {name}={stored[name]}, "
+                                  f"its tensors' shapes {name}={value}")
+    config = {**stored, **found, **{k: v for k, v in overrides.items() if v is not None}}
+    if "segment_size" not in config:
+        raise ConversionError(
+            f"{source.description}: the segment size (text tokens per segment) is in neither the "
+            f"file's metadata nor its tensors; pass segment_size (armt convert: --segment-size; "
+            f"the published ARMT checkpoints used 1008)")
+    return ArmtConfig(**config)

@@ -36,7 +36,9 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--config-dir", type=Path, default=None,
                    help="directory with the base model's Hugging Face config.json (--from armt; default: "
                         "the input directory if it has one)")
-    g.add_argument("--segment-size", type=positive_int, default=None, help="text tokens per segment (T)")
+    g.add_argument("--segment-size", type=positive_int, default=None,
+                   help="text tokens per segment (T; --from armt: read from the file where armt-jax "
+                        "wrote it, else required: the published checkpoints used 1008)")
     g.add_argument("--num-mem-tokens", type=positive_int, default=None,
                    help="memory tokens M (--from armt: default read off the checkpoint)")
     g.add_argument("--d-mem", type=positive_int, default=None,
@@ -83,6 +85,11 @@ def _load(args) -> tuple[dict, LlamaConfig, ArmtConfig | None]:
     overrides = _armt_overrides(args)
     if args.src_format == "hf":
         want_memory = args.with_memory or args.dst_format == "armt"
+        if overrides and not want_memory:
+            flags = ", ".join("--" + k.replace("_", "-") if k != "correction" else "--no-correction"
+                              for k in overrides)
+            raise SystemExit(f"armt convert: {flags} configure ARMT memory, which --from hf attaches "
+                             f"only with --with-memory (or --to armt)")
         armt = ArmtConfig(**overrides) if want_memory else None
         cfg, params = load_hf(args.input, dtype=args.dtype, armt=armt, key=args.seed, progress=progress,
                               as_numpy=True)
@@ -113,8 +120,13 @@ def run_convert(args: argparse.Namespace) -> int:
     from armt_jax.convert.armt import save_armt
     from armt_jax.convert.hf import hf_config_dict, save_hf
 
+    from armt_jax.convert.table import ConversionError
+
     progress = False if args.no_progress else None
-    params, cfg, armt = _load(args)
+    try:
+        params, cfg, armt = _load(args)
+    except ConversionError as e:   # the message names the file and the key or setting
+        raise SystemExit(f"armt convert: error: {e}") from None
     if args.dst_format == "orbax":
         save_checkpoint(args.output, params, cfg, armt, overwrite=args.overwrite)
         written = args.output

@@ -56,7 +56,10 @@ def open_safetensors(files: list[Path], description: str,
                 if key in entries:
                     raise ConversionError(f"{description}: key {key} occurs in several files")
                 entries[key] = entry(handle, key)
-    return TensorSource(entries, description)
+    metadata = {}
+    for handle in handles.values():
+        metadata.update(handle.metadata() or {})
+    return TensorSource(entries, description, metadata)
 
 
 def _torch_to_numpy(t) -> np.ndarray:

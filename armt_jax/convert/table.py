@@ -159,9 +159,11 @@ class SourceTensor:
 class TensorSource:
     """Checkpoint tensors by key, read lazily: shapes come from headers, data only on `load`."""
 
-    def __init__(self, entries: Mapping[str, SourceTensor], description: str = "checkpoint"):
+    def __init__(self, entries: Mapping[str, SourceTensor], description: str = "checkpoint",
+                 metadata: Mapping[str, str] | None = None):
         self.entries = dict(entries)
         self.description = description
+        self.metadata = dict(metadata or {})   # string metadata of the files (safetensors header)
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, Any], description: str = "state dict") -> "TensorSource":
