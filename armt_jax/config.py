@@ -41,13 +41,23 @@ class LlamaConfig:
     eos_token_id: int | tuple[int, ...] | None = None
 
     def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "head_dim"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        # The config is a static argument of jitted functions, so it must hash: a list of EOS
+        # ids (config.json's spelling) becomes a tuple, a rope_scaling dict a RopeScaling.
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if isinstance(self.rope_scaling, dict):
+            try:
+                object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+            except TypeError as e:
+                raise ConfigError(f"rope_scaling: {e}") from None
         if self.head_dim % 2:   # rotary embeddings rotate pairs of dimensions
             raise ConfigError(f"head_dim must be even (rotary embeddings), got {self.head_dim}")
 
@@ -85,7 +95,10 @@ class LlamaConfig:
         if missing:
             raise ConfigError(f"config.json lacks required field(s): {', '.join(missing)}")
         heads = d["num_attention_heads"]
-        head_dim = d.get("head_dim") or d["hidden_size"] // heads
+        if heads <= 0:   # before the division below
+            raise ConfigError(f"num_attention_heads must be positive, got {heads}")
+        head_dim = d["hidden_size"] // heads if d.get("head_dim") is None else d["head_dim"]
+        kv_heads = heads if d.get("num_key_value_heads") is None else d["num_key_value_heads"]
         # transformers >= 5 folds rope_theta and rope_scaling into `rope_parameters`.
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
@@ -105,7 +118,7 @@ class LlamaConfig:
         return cls(
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads") or heads,
+            num_attention_heads=heads, num_key_value_heads=kv_heads,
             head_dim=head_dim, rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
             rope_scaling=scaling, tie_word_embeddings=d.get("tie_word_embeddings", False),
             attention_bias=d.get("attention_bias", False),

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from armt_jax import memory
 from armt_jax.armt import layer_weights, sequence_lengths
@@ -67,6 +68,10 @@ def generate(params, tokens, cfg: LlamaConfig, armt: ArmtConfig, *, max_new_toke
         prefix = (tokens[:, :split], None) if split else None
     else:                                              # each sequence's own last segment
         seq_len = sequence_lengths(tokens, lengths)
+        if not isinstance(seq_len, jax.core.Tracer) and not bool(jnp.all(seq_len > 0)):
+            empty = [int(b) for b in np.flatnonzero(np.asarray(seq_len) == 0)]
+            raise ValueError(f"generate continues a context: lengths must be >= 1, got 0 for "
+                             f"sequence(s) {empty}")
         split = (seq_len + T - 1) // T * T - T                                       # [B]
         padded = jnp.pad(tokens, ((0, 0), (0, T)))
         last = jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, T))(padded, split)
@@ -78,7 +83,13 @@ def generate(params, tokens, cfg: LlamaConfig, armt: ArmtConfig, *, max_new_toke
     else:
         state = zero_state(cfg.num_hidden_layers, B, armt.d_key, cfg.hidden_size,
                            state_dtype(params["embed"].dtype))
-    eos = tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    if eos_token_ids is None:
+        eos = cfg.eos_token_ids
+    else:
+        eos = (eos_token_ids,) if isinstance(eos_token_ids, (int, np.integer)) else tuple(eos_token_ids)
+        if bad := [e for e in eos if not 0 <= int(e) < cfg.vocab_size]:
+            raise ValueError(f"eos_token_ids must lie in [0, {cfg.vocab_size}) (the vocabulary), got {bad}")
+        eos = tuple(int(e) for e in eos)
     key = jax.random.key(0) if key is None else key
     return _decode(params, state, last, last_len, key, cfg=cfg, armt=armt,
                    max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,

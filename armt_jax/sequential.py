@@ -34,6 +34,8 @@ def sequential_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, armt: 
     """
     check_output(output)
     check_tokens(tokens, cfg.vocab_size)
+    if loss_mask is not None and not compute_loss:   # as diagonal_forward: no silent no-op
+        raise ValueError("loss_mask is given but compute_loss is False")
     T, M = armt.segment_size, armt.num_mem_tokens
     B, n = tokens.shape
     seg = segment(tokens, T, loss_mask, lengths)

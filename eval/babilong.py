@@ -67,18 +67,20 @@ def parse_babi(text: str) -> list[BabiSample]:
 
 
 def _read_member(source: str | Path, pattern: str) -> tuple[str, str]:
-    """(name, text) of the one file matching `pattern` (a regex on the path) in a folder or
-    .tar.gz archive."""
+    """(name, text) of the first file (by name) matching `pattern`, a regex on its absolute
+    path (folder) or on "/" + its name (.tar.gz archive), so that "/en-10k/" matches however the
+    folder was named on the command line (".", "en-10k", a parent)."""
     source = Path(source)
     if source.is_dir():
-        hits = sorted(p for p in source.rglob("*") if re.search(pattern, p.as_posix()))
+        hits = sorted(p for p in source.rglob("*") if re.search(pattern, p.resolve().as_posix()))
         if hits:
             return hits[0].as_posix(), hits[0].read_text()
     elif source.exists():
         with tarfile.open(source) as tar:
-            for member in tar:
-                if member.isfile() and re.search(pattern, member.name):
-                    return member.name, tar.extractfile(member).read().decode()
+            hits = sorted((m for m in tar if m.isfile() and re.search(pattern, "/" + m.name)),
+                          key=lambda m: m.name)
+            if hits:
+                return hits[0].name, tar.extractfile(hits[0]).read().decode()
     else:
         raise FileNotFoundError(f"no bAbI data at {source}")
     raise FileNotFoundError(f"no file matching {pattern!r} in {source}")
@@ -93,13 +95,15 @@ def read_babi(source: str | Path, task: int, split: str = "test", *, version: st
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     name = rf"qa{task}_[a-z-]+_{split}\.txt$"
-    try:
-        _, text = _read_member(source, rf"/{version}/{name}")
-    except FileNotFoundError:
-        if version == "en":
-            raise
-        _, text = _read_member(source, rf"/en/{name}")
-    return parse_babi(text)
+    patterns = [rf"/{version}/{name}"] + ([rf"/en/{name}"] if version != "en" else [])
+    for pattern in patterns:
+        try:
+            return parse_babi(_read_member(source, pattern)[1])
+        except FileNotFoundError:
+            if not Path(source).exists():
+                raise
+    raise FileNotFoundError(f"no bAbI qa{task} {split} file in {source}: looked for paths matching "
+                            f"{' and '.join(repr(p) for p in patterns)}")
 
 
 def strip_gutenberg(text: str) -> str:
@@ -110,14 +114,19 @@ def strip_gutenberg(text: str) -> str:
 
 
 def read_books(source: str | Path) -> list[str]:
-    """Every book of a folder or .tar.gz archive of Project Gutenberg .txt files, markers cut."""
+    """Every book of a folder or .tar.gz archive of Project Gutenberg .txt files, markers cut, in
+    the order of their paths."""
     source = Path(source)
+    # In order of their paths (in the folder, in the archive), so that a seed draws the same
+    # books from an archive as from the folder it unpacks to.
     if source.is_dir():
-        texts = [p.read_text(encoding="utf-8") for p in sorted(source.rglob("*.txt"))]
+        texts = [p.read_text(encoding="utf-8")
+                 for p in sorted(source.rglob("*.txt"), key=lambda p: p.relative_to(source).as_posix())]
     elif source.exists():
         with tarfile.open(source) as tar:
-            texts = [tar.extractfile(m).read().decode("utf-8") for m in tar
-                     if m.isfile() and m.name.endswith(".txt")]
+            members = sorted((m for m in tar if m.isfile() and m.name.endswith(".txt")),
+                             key=lambda m: m.name)
+            texts = [tar.extractfile(m).read().decode("utf-8") for m in members]
     else:
         raise FileNotFoundError(f"no books at {source}")
     if not texts:

@@ -82,3 +82,40 @@ def test_read_books_from_folder(tmp_path):
         read_books(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="no books at"):
         read_books(tmp_path / "missing")
+
+
+def test_books_from_an_archive_come_in_the_folders_order(tmp_path):
+    """An archive and the folder it unpacks to give the books in one order (their paths'), so a
+    seed draws the same BABILong samples from either; members stored out of order included."""
+    import io
+    import tarfile
+
+    names = ["lib/b.txt", "lib/a.txt", "lib/sub/c.txt", "lib/0.txt"]
+    with tarfile.open(tmp_path / "books.tar.gz", "w:gz") as tar:
+        for name in names:
+            data = f"*** START OF X ***\n{name} body.\n*** END OF X ***\n".encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(tmp_path / "books.tar.gz") as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    from_archive = read_books(tmp_path / "books.tar.gz")
+    assert from_archive == [f"{n} body." for n in sorted(names)]
+    assert read_books(tmp_path / "unpacked") == read_books(tmp_path / "unpacked" / "lib") == from_archive
+
+
+def test_read_babi_from_relative_folders(tmp_path, monkeypatch):
+    """A bAbI folder given as ".", as the version folder itself, or as a parent: the version
+    directory is matched on the resolved path; a missing task names both patterns tried."""
+    (tmp_path / "en-10k").mkdir()
+    (tmp_path / "en-10k" / "qa1_single-supporting-fact_train.txt").write_text(STORY)
+    (tmp_path / "en").mkdir()
+    (tmp_path / "en" / "qa3_three-supporting-facts_train.txt").write_text(STORY)
+    monkeypatch.chdir(tmp_path)
+    want = parse_babi(STORY)
+    assert read_babi(".", 1, "train") == read_babi("en-10k", 1, "train") == want
+    assert read_babi(tmp_path, 3, "train") == want   # from en/, the 1k version
+    monkeypatch.chdir(tmp_path / "en-10k")
+    assert read_babi(".", 1, "train") == want
+    with pytest.raises(FileNotFoundError, match=r"no bAbI qa2 test file in \.: .*en-10k.* and .*/en/"):
+        read_babi(".", 2, "test")

@@ -53,6 +53,28 @@ def test_unsupported_configs_name_the_field(change, field):
         LlamaConfig.from_hf_dict({**BASE, **change})
 
 
+@pytest.mark.parametrize("field", ["num_attention_heads", "num_key_value_heads"])
+@pytest.mark.parametrize("value", [0, -2])
+def test_head_counts_must_be_positive(field, value):
+    """Named, not a ZeroDivisionError or a negative kv_size."""
+    with pytest.raises(ConfigError, match=f"{field} must be positive, got {value}"):
+        LlamaConfig.from_hf_dict({**BASE, field: value})
+
+
+def test_a_config_built_by_hand_hashes():
+    """jit takes the config as a static argument: config.json's spellings given directly (a
+    list of EOS ids, a rope_scaling dict) are normalised, so it hashes and equals the parsed one."""
+    parsed = LlamaConfig.from_hf_dict({**BASE, "eos_token_id": [7, 9], "rope_scaling": {
+        "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}})
+    fields = {**parsed.to_dict(), "eos_token_id": [7, 9]}
+    assert isinstance(fields["rope_scaling"], dict)   # to_dict's spelling
+    by_hand = LlamaConfig(**fields)
+    assert by_hand == parsed and hash(by_hand) == hash(parsed) and by_hand.eos_token_id == (7, 9)
+    with pytest.raises(ConfigError, match="rope_scaling"):
+        LlamaConfig(**{**fields, "rope_scaling": {"factor": 8.0}})
+
+
 def test_missing_fields_are_named():
     d = dict(BASE)
     del d["vocab_size"], d["intermediate_size"]

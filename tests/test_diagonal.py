@@ -427,3 +427,5 @@ def test_diagonal_loss_argument_errors(rng):
         diagonal_forward(params, tokens, TINY, acfg, output="none", compute_loss=True, bucket=4)
     with pytest.raises(ValueError, match="loss_mask is given"):
         diagonal_forward(params, tokens, TINY, acfg, loss_mask=jnp.ones((1, 2 * T)))
+    with pytest.raises(ValueError, match="loss_mask is given"):   # both schedules alike
+        sequential_forward(params, tokens, TINY, acfg, loss_mask=jnp.ones((1, 2 * T)))

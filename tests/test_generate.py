@@ -52,6 +52,20 @@ def test_eos_stops_and_pads(rng):
     assert int(stopped.lengths[0]) == first_eos + 1
     np.testing.assert_array_equal(stopped.tokens[0, :first_eos + 1], free.tokens[0, :first_eos + 1])
     assert (np.asarray(stopped.tokens[0, first_eos + 1:]) == -1).all()
+    # one EOS id as a plain int, as LlamaConfig.eos_token_id takes it
+    as_int = generate(params, tokens, TINY, ACFG, max_new_tokens=6, eos_token_ids=eos, pad_id=-1)
+    np.testing.assert_array_equal(as_int.tokens, stopped.tokens)
+    with pytest.raises(ValueError, match=rf"eos_token_ids must lie in \[0, {TINY.vocab_size}\).*\[-1\]"):
+        generate(params, tokens, TINY, ACFG, max_new_tokens=2, eos_token_ids=(eos, -1))
+
+
+def test_an_empty_context_is_named(rng):
+    """A sequence of length 0 in a batch has nothing to continue: named by its index (the
+    error was about a negative length the caller never passed)."""
+    params = random_params(rng, TINY, ACFG)
+    tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (3, 12)), jnp.int32)
+    with pytest.raises(ValueError, match=r"lengths must be >= 1, got 0 for sequence\(s\) \[1\]"):
+        generate(params, tokens, TINY, ACFG, max_new_tokens=2, lengths=jnp.array([12, 0, 5]))
 
 
 def test_sampling_filters(rng):
