@@ -13,6 +13,7 @@ Before the command, `--compilation-cache DIR` keeps compiled programs in DIR for
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import time
@@ -124,12 +125,15 @@ def run_generate(args) -> int:
     return 0
 
 
-def _add_babilong_arguments(p) -> None:
+def _add_babilong_arguments(p, data_required: bool = True) -> None:
     """What `armt train` and `armt eval` share: the model, its tokenizer and the BABILong data."""
     p.add_argument("checkpoint", type=Path, help="Orbax checkpoint with ARMT memory "
                                                  "(`armt convert --to orbax --with-memory`)")
-    p.add_argument("--babi", type=Path, required=True, help="bAbI v1.2 archive or folder")
-    p.add_argument("--books", type=Path, required=True, help="Gutenberg books archive or folder")
+    also = "" if data_required else " (unless --published)"
+    p.add_argument("--babi", type=Path, required=data_required,
+                   help="bAbI v1.2 archive or folder" + also)
+    p.add_argument("--books", type=Path, required=data_required,
+                   help="Gutenberg books archive or folder" + also)
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="Hugging Face tokenizer.json (default: <checkpoint>/tokenizer.json); "
                         "context lengths are counted in its tokens")
@@ -208,8 +212,13 @@ def run_train(args) -> int:
 
 def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="BABILong accuracy per task and context length")
-    _add_babilong_arguments(p)
-    p.add_argument("--lengths", type=non_negative_int, nargs="+", default=[0, 1024, 4096, 16384])
+    _add_babilong_arguments(p, data_required=False)
+    p.add_argument("--published", type=Path, default=None,
+                   help="a local copy of the published BABILong set (its qa{task}/{length}.json "
+                        "files, or jsonl / parquet) instead of samples built from --babi and --books")
+    p.add_argument("--lengths", type=_length_arg, nargs="+", default=None,
+                   help="context lengths: token counts for built samples (default 0 1024 4096 "
+                        "16384), the set's names with --published (default 0k 1k 4k 16k)")
     p.add_argument("--samples", type=positive_int, default=50, help="questions per task and length")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--max-new-tokens", type=positive_int, default=16)
@@ -217,6 +226,13 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="babilong.{json,md,png} go here")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_eval)
+
+
+def _length_arg(text: str):
+    """A context length: a token count (>= 0), or a name of the published set ("4k", "1M")."""
+    if re.fullmatch(r"\d+[kKmM]", text):
+        return text
+    return non_negative_int(text)
 
 
 def prompt_encoder(tokenizer, cfg):
@@ -244,15 +260,33 @@ def _load_for_text(args, command: str):
 
 def run_eval(args) -> int:
     from eval.babilong import read_books
-    from eval.run_babilong import evaluate, model_answer_fn, write_report
+    from eval.run_babilong import evaluate, evaluate_published, model_answer_fn, write_report
 
+    lengths = args.lengths
+    if args.published is not None:
+        lengths = lengths or ["0k", "1k", "4k", "16k"]
+        if counts := [n for n in lengths if isinstance(n, int)]:
+            raise SystemExit(f"armt eval: with --published, --lengths are the set's names (0k, 4k, "
+                             f"...), got {counts}")
+    else:
+        lengths = lengths or [0, 1024, 4096, 16384]
+        if names := [n for n in lengths if isinstance(n, str)]:
+            raise SystemExit(f"armt eval: --lengths {' '.join(names)} name lengths of the published "
+                             f"set: pass --published, or token counts")
+        if args.babi is None or args.books is None:
+            raise SystemExit("armt eval: needs --babi and --books (samples are built from them), "
+                             "or --published")
     params, cfg, armt, tokenizer = _load_for_text(args, "eval")
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids
     answer = model_answer_fn(params, cfg, armt, prompt_encoder(tokenizer, cfg), tokenizer.decode,
                              max_new_tokens=args.max_new_tokens, schedule=args.schedule)
-    rows = evaluate(answer, args.babi, read_books(args.books), args.tasks, args.lengths,
-                    lambda text: len(encode(text)), samples=args.samples,
-                    batch_size=args.batch_size, seed=args.seed)
+    if args.published is not None:
+        rows = evaluate_published(answer, args.published, args.tasks, lengths,
+                                  samples=args.samples, batch_size=args.batch_size)
+    else:
+        rows = evaluate(answer, args.babi, read_books(args.books), args.tasks, lengths,
+                        lambda text: len(encode(text)), samples=args.samples,
+                        batch_size=args.batch_size, seed=args.seed)
     write_report(rows, args.out, f"BABILong accuracy, {args.checkpoint.name}, "
                                  f"{args.samples} questions per cell")
     return 0

@@ -4,6 +4,7 @@
     books = read_books("pg_books.tar.gz")
     row = build_sample(samples[0], books, target_tokens=4000, count_tokens=len_in_tokens, rng=rng)
     correct = score(model_output, row["target"], row["question"], task=1)
+    rows = read_published_file(*published_files("babilong/data", task=1, length="4k"))
 
 Paths may be the distributed archives or their unpacked folders; nothing is hard-coded. Token
 budgets are counted with the `count_tokens` function the caller passes (say which tokenizer).
@@ -12,6 +13,7 @@ budgets are counted with the `count_tokens` function the caller passes (say whic
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import tarfile
 from collections.abc import Callable, Sequence
@@ -183,3 +185,75 @@ def score(output: str, target: str, question: str, task: int) -> bool:
     found = {label for label in labels if occurs(label, text)}
     targets = set(target.lower().split(",")) if task == 8 else {target.lower()}
     return found == targets
+
+
+# ---- the published BABILong set (SPEC §5): rows {input, question, target} per task and length --
+PUBLISHED_FIELDS = ("input", "question", "target")
+PUBLISHED_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+def published_files(root: str | Path, task: int, length: str) -> list[Path]:
+    """The file(s) of task qa{task} at length `length` (the set's names: "0k", "4k", "1M", ...)
+    in a local copy of the published set: ``qa{task}/{length}.json`` (its current layout),
+    ``.jsonl`` or ``.parquet``, or parquet shards ``qa{task}/{length}-*.parquet`` (an earlier
+    one), anywhere below `root`; a file given as `root` is returned as it is."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise FileNotFoundError(f"no published BABILong set at {root}")
+    patterns = [f"qa{task}/{length}{suffix}" for suffix in PUBLISHED_SUFFIXES]
+    patterns.append(f"qa{task}/{length}-*.parquet")
+    for pattern in patterns:
+        if hits := sorted(root.rglob(pattern)):
+            return hits
+    raise FileNotFoundError(f"no BABILong qa{task} {length} file below {root} (looked for "
+                            f"{', '.join(patterns)})")
+
+
+def read_published_file(*paths: str | Path) -> list[dict]:
+    """The rows {input, question, target} (strings) of published BABILong files, in order: a JSON
+    array or JSON lines (.json, .jsonl), or parquet (.parquet: needs pyarrow). A row without one
+    of the three fields is an error naming the file and the row."""
+    rows = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"no BABILong file at {path}")
+        if path.suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise ImportError(f"{path}: reading parquet needs pyarrow (pip install pyarrow); "
+                                  f"the set's .json files need nothing") from None
+            records = pq.read_table(path).to_pylist()
+        elif path.suffix in (".json", ".jsonl"):
+            records = _json_records(path)
+        else:
+            raise ValueError(f"{path}: a published BABILong file is {', '.join(PUBLISHED_SUFFIXES)}")
+        for i, record in enumerate(records):
+            bad = [k for k in PUBLISHED_FIELDS
+                   if not isinstance(record, dict) or not isinstance(record.get(k), str)]
+            if bad:
+                raise ValueError(f"{path}, row {i}: field(s) {', '.join(bad)} missing or not text "
+                                 f"(a row holds {', '.join(PUBLISHED_FIELDS)})")
+            rows.append({k: record[k] for k in PUBLISHED_FIELDS})
+    return rows
+
+
+def _json_records(path: Path) -> list:
+    """A JSON array (or one object), else JSON lines."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+        return data if isinstance(data, list) else [data]
+    except json.JSONDecodeError:
+        pass
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {number}: neither a JSON array nor JSON lines "
+                                 f"({e.msg})") from None
+    return records

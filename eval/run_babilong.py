@@ -3,18 +3,21 @@
 For every (task, length) cell the first `samples` questions of the bAbI test split are diluted in
 book text to the target length (counted in the model's tokenizer), the model answers greedily
 (batched, contexts of different lengths padded), and `eval.babilong.score` judges the answer.
+`evaluate_published` does the same on a local copy of the published set (lengths by its names,
+"0k", "4k", ...; counted there in GPT-2 tokens).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from eval.babilong import build_sample, read_babi, score
+from eval.babilong import build_sample, published_files, read_babi, read_published_file, score
 from train.data import PROMPT
 
 AnswerFn = Callable[[list[str]], list[str]]   # prompts -> answers
@@ -50,24 +53,60 @@ def evaluate(answer_fn: AnswerFn, babi_source, books: Sequence[str], tasks: Sequ
         questions = read_babi(babi_source, task, "test")[:samples]
         rng = np.random.default_rng([seed, task, length])
         built = [build_sample(q, books, length, count_tokens, rng) for q in questions]
-        records = []
-        for i in range(0, len(built), batch_size):
-            chunk = built[i:i + batch_size]
-            answers = answer_fn([PROMPT.format(input=r["input"], question=r["question"])
-                                 for r in chunk])
-            records += [{"question": r["question"], "target": r["target"], "output": a,
-                         "correct": score(a, r["target"], r["question"], task)}
-                        for r, a in zip(chunk, answers)]
-        accuracy = 100.0 * np.mean([r["correct"] for r in records]) if records else float("nan")
-        rows.append({"task": task, "length": length, "accuracy": accuracy, "n": len(records),
-                     "answers": records})
+        rows.append(_cell(answer_fn, built, task, length, batch_size))
     return rows
 
 
+def evaluate_published(answer_fn: AnswerFn, root, tasks: Sequence[int], lengths: Sequence[str],
+                       *, samples: int = 50, batch_size: int = 8, progress: bool = True
+                       ) -> list[dict]:
+    """`evaluate` on the published set below `root` (eval.babilong.published_files): the first
+    `samples` rows of each (task, length) file, lengths by the set's names."""
+    rows = []
+    cells = [(t, n) for t in tasks for n in lengths]
+    for task, length in tqdm(cells, desc="babilong", disable=not progress):
+        data = read_published_file(*published_files(root, task, length))[:samples]
+        rows.append(_cell(answer_fn, data, task, length, batch_size))
+    return rows
+
+
+def _cell(answer_fn: AnswerFn, data: list[dict], task: int, length, batch_size: int) -> dict:
+    """One (task, length) row: the model's answers to `data` ({input, question, target}), batched,
+    each scored, and the accuracy in percent."""
+    records = []
+    for i in range(0, len(data), batch_size):
+        chunk = data[i:i + batch_size]
+        answers = answer_fn([PROMPT.format(input=r["input"], question=r["question"]) for r in chunk])
+        records += [{"question": r["question"], "target": r["target"], "output": a,
+                     "correct": score(a, r["target"], r["question"], task)}
+                    for r, a in zip(chunk, answers)]
+    accuracy = 100.0 * np.mean([r["correct"] for r in records]) if records else float("nan")
+    return {"task": task, "length": length, "accuracy": accuracy, "n": len(records),
+            "answers": records}
+
+
+_SIZE = re.compile(r"^(\d+)([kKmM]?)$")
+
+
+def length_order(length) -> tuple[int, str]:
+    """Sort key of a length: a token count, or a name of the published set ("0k" < "4k" < "1M")."""
+    if isinstance(length, int):
+        return length, ""
+    match = _SIZE.match(length)
+    if not match:
+        return 1 << 62, length
+    scale = {"": 1, "k": 1000, "m": 1000 ** 2}[match[2].lower()]
+    return int(match[1]) * scale, length
+
+
+def length_label(length) -> str:
+    return f"{length} tok" if isinstance(length, int) else str(length)
+
+
 def markdown_table(rows: list[dict]) -> str:
-    lengths = sorted({r["length"] for r in rows})
+    lengths = sorted({r["length"] for r in rows}, key=length_order)
     acc = {(r["task"], r["length"]): r["accuracy"] for r in rows}
-    lines = ["| task | " + " | ".join(f"{n} tok" for n in lengths) + " |",
+    lines = ["| task | " + " | ".join(length_label(n) for n in lengths) + " |",
              "|---|" + "---:|" * len(lengths)]
     for task in sorted({r["task"] for r in rows}):
         lines.append(f"| qa{task} | " + " | ".join(f"{acc[task, n]:.0f}" for n in lengths) + " |")
@@ -83,7 +122,7 @@ def heatmap(rows: list[dict], path: Path, title: str) -> bool:
     except ImportError:
         return False
     tasks = sorted({r["task"] for r in rows})
-    lengths = sorted({r["length"] for r in rows})
+    lengths = sorted({r["length"] for r in rows}, key=length_order)
     grid = np.full((len(tasks), len(lengths)), np.nan)
     for r in rows:
         grid[tasks.index(r["task"]), lengths.index(r["length"])] = r["accuracy"]
@@ -93,7 +132,8 @@ def heatmap(rows: list[dict], path: Path, title: str) -> bool:
         ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=9)
     ax.set_xticks(range(len(lengths)), [f"{n}" for n in lengths])
     ax.set_yticks(range(len(tasks)), [f"qa{t}" for t in tasks])
-    ax.set_xlabel("context tokens")
+    ax.set_xlabel("context tokens" if all(isinstance(n, int) for n in lengths)
+                  else "context length (published set)")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="accuracy, %")
     fig.tight_layout()

@@ -1,5 +1,6 @@
 """BABILong building blocks (SPEC §5)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,66 @@ def test_read_babi_from_relative_folders(tmp_path, monkeypatch):
     assert read_babi(".", 1, "train") == want
     with pytest.raises(FileNotFoundError, match=r"no bAbI qa2 test file in \.: .*en-10k.* and .*/en/"):
         read_babi(".", 2, "test")
+
+
+def _published_rows(n, task="q"):
+    return [{"input": f"{task} context {i}.", "question": f"Where is {i}?", "target": f"room{i}",
+             "extra": i} for i in range(n)]
+
+
+def test_read_published_files(tmp_path):
+    """The published set's files (SPEC §5): a JSON array (its qa{task}/{length}.json layout) or
+    JSON lines (.json or .jsonl) give the rows {input, question, target} in order; found by task
+    and length name below a root; a bad row, bad JSON, a missing file name what is wrong."""
+    from eval.babilong import published_files, read_published_file
+
+    (tmp_path / "data" / "qa1").mkdir(parents=True)
+    (tmp_path / "data" / "qa2").mkdir()
+    rows = _published_rows(3)
+    want = [{k: r[k] for k in ("input", "question", "target")} for r in rows]
+    (tmp_path / "data" / "qa1" / "4k.json").write_text(json.dumps(rows))
+    (tmp_path / "data" / "qa2" / "4k.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+    (tmp_path / "lines.json").write_text("\n".join(map(json.dumps, rows)))
+    assert published_files(tmp_path, 1, "4k") == [tmp_path / "data" / "qa1" / "4k.json"]
+    assert read_published_file(*published_files(tmp_path, 1, "4k")) == want
+    assert read_published_file(*published_files(tmp_path / "data", 2, "4k")) == want
+    assert read_published_file(tmp_path / "lines.json") == want
+    assert published_files(tmp_path / "lines.json", 7, "1M") == [tmp_path / "lines.json"]
+
+    with pytest.raises(FileNotFoundError, match=r"no BABILong qa1 16k file below .*qa1/16k\.json"):
+        published_files(tmp_path, 1, "16k")
+    with pytest.raises(FileNotFoundError, match="no published BABILong set at"):
+        published_files(tmp_path / "missing", 1, "4k")
+    (tmp_path / "bad.json").write_text(json.dumps([rows[0], {"input": "x", "question": "q?"}]))
+    with pytest.raises(ValueError, match=r"bad\.json, row 1: field\(s\) target missing"):
+        read_published_file(tmp_path / "bad.json")
+    (tmp_path / "junk.jsonl").write_text(json.dumps(rows[0]) + "\n{oops\n")
+    with pytest.raises(ValueError, match=r"junk\.jsonl, line 2: neither a JSON array nor JSON lines"):
+        read_published_file(tmp_path / "junk.jsonl")
+    (tmp_path / "rows.csv").write_text("input,question,target\n")
+    with pytest.raises(ValueError, match=r"rows\.csv: a published BABILong file is \.json"):
+        read_published_file(tmp_path / "rows.csv")
+
+
+def test_read_published_parquet_shards(tmp_path):
+    """The set's earlier layout: parquet shards qa{task}/{length}-*.parquet, read in name order;
+    without pyarrow an ImportError saying what to install."""
+    from eval.babilong import published_files, read_published_file
+
+    (tmp_path / "qa3").mkdir()
+    shards = [tmp_path / "qa3" / f"32k-0000{i}-of-00002.parquet" for i in (1, 0)]
+    rows = _published_rows(4, "p")
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        for shard in shards:
+            shard.write_bytes(b"PAR1")
+        assert published_files(tmp_path, 3, "32k") == sorted(shards)
+        with pytest.raises(ImportError, match="pip install pyarrow"):
+            read_published_file(*published_files(tmp_path, 3, "32k"))
+        return
+    pq.write_table(pa.Table.from_pylist(rows[:2]), shards[1])
+    pq.write_table(pa.Table.from_pylist(rows[2:]), shards[0])
+    got = read_published_file(*published_files(tmp_path, 3, "32k"))
+    assert [r["input"] for r in got] == [r["input"] for r in rows]
