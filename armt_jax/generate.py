@@ -64,7 +64,9 @@ def generate(params, tokens, cfg: LlamaConfig, armt: ArmtConfig, *, max_new_toke
     T = armt.segment_size
     if lengths is None:
         split = (-(-n // T) - 1) * T                   # start of the last (decoded) segment
-        last, last_len = tokens[:, split:], jnp.full((B,), n - split, jnp.int32)
+        # padded to a whole segment, its length traced: one decode program for every n
+        last = jnp.pad(tokens[:, split:], ((0, 0), (0, split + T - n)))
+        last_len = jnp.full((B,), n - split, jnp.int32)
         prefix = (tokens[:, :split], None) if split else None
     else:                                              # each sequence's own last segment
         seq_len = sequence_lengths(tokens, lengths)

@@ -59,6 +59,22 @@ def test_eos_stops_and_pads(rng):
         generate(params, tokens, TINY, ACFG, max_new_tokens=2, eos_token_ids=(eos, -1))
 
 
+def test_one_decode_program_for_every_context_length(rng):
+    """The last segment is decoded padded to T with its length traced, so contexts whose last
+    segments differ in length share one compiled decode (it compiled once per length, up to T
+    programs); the tokens are those of the forward's argmax (first) and of a separate call."""
+    import importlib
+    gen = importlib.import_module("armt_jax.generate")   # the module, not the function
+    params = random_params(rng, TINY, ACFG)
+    before = gen._decode._cache_size()
+    for n in (T + 1, T + 4, 2 * T):   # last segments of 1, 4 and T tokens after one full one
+        tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, (2, n)), jnp.int32)
+        out = generate(params, tokens, TINY, ACFG, max_new_tokens=7, schedule="sequential")
+        logits = sequential_forward(params, tokens, TINY, ACFG).out
+        np.testing.assert_array_equal(out.tokens[:, 0], np.argmax(logits[:, -1], -1))
+    assert gen._decode._cache_size() - before == 1
+
+
 def test_an_empty_context_is_named(rng):
     """A sequence of length 0 in a batch has nothing to continue: named by its index (the
     error was about a negative length the caller never passed)."""
