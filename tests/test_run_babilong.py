@@ -39,16 +39,22 @@ def test_oracle_and_wrong_answers(tmp_path):
     assert json.loads((tmp_path / "babilong.json").read_text())["rows"][0]["n"] == 3
 
 
-@needs_data
-def test_cli_eval_end_to_end(rng, tmp_path):
+def _word_level_checkpoint(rng, path, words: str) -> None:
+    """A tiny random ARMT checkpoint at `path` with a word-level tokenizer.json over `words`."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    vocab = ["[UNK]"] + "mary john went to the garden hallway kitchen where is question answer".split()
+    vocab = ["[UNK]"] + words.split()
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     cfg = TINY.__class__(**{**TINY.to_dict(), "vocab_size": len(vocab), "rope_scaling": None})
     acfg = ArmtConfig(segment_size=16, num_mem_tokens=2, d_mem=16)
-    ArmtModel(cfg, acfg, params=random_params(rng, cfg, acfg)).save(tmp_path / "ckpt")
-    tok.save(str(tmp_path / "ckpt" / "tokenizer.json"))
+    ArmtModel(cfg, acfg, params=random_params(rng, cfg, acfg)).save(path)
+    tok.save(str(path / "tokenizer.json"))
+
+
+@needs_data
+def test_cli_eval_end_to_end(rng, tmp_path):
+    _word_level_checkpoint(rng, tmp_path / "ckpt",
+                           "mary john went to the garden hallway kitchen where is question answer")
     books = tmp_path / "books"
     books.mkdir()
     (books / "b.txt").write_text(BOOKS[0])
@@ -94,14 +100,7 @@ def test_published_set_oracle_and_table(tmp_path):
 def test_cli_eval_on_the_published_set(rng, tmp_path, capsys):
     """`armt eval --published DIR --lengths 0k 4k` needs neither --babi nor --books; lengths that
     do not fit the data source are refused before anything loads, naming them."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    vocab = ["[UNK]"] + "mary went to the kitchen where is question answer".split()
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    cfg = TINY.__class__(**{**TINY.to_dict(), "vocab_size": len(vocab), "rope_scaling": None})
-    acfg = ArmtConfig(segment_size=16, num_mem_tokens=2, d_mem=16)
-    ArmtModel(cfg, acfg, params=random_params(rng, cfg, acfg)).save(tmp_path / "ckpt")
-    tok.save(str(tmp_path / "ckpt" / "tokenizer.json"))
+    _word_level_checkpoint(rng, tmp_path / "ckpt", "mary went to the kitchen where is question answer")
     _write_published(tmp_path / "set", [1], ["0k", "4k"])
     assert cli.main(["eval", str(tmp_path / "ckpt"), "--published", str(tmp_path / "set"),
                      "--tasks", "1", "--lengths", "0k", "4k", "--samples", "2",
