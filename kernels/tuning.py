@@ -463,8 +463,9 @@ def select_config(
     s25_dw_feed*: 0.76-1.00x) and L2 prefetches ahead of the ring (run s25_dw_prefetch:
     0.91-0.94x); the default tiles split by rows on forward and dx (run s26_rows_fwd:
     0.98-1.00x); 128 x 320 tiles on 3b qkv (WIDE_ROW_SPLIT_VARIANTS, their last wave 99.9 %
-    full: 0.87-0.99x cuBLAS where "auto" read 0.99-1.00x, runs s28_wide*); and a second, narrow kernel picked per call by ``lax.cond`` (1b o, 1 of 16
-    groups active: 51 TF/s against 191).
+    full: 0.87-0.99x cuBLAS where "auto" read 0.99-1.00x, runs s28_wide*); and a second,
+    narrow kernel picked per call by ``lax.cond`` (1b o, 1 of 16 groups active: 51 TF/s
+    against 191).
     """
     num_sms = num_sms_of_device() if num_sms is None else num_sms
     a_shape = (num_groups, k, m) if transpose_lhs else (num_groups, m, k)

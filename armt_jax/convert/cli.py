@@ -119,7 +119,6 @@ def run_convert(args: argparse.Namespace) -> int:
     from armt_jax.checkpoint import save_checkpoint
     from armt_jax.convert.armt import save_armt
     from armt_jax.convert.hf import hf_config_dict, save_hf
-
     from armt_jax.convert.table import ConversionError
 
     progress = False if args.no_progress else None
