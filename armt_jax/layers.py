@@ -12,6 +12,7 @@ on the kernel path the big matrices are never copied).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -228,7 +229,15 @@ def llama_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, *, output: 
                   attn_impl=None, gmm_impl="auto") -> jax.Array:
     """Plain Llama over the whole input (full attention): the Hugging Face model's function, and
     the baseline long-context users would otherwise pick."""
-    check_tokens(tokens, cfg.vocab_size)
+    if output not in ("logits", "hidden"):
+        raise ValueError(f"llama_forward's output must be 'logits' or 'hidden', got {output!r}")
+    check_tokens(tokens, cfg.vocab_size)      # concrete ids, before the compiled core
+    return _llama_core(params, tokens, cfg=cfg, output=output, attn_impl=attn_impl,
+                       gmm_impl=gmm_impl)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "output", "attn_impl", "gmm_impl"))
+def _llama_core(params, tokens, *, cfg: LlamaConfig, output, attn_impl, gmm_impl) -> jax.Array:
     x = embed(params, tokens)[None]                                     # [1, B, n, D]
     cos, sin = rope_tables(cfg, jnp.arange(tokens.shape[1]), x.dtype)
 

@@ -6,11 +6,13 @@ correctness oracle of the diagonal schedule and the training schedule.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from armt_jax.armt import (ArmtOutput, armt_layer_group, check_output,
-                           cross_entropy_sums, layer_weights, segment, segment_input)
+from armt_jax.armt import (ArmtOutput, armt_layer_group, check_output, cross_entropy_sums,
+                           layer_weights, segment, segment_input, sequence_lengths)
 from armt_jax.config import ArmtConfig, LlamaConfig
 from armt_jax.layers import check_tokens, head, rope_tables
 from armt_jax.memory import MemoryState, state_dtype, zero_state
@@ -36,9 +38,23 @@ def sequential_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, armt: 
     check_tokens(tokens, cfg.vocab_size)
     if loss_mask is not None and not compute_loss:   # as diagonal_forward: no silent no-op
         raise ValueError("loss_mask is given but compute_loss is False")
+    # Checked here, where the values are concrete; the core is compiled once per shape (called
+    # eagerly, its scans were traced and compiled anew on every call).
+    seq_len = sequence_lengths(tokens, lengths)
+    return _sequential_core(params, tokens, seq_len, loss_mask, cfg=cfg, armt=armt,
+                            output=output, per_sequence=lengths is not None,
+                            compute_loss=compute_loss, remat=remat, attn_impl=attn_impl,
+                            gmm_impl=gmm_impl)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "armt", "output", "per_sequence",
+                                             "compute_loss", "remat", "attn_impl", "gmm_impl"))
+def _sequential_core(params, tokens, seq_len, loss_mask, *, cfg: LlamaConfig, armt: ArmtConfig,
+                     output, per_sequence, compute_loss, remat, attn_impl,
+                     gmm_impl) -> ArmtOutput:
     T, M = armt.segment_size, armt.num_mem_tokens
     B, n = tokens.shape
-    seg = segment(tokens, T, loss_mask, lengths)
+    seg = segment(tokens, T, loss_mask, seq_len)
     N = seg.lengths.shape[0]
     lp, mp = layer_weights(params)
     dtype = params["embed"].dtype
@@ -102,7 +118,7 @@ def sequential_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, armt: 
     if output in ("logits", "hidden"):
         out = emitted.swapaxes(0, 1).reshape(B, N * T, -1)[:, :n]
     elif output == "last_logits":
-        last_rows = T if lengths is not None else n - (N - 1) * T
+        last_rows = T if per_sequence else n - (N - 1) * T
         out = head(params, last_h[:, :last_rows], cfg, "logits")
     loss = loss_sum / jnp.maximum(count, 1.0) if compute_loss else None
     return ArmtOutput(out, loss, state)

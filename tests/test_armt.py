@@ -263,3 +263,42 @@ def test_token_ids_are_validated(rng):
     for name in ("sequential", "diagonal", "generate"):
         with pytest.raises(ValueError, match="no 'memory'.*init_params"):
             entry_points[name](jnp.asarray(tokens), plain)
+
+
+def test_eager_calls_compile_once_per_shape(rng):
+    """Called outside jit, each entry point compiles once per shape: a second call with other
+    tokens and lengths of the same shapes compiles nothing. sequential_forward and llama_forward
+    used to trace and compile their scans again on every eager call (about 1.7 s a call for a
+    tiny model on the CPU, so generate(schedule="sequential") paid it on every prompt)."""
+    from armt_jax.diagonal import diagonal_forward
+    from armt_jax.generate import generate
+
+    acfg = ArmtConfig(segment_size=8, num_mem_tokens=2, d_mem=16)
+    params = random_params(rng, TINY, acfg)
+    entry_points = {
+        "sequential": lambda t, n: sequential_forward(params, t, TINY, acfg, lengths=n),
+        "sequential loss": lambda t, n: sequential_forward(
+            params, t, TINY, acfg, output="none", compute_loss=True, lengths=n).loss,
+        "diagonal": lambda t, n: diagonal_forward(params, t, TINY, acfg, lengths=n),
+        "generate sequential": lambda t, n: generate(params, t, TINY, acfg, max_new_tokens=2,
+                                                     schedule="sequential", lengths=n).tokens,
+        "llama": lambda t, n: layers.llama_forward(params, t, TINY),
+    }
+    compiles = []
+
+    def count(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        for name, run in entry_points.items():
+            draws = [(jnp.asarray(rng.integers(0, TINY.vocab_size, (2, 19)), jnp.int32),
+                      jnp.asarray(rng.integers(9, 20, 2), jnp.int32)) for _ in range(2)]
+            jax.block_until_ready(run(*draws[0]))
+            first = len(compiles)
+            jax.block_until_ready(run(*draws[1]))
+            extra = len(compiles) - first
+            assert first > 0 and extra == 0, f"{name}: {extra} compilation(s) on the second call"
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
