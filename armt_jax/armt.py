@@ -41,7 +41,7 @@ def layer_weights(params: dict) -> tuple[dict, dict]:
 
 def armt_layer_group(lp: dict, mp: dict, x: jax.Array, state: MemoryState, *, mem_start: jax.Array,
                      first: jax.Array, cos, sin, cfg: LlamaConfig, armt: ArmtConfig, active=None,
-                     attn_impl=None, gmm_impl="auto",
+                     attn_impl="auto", gmm_impl="auto",
                      layer_offset=None) -> tuple[jax.Array, MemoryState]:
     """G ARMT cells at once: x [G, B, T+M, D], state leaves [G, B, ...], mem_start [G, B] (= text
     length t of each group's segment of each sequence), first [G] (segment is its sequence's

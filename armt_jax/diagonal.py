@@ -49,7 +49,7 @@ def bucket_segments(num_segments: int) -> int:
 def diagonal_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, armt: ArmtConfig, *,
                      output: str = "logits", lengths: jax.Array | None = None,
                      loss_mask: jax.Array | None = None, compute_loss: bool = False,
-                     remat: bool = False, attn_impl=None, gmm_impl="auto",
+                     remat: bool = False, attn_impl="auto", gmm_impl="auto",
                      bucket: int | None = None) -> ArmtOutput:
     """Same results as `sequential_forward` (outputs: "logits", "last_logits", "hidden", "none";
     per-sequence `lengths`, `loss_mask` and `compute_loss` as there).

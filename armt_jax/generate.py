@@ -31,7 +31,7 @@ class GenerateOutput(NamedTuple):
 
 
 def prefill(params, tokens, cfg: LlamaConfig, armt: ArmtConfig, *, schedule="diagonal",
-            lengths=None, attn_impl=None, gmm_impl="auto") -> MemoryState:
+            lengths=None, attn_impl="auto", gmm_impl="auto") -> MemoryState:
     """Memory state after every segment of `tokens` (through reads and writes)."""
     forward = schedule_forward(schedule)
     return forward(params, tokens, cfg, armt, output="none", lengths=lengths, attn_impl=attn_impl,
@@ -41,7 +41,7 @@ def prefill(params, tokens, cfg: LlamaConfig, armt: ArmtConfig, *, schedule="dia
 def generate(params, tokens, cfg: LlamaConfig, armt: ArmtConfig, *, max_new_tokens: int,
              schedule: str = "diagonal", lengths: jax.Array | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             eos_token_ids=None, pad_id: int = 0, key: jax.Array | None = None, attn_impl=None,
+             eos_token_ids=None, pad_id: int = 0, key: jax.Array | None = None, attn_impl="auto",
              gmm_impl="auto") -> GenerateOutput:
     """Continue `tokens` [B, n] (contexts of different lengths: right-padded, with `lengths` [B]).
     Greedy when temperature == 0, else sampling with optional top-k / top-p (then `key` is
@@ -118,7 +118,7 @@ def sample(logits: jax.Array, key, temperature: float, top_k: int | None, top_p:
 
 
 def _decode_chunk(params, state: MemoryState, cache, x, pos0, cfg: LlamaConfig, armt: ArmtConfig,
-                  attn_impl, gmm_impl):
+                  attn_impl, gmm_impl, unroll_layers):
     """Tokens' activations x [B, c, D] at positions pos0[b].. through every layer, read-only memory,
     attending to the KV cache (k, v: [L, B, C, K, hd]) which they extend. Returns final hidden.
 
@@ -148,15 +148,16 @@ def _decode_chunk(params, state: MemoryState, cache, x, pos0, cfg: LlamaConfig, 
                     gmm_impl=gmm_impl)
         return x[0], (k_cache, v_cache)
 
-    x, cache = jax.lax.scan(one_layer, x, (lp, mp, state.A, state.z) + tuple(cache))
+    x, cache = jax.lax.scan(one_layer, x, (lp, mp, state.A, state.z) + tuple(cache),
+                            unroll=unroll_layers)
     return x, cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "armt", "max_new_tokens", "temperature",
                                              "top_k", "top_p", "eos", "pad_id", "attn_impl",
-                                             "gmm_impl"))
+                                             "gmm_impl", "unroll_layers"))
 def _decode(params, state, last_segment, last_len, key, *, cfg, armt, max_new_tokens, temperature,
-            top_k, top_p, eos, pad_id, attn_impl, gmm_impl) -> GenerateOutput:
+            top_k, top_p, eos, pad_id, attn_impl, gmm_impl, unroll_layers=False) -> GenerateOutput:
     """last_segment [B, t]: each sequence's last segment, its first last_len[b] tokens real."""
     B, t = last_segment.shape
     L, K, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
@@ -164,7 +165,7 @@ def _decode(params, state, last_segment, last_len, key, *, cfg, armt, max_new_to
     C = t + max_new_tokens
     cache = (jnp.zeros((L, B, C, K, hd), dtype), jnp.zeros((L, B, C, K, hd), dtype))
     run = functools.partial(_decode_chunk, params, state, cfg=cfg, armt=armt, attn_impl=attn_impl,
-                            gmm_impl=gmm_impl)
+                            gmm_impl=gmm_impl, unroll_layers=unroll_layers)
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
 
     h, cache = run(cache, embed(params, last_segment), jnp.zeros((B,), jnp.int32))

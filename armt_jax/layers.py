@@ -66,15 +66,42 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[..., None, :] + rotated * sin[..., None, :]
 
 
+ATTN_IMPLS = ("auto", "cudnn", "xla", None)
+
+
+def attention_impl(implementation, q, mask=None, device=None) -> str:
+    """The attention implementation to run: "auto" takes cuDNN's fused (flash) attention on an
+    NVIDIA GPU of compute capability >= 8.0 for bf16 / f16 heads of a size it serves (multiples
+    of 8 up to 128) without an explicit mask (the schedules' causal segments), XLA for the rest
+    (generate's masked KV cache, float32 / float64, the CPU). None is XLA, as in JAX. On the
+    H200 XLA's attention made a 131072-token prefill 1.85x slower (eval/results/generate_h200.md).
+    """
+    if implementation not in ATTN_IMPLS:
+        raise ValueError(f"attention implementation must be one of {ATTN_IMPLS}, got "
+                         f"{implementation!r}")
+    if implementation != "auto":
+        return "xla" if implementation is None else implementation
+    device = jax.devices()[0] if device is None else device
+    capability = getattr(device, "compute_capability", None)   # "9.0" on CUDA devices
+    on_nvidia = device.platform == "gpu" and capability is not None
+    hd = q.shape[-1]
+    if (on_nvidia and float(capability) >= 8.0 and mask is None
+            and q.dtype in (jnp.bfloat16, jnp.float16) and hd % 8 == 0 and hd <= 128):
+        return "cudnn"
+    return "xla"
+
+
 def dot_product_attention(q, k, v, *, scale: float, is_causal: bool = False, mask=None,
-                          implementation=None) -> jax.Array:
+                          implementation="auto") -> jax.Array:
     """``jax.nn.dot_product_attention`` (q [B, S, H, hd]; k, v [B, Sk, K, hd], K dividing H), but
     float64 inputs stay float64: JAX's softmax runs in float32 for every dtype, which would make
-    a float64 model (the tests' oracle for the schedules) no more exact than a float32 one."""
+    a float64 model (the tests' oracle for the schedules) no more exact than a float32 one.
+    implementation: see `attention_impl`."""
+    implementation = attention_impl(implementation, q, mask)
     if q.dtype != jnp.float64:
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=is_causal, mask=mask,
                                             implementation=implementation)
-    if implementation not in (None, "xla"):
+    if implementation != "xla":
         raise ValueError(f"attention implementation={implementation!r} takes no float64 inputs")
     B, S, H, hd = q.shape
     K = k.shape[2]
@@ -129,7 +156,7 @@ def attention_output(lp: dict, out: jax.Array, groups: int, *, active=None, gmm_
 
 
 def attention(lp: dict, x: jax.Array, cos, sin, cfg: LlamaConfig, *, active=None,
-              attn_impl=None, gmm_impl="auto", layer_offset=None) -> jax.Array:
+              attn_impl="auto", gmm_impl="auto", layer_offset=None) -> jax.Array:
     """Causal grouped-query self-attention of x [G, B, S, D] (already normalised)."""
     q, k, v = qkv_heads(lp, x, cos, sin, cfg, active=active, gmm_impl=gmm_impl,
                         layer_offset=layer_offset)
@@ -150,7 +177,7 @@ def mlp(lp: dict, x: jax.Array, cfg: LlamaConfig, *, active=None, gmm_impl="auto
 
 
 def decoder_layer_group(lp: dict, x: jax.Array, cos, sin, cfg: LlamaConfig, *, active=None,
-                        attn_impl=None, gmm_impl="auto", layer_offset=None) -> jax.Array:
+                        attn_impl="auto", gmm_impl="auto", layer_offset=None) -> jax.Array:
     """G Llama decoder layers on G inputs: h + Attn(RMSNorm(h)), then h + MLP(RMSNorm(h)).
 
     lp: layer weights with leading layer axis [G, ...] (or [L >= G, ...] with layer_offset: group
@@ -226,7 +253,7 @@ def head(params: dict, h: jax.Array, cfg: LlamaConfig, output: str) -> jax.Array
 
 
 def llama_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, *, output: str = "logits",
-                  attn_impl=None, gmm_impl="auto") -> jax.Array:
+                  attn_impl="auto", gmm_impl="auto") -> jax.Array:
     """Plain Llama over the whole input (full attention): the Hugging Face model's function, and
     the baseline long-context users would otherwise pick."""
     if output not in ("logits", "hidden"):

@@ -21,7 +21,7 @@ from armt_jax.memory import MemoryState, state_dtype, zero_state
 def sequential_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, armt: ArmtConfig, *,
                        output: str = "logits", lengths: jax.Array | None = None,
                        loss_mask: jax.Array | None = None, compute_loss: bool = False,
-                       remat: bool = False, attn_impl=None, gmm_impl="auto") -> ArmtOutput:
+                       remat: bool = False, attn_impl="auto", gmm_impl="auto") -> ArmtOutput:
     """Run ARMT over tokens [B, n].
 
     output: "logits" (text positions, [B, n, V] float32), "last_logits" (the last segment's,

@@ -1,5 +1,6 @@
 """ARMT sequential schedule against the float64 NumPy implementation of SPEC §1.2-1.3."""
 
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +83,31 @@ def test_float64_attention_is_jax_attention_in_float64(rng, masked):
             layers.dot_product_attention(*(jnp.asarray(a) for a in (q, k, v)), **kw,
                                          implementation="cudnn")
     assert ref.rel_err(want, exact) <= 1e-6   # JAX's semantics (in float32)
+
+
+def test_attention_impl_auto_takes_cudnn_where_it_serves():
+    """attn_impl="auto" (every entry point's default) is cuDNN's fused attention on an NVIDIA GPU
+    of compute capability >= 8 for unmasked bf16 / f16 heads of <= 128 (multiples of 8), and XLA
+    for everything else; an unknown name is refused by name."""
+    hopper = SimpleNamespace(platform="gpu", compute_capability="9.0")
+    q = jnp.zeros((2, 4, 3, 64), jnp.bfloat16)
+    assert layers.attention_impl("auto", q, device=hopper) == "cudnn"
+    assert layers.attention_impl("auto", q.astype(jnp.float16), device=hopper) == "cudnn"
+    xla_cases = {
+        "masked (the decode's KV cache)": (q, jnp.ones((2, 1, 4, 4), bool), hopper),
+        "float32": (q.astype(jnp.float32), None, hopper),
+        "head size 256": (jnp.zeros((2, 4, 3, 256), jnp.bfloat16), None, hopper),
+        "head size 60": (jnp.zeros((2, 4, 3, 60), jnp.bfloat16), None, hopper),
+        "Turing": (q, None, SimpleNamespace(platform="gpu", compute_capability="7.5")),
+        "a GPU without CUDA": (q, None, SimpleNamespace(platform="gpu")),
+        "CPU": (q, None, SimpleNamespace(platform="cpu")),
+    }
+    for case, (query, mask, device) in xla_cases.items():
+        assert layers.attention_impl("auto", query, mask, device) == "xla", case
+    assert layers.attention_impl(None, q, device=hopper) == "xla"        # JAX's meaning of None
+    assert layers.attention_impl("cudnn", q.astype(jnp.float32)) == "cudnn"   # asked for: kept
+    with pytest.raises(ValueError, match="'flash'"):
+        layers.attention_impl("flash", q)
 
 
 def test_memory_changes_outputs(rng):

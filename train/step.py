@@ -53,7 +53,7 @@ def counted_targets(batch: dict) -> jax.Array:
 
 
 def make_train_step(cfg: LlamaConfig, armt: ArmtConfig, optimizer: optax.GradientTransformation,
-                    *, accum_steps: int = 1, remat: bool = True, attn_impl=None, gmm_impl="auto",
+                    *, accum_steps: int = 1, remat: bool = True, attn_impl="auto", gmm_impl="auto",
                     compute_dtype=None, compiler_options: dict | None = None,
                     schedule: str = "sequential"):
     """A jitted `step(params, opt_state, batch) -> (params, opt_state, metrics)`.
