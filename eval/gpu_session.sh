@@ -1,9 +1,21 @@
 #!/usr/bin/env bash
 # Re-checks and re-measures everything GPU-specific on an H200, in stages (one device command may
 # run 10 minutes, so the stages are split over two calls):
-#   tests      the kernels' GPU tests (every config compiled: weight offsets, tile schedules,
-#              fused SwiGLU; 351 s at 8dc745d, 51 passed)
+#   tests      the kernels' GPU tests but the weight-offset ones: every config lowered, tile
+#              schedules, fused SwiGLU (the whole set outgrew one call: 73 passed in 560 s at
+#              79c4cf8, with the SwiGLU tests still to run)
+#   tests_offsets  test_gpu_weight_offset: every GPU config's forward, dx and dw against float64
 #   tests_model  the diagonal schedule and training steps through the kernels on the GPU (~3 min)
+#   generate   the generation benchmark (eval/bench_generate.py), batch 1: time to the first token
+#              after 4096-131072 tokens and ms per decoded token, each schedule
+#   probe_decode  a decoded token's cost (eval/probe_decode.py) with the decode's layer scan
+#              unrolled or not, XLA or "auto" grouped matmuls, batch 1 and 8     (~6 min)
+#   probe_decode_graphs  the same with XLA's command buffers (CUDA graphs) taking while loops
+#              and conditionals too                                              (~6 min)
+#   probe_decode_profile  one traced decode (batch 1, XLA): device time by kernel with source
+#              lines, and the decode's optimised HLO                             (~1 min)
+#   generate_batch  the generation benchmark at batch 8 and 64 (4096 and 32768 tokens): the
+#              decode steps' m = 8 rows go to XLA under "auto", m = 64 to the kernel
 #   bench      the inference benchmark, every schedule and length                 (~9 min)
 #   agreement  model-scale agreement of the schedules, XLA and kernel paths        (> 3 min)
 #   kernel     the grouped-matmul benchmark (1b all loads, 3b/8b quick, backward products)
@@ -309,14 +321,15 @@ ncu_profile() {
     | tee "$OUT/${name}_summary.md"
   ncu --import "$OUT/$name.ncu-rep" --page details > "$OUT/${name}_details.txt"
 }
-# gpu_tests NAME LIMIT_S FILES...: the GPU tests of FILES under a timeout, verbose into
+# gpu_tests NAME LIMIT_S EXTRA FILES...: the GPU tests of FILES (and the tests matching the
+# pytest -k expression EXTRA, if not empty) under a timeout, verbose into
 # $OUT/NAME.txt (what passed survives a timeout); shown: failures, the summary, the slowest.
 # With pytest-timeout installed, a test that runs past 240 s (a kernel hung on a barrier) ends
 # the run there, naming the test, instead of using up the call (without it: a warning).
 gpu_tests() {
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$2 extra=${3:+and ($3)}; shift 3
   timeout "$limit" python3 -m pytest -o addopts="" -o timeout=240 -v -p no:cacheprovider \
-    --durations=8 "$@" -k "gpu or pallas or accumulates_in_float32" > "$OUT/$name.txt" 2>&1
+    --durations=8 "$@" -k "(gpu or pallas or accumulates_in_float32) $extra" > "$OUT/$name.txt" 2>&1
   echo "$name: exit $?, $(grep -c PASSED "$OUT/$name.txt") passed"
   grep -E "FAILED|ERROR|s call|passed|failed" "$OUT/$name.txt" | quiet | tail -14
 }
@@ -339,12 +352,26 @@ diagonal_products() {
 # dw_columns]: forward, dx and dw against float64); succeeds if all three passed.
 dw_tests() { tests_pass dw_tests 200 3 tests/test_grouped_matmul.py "gpu_weight_offset and dw"; }
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests tests_model bench agreement kernel)
+[ ${#stages[@]} -eq 0 ] && stages=(tests tests_offsets tests_model bench agreement kernel)
 for stage in "${stages[@]}"; do
   echo "== $stage $(date -u +%FT%TZ)"
   case $stage in
-    tests) gpu_tests gpu_tests 560 tests/test_grouped_matmul.py tests/test_swiglu.py ;;
-    tests_model) gpu_tests gpu_tests_model 400 tests/test_diagonal.py tests/test_train.py ;;
+    tests) gpu_tests gpu_tests 560 "not gpu_weight_offset" tests/test_grouped_matmul.py \
+             tests/test_swiglu.py ;;
+    tests_offsets) gpu_tests gpu_tests_offsets 560 gpu_weight_offset tests/test_grouped_matmul.py ;;
+    tests_model) gpu_tests gpu_tests_model 400 "" tests/test_diagonal.py tests/test_train.py ;;
+    generate) timeout 560 python3 -m eval.bench_generate --batches 1 \
+             --out "$OUT/generate_h200.json" 2>&1 | quiet ;;
+    probe_decode) timeout 500 python3 eval/probe_decode.py --batches 1 8 \
+               --out "$OUT/probe_decode.jsonl" 2>&1 | quiet ;;
+    probe_decode_graphs)
+           XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
+             timeout 500 python3 eval/probe_decode.py --batches 1 8 \
+               --out "$OUT/probe_decode_graphs.jsonl" 2>&1 | quiet ;;
+    probe_decode_profile) timeout 240 python3 eval/probe_decode.py --gmm-impls xla --unroll 0 \
+               --reps 3 --profile --dump-hlo "$OUT/hlo" 2>&1 | quiet ;;
+    generate_batch) timeout 560 python3 -m eval.bench_generate --batches 8 64 --lengths 4096 32768 \
+             --out "$OUT/generate_batch_h200.json" 2>&1 | quiet ;;
     bench) python3 -m eval.bench --out "$OUT/inference_h200.json" 2>&1 | quiet \
              | tee "$OUT/bench.txt" ;;
     agreement) python3 -m eval.agreement --tokens 16384 2>&1 | quiet | tee "$OUT/agreement.txt"
@@ -597,7 +624,8 @@ for stage in "${stages[@]}"; do
              --configs auto,xla_einsum --seconds 1.2 --rounds 3 ;;
     sustained_dw) sustained_ab 560 --products "$(diagonal_products dw)" \
              --configs auto,xla_einsum --seconds 1.2 --rounds 3 ;;
-    *) echo "unknown stage $stage (tests, tests_model, bench, agreement, kernel, kernel_big, fused, diagonal," \
+    *) echo "unknown stage $stage (tests, tests_offsets, tests_model, generate, probe_decode," \
+            "probe_decode_graphs, probe_decode_profile, generate_batch, bench, agreement, kernel, kernel_big, fused, diagonal," \
             "train, profile, pingpong, pingpong2, select, train_products, train_profile," \
             "train_zero_init, wg3, select3, pingpong_bwd, reproducibility, wg3_repeat," \
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +30,48 @@ def test_bench_smoke(tmp_path, capsys):
     assert all(r["output_finite"] and r["seconds"] > 0 for r in rows.values())
     assert rows["diagonal"]["rel_err_vs_sequential"] < 2e-2          # bf16, tiny model
     assert "| diagonal | 70 |" in out.with_suffix(".md").read_text()
+
+
+def test_bench_generate_tiny_on_cpu(tmp_path):
+    """eval.bench_generate: one row per attention choice, schedule, batch and length, with the
+    prefill timed only where there is a prefix (a context of one segment has none), each row's
+    tokens compared with the first row's at that batch and length; bad arguments refused."""
+    from eval import bench_generate
+    out = tmp_path / "generate.json"
+    assert bench_generate.main(["--size", "tiny", "--lengths", "20", "70", "--batches", "2",
+                                "--new-tokens", "3", "--schedules", "diagonal", "sequential",
+                                "--attn", "auto", "xla", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["attn"], r["schedule"], r["context"]) for r in rows] == [
+        (a, s, n) for n in (20, 70) for a in ("auto", "xla") for s in ("diagonal", "sequential")]
+    for r in rows:
+        assert r["first_token_s"] > 0 and len(r["generate_runs"]) == 3
+        assert np.isnan(r["prefill_s"]) == (r["context"] <= 32)            # T = 32
+        assert 0 <= r["tokens_as_diagonal/auto"] <= 4
+    assert rows[0]["tokens_as_diagonal/auto"] == 4                         # itself
+    assert "| sequential | xla | 2 | 70 |" in out.with_suffix(".md").read_text()
+    for bad in (["--reps", "2"], ["--new-tokens", "0"], ["--batches", "0"]):
+        with pytest.raises(SystemExit):
+            bench_generate.main(["--size", "tiny", *bad])
+
+
+def test_probe_decode_tiny_on_cpu(tmp_path):
+    """eval/probe_decode.py: each variant timed, its optimised HLO dumped, the unrolled layer
+    scan decoding the same tokens as the scanned one."""
+    import importlib.util
+    path = Path(__file__).parents[1] / "eval" / "probe_decode.py"
+    spec = importlib.util.spec_from_file_location("probe_decode", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    out = tmp_path / "rows.jsonl"
+    assert probe.main(["--size", "tiny", "--context", "20", "--new-tokens", "2", "--reps", "3",
+                       "--gmm-impls", "xla", "--unroll", "0", "1", "--out", str(out),
+                       "--dump-hlo", str(tmp_path / "hlo")]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["unroll_layers"] for r in rows] == [False, True]
+    assert rows[0]["tokens_head"] == rows[1]["tokens_head"] and len(rows[0]["tokens_head"]) == 3
+    with gzip.open(tmp_path / "hlo" / "decode_b1_xla_unroll1.hlo.txt.gz", "rt") as f:
+        assert f.read().startswith("HloModule")
 
 
 def test_agreement_tiny_on_cpu(capsys):
@@ -361,7 +404,6 @@ def test_gpu_session_names_only_known_configs():
     tile-order suffix like @gm12 allowed) exists, so no stage dies on an unknown name
     mid-session (the benchmark refuses one up front: checked with a stale name)."""
     import re
-    from pathlib import Path
 
     from eval.bench_grouped_matmul import SWEEP, SWIGLU_VARIANTS, main
 

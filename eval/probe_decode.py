@@ -1,0 +1,110 @@
+"""Probe: what a decoded token costs, by variant of the compiled decode (generate's `_decode`).
+
+Llama-3.2-1B shapes with the LM head, random bf16 weights and memory state; the last segment holds
+`--context` tokens (1..T), then N tokens are decoded greedily with no EOS. ms / token =
+(time(1 + N new tokens) - time(1 new token)) / N, medians of `--reps` runs. Variants: the layer
+scan unrolled or not, XLA or "auto" grouped matmuls. Run it once per XLA_FLAGS setting to compare
+XLA's command buffers (CUDA graphs), which a process takes from its environment.
+
+    python eval/probe_decode.py --batches 1 8
+    XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE \\
+      python eval/probe_decode.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from eval.bench import bench_config             # noqa: E402
+from eval.bench_generate import bench_params, median_seconds    # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=("1b", "mid", "tiny"), default="1b")
+    ap.add_argument("--batches", nargs="+", type=int, default=[1])
+    ap.add_argument("--context", type=int, default=512, help="tokens of the last segment")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--gmm-impls", nargs="+", choices=("xla", "auto"), default=["xla", "auto"])
+    ap.add_argument("--unroll", nargs="+", type=int, choices=(0, 1), default=[0, 1])
+    ap.add_argument("--profile", action="store_true",
+                    help="trace one decode of 1 + N tokens per variant: device time by kernel")
+    ap.add_argument("--out", type=Path, default=None, help="JSON lines appended here")
+    ap.add_argument("--compiler-option", action="append", default=[], metavar="NAME=VALUE",
+                    help="an XLA option for the decode's compilation (repeatable), e.g. "
+                         "xla_gpu_enable_dynamic_slice_fusion=true")
+    ap.add_argument("--dump-hlo", type=Path, default=None,
+                    help="folder for each variant's optimised HLO of the decode (gzipped text)")
+    args = ap.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from armt_jax.generate import _decode
+    from eval.profile import parse_compiler_option
+    from armt_jax.memory import MemoryState, state_dtype
+
+    compiler_options = dict(map(parse_compiler_option, args.compiler_option))
+    cfg, armt = bench_config(args.size)
+    params = bench_params(cfg, armt)
+    T = armt.segment_size
+    rows = []
+    for batch in args.batches:
+        rng = np.random.default_rng(batch)
+        last = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, T)), jnp.int32)
+        last_len = jnp.full((batch,), min(args.context, T), jnp.int32)
+        L, dk, D = cfg.num_hidden_layers, armt.d_key, cfg.hidden_size
+        dtype = state_dtype(jnp.bfloat16)
+        state = MemoryState(jnp.asarray(1e-3 * rng.standard_normal((L, batch, dk, D)), dtype),
+                            jnp.asarray(np.abs(rng.standard_normal((L, batch, dk))), dtype))
+        for gmm_impl in args.gmm_impls:
+            for unroll in map(bool, args.unroll):
+                operands = (params, state, last, last_len, jax.random.key(0))
+                options = dict(cfg=cfg, armt=armt, temperature=0.0, top_k=None, top_p=None,
+                               eos=(), pad_id=0, attn_impl="auto", gmm_impl=gmm_impl,
+                               unroll_layers=unroll)
+                compiled = {k: _decode.lower(*operands, max_new_tokens=k, **options).compile(
+                    compiler_options or None) for k in (1, 1 + args.new_tokens)}
+                run = lambda k: compiled[k](*operands).tokens
+                one, _ = median_seconds(lambda: run(1), args.reps)
+                many, _ = median_seconds(lambda: run(1 + args.new_tokens), args.reps)
+                ms = 1e3 * (many - one) / args.new_tokens
+                tokens = np.asarray(run(1 + args.new_tokens))
+                row = {"batch": batch, "gmm_impl": gmm_impl, "unroll_layers": unroll,
+                       "compiler_options": compiler_options,
+                       "first_token_s": one, "ms_per_token": ms,
+                       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                       "tokens_head": tokens[0, :8].tolist()}
+                rows.append(row)
+                print(f"batch {batch:3d}  {gmm_impl:4s}  unroll {unroll!s:5s}  first token "
+                      f"{one * 1e3:7.2f} ms  {ms:6.3f} ms/token  tokens {row['tokens_head']}",
+                      flush=True)
+                hlo = compiled[1 + args.new_tokens].as_text()
+                if args.dump_hlo:
+                    args.dump_hlo.mkdir(parents=True, exist_ok=True)
+                    name = f"decode_b{batch}_{gmm_impl}_unroll{int(unroll)}.hlo.txt.gz"
+                    with gzip.open(args.dump_hlo / name, "wt") as f:
+                        f.write(hlo)
+                if args.profile:
+                    from eval.profile import kernel_sources, print_breakdown, traced_kernel_times
+                    times, _ = traced_kernel_times(
+                        lambda: jax.block_until_ready(run(1 + args.new_tokens)), 1)
+                    row["profile"] = print_breakdown(
+                        f"decode of 1 + {args.new_tokens} tokens, batch {batch}, {gmm_impl}, "
+                        f"unroll {unroll}", times, 1, kernel_sources(hlo), 25)
+    if args.out:
+        with args.out.open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
