@@ -190,6 +190,18 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_report(out: Path, title: str, report: dict, table: str) -> None:
+    """The report ({command, setting, rows, ...}) as JSON at `out`, and beside it a markdown page:
+    the command, the setting with the first row's device, jax version and date, the table."""
+    head = report["rows"][0] if report["rows"] else {}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    out.with_suffix(".md").write_text(
+        f"# {title}\n\nCommand: `{report['command']}`\n\n{report['setting']}; device "
+        f"{head.get('device', '?')}, jax {head.get('jax', '?')}, {head.get('date', '')}.\n\n"
+        f"{table}\n")
+
+
 def _kernel_benchmark_args(argv: list[str]) -> list[str] | None:
     """argv without `--op grouped_matmul` when it asks for the kernel benchmark, else None."""
     for i, arg in enumerate(argv):
@@ -248,12 +260,8 @@ def main(argv=None) -> int:
               "setting": f"{'Llama-3.2-1B' if args.size == '1b' else 'tiny'} shapes, bf16 random "
                          f"weights, T={armt.segment_size}, M={armt.num_mem_tokens}, "
                          f"d_mem={armt.d_mem}, batch 1, lm_head=identity"}
-    args.out.write_text(json.dumps(report, indent=1))
     table = markdown_table(rows)
-    args.out.with_suffix(".md").write_text(
-        f"# Inference benchmark\n\nCommand: `{report['command']}`\n\n{report['setting']}; "
-        f"device {rows[0]['device'] if rows else '?'}, jax {rows[0]['jax'] if rows else '?'}, "
-        f"{rows[0]['date'] if rows else ''}.\n\n{table}\n")
+    write_report(args.out, "Inference benchmark", report, table)
     print(table)
     return 0
 

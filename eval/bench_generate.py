@@ -28,12 +28,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
 
-from eval.bench import W_MV_STD, bench_config
+from eval.bench import W_MV_STD, bench_config, write_report
 
 SCHEDULES = {"diagonal_pallas": ("diagonal", "auto"), "diagonal": ("diagonal", "xla"),
              "sequential": ("sequential", "xla")}
@@ -167,15 +166,9 @@ def main(argv=None) -> int:
     setting = (f"{'Llama-3.2-1B' if args.size == '1b' else args.size} shapes with the LM head, "
                f"bf16 random weights, T={armt.segment_size}, M={armt.num_mem_tokens}, "
                f"d_mem={armt.d_mem}, greedy")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": command.strip(), "setting": setting, "rows": rows},
-                              indent=1))
     table = markdown_table(rows)
-    head = rows[0] if rows else {}
-    out.with_suffix(".md").write_text(
-        f"# Generation benchmark\n\nCommand: `{command.strip()}`\n\n{setting}; device "
-        f"{head.get('device', '?')}, jax {head.get('jax', '?')}, {head.get('date', '')}.\n\n"
-        f"{table}\n")
+    write_report(out, "Generation benchmark",
+                 {"command": command.strip(), "setting": setting, "rows": rows}, table)
     print(table)
     return 0
 
