@@ -2,10 +2,10 @@
 
 Setting of eval/bench.py (Llama-3.2-1B shapes, random bf16 weights, random W_mv, T = 1024, M = 128,
 d_mem = 64) but with the LM head, since generation samples from logits (the 1B model's tied
-128256-word embedding). `armt_jax.generate` as `armt generate` calls it: greedy, attention "auto" (cuDNN's fused
-attention on the schedules' segments, XLA on the decode's masked KV cache; `--attn xla` for XLA
-throughout). For each attention choice, schedule, batch size and context length, medians of
-`reps` runs after a warm-up:
+128256-word embedding). `armt_jax.generate` as `armt generate` calls it: greedy, attention
+"auto" (cuDNN's fused attention on the schedules' segments, XLA on the decode's masked KV cache;
+`--attn xla` for XLA throughout). For each attention choice, schedule, batch size and context
+length, medians of `reps` runs after a warm-up:
 
   first token s   generate(max_new_tokens=1): the context's segments before the last one through
                   the memory (`prefill`), the last segment decoded with a KV cache, one token
@@ -103,7 +103,8 @@ def run(schedules, lengths, batches, new_tokens: int, reps: int, size: str,
                 ref = reference.setdefault((batch, n), (f"{name}/{attn}", out))
                 per_token_s = (all_s - first_s) / new_tokens
                 row = {
-                    "schedule": name, "attn": attn, "batch": batch, "context": n, "new_tokens": new_tokens,
+                    "schedule": name, "attn": attn, "batch": batch, "context": n,
+                    "new_tokens": new_tokens,
                     "first_token_s": first_s, "first_token_runs": first_runs,
                     "prefill_s": prefill_s, "generate_s": all_s, "generate_runs": all_runs,
                     "ms_per_token": 1e3 * per_token_s,
@@ -114,9 +115,10 @@ def run(schedules, lengths, batches, new_tokens: int, reps: int, size: str,
                         timespec="seconds"),
                 }
                 rows.append(row)
-                print(f"{name:16s} {attn:5s} batch {batch:2d} {n:7d} tok  first token {first_s:7.3f} s  "
-                      f"prefill {prefill_s:7.3f} s  {row['ms_per_token']:6.2f} ms/token  "
-                      f"{row['tokens_per_s']:7.0f} tok/s  same tokens as {ref[0]}: "
+                print(f"{name:16s} {attn:5s} batch {batch:2d} {n:7d} tok  first token "
+                      f"{first_s:7.3f} s  prefill {prefill_s:7.3f} s  "
+                      f"{row['ms_per_token']:6.2f} ms/token  {row['tokens_per_s']:7.0f} tok/s  "
+                      f"same tokens as {ref[0]}: "
                       f"{row['tokens_as_' + ref[0]]}/{1 + new_tokens}", flush=True)
     return rows
 
