@@ -202,22 +202,26 @@ def write_report(out: Path, title: str, report: dict, table: str) -> None:
         f"{table}\n")
 
 
-def _kernel_benchmark_args(argv: list[str]) -> list[str] | None:
-    """argv without `--op grouped_matmul` when it asks for the kernel benchmark, else None."""
+# `--op NAME`: benchmarks that own their flags, run with the rest of the command line
+DELEGATED_OPS = {"grouped_matmul": "eval.bench_grouped_matmul", "generate": "eval.bench_generate"}
+
+
+def _delegated_op(argv: list[str]) -> tuple[str, list[str]] | None:
+    """(op, argv without `--op op`) when argv asks for a delegated benchmark, else None."""
     for i, arg in enumerate(argv):
-        if arg == "--op=grouped_matmul":
-            return argv[:i] + argv[i + 1:]
-        if arg == "--op" and argv[i + 1:i + 2] == ["grouped_matmul"]:
-            return argv[:i] + argv[i + 2:]
+        if arg.startswith("--op=") and arg[5:] in DELEGATED_OPS:
+            return arg[5:], argv[:i] + argv[i + 1:]
+        if arg == "--op" and i + 1 < len(argv) and argv[i + 1] in DELEGATED_OPS:
+            return argv[i + 1], argv[:i] + argv[i + 2:]
     return None
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    kernel_args = _kernel_benchmark_args(argv)
-    if kernel_args is not None:                   # the kernel benchmark owns its flags
-        from eval import bench_grouped_matmul
-        return bench_grouped_matmul.main(kernel_args) or 0
+    if (delegated := _delegated_op(argv)) is not None:
+        import importlib
+        op, rest = delegated
+        return importlib.import_module(DELEGATED_OPS[op]).main(rest) or 0
     ap = argparse.ArgumentParser(prog="armt bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=list(SCHEDULES))
     ap.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS))
@@ -228,8 +232,10 @@ def main(argv=None) -> int:
                          "the committed results)")
     ap.add_argument("--size", choices=("1b", "mid", "tiny"), default="1b",
                     help="mid / tiny: smaller models for CPU checks of this script")
-    ap.add_argument("--op", choices=("model", "grouped_matmul"), default="model",
-                    help="grouped_matmul: the kernel benchmark (eval/bench_grouped_matmul.py)")
+    ap.add_argument("--op", choices=("model", *DELEGATED_OPS), default="model",
+                    help="grouped_matmul: the kernel benchmark (eval/bench_grouped_matmul.py); "
+                         "generate: time to the first token and decode speed "
+                         "(eval/bench_generate.py); each takes its own flags")
     ap.add_argument("--worker", choices=SCHEDULES, help=argparse.SUPPRESS)
     ap.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -33,14 +33,15 @@ def test_bench_smoke(tmp_path, capsys):
 
 
 def test_bench_generate_tiny_on_cpu(tmp_path):
-    """eval.bench_generate: one row per attention choice, schedule, batch and length, with the
-    prefill timed only where there is a prefix (a context of one segment has none), each row's
-    tokens compared with the first row's at that batch and length; bad arguments refused."""
+    """eval.bench_generate (through `armt bench --op generate`): one row per attention choice,
+    schedule, batch and length, with the prefill timed only where there is a prefix (a context
+    of one segment has none), each row's tokens compared with the first row's at that batch and
+    length; bad arguments refused."""
     from eval import bench_generate
     out = tmp_path / "generate.json"
-    assert bench_generate.main(["--size", "tiny", "--lengths", "20", "70", "--batches", "2",
-                                "--new-tokens", "3", "--schedules", "diagonal", "sequential",
-                                "--attn", "auto", "xla", "--out", str(out)]) == 0
+    assert bench.main(["--size", "tiny", "--lengths", "20", "70", "--op", "generate",
+                       "--batches", "2", "--new-tokens", "3", "--schedules", "diagonal",
+                       "sequential", "--attn", "auto", "xla", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["attn"], r["schedule"], r["context"]) for r in rows] == [
         (a, s, n) for n in (20, 70) for a in ("auto", "xla") for s in ("diagonal", "sequential")]
@@ -53,6 +54,14 @@ def test_bench_generate_tiny_on_cpu(tmp_path):
     for bad in (["--reps", "2"], ["--new-tokens", "0"], ["--batches", "0"]):
         with pytest.raises(SystemExit):
             bench_generate.main(["--size", "tiny", *bad])
+
+
+def test_bench_op_hands_the_rest_of_the_command_line_to_its_benchmark():
+    assert bench._delegated_op(["--op=grouped_matmul", "--quick"]) == ("grouped_matmul", ["--quick"])
+    assert bench._delegated_op(["--size", "tiny", "--op", "generate", "--reps", "3"]) == (
+        "generate", ["--size", "tiny", "--reps", "3"])
+    for own in (["--op", "model"], ["--op"], ["--size", "tiny"]):
+        assert bench._delegated_op(own) is None
 
 
 def test_probe_decode_tiny_on_cpu(tmp_path):
