@@ -429,3 +429,35 @@ def test_diagonal_loss_argument_errors(rng):
         diagonal_forward(params, tokens, TINY, acfg, loss_mask=jnp.ones((1, 2 * T)))
     with pytest.raises(ValueError, match="loss_mask is given"):   # both schedules alike
         sequential_forward(params, tokens, TINY, acfg, loss_mask=jnp.ones((1, 2 * T)))
+
+
+@pytest.mark.skipif(not kernels.on_hopper(), reason="needs a Hopper GPU")
+def test_gpu_cudnn_attention_by_default(rng):
+    """attn_impl="auto" (the default) runs cuDNN's fused attention on the GPU: the compiled
+    diagonal step calls it (and does not with "xla"). Both schedules' bf16 outputs and memory
+    states match XLA's attention to SPEC's bf16 tolerance, and a training step's loss and
+    gradients through it are as close to float32 (XLA attention, "highest" matmuls) as those
+    through XLA's attention (at most twice their error + 1e-3, as in the kernel test above)."""
+    params, tokens, cfg, acfg = _kernel_case(rng, hidden=256, segment_size=120, d_mem=64)
+    lowered = {impl: jax.jit(lambda p, t, impl=impl: diagonal_forward(
+        p, t, cfg, acfg, attn_impl=impl).out).lower(params, tokens).as_text()
+        for impl in ("auto", "xla")}
+    assert "cudnn" in lowered["auto"] and "cudnn" not in lowered["xla"]
+    for forward in (sequential_forward, diagonal_forward):
+        got = forward(params, tokens, cfg, acfg)
+        want = forward(params, tokens, cfg, acfg, attn_impl="xla")
+        assert ref.rel_err(got.out, want.out) <= 2e-2, forward.__name__
+        assert ref.rel_err(got.state.A, want.state.A) <= 2e-2, forward.__name__
+    params32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+    with jax.default_matmul_precision("highest"):
+        loss_r, grads_r = _loss_and_grads(diagonal_forward, params32, tokens, cfg, acfg,
+                                          attn_impl="xla")
+    errors = {}
+    for impl in ("auto", "xla"):
+        loss, grads = _loss_and_grads(diagonal_forward, params, tokens, cfg, acfg, attn_impl=impl)
+        assert abs(float(loss) / float(loss_r) - 1) <= 1e-2, impl
+        flat = dict(jax.tree_util.tree_leaves_with_path(grads))
+        for path, want in jax.tree_util.tree_leaves_with_path(grads_r):
+            errors.setdefault(jax.tree_util.keystr(path), {})[impl] = ref.rel_err(flat[path], want)
+    worse = {name: e for name, e in errors.items() if not e["auto"] <= 2 * e["xla"] + 1e-3}
+    assert not worse, worse
