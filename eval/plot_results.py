@@ -10,6 +10,9 @@
 * train_h200_diagonal.png: seconds per training step at each length, the sequential and the
   diagonal schedule with XLA and kernel grouped matmuls (the kernels only at 32768 and 65536
   tokens; eval/results/train_h200_diagonal.json);
+* generate_h200.png: seconds to the first token against the context length per schedule,
+  with XLA's attention dashed, and ms per decoded token (eval/results/generate_h200.json,
+  generate_h200_xla_attention.json);
 * grouped_matmul_h200.parity.png: the kernel's speed over cuBLAS's (XLA's plain batched matmul)
   on every diagonal product at full load, one dot per profiled A/B run that timed today's
   `select_config` choice for it (eval/results/grouped_matmul_h200.ab.json);
@@ -162,6 +165,47 @@ def plot_train(report: dict, path: Path) -> None:
                  f" jax {rows[0].get('jax', '?')}, {str(rows[0].get('date', ''))[:10]});"
                  " labels: speed vs the sequential schedule on the same matmuls", fontsize=9)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_generate(report: dict, path: Path, xla_attention: dict | None = None) -> None:
+    """Time to the first token against the context length per schedule (with the same run under
+    XLA's attention dashed, where given), and ms per decoded token (eval/bench_generate.py)."""
+    plt = _pyplot()
+    rows = [r for r in report["rows"] if r["batch"] == 1]
+    if not rows:
+        raise ValueError("no batch-1 generation rows to plot")
+    fig, (ax_first, ax_decode) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for schedule, (label, colour, marker) in SCHEDULE_STYLE.items():
+        for source, style, suffix, key in ((rows, "-", "", "first_token_s"),
+                                           ((xla_attention or {}).get("rows", []), "--",
+                                            ", XLA attention", "first_token_s")):
+            mine = sorted((r for r in source if r["schedule"] == schedule and r["batch"] == 1),
+                          key=lambda r: r["context"])
+            if not mine:
+                continue
+            contexts = [r["context"] for r in mine]
+            ax_first.plot(contexts, [r[key] for r in mine], style, marker=marker, color=colour,
+                          label=label + suffix)
+            if not suffix:
+                ax_decode.plot(contexts, [r["ms_per_token"] for r in mine], marker=marker,
+                               color=colour, label=label)
+    contexts = sorted({r["context"] for r in rows})
+    for ax in (ax_first, ax_decode):
+        _log2_ticks(ax, contexts, [f"{n // 1024}k" for n in contexts])
+        ax.set_xlabel("context tokens")
+        ax.grid(True, which="both", alpha=0.3)
+    ax_first.set_yscale("log")
+    ax_first.set_ylabel("seconds to the first token")
+    ax_first.set_title("Prefill + last segment + one token (batch 1)")
+    ax_decode.set_ylim(0, 1.2 * max(r["ms_per_token"] for r in rows))
+    ax_decode.set_ylabel("ms per decoded token")
+    ax_decode.set_title("Decode (batch 1, greedy)")
+    ax_first.legend(fontsize=7)
+    fig.suptitle(f"Generation, Llama-3.2-1B shapes with the LM head, bf16 ({rows[0]['device']},"
+                 f" jax {rows[0]['jax']}, {rows[0]['date'][:10]})", fontsize=9)
+    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -473,6 +517,9 @@ def main(argv=None) -> int:
             ("grouped_matmul_h200.big.json", "grouped_matmul_h200.8b.png",
              functools.partial(plot_grouped_matmul, model="8b")),
             ("train_h200_diagonal.json", "train_h200_diagonal.png", plot_train),
+            ("generate_h200.json", "generate_h200.png", functools.partial(
+                plot_generate,
+                xla_attention=_load(args.results / "generate_h200_xla_attention.json"))),
             ("grouped_matmul_h200.ab.json", "grouped_matmul_h200.parity.png",
              functools.partial(plot_parity, sustained=sustained)),
             ("grouped_matmul_h200.ab.json", "grouped_matmul_h200.parity_off_full_load.png",

@@ -174,7 +174,7 @@ def test_plot_results_from_the_committed_json(tmp_path):
     from eval import plot_results
     assert plot_results.main(["--out", str(tmp_path)]) == 0
     for name in ("inference_h200.png", "grouped_matmul_h200.png", "grouped_matmul_h200.3b.png",
-                 "grouped_matmul_h200.8b.png", "train_h200_diagonal.png",
+                 "grouped_matmul_h200.8b.png", "train_h200_diagonal.png", "generate_h200.png",
                  "grouped_matmul_h200.parity.png", "grouped_matmul_h200.parity_off_full_load.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     table = (tmp_path / "grouped_matmul_h200.parity.md").read_text()
