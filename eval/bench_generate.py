@@ -32,23 +32,11 @@ import sys
 import time
 from pathlib import Path
 
-from eval.bench import W_MV_STD, bench_config, write_report
+from eval.bench import bench_config, bench_params, write_report
 
 SCHEDULES = {"diagonal_pallas": ("diagonal", "auto"), "diagonal": ("diagonal", "xla"),
              "sequential": ("sequential", "xla")}
 LENGTHS = (4096, 32768, 131072)
-
-
-def bench_params(cfg, armt):
-    """Random bf16 weights with a random W_mv (zero at init, which would leave the memory idle)."""
-    import jax
-    import jax.numpy as jnp
-    from armt_jax.params import init_params
-    params = init_params(jax.random.key(0), cfg, armt, jnp.bfloat16)
-    w_mv = params["memory"]["w_mv"]
-    params["memory"]["w_mv"] = (W_MV_STD * jax.random.normal(jax.random.key(2), w_mv.shape)
-                                ).astype(w_mv.dtype)
-    return params
 
 
 def median_seconds(fn, reps: int) -> tuple[float, list[float]]:
@@ -78,7 +66,7 @@ def run(schedules, lengths, batches, new_tokens: int, reps: int, size: str,
     from armt_jax.generate import generate, prefill
 
     cfg, armt = bench_config(size)
-    params = bench_params(cfg, armt)
+    params = bench_params("diagonal", cfg, armt)   # random W_mv too
     T = armt.segment_size
     device = jax.devices()[0]
     rows, reference = [], {}

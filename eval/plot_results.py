@@ -56,6 +56,14 @@ def _log2_ticks(ax, values, labels):
     ax.minorticks_off()
 
 
+def _length_axes(axes, lengths, label: str) -> None:
+    """Token-count x axes: log2 ticks labelled in k, a label, a grid."""
+    for ax in axes:
+        _log2_ticks(ax, lengths, [f"{n // 1024}k" for n in lengths])
+        ax.set_xlabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+
+
 def plot_inference(report: dict, path: Path) -> None:
     plt = _pyplot()
     rows = report["rows"]
@@ -67,11 +75,7 @@ def plot_inference(report: dict, path: Path) -> None:
         tokens = [r["tokens"] for r in mine]
         ax_time.plot(tokens, [r["seconds"] for r in mine], marker=marker, color=colour, label=label)
         ax_rate.plot(tokens, [r["tflops"] for r in mine], marker=marker, color=colour, label=label)
-    lengths = sorted({r["tokens"] for r in rows})
-    for ax in (ax_time, ax_rate):
-        _log2_ticks(ax, lengths, [f"{n // 1024}k" for n in lengths])
-        ax.set_xlabel("input tokens")
-        ax.grid(True, which="both", alpha=0.3)
+    _length_axes((ax_time, ax_rate), sorted({r["tokens"] for r in rows}), "input tokens")
     ax_time.set_yscale("log")
     ax_time.set_ylabel("seconds per forward")
     ax_time.set_title("Forward time (Llama-3.2-1B shapes, batch 1)")
@@ -177,25 +181,20 @@ def plot_generate(report: dict, path: Path, xla_attention: dict | None = None) -
     if not rows:
         raise ValueError("no batch-1 generation rows to plot")
     fig, (ax_first, ax_decode) = plt.subplots(1, 2, figsize=(11, 4.2))
+    xla_rows = [r for r in (xla_attention or {}).get("rows", []) if r["batch"] == 1]
     for schedule, (label, colour, marker) in SCHEDULE_STYLE.items():
-        for source, style, suffix, key in ((rows, "-", "", "first_token_s"),
-                                           ((xla_attention or {}).get("rows", []), "--",
-                                            ", XLA attention", "first_token_s")):
-            mine = sorted((r for r in source if r["schedule"] == schedule and r["batch"] == 1),
+        for source, style, suffix in ((rows, "-", ""), (xla_rows, "--", ", XLA attention")):
+            mine = sorted((r for r in source if r["schedule"] == schedule),
                           key=lambda r: r["context"])
             if not mine:
                 continue
             contexts = [r["context"] for r in mine]
-            ax_first.plot(contexts, [r[key] for r in mine], style, marker=marker, color=colour,
-                          label=label + suffix)
-            if not suffix:
+            ax_first.plot(contexts, [r["first_token_s"] for r in mine], style, marker=marker,
+                          color=colour, label=label + suffix)
+            if source is rows:
                 ax_decode.plot(contexts, [r["ms_per_token"] for r in mine], marker=marker,
                                color=colour, label=label)
-    contexts = sorted({r["context"] for r in rows})
-    for ax in (ax_first, ax_decode):
-        _log2_ticks(ax, contexts, [f"{n // 1024}k" for n in contexts])
-        ax.set_xlabel("context tokens")
-        ax.grid(True, which="both", alpha=0.3)
+    _length_axes((ax_first, ax_decode), sorted({r["context"] for r in rows}), "context tokens")
     ax_first.set_yscale("log")
     ax_first.set_ylabel("seconds to the first token")
     ax_first.set_title("Prefill + last segment + one token (batch 1)")

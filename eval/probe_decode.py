@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eval.bench import bench_config             # noqa: E402
-from eval.bench_generate import bench_params, median_seconds    # noqa: E402
+from eval.bench import bench_config, bench_params     # noqa: E402
+from eval.bench_generate import median_seconds          # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -49,12 +49,13 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
     from armt_jax.generate import _decode
-    from eval.profile import parse_compiler_option
     from armt_jax.memory import MemoryState, state_dtype
+    from eval.profile import kernel_sources, parse_compiler_option, print_breakdown, \
+        traced_kernel_times
 
     compiler_options = dict(map(parse_compiler_option, args.compiler_option))
     cfg, armt = bench_config(args.size)
-    params = bench_params(cfg, armt)
+    params = bench_params("diagonal", cfg, armt)
     T = armt.segment_size
     rows = []
     for batch in args.batches:
@@ -65,9 +66,9 @@ def main(argv=None) -> int:
         dtype = state_dtype(jnp.bfloat16)
         state = MemoryState(jnp.asarray(1e-3 * rng.standard_normal((L, batch, dk, D)), dtype),
                             jnp.asarray(np.abs(rng.standard_normal((L, batch, dk))), dtype))
+        operands = (params, state, last, last_len, jax.random.key(0))
         for gmm_impl in args.gmm_impls:
             for unroll in map(bool, args.unroll):
-                operands = (params, state, last, last_len, jax.random.key(0))
                 options = dict(cfg=cfg, armt=armt, temperature=0.0, top_k=None, top_p=None,
                                eos=(), pad_id=0, attn_impl="auto", gmm_impl=gmm_impl,
                                unroll_layers=unroll)
@@ -94,7 +95,6 @@ def main(argv=None) -> int:
                     with gzip.open(args.dump_hlo / name, "wt") as f:
                         f.write(hlo)
                 if args.profile:
-                    from eval.profile import kernel_sources, print_breakdown, traced_kernel_times
                     times, _ = traced_kernel_times(
                         lambda: jax.block_until_ready(run(1 + args.new_tokens)), 1)
                     row["profile"] = print_breakdown(

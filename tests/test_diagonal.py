@@ -383,19 +383,27 @@ def test_diagonal_gradients_through_the_kernel_on_gpu(rng):
     error far exceed the XLA path's, so each gradient's error may be at most twice XLA's (+1e-3);
     the loss is held to 1e-2 of float32's (under SPEC's 2e-2 for bf16 outputs)."""
     params, tokens, cfg, acfg = _kernel_case(rng, hidden=256, segment_size=120, d_mem=64)
+    _check_bf16_gradients(params, tokens, cfg, acfg, {"gmm_impl": "pallas"}, {"gmm_impl": "xla"})
+
+
+def _check_bf16_gradients(params, tokens, cfg, acfg, candidate: dict, baseline: dict):
+    """bf16 training-step loss and gradients of the diagonal schedule with `candidate` options
+    against float32 with the `baseline` options ("highest" matmuls: no TF32): the loss within
+    1e-2 of float32's, each gradient's error at most twice the bf16 baseline's (+1e-3)."""
     params32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
-    with jax.default_matmul_precision("highest"):    # no TF32 in the reference
+    with jax.default_matmul_precision("highest"):
         loss_r, grads_r = _loss_and_grads(diagonal_forward, params32, tokens, cfg, acfg,
-                                          gmm_impl="xla")
+                                          **baseline)
     errors = {}
-    for impl in ("pallas", "xla"):
-        loss, grads = _loss_and_grads(diagonal_forward, params, tokens, cfg, acfg, gmm_impl=impl)
-        assert abs(float(loss) / float(loss_r) - 1) <= 1e-2, impl
+    for name, options in (("candidate", candidate), ("baseline", baseline)):
+        loss, grads = _loss_and_grads(diagonal_forward, params, tokens, cfg, acfg, **options)
+        assert abs(float(loss) / float(loss_r) - 1) <= 1e-2, options
         flat = dict(jax.tree_util.tree_leaves_with_path(grads))
         for path, want in jax.tree_util.tree_leaves_with_path(grads_r):
             assert float(jnp.linalg.norm(want)) > 0, path     # a live gradient
-            errors.setdefault(jax.tree_util.keystr(path), {})[impl] = ref.rel_err(flat[path], want)
-    worse = {name: e for name, e in errors.items() if not e["pallas"] <= 2 * e["xla"] + 1e-3}
+            errors.setdefault(jax.tree_util.keystr(path), {})[name] = ref.rel_err(flat[path], want)
+    worse = {path: e for path, e in errors.items()
+             if not e["candidate"] <= 2 * e["baseline"] + 1e-3}
     assert not worse, worse
 
 
@@ -436,8 +444,8 @@ def test_gpu_cudnn_attention_by_default(rng):
     """attn_impl="auto" (the default) runs cuDNN's fused attention on the GPU: the compiled
     diagonal step calls it (and does not with "xla"). Both schedules' bf16 outputs and memory
     states match XLA's attention to SPEC's bf16 tolerance, and a training step's loss and
-    gradients through it are as close to float32 (XLA attention, "highest" matmuls) as those
-    through XLA's attention (at most twice their error + 1e-3, as in the kernel test above)."""
+    gradients through it are as close to float32 (XLA attention) as those through XLA's attention
+    (`_check_bf16_gradients`, as in the kernel test above)."""
     params, tokens, cfg, acfg = _kernel_case(rng, hidden=256, segment_size=120, d_mem=64)
     lowered = {impl: jax.jit(lambda p, t, impl=impl: diagonal_forward(
         p, t, cfg, acfg, attn_impl=impl).out).lower(params, tokens).as_text()
@@ -448,16 +456,4 @@ def test_gpu_cudnn_attention_by_default(rng):
         want = forward(params, tokens, cfg, acfg, attn_impl="xla")
         assert ref.rel_err(got.out, want.out) <= 2e-2, forward.__name__
         assert ref.rel_err(got.state.A, want.state.A) <= 2e-2, forward.__name__
-    params32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
-    with jax.default_matmul_precision("highest"):
-        loss_r, grads_r = _loss_and_grads(diagonal_forward, params32, tokens, cfg, acfg,
-                                          attn_impl="xla")
-    errors = {}
-    for impl in ("auto", "xla"):
-        loss, grads = _loss_and_grads(diagonal_forward, params, tokens, cfg, acfg, attn_impl=impl)
-        assert abs(float(loss) / float(loss_r) - 1) <= 1e-2, impl
-        flat = dict(jax.tree_util.tree_leaves_with_path(grads))
-        for path, want in jax.tree_util.tree_leaves_with_path(grads_r):
-            errors.setdefault(jax.tree_util.keystr(path), {})[impl] = ref.rel_err(flat[path], want)
-    worse = {name: e for name, e in errors.items() if not e["auto"] <= 2 * e["xla"] + 1e-3}
-    assert not worse, worse
+    _check_bf16_gradients(params, tokens, cfg, acfg, {"attn_impl": "auto"}, {"attn_impl": "xla"})
