@@ -20,7 +20,7 @@ from armt_jax import memory
 from armt_jax.armt import layer_weights, sequence_lengths
 from armt_jax.config import ArmtConfig, LlamaConfig
 from armt_jax.layers import (attention_output, check_tokens, dot_product_attention, embed, head,
-                             mlp, qkv_heads, rms_norm, rope_tables)
+                             layer_window, mlp, qkv_heads, rms_norm, rope_tables)
 from armt_jax.memory import MemoryState, state_dtype, zero_state
 from armt_jax.schedules import schedule_forward
 
@@ -134,21 +134,24 @@ def _decode_chunk(params, state: MemoryState, cache, x, pos0, cfg: LlamaConfig, 
     lp, mp = layer_weights(params)
 
     def one_layer(x, per_layer):
-        lp_l, mp_l, A, z, k_cache, v_cache = per_layer
-        g = lambda tree: jax.tree.map(lambda a: a[None], tree)
-        lp_l, mp_l = g(lp_l), g(mp_l)
+        # The matmul weights stay stacked [L, ...]: the grouped matmul reads layer `layer` in
+        # place through its weight offset (on the kernel path; XLA slices it out).
+        layer, mp_l, A, z, k_cache, v_cache = per_layer
+        mp_l = jax.tree.map(lambda a: a[None], mp_l)
+        norm = lambda h, w: rms_norm(h, layer_window(w, layer, 1)[:, None, None, :],
+                                     cfg.rms_norm_eps)
         x = memory.read(mp_l, x[None], MemoryState(A[None], z[None]), armt.nu)
-        h = rms_norm(x, lp_l["attn_norm"][:, None, None, :], cfg.rms_norm_eps)
-        q, k, v = qkv_heads(lp_l, h, cos, sin, cfg, gmm_impl=gmm_impl)
+        q, k, v = qkv_heads(lp, norm(x, lp["attn_norm"]), cos, sin, cfg, gmm_impl=gmm_impl,
+                            layer_offset=layer)
         k_cache, v_cache = write(k_cache, k, pos0), write(v_cache, v, pos0)
         out = dot_product_attention(q, k_cache, v_cache, mask=mask, scale=cfg.head_dim ** -0.5,
                                     implementation=attn_impl)
-        x = x + attention_output(lp_l, out, 1, gmm_impl=gmm_impl)
-        x = x + mlp(lp_l, rms_norm(x, lp_l["mlp_norm"][:, None, None, :], cfg.rms_norm_eps), cfg,
-                    gmm_impl=gmm_impl)
+        x = x + attention_output(lp, out, 1, gmm_impl=gmm_impl, layer_offset=layer)
+        x = x + mlp(lp, norm(x, lp["mlp_norm"]), cfg, gmm_impl=gmm_impl, layer_offset=layer)
         return x[0], (k_cache, v_cache)
 
-    x, cache = jax.lax.scan(one_layer, x, (lp, mp, state.A, state.z) + tuple(cache),
+    layers = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
+    x, cache = jax.lax.scan(one_layer, x, (layers, mp, state.A, state.z) + tuple(cache),
                             unroll=unroll_layers)
     return x, cache
 

@@ -99,6 +99,7 @@ from kernels.tuning import (  # noqa: F401
     WIDE_ROW_SPLIT_VARIANTS,
     WIDE_THREE_WG_CONFIG,
     MatmulDimension,
+    fills_tile,
     TuningConfig,
     num_sms_of_device,
     problem_dims,
@@ -125,6 +126,7 @@ def grouped_matmul_mgpu(
     num_sms: int | None = None,
     interpret=None,
     swiglu: bool = False,
+    out_dtype=None,
     _probe: frozenset[str] = frozenset(),
 ):
     """``out[g + out_off] = op(a[g]) @ op(b[g + b_off])`` for g in ``[lo, hi)``.
@@ -152,11 +154,12 @@ def grouped_matmul_mgpu(
         raise ValueError(f"grouped matmul: bounds must have shape (2,) or (4,), got {bounds.shape}")
     if a.dtype != b.dtype:
         raise ValueError(f"grouped matmul: dtypes differ: {a.dtype} vs {b.dtype}")
+    out_dtype = jnp.dtype(a.dtype if out_dtype is None else out_dtype)
     reason = unsupported_reason(
         a.shape,
         b.shape,
         a.dtype,
-        a.dtype,
+        out_dtype,
         transpose_lhs=transpose_lhs,
         transpose_rhs=transpose_rhs,
         config=config,
@@ -189,7 +192,7 @@ def grouped_matmul_mgpu(
                                  swiglu=swiglu, probe=frozenset(_probe))
     f = plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((out_groups, m, n), a.dtype),
+        out_type=jax.ShapeDtypeStruct((out_groups, m, n), out_dtype),
         **grid,
         num_threads=config.num_compute_wgs + 1,
         thread_name="wg",

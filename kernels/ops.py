@@ -26,8 +26,14 @@ Implementations (``impl``):
   which the kernel reads in place, and a whole training step measured faster
   with the kernel than with cuBLAS for them (eval/results/train_h200.md).
 
-Without ``active`` and ``weight_offset`` the XLA path is the plain einsum (no
-select over groups, which XLA would fuse into a slower Triton GEMM).
+Without ``active`` the XLA path has no select over groups (which XLA would fuse
+into a slower Triton GEMM): the plain einsum, after a slice of the weights where
+``weight_offset`` is given.
+
+Products of fewer than 64 rows (a decode step's, one row per sequence) take the
+kernel with their k split over its groups (``kernels/split_k.py``: float32
+partials, summed after) on the kernel paths, reading a layer of stacked weights
+in place; "auto" sends their transposed (backward) products to XLA.
 
 Gradients (``jax.custom_vjp``): ``dx = dy @ w^T`` and ``dw[g + o] = x[g]^T @
 dy[g]`` are two more grouped matmuls over the same active range (idle groups,
@@ -46,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import grouped_matmul_mgpu as mgpu_kernel
+from kernels import split_k
 from kernels.reference import grouped_matmul_reference
 
 IMPLS = ("auto", "pallas", "xla", "interpret")
@@ -98,7 +105,11 @@ def _dispatch(a, b, bounds, *, transpose_lhs, transpose_rhs, out_dtype, out_grou
               config, strict, all_groups=False):
     """One grouped product ``out[g + out_off] = op(a[g]) @ op(b[g + b_off])`` on the path
     ``impl`` asks for; bounds = (lo, hi, b_off, out_off). all_groups (static): every group
-    active, no offsets, so the XLA path is a plain einsum (no mask)."""
+    active, so the XLA path needs no mask (a plain einsum where there are no offsets)."""
+    if impl != "xla" and config is None and not (transpose_lhs or transpose_rhs):
+        out = _split_k(a, b, bounds, out_dtype, impl)
+        if out is not None:
+            return out
     if impl != "xla":
         cfg = _kernel_config(impl, config)
         if cfg is None:
@@ -109,8 +120,32 @@ def _dispatch(a, b, bounds, *, transpose_lhs, transpose_rhs, out_dtype, out_grou
         if _kernel_serves(a, b, out_dtype, transpose_lhs, transpose_rhs, impl, cfg, strict):
             return _run_kernel(a, b, bounds, transpose_lhs, transpose_rhs, out_groups, impl, cfg)
     return grouped_matmul_reference(
-        a, b, None if all_groups else bounds, transpose_lhs=transpose_lhs,
-        transpose_rhs=transpose_rhs, out_dtype=out_dtype, out_groups=out_groups)
+        a, b, bounds, transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs,
+        out_dtype=out_dtype, out_groups=out_groups, masked=not all_groups)
+
+
+def _split_k(a, b, bounds, out_dtype, impl):
+    """A forward product of fewer than split_k.MAX_ROWS rows on the kernel, k split over its
+    groups (kernels/split_k.py); None where that path does not serve it ("auto": off Hopper)."""
+    interpret = impl == "interpret"
+    cfg = INTERPRET_CONFIG if interpret else split_k.CONFIG
+    num_sms = INTERPRET_NUM_SMS if interpret else mgpu_kernel.num_sms_of_device()
+    dtype = jnp.promote_types(a.dtype, b.dtype)
+    if split_k.unsupported_reason(a.shape, b.shape, dtype, cfg, num_sms, interpret) is not None:
+        return None
+    if impl == "auto" and not on_hopper():
+        return None
+    if impl == "pallas" and not on_hopper():
+        return None   # the plain path's check raises, naming the device
+    params = dict(interpret=_interpret_params()) if interpret else {}
+    return split_k.split_k_matmul(a.astype(dtype), b.astype(dtype), bounds, out_dtype=out_dtype,
+                                  config=cfg, num_sms=num_sms, **params)
+
+
+def _interpret_params():
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.InterpretGPUParams()
 
 
 def _kernel_serves(a, b, out_dtype, transpose_lhs, transpose_rhs, impl, cfg, strict,
@@ -122,7 +157,8 @@ def _kernel_serves(a, b, out_dtype, transpose_lhs, transpose_rhs, impl, cfg, str
         transpose_lhs=transpose_lhs, transpose_rhs=transpose_rhs,
         config=cfg, interpret=impl == "interpret", swiglu=swiglu)
     if impl == "auto":
-        return reason is None and on_hopper()
+        m = mgpu_kernel.problem_dims(a.shape, b.shape, transpose_lhs, transpose_rhs, swiglu)[1]
+        return reason is None and mgpu_kernel.fills_tile(m, cfg) and on_hopper()
     op = "grouped_matmul_swiglu" if swiglu else "grouped_matmul"
     if reason is not None and strict:
         raise ValueError(
@@ -147,9 +183,7 @@ def _run_kernel(a, b, bounds, transpose_lhs, transpose_rhs, out_groups, impl, cf
     interpret = None
     num_sms = None
     if impl == "interpret":
-        from jax.experimental.pallas import mosaic_gpu as plgpu
-
-        interpret = plgpu.InterpretGPUParams()
+        interpret = _interpret_params()
         num_sms = INTERPRET_NUM_SMS
     return mgpu_kernel.grouped_matmul_mgpu(
         a.astype(kernel_dtype),
@@ -169,8 +203,8 @@ def _bounds(lo, hi, b_off, out_off):
     return jnp.stack([lo, hi, b_off, out_off]).astype(jnp.int32)
 
 
-# bounds = (lo, hi, weight_offset): int32[3], traced. all_groups (static): active and
-# weight_offset were not given.
+# bounds = (lo, hi, weight_offset): int32[3], traced. all_groups (static): active was not
+# given (every group computes: no mask on the XLA path).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def _gmm(impl, out_dtype, config, all_groups, x, w, bounds):
     lo, hi, off = bounds
@@ -267,5 +301,5 @@ def grouped_matmul(
     lo, hi, offset = active_range_and_offset(x, w, active, weight_offset)
     bounds = jnp.stack([lo, hi, offset])
     out_dtype = jnp.dtype(preferred_element_type or x.dtype)
-    all_groups = active is None and weight_offset is None
+    all_groups = active is None
     return _gmm(impl, out_dtype, config, all_groups, x, w, bounds)

@@ -15,14 +15,14 @@ def active_mask(num_groups: int, lo, hi) -> jax.Array:
 
 def grouped_matmul_reference(
     a, b, bounds, *, transpose_lhs: bool = False, transpose_rhs: bool = False, out_dtype=None,
-    out_groups: int | None = None,
+    out_groups: int | None = None, masked: bool = True,
 ):
     """``out[g + out_off] = op(a[g]) @ op(b[g + b_off])`` for lo <= g < hi, zeros elsewhere.
 
     a: [G, M, K] ([G, K, M] if transpose_lhs); b: [Gb, K, N] ([Gb, N, K] if
     transpose_rhs), Gb >= G; bounds: (lo, hi) or (lo, hi, b_off, out_off);
     output [out_groups (default G), M, N]. bounds None: every group, no offsets, no
-    mask (a plain batched einsum). float32 accumulation (float64 for float64
+    mask (a plain batched einsum); masked=False: every group active, the offsets applied. float32 accumulation (float64 for float64
     inputs); float32 inputs use full float32 precision (no TF32). Idle groups are
     selected away after the einsum, so NaN/Inf in idle inputs cannot leak into the
     result. All G groups are computed (idle groups cost full price on this path),
@@ -35,7 +35,7 @@ def grouped_matmul_reference(
     select reads half the bytes (or fuses into the consumer).
     """
     num_groups = a.shape[0]
-    masked = bounds is not None
+    masked = masked and bounds is not None
     bounds = jnp.asarray((0, num_groups) if bounds is None else bounds, jnp.int32)
     lo, hi = bounds[0], bounds[1]
     b_off, out_off = (bounds[2], bounds[3]) if bounds.shape[0] == 4 else (0, 0)

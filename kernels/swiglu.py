@@ -14,6 +14,10 @@ Implementations (``impl``, as for ``grouped_matmul``):
 * ``"pallas"`` / ``"interpret"``: the fused Mosaic GPU kernel
   (``grouped_matmul_mgpu(..., swiglu=True)``); ValueError if it cannot serve the
   problem;
+* with fewer than 64 rows (a decode step's) every impl runs unfused: the
+  gate/up product takes ``kernels/split_k.py`` on the kernel paths (H200, 1B
+  gate/up at 8 rows: 38 us against the fused kernel's 50,
+  eval/results/generate_h200.md);
 * ``"auto"``: the fused kernel on a Hopper GPU when it serves the problem, else
   the unfused composition of ``grouped_matmul(impl="auto")`` and the activation.
   On an H200 (eval/results/grouped_matmul_h200.md, profiled device time) the
@@ -35,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import grouped_matmul_mgpu as mgpu_kernel
-from kernels import ops
+from kernels import ops, split_k
 
 
 def grouped_matmul_swiglu(x, w, active=None, *, weight_offset=None, impl: str = "auto",
@@ -58,8 +62,10 @@ def grouped_matmul_swiglu(x, w, active=None, *, weight_offset=None, impl: str = 
         raise ValueError(f"grouped_matmul_swiglu: w needs [gate | up] columns (an even number),"
                          f" got w {tuple(w.shape)}")
     bounds = jnp.stack(ops.active_range_and_offset(x, w, active, weight_offset))
-    all_groups = active is None and weight_offset is None
-    if impl in ("pallas", "interpret") or (impl == "auto" and _fused_serves(x, w, config)):
+    all_groups = active is None
+    few_rows = x.shape[1] < split_k.MAX_ROWS   # a decode step's: split-k gate/up, unfused
+    if not few_rows and (impl in ("pallas", "interpret")
+                         or (impl == "auto" and _fused_serves(x, w, config))):
         return _fused(impl, config, all_groups, x, w, bounds)
     return _unfused(x, w, bounds, impl, all_groups)
 
@@ -80,11 +86,9 @@ def _swiglu(gate_up):
 
 
 def _gate_up(x, w, bounds, impl, all_groups, out_dtype=None):
-    if all_groups:   # no range or offset was given: grouped_matmul's plain-matmul case
-        return ops.grouped_matmul(x, w, impl=impl, preferred_element_type=out_dtype)
     lo, hi, offset = bounds
-    return ops.grouped_matmul(x, w, (lo, hi), weight_offset=offset, impl=impl,
-                              preferred_element_type=out_dtype)
+    return ops.grouped_matmul(x, w, None if all_groups else (lo, hi), weight_offset=offset,
+                              impl=impl, preferred_element_type=out_dtype)
 
 
 def _unfused(x, w, bounds, impl, all_groups):

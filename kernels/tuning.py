@@ -470,9 +470,9 @@ def select_config(
     num_sms = num_sms_of_device() if num_sms is None else num_sms
     a_shape = (num_groups, k, m) if transpose_lhs else (num_groups, m, k)
     b_shape = (num_groups, n, k) if transpose_rhs else (num_groups, k, n)
-    serves = lambda c: unsupported_reason(a_shape, b_shape, dtype, dtype, config=c,
-                                          transpose_lhs=transpose_lhs,
-                                          transpose_rhs=transpose_rhs) is None
+    serves = lambda c: fills_tile(m, c) and unsupported_reason(
+        a_shape, b_shape, dtype, dtype, config=c, transpose_lhs=transpose_lhs,
+        transpose_rhs=transpose_rhs) is None
     cost = lambda c: tile_cost(c, num_groups, m, n, num_sms)
     choice = _choose_by_tile_fill(num_groups, m, n, transpose_lhs, transpose_rhs, num_sms,
                                   serves, cost)
@@ -535,6 +535,13 @@ def problem_dims(a_shape, b_shape, transpose_lhs, transpose_rhs, swiglu=False):
     return g, m, k, n // 2 if swiglu else n
 
 
+def fills_tile(m: int, config: TuningConfig) -> bool:
+    """Whether m rows fill at least half of a CTA tile's rows: fewer are served (TMA pads them
+    with zeros) but mostly compute padding, so "auto" and select_config do not take the
+    config for them (kernels/split_k.py serves forward products of so few rows)."""
+    return m >= config.cta_tile_m // 2
+
+
 def unsupported_reason(
     a_shape,
     b_shape,
@@ -558,8 +565,8 @@ def unsupported_reason(
         return "float32 inputs (the GPU kernel takes bfloat16/float16)"
     if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
         return f"input dtype {dtype} (kernel takes bfloat16/float16)"
-    if out_dtype != dtype:
-        return f"output dtype {out_dtype} != input dtype {dtype}"
+    if out_dtype not in (dtype, jnp.dtype(jnp.float32)):
+        return f"output dtype {out_dtype}: the input dtype {dtype} or float32"
     _, m, k, n = problem_dims(a_shape, b_shape, transpose_lhs, transpose_rhs, swiglu)
     c = config
     if swiglu and (transpose_lhs or transpose_rhs or c.cluster_dimension is not None):
@@ -579,8 +586,8 @@ def unsupported_reason(
     # not tested with it.
     if n % c.cta_tile_n and (swiglu or c.pingpong):
         return f"n={n} not a multiple of {c.cta_tile_n} (ping-pong, fused SwiGLU)"
-    if m < c.cta_tile_m // 2 or n < c.cta_tile_n:
-        return f"m={m}, n={n} too small for the tile"
+    if n < c.cta_tile_n:
+        return f"n={n} narrower than the {c.cta_tile_n}-column tile"
     if c.tile_m % c.epi_tile_m or c.tile_n % c.epi_tile_n:
         return (f"epilogue tiles of {c.epi_tile_m} x {c.epi_tile_n} do not divide the"
                 f" {c.tile_m} x {c.tile_n} warpgroup tile")

@@ -115,3 +115,40 @@ def test_batch_of_different_lengths_equals_one_by_one(rng, schedule):
         alone = generate(params, jnp.asarray(tokens[b:b + 1, :n]), TINY, ACFG, max_new_tokens=7,
                          schedule=schedule, eos_token_ids=())
         np.testing.assert_array_equal(got.tokens[b], alone.tokens[0])
+
+
+def test_decode_through_the_kernel_in_interpret_mode(rng):
+    """The decode's projections on the Mosaic GPU kernel (interpret mode, float32): one token of
+    2 sequences is 2 rows (kernels/split_k.py: k split over the kernel's groups, the layer read
+    out of the stacked weights through the weight offset), the last segment's 2 x 56 rows take
+    the plain kernel. A decode chunk's hidden states and KV cache equal XLA's to float32
+    rounding (a wrong layer or slice shows far above it), after a prefill with random W_mv."""
+    import dataclasses
+    import importlib
+
+    from armt_jax.generate import prefill
+    from armt_jax.layers import embed
+    gen = importlib.import_module("armt_jax.generate")   # the module, not the function
+
+    cfg = dataclasses.replace(TINY, vocab_size=64, hidden_size=128, intermediate_size=256,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                              rope_scaling=None)
+    acfg = ArmtConfig(segment_size=56, num_mem_tokens=8, d_mem=16)
+    params = random_params(rng, cfg, acfg)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 2 * 56)), jnp.int32)
+    state = prefill(params, tokens[:, :56], cfg, acfg, schedule="sequential", gmm_impl="xla")
+    L, C = cfg.num_hidden_layers, 56 + 2
+    cache = (jnp.zeros((L, 2, C, 2, 32)),) * 2
+    outputs = {}
+    for impl in ("interpret", "xla"):
+        run = lambda cache, x, pos0, impl=impl: gen._decode_chunk(
+            params, state, cache, x, pos0, cfg, acfg, attn_impl="xla", gmm_impl=impl,
+            unroll_layers=False)
+        h_segment, cache_impl = run(cache, embed(params, tokens[:, 56:]), jnp.zeros(2, jnp.int32))
+        h_token, cache_impl = run(cache_impl, embed(params, tokens[:, :1]),
+                                  jnp.full((2,), 56, jnp.int32))
+        outputs[impl] = (h_segment, h_token, *cache_impl)
+    for name, got, want in zip(("segment", "token", "k cache", "v cache"),
+                               outputs["interpret"], outputs["xla"]):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5,
+                                   err_msg=name)
