@@ -11,8 +11,9 @@
   diagonal schedule with XLA and kernel grouped matmuls (the kernels only at 32768 and 65536
   tokens; eval/results/train_h200_diagonal.json);
 * generate_h200.png: seconds to the first token against the context length per schedule,
-  with XLA's attention dashed, and ms per decoded token (eval/results/generate_h200.json,
-  generate_h200_xla_attention.json);
+  with XLA's attention dashed, and ms per decoded token, the run before the split-k decode
+  dotted (eval/results/generate_h200.json, generate_h200_xla_attention.json,
+  generate_h200_c4e0048.json);
 * grouped_matmul_h200.parity.png: the kernel's speed over cuBLAS's (XLA's plain batched matmul)
   on every diagonal product at full load, one dot per profiled A/B run that timed today's
   `select_config` choice for it (eval/results/grouped_matmul_h200.ab.json);
@@ -173,9 +174,11 @@ def plot_train(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_generate(report: dict, path: Path, xla_attention: dict | None = None) -> None:
+def plot_generate(report: dict, path: Path, xla_attention: dict | None = None,
+                  earlier: dict | None = None) -> None:
     """Time to the first token against the context length per schedule (with the same run under
-    XLA's attention dashed, where given), and ms per decoded token (eval/bench_generate.py)."""
+    XLA's attention dashed, where given), and ms per decoded token (eval/bench_generate.py),
+    with an earlier run's decode dotted where given (its "code" names it)."""
     plt = _pyplot()
     rows = [r for r in report["rows"] if r["batch"] == 1]
     if not rows:
@@ -194,11 +197,19 @@ def plot_generate(report: dict, path: Path, xla_attention: dict | None = None) -
             if source is rows:
                 ax_decode.plot(contexts, [r["ms_per_token"] for r in mine], marker=marker,
                                color=colour, label=label)
+    for schedule, (label, colour, marker) in SCHEDULE_STYLE.items():
+        mine = sorted((r for r in (earlier or {}).get("rows", [])
+                       if r["batch"] == 1 and r["schedule"] == schedule), key=lambda r: r["context"])
+        if mine:
+            ax_decode.plot([r["context"] for r in mine], [r["ms_per_token"] for r in mine], ":",
+                           marker=marker, color=colour, alpha=0.6,
+                           label=f"{label}, {earlier.get('code', 'earlier run').split()[0]}")
     _length_axes((ax_first, ax_decode), sorted({r["context"] for r in rows}), "context tokens")
     ax_first.set_yscale("log")
     ax_first.set_ylabel("seconds to the first token")
     ax_first.set_title("Prefill + last segment + one token (batch 1)")
-    ax_decode.set_ylim(0, 1.2 * max(r["ms_per_token"] for r in rows))
+    ax_decode.set_ylim(0, 1.2 * max(r["ms_per_token"] for r in rows + (earlier or {}).get("rows", [])))
+    ax_decode.legend(fontsize=7)
     ax_decode.set_ylabel("ms per decoded token")
     ax_decode.set_title("Decode (batch 1, greedy)")
     ax_first.legend(fontsize=7)
@@ -518,7 +529,8 @@ def main(argv=None) -> int:
             ("train_h200_diagonal.json", "train_h200_diagonal.png", plot_train),
             ("generate_h200.json", "generate_h200.png", functools.partial(
                 plot_generate,
-                xla_attention=_load(args.results / "generate_h200_xla_attention.json"))),
+                xla_attention=_load(args.results / "generate_h200_xla_attention.json"),
+                earlier=_load(args.results / "generate_h200_c4e0048.json"))),
             ("grouped_matmul_h200.ab.json", "grouped_matmul_h200.parity.png",
              functools.partial(plot_parity, sustained=sustained)),
             ("grouped_matmul_h200.ab.json", "grouped_matmul_h200.parity_off_full_load.png",

@@ -1,9 +1,9 @@
 """Probe: a decode step's products (m = 1..8 rows) against one layer of stacked weights [L, k, n],
 XLA (which copies the layer out of the stack before its GEMM) against the grouped-matmul kernel
-reading the layer in place, its k split into S groups (partial products in float32, summed
-after). Prints a table (us per product, GB/s of weights read) and writes JSON rows.
+reading the layer in place, its k split into S groups (kernels/split_k.py: partial products
+in float32, summed after). Prints a table (us per product, GB/s of weights read) and writes JSON rows.
 
-    python eval/probe_skinny.py --out probe_skinny.json
+    python -m eval.probe_skinny --out probe_skinny.json
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import grouped_matmul_mgpu as mk
+from kernels import split_k
 
 SHAPES = {  # name: (k, n)
     "1b": {"qkv": (2048, 3072), "o": (2048, 2048), "gate_up": (2048, 16384), "down": (8192, 2048)},
@@ -30,15 +31,11 @@ CONFIGS = {
 }
 
 
-def split_k(x, w, layer, splits, cfg):
-    """x [m, k] @ w[layer] (w [L, k, n]) by the kernel, k in `splits` groups, float32 partials."""
-    m, k = x.shape
-    L, _, n = w.shape
-    xs = x.reshape(m, splits, k // splits).transpose(1, 0, 2)
-    ws = w.reshape(L * splits, k // splits, n)
-    bounds = jnp.stack([0, splits, layer * splits, 0]).astype(jnp.int32)
-    parts = mk.grouped_matmul_mgpu(xs, ws, bounds, config=cfg, out_dtype=jnp.float32)
-    return parts.sum(0).astype(x.dtype)
+def split_product(x, w, layer, splits, cfg):
+    """x [m, k] @ w[layer] (w [L, k, n]) on the kernel, k in `splits` slices (kernels/split_k.py)."""
+    bounds = jnp.stack([0, 1, layer, 0]).astype(jnp.int32)
+    return split_k.split_k_matmul(x[None], w, bounds, out_dtype=x.dtype, config=cfg,
+                                  num_sms=mk.num_sms_of_device(), splits=splits)[0]
 
 
 def timed(f, *args, reps=30):
@@ -58,6 +55,8 @@ def main():
     ap.add_argument("--models", default="1b,8b")
     ap.add_argument("--rows", default="8,64")
     ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="names from CONFIGS")
+    ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []
@@ -79,12 +78,13 @@ def main():
 
                 variants = {"xla_stacked": scan_of(lambda x, w, l: x @ w[l]),
                             "xla_separate": jax.jit(lambda x, ws: jnp.stack([x @ wi for wi in ws]))}
-                for cname, cfg in CONFIGS.items():
+                for cname in args.configs.split(","):
+                    cfg = CONFIGS[cname]
                     for s in (1, 2, 4, 8, 16):
                         if k % (s * cfg.tile_k) or n < cfg.cta_tile_n:
                             continue
                         variants[f"kernel_{cname}_S{s}"] = scan_of(
-                            lambda x, w, l, s=s, cfg=cfg: split_k(x, w, l, s, cfg))
+                            lambda x, w, l, s=s, cfg=cfg: split_product(x, w, l, s, cfg))
                 if m >= 8 and name == "gate_up":
                     variants["kernel_swiglu_fused"] = scan_of(
                         lambda x, w, l: mk.grouped_matmul_mgpu(
@@ -92,7 +92,8 @@ def main():
                             config=mk.SWIGLU_CONFIG, swiglu=True)[0])
                 for vname, f in variants.items():
                     try:
-                        sec, out = timed(f, x, w_list if vname == "xla_separate" else w)
+                        sec, out = timed(f, x, w_list if vname == "xla_separate" else w,
+                                         reps=args.reps)
                     except Exception as e:  # a config the kernel refuses or fails to lower
                         print(f"{name:<12}{m:>4} {vname:<24} FAILED {type(e).__name__}: {str(e)[:200]}")
                         rows.append(dict(model=model, shape=name, m=m, variant=vname, error=str(e)[:500]))
@@ -105,7 +106,8 @@ def main():
                         want = ref
                     err = float(np.abs(np.asarray(out, np.float64) - want).max() / np.abs(want).max())
                     gbs = k * n * 2 / per / 1e9
-                    print(f"{model}-{name:<9}{m:>4} {vname:<24}{per * 1e6:>11.1f}{gbs:>8.0f}{err:>10.1e}")
+                    chosen = "  <- num_splits" if vname == f"kernel_{args.configs.split(',')[0]}_S{split_k.num_splits(1, k, n, split_k.CONFIG, 132)}" else ""
+                    print(f"{model}-{name:<9}{m:>4} {vname:<24}{per * 1e6:>11.1f}{gbs:>8.0f}{err:>10.1e}{chosen}")
                     rows.append(dict(model=model, shape=name, k=k, n=n, m=m, layers=L, variant=vname,
                                      us_per_product=per * 1e6, weight_gb_per_s=gbs, rel_err=err))
     if args.out:

@@ -68,12 +68,14 @@ def unsupported_reason(a_shape, b_shape, dtype, config, num_sms: int,
         jnp.float32, config=config, interpret=interpret)
 
 
-def split_k_matmul(a, b, bounds, *, out_dtype, config, num_sms: int, interpret=None):
+def split_k_matmul(a, b, bounds, *, out_dtype, config, num_sms: int, interpret=None,
+                   splits: int | None = None):
     """``out[g] = a[g] @ b[g + b_off]`` for lo <= g < hi, zeros elsewhere; a [G, m, k] with
-    m < MAX_ROWS, b [Gb, k, n]; bounds int32 (lo, hi, b_off, out_off) with out_off = 0."""
+    m < MAX_ROWS, b [Gb, k, n]; bounds int32 (lo, hi, b_off, out_off) with out_off = 0.
+    splits: S (default num_splits'); k / S must be a multiple of the k-step."""
     g, m, k = a.shape
     n = b.shape[2]
-    splits = num_splits(g, k, n, config, num_sms)
+    splits = splits or num_splits(g, k, n, config, num_sms)
     a_split, b_split, bounds = split_operands(a, b, bounds, splits)
     parts = mgpu_kernel.grouped_matmul_mgpu(a_split, b_split, bounds, config=config,
                                             num_sms=num_sms, interpret=interpret,
