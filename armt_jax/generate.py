@@ -134,8 +134,9 @@ def _decode_chunk(params, state: MemoryState, cache, x, pos0, cfg: LlamaConfig, 
     mask = (jnp.arange(C)[None, None, :] <= positions[:, :, None])[:, None]      # [B, 1, c, C]
     lp, mp = layer_weights(params)
     # The kernel paths read a layer of the stacked matmul weights in place, through the grouped
-    # matmul's weight offset. XLA copies the layer out either way, and runs faster on the slices
-    # the scan takes (H200, 1B, batch 1: 2.66 against 2.90 ms a token).
+    # matmul's weight offset. XLA copies the layer out either way, and ran faster on the slices
+    # the scan takes than with the offset (H200, 1B, batch 1: 2.66 against 2.90 ms a token,
+    # eval/results/generate_h200.md).
     in_place = gmm_impl == "interpret" or (gmm_impl in ("auto", "pallas") and kernels.on_hopper())
 
     def write(cache_all, layer, new):   # new [B, c, K, hd] into layer `layer` at pos0[b]

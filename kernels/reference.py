@@ -22,8 +22,9 @@ def grouped_matmul_reference(
     a: [G, M, K] ([G, K, M] if transpose_lhs); b: [Gb, K, N] ([Gb, N, K] if
     transpose_rhs), Gb >= G; bounds: (lo, hi) or (lo, hi, b_off, out_off);
     output [out_groups (default G), M, N]. bounds None: every group, no offsets, no
-    mask (a plain batched einsum); masked=False: every group active, the offsets applied. float32 accumulation (float64 for float64
-    inputs); float32 inputs use full float32 precision (no TF32). Idle groups are
+    mask (a plain batched einsum); masked=False: every group active (no mask), the
+    offsets applied. float32 accumulation (float64 for float64 inputs); float32
+    inputs use full float32 precision (no TF32). Idle groups are
     selected away after the einsum, so NaN/Inf in idle inputs cannot leak into the
     result. All G groups are computed (idle groups cost full price on this path),
     and an offset into b is a copy of those G groups of b.

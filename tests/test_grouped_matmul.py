@@ -923,15 +923,17 @@ def test_active_none_means_all_groups():
 
 
 def test_plain_matmul_skips_the_mask():
-    """Without an active range or weight offset the XLA path is the plain einsum (no select
-    over groups, so XLA may hand it to cuBLAS unfused), with the same values and gradients as
-    the explicit full range."""
+    """Without an active range the XLA path is the plain einsum (no select over groups, so XLA
+    may hand it to cuBLAS unfused; with a weight offset, after a slice), with the same values
+    and gradients as the explicit full range."""
     rng, info = fresh_rng()
     x, w = _operands(rng, 2, 24, 64, 64, jnp.float32)
     cot = jnp.asarray(rng.standard_normal((2, 24, 64)), jnp.float32)
     plain = lambda x, w: jnp.sum(kernels.grouped_matmul(x, w, impl="xla") * cot)
     ranged = lambda x, w: jnp.sum(kernels.grouped_matmul(x, w, (0, 2), impl="xla") * cot)
-    for f in (plain, jax.grad(plain, argnums=(0, 1))):
+    # a weight offset without a range (the decode's layer offset): the slice, no mask
+    offset = lambda x, w: jnp.sum(kernels.grouped_matmul(x, w, weight_offset=0, impl="xla") * cot)
+    for f in (plain, jax.grad(plain, argnums=(0, 1)), offset, jax.grad(offset, argnums=(0, 1))):
         assert "select_n" not in str(jax.make_jaxpr(f)(x, w)), info
     assert "select_n" in str(jax.make_jaxpr(ranged)(x, w))
     for got, want in zip(jax.tree.leaves(jax.value_and_grad(plain, argnums=(0, 1))(x, w)),
