@@ -5,17 +5,20 @@
 #              schedules, fused SwiGLU (the whole set outgrew one call: 73 passed in 560 s at
 #              79c4cf8, with the SwiGLU tests still to run)
 #   tests_offsets  test_gpu_weight_offset: every GPU config's forward, dx and dw against float64
-#   tests_model  the diagonal schedule and training steps through the kernels on the GPU (~3 min)
+#   tests_model  the diagonal schedule and training steps through the kernels on the GPU, and
+#              the split-k decode products (6 min at 6681502's parent, with the cuDNN test)
 #   generate   the generation benchmark (eval/bench_generate.py), batch 1: time to the first token
 #              after 4096-131072 tokens and ms per decoded token, each schedule
 #   probe_decode  a decoded token's cost (eval/probe_decode.py) with the decode's layer scan
 #              unrolled or not, XLA or "auto" grouped matmuls, batch 1 and 8     (~6 min)
 #   probe_decode_graphs  the same with XLA's command buffers (CUDA graphs) taking while loops
 #              and conditionals too                                              (~6 min)
-#   probe_decode_profile  one traced decode (batch 1, XLA): device time by kernel with source
-#              lines, and the decode's optimised HLO                             (~1 min)
+#   probe_decode_profile  one traced decode (batch 1, XLA and "auto"): device time by kernel
+#              with source lines, and the decode's optimised HLO                 (~2 min)
+#   probe_skinny  a decode step's products (1b, 8b; 1 and 8 rows) on XLA and on the split-k
+#              kernel at every S (eval/probe_skinny.py)                     (141 s at 6681502)
 #   generate_batch  the generation benchmark at batch 8 and 64 (4096 and 32768 tokens): the
-#              decode steps' m = 8 rows go to XLA under "auto", m = 64 to the kernel
+#              decode steps' m = 8 rows take the split-k kernel under "auto", m = 64 the kernel
 #   bench      the inference benchmark, every schedule and length                 (~9 min)
 #   agreement  model-scale agreement of the schedules, XLA and kernel paths        (> 3 min)
 #   kernel     the grouped-matmul benchmark (1b all loads, 3b/8b quick, backward products)
@@ -359,7 +362,8 @@ for stage in "${stages[@]}"; do
     tests) gpu_tests gpu_tests 560 "not gpu_weight_offset" tests/test_grouped_matmul.py \
              tests/test_swiglu.py ;;
     tests_offsets) gpu_tests gpu_tests_offsets 560 gpu_weight_offset tests/test_grouped_matmul.py ;;
-    tests_model) gpu_tests gpu_tests_model 400 "" tests/test_diagonal.py tests/test_train.py ;;
+    tests_model) gpu_tests gpu_tests_model 500 "" tests/test_diagonal.py tests/test_train.py \
+                   tests/test_split_k.py ;;
     generate) timeout 560 python3 -m eval.bench_generate --batches 1 \
              --out "$OUT/generate_h200.json" 2>&1 | quiet ;;
     probe_decode) timeout 500 python3 eval/probe_decode.py --batches 1 8 \
@@ -368,8 +372,10 @@ for stage in "${stages[@]}"; do
            XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
              timeout 500 python3 eval/probe_decode.py --batches 1 8 \
                --out "$OUT/probe_decode_graphs.jsonl" 2>&1 | quiet ;;
-    probe_decode_profile) timeout 240 python3 eval/probe_decode.py --gmm-impls xla --unroll 0 \
-               --reps 3 --profile --dump-hlo "$OUT/hlo" 2>&1 | quiet ;;
+    probe_decode_profile) timeout 240 python3 eval/probe_decode.py --gmm-impls xla auto \
+               --unroll 0 --reps 3 --profile --dump-hlo "$OUT/hlo" 2>&1 | quiet ;;
+    probe_skinny) timeout 400 python3 -m eval.probe_skinny --models 1b,8b --rows 1,8 \
+               --configs 64x128_k128_s4 --reps 60 --out "$OUT/probe_skinny.json" 2>&1 | quiet ;;
     generate_batch) timeout 560 python3 -m eval.bench_generate --batches 8 64 --lengths 4096 32768 \
              --out "$OUT/generate_batch_h200.json" 2>&1 | quiet ;;
     bench) python3 -m eval.bench --out "$OUT/inference_h200.json" 2>&1 | quiet \
@@ -625,7 +631,7 @@ for stage in "${stages[@]}"; do
     sustained_dw) sustained_ab 560 --products "$(diagonal_products dw)" \
              --configs auto,xla_einsum --seconds 1.2 --rounds 3 ;;
     *) echo "unknown stage $stage (tests, tests_offsets, tests_model, generate, probe_decode," \
-            "probe_decode_graphs, probe_decode_profile, generate_batch, bench, agreement, kernel, kernel_big, fused, diagonal," \
+            "probe_decode_graphs, probe_decode_profile, probe_skinny, generate_batch, bench, agreement, kernel, kernel_big, fused, diagonal," \
             "train, profile, pingpong, pingpong2, select, train_products, train_profile," \
             "train_zero_init, wg3, select3, pingpong_bwd, reproducibility, wg3_repeat," \
             "train_diagonal, wg3_groups, select_wide, train_deterministic," \
