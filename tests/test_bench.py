@@ -409,14 +409,15 @@ def test_ptxas_report_reads_registers_and_spills():
 
 def test_gpu_session_names_only_known_configs():
     """Every config name eval/gpu_session.sh passes to the grouped-matmul benchmark (--ab lists,
-    C= lists, wg3_variants' configs) or to ncu_products.py / sustained_ab.py (--configs; a
+    C= lists, wg3_variants' configs) or to ncu_products.py / sustained_ab.py / probe_skinny.py (--configs; a
     tile-order suffix like @gm12 allowed) exists, so no stage dies on an unknown name
     mid-session (the benchmark refuses one up front: checked with a stale name)."""
     import re
 
     from eval.bench_grouped_matmul import SWEEP, SWIGLU_VARIANTS, main
+    from eval.probe_skinny import CONFIGS as SPLIT_K_CONFIGS
 
-    known = {*SWEEP, "auto", "xla_einsum", *SWIGLU_VARIANTS}
+    known = {*SWEEP, "auto", "xla_einsum", *SWIGLU_VARIANTS, *SPLIT_K_CONFIGS}
     script = (Path(__file__).parents[1] / "eval" / "gpu_session.sh").read_text()
     lists = [*re.findall(r"--ab ([\w#,$]+)", script), *re.findall(r"\bC=([\w#,$]+)", script),
              *re.findall(r'wg3_variants \w+ "[^"]*" ([\w,]+)', script),
