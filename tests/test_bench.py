@@ -409,9 +409,9 @@ def test_ptxas_report_reads_registers_and_spills():
 
 def test_gpu_session_names_only_known_configs():
     """Every config name eval/gpu_session.sh passes to the grouped-matmul benchmark (--ab lists,
-    C= lists, wg3_variants' configs) or to ncu_products.py / sustained_ab.py / probe_skinny.py (--configs; a
-    tile-order suffix like @gm12 allowed) exists, so no stage dies on an unknown name
-    mid-session (the benchmark refuses one up front: checked with a stale name)."""
+    C= lists, wg3_variants' configs) or to ncu_products.py / sustained_ab.py / probe_skinny.py
+    (--configs; a tile-order suffix like @gm12 allowed) exists, so no stage dies on an unknown
+    name mid-session (the benchmark refuses one up front: checked with a stale name)."""
     import re
 
     from eval.bench_grouped_matmul import SWEEP, SWIGLU_VARIANTS, main
