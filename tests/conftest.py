@@ -95,6 +95,20 @@ def rel_err_finite(got, want) -> float:
     return float(np.linalg.norm(got - want) / (denom if denom > 0 else 1.0))
 
 
+def weight_window_oracle(x, w, lo, hi, off, cot):
+    """float64 NumPy: y[g] = x[g] @ w[g + off] on [lo, hi), zeros elsewhere; the gradients of
+    sum(y * cot) (dw zero outside the window's active groups): (y, dx, dw)."""
+    x64, w64, c64 = (np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (x, w, cot))
+    g = x64.shape[0]
+    y = np.zeros((g, x64.shape[1], w64.shape[2]))
+    dx, dw = np.zeros_like(x64), np.zeros_like(w64)
+    for i in range(lo, hi):
+        y[i] = x64[i] @ w64[i + off]
+        dx[i] = c64[i] @ w64[i + off].T
+        dw[i + off] = x64[i].T @ c64[i]
+    return y, dx, dw
+
+
 def all_eqns(jaxpr):
     """Every equation of a jaxpr and of the jaxprs nested in it (jit, while, switch branches...)."""
     for eqn in jaxpr.eqns:

@@ -24,7 +24,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 import kernels
 from conftest import (assert_batch_invariant, fresh_rng, rel_err_finite,
-                      skip_deferral_on_one_core)
+                      skip_deferral_on_one_core, weight_window_oracle)
 from kernels import grouped_matmul_mgpu as mgpu_kernel
 from kernels import mgpu_tiles
 from kernels import ops
@@ -470,20 +470,6 @@ def test_pingpong_hopper_tiles_in_interpret_mode():
     _check_idle_zero(y, lo, hi, "output", info)
 
 
-def _weight_window_oracle(x, w, lo, hi, off, cot):
-    """float64 NumPy: y[g] = x[g] @ w[g + off] on [lo, hi); the loss sum(y * cot) and its
-    gradients (dw zero outside the window's active groups)."""
-    x64, w64, c64 = (np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (x, w, cot))
-    g = x64.shape[0]
-    y = np.zeros((g, x64.shape[1], w64.shape[2]))
-    dx, dw = np.zeros_like(x64), np.zeros_like(w64)
-    for i in range(lo, hi):
-        y[i] = x64[i] @ w64[i + off]
-        dx[i] = c64[i] @ w64[i + off].T
-        dw[i + off] = x64[i].T @ c64[i]
-    return y, dx, dw
-
-
 @pytest.mark.parametrize("impl", ["interpret", "xla"])
 def test_weight_offset_reads_a_window_of_stacked_weights(impl):
     """x holds 3 groups, w 5: group g uses w[g + off]; dw has w's shape, zero outside."""
@@ -502,7 +488,7 @@ def test_weight_offset_reads_a_window_of_stacked_weights(impl):
 
     (_, y), (dx, dw) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
         x, w, jnp.int32(lo), jnp.int32(hi), jnp.int32(off))
-    y_want, dx_want, dw_want = _weight_window_oracle(x, w, lo, hi, off, cot)
+    y_want, dx_want, dw_want = weight_window_oracle(x, w, lo, hi, off, cot)
     assert y.shape == (g, m, n) and dw.shape == w.shape, info
     assert rel_err_finite(y, y_want) <= 1e-5, info
     assert rel_err_finite(dx, dx_want) <= 1e-5, f"dx {info}"
@@ -564,7 +550,7 @@ def _check_window_gradients(cfg, rng, info, dims, windows, max_offset):
     for lo, hi, off in [*windows, _random_range(rng, g) + (int(rng.integers(0, max_offset + 1)),)]:
         tag = f"{info} lo={lo} hi={hi} off={off}"
         (_, y), (dx, dw) = grad_fn(x, w, jnp.int32(lo), jnp.int32(hi), jnp.int32(off))
-        y_want, dx_want, dw_want = _weight_window_oracle(x, w, lo, hi, off, cot)
+        y_want, dx_want, dw_want = weight_window_oracle(x, w, lo, hi, off, cot)
         for got, want, what in ((y, y_want, "y"), (dx, dx_want, "dx"), (dw, dw_want, "dw")):
             if np.any(want):
                 assert rel_err_finite(got, want) <= 1e-5, f"{what} {tag}"
@@ -1223,7 +1209,7 @@ def weight_offset_case():
     x, _ = _operands(rng, g, m, k, n, jnp.bfloat16)
     _, w = _operands(rng, gw, m, k, n, jnp.bfloat16)
     cot = jnp.asarray(rng.standard_normal((g, m, n)), jnp.float32)
-    windows = {(lo, hi, off): _weight_window_oracle(x, w, lo, hi, off, cot)
+    windows = {(lo, hi, off): weight_window_oracle(x, w, lo, hi, off, cot)
                for lo, hi, off in [(0, g, 4), (1, 3, 2), (3, 4, 0), (2, 2, 1)]}
     return x, w, cot, windows, info
 

@@ -13,42 +13,19 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from conftest import fresh_rng, rel_err_finite
+from conftest import all_eqns, fresh_rng, rel_err_finite, weight_window_oracle
 from kernels import ops, split_k
 
 on_gpu = pytest.mark.skipif(
     jax.devices()[0].platform != "gpu" or not kernels.on_hopper(), reason="needs a Hopper GPU")
 
 
-def _oracle(x, w, lo, hi, off, cot):
-    """float64: y[g] = x[g] @ w[g + off] on [lo, hi), zeros elsewhere; dx, dw of sum(y * cot)."""
-    x64, w64, c64 = (np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (x, w, cot))
-    y = np.zeros((x64.shape[0], x64.shape[1], w64.shape[2]))
-    dx, dw = np.zeros_like(x64), np.zeros_like(w64)
-    for g in range(lo, hi):
-        y[g] = x64[g] @ w64[g + off]
-        dx[g] = c64[g] @ w64[g + off].T
-        dw[g + off] = x64[g].T @ c64[g]
-    return y, dx, dw
-
-
 def _kernel_outputs(f, *args):
     """(shape, dtype) of every Pallas kernel output in f's jaxpr, nested jaxprs included (jax
     0.11 stages a Mosaic GPU kernel as an mpmd_map, earlier versions as a pallas_call)."""
-    found = []
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name in ("pallas_call", "mpmd_map"):
-                found.extend((tuple(v.aval.shape), v.aval.dtype) for v in eqn.outvars)
-            for param in eqn.params.values():
-                for sub in param if isinstance(param, (tuple, list)) else (param,):
-                    sub = getattr(sub, "jaxpr", sub)   # a ClosedJaxpr's Jaxpr
-                    if hasattr(sub, "eqns"):
-                        walk(sub)
-
-    walk(jax.make_jaxpr(f)(*args).jaxpr)
-    return found
+    return [(tuple(v.aval.shape), v.aval.dtype)
+            for eqn in all_eqns(jax.make_jaxpr(f)(*args).jaxpr)
+            if eqn.primitive.name in ("pallas_call", "mpmd_map") for v in eqn.outvars]
 
 
 @pytest.mark.parametrize("m", [1, 5, 8, 40])
@@ -79,7 +56,7 @@ def test_few_rows_match_float64(m, dtype):
     assert ((g * splits, rows, n), jnp.float32) in _kernel_outputs(
         lambda *a: loss(*a)[1], *args), info
     (_, y), (dx, dw) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(*args)
-    y_want, dx_want, dw_want = _oracle(x, w, lo, hi, off, cot)
+    y_want, dx_want, dw_want = weight_window_oracle(x, w, lo, hi, off, cot)
     tol = 1e-5 if dtype == jnp.float32 else 1e-2
     assert y.dtype == dtype and y.shape == (g, m, n) and dw.shape == w.shape, info
     for name, got, want in (("y", y, y_want), ("dx", dx, dx_want), ("dw", dw, dw_want)):
