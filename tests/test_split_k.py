@@ -150,3 +150,14 @@ def test_gpu_decode_products(name):
             assert "mosaic_gpu" in swiglu.lower(x, w, layer).as_text(), tag
             gate, up = np.split(want, 2, axis=-1)
             assert rel_err_finite(swiglu(x, w, layer)[0], gate / (1 + np.exp(-gate)) * up) <= 1e-2, tag
+
+
+def test_float32_output_only_on_the_split_path():
+    """The kernel writes float32 partials for split-k, but a plain product asking for a float32
+    result from bfloat16 inputs stays off the kernel: "interpret" refuses it, naming the dtypes,
+    "auto" runs XLA."""
+    x, w = jnp.zeros((1, 64, 128), jnp.bfloat16), jnp.zeros((1, 128, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="output dtype float32 != input dtype bfloat16"):
+        kernels.grouped_matmul(x, w, impl="interpret", preferred_element_type=jnp.float32)
+    auto = kernels.grouped_matmul(x, w, impl="auto", preferred_element_type=jnp.float32)
+    assert auto.dtype == jnp.float32
