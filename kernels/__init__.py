@@ -2,6 +2,7 @@
 
 ``grouped_matmul(x, w, active=(lo, hi), impl="auto")``: see kernels/ops.py;
 ``grouped_matmul_swiglu``: the fused gate/up projection and SwiGLU, kernels/swiglu.py.
+Products of fewer than 64 rows (a decode step's) take kernels/split_k.py inside them.
 """
 
 from kernels.grouped_matmul_mgpu import TuningConfig

@@ -14,15 +14,15 @@ Implementations (``impl``, as for ``grouped_matmul``):
 * ``"pallas"`` / ``"interpret"``: the fused Mosaic GPU kernel
   (``grouped_matmul_mgpu(..., swiglu=True)``); ValueError if it cannot serve the
   problem;
-* with fewer than 64 rows (a decode step's) every impl runs unfused: the
-  gate/up product takes ``kernels/split_k.py`` on the kernel paths (H200, 1B
-  gate/up at 8 rows: 38 us against the fused kernel's 50,
-  eval/results/generate_h200.md);
 * ``"auto"``: the fused kernel on a Hopper GPU when it serves the problem, else
   the unfused composition of ``grouped_matmul(impl="auto")`` and the activation.
   On an H200 (eval/results/grouped_matmul_h200.md, profiled device time) the
   fused op takes 0.92 / 0.94 / 0.96 of the unfused one's time on the 1B / 3B /
-  8B gate/up shapes, and the 131072-token diagonal forward 0.97.
+  8B gate/up shapes, and the 131072-token diagonal forward 0.97;
+* with fewer than 64 rows (a decode step's) every impl runs unfused: the
+  gate/up product takes ``kernels/split_k.py`` on the kernel paths (H200, 1B
+  gate/up at 8 rows: 38 us against the fused kernel's 50,
+  eval/results/generate_h200.md).
 
 Active range and weight offset work as in ``grouped_matmul``: idle groups give
 zeros and no gradient. Under differentiation the forward runs unfused and keeps
