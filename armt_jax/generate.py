@@ -137,7 +137,7 @@ def _decode_chunk(params, state: MemoryState, cache, x, pos0, cfg: LlamaConfig, 
     # matmul's weight offset. XLA copies the layer out either way, and ran faster on the slices
     # the scan takes than with the offset (H200, 1B, batch 1: 2.66 against 2.90 ms a token,
     # eval/results/generate_h200.md).
-    in_place = gmm_impl == "interpret" or (gmm_impl in ("auto", "pallas") and kernels.on_hopper())
+    in_place = kernels.kernel_path(gmm_impl)
 
     def write(cache_all, layer, new):   # new [B, c, K, hd] into layer `layer` at pos0[b]
         put = lambda cache_b, new_b, p: jax.lax.dynamic_update_slice(

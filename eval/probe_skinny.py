@@ -18,6 +18,7 @@ import numpy as np
 
 from kernels import grouped_matmul_mgpu as mk
 from kernels import split_k
+from eval.bench_generate import median_seconds
 
 SHAPES = {  # name: (k, n)
     "1b": {"qkv": (2048, 3072), "o": (2048, 2048), "gate_up": (2048, 16384), "down": (8192, 2048)},
@@ -39,15 +40,8 @@ def split_product(x, w, layer, splits, cfg):
 
 
 def timed(f, *args, reps=30):
-    out = jax.block_until_ready(f(*args))
-    for _ in range(2):
-        jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts)), out
+    """(median seconds of f(*args) after a warm-up, its output)."""
+    return median_seconds(lambda: f(*args), reps)[0], f(*args)
 
 
 def main():
@@ -71,6 +65,7 @@ def main():
                 x = jnp.asarray(rng.standard_normal((m, k), np.float32), jnp.bfloat16)
                 ref = np.einsum("mk,lkn->lmn", np.asarray(x, np.float64), np.asarray(w, np.float64))
                 layer_ids = jnp.arange(L)
+                chosen_splits = split_k.num_splits(1, k, n, split_k.CONFIG, mk.num_sms_of_device())
 
                 def scan_of(product):
                     return jax.jit(lambda x, w: jax.lax.scan(
@@ -106,7 +101,7 @@ def main():
                         want = ref
                     err = float(np.abs(np.asarray(out, np.float64) - want).max() / np.abs(want).max())
                     gbs = k * n * 2 / per / 1e9
-                    chosen = "  <- num_splits" if vname == f"kernel_{args.configs.split(',')[0]}_S{split_k.num_splits(1, k, n, split_k.CONFIG, 132)}" else ""
+                    chosen = "  <- num_splits" if vname.endswith(f"_S{chosen_splits}") else ""
                     print(f"{model}-{name:<9}{m:>4} {vname:<24}{per * 1e6:>11.1f}{gbs:>8.0f}{err:>10.1e}{chosen}")
                     rows.append(dict(model=model, shape=name, k=k, n=n, m=m, layers=L, variant=vname,
                                      us_per_product=per * 1e6, weight_gb_per_s=gbs, rel_err=err))

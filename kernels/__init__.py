@@ -6,7 +6,7 @@ Products of fewer than 64 rows (a decode step's) take kernels/split_k.py inside 
 """
 
 from kernels.grouped_matmul_mgpu import TuningConfig
-from kernels.ops import IMPLS, grouped_matmul, on_hopper
+from kernels.ops import IMPLS, grouped_matmul, kernel_path, on_hopper
 from kernels.reference import grouped_matmul_reference
 from kernels.swiglu import grouped_matmul_swiglu
 
@@ -16,5 +16,6 @@ __all__ = [
     "grouped_matmul",
     "grouped_matmul_reference",
     "grouped_matmul_swiglu",
+    "kernel_path",
     "on_hopper",
 ]

@@ -74,6 +74,13 @@ def on_hopper() -> bool:
     return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
 
 
+def kernel_path(impl: str) -> bool:
+    """Whether ``impl`` runs products on the Mosaic GPU kernel where it serves them ("interpret"
+    anywhere, "pallas" / "auto" on a Hopper GPU): there weights stacked [L, ...] are read in
+    place through ``weight_offset``, where XLA copies the layer out."""
+    return impl == "interpret" or (impl in ("auto", "pallas") and on_hopper())
+
+
 def _check_impl(impl: str) -> None:
     if impl not in IMPLS:
         raise ValueError(f"grouped_matmul: unknown impl {impl!r}; expected one of {IMPLS}")
@@ -131,12 +138,10 @@ def _split_k(a, b, bounds, out_dtype, impl):
     cfg = INTERPRET_CONFIG if interpret else split_k.CONFIG
     num_sms = INTERPRET_NUM_SMS if interpret else mgpu_kernel.num_sms_of_device()
     dtype = jnp.promote_types(a.dtype, b.dtype)
-    if split_k.unsupported_reason(a.shape, b.shape, dtype, cfg, num_sms, interpret) is not None:
+    # Off Hopper "pallas" falls through to the plain path, whose check raises naming the device.
+    if not kernel_path(impl) or split_k.unsupported_reason(a.shape, b.shape, dtype, cfg,
+                                                           num_sms, interpret) is not None:
         return None
-    if impl == "auto" and not on_hopper():
-        return None
-    if impl == "pallas" and not on_hopper():
-        return None   # the plain path's check raises, naming the device
     params = dict(interpret=_interpret_params()) if interpret else {}
     return split_k.split_k_matmul(a.astype(dtype), b.astype(dtype), bounds, out_dtype=out_dtype,
                                   config=cfg, num_sms=num_sms, **params)

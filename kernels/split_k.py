@@ -40,17 +40,23 @@ def num_splits(num_groups: int, k: int, n: int, config: mgpu_kernel.TuningConfig
     return splits
 
 
+def split_shapes(a_shape, b_shape, splits: int):
+    """Shapes of split_operands' results: a [G*S, m8, k/S] (rows padded to a multiple of 8),
+    b [Gb*S, k/S, n]."""
+    (g, m, k), (gb, _, n) = a_shape, b_shape
+    return (g * splits, -(-m // 8) * 8, k // splits), (gb * splits, k // splits, n)
+
+
 def split_operands(a, b, bounds, splits: int):
-    """a [G, m, k] -> [G*S, m8, k/S] (rows padded to a multiple of 8), b [Gb, k, n] ->
-    [Gb*S, k/S, n] (a view), bounds (lo, hi, b_off, out_off) scaled to slices."""
+    """a [G, m, k] -> [G*S, m8, k/S], b [Gb, k, n] -> [Gb*S, k/S, n] (a view), bounds (lo, hi,
+    b_off, out_off) scaled to slices."""
     g, m, k = a.shape
-    rows = -(-m // 8) * 8
+    a_shape, b_shape = split_shapes(a.shape, b.shape, splits)
+    rows = a_shape[1]
     if rows != m:
         a = jnp.pad(a, ((0, 0), (0, rows - m), (0, 0)))
-    a = a.reshape(g, rows, splits, k // splits).transpose(0, 2, 1, 3)
-    a = a.reshape(g * splits, rows, k // splits)
-    b = b.reshape(b.shape[0] * splits, k // splits, b.shape[2])
-    return a, b, bounds * splits
+    a = a.reshape(g, rows, splits, k // splits).transpose(0, 2, 1, 3).reshape(a_shape)
+    return a, b.reshape(b_shape), bounds * splits
 
 
 def unsupported_reason(a_shape, b_shape, dtype, config, num_sms: int,
@@ -62,10 +68,8 @@ def unsupported_reason(a_shape, b_shape, dtype, config, num_sms: int,
     if k % config.tile_k:
         return f"k={k} not a multiple of the {config.tile_k}-element k-step"
     splits = num_splits(g, k, b_shape[2], config, num_sms)
-    rows = -(-m // 8) * 8
-    return mgpu_kernel.unsupported_reason(
-        (g * splits, rows, k // splits), (b_shape[0] * splits, k // splits, b_shape[2]), dtype,
-        jnp.float32, config=config, interpret=interpret)
+    return mgpu_kernel.unsupported_reason(*split_shapes(a_shape, b_shape, splits), dtype,
+                                          jnp.float32, config=config, interpret=interpret)
 
 
 def split_k_matmul(a, b, bounds, *, out_dtype, config, num_sms: int, interpret=None,

@@ -115,6 +115,8 @@ def test_routing():
     # a k-step that does not divide k: no split path; the plain kernel serves it
     assert split_k.unsupported_reason((1, 8, 320), (1, 320, 128), jnp.bfloat16, split_k.CONFIG,
                                       132) is not None
+    assert kernels.kernel_path("interpret") and not kernels.kernel_path("xla")
+    assert kernels.kernel_path("auto") == kernels.kernel_path("pallas") == kernels.on_hopper()
     if not kernels.on_hopper():
         auto = lambda x, w: kernels.grouped_matmul(x, w, impl="auto")
         assert _kernel_outputs(auto, z(1, 8, 256), z(1, 256, 128)) == []
