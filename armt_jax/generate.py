@@ -118,70 +118,70 @@ def sample(logits: jax.Array, key, temperature: float, top_k: int | None, top_p:
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _decode_chunk(params, state: MemoryState, cache, x, pos0, cfg: LlamaConfig, armt: ArmtConfig,
-                  attn_impl, gmm_impl, unroll_layers):
-    """Tokens' activations x [B, c, D] at positions pos0[b].. through every layer, read-only memory,
-    attending to the KV cache (k, v: [L, B, C, K, hd]) which they extend. Returns final hidden.
+def _decode_chunk(params, reader: memory.FrozenReader, cache, x, pos0, cfg: LlamaConfig,
+                  armt: ArmtConfig, attn_impl, gmm_impl):
+    """Tokens' activations x [B, c, D] at positions pos0[b].. through every layer, reading the
+    frozen memory (`reader`, leading axis L), attending to the KV cache (per layer a pair k, v
+    [B, C, K, hd]) which they extend. Returns final hidden and the cache.
 
     Cache slot = position. Rows a chunk writes past a sequence's real tokens are overwritten by
-    its later tokens before any query can see them (a query at p attends to slots <= p). The
-    cache is carried through the layer scan and written in place, row by row (as scanned-over
-    input and output it was copied whole every layer of every token)."""
+    its later tokens before any query can see them (a query at p attends to slots <= p).
+
+    The layers are unrolled, each with a cache array of its own. In a layer scan over a stacked
+    [L, ...] cache, XLA copied each layer's cache out before attention's dots, and every small
+    index computation from the traced layer number (the grouped matmul's bounds, the slices of
+    norms and memory operands) was a kernel of its own, ~1-4 us each at a decode step's sizes
+    (H200, 1B, batch 1: eval/results/generate_h200.md). The kernel paths read the stacked matmul
+    weights in place at the layer's offset; the XLA path copies the layer's slices either way."""
     B, c, _ = x.shape
-    C = cache[0].shape[2]
+    C = cache[0][0].shape[1]
     positions = pos0[:, None] + jnp.arange(c)                                    # [B, c]
     cos, sin = rope_tables(cfg, positions, x.dtype)
     mask = (jnp.arange(C)[None, None, :] <= positions[:, :, None])[:, None]      # [B, 1, c, C]
-    lp, mp = layer_weights(params)
-    # The kernel paths read a layer of the stacked matmul weights in place, through the grouped
-    # matmul's weight offset. XLA copies the layer out either way, and ran faster on the slices
-    # the scan takes than with the offset (H200, 1B, batch 1: 2.66 against 2.90 ms a token,
-    # eval/results/generate_h200.md).
+    lp, _ = layer_weights(params)
     in_place = kernels.kernel_path(gmm_impl)
+    slots = (jnp.arange(B)[:, None], positions)
 
-    def write(cache_all, layer, new):   # new [B, c, K, hd] into layer `layer` at pos0[b]
-        put = lambda cache_b, new_b, p: jax.lax.dynamic_update_slice(
-            cache_b, new_b[None].astype(cache_b.dtype), (layer, p, 0, 0))
-        return jax.vmap(put, in_axes=(1, 0, 0), out_axes=1)(cache_all, new, pos0)
+    def write(cache_l, new):   # new [B, c, K, hd] into slots pos0[b]..
+        return cache_l.at[slots].set(new.astype(cache_l.dtype), mode="promise_in_bounds",
+                                     unique_indices=True, indices_are_sorted=True)
 
-    def one_layer(carry, per_layer):
-        x, k_all, v_all = carry
-        layer, lp_l, mp_l, A, z = per_layer
-        weights, offset = (lp, layer) if in_place else (jax.tree.map(lambda a: a[None], lp_l), None)
+    new_cache = []
+    for layer, (k_cache, v_cache) in enumerate(cache):
+        one = lambda a: a[layer:layer + 1]
+        weights, offset = (lp, layer) if in_place else (jax.tree.map(one, lp), None)
         norm = lambda h, w: rms_norm(h, layer_window(w, offset, 1)[:, None, None, :],
                                      cfg.rms_norm_eps)
-        mp_l = jax.tree.map(lambda a: a[None], mp_l)
-        x = memory.read(mp_l, x[None], MemoryState(A[None], z[None]), armt.nu)
-        q, k, v = qkv_heads(weights, norm(x, weights["attn_norm"]), cos, sin, cfg,
+        h = memory.read_frozen(jax.tree.map(one, reader), x[None], armt.nu)
+        q, k, v = qkv_heads(weights, norm(h, weights["attn_norm"]), cos, sin, cfg,
                             gmm_impl=gmm_impl, layer_offset=offset)
-        k_all, v_all = write(k_all, layer, k), write(v_all, layer, v)
-        out = dot_product_attention(q, k_all[layer], v_all[layer], mask=mask,
-                                    scale=cfg.head_dim ** -0.5, implementation=attn_impl)
-        x = x + attention_output(weights, out, 1, gmm_impl=gmm_impl, layer_offset=offset)
-        x = x + mlp(weights, norm(x, weights["mlp_norm"]), cfg, gmm_impl=gmm_impl,
+        k_cache, v_cache = write(k_cache, k), write(v_cache, v)
+        out = dot_product_attention(q, k_cache, v_cache, mask=mask, scale=cfg.head_dim ** -0.5,
+                                    implementation=attn_impl)
+        h = h + attention_output(weights, out, 1, gmm_impl=gmm_impl, layer_offset=offset)
+        h = h + mlp(weights, norm(h, weights["mlp_norm"]), cfg, gmm_impl=gmm_impl,
                     layer_offset=offset)
-        return (x[0], k_all, v_all), None
-
-    layers = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
-    (x, *cache), _ = jax.lax.scan(one_layer, (x, *cache),
-                                  (layers, None if in_place else lp, mp, state.A, state.z),
-                                  unroll=unroll_layers)
-    return x, tuple(cache)
+        x = h[0]
+        new_cache.append((k_cache, v_cache))
+    return x, tuple(new_cache)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "armt", "max_new_tokens", "temperature",
                                              "top_k", "top_p", "eos", "pad_id", "attn_impl",
-                                             "gmm_impl", "unroll_layers"))
+                                             "gmm_impl"))
 def _decode(params, state, last_segment, last_len, key, *, cfg, armt, max_new_tokens, temperature,
-            top_k, top_p, eos, pad_id, attn_impl, gmm_impl, unroll_layers=False) -> GenerateOutput:
+            top_k, top_p, eos, pad_id, attn_impl, gmm_impl) -> GenerateOutput:
     """last_segment [B, t]: each sequence's last segment, its first last_len[b] tokens real."""
     B, t = last_segment.shape
     L, K, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     dtype = params["embed"].dtype
     C = t + max_new_tokens
-    cache = (jnp.zeros((L, B, C, K, hd), dtype), jnp.zeros((L, B, C, K, hd), dtype))
-    run = functools.partial(_decode_chunk, params, state, cfg=cfg, armt=armt, attn_impl=attn_impl,
-                            gmm_impl=gmm_impl, unroll_layers=unroll_layers)
+    cache = tuple((jnp.zeros((B, C, K, hd), dtype), jnp.zeros((B, C, K, hd), dtype))
+                  for _ in range(L))
+    # the memory is read-only here: its read operands are laid out once for all tokens
+    reader = memory.frozen_reader(layer_weights(params)[1], state, dtype)
+    run = functools.partial(_decode_chunk, params, reader, cfg=cfg, armt=armt, attn_impl=attn_impl,
+                            gmm_impl=gmm_impl)
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
 
     h, cache = run(cache, embed(params, last_segment), jnp.zeros((B,), jnp.int32))

@@ -84,10 +84,41 @@ def read(mp: dict, x: jax.Array, state: MemoryState, nu: int) -> jax.Array:
     on an H200, but moved a bf16 model's memory state further from the float32 one (worst layer
     0.016 -> 0.021 on a draw of test_bf16_close_to_float32, over SPEC's 2e-2).
     """
-    q = dpfp(_proj(x, mp["w_mq"]), nu)
-    num = jnp.einsum("gbsk,gbkd->gbsd", q.astype(x.dtype), state.A.astype(x.dtype),
-                     preferred_element_type=q.dtype)
-    den = jnp.einsum("gbsk,gbk->gbs", q, state.z) + EPS
+    return _read(x, mp["w_mq"], state.A.astype(x.dtype), state.z, nu, transposed=False)
+
+
+class FrozenReader(NamedTuple):
+    """`read`'s operands for a memory state that stays fixed over many calls (generation's decode
+    reads it once per token and layer), laid out for a few query rows: W_mq and A transposed, so
+    that their contraction runs along the contiguous axis, and A rounded to the activation dtype
+    once instead of on every call. Leading axes as in `read` ([G, ...] / [G, B, ...])."""
+    w_mq_t: jax.Array   # [..., d_mem, D]
+    a_t: jax.Array      # [..., B, D, d_key] activation dtype
+    z: jax.Array        # [..., B, d_key] float32
+
+
+def frozen_reader(mp: dict, state: MemoryState, dtype) -> FrozenReader:
+    return FrozenReader(jnp.swapaxes(mp["w_mq"], -1, -2),
+                        jnp.swapaxes(state.A.astype(dtype), -1, -2), state.z)
+
+
+def read_frozen(reader: FrozenReader, x: jax.Array, nu: int) -> jax.Array:
+    """`read` from a FrozenReader: the same operands and roundings, so the same values up to the
+    order of float32 sums. For one decoded token (m = 1) XLA turns both products into reductions;
+    with W_mq [D, d_mem] and A [d_key, D] as stored, they reduced along the strided axis: 6.7 and
+    3.1 us a layer, the largest of a decode step's small kernels (H200, 1B,
+    eval/results/generate_h200.md)."""
+    return _read(x, reader.w_mq_t, reader.a_t, reader.z, nu, transposed=True)
+
+
+def _read(x, w_mq, A, z, nu: int, transposed: bool) -> jax.Array:
+    """read's formula; A already in x's dtype. transposed: w_mq [G, d_mem, D], A [G, B, D, d_key]
+    (else [G, D, d_mem], [G, B, d_key, D])."""
+    w_spec, a_spec = ("gnd", "gbdk") if transposed else ("gdn", "gbkd")
+    q = dpfp(jnp.einsum(f"gbsd,{w_spec}->gbsn", x, w_mq,
+                        preferred_element_type=state_dtype(x.dtype)), nu)
+    num = jnp.einsum(f"gbsk,{a_spec}->gbsd", q.astype(x.dtype), A, preferred_element_type=q.dtype)
+    den = jnp.einsum("gbsk,gbk->gbs", q, z) + EPS
     return (x.astype(q.dtype) + num / den[..., None]).astype(x.dtype)
 
 

@@ -9,8 +9,8 @@
 #              the split-k decode products (6 min at 6681502's parent, with the cuDNN test)
 #   generate   the generation benchmark (eval/bench_generate.py), batch 1: time to the first token
 #              after 4096-131072 tokens and ms per decoded token, each schedule
-#   probe_decode  a decoded token's cost (eval/probe_decode.py) with the decode's layer scan
-#              unrolled or not, XLA or "auto" grouped matmuls, batch 1 and 8     (~6 min)
+#   probe_decode  a decoded token's cost (eval/probe_decode.py), XLA or "auto" grouped matmuls,
+#              batch 1 and 8                                                    (~3 min)
 #   probe_decode_graphs  the same with XLA's command buffers (CUDA graphs) taking while loops
 #              and conditionals too                                              (~6 min)
 #   probe_decode_profile  one traced decode (batch 1, XLA and "auto"): device time by kernel
@@ -373,7 +373,7 @@ for stage in "${stages[@]}"; do
              timeout 500 python3 eval/probe_decode.py --batches 1 8 \
                --out "$OUT/probe_decode_graphs.jsonl" 2>&1 | quiet ;;
     probe_decode_profile) timeout 240 python3 eval/probe_decode.py --gmm-impls xla auto \
-               --unroll 0 --reps 3 --profile --dump-hlo "$OUT/hlo" 2>&1 | quiet ;;
+               --reps 3 --profile --top 40 --dump-hlo "$OUT/hlo" 2>&1 | quiet ;;
     probe_skinny) timeout 400 python3 -m eval.probe_skinny --models 1b,8b --rows 1,8 \
                --configs 64x128_k128_s4 --reps 60 --out "$OUT/probe_skinny.json" 2>&1 | quiet ;;
     generate_batch) timeout 560 python3 -m eval.bench_generate --batches 8 64 --lengths 4096 32768 \

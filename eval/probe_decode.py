@@ -2,9 +2,9 @@
 
 Llama-3.2-1B shapes with the LM head, random bf16 weights and memory state; the last segment holds
 `--context` tokens (1..T), then N tokens are decoded greedily with no EOS. ms / token =
-(time(1 + N new tokens) - time(1 new token)) / N, medians of `--reps` runs. Variants: the layer
-scan unrolled or not, XLA or "auto" grouped matmuls. Run it once per XLA_FLAGS setting to compare
-XLA's command buffers (CUDA graphs), which a process takes from its environment.
+(time(1 + N new tokens) - time(1 new token)) / N, medians of `--reps` runs. Variants: XLA or
+"auto" grouped matmuls. Run it once per XLA_FLAGS setting to compare XLA's command buffers (CUDA
+graphs), which a process takes from its environment.
 
     python eval/probe_decode.py --batches 1 8
     XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE \\
@@ -34,9 +34,9 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--gmm-impls", nargs="+", choices=("xla", "auto"), default=["xla", "auto"])
-    ap.add_argument("--unroll", nargs="+", type=int, choices=(0, 1), default=[0, 1])
     ap.add_argument("--profile", action="store_true",
                     help="trace one decode of 1 + N tokens per variant: device time by kernel")
+    ap.add_argument("--top", type=int, default=25, help="kernels listed per traced variant")
     ap.add_argument("--out", type=Path, default=None, help="JSON lines appended here")
     ap.add_argument("--compiler-option", action="append", default=[], metavar="NAME=VALUE",
                     help="an XLA option for the decode's compilation (repeatable), e.g. "
@@ -68,38 +68,33 @@ def main(argv=None) -> int:
                             jnp.asarray(np.abs(rng.standard_normal((L, batch, dk))), dtype))
         operands = (params, state, last, last_len, jax.random.key(0))
         for gmm_impl in args.gmm_impls:
-            for unroll in map(bool, args.unroll):
-                options = dict(cfg=cfg, armt=armt, temperature=0.0, top_k=None, top_p=None,
-                               eos=(), pad_id=0, attn_impl="auto", gmm_impl=gmm_impl,
-                               unroll_layers=unroll)
-                compiled = {k: _decode.lower(*operands, max_new_tokens=k, **options).compile(
-                    compiler_options or None) for k in (1, 1 + args.new_tokens)}
-                run = lambda k: compiled[k](*operands).tokens
-                one, _ = median_seconds(lambda: run(1), args.reps)
-                many, _ = median_seconds(lambda: run(1 + args.new_tokens), args.reps)
-                ms = 1e3 * (many - one) / args.new_tokens
-                tokens = np.asarray(run(1 + args.new_tokens))
-                row = {"batch": batch, "gmm_impl": gmm_impl, "unroll_layers": unroll,
-                       "compiler_options": compiler_options,
-                       "first_token_s": one, "ms_per_token": ms,
-                       "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                       "tokens_head": tokens[0, :8].tolist()}
-                rows.append(row)
-                print(f"batch {batch:3d}  {gmm_impl:4s}  unroll {unroll!s:5s}  first token "
-                      f"{one * 1e3:7.2f} ms  {ms:6.3f} ms/token  tokens {row['tokens_head']}",
-                      flush=True)
-                hlo = compiled[1 + args.new_tokens].as_text()
-                if args.dump_hlo:
-                    args.dump_hlo.mkdir(parents=True, exist_ok=True)
-                    name = f"decode_b{batch}_{gmm_impl}_unroll{int(unroll)}.hlo.txt.gz"
-                    with gzip.open(args.dump_hlo / name, "wt") as f:
-                        f.write(hlo)
-                if args.profile:
-                    times, _ = traced_kernel_times(
-                        lambda: jax.block_until_ready(run(1 + args.new_tokens)), 1)
-                    row["profile"] = print_breakdown(
-                        f"decode of 1 + {args.new_tokens} tokens, batch {batch}, {gmm_impl}, "
-                        f"unroll {unroll}", times, 1, kernel_sources(hlo), 25)
+            options = dict(cfg=cfg, armt=armt, temperature=0.0, top_k=None, top_p=None, eos=(),
+                           pad_id=0, attn_impl="auto", gmm_impl=gmm_impl)
+            compiled = {k: _decode.lower(*operands, max_new_tokens=k, **options).compile(
+                compiler_options or None) for k in (1, 1 + args.new_tokens)}
+            run = lambda k: compiled[k](*operands).tokens
+            one, _ = median_seconds(lambda: run(1), args.reps)
+            many, _ = median_seconds(lambda: run(1 + args.new_tokens), args.reps)
+            ms = 1e3 * (many - one) / args.new_tokens
+            tokens = np.asarray(run(1 + args.new_tokens))
+            row = {"batch": batch, "gmm_impl": gmm_impl, "compiler_options": compiler_options,
+                   "first_token_s": one, "ms_per_token": ms,
+                   "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                   "tokens_head": tokens[0, :8].tolist()}
+            rows.append(row)
+            print(f"batch {batch:3d}  {gmm_impl:4s}  first token {one * 1e3:7.2f} ms  "
+                  f"{ms:6.3f} ms/token  tokens {row['tokens_head']}", flush=True)
+            hlo = compiled[1 + args.new_tokens].as_text()
+            if args.dump_hlo:
+                args.dump_hlo.mkdir(parents=True, exist_ok=True)
+                with gzip.open(args.dump_hlo / f"decode_b{batch}_{gmm_impl}.hlo.txt.gz", "wt") as f:
+                    f.write(hlo)
+            if args.profile:
+                times, _ = traced_kernel_times(
+                    lambda: jax.block_until_ready(run(1 + args.new_tokens)), 1)
+                row["profile"] = print_breakdown(
+                    f"decode of 1 + {args.new_tokens} tokens, batch {batch}, {gmm_impl}", times, 1,
+                    kernel_sources(hlo), args.top)
     if args.out:
         with args.out.open("a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

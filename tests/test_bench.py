@@ -65,8 +65,8 @@ def test_bench_op_hands_the_rest_of_the_command_line_to_its_benchmark():
 
 
 def test_probe_decode_tiny_on_cpu(tmp_path):
-    """eval/probe_decode.py: each variant timed, its optimised HLO dumped, the unrolled layer
-    scan decoding the same tokens as the scanned one."""
+    """eval/probe_decode.py: each variant timed, its optimised HLO dumped, both decoding the
+    same tokens (on the CPU "auto" is XLA)."""
     import importlib.util
     path = Path(__file__).parents[1] / "eval" / "probe_decode.py"
     spec = importlib.util.spec_from_file_location("probe_decode", path)
@@ -74,12 +74,12 @@ def test_probe_decode_tiny_on_cpu(tmp_path):
     spec.loader.exec_module(probe)
     out = tmp_path / "rows.jsonl"
     assert probe.main(["--size", "tiny", "--context", "20", "--new-tokens", "2", "--reps", "3",
-                       "--gmm-impls", "xla", "--unroll", "0", "1", "--out", str(out),
+                       "--gmm-impls", "xla", "auto", "--out", str(out),
                        "--dump-hlo", str(tmp_path / "hlo")]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["unroll_layers"] for r in rows] == [False, True]
+    assert [r["gmm_impl"] for r in rows] == ["xla", "auto"]
     assert rows[0]["tokens_head"] == rows[1]["tokens_head"] and len(rows[0]["tokens_head"]) == 3
-    with gzip.open(tmp_path / "hlo" / "decode_b1_xla_unroll1.hlo.txt.gz", "rt") as f:
+    with gzip.open(tmp_path / "hlo" / "decode_b1_auto.hlo.txt.gz", "rt") as f:
         assert f.read().startswith("HloModule")
 
 

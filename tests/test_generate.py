@@ -126,6 +126,8 @@ def test_decode_through_the_kernel_in_interpret_mode(rng):
     import dataclasses
     import importlib
 
+    from armt_jax import memory
+    from armt_jax.armt import layer_weights
     from armt_jax.generate import prefill
     from armt_jax.layers import embed
     gen = importlib.import_module("armt_jax.generate")   # the module, not the function
@@ -137,17 +139,17 @@ def test_decode_through_the_kernel_in_interpret_mode(rng):
     params = random_params(rng, cfg, acfg)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 2 * 56)), jnp.int32)
     state = prefill(params, tokens[:, :56], cfg, acfg, schedule="sequential", gmm_impl="xla")
+    reader = memory.frozen_reader(layer_weights(params)[1], state, jnp.float32)
     L, C = cfg.num_hidden_layers, 56 + 2
-    cache = (jnp.zeros((L, 2, C, 2, 32)),) * 2
+    cache = ((jnp.zeros((2, C, 2, 32)),) * 2,) * L
     outputs = {}
     for impl in ("interpret", "xla"):
         run = lambda cache, x, pos0, impl=impl: gen._decode_chunk(
-            params, state, cache, x, pos0, cfg, acfg, attn_impl="xla", gmm_impl=impl,
-            unroll_layers=False)
+            params, reader, cache, x, pos0, cfg, acfg, attn_impl="xla", gmm_impl=impl)
         h_segment, cache_impl = run(cache, embed(params, tokens[:, 56:]), jnp.zeros(2, jnp.int32))
         h_token, cache_impl = run(cache_impl, embed(params, tokens[:, :1]),
                                   jnp.full((2,), 56, jnp.int32))
-        outputs[impl] = (h_segment, h_token, *cache_impl)
+        outputs[impl] = (h_segment, h_token, *(jnp.stack(kv) for kv in zip(*cache_impl)))
     for name, got, want in zip(("segment", "token", "k cache", "v cache"),
                                outputs["interpret"], outputs["xla"]):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5,
