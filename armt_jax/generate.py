@@ -127,43 +127,49 @@ def _decode_chunk(params, reader: memory.FrozenReader, cache, x, pos0, cfg: Llam
     Cache slot = position. Rows a chunk writes past a sequence's real tokens are overwritten by
     its later tokens before any query can see them (a query at p attends to slots <= p).
 
-    The layers are unrolled, each with a cache array of its own. In a layer scan over a stacked
-    [L, ...] cache, XLA copied each layer's cache out before attention's dots, and every small
-    index computation from the traced layer number (the grouped matmul's bounds, the slices of
-    norms and memory operands) was a kernel of its own, ~1-4 us each at a decode step's sizes
-    (H200, 1B, batch 1: eval/results/generate_h200.md). The kernel paths read the stacked matmul
+    The layers are unrolled, each with a cache array of its own: in a layer scan over a stacked
+    [L, ...] cache, XLA copied each layer's cache out before attention's dots, and every index
+    computed from the traced layer number (the grouped matmul's bounds, the slices of norms and
+    memory operands) was a kernel of its own, 1-4 us each at a decode step's sizes (H200, 1B,
+    batch 1: eval/results/generate_h200.md). Each layer is one call of the jitted `_decode_layer`,
+    so JAX lowers its kernels once, not once per layer. The kernel paths read the stacked matmul
     weights in place at the layer's offset; the XLA path copies the layer's slices either way."""
     B, c, _ = x.shape
     C = cache[0][0].shape[1]
     positions = pos0[:, None] + jnp.arange(c)                                    # [B, c]
     cos, sin = rope_tables(cfg, positions, x.dtype)
     mask = (jnp.arange(C)[None, None, :] <= positions[:, :, None])[:, None]      # [B, 1, c, C]
+    slots = (jnp.arange(B)[:, None], positions)
     lp, _ = layer_weights(params)
     in_place = kernels.kernel_path(gmm_impl)
-    slots = (jnp.arange(B)[:, None], positions)
-
-    def write(cache_l, new):   # new [B, c, K, hd] into slots pos0[b]..
-        return cache_l.at[slots].set(new.astype(cache_l.dtype), mode="promise_in_bounds",
-                                     unique_indices=True, indices_are_sorted=True)
-
     new_cache = []
-    for layer, (k_cache, v_cache) in enumerate(cache):
+    for layer, kv in enumerate(cache):
         one = lambda a: a[layer:layer + 1]
         weights, offset = (lp, layer) if in_place else (jax.tree.map(one, lp), None)
-        norm = lambda h, w: rms_norm(h, layer_window(w, offset, 1)[:, None, None, :],
-                                     cfg.rms_norm_eps)
-        h = memory.read_frozen(jax.tree.map(one, reader), x[None], armt.nu)
-        q, k, v = qkv_heads(weights, norm(h, weights["attn_norm"]), cos, sin, cfg,
-                            gmm_impl=gmm_impl, layer_offset=offset)
-        k_cache, v_cache = write(k_cache, k), write(v_cache, v)
-        out = dot_product_attention(q, k_cache, v_cache, mask=mask, scale=cfg.head_dim ** -0.5,
-                                    implementation=attn_impl)
-        h = h + attention_output(weights, out, 1, gmm_impl=gmm_impl, layer_offset=offset)
-        h = h + mlp(weights, norm(h, weights["mlp_norm"]), cfg, gmm_impl=gmm_impl,
-                    layer_offset=offset)
-        x = h[0]
-        new_cache.append((k_cache, v_cache))
+        x, kv = _decode_layer(weights, offset, jax.tree.map(one, reader), kv, x, cos, sin, mask,
+                              slots, cfg=cfg, armt=armt, attn_impl=attn_impl, gmm_impl=gmm_impl)
+        new_cache.append(kv)
     return x, tuple(new_cache)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "armt", "attn_impl", "gmm_impl"))
+def _decode_layer(weights, offset, reader_l, kv, x, cos, sin, mask, slots, *, cfg, armt,
+                  attn_impl, gmm_impl):
+    """One layer of `_decode_chunk`: weights stacked (with the layer's `offset`) or the layer's
+    own (offset None), reader_l [1, ...], kv its cache pair."""
+    norm = lambda h, w: rms_norm(h, layer_window(w, offset, 1)[:, None, None, :], cfg.rms_norm_eps)
+    write = lambda cache, new: cache.at[slots].set(
+        new.astype(cache.dtype), mode="promise_in_bounds", unique_indices=True,
+        indices_are_sorted=True)
+    h = memory.read_frozen(reader_l, x[None], armt.nu)
+    q, k, v = qkv_heads(weights, norm(h, weights["attn_norm"]), cos, sin, cfg, gmm_impl=gmm_impl,
+                        layer_offset=offset)
+    k_cache, v_cache = write(kv[0], k), write(kv[1], v)
+    out = dot_product_attention(q, k_cache, v_cache, mask=mask, scale=cfg.head_dim ** -0.5,
+                                implementation=attn_impl)
+    h = h + attention_output(weights, out, 1, gmm_impl=gmm_impl, layer_offset=offset)
+    h = h + mlp(weights, norm(h, weights["mlp_norm"]), cfg, gmm_impl=gmm_impl, layer_offset=offset)
+    return h[0], (k_cache, v_cache)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "armt", "max_new_tokens", "temperature",

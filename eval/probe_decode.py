@@ -26,6 +26,22 @@ from eval.bench import bench_config, bench_params     # noqa: E402
 from eval.bench_generate import median_seconds          # noqa: E402
 
 
+PRODUCTS = ("qkv", "o", "gate_up", "down")   # a layer's kernel calls, in order
+
+
+def kernel_us_by_product(times: dict[str, list[float]], layers: int) -> dict[str, float]:
+    """Mean device time (us) of the grouped-matmul kernel's calls by product, over the decode
+    steps: the trace's calls in order, after the last segment's 4 per layer."""
+    import numpy as np
+    from eval.profile import kind_of
+    calls = [t for name, ts in times.items() if kind_of(name) == "grouped_matmul_kernel" for t in ts]
+    steps = np.asarray(calls[len(PRODUCTS) * layers:])
+    if not steps.size or steps.size % len(PRODUCTS):
+        return {}
+    means = steps.reshape(-1, len(PRODUCTS)).mean(0) * 1e6
+    return {p: round(float(t), 2) for p, t in zip(PRODUCTS, means)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=("1b", "mid", "tiny"), default="1b")
@@ -95,6 +111,9 @@ def main(argv=None) -> int:
                 row["profile"] = print_breakdown(
                     f"decode of 1 + {args.new_tokens} tokens, batch {batch}, {gmm_impl}", times, 1,
                     kernel_sources(hlo), args.top)
+                row["kernel_us_by_product"] = kernel_us_by_product(times, L)
+                print("grouped-matmul kernel, us per decode-step call:",
+                      row["kernel_us_by_product"], flush=True)
     if args.out:
         with args.out.open("a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

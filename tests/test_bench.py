@@ -81,6 +81,12 @@ def test_probe_decode_tiny_on_cpu(tmp_path):
     assert rows[0]["tokens_head"] == rows[1]["tokens_head"] and len(rows[0]["tokens_head"]) == 3
     with gzip.open(tmp_path / "hlo" / "decode_b1_auto.hlo.txt.gz", "rt") as f:
         assert f.read().startswith("HloModule")
+    # the kernel's decode-step calls by product: the last segment's 4 per layer left out
+    segment, step = [9e-6] * 8, [1e-6, 2e-6, 3e-6, 4e-6]
+    times = {"anonymous_mosaic_gpu_kernel": segment + step * 3, "loop_add_fusion": [5e-6]}
+    assert probe.kernel_us_by_product(times, layers=2) == {"qkv": 1.0, "o": 2.0, "gate_up": 3.0,
+                                                           "down": 4.0}
+    assert probe.kernel_us_by_product({"loop_add_fusion": [5e-6]}, layers=2) == {}
 
 
 def test_agreement_tiny_on_cpu(capsys):
