@@ -20,10 +20,15 @@ import kernels
 from armt_jax import memory
 from armt_jax.armt import layer_weights, sequence_lengths
 from armt_jax.config import ArmtConfig, LlamaConfig
-from armt_jax.layers import (attention_output, check_tokens, dot_product_attention, embed, head,
-                             layer_window, mlp, qkv_heads, rms_norm, rope_tables)
+from armt_jax.layers import (attention_impl, attention_output, cache_attention, check_tokens,
+                             dot_product_attention, embed, head, layer_window, mlp, qkv_heads,
+                             rms_norm, rope_tables)
 from armt_jax.memory import MemoryState, state_dtype, zero_state
 from armt_jax.schedules import schedule_forward
+
+
+# A decode step's attention splits its cache slots into this many parts (layers.cache_attention).
+CACHE_PARTS = 8
 
 
 class GenerateOutput(NamedTuple):
@@ -165,8 +170,12 @@ def _decode_layer(weights, offset, reader_l, kv, x, cos, sin, mask, slots, *, cf
     q, k, v = qkv_heads(weights, norm(h, weights["attn_norm"]), cos, sin, cfg, gmm_impl=gmm_impl,
                         layer_offset=offset)
     k_cache, v_cache = write(kv[0], k), write(kv[1], v)
-    out = dot_product_attention(q, k_cache, v_cache, mask=mask, scale=cfg.head_dim ** -0.5,
-                                implementation=attn_impl)
+    scale = cfg.head_dim ** -0.5
+    if q.shape[1] == 1 and attention_impl(attn_impl, q, mask) == "xla":     # a decode step
+        out = cache_attention(q, k_cache, v_cache, mask[:, 0], scale=scale, parts=CACHE_PARTS)
+    else:
+        out = dot_product_attention(q, k_cache, v_cache, mask=mask, scale=scale,
+                                    implementation=attn_impl)
     h = h + attention_output(weights, out, 1, gmm_impl=gmm_impl, layer_offset=offset)
     h = h + mlp(weights, norm(h, weights["mlp_norm"]), cfg, gmm_impl=gmm_impl, layer_offset=offset)
     return h[0], (k_cache, v_cache)
@@ -181,7 +190,7 @@ def _decode(params, state, last_segment, last_len, key, *, cfg, armt, max_new_to
     B, t = last_segment.shape
     L, K, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     dtype = params["embed"].dtype
-    C = t + max_new_tokens
+    C = -(-(t + max_new_tokens) // CACHE_PARTS) * CACHE_PARTS    # slots past the last never seen
     cache = tuple((jnp.zeros((B, C, K, hd), dtype), jnp.zeros((B, C, K, hd), dtype))
                   for _ in range(L))
     # the memory is read-only here: its read operands are laid out once for all tokens

@@ -117,6 +117,27 @@ def dot_product_attention(q, k, v, *, scale: float, is_causal: bool = False, mas
     return jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(B, S, H, hd)
 
 
+def cache_attention(q, k, v, keep, *, scale: float, parts: int) -> jax.Array:
+    """JAX's masked attention (the XLA path of `jax.nn.dot_product_attention`: float32 logits,
+    float32 softmax, probabilities in v's dtype, float32 sums, one rounding) for a few queries
+    q [B, c, H, hd] against a KV cache k, v [B, C, K, hd] where keep [B, c, C] holds, with the
+    value product split along the C slots into `parts` batch entries (C % parts == 0), summed
+    after in float32. As one product over C it ran on one thread block per batch row and KV
+    head, 9.9 us a layer for 1153 slots (H200, 1B, batch 1: eval/results/generate_h200.md)."""
+    B, c, H, hd = q.shape
+    C, K = k.shape[1], k.shape[2]
+    if C % parts:
+        raise ValueError(f"cache_attention: {C} cache slots do not split into {parts} parts")
+    f = jnp.promote_types(q.dtype, jnp.float32)
+    q = q.reshape(B, c, K, H // K, hd)
+    logits = jnp.einsum("bckgd,btkd->bkgct", q, k, preferred_element_type=f) * scale
+    logits = jnp.where(keep[:, None, None], logits, -0.7 * jnp.finfo(f).max)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(B, K, H // K, c, parts, -1)
+    out = jnp.einsum("bkgcpt,bptkd->bpckgd", probs, v.reshape(B, parts, C // parts, K, hd),
+                     preferred_element_type=f).sum(axis=1)
+    return out.astype(v.dtype).reshape(B, c, H, hd)
+
+
 def layer_window(a: jax.Array, layer_offset, groups: int) -> jax.Array:
     """Layers [layer_offset, layer_offset + groups) of a stacked per-layer array (a copy: for the
     small ones, norms, biases and memory weights); all of it when layer_offset is None."""

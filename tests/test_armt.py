@@ -85,6 +85,41 @@ def test_float64_attention_is_jax_attention_in_float64(rng, masked):
     assert ref.rel_err(want, exact) <= 1e-6   # JAX's semantics (in float32)
 
 
+@pytest.mark.parametrize("c", [1, 3])
+def test_cache_attention_is_masked_attention(rng, c):
+    """layers.cache_attention (a decode step against its KV cache, the value product split over
+    the slots) is JAX's masked attention: in float64 to float64 rounding against NumPy's softmax
+    over the kept slots (grouped-query heads, batch 2, a mask per row), in bf16 to bf16
+    rounding of the XLA path's result; a query that keeps no slot gets uniform weights, as in
+    JAX; slots that do not split evenly are refused."""
+    B, C, H, K, hd = 2, 12, 4, 2, 8
+    q, k, v = (rng.standard_normal((B, s, n, hd)) for s, n in ((c, H), (C, K), (C, K)))
+    keep = rng.random((B, c, C)) < 0.6
+    keep[0, 0] = False                       # keeps nothing
+    keep[1, :, 0] = True
+    scale = hd ** -0.5
+    with jax.enable_x64(True):
+        got = layers.cache_attention(*(jnp.asarray(a) for a in (q, k, v, keep)), scale=scale,
+                                     parts=3)
+        assert got.dtype == jnp.float64
+    logits = np.einsum("bshd,bthd->bhst", q, np.repeat(k, H // K, axis=2)) * scale
+    logits = np.where(keep[:, None], logits, -1e300)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    exact = np.einsum("bhst,bthd->bshd", probs, np.repeat(v, H // K, axis=2))
+    assert ref.rel_err(got, exact) <= 1e-13
+    np.testing.assert_allclose(np.asarray(got[0, 0]), np.repeat(v[0].mean(0), H // K, axis=0),
+                               rtol=1e-12)
+    bf = [jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)]
+    want = layers.dot_product_attention(*bf, mask=jnp.asarray(keep)[:, None], scale=scale,
+                                        implementation="xla")
+    got = layers.cache_attention(*bf, jnp.asarray(keep), scale=scale, parts=4)
+    assert got.dtype == jnp.bfloat16
+    assert ref.rel_err(np.asarray(got, np.float64), np.asarray(want, np.float64)) <= 1e-2
+    with pytest.raises(ValueError, match="12 cache slots do not split into 5 parts"):
+        layers.cache_attention(*bf, jnp.asarray(keep), scale=scale, parts=5)
+
+
 def test_attention_impl_auto_takes_cudnn_where_it_serves():
     """attn_impl="auto" (every entry point's default) is cuDNN's fused attention on an NVIDIA GPU
     of compute capability >= 8 for unmasked bf16 / f16 heads of <= 128 (multiples of 8), and XLA

@@ -140,7 +140,7 @@ def test_decode_through_the_kernel_in_interpret_mode(rng):
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 2 * 56)), jnp.int32)
     state = prefill(params, tokens[:, :56], cfg, acfg, schedule="sequential", gmm_impl="xla")
     reader = memory.frozen_reader(layer_weights(params)[1], state, jnp.float32)
-    L, C = cfg.num_hidden_layers, 56 + 2
+    L, C = cfg.num_hidden_layers, 8 * gen.CACHE_PARTS      # slots split evenly, as _decode sizes them
     cache = ((jnp.zeros((2, C, 2, 32)),) * 2,) * L
     outputs = {}
     for impl in ("interpret", "xla"):
