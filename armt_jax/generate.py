@@ -190,7 +190,8 @@ def _decode(params, state, last_segment, last_len, key, *, cfg, armt, max_new_to
     B, t = last_segment.shape
     L, K, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     dtype = params["embed"].dtype
-    C = -(-(t + max_new_tokens) // CACHE_PARTS) * CACHE_PARTS    # slots past the last never seen
+    # a multiple of CACHE_PARTS; no query attends to the slots past t + max_new_tokens
+    C = -(-(t + max_new_tokens) // CACHE_PARTS) * CACHE_PARTS
     cache = tuple((jnp.zeros((B, C, K, hd), dtype), jnp.zeros((B, C, K, hd), dtype))
                   for _ in range(L))
     # the memory is read-only here: its read operands are laid out once for all tokens

@@ -98,6 +98,7 @@ class FrozenReader(NamedTuple):
 
 
 def frozen_reader(mp: dict, state: MemoryState, dtype) -> FrozenReader:
+    """The FrozenReader of memory weights mp and a state, for activations of `dtype`."""
     return FrozenReader(jnp.swapaxes(mp["w_mq"], -1, -2),
                         jnp.swapaxes(state.A.astype(dtype), -1, -2), state.z)
 
