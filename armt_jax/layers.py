@@ -112,9 +112,13 @@ def dot_product_attention(q, k, v, *, scale: float, is_causal: bool = False, mas
     if mask is not None:   # [B or 1, H or 1, S, Sk]
         m = jnp.broadcast_to(mask, (mask.shape[0], H, S, logits.shape[-1]))
         keep = keep & m.reshape(mask.shape[0], K, H // K, S, -1)
-    # a large finite negative, as JAX masks: a row with no key left gets uniform weights, not NaN
-    probs = jax.nn.softmax(jnp.where(keep, logits, -0.7 * jnp.finfo(logits.dtype).max), axis=-1)
-    return jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(B, S, H, hd)
+    return jnp.einsum("bkgst,btkd->bskgd", masked_softmax(logits, keep), v).reshape(B, S, H, hd)
+
+
+def masked_softmax(logits: jax.Array, keep: jax.Array) -> jax.Array:
+    """Softmax over the last axis of the kept logits. Masked ones take a large finite negative, as
+    JAX masks: a row with no key left gets uniform weights, not NaN."""
+    return jax.nn.softmax(jnp.where(keep, logits, -0.7 * jnp.finfo(logits.dtype).max), axis=-1)
 
 
 def cache_attention(q, k, v, keep, *, scale: float, parts: int) -> jax.Array:
@@ -131,8 +135,8 @@ def cache_attention(q, k, v, keep, *, scale: float, parts: int) -> jax.Array:
     f = jnp.promote_types(q.dtype, jnp.float32)
     q = q.reshape(B, c, K, H // K, hd)
     logits = jnp.einsum("bckgd,btkd->bkgct", q, k, preferred_element_type=f) * scale
-    logits = jnp.where(keep[:, None, None], logits, -0.7 * jnp.finfo(f).max)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(B, K, H // K, c, parts, -1)
+    probs = masked_softmax(logits, keep[:, None, None]).astype(v.dtype)
+    probs = probs.reshape(B, K, H // K, c, parts, -1)
     out = jnp.einsum("bkgcpt,bptkd->bpckgd", probs, v.reshape(B, parts, C // parts, K, hd),
                      preferred_element_type=f).sum(axis=1)
     return out.astype(v.dtype).reshape(B, c, H, hd)

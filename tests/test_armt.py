@@ -57,6 +57,17 @@ def test_float64_model_matches_numpy_to_rounding(rng):
             assert ref.rel_err(got.state.z[l, b], z[l]) <= 1e-12
 
 
+def numpy_attention(q, k, v, keep, scale):
+    """Grouped-query attention in float64 NumPy: softmax over the kept keys (keep broadcast to
+    [B, H, S, Sk]); a query that keeps none gets uniform weights, as JAX gives it."""
+    H, K = q.shape[2], k.shape[2]
+    logits = np.einsum("bshd,bthd->bhst", q, np.repeat(k, H // K, axis=2)) * scale
+    logits = np.where(keep, logits, -1e300)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("bhst,bthd->bshd", probs, np.repeat(v, H // K, axis=2))
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_float64_attention_is_jax_attention_in_float64(rng, masked):
     """layers.dot_product_attention keeps float64 in float64 (JAX's softmax is float32 for every
@@ -72,12 +83,8 @@ def test_float64_attention_is_jax_attention_in_float64(rng, masked):
         got = layers.dot_product_attention(*(jnp.asarray(a) for a in (q, k, v)), **kw)
         assert got.dtype == jnp.float64
         # in float64, to float64 rounding: the NumPy softmax over the kept keys
-        keep = np.tril(np.ones((S, S), bool)) if not masked else np.broadcast_to(mask, (B, 1, S, S))
-        logits = np.einsum("bshd,bthd->bhst", q, np.repeat(k, H // K, axis=2)) * hd ** -0.5
-        logits = np.where(keep, logits, -np.inf)
-        probs = np.exp(logits - logits.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
-        exact = np.einsum("bhst,bthd->bshd", probs, np.repeat(v, H // K, axis=2))
+        keep = np.tril(np.ones((S, S), bool)) if not masked else mask
+        exact = numpy_attention(q, k, v, keep, hd ** -0.5)
         assert ref.rel_err(got, exact) <= 1e-13
         with pytest.raises(ValueError, match="cudnn"):   # not silently the XLA path
             layers.dot_product_attention(*(jnp.asarray(a) for a in (q, k, v)), **kw,
@@ -102,11 +109,7 @@ def test_cache_attention_is_masked_attention(rng, c):
         got = layers.cache_attention(*(jnp.asarray(a) for a in (q, k, v, keep)), scale=scale,
                                      parts=3)
         assert got.dtype == jnp.float64
-    logits = np.einsum("bshd,bthd->bhst", q, np.repeat(k, H // K, axis=2)) * scale
-    logits = np.where(keep[:, None], logits, -1e300)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    exact = np.einsum("bhst,bthd->bshd", probs, np.repeat(v, H // K, axis=2))
+    exact = numpy_attention(q, k, v, keep[:, None], scale)
     assert ref.rel_err(got, exact) <= 1e-13
     np.testing.assert_allclose(np.asarray(got[0, 0]), np.repeat(v[0].mean(0), H // K, axis=0),
                                rtol=1e-12)
